@@ -1,0 +1,65 @@
+"""juggler: websocket-based, redis-backed RPC and pub-sub (the juggler.0 protocol).
+
+A Python implementation of PuerkitoBio/juggler's protocol and redis layout, so Go and Python
+servers, callees and clients can be mixed.
+"""
+
+from .broker import Broker, RedisBroker
+from .callee import Callee
+from .client import Client, Subscription
+from .conn import Conn, process_msg
+from .exceptions import (
+    AckTimeout,
+    BrokerError,
+    CallExpired,
+    CapacityExceeded,
+    ConnectionClosed,
+    HandshakeError,
+    JugglerError,
+    RefuseConnection,
+    JugglerTimeout,
+    NackError,
+    ProtocolError,
+    RemoteError,
+)
+from .message import Ack, Call, Evnt, MessageType, Nack, Pub, Res, Sub, Unsb
+from .middleware import chain, log_messages, recover
+from .server import ConnState, Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RedisBroker",
+    "Broker",
+    "Server",
+    "ConnState",
+    "Conn",
+    "process_msg",
+    "chain",
+    "log_messages",
+    "recover",
+    "Callee",
+    "Client",
+    "Subscription",
+    "MessageType",
+    "Call",
+    "Pub",
+    "Sub",
+    "Unsb",
+    "Ack",
+    "Nack",
+    "Res",
+    "Evnt",
+    "JugglerError",
+    "ProtocolError",
+    "BrokerError",
+    "CapacityExceeded",
+    "HandshakeError",
+    "RefuseConnection",
+    "ConnectionClosed",
+    "NackError",
+    "RemoteError",
+    "JugglerTimeout",
+    "CallExpired",
+    "AckTimeout",
+]

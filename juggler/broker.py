@@ -1,0 +1,584 @@
+"""The redis broker: calls, results and pub-sub, in the redis layout of juggler.0.
+
+:class:`RedisBroker` is the one implementation; :class:`Broker` is the interface a
+:class:`~juggler.server.Server` and a :class:`~juggler.callee.Callee` need, so a server can use
+one broker for RPC and another (another redis) for pub-sub.
+
+Keys (the braces are literal: redis cluster hash tags, so a script's keys share a slot)::
+
+    juggler:calls:{URI}                         list of pending call payloads
+    juggler:calls:timeout:{URI}:MSGUUID         expires with the call
+    juggler:results:{CONNUUID}                  list of results for one connection
+    juggler:results:timeout:{CONNUUID}:MSGUUID  expires with the result
+
+Unlike the reference, the lists themselves carry a TTL that is never shorter than the
+longest timeout pushed into them, so calls to a URI that no callee serves, and results for a
+connection that is gone, do not stay in redis forever.
+
+The client may be a ``redis.Redis`` or a ``redis.cluster.RedisCluster``: on Redis Cluster every
+command and script touches keys of one slot (the hash tag is the URI or the connection's
+uuid), a callee pops its URIs one slot group at a time (:meth:`RedisBroker.call_groups`), and
+pub-sub runs on plain connections to one node each (``PUBLISH`` reaches every node).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Sequence, Union
+
+import redis
+import redis.exceptions
+from redis.cluster import RedisCluster, key_slot
+
+from .exceptions import BrokerError, CapacityExceeded
+from .message import CallPayload, EventPayload, ResultPayload
+
+__all__ = [
+    "Broker",
+    "RedisBroker",
+    "PubSubConn",
+    "RedisPubSub",
+    "Popped",
+    "PubSubEvent",
+    "calls_key",
+    "call_timeout_key",
+    "results_key",
+    "result_timeout_key",
+    "call_slot",
+]
+
+logger = logging.getLogger("juggler.broker")
+
+CAPACITY_ERROR = "list capacity exceeded"
+
+
+def calls_key(uri: str) -> str:
+    return f"juggler:calls:{{{uri}}}"
+
+
+def call_timeout_key(uri: str, msg_uuid: str) -> str:
+    return f"juggler:calls:timeout:{{{uri}}}:{msg_uuid}"
+
+
+def results_key(conn_uuid: str) -> str:
+    return f"juggler:results:{{{conn_uuid}}}"
+
+
+def result_timeout_key(conn_uuid: str, msg_uuid: str) -> str:
+    return f"juggler:results:timeout:{{{conn_uuid}}}:{msg_uuid}"
+
+
+def call_slot(uri: str) -> int:
+    """The Redis Cluster hash slot of ``uri``'s call list (and of its calls' timeout keys)."""
+    return key_slot(calls_key(uri).encode("utf-8"))
+
+
+# What redis-py raises when redis fails: RedisClusterException (a node cannot be reached while
+# the topology is refreshed, keys in different slots) does not derive from RedisError.
+_REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
+# redis-py can also fail with OSError, ValueError or AttributeError while it reads or writes,
+# when one thread disconnects a connection another thread is using (a family of known
+# redis-py races; seen in our tests with redis-py 8.1, a BlockingConnectionPool per cluster
+# node, and a node that went down). For juggler that is a redis failure like any other: the
+# request gets a NACK or the listener's connection is closed, never a thread lost.
+_REDIS_FAILURES = _REDIS_ERRORS + (OSError, ValueError, AttributeError)
+
+
+def _broker_error(exc: BaseException) -> BrokerError:
+    """The :class:`BrokerError` for an exception raised by a redis-py call."""
+    if isinstance(exc, redis.exceptions.ResponseError) and not isinstance(exc, redis.exceptions.ClusterDownError):
+        if CAPACITY_ERROR in str(exc):
+            return CapacityExceeded(CAPACITY_ERROR)
+        return BrokerError(f"redis error: {exc}")
+    if isinstance(exc, redis.exceptions.RedisClusterException) and "same key slot" in str(exc):
+        # refused by the cluster client itself: a URI that starts with '}' has an empty hash
+        # tag, so its call list and timeout keys hash to different slots
+        return BrokerError(f"redis error: {exc}")
+    if not isinstance(exc, _REDIS_ERRORS):
+        logger.warning("the redis client failed unexpectedly (taken as redis unavailable)", exc_info=exc)
+        return BrokerError(f"redis unavailable: connection broken ({type(exc).__name__}: {exc})")
+    return BrokerError(f"redis unavailable: {exc}")
+
+
+# KEYS[1] timeout key, KEYS[2] list; ARGV[1] timeout in ms, ARGV[2] payload, ARGV[3] capacity
+# (0: none). The element just pushed is trimmed off again when the list is over capacity. The
+# list's own TTL is raised (never lowered) to the timeout, so an unconsumed list goes away once
+# every element in it has expired. A list that exists without a TTL was filled by a server that
+# does not set one (the Go reference): it is left alone, so none of its calls expire early.
+STORE_SCRIPT = """
+local before = redis.call('PTTL', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[1])
+local n = redis.call('LPUSH', KEYS[2], ARGV[2])
+local cap = tonumber(ARGV[3])
+if cap > 0 and n > cap then
+  redis.call('LTRIM', KEYS[2], 1, -1)
+  redis.call('DEL', KEYS[1])
+  return redis.error_reply('list capacity exceeded')
+end
+local ms = tonumber(ARGV[1])
+if before == -2 or (before >= 0 and before < ms) then
+  redis.call('PEXPIRE', KEYS[2], ms)
+end
+return n
+"""
+
+# KEYS[1] timeout key. Returns its remaining ms (<= 0: expired or missing) and deletes it.
+CONSUME_SCRIPT = """
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return ttl
+"""
+
+
+@dataclass(frozen=True)
+class Popped:
+    """A call or result taken off its list, with the seconds it has left (<= 0: expired)."""
+
+    payload: Union[CallPayload, ResultPayload]
+    remaining: float
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining <= 0
+
+
+@dataclass(frozen=True)
+class PubSubEvent:
+    """An event read from a pub-sub connection."""
+
+    channel: str
+    pattern: str
+    payload: EventPayload
+
+
+class PubSubConn(Protocol):
+    """One connection's pub-sub subscriptions."""
+
+    def subscribe(self, channel: str, pattern: bool) -> None: ...
+
+    def unsubscribe(self, channel: str, pattern: bool) -> None: ...
+
+    def get_event(self, timeout: float) -> Optional[PubSubEvent]: ...
+
+    def close(self) -> None: ...
+
+
+class Broker(Protocol):
+    """What servers and callees need from a broker."""
+
+    def store_call(self, payload: CallPayload, timeout: float) -> None: ...
+
+    def pop_call(self, uris: Sequence[str], block: float) -> Optional[Popped]: ...
+
+    def store_result(self, payload: ResultPayload, timeout: float) -> None: ...
+
+    def pop_result(self, conn_uuid: str, block: float) -> Optional[Popped]: ...
+
+    def discard_results(self, conn_uuid: str) -> None: ...
+
+    def publish(self, channel: str, payload: EventPayload) -> int: ...
+
+    def pubsub(self, confirm_timeout: float = 5.0) -> PubSubConn: ...
+
+    def dedicated(self) -> "Broker": ...
+
+    def call_groups(self, uris: Sequence[str]) -> list[list[str]]: ...
+
+    def close(self) -> None: ...
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds for a PX, at least 1."""
+    return max(1, int(math.ceil(seconds * 1000)))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisBroker:
+    """A :class:`Broker` on a redis-py client: ``redis.Redis`` (or a fakeredis one), or
+    ``redis.cluster.RedisCluster``.
+
+    ``call_cap`` caps each URI's call list and ``result_cap`` each connection's result list;
+    0 means no cap. A request over a cap gets NACK 500 "list capacity exceeded".
+    The client is passed in and never closed by the broker: its owner closes it.
+
+    A ``RedisCluster`` client takes a node connection from that node's pool for each command
+    and gives it back after it; so its node pools must not be capped below the number of
+    blocking listeners (one per websocket, one per callee worker) plus the requests in
+    flight. redis-py's default pool has no cap; do not give it a ``BlockingConnectionPool``
+    class either: in redis-py 8 that pool races with the cluster client's handling of a
+    failed node and breaks connections other threads are using.
+    """
+
+    def __init__(self, client: Any, call_cap: int = 0, result_cap: int = 0) -> None:
+        if call_cap < 0 or result_cap < 0:
+            raise ValueError("call_cap and result_cap must be >= 0 (0: no cap)")
+        self.client = client
+        self.call_cap = call_cap
+        self.result_cap = result_cap
+        #: Whether the client is a ``RedisCluster``.
+        self.cluster = isinstance(client, RedisCluster)
+        # redis-py's Script runs EVALSHA and falls back to EVAL (loading it) on NOSCRIPT; on a
+        # cluster EVALSHA goes to the node of its keys, SCRIPT LOAD to every primary.
+        self._store = client.register_script(STORE_SCRIPT)
+        self._consume = client.register_script(CONSUME_SCRIPT)
+        self._owns_client = False
+        self._pubsub_turn = itertools.count()  # on a cluster: the node of the next pubsub()
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({self.client!r}, call_cap={self.call_cap}, result_cap={self.result_cap})"
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        call_cap: int = 0,
+        result_cap: int = 0,
+        max_connections: Optional[int] = None,
+        cluster: Optional[bool] = False,
+        **redis_options: Any,
+    ) -> "RedisBroker":
+        """A broker on a new client for ``url``, made the way juggler needs it; ``close()``
+        closes it.
+
+        Its pool is a ``BlockingConnectionPool`` of ``max_connections`` (default 64: a burst
+        of requests waits for a connection, up to 5 s, instead of failing), connects and reads
+        time out (5 s, 30 s) and a failed command is retried twice within about 0.2 s, so a
+        redis outage turns into a prompt NACK rather than a hang. ``redis_options`` override
+        these and go to ``redis.BlockingConnectionPool.from_url``.
+
+        ``cluster=True``: ``url`` is any node of a Redis Cluster (the others are discovered
+        now, so an unreachable cluster raises :class:`BrokerError`). The client is a
+        ``RedisCluster`` with the same timeouts and retries (applied by the cluster client,
+        which refreshes its view of the topology between attempts) and redis-py's uncapped
+        node pools (see the class docstring); ``max_connections`` does not apply.
+        ``cluster=None`` asks the server at ``url`` (``INFO cluster``), so it too raises
+        :class:`BrokerError` when redis cannot be reached.
+        """
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 5.0,
+            "socket_timeout": 30.0,
+            "retry": Retry(ExponentialBackoff(cap=0.1, base=0.05), 2),
+        }
+        options.update(redis_options)
+        if cluster is None:
+            cluster = _is_cluster(url, options)
+        if cluster:
+            if max_connections is not None:
+                raise ValueError("max_connections does not apply to a Redis Cluster: its node pools are not capped")
+            try:
+                client: Any = RedisCluster.from_url(url, **options)
+            except _REDIS_ERRORS as exc:
+                raise BrokerError(f"cannot reach redis cluster at {url}: {exc}") from exc
+        else:
+            options = {"max_connections": 64 if max_connections is None else max_connections, "timeout": 5.0, **options}
+            client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, **options))
+        broker = cls(client, call_cap=call_cap, result_cap=result_cap)
+        broker._owns_client = True
+        return broker
+
+    def dedicated(self) -> "RedisBroker":
+        """A broker for one blocking listener; ``close()`` it when done.
+
+        A BRPOP holds its connection for as long as it blocks: taking it from the shared
+        pool would let a few hundred idle websockets exhaust the pool (redis-py caps it at
+        100 by default) and fail everyone's requests. On a standalone redis the new broker
+        runs on a connection of its own. On a cluster it shares the client, whose node pools
+        give each command a connection of its own for as long as it runs (a cluster client
+        per listener would read the whole topology for every websocket: ~28 ms).
+        """
+        if self.cluster:
+            return RedisBroker(self.client, self.call_cap, self.result_cap)
+        other = RedisBroker(_one_connection_client(self.client), self.call_cap, self.result_cap)
+        other._owns_client = True
+        return other
+
+    def close(self) -> None:
+        """Close the client if this broker made it (:meth:`from_url`, :meth:`dedicated`)."""
+        if self._owns_client:
+            _close_client(self.client)
+
+    def call_groups(self, uris: Sequence[str]) -> list[list[str]]:
+        """``uris`` split into groups that one :meth:`pop_call` can wait on together.
+
+        One group on a standalone redis; on a cluster, one group per hash slot, since a
+        ``BRPOP`` may only name keys of one slot. In order of first appearance.
+        """
+        if not self.cluster:
+            return [list(uris)] if uris else []
+        groups: dict[int, list[str]] = {}
+        for uri in uris:
+            groups.setdefault(call_slot(uri), []).append(uri)
+        return list(groups.values())
+
+    # -- RPC --
+
+    def store_call(self, payload: CallPayload, timeout: float) -> None:
+        """Queue a call for its URI's callees; it expires after ``timeout`` seconds."""
+        self._run_store(
+            call_timeout_key(payload.uri, payload.msg_uuid),
+            calls_key(payload.uri),
+            timeout,
+            payload.to_json(),
+            self.call_cap,
+        )
+
+    def store_result(self, payload: ResultPayload, timeout: float) -> None:
+        """Queue a result for its connection; it expires after ``timeout`` seconds."""
+        self._run_store(
+            result_timeout_key(payload.conn_uuid, payload.msg_uuid),
+            results_key(payload.conn_uuid),
+            timeout,
+            payload.to_json(),
+            self.result_cap,
+        )
+
+    def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: str, cap: int) -> None:
+        args = [_ms(timeout), data, cap]
+        try:
+            self._store(keys=[timeout_key, list_key], args=args)
+        except _REDIS_FAILURES as exc:
+            error = _broker_error(exc)
+            if isinstance(error, CapacityExceeded):
+                raise error from None
+            raise error from exc
+
+    def pop_call(self, uris: Sequence[str], block: float) -> Optional[Popped]:
+        """Wait up to ``block`` seconds for a call to any of ``uris``; ``None`` if none came.
+
+        An undecodable payload is logged and dropped (``None`` is returned).
+        """
+        popped = self._brpop([calls_key(u) for u in uris], block)
+        if popped is None:
+            return None
+        try:
+            payload = CallPayload.from_json(popped)
+        except ValueError as exc:
+            logger.warning("dropping undecodable call payload: %s", exc)
+            return None
+        return Popped(payload, self._take(call_timeout_key(payload.uri, payload.msg_uuid)))
+
+    def pop_result(self, conn_uuid: str, block: float) -> Optional[Popped]:
+        """Wait up to ``block`` seconds for a result for ``conn_uuid``; ``None`` if none came."""
+        popped = self._brpop([results_key(conn_uuid)], block)
+        if popped is None:
+            return None
+        try:
+            payload = ResultPayload.from_json(popped)
+        except ValueError as exc:
+            logger.warning("dropping undecodable result payload: %s", exc)
+            return None
+        return Popped(payload, self._take(result_timeout_key(conn_uuid, payload.msg_uuid)))
+
+    def discard_results(self, conn_uuid: str) -> None:
+        """Delete a closed connection's result list (results that arrive later expire)."""
+        try:
+            self.client.delete(results_key(conn_uuid))
+        except _REDIS_FAILURES as exc:
+            raise _broker_error(exc) from exc
+
+    def _brpop(self, keys: list[str], block: float) -> Optional[bytes]:
+        try:
+            # BRPOP's timeout 0 means "forever": never ask for that, so stop requests are seen.
+            item = self.client.brpop(keys, timeout=max(block, 0.01))
+        except _REDIS_FAILURES as exc:
+            raise _broker_error(exc) from exc
+        if item is None:
+            return None
+        return item[1]
+
+    def _take(self, timeout_key: str) -> float:
+        try:
+            ttl_ms = int(self._consume(keys=[timeout_key]))
+        except _REDIS_FAILURES as exc:
+            raise _broker_error(exc) from exc
+        return ttl_ms / 1000.0 if ttl_ms > 0 else 0.0
+
+    # -- pub-sub --
+
+    def publish(self, channel: str, payload: EventPayload) -> int:
+        """Publish an event; returns the number of redis subscribers that got it."""
+        data = payload.to_json()
+        try:
+            return int(self.client.publish(channel, data))
+        except _REDIS_FAILURES as exc:
+            raise _broker_error(exc) from exc
+
+    def pubsub(self, confirm_timeout: float = 5.0) -> "RedisPubSub":
+        """A new pub-sub connection, on a redis connection of its own (made on first subscribe).
+
+        Someone must be reading its events (:meth:`RedisPubSub.get_event`, as a server
+        connection's pub-sub thread does) for its subscribe calls to be confirmed.
+
+        On a cluster the connection goes to the primaries in turn, as a plain connection:
+        ``PUBLISH`` reaches the subscribers of every node, and the cluster client's own pools
+        are not used, since a topology refresh marks their connections for reconnecting (a
+        pub-sub connection would silently re-subscribe, losing events published in between).
+        If that node fails, :meth:`RedisPubSub.get_event` raises :class:`BrokerError`, as on a
+        standalone redis.
+        """
+        if self.cluster:
+            cluster = self.client
+            nodes = cluster.get_primaries() or cluster.get_nodes()
+            node = nodes[next(self._pubsub_turn) % len(nodes)]
+            client = _one_connection_client(cluster.get_redis_connection(node))
+        else:
+            client = _one_connection_client(self.client)
+        return RedisPubSub(client.pubsub(), confirm_timeout, owner=client)
+
+    def ping(self) -> bool:
+        """Whether redis answers (on a cluster: the cluster client's default node)."""
+        try:
+            return bool(self.client.ping())
+        except _REDIS_FAILURES:
+            return False
+
+
+class RedisPubSub:
+    """A :class:`PubSubConn` over a redis-py ``PubSub``.
+
+    ``subscribe``/``unsubscribe`` are called from one thread while another waits in
+    ``get_event`` (as redis-py's own ``run_in_thread`` does). They return only once redis has
+    confirmed them, which the ``get_event`` thread reads: so after a SUB's ACK, a PUB from
+    anywhere reaches the subscriber, and after an UNSB's ACK no event of it follows.
+    """
+
+    def __init__(self, pubsub: Any, confirm_timeout: float = 5.0, owner: Any = None) -> None:
+        self._pubsub = pubsub
+        self._owner = owner  # the one-connection client it runs on, closed with it
+        self.confirm_timeout = confirm_timeout
+        self._cond = threading.Condition()
+        self._asked: Counter[tuple[str, str]] = Counter()
+        self._confirmed: Counter[tuple[str, str]] = Counter()
+        self._active: set[tuple[str, str]] = set()  # ("p" or "", channel) subscribed now
+
+    def subscribe(self, channel: str, pattern: bool) -> None:
+        if pattern:
+            self._confirm("psubscribe", channel, self._pubsub.psubscribe)
+        else:
+            self._confirm("subscribe", channel, self._pubsub.subscribe)
+
+    def unsubscribe(self, channel: str, pattern: bool) -> None:
+        if pattern:
+            self._confirm("punsubscribe", channel, self._pubsub.punsubscribe)
+        else:
+            self._confirm("unsubscribe", channel, self._pubsub.unsubscribe)
+
+    def _confirm(self, kind: str, channel: str, command: Any) -> None:
+        key = (kind, channel)
+        active = ("p" if kind.startswith("p") else "", channel)
+        with self._cond:
+            was_active = active in self._active
+            if kind.endswith("unsubscribe"):
+                if not was_active:
+                    # Not subscribed: nothing to undo. (redis-py does not even read the reply
+                    # of a pub-sub with no subscriptions, so there would be no confirmation.)
+                    return
+                self._active.discard(active)
+            else:
+                self._active.add(active)
+            self._asked[key] += 1
+            wanted = self._asked[key]
+        try:
+            command(channel)
+        except _REDIS_FAILURES as exc:
+            # Not sent (redis-py keeps its own state unchanged too): undo, so that the same
+            # request can succeed on this connection once redis is back.
+            with self._cond:
+                self._asked[key] -= 1
+                (self._active.add if was_active else self._active.discard)(active)
+            raise _broker_error(exc) from exc
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._confirmed[key] >= wanted, self.confirm_timeout):
+                self._asked[key] -= 1  # a late confirmation is absorbed, see get_event
+                raise BrokerError(f"redis did not confirm {kind} {channel!r} within {self.confirm_timeout} s")
+
+    def get_event(self, timeout: float) -> Optional[PubSubEvent]:
+        """Wait up to ``timeout`` seconds for an event; ``None`` if none came.
+
+        Reads (and signals) subscription confirmations on the way. Raises
+        :class:`BrokerError` when the redis connection fails, and :class:`ValueError` (with the
+        channel) for an event whose payload is not a juggler event payload.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            except _REDIS_FAILURES as exc:
+                raise _broker_error(exc) from exc
+            if msg is not None:
+                kind = msg.get("type")
+                if kind in ("message", "pmessage"):
+                    break
+                if kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe") and msg.get("channel"):
+                    key = (kind, _text(msg["channel"]))
+                    with self._cond:
+                        # Never count more confirmations than were asked for: redis-py
+                        # re-subscribes by itself after a reconnect, and those confirmations
+                        # must not stand in for a later request's.
+                        if self._confirmed[key] < self._asked[key]:
+                            self._confirmed[key] += 1
+                        self._cond.notify_all()
+                    continue
+            if time.monotonic() >= deadline:
+                return None
+        channel = _text(msg["channel"])
+        pattern = _text(msg["pattern"]) if kind == "pmessage" and msg.get("pattern") else ""
+        try:
+            payload = EventPayload.from_json(msg["data"])
+        except ValueError as exc:
+            raise ValueError(f"channel {channel!r}: {exc}") from None
+        return PubSubEvent(channel, pattern, payload)
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+            if self._owner is not None:
+                _close_client(self._owner)
+        except _REDIS_FAILURES as exc:  # closing a broken connection
+            logger.debug("closing pub-sub connection: %s", exc)
+
+
+def _close_client(client: Any) -> None:
+    """Close a client we made, and its pool's connections now.
+
+    redis-py's ``Redis.close()`` leaves a pool passed in with ``connection_pool=`` alone: its
+    sockets would stay open until the garbage collector found them."""
+    client.close()
+    pool = getattr(client, "connection_pool", None)  # a RedisCluster has none
+    if pool is not None:
+        pool.disconnect()
+
+
+def _one_connection_client(client: Any) -> Any:
+    """A client like ``client`` (same class, server, options) with a pool of one connection."""
+    pool = client.connection_pool
+    one = redis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs)
+    return type(client)(connection_pool=one)
+
+
+def _is_cluster(url: str, options: dict[str, Any]) -> bool:
+    """Whether the redis at ``url`` runs in cluster mode; :class:`BrokerError` if it does not
+    answer."""
+    client = redis.Redis.from_url(url, **{k: v for k, v in options.items() if k not in ("max_connections", "timeout")})
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.exceptions.ResponseError:
+        return False  # no INFO (juggler's embedded redis, some proxies): not a cluster node
+    except _REDIS_ERRORS as exc:
+        raise BrokerError(f"cannot reach redis at {url} to ask whether it is a cluster: {exc}") from exc
+    finally:
+        client.close()

@@ -1,0 +1,412 @@
+"""The ``juggler`` command (also ``python -m juggler``).
+
+Subcommands: ``demo``, ``server``, ``callee``, ``client``, ``load``. See ``juggler --help`` and
+docs/cli.rst. Exit status: 0 on success and after a graceful stop, 2 for a usage or
+configuration error, 1 for other failures (and the one-shot client's own codes, see
+:mod:`juggler.shell`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+from .config import COMMANDS, SETTINGS, ConfigError, format_config, load
+
+__all__ = ["main", "DEMO_FUNCTIONS"]
+
+log = logging.getLogger("juggler.cli")
+
+
+# -- demo functions --------------------------------------------------------------------------
+
+
+def demo_echo(args: Any) -> Any:
+    """test.echo: returns its argument."""
+    return args
+
+
+def demo_reverse(args: Any) -> str:
+    """test.reverse: reverses a string."""
+    if not isinstance(args, str):
+        raise TypeError("test.reverse takes a string")
+    return args[::-1]
+
+
+def demo_delay(args: Any) -> int:
+    """test.delay: sleeps N milliseconds (0 to 600000), returns N."""
+    if isinstance(args, bool) or not isinstance(args, (int, float)) or not 0 <= args <= 600_000:
+        raise ValueError("test.delay takes a number of milliseconds from 0 to 600000")
+    time.sleep(args / 1000)
+    return int(args) if float(args).is_integer() else args
+
+
+DEMO_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
+    "test.echo": demo_echo,
+    "test.reverse": demo_reverse,
+    "test.delay": demo_delay,
+}
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._count = 0
+
+    def install(self) -> "StopSignal":
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._count += 1
+        if self._count > 1:
+            os.write(2, b"juggler: second signal, exiting now\n")
+            os._exit(1)
+        log.info("got %s: stopping (send it again to exit at once)", signal.Signals(signum).name)
+        self.event.set()
+
+    def wait(self) -> None:
+        while not self.event.wait(1.0):  # a bounded wait keeps the main thread responsive
+            pass
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def _broker(url: str, **caps: int) -> Any:
+    from .broker import RedisBroker
+    from .exceptions import BrokerError
+
+    try:
+        # cluster=None: ask redis (INFO cluster) whether it is a Redis Cluster node, so one
+        # --redis URL takes a standalone redis or any node of a cluster.
+        broker = RedisBroker.from_url(url, cluster=None, **caps)
+    except BrokerError as exc:
+        raise _Fail(str(exc)) from None
+    if broker.cluster:
+        log.info("redis at %s is a Redis Cluster of %d primaries", url, len(broker.client.get_primaries()))
+    if not broker.ping():
+        try:
+            broker.client.ping()
+        except Exception as exc:  # the reason, for the one line we print
+            reason = str(exc)
+        else:  # pragma: no cover - it answered the second time
+            reason = "no answer"
+        broker.close()
+        raise _Fail(f"cannot reach redis at {url}: {reason}")
+    return broker
+
+
+class _Fail(Exception):
+    """A failure to report in one line, exit status 1."""
+
+
+def _brokers(cfg: dict[str, Any], embedded: Any = None) -> tuple[Any, Any, list[Any]]:
+    """The RPC and pub-sub brokers the settings ask for, and the ones to close at the end."""
+    from .broker import RedisBroker
+
+    caps = {"call_cap": cfg.get("call_cap", 0), "result_cap": cfg.get("result_cap", 0)}
+    if cfg.get("redis"):
+        rpc = _broker(cfg["redis"], **caps)
+    else:
+        rpc = RedisBroker(embedded.client(), **caps)
+    owned = [rpc]
+    pubsub = rpc
+    if cfg.get("pubsub_redis"):
+        pubsub = _broker(cfg["pubsub_redis"])
+        owned.append(pubsub)
+    return rpc, pubsub, owned
+
+
+def _print(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def _stop_callee(callee: Any, grace: float) -> None:
+    if not callee.stop(timeout=grace):
+        busy = callee.stats.snapshot()["busy"]
+        log.warning("grace period of %.1f s is over with %d call(s) still running: exiting anyway", grace, busy)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _server_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    from .middleware import chain, log_messages, recover
+
+    names = ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "certfile", "keyfile",
+             "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
+             "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
+             "slow_threshold", "http_endpoints")  # fmt: skip
+    kwargs = {n: cfg[n] for n in names if n in cfg}
+    if cfg.get("certfile") and not cfg.get("keyfile") or cfg.get("keyfile") and not cfg.get("certfile"):
+        raise _Usage("--certfile and --keyfile go together")
+    kwargs["handler"] = chain(recover(), log_messages()) if cfg.get("log_messages") else chain(recover())
+    return kwargs
+
+
+def _make_server(broker: Any, cfg: dict[str, Any], **kwargs: Any) -> Any:
+    from .server import Server
+
+    try:
+        return Server(broker, **_server_kwargs(cfg), **kwargs)
+    except OSError as exc:  # the port is taken, or the certificate cannot be read
+        where = f"{cfg['host']}:{cfg['port']}"
+        raise _Fail(f"cannot serve on {where}: {exc.strerror or exc}") from None
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from .broker import RedisBroker
+    from .callee import Callee
+    from .embedded import EmbeddedRedis
+
+    stop = StopSignal().install()
+    embedded = EmbeddedRedis().start()
+    try:
+        broker = RedisBroker(embedded.client())
+        server = _make_server(broker, cfg)
+        callee = Callee(broker, workers=cfg["workers"], name="juggler-callee-demo")
+        for uri, fn in DEMO_FUNCTIONS.items():
+            callee.register(uri, fn)
+        server.start()
+        callee.start()
+        _print(
+            "juggler demo: a server, an in-memory redis and a callee pool serving "
+            + ", ".join(DEMO_FUNCTIONS),
+            f"websocket: {server.url}",
+            f"redis:     {embedded.url}  (embedded, in memory)",
+            f"try:       juggler client {server.url} call test.echo '\"hello\"'",
+            f"           juggler client {server.url}        (interactive)",
+            f"callees:   juggler callee --redis {embedded.url} --demo",
+            "stop:      Ctrl-C",
+        )
+        stop.wait()
+        server.shutdown()
+        _stop_callee(callee, cfg["grace"])
+    finally:
+        embedded.close()
+    return 0
+
+
+def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from .embedded import EmbeddedRedis
+
+    stop = StopSignal().install()
+    embedded = None
+    if not cfg["redis"]:
+        embedded = EmbeddedRedis().start()
+    brokers: list[Any] = []
+    try:
+        rpc, pubsub, brokers = _brokers(cfg, embedded)
+        server = _make_server(rpc, cfg, pubsub_broker=pubsub)
+        server.start()
+        _print(f"websocket: {server.url}")
+        if embedded is not None:
+            _print(f"redis:     {embedded.url}  (embedded, in memory: no --redis given)")
+        stop.wait()
+        server.shutdown()
+    finally:
+        for b in brokers:
+            b.close()
+        if embedded is not None:
+            embedded.close()
+    return 0
+
+
+def _load_target(spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise _Usage(f"{spec!r} is not of the form module:attribute")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _Usage(f"cannot import {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise _Usage(f"{module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+class _Usage(Exception):
+    """A usage error to report in one line, exit status 2."""
+
+
+def callee_functions(targets: Sequence[str], uris: Sequence[str], demo: bool) -> dict[str, Callable[[Any], Any]]:
+    """The URI -> function map a ``juggler callee`` command line asks for."""
+    functions: dict[str, Callable[[Any], Any]] = {}
+    if demo:
+        functions.update(DEMO_FUNCTIONS)
+    for spec in targets:
+        obj = _load_target(spec)
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and callable(v) for k, v in obj.items()):
+            raise _Usage(f"{spec} must be a dict mapping URIs to functions")
+        functions.update(obj)
+    for item in uris:
+        uri, sep, target = item.partition("=")
+        if not sep or not uri:
+            raise _Usage(f"--uri {item!r} is not of the form URI=module:function")
+        fn = _load_target(target)
+        if not callable(fn):
+            raise _Usage(f"{target} is not callable")
+        functions[uri] = fn
+    if not functions:
+        raise _Usage("nothing to serve: give module:dict targets, --uri URI=module:function or --demo")
+    return functions
+
+
+def cmd_callee(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from .callee import Callee
+
+    functions = callee_functions(args.targets, args.uri, args.demo)
+    if not cfg["redis"]:
+        raise _Usage("juggler callee needs --redis URL (or JUGGLER_REDIS_URL): the redis its server uses")
+    stop = StopSignal().install()
+    rpc, _, brokers = _brokers(cfg)
+    metrics = None
+    try:
+        callee = Callee(rpc, workers=cfg["workers"])
+        for uri, fn in functions.items():
+            callee.register(uri, fn)
+        if cfg["metrics_port"] is not None:
+            from .metrics import CalleeMetrics
+
+            metrics = CalleeMetrics(callee)
+            try:
+                port = metrics.serve(cfg["metrics_host"], cfg["metrics_port"])
+            except OSError as exc:
+                metrics = None
+                raise _Fail(f"cannot serve metrics on {cfg['metrics_host']}:{cfg['metrics_port']}: {exc.strerror or exc}") from None
+            _print(f"metrics: http://{cfg['metrics_host']}:{port}/metrics")
+        callee.start()
+        _print(f"callee: serving {', '.join(functions)} with {cfg['workers']} workers on {cfg['redis']}")
+        stop.wait()
+        _stop_callee(callee, cfg["grace"])
+    finally:
+        if metrics is not None:
+            metrics.close()
+        for b in brokers:
+            b.close()
+    return 0
+
+
+def cmd_client(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from .shell import run_client
+
+    return run_client(args.url, args.words, cfg, allowed=args.allowed_messages)
+
+
+def cmd_load(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from .load import run_load
+
+    return run_load(args.url, cfg, as_json=args.json, progress=not args.quiet)
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+
+_DESCRIPTIONS = {
+    "demo": "Run a server, an in-memory redis and the demo callees (test.echo, test.reverse, "
+    "test.delay) in one process.",
+    "server": "Run a juggler server. Without a redis URL it starts an embedded in-memory redis "
+    "and prints its URL.",
+    "callee": "Run a callee pool. TARGET is module:attribute naming a dict of URI -> function.",
+    "client": "Connect to a server: an interactive shell, or one command such as "
+    "'call URI JSON', 'pub CHANNEL JSON', 'sub CHANNEL'.",
+    "load": "Load-test a server with calls and report throughput and latency.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="juggler",
+        description="Websocket-based, redis-backed RPC and pub-sub (the juggler.0 protocol).",
+        epilog="Settings: flags, then JUGGLER_* environment variables, then the --config file "
+        "(TOML), then defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"juggler {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command, names in COMMANDS.items():
+        p = subs.add_parser(command, help=_DESCRIPTIONS[command].split(".")[0], description=_DESCRIPTIONS[command])
+        for name in names:
+            s = SETTINGS[name]
+            default = "none" if s.default is None else s.default
+            help_text = f"{s.help} (env {s.env_var}; default {default})"
+            if s.parse.__name__ == "_bool" and s.default:
+                p.add_argument("--no-" + s.flag[2:], dest=name, action="store_const", const=False, default=None,
+                               help=f"do not {s.help} (env {s.env_var}=false)")  # fmt: skip
+            elif s.parse.__name__ == "_bool":
+                p.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+            else:
+                p.add_argument(s.flag, dest=name, default=None, metavar=s.metavar or None, help=help_text)
+        p.add_argument("--config", metavar="FILE", help="TOML config file (env JUGGLER_CONFIG)")
+        p.add_argument("--print-config", action="store_true", help="print the merged settings and exit")
+        if command == "callee":
+            p.add_argument("targets", nargs="*", metavar="TARGET", help="module:attribute, a dict of URI -> function")
+            p.add_argument("--uri", action="append", default=[], metavar="URI=module:function",
+                           help="serve URI with a function (repeatable)")  # fmt: skip
+            p.add_argument("--demo", action="store_true", help="serve test.echo, test.reverse and test.delay")
+        if command == "client":
+            p.add_argument("url", metavar="URL", help="the server's websocket URL, e.g. ws://127.0.0.1:9000/ws")
+            p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                           help="one command to run, e.g.: call test.echo '\"hi\"'; none: interactive")  # fmt: skip
+            p.add_argument("--allowed-messages", metavar="LIST", help="send Juggler-Allowed-Messages, e.g. call,sub")
+        if command == "load":
+            p.add_argument("url", metavar="URL", help="the server's websocket URL")
+            p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+            p.add_argument("--quiet", action="store_true", help="no live progress line")
+    return parser
+
+
+_RUN = {"demo": cmd_demo, "server": cmd_server, "callee": cmd_callee, "client": cmd_client, "load": cmd_load}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {name: getattr(args, name, None) for name in COMMANDS[args.command]}
+    try:
+        cfg, sources = load(args.command, flags, config_path=args.config)
+    except ConfigError as exc:
+        print(f"juggler {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(format_config(args.command, cfg, sources))
+        return 0
+    logging.basicConfig(
+        level=cfg["log_level"].upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _RUN[args.command](cfg, args)
+    except _Usage as exc:
+        print(f"juggler {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except _Fail as exc:
+        print(f"juggler {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,524 @@
+"""A blocking juggler client on ``websocket-client``.
+
+One :class:`Client` is one websocket connection. Calls and requests may be made from any
+number of threads. Three threads per client, named ``juggler-client-<n>-...``: a reader that
+routes ACK, NACK, RES and EVNT to whoever waits for them, a writer that sends (so no caller
+ever blocks on a server that stops reading), and a timer that expires calls.
+
+Every call ends exactly once: with its result, :class:`~juggler.exceptions.RemoteError` (an
+error result), :class:`~juggler.exceptions.NackError`, :class:`~juggler.exceptions.CallExpired`
+or :class:`~juggler.exceptions.ConnectionClosed`. A call is registered as pending *before* it
+is sent, so a result that arrives before ``send`` returns is never lost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import websocket
+
+from .exceptions import (
+    AckTimeout,
+    CallExpired,
+    ConnectionClosed,
+    HandshakeError,
+    NackError,
+    ProtocolError,
+    RemoteError,
+)
+from .message import (
+    DEFAULT_CALL_TIMEOUT,
+    Ack,
+    Call,
+    Evnt,
+    Message,
+    Nack,
+    Pub,
+    Request,
+    Res,
+    Sub,
+    Unsb,
+    decode,
+    encode,
+    result_error_message,
+)
+
+__all__ = ["Client", "Subscription"]
+
+SUBPROTOCOL = "juggler.0"
+_END = object()  # subscription queues: the end; writer queue: send the close frame, then stop
+_STOP = object()  # writer queue: stop without sending
+_counter = itertools.count(1)
+
+
+class Subscription:
+    """Events of one SUB (a channel, or a pattern when ``pattern`` is true).
+
+    Iterate over it to get :class:`~juggler.message.Evnt` messages as they arrive; the
+    iteration ends when the subscription is undone with :meth:`Client.unsb` or the client is
+    closed, and raises :class:`~juggler.exceptions.ConnectionClosed` if the connection is lost.
+    """
+
+    def __init__(self, client: "Client", channel: str, pattern: bool) -> None:
+        self.client = client
+        self.channel = channel
+        self.pattern = pattern
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._ended = False
+
+    def __repr__(self) -> str:
+        kind = "pattern" if self.pattern else "channel"
+        return f"<Subscription {kind}={self.channel!r}{' ended' if self._ended else ''}>"
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Evnt]:
+        """The next event; ``None`` once the subscription has ended normally.
+
+        Raises :class:`TimeoutError` when no event came within ``timeout`` seconds, and
+        :class:`~juggler.exceptions.ConnectionClosed` when the connection was lost.
+        """
+        if self._ended and self._queue.empty():
+            return self._end()
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no event on {self.channel!r} within {timeout} s") from None
+        if item is _END:
+            self._queue.put(_END)  # later calls see the end too
+            return self._end()
+        return item
+
+    def _end(self) -> None:
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def __iter__(self) -> Iterator[Evnt]:
+        while True:
+            ev = self.get()
+            if ev is None:
+                return
+            yield ev
+
+    def _finish(self, error: Optional[BaseException] = None) -> None:
+        if not self._ended:
+            self._ended = True
+            self._error = error
+            self._queue.put(_END)
+
+
+class _Expiries:
+    """Deadlines of pending calls, served by the client's timer thread."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def add(self, deadline: float, msg_uuid: str) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, msg_uuid))
+            if self._heap[0][1] == msg_uuid:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def compact(self, live: "dict[str, Any]") -> None:
+        """Forget the deadlines of calls that have already ended."""
+        with self._cond:
+            self._heap = [item for item in self._heap if item[1] in live]
+            heapq.heapify(self._heap)
+            self._cond.notify()
+
+    def next_expired(self) -> Optional[list[str]]:
+        """Block until some deadlines pass; their uuids, or ``None`` once stopped."""
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[1])
+                if due:
+                    return due
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            return None
+
+
+class Client:
+    """A juggler connection. Use :meth:`connect` to open one.
+
+    ``call_timeout`` is the default timeout of :meth:`call` (seconds); ``ack_timeout`` how
+    long :meth:`pub`, :meth:`sub` and :meth:`unsb` wait for the server's ACK or NACK.
+    """
+
+    def __init__(
+        self,
+        ws: websocket.WebSocket,
+        *,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        ack_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        logger: Optional[logging.Logger] = None,
+    ) -> None:
+        self.ws = ws
+        self.call_timeout = call_timeout
+        self.ack_timeout = ack_timeout
+        self.close_timeout = close_timeout
+        self.logger = logger or logging.getLogger("juggler.client")
+        self.close_code: Optional[int] = None
+        self.close_reason = ""
+        self.id = next(_counter)
+        #: Messages received, by type name ("ACK", "NACK", "RES", "EVNT"); written only by the
+        #: reader thread.
+        self.received: Counter[str] = Counter()
+
+        self._lock = threading.Lock()
+        self._calls: dict[str, Future] = {}
+        self._acks: dict[str, Future] = {}
+        self._subs: dict[tuple[str, bool], Subscription] = {}
+        self._expiries = _Expiries()
+        self._closed: Optional[ConnectionClosed] = None
+        self._closing = False
+        self._close_lock = threading.Lock()
+        self._outbox: "queue.Queue[Any]" = queue.Queue()
+        # Daemon threads: a script that forgets close() must still be able to exit. close()
+        # (and the context manager) stops and joins all three.
+        name = f"juggler-client-{self.id}"
+        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name=f"{name}-writer", daemon=True)
+        self._timer = threading.Thread(target=self._timer_loop, name=f"{name}-timer", daemon=True)
+        self._reader.start()
+        self._writer.start()
+        self._timer.start()
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        *,
+        allowed_messages: Union[str, Iterable[str], None] = None,
+        headers: Optional[dict[str, str]] = None,
+        connect_timeout: float = 10.0,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        ack_timeout: float = 10.0,
+        logger: Optional[logging.Logger] = None,
+        **ws_options: Any,
+    ) -> "Client":
+        """Open a connection to the juggler server at ``url`` (``ws://host:port/ws``).
+
+        ``allowed_messages`` (e.g. ``["call", "sub"]``) is sent as the
+        ``Juggler-Allowed-Messages`` header. Raises :class:`~juggler.exceptions.HandshakeError`
+        when the server refuses the handshake, :class:`OSError` when it cannot be reached.
+        Extra keyword arguments go to ``websocket.create_connection`` (e.g. ``sslopt``).
+        """
+        # websocket-client invents an Origin header unless told not to: a script is no
+        # browser, so send one only when the caller gives it.
+        origin = None
+        header = []
+        for k, v in (headers or {}).items():
+            if k.lower() == "origin":
+                origin = v
+            else:
+                header.append(f"{k}: {v}")
+        if origin is not None:
+            ws_options.setdefault("origin", origin)
+        else:
+            ws_options.setdefault("suppress_origin", True)
+        if allowed_messages is not None:
+            value = allowed_messages if isinstance(allowed_messages, str) else ",".join(allowed_messages)
+            header.append(f"Juggler-Allowed-Messages: {value}")
+        try:
+            ws = websocket.create_connection(
+                url,
+                timeout=connect_timeout,
+                subprotocols=[SUBPROTOCOL],
+                header=header,
+                enable_multithread=True,
+                **ws_options,
+            )
+        except websocket.WebSocketBadStatusException as exc:
+            body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
+            raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
+        except websocket.WebSocketException as exc:
+            raise HandshakeError(f"websocket handshake failed: {exc}") from None
+        ws.settimeout(None)  # the reader blocks; closing shuts the socket down
+        return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<juggler.Client {self.id} {state}>"
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def pending_calls(self) -> int:
+        """Calls sent that have not ended yet."""
+        with self._lock:
+            return len(self._calls)
+
+    # -- RPC --
+
+    def call_async(self, uri: str, args: Any = None, timeout: Optional[float] = None) -> "Future[Any]":
+        """Send a CALL; the returned future gets the result, or the call's exception."""
+        timeout = self.call_timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        msg = Call(uri=uri, args=args, timeout=timeout)
+        data = encode(msg)  # a TypeError/ValueError for unencodable args surfaces here
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()  # a call cannot be taken back once sent
+        with self._lock:
+            if self._closed is not None:
+                fut.set_exception(self._closed)
+                return fut
+            self._calls[msg.uuid] = fut
+            if len(self._expiries) > 1024 and len(self._expiries) > 4 * len(self._calls):
+                self._expiries.compact(self._calls)
+        self._expiries.add(time.monotonic() + timeout, msg.uuid)
+        self._send(msg.uuid, data)
+        return fut
+
+    def call(self, uri: str, args: Any = None, timeout: Optional[float] = None) -> Any:
+        """Call ``uri`` with ``args`` and block for the result (``timeout`` in seconds)."""
+        return self.call_async(uri, args, timeout).result()
+
+    # -- pub-sub --
+
+    def pub(self, channel: str, args: Any = None) -> Ack:
+        """Publish ``args`` on ``channel``; blocks until the server ACKs it."""
+        return self._request(Pub(channel=channel, args=args))
+
+    def sub(self, channel: str, pattern: bool = False) -> Subscription:
+        """Subscribe to ``channel`` (a redis glob pattern when ``pattern``); blocks until ACKed."""
+        key = (channel, pattern)
+        with self._lock:
+            sub = self._subs.get(key)
+            if sub is None:
+                sub = self._subs[key] = Subscription(self, channel, pattern)
+        try:
+            self._request(Sub(channel=channel, pattern=pattern))
+        except BaseException:
+            with self._lock:
+                if self._subs.get(key) is sub:
+                    del self._subs[key]
+            raise
+        return sub
+
+    def unsb(self, channel: str, pattern: bool = False) -> Ack:
+        """Undo :meth:`sub`; blocks until ACKed, then ends the :class:`Subscription`."""
+        ack = self._request(Unsb(channel=channel, pattern=pattern))
+        with self._lock:
+            sub = self._subs.pop((channel, pattern), None)
+        if sub is not None:
+            sub._finish()
+        return ack
+
+    def _request(self, msg: Request) -> Ack:
+        data = encode(msg)
+        fut: Future = Future()
+        with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            self._acks[msg.uuid] = fut
+        self._send(msg.uuid, data)
+        try:
+            return fut.result(self.ack_timeout)
+        except FutureTimeout:
+            raise AckTimeout(f"no ACK for {msg.type.name} {msg.uuid} within {self.ack_timeout} s") from None
+        finally:
+            with self._lock:
+                self._acks.pop(msg.uuid, None)
+
+    def _send(self, msg_uuid: str, data: str) -> None:
+        """Queue a message for the writer thread (the request is already registered)."""
+        self._outbox.put((msg_uuid, data))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is _STOP:
+                return
+            try:
+                if item is _END:
+                    self.ws.send_close(websocket.STATUS_NORMAL, b"")
+                    return
+                self.ws.send(item[1])
+            except (websocket.WebSocketException, OSError) as exc:
+                if not self._closing:
+                    self.logger.debug("client %d: send failed: %s", self.id, exc)
+                # A frame may be half written: the connection is unusable. The reader ends,
+                # and every pending request ends with ConnectionClosed.
+                self._kill_socket()
+                return
+
+    # -- routing --
+
+    def _resolve(self, msg_uuid: str, result: Any = None, exc: Optional[BaseException] = None) -> bool:
+        """End call ``msg_uuid`` once; ``False`` if it had already ended."""
+        with self._lock:
+            fut = self._calls.pop(msg_uuid, None)
+        if fut is None:
+            return False
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+        return True
+
+    def _fail_ack(self, msg_uuid: str, exc: BaseException) -> None:
+        with self._lock:
+            fut = self._acks.get(msg_uuid)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, Res):
+            message = result_error_message(msg.args)
+            if message is not None:
+                resolved = self._resolve(msg.for_uuid, exc=RemoteError(message, msg.args))
+            else:
+                resolved = self._resolve(msg.for_uuid, result=msg.args)
+            if not resolved:
+                self.logger.debug("client %d: RES for %s after its call ended", self.id, msg.for_uuid)
+        elif isinstance(msg, Evnt):
+            key = (msg.pattern, True) if msg.pattern else (msg.channel, False)
+            with self._lock:
+                sub = self._subs.get(key)
+            if sub is not None and not sub._ended:
+                sub._queue.put(msg)
+        elif isinstance(msg, (Ack, Nack)):
+            err = NackError(msg.code, msg.message, msg) if isinstance(msg, Nack) else None
+            with self._lock:
+                fut = self._acks.get(msg.for_uuid)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_exception(err) if err else fut.set_result(msg)
+            elif err is not None:
+                self._resolve(msg.for_uuid, exc=err)
+        else:
+            self.logger.warning("client %d: ignoring client-side message %s from server", self.id, msg.type.name)
+
+    def _read_loop(self) -> None:
+        code, reason = 1006, "connection lost"
+        try:
+            while True:
+                try:
+                    opcode, data = self.ws.recv_data()
+                except (websocket.WebSocketException, OSError, ValueError) as exc:
+                    if self._closing:
+                        code, reason = 1000, "client closed"
+                    else:
+                        reason = f"connection lost: {exc}" if str(exc) else reason
+                    return
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    code, reason = _parse_close(data)
+                    return
+                if opcode != websocket.ABNF.OPCODE_TEXT:
+                    self.logger.warning("client %d: ignoring non-text frame (opcode %d)", self.id, opcode)
+                    continue
+                try:
+                    msg = decode(data)
+                except ProtocolError as exc:
+                    self.logger.warning("client %d: ignoring invalid message from server: %s", self.id, exc)
+                    continue
+                self.received[msg.type.name] += 1
+                self._dispatch(msg)
+        finally:
+            self._shutdown(code, reason)
+
+    def _timer_loop(self) -> None:
+        while True:
+            due = self._expiries.next_expired()
+            if due is None:
+                return
+            for msg_uuid in due:
+                self._resolve(msg_uuid, exc=CallExpired(f"call {msg_uuid} expired"))
+
+    # -- closing --
+
+    def _shutdown(self, code: int, reason: str) -> None:
+        """Runs once, on the reader thread, when the connection is over."""
+        closed = ConnectionClosed(code, reason)
+        with self._lock:
+            self.close_code, self.close_reason = code, reason
+            self._closed = closed
+            calls, self._calls = self._calls, {}
+            subs, self._subs = list(self._subs.values()), {}
+            acks = list(self._acks.values())
+        self._expiries.stop()
+        self._outbox.put(_STOP)
+        for fut in calls.values():
+            fut.set_exception(closed)
+        for fut in acks:
+            if not fut.done():
+                fut.set_exception(closed)
+        normal = self._closing or code in (1000, 1001)
+        for sub in subs:
+            sub._finish(None if normal else closed)
+        self._kill_socket()
+
+    def _kill_socket(self) -> None:
+        sock = self.ws.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.ws.shutdown()
+
+    def close(self) -> None:
+        """Close the connection (code 1000) and join the client's threads. Idempotent.
+
+        Waits up to ``close_timeout`` for the server to answer the close frame, then cuts the
+        connection."""
+        with self._close_lock:
+            first = not self._closing
+            self._closing = True
+        if first and not self.closed:
+            self._outbox.put(_END)  # the writer sends the close frame after what is queued
+        me = threading.current_thread()
+        if me is not self._reader:
+            self._reader.join(self.close_timeout)
+            if self._reader.is_alive():  # the server did not answer, or the writer is stuck
+                self._kill_socket()
+                self._reader.join()
+        for t in (self._writer, self._timer):
+            if me is not t:
+                t.join()
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Block until the server closes the connection; whether it did within ``timeout``."""
+        self._reader.join(timeout)
+        return not self._reader.is_alive()
+
+
+def _parse_close(data: bytes) -> tuple[int, str]:
+    if len(data) >= 2:
+        (code,) = struct.unpack(">H", data[:2])
+        return code, data[2:].decode("utf-8", "replace")
+    return 1005, ""

@@ -1,0 +1,325 @@
+"""Settings of the ``juggler`` command: flags, then environment, then a TOML file, then defaults.
+
+One table (:data:`SETTINGS`) describes every setting once: its flag (``--read-limit``), its
+environment variable (``JUGGLER_READ_LIMIT``), its key in the config file and its default.
+The config file has shared top-level keys and a table per command; a command's table wins::
+
+    redis = "redis://127.0.0.1:6379/0"
+
+    [server]
+    port = 9000
+    read_limit = 1048576
+
+    [callee]
+    workers = 16
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = ["ConfigError", "Setting", "SETTINGS", "COMMANDS", "load", "parse_duration", "format_config"]
+
+
+class ConfigError(Exception):
+    """A setting has a bad value, or the config file is unreadable; the message names which."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like ``250ms``, ``10s``, ``2m``, ``1h``, ``1.5``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (e.g. 500ms, 10s, 2m)")
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a duration")
+    return seconds
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return seconds
+
+
+def _int(minimum: int, maximum: Optional[int] = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError(f"{value!r} is not a whole number")
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if n < minimum or (maximum is not None and n > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ValueError(f"{n} is out of range ({bound})")
+        return n
+
+    return parse
+
+
+def _float(minimum: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number") from None
+        if not math.isfinite(x) or x < minimum:
+            raise ValueError(f"{value!r} must be a number >= {minimum}")
+        return x
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false)")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _redis_url(value: Any) -> str:
+    url = _str(value)
+    if not re.match(r"^(redis|rediss|unix)://", url):
+        raise ValueError(f"{url!r} is not a redis URL (redis://host:port/db, rediss://..., unix://...)")
+    return url
+
+
+def _str_list(value: Any) -> list[str]:
+    """A list from a TOML array or a comma-separated string."""
+    if isinstance(value, list):
+        items = value
+    else:
+        items = _str(value).split(",")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not a string")
+        if item.strip():
+            out.append(item.strip())
+    return out
+
+
+def _optional_port(value: Any) -> Optional[int]:
+    if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+        return None
+    return _int(0, 65535)(value)
+
+
+def _path(value: Any) -> str:
+    path = _str(value)
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} must start with '/'")
+    return path
+
+
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: Any) -> str:
+    level = _str(value).lower()
+    if level not in _LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(_LEVELS)}")
+    return level
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    env: str = ""
+    metavar: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env_var(self) -> str:
+        return self.env or "JUGGLER_" + self.name.upper()
+
+
+def _s(name: str, parse: Callable[[Any], Any], default: Any, help: str, **kw: Any) -> Setting:
+    return Setting(name, parse, default, help, **kw)
+
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        _s("redis", _redis_url, None, "redis URL for RPC (and pub-sub, unless --pubsub-redis): a "
+           "standalone redis or any node of a Redis Cluster; none: an embedded in-memory redis",
+           env="JUGGLER_REDIS_URL", metavar="URL"),
+        _s("pubsub_redis", _redis_url, None, "a separate redis URL for pub-sub (standalone or any cluster node)",
+           env="JUGGLER_PUBSUB_REDIS_URL", metavar="URL"),
+        _s("log_level", _log_level, "info", "log level: debug, info, warning, error", metavar="LEVEL"),
+        _s("host", _str, "127.0.0.1", "address to listen on", metavar="HOST"),
+        _s("port", _int(0, 65535), 9000, "port to listen on (0: any free port)", metavar="PORT"),
+        _s("path", _path, "/ws", "websocket path", metavar="PATH"),
+        _s("allow_empty_subprotocol", _bool, False, "accept clients that offer no subprotocol at all"),
+        _s("read_limit", _int(1), 1 << 20, "largest message in bytes (over it: close 1009)", metavar="BYTES"),
+        _s("write_queue_size", _int(1), 256, "messages queued per connection", metavar="N"),
+        _s("write_timeout", _positive_duration, 10.0, "a client that blocks writes this long is "
+           "disconnected", metavar="DURATION"),
+        _s("handshake_timeout", _positive_duration, 10.0, "time to complete the websocket handshake",
+           metavar="DURATION"),
+        _s("close_timeout", _positive_duration, 2.0, "time to wait for a peer's close frame", metavar="DURATION"),
+        _s("max_connections", _int(0), 1000, "most open websockets (over it: HTTP 503; 0: no limit)", metavar="N"),
+        _s("write_limit", _int(1), 1 << 20, "largest message written in bytes (a RES over it becomes an "
+           "error result, an EVNT is dropped)", metavar="BYTES"),
+        _s("ping_interval", parse_duration, 30.0, "ping a connection silent this long (0: never)", metavar="DURATION"),
+        _s("idle_timeout", parse_duration, 60.0, "close a connection silent this long, pongs included "
+           "(0: never)", metavar="DURATION"),
+        _s("max_call_timeout", _positive_duration, 600.0, "longest timeout a CALL may ask for (over it: "
+           "NACK 400)", metavar="DURATION"),
+        _s("slow_threshold", _positive_duration, 0.1, "requests slower than this count as slow in the "
+           "metrics", metavar="DURATION"),
+        _s("allowed_origins", _str_list, None, "comma-separated Origin patterns browsers may connect from "
+           "(e.g. https://*.example.com); none: any", metavar="LIST"),
+        _s("certfile", _str, None, "TLS certificate chain (PEM): serve wss://", metavar="FILE"),
+        _s("keyfile", _str, None, "TLS private key (PEM)", metavar="FILE"),
+        _s("http_endpoints", _bool, True, "serve GET /healthz and GET /metrics on the same port"),
+        _s("log_messages", _bool, False, "log every message read and written (INFO, juggler.messages)"),
+        _s("metrics_port", _optional_port, None, "serve the callee metrics at http://HOST:PORT/metrics "
+           "(none: off)", metavar="PORT"),
+        _s("metrics_host", _str, "127.0.0.1", "address of the callee metrics endpoint", metavar="HOST"),
+        _s("metrics", _str, None, "the server's /metrics URL: print its metric changes over the run",
+           metavar="URL"),
+        _s("call_cap", _int(0), 0, "most pending calls per URI (0: no cap; over it: NACK 500)", metavar="N"),
+        _s("result_cap", _int(0), 0, "most pending results per connection (0: no cap)", metavar="N"),
+        _s("workers", _int(1), 8, "callee worker threads", metavar="N"),
+        _s("grace", parse_duration, 10.0, "on SIGINT/SIGTERM, time running calls get to finish",
+           metavar="DURATION"),
+        # load tester
+        _s("connections", _int(1), 10, "connections to open", metavar="N"),
+        _s("rate", _float(0), 0.0, "calls per second per connection (0: auto, the next call "
+           "leaves when the previous one ends)", metavar="PER_SECOND"),
+        _s("duration", _positive_duration, 10.0, "how long to send calls", metavar="DURATION"),
+        _s("timeout", _positive_duration, 5.0, "timeout of each call", metavar="DURATION"),
+        _s("uri", _str, "test.echo", "URI to call", metavar="URI"),
+        _s("payload", _str, '"hello"', "JSON args of each call", metavar="JSON"),
+    ]
+}  # fmt: skip
+
+#: The settings of each command, in the order --print-config shows them.
+COMMANDS: dict[str, list[str]] = {
+    "demo": ["host", "port", "path", "workers", "grace", "log_level"],
+    "server": [
+        "redis", "pubsub_redis", "host", "port", "path", "allow_empty_subprotocol", "allowed_origins",
+        "certfile", "keyfile", "max_connections", "read_limit", "write_limit", "write_queue_size",
+        "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
+        "max_call_timeout", "slow_threshold", "call_cap", "result_cap", "http_endpoints",
+        "log_messages", "log_level",
+    ],
+    "callee": ["redis", "workers", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
+    "client": ["timeout", "log_level"],
+    "load": ["connections", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],
+}  # fmt: skip
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in COMMANDS:
+                raise ConfigError(f"config file {path}: unknown table [{key}] (one of: {', '.join(COMMANDS)})")
+            for sub in value:
+                if sub not in COMMANDS[key]:
+                    raise ConfigError(f"config file {path}: [{key}] has no setting {sub!r}")
+        elif key not in SETTINGS:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+    return data
+
+
+def load(
+    command: str,
+    flags: Mapping[str, Any],
+    env: Mapping[str, str] = os.environ,
+    config_path: Optional[str] = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings of ``command`` and where each came from (flag, env, file, default).
+
+    ``flags`` maps setting names to the raw flag values (``None``: not given). The config file
+    is ``config_path``, else ``$JUGGLER_CONFIG``, else none. Raises :class:`ConfigError`.
+    """
+    path = config_path or env.get("JUGGLER_CONFIG") or None
+    file_data = read_file(path) if path else {}
+    section = file_data.get(command, {})
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in COMMANDS[command]:
+        setting = SETTINGS[name]
+        if flags.get(name) is not None:
+            raw, source = flags[name], f"flag {setting.flag}"
+        elif setting.env_var in env:
+            raw, source = env[setting.env_var], f"env {setting.env_var}"
+        elif name in section:
+            raw, source = section[name], f"file {path} [{command}]"
+        elif name in file_data and not isinstance(file_data[name], dict):
+            raw, source = file_data[name], f"file {path}"
+        else:
+            values[name], sources[name] = setting.default, "default"
+            continue
+        try:
+            values[name] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"bad value for {name} (from {source}): {exc}") from None
+        sources[name] = source
+    return values, sources
+
+
+def format_config(command: str, values: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    """The merged settings as a TOML table, each with where it came from."""
+    lines = [f"[{command}]"]
+    for name in COMMANDS[command]:
+        value = values[name]
+        if value is None:
+            text = f"# {name} is not set"
+        elif isinstance(value, bool):
+            text = f"{name} = {str(value).lower()}"
+        elif isinstance(value, str):
+            text = f"{name} = {_toml_str(value)}"
+        elif isinstance(value, list):
+            text = f"{name} = [{', '.join(_toml_str(v) for v in value)}]"
+        else:
+            text = f"{name} = {value!r}"
+        lines.append(f"{text:<44} # {sources[name]}")
+    return "\n".join(lines)
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

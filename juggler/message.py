@@ -1,0 +1,568 @@
+"""The juggler.0 protocol: messages, their JSON encoding, and the redis payloads.
+
+This module is pure: frozen dataclasses plus :func:`encode` and :func:`decode`; no sockets,
+threads, redis or logging. Everything else in juggler is I/O around it.
+
+Wire facts (see ``docs/protocol.rst``): every message is
+``{"meta": {"type": <int>, "uuid": "<uuid>"}, "payload": {...}}``; durations are integer
+nanoseconds on the wire and float seconds in Python.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+import uuid as _uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from .exceptions import ProtocolError
+
+__all__ = [
+    "MessageType",
+    "CLIENT_TYPES",
+    "SERVER_TYPES",
+    "DEFAULT_CALL_TIMEOUT",
+    "Call",
+    "Pub",
+    "Sub",
+    "Unsb",
+    "Ack",
+    "Nack",
+    "Res",
+    "Evnt",
+    "Message",
+    "Request",
+    "encode",
+    "decode",
+    "new_uuid",
+    "effective_timeout",
+    "CallPayload",
+    "ResultPayload",
+    "EventPayload",
+    "error_result",
+    "result_error_message",
+]
+
+#: A CALL timeout of 0, a negative one or one under a millisecond means this default (seconds).
+DEFAULT_CALL_TIMEOUT = 60.0
+
+# Close codes for the ways a peer can break the protocol.
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
+
+
+class MessageType(enum.IntEnum):
+    """The integer in ``meta.type``."""
+
+    CALL = 1
+    PUB = 2
+    SUB = 3
+    UNSB = 4
+    NACK = 7
+    ACK = 8
+    RES = 9
+    EVNT = 10
+
+
+#: Types a client sends.
+CLIENT_TYPES = frozenset({MessageType.CALL, MessageType.PUB, MessageType.SUB, MessageType.UNSB})
+#: Types a server sends.
+SERVER_TYPES = frozenset({MessageType.NACK, MessageType.ACK, MessageType.RES, MessageType.EVNT})
+
+
+def new_uuid() -> str:
+    """A random UUID as the lowercase 36-character string the protocol uses."""
+    return str(_uuid.uuid4())
+
+
+def effective_timeout(timeout: float) -> float:
+    """The timeout a server applies to a CALL that asked for ``timeout`` seconds."""
+    if timeout < 0.001:
+        return DEFAULT_CALL_TIMEOUT
+    return timeout
+
+
+@dataclass(frozen=True)
+class Call:
+    """CALL: run the function registered at ``uri`` with ``args``.
+
+    ``timeout`` is in seconds; 0 means the server's default (:data:`DEFAULT_CALL_TIMEOUT`).
+    """
+
+    uri: str
+    args: Any = None
+    timeout: float = 0.0
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.CALL
+
+
+@dataclass(frozen=True)
+class Pub:
+    """PUB: publish ``args`` on ``channel``."""
+
+    channel: str
+    args: Any = None
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.PUB
+
+
+@dataclass(frozen=True)
+class Sub:
+    """SUB: subscribe to ``channel``, a redis glob pattern when ``pattern`` is true."""
+
+    channel: str
+    pattern: bool = False
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.SUB
+
+
+@dataclass(frozen=True)
+class Unsb:
+    """UNSB: undo a SUB with the same ``channel`` and ``pattern``."""
+
+    channel: str
+    pattern: bool = False
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.UNSB
+
+
+#: A message a client sends.
+Request = Union[Call, Pub, Sub, Unsb]
+
+
+@dataclass(frozen=True, init=False)
+class Ack:
+    """ACK: the server accepted request ``for_uuid`` of type ``for_type``.
+
+    ``Ack(request)`` answers a request message; ``Ack(for_uuid, for_type, uri=..., channel=...)``
+    gives every field.
+    """
+
+    for_uuid: str
+    for_type: MessageType
+    uri: str = ""
+    channel: str = ""
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.ACK
+
+    def __init__(self, for_uuid: Any, for_type: Optional[MessageType] = None, uri: str = "", channel: str = "",
+                 uuid: Optional[str] = None) -> None:  # fmt: skip
+        if isinstance(for_uuid, _REQUESTS):
+            request = for_uuid
+            for_uuid, for_type = request.uuid, request.type
+            uri, channel = _target(request)
+        if for_type is None:
+            raise TypeError("Ack needs the request, or for_uuid and for_type")
+        _set(self, for_uuid=for_uuid, for_type=MessageType(for_type), uri=uri, channel=channel, uuid=uuid or new_uuid())
+
+    @classmethod
+    def to(cls, request: "Request") -> "Ack":
+        """The ACK that answers ``request`` (the same as ``Ack(request)``)."""
+        return cls(request)
+
+
+@dataclass(frozen=True, init=False)
+class Nack:
+    """NACK: the server refused request ``for_uuid``; ``code`` is HTTP-like.
+
+    ``Nack(request, code, message)`` refuses a request message, e.g.
+    ``conn.send(Nack(msg, 403, "forbidden"))``; ``Nack(for_uuid, for_type, code, message,
+    uri=..., channel=...)`` gives every field.
+    """
+
+    for_uuid: str
+    for_type: MessageType
+    code: int
+    message: str
+    uri: str = ""
+    channel: str = ""
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.NACK
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args and isinstance(args[0], _REQUESTS):
+            request, rest = args[0], list(args[1:])
+            code = rest.pop(0) if rest else kwargs.pop("code")
+            message = rest.pop(0) if rest else kwargs.pop("message", "")
+            if rest:
+                raise TypeError("Nack(request, code, message) takes no more positional arguments")
+            uri, channel = _target(request)
+            fields = dict(for_uuid=request.uuid, for_type=request.type, code=code, message=message, uri=uri,
+                          channel=channel, uuid=kwargs.pop("uuid", None))  # fmt: skip
+            if kwargs:
+                raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        else:
+            names = ("for_uuid", "for_type", "code", "message", "uri", "channel", "uuid")
+            if len(args) > len(names):
+                raise TypeError("too many arguments for Nack")
+            fields = dict(zip(names, args))
+            for k, v in kwargs.items():
+                if k not in names or k in fields:
+                    raise TypeError(f"unexpected or repeated argument {k!r}")
+                fields[k] = v
+            missing = [n for n in names[:4] if n not in fields]
+            if missing:
+                raise TypeError(f"Nack needs the request, or {', '.join(missing)}")
+        _set(
+            self,
+            for_uuid=fields["for_uuid"],
+            for_type=MessageType(fields["for_type"]),
+            code=fields["code"],
+            message=fields["message"],
+            uri=fields.get("uri") or "",
+            channel=fields.get("channel") or "",
+            uuid=fields.get("uuid") or new_uuid(),
+        )
+
+    @classmethod
+    def to(cls, request: "Request", code: int, message: str) -> "Nack":
+        """The NACK that refuses ``request`` (the same as ``Nack(request, code, message)``)."""
+        return cls(request, code, message)
+
+
+def _set(obj: Any, **values: Any) -> None:
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+@dataclass(frozen=True)
+class Res:
+    """RES: the result ``args`` of CALL ``for_uuid``."""
+
+    for_uuid: str
+    uri: str = ""
+    args: Any = None
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.RES
+
+
+@dataclass(frozen=True)
+class Evnt:
+    """EVNT: ``args`` published by PUB ``for_uuid`` on ``channel``.
+
+    ``pattern`` is the subscription pattern it matched, or ``""`` for a plain subscription.
+    """
+
+    for_uuid: str
+    channel: str
+    args: Any = None
+    pattern: str = ""
+    uuid: str = field(default_factory=new_uuid)
+    type = MessageType.EVNT
+
+
+Message = Union[Call, Pub, Sub, Unsb, Ack, Nack, Res, Evnt]
+
+
+_REQUESTS = (Call, Pub, Sub, Unsb)
+
+
+def _target(request: Request) -> tuple[str, str]:
+    """The (uri, channel) an ACK or NACK of ``request`` carries."""
+    if isinstance(request, Call):
+        return request.uri, ""
+    return "", request.channel
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _seconds_to_ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
+def _payload(msg: Message) -> dict[str, Any]:
+    if isinstance(msg, Call):
+        return {"uri": msg.uri, "timeout": _seconds_to_ns(msg.timeout), "args": msg.args}
+    if isinstance(msg, Pub):
+        return {"channel": msg.channel, "args": msg.args}
+    if isinstance(msg, (Sub, Unsb)):
+        return {"channel": msg.channel, "pattern": msg.pattern}
+    if isinstance(msg, (Ack, Nack)):
+        p: dict[str, Any] = {"for": msg.for_uuid, "for_type": int(msg.for_type)}
+        if msg.uri:
+            p["uri"] = msg.uri
+        if msg.channel:
+            p["channel"] = msg.channel
+        if isinstance(msg, Nack):
+            p["code"] = msg.code
+            p["message"] = msg.message
+        return p
+    if isinstance(msg, Res):
+        p = {"for": msg.for_uuid}
+        if msg.uri:
+            p["uri"] = msg.uri
+        p["args"] = msg.args
+        return p
+    if isinstance(msg, Evnt):
+        p = {"for": msg.for_uuid, "channel": msg.channel}
+        if msg.pattern:
+            p["pattern"] = msg.pattern
+        p["args"] = msg.args
+        return p
+    raise TypeError(f"not a juggler message: {msg!r}")
+
+
+def encode(msg: Message) -> str:
+    """The JSON text of ``msg``.
+
+    Raises :class:`ValueError` (or :class:`TypeError`) when ``args`` is not JSON-serializable.
+    """
+    return _dumps({"meta": {"type": int(msg.type), "uuid": msg.uuid}, "payload": _payload(msg)})
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+def _invalid(reason: str) -> ProtocolError:
+    return ProtocolError(reason, CLOSE_INVALID_DATA)
+
+
+def _get(payload: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = payload.get(name, default)
+    if value is None and default is not None:
+        # JSON null where a value is expected: treat as absent, as Go's decoder does.
+        return default
+    if value is default:
+        return value
+    if isinstance(value, bool) and kind is not bool:
+        raise _invalid(f"payload field {name!r} must be {_kind_name(kind)}")
+    if not isinstance(value, kind):
+        raise _invalid(f"payload field {name!r} must be {_kind_name(kind)}")
+    return value
+
+
+def _require(payload: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in payload or payload[name] is None:
+        raise _invalid(f"payload field {name!r} is missing")
+    return _get(payload, name, kind, None)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return {str: "a string", bool: "a boolean", int: "an integer"}.get(kind, "valid")  # type: ignore[arg-type]
+
+
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+
+def _uuid_field(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"{what} must be a UUID string")
+    if not _UUID_RE.match(value):
+        raise _invalid(f"{what} is not a 36-character UUID: {value[:40]!r}")
+    return value
+
+
+_REQUEST_VALUES = frozenset(int(t) for t in CLIENT_TYPES)
+_INT64 = 1 << 63
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: valid JSON, but no float (nor Go float64) holds it
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _for_type(value: Any) -> MessageType:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid("payload field 'for_type' must be an integer")
+    if value not in _REQUEST_VALUES:
+        raise _invalid(f"payload field 'for_type' is not a request type: {value}")
+    return MessageType(value)
+
+
+def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) -> Message:
+    """Parse one juggler message.
+
+    Raises :class:`~juggler.exceptions.ProtocolError` with close code 1007 when the text is not
+    a well-formed message (including JSON that Go would refuse: ``NaN``, lone surrogates, a
+    timeout outside int64), and 1002 when ``meta.type`` is not a juggler message type or, given
+    ``types``, not one of those (checked before the payload).
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _invalid("message is not valid UTF-8") from None
+    try:
+        obj = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+    except ValueError as exc:
+        raise _invalid(f"message is not valid JSON: {getattr(exc, 'msg', exc)}") from None
+    except RecursionError:
+        raise _invalid("message is nested too deeply") from None
+    if "\\ud" in data or "\\uD" in data:
+        # An escaped surrogate: valid only as part of a pair. A lone one decodes to a string
+        # that cannot be encoded again (Go would replace it); refuse the message.
+        try:
+            _dumps(obj).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid("message contains a lone UTF-16 surrogate") from None
+    if not isinstance(obj, dict):
+        raise _invalid("message is not a JSON object")
+    meta = obj.get("meta")
+    if not isinstance(meta, dict):
+        raise _invalid("message has no 'meta' object")
+    raw_type = meta.get("type")
+    if isinstance(raw_type, bool) or not isinstance(raw_type, int):
+        raise _invalid("meta.type must be an integer")
+    try:
+        mtype = MessageType(raw_type)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {raw_type}", CLOSE_PROTOCOL_ERROR) from None
+    if types is not None and mtype not in types:
+        side = "server" if mtype in SERVER_TYPES else "client"
+        raise ProtocolError(f"{mtype.name} is a {side} message", CLOSE_PROTOCOL_ERROR)
+    muuid = _uuid_field(meta.get("uuid"), "meta.uuid")
+    payload = obj.get("payload", {})
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise _invalid("message 'payload' must be a JSON object")
+
+    if mtype is MessageType.CALL:
+        timeout_ns = _get(payload, "timeout", int, 0)
+        if not -_INT64 <= timeout_ns < _INT64:
+            raise _invalid("payload field 'timeout' is outside the int64 range of nanoseconds")
+        return Call(
+            uri=_get(payload, "uri", str, ""),
+            args=payload.get("args"),
+            timeout=max(timeout_ns, 0) / 1e9,
+            uuid=muuid,
+        )
+    if mtype is MessageType.PUB:
+        return Pub(channel=_get(payload, "channel", str, ""), args=payload.get("args"), uuid=muuid)
+    if mtype in (MessageType.SUB, MessageType.UNSB):
+        cls = Sub if mtype is MessageType.SUB else Unsb
+        return cls(
+            channel=_get(payload, "channel", str, ""),
+            pattern=_get(payload, "pattern", bool, False),
+            uuid=muuid,
+        )
+    for_uuid = _uuid_field(payload.get("for"), "payload field 'for'")
+    if mtype in (MessageType.ACK, MessageType.NACK):
+        common = dict(
+            for_uuid=for_uuid,
+            for_type=_for_type(payload.get("for_type")),
+            uri=_get(payload, "uri", str, ""),
+            channel=_get(payload, "channel", str, ""),
+            uuid=muuid,
+        )
+        if mtype is MessageType.ACK:
+            return Ack(**common)
+        return Nack(code=_require(payload, "code", int), message=_get(payload, "message", str, ""), **common)
+    if mtype is MessageType.RES:
+        return Res(for_uuid=for_uuid, uri=_get(payload, "uri", str, ""), args=payload.get("args"), uuid=muuid)
+    # EVNT
+    return Evnt(
+        for_uuid=for_uuid,
+        channel=_get(payload, "channel", str, ""),
+        args=payload.get("args"),
+        pattern=_get(payload, "pattern", str, ""),
+        uuid=muuid,
+    )
+
+
+# --- redis payloads ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallPayload:
+    """A call as it waits in ``juggler:calls:{URI}``."""
+
+    conn_uuid: str
+    msg_uuid: str
+    uri: str
+    args: Any = None
+
+    def to_json(self) -> str:
+        return _dumps(_redis_payload(self))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> "CallPayload":
+        return cls(**_parse_redis_payload(data, "call"))
+
+
+@dataclass(frozen=True)
+class ResultPayload:
+    """A result as it waits in ``juggler:results:{CONNUUID}``."""
+
+    conn_uuid: str
+    msg_uuid: str
+    uri: str
+    args: Any = None
+
+    def to_json(self) -> str:
+        return _dumps(_redis_payload(self))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> "ResultPayload":
+        return cls(**_parse_redis_payload(data, "result"))
+
+
+def _redis_payload(p: CallPayload | ResultPayload) -> dict[str, Any]:
+    d: dict[str, Any] = {"conn_uuid": p.conn_uuid, "msg_uuid": p.msg_uuid, "uri": p.uri}
+    if p.args is not None:
+        d["args"] = p.args
+    return d
+
+
+def _parse_redis_payload(data: str | bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"{what} payload is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} payload is not a JSON object")
+    out = {}
+    for name in ("conn_uuid", "msg_uuid", "uri"):
+        value = obj.get(name, "")
+        if not isinstance(value, str):
+            raise ValueError(f"{what} payload field {name!r} must be a string")
+        out[name] = value
+    out["args"] = obj.get("args")
+    return out
+
+
+@dataclass(frozen=True)
+class EventPayload:
+    """What a PUB publishes on its redis channel."""
+
+    msg_uuid: str
+    args: Any = None
+
+    def to_json(self) -> str:
+        return _dumps({"msg_uuid": self.msg_uuid, "args": self.args})
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> "EventPayload":
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            raise ValueError(f"event payload is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("msg_uuid", ""), str):
+            raise ValueError("event payload is not an object with a string 'msg_uuid'")
+        return cls(msg_uuid=obj.get("msg_uuid", ""), args=obj.get("args"))
+
+
+def error_result(message: str) -> dict[str, Any]:
+    """The result a callee returns for an error: ``{"error": {"message": message}}``."""
+    return {"error": {"message": message}}
+
+
+def result_error_message(result: Any) -> str | None:
+    """The message of an error result, or ``None`` when ``result`` is not one."""
+    if isinstance(result, dict) and len(result) == 1 and isinstance(result.get("error"), dict):
+        message = result["error"].get("message")
+        if isinstance(message, str):
+            return message
+    return None

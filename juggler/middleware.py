@@ -1,0 +1,95 @@
+"""Handlers and middleware: what a server does with each message.
+
+Every message a connection reads (CALL, PUB, SUB, UNSB) and every message sent to it (ACK,
+NACK, RES, EVNT) goes through the server's *handler*, a function ``handler(conn, msg)``. The
+standard handler is :func:`juggler.process_msg`: it runs a request against the broker and
+answers it, and writes an outgoing message. A handler may instead answer a request itself::
+
+    def deny_pub(next_handler):
+        def handle(conn, msg):
+            if isinstance(msg, juggler.Pub):
+                conn.send(juggler.Nack(msg, 403, "publishing is not allowed"))
+            else:
+                next_handler(conn, msg)
+        return handle
+
+    server = Server(broker, handler=chain(recover(), log_messages(), deny_pub))
+
+A *middleware* is a function that takes the next handler and returns a handler;
+:func:`chain` composes them in order, ending with :func:`~juggler.process_msg`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable, Optional
+
+from .message import CLIENT_TYPES, Message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .conn import Conn
+
+__all__ = ["Handler", "Middleware", "chain", "log_messages", "recover"]
+
+Handler = Callable[["Conn", Message], None]
+Middleware = Callable[[Handler], Handler]
+
+
+def chain(*middlewares: Middleware, handler: Optional[Handler] = None) -> Handler:
+    """One handler: ``middlewares[0]`` sees a message first, then the next, then ``handler``
+    (default :func:`juggler.process_msg`)."""
+    if handler is None:
+        from .conn import process_msg
+
+        handler = process_msg
+    for middleware in reversed(middlewares):
+        handler = middleware(handler)
+    return handler
+
+
+def _describe(msg: Message) -> str:
+    target = getattr(msg, "uri", "") or getattr(msg, "channel", "")
+    if hasattr(msg, "for_uuid"):
+        extra = f" for {msg.for_uuid}"  # type: ignore[union-attr]
+        if hasattr(msg, "code"):
+            extra += f" {msg.code} {msg.message}"  # type: ignore[union-attr]
+    else:
+        extra = ""
+    return f"{msg.type.name} {msg.uuid} {target}{extra}".rstrip()
+
+
+def log_messages(logger: Optional[logging.Logger] = None, level: int = logging.INFO) -> Middleware:
+    """Log every message read from and written to a connection (``juggler.messages``)."""
+    log = logger or logging.getLogger("juggler.messages")
+
+    def middleware(next_handler: Handler) -> Handler:
+        def handle(conn: "Conn", msg: Message) -> None:
+            if log.isEnabledFor(level):
+                direction = "<-" if msg.type in CLIENT_TYPES else "->"
+                log.log(level, "conn %s %s %s", conn.uuid, direction, _describe(msg))
+            next_handler(conn, msg)
+
+        return handle
+
+    return middleware
+
+
+def recover(logger: Optional[logging.Logger] = None) -> Middleware:
+    """Turn an exception raised further down the chain into a 1011 close of that connection
+    only, logged once with its traceback (``juggler.server``)."""
+    log = logger or logging.getLogger("juggler.server")
+
+    def middleware(next_handler: Handler) -> Handler:
+        def handle(conn: "Conn", msg: Message) -> None:
+            try:
+                next_handler(conn, msg)
+            except Exception as exc:
+                if isinstance(exc, RecursionError) and msg.type in CLIENT_TYPES:
+                    raise  # a too-deeply nested request: the connection closes it with 1007
+                if not conn.closed:  # logged before the close, so it is there when the peer sees it
+                    log.exception("conn %s: handler failed on %s; closing the connection", conn.uuid, _describe(msg))
+                conn.close(1011, "internal server error")
+
+        return handle
+
+    return middleware

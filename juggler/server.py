@@ -1,0 +1,646 @@
+"""The juggler server: websocket connections in, redis out.
+
+Built on ``websocket-server``'s TCP server and request handler, extended where juggler needs
+more than it has (see :mod:`juggler.wsframes`): the handshake checks the path and negotiates
+the ``juggler.0`` subprotocol, frames are read with fragmentation and a read limit, written with
+``sendall``, and connections are closed with proper close codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import fnmatch
+import json
+import logging
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Optional, Sequence
+
+from .broker import Broker
+from .conn import Conn, process_msg
+from .exceptions import ProtocolError, RefuseConnection
+from .message import Ack, MessageType, Nack, Res, encode, error_result
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .middleware import Handler
+from .wsframes import HandshakeRequest, SocketReader, Stopped, accept_key, http_response, valid_key
+
+
+def _import_websocket_server() -> Any:
+    # websocket_server calls logging.basicConfig() when imported; a library must not install
+    # handlers on its users' root logger, so undo that if it was this import that did it.
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import websocket_server
+
+    if not before:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+    return websocket_server
+
+
+websocket_server = _import_websocket_server()
+
+__all__ = ["Server", "ConnState", "SUBPROTOCOL", "ALLOWED_MESSAGES_HEADER", "parse_allowed_messages", "process_msg"]
+
+SUBPROTOCOL = "juggler.0"
+ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
+
+_REQUEST_TYPES = {
+    "call": MessageType.CALL,
+    "pub": MessageType.PUB,
+    "sub": MessageType.SUB,
+    "unsb": MessageType.UNSB,
+}
+ALL_REQUESTS = frozenset(_REQUEST_TYPES.values())
+
+
+def parse_allowed_messages(value: Optional[str]) -> frozenset[MessageType]:
+    """The request types a ``Juggler-Allowed-Messages`` header value allows.
+
+    Empty, missing or ``*`` allows all; otherwise a comma-separated list of ``call``, ``sub``,
+    ``unsb``, ``pub``, case-insensitive. Raises :class:`ValueError` naming an unknown entry.
+    """
+    if value is None:
+        return ALL_REQUESTS
+    tokens = [t.strip().lower() for t in value.split(",")]
+    tokens = [t for t in tokens if t]
+    if not tokens or tokens == ["*"]:
+        return ALL_REQUESTS
+    allowed = set()
+    for t in tokens:
+        if t not in _REQUEST_TYPES:
+            raise ValueError(f"unknown message type {t!r} in {ALLOWED_MESSAGES_HEADER}")
+        allowed.add(_REQUEST_TYPES[t])
+    return frozenset(allowed)
+
+
+class Stats:
+    """Thread-safe counters of a server (see :attr:`Server.stats`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def incr(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class ConnState(enum.Enum):
+    """What :class:`Server`'s ``on_state`` hook is told about a connection."""
+
+    #: The handshake is valid; the hook may still refuse it by raising
+    #: :class:`~juggler.exceptions.RefuseConnection`.
+    ACCEPTING = "accepting"
+    #: The websocket is open and its threads run.
+    CONNECTED = "connected"
+    #: The connection is over (``conn.close_code``, ``conn.close_reason`` say why) and every
+    #: thread and redis connection of it is released.
+    CLOSED = "closed"
+
+
+StateHook = Callable[[Conn, ConnState], None]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str, text: str, headers: Optional[dict[str, str]] = None):
+        super().__init__(text)
+        self.status, self.reason, self.text, self.headers = status, reason, text, headers or {}
+
+
+class _Handler(websocket_server.WebSocketHandler):
+    """One TCP connection: TLS and the HTTP request, then :meth:`Conn.run` on this thread."""
+
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        # No rfile/wfile: reads go through SocketReader, writes through sendall.
+        self.connection = self.request
+        self.keep_alive = False
+
+    def finish(self) -> None:  # the base class would call server._client_left_
+        pass
+
+    def handle(self) -> None:
+        jserver: Server = self.server.juggler
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if jserver.ssl_context is not None:
+            sock.settimeout(jserver.handshake_timeout)
+            try:
+                sock = jserver.ssl_context.wrap_socket(sock, server_side=True)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                jserver.logger.info("TLS handshake with %s failed: %s", self.client_address, exc)
+                return
+        try:
+            self._serve(jserver, sock)
+        finally:
+            if sock is not self.request:  # the TLS socket took over the descriptor
+                sock.close()
+
+    def _serve(self, jserver: "Server", sock: socket.socket) -> None:
+        sock.settimeout(jserver.write_timeout)  # bounds sendall; reads poll instead
+        deadline = time.monotonic() + jserver.handshake_timeout
+        reader = SocketReader(sock, lambda: time.monotonic() < deadline and not jserver._stopping, jserver.poll_interval)
+        try:
+            request = HandshakeRequest.parse(reader.read_until(b"\r\n\r\n", 16384))
+            if jserver._serve_http(sock, request):
+                return
+            allowed, protocol = jserver._check_handshake(request)
+        except Stopped:
+            return
+        except ProtocolError as exc:
+            self._refuse(sock, _Refused(400, "Bad Request", f"bad handshake: {exc.reason}"))
+            return
+        except _Refused as exc:
+            self._refuse(sock, exc)
+            return
+        try:
+            conn = self._open(jserver, sock, request, reader, allowed, protocol)
+        except BaseException:
+            jserver._release_slot()
+            raise
+        if conn is None:
+            jserver._release_slot()  # refused or failed before it opened
+            return
+        conn.run()  # its teardown gives the slot back (Server._conn_closed)
+
+    def _open(self, jserver: "Server", sock: socket.socket, request: HandshakeRequest, reader: SocketReader,
+              allowed: frozenset[MessageType], protocol: Optional[str]) -> Optional[Conn]:  # fmt: skip
+        """Finish the handshake: the open connection, or ``None`` (refused, or the client went
+        away) with its redis resources released."""
+        conn = Conn(jserver, sock, self.client_address, request, allowed, reader)
+        if self._accept(jserver, sock, conn, request, protocol) and jserver._conn_opened(conn):
+            reader.keep_going = lambda: conn.keep_reading() and not jserver._hard_stop
+            return conn
+        conn.release()
+        return None
+
+    def _accept(self, jserver: "Server", sock: socket.socket, conn: Conn, request: HandshakeRequest,
+                protocol: Optional[str]) -> bool:  # fmt: skip
+        """The ACCEPTING hook, then the 101 response; whether both went through."""
+        try:
+            jserver._notify(conn, ConnState.ACCEPTING)
+        except RefuseConnection as exc:
+            self._refuse(sock, _Refused(exc.status, exc.status_text, exc.reason))
+            return False
+        except Exception:
+            jserver.logger.exception("on_state hook failed accepting %s", self.client_address)
+            self._refuse(sock, _Refused(500, "Internal Server Error", "internal server error"))
+            return False
+        headers = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Accept": accept_key(request.headers["sec-websocket-key"]),
+        }
+        if protocol:
+            headers["Sec-WebSocket-Protocol"] = protocol
+        try:
+            sock.sendall(http_response(101, "Switching Protocols", headers))
+        except OSError:
+            return False
+        return True
+
+    def _refuse(self, sock: socket.socket, exc: _Refused) -> None:
+        jserver: Server = self.server.juggler
+        jserver.stats.incr(f"refused_{exc.status}")
+        jserver.logger.info("refused handshake from %s: %d %s", self.client_address, exc.status, exc.text)
+        try:
+            sock.sendall(http_response(exc.status, exc.reason, exc.headers, exc.text + "\n"))
+        except OSError:
+            pass
+
+
+class _TCPServer(websocket_server.WebsocketServer):
+    """websocket-server's server, with our handler and threads that are named and joined."""
+
+    daemon_threads = False
+    block_on_close = False  # we join connection threads ourselves, see Server.shutdown
+    allow_reuse_address = True
+    request_queue_size = socket.SOMAXCONN  # socketserver's 5 makes bursts of connects wait
+
+    def __init__(self, juggler: "Server", host: str, port: int) -> None:
+        # Not WebsocketServer.__init__: it would set its logger's level and use its handler.
+        socketserver.TCPServer.__init__(self, (host, port), _Handler)
+        self.juggler = juggler
+        self.host = host
+        self.port = self.socket.getsockname()[1]
+        self.key = self.cert = None  # TLS is ours (Server.ssl_context), not the base class'
+        self.clients: list[Any] = []
+        self._deny_clients = False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.juggler._spawn_conn_thread(self, request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.juggler.logger.exception("unexpected error serving %s", client_address)
+
+
+class Server:
+    """A juggler server.
+
+    :param broker: the broker for RPC (calls and results).
+    :param pubsub_broker: the broker for pub-sub; ``None`` means ``broker``.
+    :param host: address to listen on.
+    :param port: port to listen on; 0 picks a free one (see :attr:`url`).
+    :param path: the websocket path; other paths get HTTP 404 (but ``/healthz`` and
+        ``/metrics``, see ``http_endpoints``).
+    :param handler: what to do with each message read or sent (see :mod:`juggler.middleware`);
+        ``None`` means :func:`~juggler.process_msg`.
+    :param on_state: ``on_state(conn, state)`` is called with each :class:`ConnState` of each
+        connection; raising :class:`~juggler.exceptions.RefuseConnection` at ACCEPTING refuses
+        the handshake.
+    :param allow_empty_subprotocol: accept handshakes that offer no subprotocol at all (the
+        ones that offer others but not ``juggler.0`` are still refused).
+    :param allowed_origins: if given, a handshake whose ``Origin`` header matches none of these
+        (``fnmatch`` patterns such as ``https://*.example.com``) gets HTTP 403. Requests without
+        ``Origin`` (not from a browser) are not affected.
+    :param certfile, keyfile: serve TLS (``wss://``) with this certificate chain and key; or
+        pass an ``ssl_context``.
+    :param max_connections: open websockets at most; a handshake over it gets HTTP 503 (0: no
+        limit).
+    :param read_limit: largest message (after reassembly) in bytes; over it: close 1009.
+    :param write_limit: largest message written, in bytes: a RES over it is replaced by an
+        error result (so its call still ends), an ACK or NACK is sent without its ``uri`` or
+        ``channel``, an EVNT over it is dropped.
+    :param write_queue_size: messages queued per connection before ``send`` blocks.
+    :param write_timeout: seconds ``send`` waits on a full queue, and a socket write may take,
+        before the client is deemed too slow and disconnected (1008).
+    :param handshake_timeout: seconds a client has to complete TLS and the HTTP handshake.
+    :param ping_interval: ping a connection after this many seconds without a frame from it
+        (0: never).
+    :param idle_timeout: close a connection (1001) after this many seconds without any frame
+        from it, pongs included (0: never). With pings on, this closes the unresponsive ones.
+    :param close_timeout: seconds to wait for the peer's close frame, or for the writer to
+        flush, once closing starts.
+    :param redis_poll: seconds a blocking redis read (BRPOP, pub-sub) waits before it checks
+        whether its connection is closing; it bounds how long a close takes.
+    :param max_call_timeout: the longest timeout (seconds) a CALL may ask for; over it: NACK
+        400. It bounds how long a call to a URI nobody serves stays in redis.
+    :param slow_threshold: a request whose processing takes longer than this (seconds) is
+        counted as slow (``juggler_slow_messages_total``) and logged at DEBUG.
+    :param http_endpoints: serve ``GET /healthz`` and ``GET /metrics`` on the same port.
+    :param logger: defaults to ``logging.getLogger("juggler.server")``.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        pubsub_broker: Optional[Broker] = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "/ws",
+        handler: Optional[Handler] = None,
+        on_state: Optional[StateHook] = None,
+        allow_empty_subprotocol: bool = False,
+        allowed_origins: Optional[Sequence[str]] = None,
+        certfile: Optional[str] = None,
+        keyfile: Optional[str] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        max_connections: int = 1000,
+        read_limit: int = 1 << 20,
+        write_limit: int = 1 << 20,
+        write_queue_size: int = 256,
+        write_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
+        ping_interval: float = 30.0,
+        idle_timeout: float = 60.0,
+        close_timeout: float = 2.0,
+        redis_poll: float = 1.0,
+        max_call_timeout: float = 600.0,
+        slow_threshold: float = 0.1,
+        http_endpoints: bool = True,
+        logger: Optional[logging.Logger] = None,
+    ) -> None:
+        for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
+            if count <= 0:
+                raise ValueError(f"{name} must be positive, got {count!r}")
+        if max_connections < 0:
+            raise ValueError(f"max_connections must be >= 0 (0: no limit), got {max_connections!r}")
+        for name, value in (
+            ("write_timeout", write_timeout),
+            ("handshake_timeout", handshake_timeout),
+            ("close_timeout", close_timeout),
+            ("redis_poll", redis_poll),
+            ("max_call_timeout", max_call_timeout),
+            ("slow_threshold", slow_threshold),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name, value in (("ping_interval", ping_interval), ("idle_timeout", idle_timeout)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0 seconds (0: off), got {value!r}")
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        if (certfile is None) != (keyfile is None) and ssl_context is None:
+            raise ValueError("certfile and keyfile go together")
+        if certfile is not None and ssl_context is None:
+            ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ssl_context.load_cert_chain(certfile, keyfile)
+        self.broker = broker
+        self.pubsub_broker = pubsub_broker if pubsub_broker is not None else broker
+        self.path = path
+        self.handler: Handler = handler or process_msg
+        self.on_state = on_state
+        self.allow_empty_subprotocol = allow_empty_subprotocol
+        self.allowed_origins = [o.lower() for o in allowed_origins] if allowed_origins is not None else None
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
+        self.read_limit = read_limit
+        self.write_limit = write_limit
+        self.write_queue_size = write_queue_size
+        self.write_timeout = write_timeout
+        self.handshake_timeout = handshake_timeout
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self.close_timeout = close_timeout
+        self.redis_poll = redis_poll
+        self.max_call_timeout = max_call_timeout
+        self.slow_threshold = slow_threshold
+        self.http_endpoints = http_endpoints
+        self.poll_interval = 0.25
+        self.logger = logger or logging.getLogger("juggler.server")
+        self.stats = Stats()
+
+        self._lock = threading.Lock()
+        self._conns: dict[str, Conn] = {}
+        self._conn_threads: set[threading.Thread] = set()
+        # Handshakes past their checks plus open connections: what max_connections bounds.
+        self._slots = 0
+        self._accept_thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._hard_stop = False
+        self._shutdown_done = threading.Event()
+        self._tcp = _TCPServer(self, host, port)
+        self.host, self.port = self._tcp.server_address[:2]
+        self.metrics = ServerMetrics(self)  # last: registering it collects once
+
+    def __repr__(self) -> str:
+        return f"<juggler.Server {self.url}>"
+
+    @property
+    def url(self) -> str:
+        """The websocket URL clients connect to, e.g. ``ws://127.0.0.1:PORT/ws``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://{host}:{self.port}{self.path}"
+
+    @property
+    def connections(self) -> list[Conn]:
+        """The open connections (a snapshot)."""
+        with self._lock:
+            return list(self._conns.values())
+
+    def connection_thread_count(self) -> int:
+        """Threads serving connections: one per TCP connection, plus each open connection's
+        writer, results and pub-sub threads."""
+        with self._lock:
+            return len(self._conn_threads) + sum(c.helper_thread_count() for c in self._conns.values())
+
+    # -- lifecycle --
+
+    def start(self) -> "Server":
+        """Serve in a background thread (``juggler-server-accept``); returns at once."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("server was shut down")
+            if self._accept_thread is not None:
+                return self
+            self._accept_thread = threading.Thread(
+                target=self._tcp.serve_forever, kwargs={"poll_interval": 0.1}, name="juggler-server-accept"
+            )
+            self._accept_thread.start()
+        self.logger.info("juggler server listening on %s", self.url)
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` is called from another thread (or a signal handler)."""
+        self.start()
+        try:
+            self._shutdown_done.wait()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every connection with 1001 and join every thread. Idempotent."""
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+            accept = self._accept_thread
+        if not first:
+            self._shutdown_done.wait()
+            return
+        try:
+            if accept is not None:
+                self._tcp.shutdown()
+            self._tcp.server_close()
+            for conn in self.connections:
+                conn.close(1001, "server shutting down")
+            with self._lock:
+                threads = list(self._conn_threads)
+            for t in threads:
+                t.join(self.close_timeout + self.redis_poll + 1.0)
+            if any(t.is_alive() for t in threads):
+                self._hard_stop = True  # stop waiting for close frames from unresponsive peers
+                for t in threads:
+                    t.join()
+            if accept is not None:
+                accept.join()
+        finally:
+            self._shutdown_done.set()
+        self.logger.info("juggler server on %s stopped", self.url)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # -- connection bookkeeping --
+
+    def _spawn_conn_thread(self, tcp: _TCPServer, request: Any, client_address: Any) -> None:
+        def run() -> None:
+            try:
+                tcp.process_request_thread(request, client_address)
+            finally:
+                with self._lock:
+                    self._conn_threads.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, name=f"juggler-conn-{client_address[0]}:{client_address[1]}")
+        with self._lock:
+            if self._stopping:
+                tcp.shutdown_request(request)
+                return
+            # Handshakes in progress are capped too, so a flood of idle TCP connections cannot
+            # spawn threads without bound. They are refused here, on the accept thread, at once.
+            if self.max_connections and len(self._conn_threads) >= self.max_connections + _HANDSHAKE_HEADROOM:
+                overloaded = True
+            else:
+                overloaded = False
+                self._conn_threads.add(t)
+        if overloaded:
+            self._refuse_overloaded(tcp, request)
+            return
+        try:
+            t.start()
+        except RuntimeError as exc:  # e.g. "can't start new thread": out of threads
+            with self._lock:
+                self._conn_threads.discard(t)
+            self.logger.error("cannot start a thread for %s: %s", client_address, exc)
+            self._refuse_overloaded(tcp, request)
+
+    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket) -> None:
+        if self.ssl_context is not None:
+            # No TLS handshake on the accept thread: a plain-text 503 would only read as
+            # garbage to a TLS client. It gets the connection closed instead.
+            self.stats.incr("refused_closed")
+        else:
+            self.stats.incr("refused_503")
+            try:
+                request.settimeout(0)  # never block the accept thread on a client
+                request.send(http_response(503, "Service Unavailable", {}, "server at its connection limit\n"))
+            except OSError:
+                pass
+        tcp.shutdown_request(request)
+
+    def _conn_opened(self, conn: Conn) -> bool:
+        with self._lock:
+            if self._stopping:
+                return False
+            self._conns[conn.uuid] = conn
+        threading.current_thread().name = f"juggler-conn-{conn.id}-reader"
+        self.stats.incr("connections_total")
+        self.logger.debug("connection %s opened from %s", conn.uuid, conn.remote_addr)
+        self._notify(conn, ConnState.CONNECTED)
+        return True
+
+    def _conn_closed(self, conn: Conn) -> None:
+        with self._lock:
+            self._conns.pop(conn.uuid, None)
+            self._slots -= 1  # before CLOSED is announced: a hook may count on the free slot
+        self.stats.incr(f"close_{conn.close_code}")
+        self.logger.debug("connection %s closed: %s %s", conn.uuid, conn.close_code, conn.close_reason)
+        self._notify(conn, ConnState.CLOSED)
+
+    def _notify(self, conn: Conn, state: ConnState) -> None:
+        if self.on_state is None:
+            return
+        if state is ConnState.ACCEPTING:
+            self.on_state(conn, state)  # its exceptions refuse the handshake: the caller handles them
+            return
+        try:
+            self.on_state(conn, state)
+        except Exception:
+            self.logger.exception("on_state hook failed for connection %s (%s)", conn.uuid, state.value)
+
+    def _check_handshake(self, req: HandshakeRequest) -> tuple[frozenset[MessageType], Optional[str]]:
+        if req.method != "GET":
+            raise _Refused(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
+        if req.path.split("?", 1)[0] != self.path:
+            raise _Refused(404, "Not Found", f"no websocket endpoint at {req.path}")
+        if "websocket" not in [t.lower() for t in req.tokens("upgrade")]:
+            raise _Refused(426, "Upgrade Required", "this is a websocket endpoint", {"Upgrade": "websocket"})
+        if "upgrade" not in [t.lower() for t in req.tokens("connection")]:
+            raise _Refused(400, "Bad Request", "Connection header must include Upgrade")
+        if req.headers.get("sec-websocket-version") != "13":
+            raise _Refused(426, "Upgrade Required", "unsupported websocket version", {"Sec-WebSocket-Version": "13"})
+        if not valid_key(req.headers.get("sec-websocket-key", "")):
+            raise _Refused(400, "Bad Request", "missing or invalid Sec-WebSocket-Key")
+        origin = req.headers.get("origin")
+        if self.allowed_origins is not None and origin is not None:
+            if not any(fnmatch.fnmatchcase(origin.lower(), pattern) for pattern in self.allowed_origins):
+                raise _Refused(403, "Forbidden", f"origin {origin} is not allowed")
+        offered = req.tokens("sec-websocket-protocol")
+        if SUBPROTOCOL in offered:
+            protocol: Optional[str] = SUBPROTOCOL
+        elif not offered and self.allow_empty_subprotocol:
+            protocol = None
+        else:
+            raise _Refused(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
+        try:
+            allowed = parse_allowed_messages(req.headers.get(ALLOWED_MESSAGES_HEADER.lower()))
+        except ValueError as exc:
+            raise _Refused(400, "Bad Request", str(exc)) from None
+        with self._lock:
+            # Take the slot now, so handshakes in flight (a slow on_state hook) cannot together
+            # exceed max_connections. A handshake that does not open gives it back
+            # (_release_slot); an open connection gives it back when it closes.
+            if self.max_connections and self._slots >= self.max_connections:
+                raise _Refused(503, "Service Unavailable", "server at its connection limit")
+            self._slots += 1
+        return allowed, protocol
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._slots -= 1
+
+    # -- plain HTTP: health and metrics --
+
+    def _serve_http(self, sock: socket.socket, req: HandshakeRequest) -> bool:
+        """Answer ``GET /healthz`` and ``GET /metrics`` (not websocket upgrades); whether it did."""
+        path = req.path.split("?", 1)[0]
+        if not self.http_endpoints or req.method not in ("GET", "HEAD") or path not in ("/healthz", "/metrics"):
+            return False
+        if path == "/healthz":
+            status, body, ctype = self._health()
+        else:
+            status, body, ctype = 200, self.metrics.render().decode("utf-8"), CONTENT_TYPE
+        text = {200: "OK", 503: "Service Unavailable"}[status]
+        response = http_response(status, text, {"Content-Type": ctype}, body)
+        if req.method == "HEAD":
+            response = response[: response.index(b"\r\n\r\n") + 4]
+        try:
+            sock.sendall(response)
+        except OSError:
+            pass
+        return True
+
+    def _health(self) -> tuple[int, str, str]:
+        brokers = {"redis": self.broker}
+        if self.pubsub_broker is not self.broker:
+            brokers["pubsub_redis"] = self.pubsub_broker
+        checks = {name: ("ok" if _ping(b) else "unreachable") for name, b in brokers.items()}
+        healthy = all(v == "ok" for v in checks.values())
+        body = {"status": "ok" if healthy else "unavailable", **checks, "connections": len(self.connections)}
+        return (200 if healthy else 503), json.dumps(body) + "\n", "application/json"
+
+    # -- messages --
+
+    def encode(self, conn: Conn, msg: Any) -> Optional[bytes]:
+        """The bytes of a message about to be written to ``conn``; ``None`` to drop it (an
+        EVNT over ``write_limit``)."""
+        data = encode(msg).encode("utf-8")
+        if len(data) > self.write_limit:
+            self.stats.incr("oversized_messages")
+            self.logger.warning("connection %s: %s for %s is %d bytes, over the write limit", conn.uuid,
+                                msg.type.name, getattr(msg, "for_uuid", msg.uuid), len(data))  # fmt: skip
+            if isinstance(msg, Res):  # the call still ends: with an error result
+                msg = Res(msg.for_uuid, "", error_result(f"result larger than the server's write limit of {self.write_limit} bytes"))
+            elif isinstance(msg, (Ack, Nack)):  # every request is answered: without its long uri/channel
+                msg = dataclasses.replace(msg, uri="", channel="")
+            else:  # an EVNT: dropped
+                return None
+            data = encode(msg).encode("utf-8")
+        self.stats.incr(f"write_{msg.type.name}")
+        return data
+
+
+_HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
+
+
+def _ping(broker: Any) -> bool:
+    ping = getattr(broker, "ping", None)
+    try:
+        return bool(ping()) if ping is not None else True
+    except Exception:
+        return False

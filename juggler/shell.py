@@ -1,0 +1,361 @@
+"""``juggler client``: an interactive shell over several connections, or one command.
+
+One-shot exit status (for scripts)::
+
+    0  success (call: the result is printed as JSON on stdout)
+    1  the callee returned an error result (its message on stderr)
+    2  usage error (unknown command, args that are not JSON)
+    3  the server answered NACK
+    4  the call expired
+    5  could not connect, or the connection closed
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional, TextIO
+
+from .client import Client, Subscription
+from .config import parse_duration
+from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, RemoteError
+
+__all__ = ["run_client", "Shell", "EXIT_OK", "EXIT_REMOTE_ERROR", "EXIT_USAGE", "EXIT_NACK", "EXIT_EXPIRED", "EXIT_CONNECTION"]
+
+EXIT_OK = 0
+EXIT_REMOTE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NACK = 3
+EXIT_EXPIRED = 4
+EXIT_CONNECTION = 5
+
+HELP = """\
+commands (prefix one with @N to run it on connection N):
+  connect [URL]          open another connection and make it current
+  use N                  make connection N current
+  call URI [JSON]        call URI with JSON args; the result prints when it arrives
+  pub CHANNEL [JSON]     publish JSON args on CHANNEL
+  sub CHANNEL            subscribe to CHANNEL      psub PATTERN   subscribe to a pattern
+  unsb CHANNEL           undo a sub                punsb PATTERN  undo a psub
+  timeout DURATION       call timeout from now on (e.g. 500ms, 5s; now {timeout})
+  wait                   wait until every call in flight has ended (for scripts)
+  list                   connections, subscriptions and calls in flight
+  close [N]              close connection N (default: the current one)
+  help                   this text
+  exit                   close everything and leave (also Ctrl-D)"""
+
+
+class _Usage(Exception):
+    pass
+
+
+def _json_args(text: str) -> Any:
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _Usage(f"args must be JSON ({exc}); quote strings: '\"hello\"'") from None
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+class Shell:
+    """The interactive shell: reads commands from ``stdin``, prints to ``out`` as things arrive."""
+
+    def __init__(self, url: str, timeout: float, out: TextIO = sys.stdout, allowed: Optional[str] = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.out = out
+        self.allowed = allowed
+        self.conns: dict[int, Client] = {}
+        self.current: Optional[int] = None
+        self._next = 1
+        self._numbers = itertools.count(1)
+        self._calls: set[Any] = set()
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[int, str, float]] = {}
+        self._subs: dict[tuple[int, str, bool], tuple[Subscription, threading.Thread]] = {}
+
+    def say(self, text: str) -> None:
+        with self._lock:
+            print(text, file=self.out, flush=True)
+
+    # -- commands --
+
+    def connect(self, url: Optional[str] = None) -> None:
+        url = url or self.url
+        try:
+            client = Client.connect(url, allowed_messages=self.allowed)
+        except (HandshakeError, OSError) as exc:
+            self.say(f"cannot connect to {url}: {exc}")
+            return
+        n = self._next
+        self._next += 1
+        self.conns[n] = client
+        self.current = n
+        self.say(f"[{n}] connected to {url}")
+
+    def _conn(self, n: Optional[int]) -> tuple[int, Client]:
+        n = self.current if n is None else n
+        if n is None or n not in self.conns:
+            raise _Usage("no such connection (see 'list', or 'connect')")
+        client = self.conns[n]
+        if client.closed:
+            raise _Usage(f"connection {n} is closed ({client.close_code} {client.close_reason})")
+        return n, client
+
+    def call(self, n: Optional[int], rest: str) -> None:
+        parts = rest.split(None, 1)
+        if not parts:
+            raise _Usage("call URI [JSON]")
+        uri, args = parts[0], _json_args(parts[1] if len(parts) > 1 else "")
+        n, client = self._conn(n)
+        start = time.perf_counter()
+        fut = client.call_async(uri, args, timeout=self.timeout)
+        short = next(self._numbers)
+        self.say(f"[{n}] CALL {uri} #{short}")
+
+        def done(f: Any) -> None:
+            ms = (time.perf_counter() - start) * 1000
+            try:
+                self.say(f"[{n}] RES  {uri} #{short} {ms:.1f} ms: {_dumps(f.result())}")
+            except RemoteError as exc:
+                self.say(f"[{n}] ERR  {uri} #{short} {ms:.1f} ms: {exc.message}")
+            except NackError as exc:
+                self.say(f"[{n}] NACK {uri} #{short}: {exc.code} {exc.message}")
+            except CallExpired:
+                self.say(f"[{n}] EXP  {uri} #{short}: expired after {self.timeout:g} s")
+            except ConnectionClosed as exc:
+                self.say(f"[{n}] CLOSED {uri} #{short}: {exc}")
+
+        fut.add_done_callback(done)
+        self._calls.add(fut)
+        fut.add_done_callback(self._calls.discard)
+
+    def pub(self, n: Optional[int], rest: str) -> None:
+        parts = rest.split(None, 1)
+        if not parts:
+            raise _Usage("pub CHANNEL [JSON]")
+        n, client = self._conn(n)
+        client.pub(parts[0], _json_args(parts[1] if len(parts) > 1 else ""))
+        self.say(f"[{n}] PUB {parts[0]}: ACK")
+
+    def sub(self, n: Optional[int], rest: str, pattern: bool) -> None:
+        channel = rest.strip()
+        if not channel:
+            raise _Usage("psub PATTERN" if pattern else "sub CHANNEL")
+        n, client = self._conn(n)
+        sub = client.sub(channel, pattern=pattern)
+        key = (n, channel, pattern)
+        if key in self._subs:
+            self.say(f"[{n}] already subscribed to {channel}")
+            return
+        t = threading.Thread(target=self._print_events, args=(n, sub), name=f"juggler-shell-sub-{n}-{len(self._subs)}")
+        self._subs[key] = (sub, t)
+        t.start()
+        self.say(f"[{n}] {'PSUB' if pattern else 'SUB'} {channel}: ACK")
+
+    def _print_events(self, n: int, sub: Subscription) -> None:
+        try:
+            for ev in sub:
+                via = f" (pattern {ev.pattern})" if ev.pattern else ""
+                self.say(f"[{n}] EVNT {ev.channel}{via}: {_dumps(ev.args)}")
+        except ConnectionClosed:
+            pass
+
+    def unsb(self, n: Optional[int], rest: str, pattern: bool) -> None:
+        channel = rest.strip()
+        if not channel:
+            raise _Usage("punsb PATTERN" if pattern else "unsb CHANNEL")
+        n, client = self._conn(n)
+        client.unsb(channel, pattern=pattern)
+        entry = self._subs.pop((n, channel, pattern), None)
+        if entry is not None:
+            entry[1].join()
+        self.say(f"[{n}] {'PUNSB' if pattern else 'UNSB'} {channel}: ACK")
+
+    def list(self) -> None:
+        if not self.conns:
+            self.say("no connections")
+        for n, c in self.conns.items():
+            mark = "*" if n == self.current else " "
+            state = f"closed ({c.close_code} {c.close_reason})" if c.closed else "open"
+            subs = [("pattern " if p else "") + ch for (m, ch, p) in self._subs if m == n]
+            pending = c.pending_calls
+            self.say(f"{mark}[{n}] {state}; calls in flight: {pending}; subscriptions: {', '.join(subs) or 'none'}")
+
+    def close(self, n: Optional[int]) -> None:
+        n = self.current if n is None else n
+        client = self.conns.get(n) if n is not None else None
+        if client is None:
+            raise _Usage("no such connection")
+        client.close()
+        self._join_subs(n)
+        self.say(f"[{n}] closed")
+
+    def _join_subs(self, n: int) -> None:
+        for key in [k for k in self._subs if k[0] == n]:
+            self._subs.pop(key)[1].join()
+
+    def close_all(self) -> None:
+        for n, client in self.conns.items():
+            client.close()
+            self._join_subs(n)
+
+    # -- the loop --
+
+    def run_line(self, line: str) -> bool:
+        """Run one command line; ``False`` when it asks to exit."""
+        line = line.strip()
+        if not line or line.startswith("#"):
+            return True
+        n: Optional[int] = None
+        if line.startswith("@"):
+            head, _, line = line.partition(" ")
+            try:
+                n = int(head[1:])
+            except ValueError:
+                raise _Usage(f"{head!r}: @ takes a connection number") from None
+        cmd, _, rest = line.partition(" ")
+        cmd = cmd.lower()
+        actions: dict[str, Callable[[], Any]] = {
+            "call": lambda: self.call(n, rest),
+            "pub": lambda: self.pub(n, rest),
+            "sub": lambda: self.sub(n, rest, False),
+            "psub": lambda: self.sub(n, rest, True),
+            "unsb": lambda: self.unsb(n, rest, False),
+            "punsb": lambda: self.unsb(n, rest, True),
+            "connect": lambda: self.connect(rest.strip() or None),
+            "use": lambda: self._use(rest),
+            "list": self.list,
+            "wait": self.wait,
+            "close": lambda: self.close(int(rest) if rest.strip() else n),
+            "timeout": lambda: self._set_timeout(rest),
+            "help": lambda: self.say(HELP.format(timeout=f"{self.timeout:g} s")),
+        }
+        if cmd in ("exit", "quit"):
+            return False
+        if cmd not in actions:
+            raise _Usage(f"unknown command {cmd!r} (try 'help')")
+        actions[cmd]()
+        return True
+
+    def wait(self) -> None:
+        """Block until every call in flight has ended (each ends by its timeout at the latest)."""
+        concurrent.futures.wait(list(self._calls))
+
+    def _use(self, rest: str) -> None:
+        try:
+            n = int(rest)
+        except ValueError:
+            raise _Usage("use N") from None
+        if n not in self.conns:
+            raise _Usage(f"no connection {n}")
+        self.current = n
+
+    def _set_timeout(self, rest: str) -> None:
+        try:
+            self.timeout = parse_duration(rest.strip())
+        except ValueError as exc:
+            raise _Usage(str(exc)) from None
+        if self.timeout <= 0:
+            raise _Usage("timeout must be more than zero")
+        self.say(f"call timeout: {self.timeout:g} s")
+
+    def interact(self, stdin: TextIO) -> int:
+        interactive = stdin.isatty()
+        self.say(f"juggler client: 'help' lists the commands")
+        self.connect()
+        try:
+            while True:
+                if interactive:
+                    with self._lock:
+                        self.out.write("> ")
+                        self.out.flush()
+                line = stdin.readline()
+                if not line:
+                    break
+                try:
+                    if not self.run_line(line):
+                        break
+                except _Usage as exc:
+                    self.say(f"error: {exc}")
+                except (NackError, ConnectionClosed, TimeoutError) as exc:
+                    self.say(f"error: {exc}")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close_all()
+        return EXIT_OK
+
+
+def one_shot(url: str, words: list[str], timeout: float, allowed: Optional[str]) -> int:
+    """Run one command; print its result; return the exit status."""
+    cmd, rest = words[0].lower(), " ".join(words[1:])
+    if cmd not in ("call", "pub", "sub", "psub"):
+        print(f"juggler client: unknown command {cmd!r}: one-shot commands are call, pub, sub, psub", file=sys.stderr)
+        return EXIT_USAGE
+    parts = rest.split(None, 1)
+    if not parts:
+        print(f"juggler client: {cmd} needs a {'URI' if cmd == 'call' else 'channel'}", file=sys.stderr)
+        return EXIT_USAGE
+    target, tail = parts[0], parts[1] if len(parts) > 1 else ""
+    count = None
+    try:
+        if cmd in ("sub", "psub"):
+            count = int(tail) if tail.strip() else None
+            args = None
+        else:
+            args = _json_args(tail)
+    except (_Usage, ValueError) as exc:
+        print(f"juggler client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        client = Client.connect(url, allowed_messages=allowed)
+    except (HandshakeError, OSError) as exc:
+        print(f"juggler client: cannot connect to {url}: {exc}", file=sys.stderr)
+        return EXIT_CONNECTION
+    try:
+        if cmd == "call":
+            print(_dumps(client.call(target, args, timeout=timeout)), flush=True)
+        elif cmd == "pub":
+            client.pub(target, args)
+        else:
+            sub = client.sub(target, pattern=cmd == "psub")
+            seen = 0
+            while count is None or seen < count:
+                ev = sub.get()
+                if ev is None:
+                    break
+                print(_dumps({"channel": ev.channel, "pattern": ev.pattern, "args": ev.args}), flush=True)
+                seen += 1
+        return EXIT_OK
+    except RemoteError as exc:
+        print(f"juggler client: error result: {exc.message}", file=sys.stderr)
+        return EXIT_REMOTE_ERROR
+    except NackError as exc:
+        print(f"juggler client: {exc}", file=sys.stderr)
+        return EXIT_NACK
+    except CallExpired:
+        print(f"juggler client: call to {target} expired after {timeout:g} s", file=sys.stderr)
+        return EXIT_EXPIRED
+    except (ConnectionClosed, TimeoutError) as exc:
+        print(f"juggler client: {exc}", file=sys.stderr)
+        return EXIT_CONNECTION
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        client.close()
+
+
+def run_client(url: str, words: list[str], cfg: dict[str, Any], allowed: Optional[str] = None) -> int:
+    if words:
+        return one_shot(url, words, cfg["timeout"], allowed)
+    return Shell(url, cfg["timeout"], allowed=allowed).interact(sys.stdin)

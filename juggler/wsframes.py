@@ -1,0 +1,293 @@
+"""Websocket framing (RFC 6455) for the server side, on a plain blocking socket.
+
+``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
+has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
+the pieces our :class:`~juggler.server.Server` uses instead: a buffered reader that polls, so a
+closing or stopping connection is noticed without a read timeout corrupting a half-read frame;
+reassembly of fragmented messages under a size limit; a word-wide unmask; and frame encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .exceptions import ProtocolError
+
+__all__ = [
+    "OP_CONT",
+    "OP_TEXT",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "Stopped",
+    "SocketReader",
+    "FRAGMENT_COST",
+    "FrameReader",
+    "HandshakeRequest",
+    "unmask",
+    "encode_frame",
+    "encode_close",
+    "parse_close",
+    "valid_key",
+    "accept_key",
+    "http_response",
+]
+
+OP_CONT = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+_DATA_OPS = (OP_TEXT, OP_BINARY)
+_CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: What each continuation frame counts against the read limit, besides its payload (a message
+#: in one frame gets its full limit).
+FRAGMENT_COST = 64
+
+
+class Stopped(Exception):
+    """The reader was told to stop (its ``keep_going`` returned false) or the peer went away."""
+
+
+class SocketReader:
+    """Buffered reads from a blocking socket that poll every ``poll_interval`` seconds.
+
+    Between polls it asks ``keep_going()``; when that returns false, or the peer closes the
+    TCP connection, the read raises :class:`Stopped`. The socket's own timeout is left for
+    writes.
+    """
+
+    def __init__(self, sock: socket.socket, keep_going: Callable[[], bool], poll_interval: float = 0.5):
+        self.sock = sock
+        self.keep_going = keep_going
+        self._poll_ms = max(1, int(poll_interval * 1000))
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        self._buf = bytearray()
+        self._pos = 0
+        #: time.monotonic() of the last bytes received (for idle detection)
+        self.last_recv = time.monotonic()
+
+    def _fill(self) -> None:
+        while True:
+            if not self.keep_going():
+                raise Stopped("stopped")
+            pending = getattr(self.sock, "pending", None)  # TLS may hold decrypted bytes
+            if (pending is not None and pending()) or self._poller.poll(self._poll_ms):
+                try:
+                    chunk = self.sock.recv(262144)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    raise Stopped(f"read failed: {exc}") from None
+                if not chunk:
+                    raise Stopped("peer closed the connection")
+                self.last_recv = time.monotonic()
+                if self._pos:
+                    del self._buf[: self._pos]
+                    self._pos = 0
+                self._buf += chunk
+                return
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self._buf) - self._pos < n:
+            self._fill()
+        start = self._pos
+        self._pos += n
+        return bytes(self._buf[start : self._pos])
+
+    def read_until(self, marker: bytes, limit: int) -> bytes:
+        """Bytes up to and including ``marker``; :class:`ProtocolError` past ``limit`` bytes."""
+        while True:
+            idx = self._buf.find(marker, self._pos)
+            if idx >= 0:
+                return self.read_exact(idx + len(marker) - self._pos)
+            if len(self._buf) - self._pos > limit:
+                raise ProtocolError("request head too large", 1009)
+            self._fill()
+
+
+def unmask(data: bytes, mask: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``mask``, a machine word at a time (via Python ints)."""
+    n = len(data)
+    if n == 0:
+        return b""
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
+    return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+
+@dataclass
+class FrameReader:
+    """Reads client frames and reassembles fragmented messages.
+
+    :meth:`read` returns ``(opcode, payload)`` for each control frame (close, ping, pong) and for
+    each complete data message (text or binary), as soon as it has one. It raises
+    :class:`ProtocolError` (1002, or 1009 over ``limit``) for what RFC 6455 forbids.
+    """
+
+    reader: SocketReader
+    limit: int = 1 << 20
+    _op: int | None = None
+    _data: bytearray = field(default_factory=bytearray)
+    _size: int = 0
+
+    def read(self) -> tuple[int, bytes]:
+        while True:
+            fin, opcode, payload = self._read_frame()
+            if opcode in _CONTROL_OPS:
+                return opcode, payload
+            if opcode == OP_CONT:
+                if self._op is None:
+                    raise ProtocolError("continuation frame without a message to continue")
+            elif self._op is not None:
+                raise ProtocolError("new message started inside a fragmented message")
+            else:
+                self._op = opcode
+            self._data += payload
+            # Each continuation frame also costs FRAGMENT_COST against the limit, so a flood of
+            # tiny or empty fragments cannot keep a connection busy for free.
+            self._size += len(payload) + (FRAGMENT_COST if opcode == OP_CONT else 0)
+            if fin:
+                op, data = self._op, bytes(self._data)
+                self._op, self._data, self._size = None, bytearray(), 0
+                return op, data
+
+    def _read_frame(self) -> tuple[bool, int, bytes]:
+        b1, b2 = self.reader.read_exact(2)
+        fin = bool(b1 & 0x80)
+        opcode = b1 & 0x0F
+        if b1 & 0x70:
+            raise ProtocolError("reserved bits set without a negotiated extension")
+        if opcode not in _DATA_OPS and opcode not in _CONTROL_OPS and opcode != OP_CONT:
+            raise ProtocolError(f"unknown opcode {opcode:#x}")
+        if not b2 & 0x80:
+            raise ProtocolError("client frames must be masked")
+        length = b2 & 0x7F
+        if opcode in _CONTROL_OPS:
+            if not fin or length > 125:
+                raise ProtocolError("control frames must be final and at most 125 bytes")
+        elif length == 126:
+            (length,) = struct.unpack(">H", self.reader.read_exact(2))
+        elif length == 127:
+            (length,) = struct.unpack(">Q", self.reader.read_exact(8))
+            if length >> 63:
+                raise ProtocolError("frame length has its high bit set")
+        cost = length + (FRAGMENT_COST if opcode == OP_CONT else 0)
+        if opcode not in _CONTROL_OPS and self._size + cost > self.limit:
+            raise ProtocolError(f"message larger than the read limit of {self.limit} bytes", 1009)
+        mask = self.reader.read_exact(4)
+        return fin, opcode, unmask(self.reader.read_exact(length), mask)
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked (server) frame."""
+    n = len(payload)
+    b1 = 0x80 | opcode
+    if n < 126:
+        header = struct.pack(">BB", b1, n)
+    elif n < 65536:
+        header = struct.pack(">BBH", b1, 126, n)
+    else:
+        header = struct.pack(">BBQ", b1, 127, n)
+    return header + payload
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    """A close frame; ``reason`` is cut to fit the 125-byte control frame limit."""
+    raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return encode_frame(OP_CLOSE, struct.pack(">H", code) + raw)
+
+
+_RESERVED_CLOSE_CODES = {1004, 1005, 1006, 1015}
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """The code and reason of a close frame (1005 when it has none)."""
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame payload of one byte")
+    (code,) = struct.unpack(">H", payload[:2])
+    if code < 1000 or code in _RESERVED_CLOSE_CODES or 1016 <= code < 3000 or code >= 5000:
+        raise ProtocolError(f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("close reason is not valid UTF-8", 1007) from None
+    return code, reason
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` is a ``Sec-WebSocket-Key``: base64 of 16 bytes."""
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
+def accept_key(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+@dataclass
+class HandshakeRequest:
+    """The HTTP request head of a handshake. Header names are lower-cased; repeated headers
+    are joined with ``", "`` as RFC 9110 allows."""
+
+    method: str
+    path: str
+    version: str
+    headers: dict[str, str]
+
+    @classmethod
+    def parse(cls, head: bytes) -> "HandshakeRequest":
+        try:
+            text = head.decode("latin-1")
+            lines = text.split("\r\n")
+            method, target, version = lines[0].split(" ")
+        except ValueError:
+            raise ProtocolError("malformed HTTP request line") from None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name.strip():
+                raise ProtocolError("malformed HTTP header line")
+            key = name.strip().lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        return cls(method, target, version, headers)
+
+    def tokens(self, name: str) -> list[str]:
+        """The comma-separated, trimmed, non-empty values of header ``name``."""
+        return [t.strip() for t in self.headers.get(name, "").split(",") if t.strip()]
+
+
+def http_response(status: int, reason: str, headers: dict[str, str] | None = None, body: str = "") -> bytes:
+    """An HTTP/1.1 response with a plain-text body."""
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    hdrs = dict(headers or {})
+    if status != 101:
+        data = body.encode("utf-8")
+        hdrs.setdefault("Content-Type", "text/plain; charset=utf-8")
+        hdrs["Content-Length"] = str(len(data))
+        hdrs.setdefault("Connection", "close")
+    else:
+        data = b""
+    lines += [f"{k}: {v}" for k, v in hdrs.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+

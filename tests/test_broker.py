@@ -1,0 +1,258 @@
+"""RedisBroker against fakeredis and a real redis-server: the exact redis layout of juggler.0."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from juggler import BrokerError, CapacityExceeded, RedisBroker
+from juggler.broker import call_timeout_key, calls_key, result_timeout_key, results_key
+from juggler.message import CallPayload, EventPayload, ResultPayload, new_uuid
+
+from .conftest import T
+
+
+@pytest.fixture
+def broker(redis_client):
+    return RedisBroker(redis_client)
+
+
+def call(uri="test.echo", args=None):
+    return CallPayload(new_uuid(), new_uuid(), uri, args)
+
+
+def test_store_call_uses_the_reference_layout(broker, redis_client):
+    p = call(args={"x": 1})
+    broker.store_call(p, 2.5)
+    assert redis_client.lrange(calls_key("test.echo"), 0, -1) == [p.to_json().encode()]
+    assert json.loads(redis_client.lindex("juggler:calls:{test.echo}", 0)) == {
+        "conn_uuid": p.conn_uuid,
+        "msg_uuid": p.msg_uuid,
+        "uri": "test.echo",
+        "args": {"x": 1},
+    }
+    key = f"juggler:calls:timeout:{{test.echo}}:{p.msg_uuid}"
+    assert key == call_timeout_key("test.echo", p.msg_uuid)
+    assert redis_client.get(key) == b"2500"
+    assert 0 < redis_client.pttl(key) <= 2500
+
+
+def test_args_omitted_when_absent(broker, redis_client):
+    p = call(args=None)
+    broker.store_call(p, 1)
+    assert "args" not in json.loads(redis_client.lindex(calls_key("test.echo"), 0))
+
+
+def test_pop_call_returns_payload_and_time_left_and_deletes_timeout_key(broker, redis_client):
+    p = call(args=[1])
+    broker.store_call(p, 5)
+    popped = broker.pop_call(["other", "test.echo"], T(1))
+    assert popped.payload == p
+    assert 4 < popped.remaining <= 5 and not popped.expired
+    assert not redis_client.exists(call_timeout_key("test.echo", p.msg_uuid))
+
+
+def test_pop_call_of_expired_call(broker, redis_client):
+    p = call()
+    redis_client.lpush(calls_key("test.echo"), p.to_json())  # no timeout key: expired
+    popped = broker.pop_call(["test.echo"], T(1))
+    assert popped.payload == p and popped.expired and popped.remaining == 0
+
+
+def test_pop_call_times_out_with_none(broker):
+    assert broker.pop_call(["nothing.here"], 0.05) is None
+
+
+def test_pop_call_drops_undecodable_payload(broker, redis_client):
+    redis_client.lpush(calls_key("test.echo"), b"not json")
+    assert broker.pop_call(["test.echo"], T(1)) is None
+
+
+def test_call_capacity(redis_client):
+    broker = RedisBroker(redis_client, call_cap=2)
+    first, second = call(args=1), call(args=2)
+    broker.store_call(first, 5)
+    broker.store_call(second, 5)
+    third = call(args=3)
+    with pytest.raises(CapacityExceeded, match="list capacity exceeded"):
+        broker.store_call(third, 5)
+    # the refused call was trimmed off again, and its timeout key removed
+    assert [CallPayload.from_json(x) for x in redis_client.lrange(calls_key("test.echo"), 0, -1)] == [second, first]
+    assert not redis_client.exists(call_timeout_key("test.echo", third.msg_uuid))
+    assert CapacityExceeded.nack_code == 500
+
+
+def test_result_capacity_and_layout(redis_client):
+    broker = RedisBroker(redis_client, result_cap=1)
+    conn = new_uuid()
+    r1 = ResultPayload(conn, new_uuid(), "u", {"ok": True})
+    broker.store_result(r1, 1)
+    assert redis_client.llen(f"juggler:results:{{{conn}}}") == 1
+    assert redis_client.exists(result_timeout_key(conn, r1.msg_uuid))
+    with pytest.raises(CapacityExceeded):
+        broker.store_result(ResultPayload(conn, new_uuid(), "u", 2), 1)
+    popped = broker.pop_result(conn, T(1))
+    assert popped.payload == r1 and not popped.expired
+    broker.discard_results(conn)
+    assert not redis_client.exists(results_key(conn))
+
+
+def test_list_ttl_is_raised_never_lowered(broker, redis_client):
+    broker.store_call(call(), 10)
+    assert 9000 < redis_client.pttl(calls_key("test.echo")) <= 10000
+    broker.store_call(call(), 1)
+    assert redis_client.pttl(calls_key("test.echo")) > 9000
+    broker.store_call(call(), 20)
+    assert redis_client.pttl(calls_key("test.echo")) > 19000
+
+
+def test_scripts_survive_script_flush(broker, redis_client):
+    broker.store_call(call(), 1)
+    redis_client.script_flush()  # EVALSHA now answers NOSCRIPT: the broker falls back to EVAL
+    broker.store_call(call(), 1)
+    assert broker.pop_call(["test.echo"], T(1)) is not None
+    assert redis_client.llen(calls_key("test.echo")) == 1
+
+
+class Listener:
+    """Reads a RedisPubSub on a thread, as a server connection's pub-sub thread does."""
+
+    def __init__(self, ps):
+        import queue
+        import threading
+
+        self.ps = ps
+        self.events = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-listener")
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                ev = self.ps.get_event(0.05)
+            except ValueError as exc:
+                ev = exc
+            if ev is not None:
+                self.events.put(ev)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.ps.close()
+
+
+def test_subscribe_returns_once_redis_confirmed(broker, redis_client):
+    listener = Listener(broker.pubsub())
+    try:
+        listener.ps.subscribe("a.b", False)
+        listener.ps.subscribe("a.*", True)
+        # no waiting: once subscribe returned, redis counts the subscriptions
+        assert redis_client.pubsub_numsub("a.b") == [(b"a.b", 1)]
+        assert redis_client.pubsub_numpat() == 1
+        uuid = new_uuid()
+        assert broker.publish("a.b", EventPayload(uuid, {"v": 1})) == 2
+        got = {listener.events.get(timeout=T(2)).pattern for _ in range(2)}
+        assert got == {"", "a.*"}
+        listener.ps.unsubscribe("a.b", False)
+        listener.ps.unsubscribe("a.*", True)
+        assert redis_client.pubsub_numsub("a.b") == [(b"a.b", 0)]
+        assert broker.publish("a.b", EventPayload(uuid, 2)) == 0
+    finally:
+        listener.close()
+
+
+def test_unsubscribe_of_what_is_not_subscribed_is_a_no_op(broker, redis_client):
+    listener = Listener(broker.pubsub())
+    listener.ps.confirm_timeout = T(2)
+    try:
+        listener.ps.unsubscribe("never", False)  # returns at once, no confirmation to wait for
+        listener.ps.subscribe("one", False)
+        listener.ps.unsubscribe("other", False)
+        listener.ps.unsubscribe("o*", True)
+        listener.ps.unsubscribe("one", False)
+        listener.ps.unsubscribe("one", False)
+        assert redis_client.pubsub_numsub("one") == [(b"one", 0)]
+    finally:
+        listener.close()
+
+
+def test_subscribe_without_a_reader_fails_clearly(broker):
+    ps = broker.pubsub()
+    ps.confirm_timeout = 0.05
+    try:
+        with pytest.raises(BrokerError, match="did not confirm subscribe 'x'"):
+            ps.subscribe("x", False)
+    finally:
+        ps.close()
+
+
+def test_event_payload_wire_format(broker, redis_client):
+    ps = redis_client.pubsub(ignore_subscribe_messages=True)
+    ps.subscribe("ch")
+    ps.get_message(timeout=T(1))
+    uuid = new_uuid()
+    broker.publish("ch", EventPayload(uuid, [1, "x"]))
+    msg = ps.get_message(timeout=T(2))
+    assert json.loads(msg["data"]) == {"msg_uuid": uuid, "args": [1, "x"]}
+    ps.close()
+
+
+def test_undecodable_event_is_a_value_error(broker, redis_client):
+    listener = Listener(broker.pubsub())
+    try:
+        listener.ps.subscribe("raw", False)
+        assert redis_client.publish("raw", "not json") == 1
+        err = listener.events.get(timeout=T(2))
+        assert isinstance(err, ValueError) and "'raw'" in str(err)
+    finally:
+        listener.close()
+
+
+def test_redis_down_is_a_broker_error():
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from .conftest import free_port
+
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    broker = RedisBroker(dead)
+    with pytest.raises(BrokerError, match="redis unavailable"):
+        broker.store_call(call(), 1)
+    with pytest.raises(BrokerError):
+        broker.publish("x", EventPayload(new_uuid(), 1))
+    assert broker.ping() is False
+    dead.close()
+
+
+def test_negative_caps_refused(redis_client):
+    with pytest.raises(ValueError):
+        RedisBroker(redis_client, call_cap=-1)
+
+
+def test_list_without_ttl_is_left_alone(broker, redis_client):
+    """A list a Go server filled has no TTL: setting one could expire its calls early."""
+    go_call = call(args="from go")
+    redis_client.lpush(calls_key("test.echo"), go_call.to_json())  # the reference sets no TTL
+    broker.store_call(call(), 0.2)
+    assert redis_client.pttl(calls_key("test.echo")) == -1
+    assert redis_client.llen(calls_key("test.echo")) == 2
+
+
+def test_from_url_owns_its_client_and_fails_fast_when_redis_is_down(redis_server):
+    import time
+
+    from .conftest import free_port
+
+    broker = RedisBroker.from_url(redis_server.url, call_cap=3)
+    assert broker.ping() and broker.call_cap == 3
+    broker.store_call(call(), 1)
+    broker.close()
+    dead = RedisBroker.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="redis unavailable"):
+        dead.store_call(call(), 1)
+    assert time.monotonic() - started < T(2)  # a prompt NACK, not redis-py's default retries
+    dead.close()

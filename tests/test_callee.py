@@ -1,0 +1,243 @@
+"""Callee pools against fakeredis and a real redis-server, without a server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from juggler import Callee, RedisBroker
+from juggler.broker import calls_key, result_timeout_key, results_key
+from juggler.message import CallPayload, ResultPayload, new_uuid
+
+from .conftest import T
+
+
+@pytest.fixture
+def broker(redis_client):
+    return RedisBroker(redis_client)
+
+
+def send_call(broker, uri, args, timeout=5.0):
+    p = CallPayload(new_uuid(), new_uuid(), uri, args)
+    broker.store_call(p, timeout)
+    return p
+
+
+def take_result(broker, p, block=None):
+    popped = broker.pop_result(p.conn_uuid, block or T(5))
+    assert popped is not None, "no result stored"
+    return popped
+
+
+def test_runs_function_and_stores_result_with_remaining_ttl(broker, redis_client):
+    callee = Callee(broker, workers=2, block=0.05)
+    callee.register("math.add", lambda a: a[0] + a[1])
+    with callee:
+        p = send_call(broker, "math.add", [2, 3], timeout=3.0)
+        popped = take_result(broker, p)
+    assert popped.payload == ResultPayload(p.conn_uuid, p.msg_uuid, "math.add", 5)
+    assert 0 < popped.remaining <= 3.0
+
+
+def test_result_timeout_key_uses_time_left(broker, redis_client):
+    gate = threading.Event()
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("slow", lambda a: gate.wait(T(5)) and "done")
+    with callee:
+        p = send_call(broker, "slow", None, timeout=10.0)
+        assert callee.stats.wait_for(lambda s: s.busy == 1, T(5))
+        gate.set()
+        assert callee.stats.wait_for(lambda s: s.calls == 1, T(5))
+        # the result waits in the connection's list with at most what the call had left
+        key = result_timeout_key(p.conn_uuid, p.msg_uuid)
+        assert redis_client.exists(results_key(p.conn_uuid))
+        assert 0 < redis_client.pttl(key) <= 10000
+
+
+def test_several_uris_on_one_callee(broker):
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("a", lambda x: f"a:{x}")
+    callee.register("b", lambda x: f"b:{x}")
+    with callee:
+        pa, pb = send_call(broker, "a", 1), send_call(broker, "b", 2)
+        got = {take_result(broker, pa).payload.args, take_result(broker, pb).payload.args}
+    assert got == {"a:1", "b:2"}
+    assert sorted(callee.uris) == ["a", "b"]
+
+
+def test_raising_function_gives_error_result_and_worker_goes_on(broker, caplog):
+    def boom(args):
+        raise ValueError("bad input")
+
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("boom", boom)
+    callee.register("ok", lambda a: a)
+    with caplog.at_level("ERROR", logger="juggler.callee"), callee:
+        p1 = send_call(broker, "boom", 1)
+        assert take_result(broker, p1).payload.args == {"error": {"message": "bad input"}}
+        p2 = send_call(broker, "ok", 2)
+        assert take_result(broker, p2).payload.args == 2
+    assert [r.message for r in caplog.records].count("callee juggler-callee: function for boom raised") == 1
+    assert callee.stats.snapshot() == {"calls": 2, "expired": 0, "errors": 1, "busy": 0}
+
+
+def test_exception_without_message_uses_its_type(broker):
+    def boom(args):
+        raise KeyError()
+
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("boom", boom)
+    with callee:
+        p = send_call(broker, "boom", 1)
+        assert take_result(broker, p).payload.args == {"error": {"message": "KeyError"}}
+
+
+def test_non_json_result_becomes_error_result(broker):
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("obj", lambda a: object())
+    with callee:
+        p = send_call(broker, "obj", 1)
+        args = take_result(broker, p).payload.args
+    assert "not JSON-serializable" in args["error"]["message"]
+
+
+def test_expired_call_is_never_run(broker, redis_client):
+    ran = []
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("x", ran.append)
+    p = CallPayload(new_uuid(), new_uuid(), "x", 1)
+    redis_client.lpush(calls_key("x"), p.to_json())  # no timeout key: it has expired
+    with callee:
+        assert callee.stats.wait_for(lambda s: s.expired == 1, T(5))
+    assert ran == []
+    assert not redis_client.exists(results_key(p.conn_uuid))
+
+
+def test_result_dropped_when_call_expires_while_running(broker, redis_client):
+    gate = threading.Event()
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("slow", lambda a: gate.wait(T(5)))
+    with callee:
+        p = send_call(broker, "slow", None, timeout=0.05)
+        assert callee.stats.wait_for(lambda s: s.busy == 1, T(5))
+        # the call had 50 ms; it is still running, so by the time it returns nothing is left
+        threading.Timer(0.1, gate.set).start()
+        assert callee.stats.wait_for(lambda s: s.expired == 1, T(5))
+    assert not redis_client.exists(results_key(p.conn_uuid))
+
+
+def test_stop_is_idempotent_and_joins_workers(broker):
+    callee = Callee(broker, workers=3, block=0.05, name="juggler-callee-t")
+    callee.register("x", lambda a: a)
+    callee.start()
+    assert sum(t.name.startswith("juggler-callee-t-") for t in threading.enumerate()) == 3
+    assert callee.stop() is True
+    assert callee.stop() is True
+    assert not any(t.name.startswith("juggler-callee-t-") for t in threading.enumerate())
+    with pytest.raises(RuntimeError):
+        callee.start()
+
+
+def test_stop_waits_for_running_calls(broker):
+    gate = threading.Event()
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("slow", lambda a: gate.wait(T(5)) and "finished")
+    callee.start()
+    p = send_call(broker, "slow", None, timeout=T(10))
+    assert callee.stats.wait_for(lambda s: s.busy == 1, T(5))
+    assert callee.stop(timeout=0.05) is False  # still running
+    gate.set()
+    assert callee.stop() is True
+    assert take_result(broker, p).payload.args == "finished"
+
+
+def test_serve_forever_returns_after_stop(broker):
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("x", lambda a: a)
+    t = threading.Thread(target=callee.serve_forever, name="serve")
+    t.start()
+    p = send_call(broker, "x", "v")
+    assert take_result(broker, p).payload.args == "v"
+    callee.stop()
+    t.join(T(5))
+    assert not t.is_alive()
+
+
+def test_bad_configuration_is_refused(broker):
+    with pytest.raises(ValueError):
+        Callee(broker, workers=0)
+    callee = Callee(broker)
+    with pytest.raises(ValueError):
+        callee.register("", lambda a: a)
+    with pytest.raises(TypeError):
+        callee.register("x", "not callable")
+    with pytest.raises(RuntimeError, match="no URI"):
+        callee.start()
+    callee.register("x", lambda a: a)
+    callee.start()
+    try:
+        with pytest.raises(RuntimeError, match="before start"):
+            callee.register("y", lambda a: a)
+    finally:
+        callee.stop()
+
+
+def test_redis_outage_backs_off_and_recovers(redis_server):
+    """Workers survive redis being unreachable and serve again once it is back."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from .conftest import start_redis_server, stop_redis_server
+
+    rp = start_redis_server()
+    client = redis.Redis(port=rp.port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    broker = RedisBroker(client)
+    callee = Callee(broker, workers=1, block=0.05, max_backoff=0.2)
+    callee.register("x", lambda a: a)
+    try:
+        callee.start()
+        port = rp.port
+        stop_redis_server(rp)
+        rp = start_redis_server(port)
+        p = send_call(broker, "x", "back")
+        assert take_result(broker, p, T(10)).payload.args == "back"
+    finally:
+        callee.stop()
+        stop_redis_server(rp)
+        client.close()
+
+
+def test_sys_exit_in_a_function_does_not_end_the_worker(broker):
+    import sys
+
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("exit", lambda a: sys.exit(3))
+    callee.register("ok", lambda a: a)
+    with callee:
+        p = send_call(broker, "exit", None)
+        assert take_result(broker, p).payload.args == {"error": {"message": "3"}}
+        p = send_call(broker, "ok", "alive")
+        assert take_result(broker, p).payload.args == "alive"
+
+
+def test_unencodable_deep_result_and_foreign_uri_do_not_end_the_worker(broker, redis_client):
+    def deep(args):
+        value: list = []
+        for _ in range(100000):
+            value = [value]
+        return value
+
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("deep", deep)
+    callee.register("ok", lambda a: a)
+    with callee:
+        p = send_call(broker, "deep", None)
+        assert "not JSON-serializable" in take_result(broker, p).payload.args["error"]["message"]
+        # a payload in ok's list that names another uri is dropped, not run, not fatal
+        stray = CallPayload(new_uuid(), new_uuid(), "elsewhere", 1)
+        redis_client.lpush(calls_key("ok"), stray.to_json())
+        p = send_call(broker, "ok", "alive")
+        assert take_result(broker, p).payload.args == "alive"
+    assert not redis_client.exists(results_key(stray.conn_uuid))

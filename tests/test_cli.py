@@ -1,0 +1,472 @@
+"""The `juggler` command, run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import websocket
+
+from juggler.config import ConfigError, load
+
+from .conftest import T
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("JUGGLER_") or k == "JUGGLER_TEST_TIMEOUT_SCALE"}
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(extra)
+    return e
+
+
+def juggler(*args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", env())
+    return subprocess.run([sys.executable, "-m", "juggler", *args], capture_output=True, text=True, timeout=T(timeout), **kw)
+
+
+class Proc:
+    """A long-running `juggler ...` process; its stdout and stderr are drained by threads (a
+    full pipe would block the child) into queues that :meth:`expect` reads."""
+
+    def __init__(self, *args: str, **kw) -> None:
+        kw.setdefault("env", env())
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "juggler", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+        )  # fmt: skip
+        self.streams = {"out": queue.Queue(), "err": queue.Queue()}
+        self.seen: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.p.stdout, self.streams["out"]), name="test-proc-stdout"),
+            threading.Thread(target=self._read, args=(self.p.stderr, self.streams["err"]), name="test-proc-stderr"),
+        ]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(pipe, lines: queue.Queue) -> None:
+        for line in pipe:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    def expect(self, pattern: str, timeout: float = 20, stream: str = "out") -> re.Match:
+        """Wait for a line of stdout (or ``stream="err"``) matching ``pattern``."""
+        lines = self.streams[stream]
+        deadline = time.monotonic() + T(timeout)
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} in {self.seen}") from None
+            if line is None:
+                lines.put(None)
+                raise AssertionError(f"exited {self.p.wait()} before {pattern!r}: {self.seen}")
+            self.seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        self.p.send_signal(sig)
+        try:
+            return self.p.wait(T(timeout))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        for t in self._readers:
+            t.join()
+        self.p.stdout.close()
+        self.p.stderr.close()
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+
+    def start(*args: str, **kw) -> Proc:
+        p = Proc(*args, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+def raw_call(url: str, uri: str, args, timeout_ns: int = 5 * 10**9) -> dict:
+    ws = websocket.create_connection(url, subprotocols=["juggler.0"], timeout=T(10))
+    try:
+        msg_id = "8c1d2a43-6f2e-4b1e-9a55-3d1d8c2f7e10"
+        ws.send(json.dumps({"meta": {"type": 1, "uuid": msg_id}, "payload": {"uri": uri, "timeout": timeout_ns, "args": args}}))
+        ack = json.loads(ws.recv())
+        assert ack["meta"]["type"] == 8 and ack["payload"]["for"] == msg_id
+        res = json.loads(ws.recv())
+        assert res["meta"]["type"] == 9 and res["payload"]["for"] == msg_id
+        return res["payload"]["args"]
+    finally:
+        ws.close()
+
+
+@pytest.fixture
+def demo(procs):
+    p = procs("demo", "--port", "0", "--log-level", "warning")
+    url = p.expect(r"websocket: (ws://\S+)").group(1)
+    redis_url = p.expect(r"redis: +(redis://127\.0\.0\.1:\d+/0)").group(1)
+    p.expect(r"^stop:")
+    return p, url, redis_url
+
+
+def test_demo_serves_each_uri_and_stops_on_sigterm(demo):
+    p, url, _ = demo
+    assert any(f"juggler client {url} call test.echo" in line for line in p.seen)
+    assert raw_call(url, "test.echo", {"x": [1, "y"]}) == {"x": [1, "y"]}
+    assert raw_call(url, "test.reverse", "juggler") == "relgguj"
+    assert raw_call(url, "test.delay", 20) == 20
+    started = time.monotonic()
+    assert p.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < T(5)
+
+
+def test_demo_sigint_closes_clients_with_going_away(demo):
+    p, url, _ = demo
+    ws = websocket.create_connection(url, subprotocols=["juggler.0"], timeout=T(10))
+    try:
+        p.p.send_signal(signal.SIGINT)
+        opcode, data = ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE
+        assert int.from_bytes(data[:2], "big") == 1001
+    finally:
+        ws.close()
+    assert p.p.wait(T(10)) == 0
+
+
+def test_server_with_embedded_redis_and_callee_in_another_process(procs):
+    server = procs("server", "--port", "0")
+    url = server.expect(r"websocket: (ws://\S+)").group(1)
+    redis_url = server.expect(r"redis: +(redis://127\.0\.0\.1:\d+/0)").group(1)
+    callee = procs("callee", "--redis", redis_url, "--demo", "--workers", "2")
+    callee.expect(r"callee: serving test\.echo, test\.reverse, test\.delay")
+    out = juggler("client", url, "call", "test.reverse", '"abc"')
+    assert (out.returncode, out.stdout) == (0, '"cba"\n')
+    assert callee.stop() == 0
+    assert server.stop() == 0
+
+
+def test_callee_serves_functions_named_on_the_command_line(procs, tmp_path):
+    (tmp_path / "myrpc.py").write_text(
+        "def add(args):\n    return args[0] + args[1]\n\n"
+        "def mul(args):\n    return args[0] * args[1]\n\n"
+        "functions = {'math.add': add}\n"
+    )
+    server = procs("server", "--port", "0")
+    url = server.expect(r"websocket: (ws://\S+)").group(1)
+    redis_url = server.expect(r"redis: +(redis://\S+)").group(1)
+    callee = procs("callee", "myrpc:functions", "--uri", "math.mul=myrpc:mul", cwd=tmp_path, env=env(JUGGLER_REDIS_URL=redis_url))
+    callee.expect(r"callee: serving math\.add, math\.mul")
+    assert juggler("client", url, "call", "math.add", "[2, 3]").stdout == "5\n"
+    assert juggler("client", url, "call", "math.mul", "[2, 3]").stdout == "6\n"
+    assert callee.stop() == 0
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["callee", "--redis", "redis://127.0.0.1:1/0"], "nothing to serve"),
+        (["callee", "--demo"], "needs --redis"),
+        (["callee", "--redis", "redis://127.0.0.1:1/0", "nosuchmodule:x"], "cannot import 'nosuchmodule'"),
+        (["callee", "--redis", "redis://127.0.0.1:1/0", "--uri", "oops"], "URI=module:function"),
+        (["callee", "--redis", "redis://127.0.0.1:1/0", "json:dumps"], "must be a dict"),
+    ],
+)
+def test_callee_usage_errors(args, message):
+    out = juggler(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_redis_is_one_line_and_status_1(free_port):
+    out = juggler("callee", "--demo", "--redis", f"redis://127.0.0.1:{free_port}/0")
+    assert out.returncode == 1
+    assert "cannot reach redis at" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def free_port():
+    from .conftest import free_port as fp
+
+    return fp()
+
+
+def test_one_shot_client_exit_codes(demo, free_port):
+    _, url, _ = demo
+    ok = juggler("client", url, "call", "test.echo", '{"a": [1, 2]}')
+    assert (ok.returncode, json.loads(ok.stdout)) == (0, {"a": [1, 2]})
+    err = juggler("client", url, "call", "test.reverse", "42")
+    assert err.returncode == 1 and "test.reverse takes a string" in err.stderr
+    usage = juggler("client", url, "call", "test.echo", "not json")
+    assert usage.returncode == 2 and "JSON" in usage.stderr
+    expired = juggler("client", "--timeout", "200ms", url, "call", "test.delay", "2000")
+    assert expired.returncode == 4 and "expired" in expired.stderr
+    refused = juggler("client", f"ws://127.0.0.1:{free_port}/ws", "call", "test.echo", "1")
+    assert refused.returncode == 5 and "cannot connect" in refused.stderr
+    pub = juggler("client", url, "pub", "some.channel", '{"x": 1}')
+    assert pub.returncode == 0
+
+
+def test_one_shot_client_nack_exit_code(procs):
+    server = procs("server", "--port", "0", "--call-cap", "1", "--log-level", "warning")
+    url = server.expect(r"websocket: (ws://\S+)").group(1)
+    ws = websocket.create_connection(url, subprotocols=["juggler.0"], timeout=T(10))
+    try:  # fill the call list of a URI nobody serves, and wait for its ACK
+        ws.send(json.dumps({"meta": {"type": 1, "uuid": "0b7a8f7e-3c55-4c1e-8d33-5f0b1c2d3e4f"}, "payload": {"uri": "nobody", "timeout": 30 * 10**9}}))
+        assert json.loads(ws.recv())["meta"]["type"] == 8
+        nack = juggler("client", url, "call", "nobody", "1")
+        assert nack.returncode == 3
+        assert "NACK 500: list capacity exceeded" in nack.stderr
+    finally:
+        ws.close()
+
+
+def test_one_shot_sub_prints_events(demo):
+    _, url, _ = demo
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "juggler", "client", url, "psub", "news.*", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+    )  # fmt: skip
+    try:
+        # publish until the subscriber has subscribed and got one (a PUB before its SUB is lost)
+        deadline = time.monotonic() + T(20)
+        while sub.poll() is None and time.monotonic() < deadline:
+            juggler("client", url, "pub", "news.today", '{"n": 1}')
+        out, err = sub.communicate(timeout=T(10))
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.communicate()
+    assert sub.returncode == 0, err
+    assert json.loads(out.splitlines()[0]) == {"channel": "news.today", "pattern": "news.*", "args": {"n": 1}}
+
+
+def test_interactive_shell_over_stdin(demo):
+    _, url, _ = demo
+    script = "\n".join(
+        [
+            "call test.echo [1, 2]",
+            "sub news",
+            "psub n*",
+            "pub news {\"a\": 1}",
+            "connect",
+            "@2 call test.reverse \"abc\"",
+            "timeout 100ms",
+            "call test.delay 2000",
+            "wait",
+            "list",
+            "@1 unsb news",
+            "@1 punsb n*",
+            "bogus",
+            "call test.echo not-json",
+            "exit",
+        ]
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "juggler", "client", url], input=script + "\n",
+        capture_output=True, text=True, timeout=T(30), env=env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "[1] connected to" in text and "[2] connected to" in text
+    assert re.search(r"\[1\] RES  test\.echo #1 [\d.]+ ms: \[1, 2\]", text)
+    assert "[1] SUB news: ACK" in text and "[1] PSUB n*: ACK" in text
+    assert '[1] EVNT news: {"a": 1}' in text
+    assert '[1] EVNT news (pattern n*): {"a": 1}' in text
+    assert re.search(r'\[2\] RES  test\.reverse #2 [\d.]+ ms: "cba"', text)
+    assert "[2] EXP  test.delay #3: expired after 0.1 s" in text
+    assert "[1] UNSB news: ACK" in text and "[1] PUNSB n*: ACK" in text
+    assert "error: unknown command 'bogus'" in text
+    assert "error: args must be JSON" in text
+    assert "*[2] open; calls in flight: 0; subscriptions: none" in text
+
+
+def test_load_tester_against_demo(demo):
+    _, url, _ = demo
+    out = juggler("load", "--duration", "2", "--connections", "4", "--json", url, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["calls"] > 0
+    assert r["results"] == r["calls"] == r["acks"]
+    assert r["nacks"] == r["expired"] == r["closed"] == 0
+    assert 2.0 <= r["duration"] < T(10)
+    lat = r["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p75"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+def test_load_tester_fixed_rate_text_report(demo):
+    _, url, _ = demo
+    out = juggler("load", "--duration", "1", "--connections", "2", "--rate", "20", "--uri", "test.delay",
+                  "--payload", "5", url, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    calls = int(re.search(r"^calls: +(\d+)", out.stdout, re.M).group(1))
+    assert 30 <= calls <= 42  # 2 connections x 20/s x 1 s, no catch-up bursts
+    assert re.search(r"^results: +%d " % calls, out.stdout, re.M)
+    for key in ("acks:", "nacks:", "expired:", "duration:", "calls/s:", "latency:"):
+        assert key in out.stdout
+    assert re.search(r"latency: +min [\d.]+ ms  p50 [\d.]+  p75 [\d.]+  p90 [\d.]+  p99 [\d.]+  max [\d.]+", out.stdout)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_config_precedence_flag_env_file_default(tmp_path):
+    cfg = tmp_path / "j.toml"
+    cfg.write_text('redis = "redis://file:1/0"\nport = 1111\n[server]\nport = 2222\nread_limit = 4096\n')
+    values, sources = load("server", {"port": None}, env={}, config_path=str(cfg))
+    assert values["port"] == 2222 and "[server]" in sources["port"]  # the command's table wins
+    assert values["redis"] == "redis://file:1/0" and sources["redis"] == f"file {cfg}"
+    assert values["read_limit"] == 4096
+    assert values["write_queue_size"] == 256 and sources["write_queue_size"] == "default"
+    values, sources = load("server", {"port": None}, env={"JUGGLER_PORT": "3333"}, config_path=str(cfg))
+    assert values["port"] == 3333 and sources["port"] == "env JUGGLER_PORT"
+    values, sources = load("server", {"port": "4444"}, env={"JUGGLER_PORT": "3333"}, config_path=str(cfg))
+    assert values["port"] == 4444 and sources["port"] == "flag --port"
+    values, _ = load("server", {}, env={"JUGGLER_CONFIG": str(cfg)})
+    assert values["port"] == 2222
+
+
+def test_print_config_shows_merged_result(tmp_path):
+    cfg = tmp_path / "j.toml"
+    cfg.write_text('[server]\nwrite_timeout = "500ms"\nport = 1234\n')
+    out = juggler("server", "--config", str(cfg), "--port", "5555", "--print-config",
+                  env=env(JUGGLER_READ_LIMIT="2048"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = {line.split("=")[0].strip(): line for line in out.stdout.splitlines() if "=" in line}
+    assert "port = 5555" in lines["port"] and "flag --port" in lines["port"]
+    assert "read_limit = 2048" in lines["read_limit"] and "env JUGGLER_READ_LIMIT" in lines["read_limit"]
+    assert "write_timeout = 0.5" in lines["write_timeout"] and "file" in lines["write_timeout"]
+    assert "# default" in lines["handshake_timeout"]
+
+
+@pytest.mark.parametrize(
+    "args, extra_env, file_text, message",
+    [
+        (["--port", "abc"], {}, None, "bad value for port (from flag --port): 'abc' is not a whole number"),
+        (["--port", "70000"], {}, None, "bad value for port (from flag --port): 70000 is out of range"),
+        ([], {"JUGGLER_READ_LIMIT": "0"}, None, "bad value for read_limit (from env JUGGLER_READ_LIMIT)"),
+        ([], {"JUGGLER_REDIS_URL": "http://x"}, None, "bad value for redis (from env JUGGLER_REDIS_URL)"),
+        (["--write-timeout", "soon"], {}, None, "'soon' is not a duration"),
+        ([], {}, "port = [", "not valid TOML"),
+        ([], {}, "prot = 1", "unknown setting 'prot'"),
+        ([], {}, "[server]\nworkers = 3", "[server] has no setting 'workers'"),
+        ([], {}, "[servre]\nport = 3", "unknown table [servre]"),
+        ([], {}, '[server]\nport = "x"', "bad value for port (from file"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_status_2(tmp_path, args, extra_env, file_text, message):
+    if file_text is not None:
+        (tmp_path / "bad.toml").write_text(file_text)
+        args = [*args, "--config", str(tmp_path / "bad.toml")]
+    out = juggler("server", *args, "--print-config", env=env(**extra_env))
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file /no/such.toml"):
+        load("server", {}, env={}, config_path="/no/such.toml")
+
+
+def test_python_m_juggler_and_version():
+    out = juggler("--version")
+    assert out.returncode == 0 and out.stdout.startswith("juggler ")
+    out = juggler("--help")
+    for command in ("demo", "server", "callee", "client", "load"):
+        assert command in out.stdout
+
+
+def test_docs_list_every_setting():
+    """docs/settings.inc is what docs/settings_table.py makes of juggler.config today."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("settings_table", ROOT / "docs" / "settings_table.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (ROOT / "docs" / "settings.inc").read_text() == gen.render(), "run: python docs/settings_table.py"
+    assert ".. include:: settings.inc" in (ROOT / "docs" / "cli.rst").read_text()
+
+
+def wait_connections(ws_url: str, n: int, timeout: float = 10) -> None:
+    """Wait until the server's /healthz reports ``n`` open connections."""
+    import urllib.request
+
+    health = ws_url.replace("ws://", "http://").rsplit("/", 1)[0] + "/healthz"
+    deadline = time.monotonic() + T(timeout)
+    while True:
+        with urllib.request.urlopen(health, timeout=T(5)) as r:
+            if json.loads(r.read())["connections"] == n:
+                return
+        assert time.monotonic() < deadline, f"server still has connections other than {n}"
+        time.sleep(0.02)  # a bounded poll of an observable state, not a guess
+
+
+def test_server_cli_limits_take_effect(procs):
+    server = procs("server", "--port", "0", "--max-connections", "2", "--write-limit", "300",
+                   "--log-level", "warning")  # fmt: skip
+    url = server.expect(r"websocket: (ws://\S+)").group(1)
+    redis_url = server.expect(r"redis: +(redis://\S+)").group(1)
+    callee = procs("callee", "--redis", redis_url, "--demo")
+    callee.expect(r"callee: serving")
+    ok = juggler("client", url, "call", "test.echo", '"%s"' % ("x" * 100))
+    assert ok.returncode == 0, ok.stderr
+    big = juggler("client", url, "call", "test.echo", '"%s"' % ("x" * 400))
+    assert big.returncode == 1 and "write limit of 300 bytes" in big.stderr
+    wait_connections(url, 0)  # the one-shot clients' connections are torn down
+    held = [websocket.create_connection(url, subprotocols=["juggler.0"], timeout=T(10)) for _ in range(2)]
+    try:  # both allowed connections are taken: the next handshake gets 503
+        refused = juggler("client", url, "pub", "x", "1")
+        assert refused.returncode == 5 and "503" in refused.stderr
+    finally:
+        for ws in held:
+            ws.close()
+    assert callee.stop() == 0
+    assert server.stop() == 0
+
+
+def test_callee_metrics_port_and_load_metric_deltas(procs):
+    server = procs("server", "--port", "0", "--log-level", "warning")
+    url = server.expect(r"websocket: (ws://\S+)").group(1)
+    redis_url = server.expect(r"redis: +(redis://\S+)").group(1)
+    callee = procs("callee", "--redis", redis_url, "--demo", "--metrics-port", "0")
+    metrics_url = callee.expect(r"metrics: (http://\S+)").group(1)
+    callee.expect(r"callee: serving")
+    metrics_base = url.replace("ws://", "http://").replace("/ws", "")
+    out = juggler("load", "--duration", "1", "--connections", "2", "--json", "--metrics", metrics_base + "/metrics", url, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    deltas = r["server_metrics"]
+    assert deltas['juggler_messages_read_total{type="CALL"}'] == r["calls"]
+    assert deltas['juggler_messages_written_total{type="RES"}'] == r["results"]
+    assert deltas["juggler_call_ack_seconds_count"] == r["calls"]
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=T(10)) as resp:
+        text = resp.read().decode()
+    calls = [l for l in text.splitlines() if l.startswith("juggler_callee_calls_total")]
+    assert calls and float(calls[0].split()[-1]) >= r["calls"]
+    assert callee.stop() == 0
+    assert server.stop() == 0

@@ -1,0 +1,592 @@
+"""The production server: middleware, state hook, limits, slow clients, keepalive, origin, TLS,
+health and metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import websocket
+from prometheus_client.parser import text_string_to_metric_families
+
+from juggler import (
+    Callee,
+    Client,
+    ConnectionClosed,
+    ConnState,
+    Evnt,
+    HandshakeError,
+    Nack,
+    NackError,
+    Pub,
+    RedisBroker,
+    RefuseConnection,
+    RemoteError,
+    Server,
+    chain,
+    log_messages,
+    recover,
+)
+from juggler.metrics import CalleeMetrics
+
+from .conftest import T, free_port
+
+DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StateLog:
+    """An on_state hook that records every state and lets tests wait for closes."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ConnState, int | None, str]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, conn, state: ConnState) -> None:
+        with self.cond:
+            self.events.append((conn.uuid, state, conn.close_code, conn.close_reason))
+            self.cond.notify_all()
+
+    def wait_closed(self, n: int, timeout: float) -> list[tuple[int | None, str]]:
+        """Wait for ``n`` CLOSED states; the (close code, reason) of each so far."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self._closed()) >= n, T(timeout)), self.events
+            return self._closed()
+
+    def _closed(self) -> list[tuple[int | None, str]]:
+        return [(code, reason) for _, s, code, reason in self.events if s is ConnState.CLOSED]
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=T(timeout)) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+
+def base_http(server: Server) -> str:
+    return f"http://{server.host}:{server.port}"
+
+
+def raw_ws(url: str, **kw) -> websocket.WebSocket:
+    return websocket.create_connection(url, subprotocols=["juggler.0"], timeout=T(10), **kw)
+
+
+def read_close(ws: websocket.WebSocket) -> tuple[int, str]:
+    """Read frames until the server's close frame; its code and reason."""
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return struct.unpack(">H", data[:2])[0], data[2:].decode()
+
+
+# -- middleware ------------------------------------------------------------------------------
+
+
+def test_handler_answers_a_request_itself(make_stack):
+    def no_pub(next_handler):
+        def handle(conn, msg):
+            if isinstance(msg, Pub):
+                conn.send(Nack(msg, 403, "forbidden"))
+            else:
+                next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(no_pub))
+    c = stack.client()
+    with pytest.raises(NackError) as info:
+        c.pub("news", 1)
+    assert (info.value.code, info.value.message) == (403, "forbidden")
+    assert c.call("test.echo", 1, timeout=T(5)) == 1
+
+
+def test_outgoing_messages_pass_through_the_handler(make_stack):
+    seen: list[str] = []
+
+    def censor(next_handler):
+        def handle(conn, msg):
+            seen.append(msg.type.name)
+            if isinstance(msg, Evnt) and msg.channel == "secret":
+                return  # dropped: never written
+            next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(censor))
+    c = stack.client()
+    assert c.call("test.echo", 1, timeout=T(5)) == 1
+    secret, public = c.sub("secret"), c.sub("public")
+    c.pub("secret", "s")
+    c.pub("public", "p")
+    assert public.get(T(5)).args == "p"  # published after the secret one: it came through
+    with pytest.raises(TimeoutError):
+        secret.get(0)
+    assert {"CALL", "ACK", "RES", "SUB", "PUB", "EVNT"} <= set(seen)
+
+
+def test_chain_runs_middlewares_in_order(make_stack):
+    order: list[str] = []
+
+    def mark(name):
+        def middleware(next_handler):
+            def handle(conn, msg):
+                order.append(f"{name}:{msg.type.name}")
+                next_handler(conn, msg)
+
+            return handle
+
+        return middleware
+
+    stack = make_stack(handler=chain(mark("a"), mark("b")))
+    stack.client().pub("x", 1)
+    assert order[:2] == ["a:PUB", "b:PUB"] and order[2:4] == ["a:ACK", "b:ACK"]
+
+
+def test_log_messages_logs_both_directions(make_stack, caplog):
+    stack = make_stack(handler=chain(log_messages()))
+    with caplog.at_level(logging.INFO, logger="juggler.messages"):
+        assert stack.client().call("test.echo", 1, timeout=T(5)) == 1
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "juggler.messages")
+    assert "<- CALL" in text and "test.echo" in text
+    assert "-> ACK" in text and "-> RES" in text
+
+
+def test_recover_closes_only_that_connection_with_1011_logged_once(make_stack, caplog):
+    def explode(next_handler):
+        def handle(conn, msg):
+            if getattr(msg, "uri", "") == "boom":
+                raise RuntimeError("handler bug")
+            next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(recover(), explode))
+    bad, good = stack.client(), stack.client()
+    with caplog.at_level(logging.ERROR, logger="juggler.server"):
+        with pytest.raises(ConnectionClosed) as info:
+            bad.call("boom", 1, timeout=T(5))
+    assert info.value.code == 1011 and info.value.reason == "internal server error"
+    assert sum("handler failed" in r.getMessage() for r in caplog.records) == 1
+    assert good.call("test.echo", 2, timeout=T(5)) == 2
+
+
+def test_unrecovered_handler_error_is_contained_too(make_stack):
+    def explode(next_handler):
+        def handle(conn, msg):
+            if getattr(msg, "channel", "") == "boom":
+                raise RuntimeError("handler bug")
+            next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(explode))
+    bad, good = stack.client(), stack.client()
+    with pytest.raises(ConnectionClosed) as info:
+        bad.pub("boom", 1)
+    assert info.value.code == 1011
+    assert good.call("test.echo", 2, timeout=T(5)) == 2
+
+
+def test_handlers_see_headers_address_and_keep_state(make_stack):
+    seen = []
+
+    def count(next_handler):
+        def handle(conn, msg):
+            if msg.type.name in ("CALL", "PUB"):
+                conn.state["n"] = conn.state.get("n", 0) + 1
+                seen.append((conn.request.headers.get("x-team"), conn.remote_addr[0], conn.state["n"]))
+            next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(count))
+    a = stack.client(headers={"X-Team": "red"})
+    b = stack.client(headers={"X-Team": "blue"})
+    a.pub("x", 1)
+    a.pub("x", 2)
+    b.pub("x", 3)
+    assert seen == [("red", "127.0.0.1", 1), ("red", "127.0.0.1", 2), ("blue", "127.0.0.1", 1)]
+
+
+# -- connection states -------------------------------------------------------------------------
+
+
+def test_state_hook_sees_accepting_connected_closed_with_reason(make_stack):
+    log = StateLog()
+    stack = make_stack(on_state=log)
+    c = stack.client()
+    c.close()
+    ws = raw_ws(stack.server.url)
+    try:
+        ws.send("not json")
+        assert read_close(ws)[0] == 1007
+    finally:
+        ws.close()
+    log.wait_closed(2, 10)
+    by_conn: dict[str, list] = {}
+    for uuid, state, code, reason in log.events:
+        by_conn.setdefault(uuid, []).append((state, code, reason))
+    first, second = by_conn.values()  # (dicts keep insertion order: first accepted first)
+    assert [s for s, _, _ in first] == [ConnState.ACCEPTING, ConnState.CONNECTED, ConnState.CLOSED]
+    assert first[-1][1:] == (1000, "")
+    assert [s for s, _, _ in second] == [ConnState.ACCEPTING, ConnState.CONNECTED, ConnState.CLOSED]
+    assert second[-1][1] == 1007 and "JSON" in second[-1][2]
+
+
+def test_state_hook_can_refuse_the_handshake(make_stack):
+    def refuse(conn, state):
+        if state is ConnState.ACCEPTING and conn.request.headers.get("x-token") != "let-me-in":
+            raise RefuseConnection(401, "token required")
+
+    stack = make_stack(on_state=refuse)
+    with pytest.raises(HandshakeError) as info:
+        stack.client()
+    assert info.value.status == 401 and "token required" in str(info.value)
+    assert stack.client(headers={"X-Token": "let-me-in"}).call("test.echo", 1, timeout=T(5)) == 1
+
+
+def test_auth_example(make_stack):
+    spec = importlib.util.spec_from_file_location("auth_example", ROOT / "examples" / "auth.py")
+    auth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(auth)
+    stack = make_stack(on_state=auth.authenticate, handler=chain(recover(), auth.authorize))
+    with pytest.raises(HandshakeError) as info:
+        stack.client()
+    assert info.value.status == 401
+    with pytest.raises(HandshakeError):
+        stack.client(headers={"Authorization": "Bearer wrong"})
+    bob = stack.client(headers={"Authorization": "Bearer bob-token"})
+    assert bob.call("test.echo", "hi", timeout=T(5)) == "hi"
+    with pytest.raises(NackError) as info:
+        bob.call("test.reverse", "hi", timeout=T(5))
+    assert (info.value.code, info.value.message) == (403, "bob may not call test.reverse")
+    with pytest.raises(NackError):
+        bob.pub("news.today", 1)
+    news = bob.sub("news.*", pattern=True)
+    alice = stack.client(headers={"Authorization": "Bearer alice-token"})
+    assert alice.call("test.reverse", "ab", timeout=T(5)) == "ba"
+    alice.pub("news.today", {"by": "alice"})
+    assert news.get(T(5)).args == {"by": "alice"}
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def test_write_limit_turns_a_large_result_into_an_error_and_drops_large_events(make_stack):
+    stack = make_stack(write_limit=2048)
+    c = stack.client()
+    with pytest.raises(RemoteError) as info:
+        c.call("test.echo", "x" * 4096, timeout=T(5))
+    assert "write limit of 2048 bytes" in info.value.message
+    assert c.call("test.echo", "small", timeout=T(5)) == "small"
+    sub = c.sub("big")
+    c.pub("big", "y" * 4096)
+    c.pub("big", "marker")
+    assert sub.get(T(5)).args == "marker"
+
+
+def test_read_limit_default_is_one_mib(stack):
+    assert stack.server.read_limit == 1 << 20
+    ws = raw_ws(stack.server.url)
+    try:
+        ws.send("x" * ((1 << 20) + 1))
+        assert read_close(ws)[0] == 1009
+    finally:
+        ws.close()
+
+
+def test_idle_connection_is_closed(make_stack):
+    stack = make_stack(idle_timeout=0.3, ping_interval=0)
+    ws = raw_ws(stack.server.url)
+    try:
+        code, reason = read_close(ws)
+        assert code == 1001 and "idle timeout" in reason
+    finally:
+        ws.close()
+
+
+def test_keepalive_pings_keep_an_answering_client(make_stack):
+    stack = make_stack(idle_timeout=0.6, ping_interval=0.15)
+    ws = raw_ws(stack.server.url)
+    try:
+        pings = 0
+        while pings < 6:  # ~0.9 s, longer than idle_timeout: websocket-client answers each ping
+            opcode, data = ws.recv_data(control_frame=True)
+            assert opcode == websocket.ABNF.OPCODE_PING, (opcode, data)
+            pings += 1
+        assert len(stack.server.connections) == 1
+    finally:
+        ws.close()
+
+
+def test_client_that_does_not_answer_pings_is_closed(make_stack):
+    log = StateLog()
+    stack = make_stack(idle_timeout=0.5, ping_interval=0.1, on_state=log)
+    ws = raw_ws(stack.server.url)
+    try:  # never read: pings go unanswered
+        assert log.wait_closed(1, 10)[0][0] == 1001
+    finally:
+        ws.close()
+
+
+def test_handshake_timeout(make_stack):
+    stack = make_stack(handshake_timeout=0.3)
+    host, port = stack.server.host, stack.server.port
+    with socket.create_connection((host, port), timeout=T(10)) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\n")  # ...and never the rest
+        assert s.recv(100) == b""  # the server hung up
+
+
+def test_max_connections_gets_503(make_stack):
+    log = StateLog()
+    stack = make_stack(max_connections=2, on_state=log)
+    a = stack.client()
+    stack.client()
+    with pytest.raises(HandshakeError) as info:
+        stack.client()
+    assert info.value.status == 503 and "connection limit" in str(info.value)
+    a.close()
+    log.wait_closed(1, 10)
+    assert stack.client().call("test.echo", 1, timeout=T(5)) == 1
+
+
+def test_slow_client_is_disconnected_and_others_do_not_suffer(make_stack):
+    log = StateLog()
+    stack = make_stack(write_queue_size=8, write_timeout=0.5, on_state=log)
+    # A client that subscribes, then never reads again, with small socket buffers.
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect((stack.server.host, stack.server.port))
+    slow_ws = websocket.WebSocket()
+    slow_ws.sock_opt.timeout = T(10)
+    slow_ws.connect(stack.server.url, socket=slow, subprotocols=["juggler.0"])
+    slow_ws.send(json.dumps({"meta": {"type": 3, "uuid": "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0c"}, "payload": {"channel": "flood"}}))
+    assert json.loads(slow_ws.recv())["meta"]["type"] == 8
+    publisher, caller = stack.client(), stack.client()
+    try:
+        payload = "z" * 65536
+        latencies = []
+        for i in range(60):
+            publisher.pub("flood", payload)
+            started = time.monotonic()
+            assert caller.call("test.echo", i, timeout=T(5)) == i
+            latencies.append(time.monotonic() - started)
+        code, reason = log.wait_closed(1, 10)[0]
+        assert code in (1008, 1006), (code, reason)  # queue full past write_timeout, or a write timed out
+        assert max(latencies) < T(1.0), latencies  # the caller never waited on the slow client
+    finally:
+        slow_ws.shutdown()
+
+
+# -- security ----------------------------------------------------------------------------------
+
+
+def test_origin_allowlist(make_stack):
+    stack = make_stack(allowed_origins=["https://app.example.com", "https://*.example.org"])
+    assert stack.client(headers={"Origin": "https://app.example.com"}).call("test.echo", 1, timeout=T(5)) == 1
+    assert stack.client(headers={"Origin": "https://eu.example.org"}).call("test.echo", 2, timeout=T(5)) == 2
+    assert stack.client().call("test.echo", 3, timeout=T(5)) == 3  # no Origin: not a browser
+    with pytest.raises(HandshakeError) as info:
+        stack.client(headers={"Origin": "https://evil.example.net"})
+    assert info.value.status == 403 and "not allowed" in str(info.value)
+
+
+def test_tls(redis_client):
+    broker = RedisBroker(redis_client)
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("test.echo", lambda a: a)
+    server = Server(broker, certfile=str(DATA / "localhost.crt"), keyfile=str(DATA / "localhost.key"), redis_poll=0.05)
+    assert server.url.startswith("wss://127.0.0.1:")
+    with server, callee:
+        with Client.connect(server.url, sslopt={"ca_certs": str(DATA / "localhost.crt")}, connect_timeout=T(10)) as c:
+            assert c.call("test.echo", "secure", timeout=T(5)) == "secure"
+            c.sub("tls")
+            c.pub("tls", 1)
+        with pytest.raises((HandshakeError, ssl.SSLError, OSError)):  # an untrusted certificate
+            Client.connect(server.url, connect_timeout=T(10))
+        with pytest.raises((HandshakeError, OSError)):  # plain ws:// to a TLS port
+            Client.connect(server.url.replace("wss://", "ws://"), connect_timeout=T(5))
+
+
+# -- health and metrics --------------------------------------------------------------------------
+
+
+def test_healthz(stack):
+    status, ctype, body = http_get(base_http(stack.server) + "/healthz")
+    assert status == 200 and ctype == "application/json"
+    assert json.loads(body) == {"status": "ok", "redis": "ok", "connections": 0}
+
+
+def test_healthz_when_redis_is_down():
+    dead = RedisBroker.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    with Server(dead, redis_poll=0.05) as server:
+        status, _, body = http_get(base_http(server) + "/healthz")
+    dead.close()
+    assert status == 503
+    assert json.loads(body)["status"] == "unavailable" and json.loads(body)["redis"] == "unreachable"
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics(stack):
+    c = stack.client()
+    for i in range(5):
+        c.call("test.echo", i, timeout=T(5))
+    sub = c.sub("m")
+    c.pub("m", 1)
+    sub.get(T(5))
+    status, ctype, body = http_get(base_http(stack.server) + "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    m = metric_samples(body)
+    assert m[("juggler_messages_read_total", (("type", "CALL"),))] == 5
+    assert m[("juggler_messages_read_total", (("type", "PUB"),))] == 1
+    assert m[("juggler_messages_written_total", (("type", "RES"),))] == 5
+    assert m[("juggler_messages_written_total", (("type", "EVNT"),))] == 1
+    assert m[("juggler_connections_active", ())] == 1
+    assert m[("juggler_connections_total", ())] == 1
+    # the websocket's reader, writer, results and pub-sub threads, and the one serving this scrape
+    assert m[("juggler_connection_threads_active", ())] == 5
+    assert m[("juggler_call_ack_seconds_count", ())] == 5
+    assert m[("juggler_result_delivery_seconds_count", ())] == 5
+    for name in ("juggler_expired_results_total", "juggler_failed_event_decodes_total", "juggler_slow_messages_total"):
+        assert (name, ()) in m
+    c.close()
+
+
+def test_callee_metrics_endpoint(redis_client):
+    broker = RedisBroker(redis_client)
+    callee = Callee(broker, workers=2, block=0.05, name="juggler-callee-m")
+    callee.register("test.echo", lambda a: a)
+    metrics = CalleeMetrics(callee)
+    port = metrics.serve(port=0)
+    try:
+        with Server(broker, redis_poll=0.05) as server, callee:
+            with Client.connect(server.url, connect_timeout=T(5)) as c:
+                for i in range(3):
+                    c.call("test.echo", i, timeout=T(5))
+            callee.stats.wait_for(lambda s: s.calls == 3, T(5))
+            status, _, body = http_get(f"http://127.0.0.1:{port}/metrics")
+        m = metric_samples(body)
+        assert status == 200
+        assert m[("juggler_callee_calls_total", (("callee", "juggler-callee-m"),))] == 3
+        assert m[("juggler_callee_workers", (("callee", "juggler-callee-m"),))] == 2
+        assert ("juggler_callee_busy_workers", (("callee", "juggler-callee-m"),)) in m
+        assert http_get(f"http://127.0.0.1:{port}/other")[0] == 404
+    finally:
+        metrics.close()
+
+
+def test_plain_http_to_the_websocket_path_is_426(stack):
+    status, _, body = http_get(base_http(stack.server) + "/ws")
+    assert status == 426 and "websocket endpoint" in body
+
+
+def test_deeply_nested_request_closes_1007_even_through_recover(make_stack, caplog):
+    import sys
+
+    stack = make_stack(handler=chain(recover()), read_limit=1 << 16)
+    depth = sys.getrecursionlimit() - 20  # decodes, but cannot be encoded again to publish it
+    ws = raw_ws(stack.server.url)
+    try:
+        with caplog.at_level(logging.ERROR, logger="juggler.server"):
+            ws.send('{"meta":{"type":2,"uuid":"797b5a8e-1b6d-4a4e-9a3b-0a6f1f0f7c11"},"payload":{"channel":"c","args":'
+                    + "[" * depth + "]" * depth + "}}")  # fmt: skip
+            code, reason = read_close(ws)
+    finally:
+        ws.close()
+    assert code == 1007 and "nested too deeply" in reason
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_max_connections_holds_with_handshakes_in_flight(make_stack):
+    """The limit counts handshakes that passed their checks too: a slow ACCEPTING hook (an
+    auth lookup) cannot let concurrent handshakes through together."""
+    gate = threading.Event()
+
+    def slow_hook(conn, state):
+        if state is ConnState.ACCEPTING:
+            gate.wait(T(5))
+
+    stack = make_stack(max_connections=2, on_state=slow_hook)
+    results: list = []
+
+    def connect():
+        try:
+            results.append(Client.connect(stack.server.url, connect_timeout=T(10)))
+        except HandshakeError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=connect, name=f"test-connect-{i}") for i in range(6)]
+    for t in threads:
+        t.start()
+    # the four over the limit are refused while the first two still wait in the hook
+    deadline = time.monotonic() + T(10)
+    while sum(isinstance(r, HandshakeError) for r in results) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)  # a bounded poll of the refusals, which arrive on their own threads
+    gate.set()
+    for t in threads:
+        t.join(T(10))
+    clients = [r for r in results if isinstance(r, Client)]
+    refused = [r for r in results if isinstance(r, HandshakeError)]
+    try:
+        assert len(clients) == 2 and len(refused) == 4
+        assert all(r.status == 503 for r in refused)
+        assert len(stack.server.connections) == 2
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_ack_over_the_write_limit_is_sent_without_its_channel(make_stack):
+    stack = make_stack(write_limit=2000)
+    c = stack.client()
+    long_channel = "c" * 1950
+    c.sub(long_channel)  # answered (it raises on NACK or no answer), though an ACK repeating
+    c.pub(long_channel, 1)  # the channel would not fit; (its EVNT would not either: dropped)
+    ws = raw_ws(stack.server.url)
+    try:
+        ws.send(json.dumps({"meta": {"type": 3, "uuid": "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0d"}, "payload": {"channel": long_channel}}))
+        reply = json.loads(ws.recv())
+        assert reply["meta"]["type"] == 8
+        assert reply["payload"] == {"for": "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0d", "for_type": 3}
+    finally:
+        ws.close()
+
+
+def test_failed_thread_start_does_not_leak_a_slot(make_stack, monkeypatch):
+    stack = make_stack()
+    real_start = threading.Thread.start
+    failed = []
+
+    def start_once_failing(self):
+        if self.name.startswith("juggler-conn-127.0.0.1") and not failed:
+            failed.append(self.name)
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
+    with pytest.raises(HandshakeError) as info:
+        stack.client()
+    assert info.value.status == 503 and failed
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert stack.client().call("test.echo", 1, timeout=T(5)) == 1
+    assert stack.server.connection_thread_count() == 4  # the failed thread was not counted
