@@ -22,12 +22,12 @@ from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 from .broker import Broker
-from .conn import Conn, process_msg
+from .conn import CLOSE_GOING_AWAY, Conn, process_msg
 from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import Handler
-from .wsframes import HandshakeRequest, SocketReader, Stopped, accept_key, http_response, valid_key
+from .wsframes import HandshakeRequest, SocketReader, Stopped, accept_key, encode_close, http_response, valid_key
 
 
 def _import_websocket_server() -> Any:
@@ -179,9 +179,16 @@ class _Handler(websocket_server.WebSocketHandler):
         """Finish the handshake: the open connection, or ``None`` (refused, or the client went
         away) with its redis resources released."""
         conn = Conn(jserver, sock, self.client_address, request, allowed, reader)
-        if self._accept(jserver, sock, conn, request, protocol) and jserver._conn_opened(conn):
-            reader.keep_going = lambda: conn.keep_reading() and not jserver._hard_stop
-            return conn
+        if self._accept(jserver, sock, conn, request, protocol):
+            if jserver._conn_opened(conn):
+                reader.keep_going = lambda: conn.keep_reading() and not jserver._hard_stop
+                return conn
+            # The server began shutting down between the 101 and registering the connection,
+            # so shutdown() did not see it: the client still gets its 1001, not a bare EOF.
+            try:
+                sock.sendall(encode_close(CLOSE_GOING_AWAY, "server shutting down"))
+            except OSError:
+                pass
         conn.release()
         return None
 

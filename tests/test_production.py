@@ -258,6 +258,32 @@ def test_state_hook_can_refuse_the_handshake(make_stack):
     assert stack.client(headers={"X-Token": "let-me-in"}).call("test.echo", 1, timeout=T(5)) == 1
 
 
+def test_connection_opened_during_shutdown_still_gets_going_away(make_stack):
+    # Shutdown begins between the ACCEPTING hook and the 101: shutdown() cannot see the
+    # connection yet, but its client must still get 1001, not a bare end of stream.
+    stack = None
+    stopper: list[threading.Thread] = []
+
+    def shut_down_now(conn, state):
+        if state is ConnState.ACCEPTING:
+            t = threading.Thread(target=stack.server.shutdown, name="juggler-test-shutdown")
+            t.start()
+            stopper.append(t)
+            deadline = time.monotonic() + T(10)
+            while not stack.server._stopping:  # shutdown() sets it first thing, then blocks
+                assert time.monotonic() < deadline, "shutdown did not start"
+                time.sleep(0.001)
+
+    stack = make_stack(on_state=shut_down_now)
+    ws = raw_ws(stack.server.url)
+    try:
+        assert read_close(ws) == (1001, "server shutting down")
+    finally:
+        ws.close()
+        stopper[0].join(T(10))
+    assert not stopper[0].is_alive()
+
+
 def test_auth_example(make_stack):
     spec = importlib.util.spec_from_file_location("auth_example", ROOT / "examples" / "auth.py")
     auth = importlib.util.module_from_spec(spec)
