@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 from .broker import Broker
-from .conn import CLOSE_GOING_AWAY, Conn, process_msg
+from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, Conn, process_msg
 from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -104,7 +104,9 @@ class ConnState(enum.Enum):
     #: The websocket is open and its threads run.
     CONNECTED = "connected"
     #: The connection is over (``conn.close_code``, ``conn.close_reason`` say why) and every
-    #: thread and redis connection of it is released.
+    #: thread and redis connection of it is released. Every connection the hook accepted
+    #: ends with CLOSED, also one that never opened (the 101 could not be sent, or the
+    #: server was shutting down): it skips CONNECTED.
     CLOSED = "closed"
 
 
@@ -164,37 +166,51 @@ class _Handler(websocket_server.WebSocketHandler):
         except _Refused as exc:
             self._refuse(sock, exc)
             return
-        try:
-            conn = self._open(jserver, sock, request, reader, allowed, protocol)
-        except BaseException:
-            jserver._release_slot()
-            raise
-        if conn is None:
-            jserver._release_slot()  # refused or failed before it opened
-            return
-        conn.run()  # its teardown gives the slot back (Server._conn_closed)
+        conn = self._open(jserver, sock, request, reader, allowed, protocol)
+        if conn is not None:
+            conn.run()  # its teardown gives the slot back (Server._conn_closed)
 
     def _open(self, jserver: "Server", sock: socket.socket, request: HandshakeRequest, reader: SocketReader,
               allowed: frozenset[MessageType], protocol: Optional[str]) -> Optional[Conn]:  # fmt: skip
         """Finish the handshake: the open connection, or ``None`` (refused, or the client went
-        away) with its redis resources released."""
-        conn = Conn(jserver, sock, self.client_address, request, allowed, reader)
-        if self._accept(jserver, sock, conn, request, protocol):
-            if jserver._conn_opened(conn):
+        away). Unless it returns an open connection, it gives back the connection slot and the
+        connection's redis resources, and a connection the hook accepted is announced CLOSED."""
+        try:
+            conn = Conn(jserver, sock, self.client_address, request, allowed, reader)
+        except BaseException:
+            jserver._release_slot()
+            raise
+        accepted = opened = False
+        try:
+            accepted = self._accepted(jserver, sock, conn)
+            if not accepted:
+                return None
+            if not self._switch_protocols(sock, request, protocol):
+                conn.close(CLOSE_ABNORMAL, "connection lost during the handshake")
+            elif jserver._conn_opened(conn):
+                opened = True
                 reader.keep_going = lambda: conn.keep_reading() and not jserver._hard_stop
                 return conn
-            # The server began shutting down between the 101 and registering the connection,
-            # so shutdown() did not see it: the client still gets its 1001, not a bare EOF.
-            try:
-                sock.sendall(encode_close(CLOSE_GOING_AWAY, "server shutting down"))
-            except OSError:
-                pass
-        conn.release()
-        return None
+            else:
+                # The server began shutting down between the 101 and registering the
+                # connection, so shutdown() did not see it: its client still gets 1001.
+                conn.close(CLOSE_GOING_AWAY, "server shutting down")
+                try:
+                    sock.sendall(encode_close(CLOSE_GOING_AWAY, "server shutting down"))
+                except OSError:
+                    pass
+            return None
+        finally:
+            if not opened:
+                try:
+                    conn.release()
+                finally:
+                    jserver._release_slot()
+                if accepted:  # the hook let it in: it hears how it ended, as for any other
+                    jserver._notify(conn, ConnState.CLOSED)
 
-    def _accept(self, jserver: "Server", sock: socket.socket, conn: Conn, request: HandshakeRequest,
-                protocol: Optional[str]) -> bool:  # fmt: skip
-        """The ACCEPTING hook, then the 101 response; whether both went through."""
+    def _accepted(self, jserver: "Server", sock: socket.socket, conn: Conn) -> bool:
+        """The ACCEPTING hook; whether it let the connection in (if not, the refusal is sent)."""
         try:
             jserver._notify(conn, ConnState.ACCEPTING)
         except RefuseConnection as exc:
@@ -204,6 +220,11 @@ class _Handler(websocket_server.WebSocketHandler):
             jserver.logger.exception("on_state hook failed accepting %s", self.client_address)
             self._refuse(sock, _Refused(500, "Internal Server Error", "internal server error"))
             return False
+        return True
+
+    @staticmethod
+    def _switch_protocols(sock: socket.socket, request: HandshakeRequest, protocol: Optional[str]) -> bool:
+        """Send the 101 response; whether it went out."""
         headers = {
             "Upgrade": "websocket",
             "Connection": "Upgrade",

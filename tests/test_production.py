@@ -263,8 +263,10 @@ def test_connection_opened_during_shutdown_still_gets_going_away(make_stack):
     # connection yet, but its client must still get 1001, not a bare end of stream.
     stack = None
     stopper: list[threading.Thread] = []
+    log = StateLog()
 
     def shut_down_now(conn, state):
+        log(conn, state)
         if state is ConnState.ACCEPTING:
             t = threading.Thread(target=stack.server.shutdown, name="juggler-test-shutdown")
             t.start()
@@ -282,6 +284,28 @@ def test_connection_opened_during_shutdown_still_gets_going_away(make_stack):
         ws.close()
         stopper[0].join(T(10))
     assert not stopper[0].is_alive()
+    # The hook accepted it, so it hears how it ended, though it never saw CONNECTED.
+    assert [e[1:] for e in log.events] == [
+        (ConnState.ACCEPTING, None, ""),
+        (ConnState.CLOSED, 1001, "server shutting down"),
+    ]
+
+
+def test_connection_lost_before_the_101_is_announced_closed(make_stack):
+    log = StateLog()
+
+    def cut_off(conn, state):
+        log(conn, state)
+        if state is ConnState.ACCEPTING and len(log.events) == 1:
+            conn._sock.shutdown(socket.SHUT_WR)  # the first connection's 101 cannot be sent
+
+    stack = make_stack(on_state=cut_off, max_connections=1)  # the client below needs its slot back
+    with pytest.raises(websocket.WebSocketException):
+        raw_ws(stack.server.url)
+    assert log.wait_closed(1, 10) == [(1006, "connection lost during the handshake")]
+    assert [e[1] for e in log.events] == [ConnState.ACCEPTING, ConnState.CLOSED]
+    assert stack.server.connections == []
+    assert stack.client().call("test.echo", "still serving", timeout=T(5)) == "still serving"
 
 
 def test_auth_example(make_stack):
@@ -480,6 +504,9 @@ def test_metrics(stack):
     sub = c.sub("m")
     c.pub("m", 1)
     sub.get(T(5))
+    # Messages are counted once written; this ACK is written after the EVNT, so by the time
+    # it arrives the EVNT and every RES before it are counted.
+    c.unsb("m")
     status, ctype, body = http_get(base_http(stack.server) + "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     m = metric_samples(body)
