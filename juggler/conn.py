@@ -381,6 +381,7 @@ class Conn:
                 if data is None:
                     continue
                 self._write(encode_frame(OP_TEXT, data))
+                self.server.stats.incr(f"write_{item.type.name}")  # counted once it went out
                 popped = self._res_popped.pop(item.uuid, None) if item.type is MessageType.RES else None
                 if popped is not None:
                     self.server.metrics.result_delivery.observe(time.monotonic() - popped)

@@ -659,7 +659,6 @@ class Server:
             else:  # an EVNT: dropped
                 return None
             data = encode(msg).encode("utf-8")
-        self.stats.incr(f"write_{msg.type.name}")
         return data
 
 

@@ -83,6 +83,12 @@ def test_nack_for_call_without_uri(stack):
     assert info.value.code == 400
 
 
+def written_so_far(c: Client) -> None:
+    """Return once the server has counted every message it wrote to ``c`` before now: a
+    message is counted just after it is written, and this PUB's ACK is written after them."""
+    c.pub("test.sync", None)
+
+
 def test_slow_callee_gives_call_expired_and_no_late_result(stack):
     c = stack.client()
     with pytest.raises(CallExpired):
@@ -91,6 +97,7 @@ def test_slow_callee_gives_call_expired_and_no_late_result(stack):
     assert stack.callee.stats.wait_for(lambda s: s.expired >= 1 and s.busy == 0, T(5))
     # results are delivered in the order they were stored: a late RES would come first
     assert c.call("test.echo", "after", timeout=T(5)) == "after"
+    written_so_far(c)
     assert stack.server.stats.snapshot().get("write_RES") == 1
 
 
@@ -101,6 +108,7 @@ def test_server_drops_expired_results(stack):
     # a result whose timeout key is gone has expired: the server must not forward it
     stack.redis.lpush(results_key(conn.uuid), ResultPayload(conn.uuid, juggler.message.new_uuid(), "x", 1).to_json())
     assert c.call("test.echo", "fresh", timeout=T(5)) == "fresh"
+    written_so_far(c)
     stats = stack.server.stats.snapshot()
     assert stats.get("expired_results") == 1
     assert stats.get("write_RES") == 2  # "first" and "fresh", not the expired one
