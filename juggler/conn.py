@@ -242,11 +242,15 @@ class Conn:
         return sum(t.is_alive() for t in self._threads)
 
     def release(self) -> None:
-        """Free the redis resources of a connection that never ran (a refused handshake)."""
-        if self._pubsub is not None:
-            self._pubsub.close()
-        if self._results is not None:
-            self._results.close()
+        """Close this connection's redis connections (its own results and pub-sub ones).
+        Never raises: a failure to close one is logged and the other is still closed."""
+        for what, resource in (("pub-sub", self._pubsub), ("results", self._results)):
+            if resource is None:
+                continue
+            try:
+                resource.close()
+            except Exception:
+                self.logger.exception("connection %s: could not close its %s redis connection", self.uuid, what)
 
     # -- threads --
 
@@ -281,10 +285,8 @@ class Conn:
                 t.join()
         finally:
             try:
-                if self._pubsub is not None:
-                    self._pubsub.close()
+                self.release()
                 if self._results is not None:
-                    self._results.close()
                     self.server.broker.discard_results(self.uuid)
             except BrokerError as exc:
                 self.logger.warning("connection %s: could not delete its result list: %s", self.uuid, exc)

@@ -27,7 +27,7 @@ from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import Handler
-from .wsframes import HandshakeRequest, SocketReader, Stopped, accept_key, encode_close, http_response, valid_key
+from .wsframes import HandshakeRequest, SocketReader, Stopped, accept_key, http_response, valid_key
 
 
 def _import_websocket_server() -> Any:
@@ -105,8 +105,8 @@ class ConnState(enum.Enum):
     CONNECTED = "connected"
     #: The connection is over (``conn.close_code``, ``conn.close_reason`` say why) and every
     #: thread and redis connection of it is released. Every connection the hook accepted
-    #: ends with CLOSED, also one that never opened (the 101 could not be sent, or the
-    #: server was shutting down): it skips CONNECTED.
+    #: ends with CLOSED, also one that never opened (the 101 could not be written, or the
+    #: server began shutting down just after it): it skips CONNECTED.
     CLOSED = "closed"
 
 
@@ -172,42 +172,38 @@ class _Handler(websocket_server.WebSocketHandler):
 
     def _open(self, jserver: "Server", sock: socket.socket, request: HandshakeRequest, reader: SocketReader,
               allowed: frozenset[MessageType], protocol: Optional[str]) -> Optional[Conn]:  # fmt: skip
-        """Finish the handshake: the open connection, or ``None`` (refused, or the client went
-        away). Unless it returns an open connection, it gives back the connection slot and the
+        """Finish the handshake: the connection to run, or ``None`` (refused, or the client went
+        away). Unless it returns a connection, it gives back the connection slot and the
         connection's redis resources, and a connection the hook accepted is announced CLOSED."""
         try:
             conn = Conn(jserver, sock, self.client_address, request, allowed, reader)
         except BaseException:
             jserver._release_slot()
             raise
-        accepted = opened = False
+        accepted = handed_over = False
         try:
             accepted = self._accepted(jserver, sock, conn)
             if not accepted:
                 return None
             if not self._switch_protocols(sock, request, protocol):
                 conn.close(CLOSE_ABNORMAL, "connection lost during the handshake")
-            elif jserver._conn_opened(conn):
-                opened = True
-                reader.keep_going = lambda: conn.keep_reading() and not jserver._hard_stop
-                return conn
-            else:
-                # The server began shutting down between the 101 and registering the
-                # connection, so shutdown() did not see it: its client still gets 1001.
+                return None
+            if not jserver._conn_opened(conn):
+                # Shutdown began between the 101 and registering the connection, so
+                # shutdown() did not see it: it closes like the others, with 1001 and the
+                # close handshake, and its teardown gives the slot back and announces CLOSED.
                 conn.close(CLOSE_GOING_AWAY, "server shutting down")
-                try:
-                    sock.sendall(encode_close(CLOSE_GOING_AWAY, "server shutting down"))
-                except OSError:
-                    pass
-            return None
+            reader.keep_going = lambda: conn.keep_reading() and not jserver._hard_stop
+            handed_over = True
+            return conn
         finally:
-            if not opened:
+            if not handed_over:
                 try:
                     conn.release()
                 finally:
                     jserver._release_slot()
-                if accepted:  # the hook let it in: it hears how it ended, as for any other
-                    jserver._notify(conn, ConnState.CLOSED)
+                    if accepted:  # the hook let it in: it hears how it ended, as for any other
+                        jserver._notify(conn, ConnState.CLOSED)
 
     def _accepted(self, jserver: "Server", sock: socket.socket, conn: Conn) -> bool:
         """The ACCEPTING hook; whether it let the connection in (if not, the refusal is sent)."""

@@ -284,6 +284,7 @@ def test_connection_opened_during_shutdown_still_gets_going_away(make_stack):
         ws.close()
         stopper[0].join(T(10))
     assert not stopper[0].is_alive()
+    assert stack.server._slots == 0
     # The hook accepted it, so it hears how it ended, though it never saw CONNECTED.
     assert [e[1:] for e in log.events] == [
         (ConnState.ACCEPTING, None, ""),
@@ -291,19 +292,40 @@ def test_connection_opened_during_shutdown_still_gets_going_away(make_stack):
     ]
 
 
-def test_connection_lost_before_the_101_is_announced_closed(make_stack):
+def failing_close(close, name: str, closed: list[str]):
+    """``close``, recording ``name`` in ``closed``; the pub-sub one then raises."""
+
+    def wrapper() -> None:
+        close()
+        closed.append(name)
+        if name == "_pubsub":
+            raise RuntimeError("cannot close")
+
+    return wrapper
+
+
+def test_connection_lost_before_the_101_is_announced_closed(make_stack, caplog):
     log = StateLog()
+    closed: list[str] = []
 
     def cut_off(conn, state):
         log(conn, state)
         if state is ConnState.ACCEPTING and len(log.events) == 1:
             conn._sock.shutdown(socket.SHUT_WR)  # the first connection's 101 cannot be sent
+            # and closing its pub-sub redis connection fails: the other one is still closed
+            for name in ("_pubsub", "_results"):
+                resource = getattr(conn, name)
+                resource.close = failing_close(resource.close, name, closed)
 
     stack = make_stack(on_state=cut_off, max_connections=1)  # the client below needs its slot back
     with pytest.raises(websocket.WebSocketException):
         raw_ws(stack.server.url)
     assert log.wait_closed(1, 10) == [(1006, "connection lost during the handshake")]
     assert [e[1] for e in log.events] == [ConnState.ACCEPTING, ConnState.CLOSED]
+    assert sorted(closed) == ["_pubsub", "_results"]
+    assert [r.getMessage() for r in caplog.records if "could not close" in r.getMessage()] == [
+        f"connection {log.events[0][0]}: could not close its pub-sub redis connection"
+    ]
     assert stack.server.connections == []
     assert stack.client().call("test.echo", "still serving", timeout=T(5)) == "still serving"
 
