@@ -16,9 +16,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
-import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,7 @@ from .message import (
     encode,
     result_error_message,
 )
+from .wsframes import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, SocketIO, SocketReader, Stopped, encode_close, encode_frame
 
 __all__ = ["Client", "Subscription"]
 
@@ -178,6 +180,12 @@ class Client:
         logger: Optional[logging.Logger] = None,
     ) -> None:
         self.ws = ws
+        # websocket-client made the connection and the handshake; frames are ours. SocketIO
+        # keeps the reader's and the writer's calls into a TLS socket apart, which
+        # websocket-client's recv and send would not.
+        self._io = SocketIO(ws.sock)
+        self._frames = FrameReader(SocketReader(self._io, lambda: True, poll_interval=1.0), limit=sys.maxsize, masked=False)
+        self._close_sent = False
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout
         self.close_timeout = close_timeout
@@ -365,10 +373,13 @@ class Client:
                 return
             try:
                 if item is _END:
-                    self.ws.send_close(websocket.STATUS_NORMAL, b"")
+                    self._send_close(1000)
                     return
-                self.ws.send(item[1])
-            except (websocket.WebSocketException, OSError) as exc:
+                if isinstance(item, bytes):  # a pong
+                    self._io.sendall(item)
+                    continue
+                self._io.sendall(encode_frame(OP_TEXT, item[1].encode("utf-8"), os.urandom(4)))
+            except OSError as exc:
                 if not self._closing:
                     self.logger.debug("client %d: send failed: %s", self.id, exc)
                 # A frame may be half written: the connection is unusable. The reader ends,
@@ -423,22 +434,41 @@ class Client:
         else:
             self.logger.warning("client %d: ignoring client-side message %s from server", self.id, msg.type.name)
 
+    def _send_close(self, code: int) -> None:
+        """Send a close frame, once (the writer's, or the reply to the server's)."""
+        with self._close_lock:
+            if self._close_sent:
+                return
+            self._close_sent = True
+        self._io.sendall(encode_close(code, "", os.urandom(4)))
+
     def _read_loop(self) -> None:
         code, reason = 1006, "connection lost"
         try:
             while True:
                 try:
-                    opcode, data = self.ws.recv_data()
-                except (websocket.WebSocketException, OSError, ValueError) as exc:
+                    opcode, data = self._frames.read()
+                except Stopped as exc:
                     if self._closing:
                         code, reason = 1000, "client closed"
                     else:
-                        reason = f"connection lost: {exc}" if str(exc) else reason
+                        reason = f"connection lost: {exc}"
                     return
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                except ProtocolError as exc:
+                    self.logger.warning("client %d: server broke the websocket protocol: %s", self.id, exc.reason)
+                    code, reason = exc.close_code, f"protocol error: {exc.reason}"
+                    self._reply_close(exc.close_code)
+                    return
+                if opcode == OP_CLOSE:
                     code, reason = _parse_close(data)
+                    self._reply_close(1000)
                     return
-                if opcode != websocket.ABNF.OPCODE_TEXT:
+                if opcode == OP_PING:
+                    self._outbox.put(encode_frame(OP_PONG, data, os.urandom(4)))
+                    continue
+                if opcode == OP_PONG:
+                    continue
+                if opcode != OP_TEXT:
                     self.logger.warning("client %d: ignoring non-text frame (opcode %d)", self.id, opcode)
                     continue
                 try:
@@ -481,15 +511,18 @@ class Client:
         for sub in subs:
             sub._finish(None if normal else closed)
         self._kill_socket()
+        self._writer.join()  # it ends: _STOP is queued and the socket is shut down
+        self.ws.shutdown()  # closes the socket, now that nothing uses it
+
+    def _reply_close(self, code: int) -> None:
+        try:
+            self._send_close(code)
+        except OSError:
+            pass  # the server is gone already
 
     def _kill_socket(self) -> None:
-        sock = self.ws.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.ws.shutdown()
+        """Shut the socket down: the reader and the writer wake and end."""
+        self._io.shutdown()
 
     def close(self) -> None:
         """Close the connection (code 1000) and join the client's threads. Idempotent.

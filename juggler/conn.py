@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -52,6 +51,7 @@ from .wsframes import (
     OP_TEXT,
     FrameReader,
     HandshakeRequest,
+    SocketIO,
     SocketReader,
     Stopped,
     encode_close,
@@ -92,7 +92,7 @@ class Conn:
     def __init__(
         self,
         server: "Server",
-        sock: socket.socket,
+        io: SocketIO,
         remote_addr: Any,
         request: HandshakeRequest,
         allowed: frozenset[MessageType],
@@ -113,11 +113,10 @@ class Conn:
         self.close_reason = ""
         self.logger = server.logger
 
-        self._sock = sock
+        self._io = io
         self._socket_reader = reader
         self._frames = FrameReader(reader, server.read_limit)
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=server.write_queue_size)
-        self._write_lock = threading.Lock()
         self._close_lock = threading.Lock()
         # Held from storing a CALL until its ACK is queued, and while queueing a RES: so a
         # CALL's ACK is always written before its RES, however fast the callee.
@@ -182,8 +181,7 @@ class Conn:
             return False
 
     def _write(self, data: bytes) -> None:
-        with self._write_lock:
-            self._sock.sendall(data)
+        self._io.sendall(data)
 
     # -- closing --
 
@@ -294,10 +292,7 @@ class Conn:
                 self.server._conn_closed(self)
 
     def _shutdown_socket(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._io.shutdown()
 
     def _read_loop(self) -> None:
         while True:

@@ -27,7 +27,7 @@ from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import Handler
-from .wsframes import HandshakeRequest, SocketReader, Stopped, accept_key, http_response, valid_key
+from .wsframes import HandshakeRequest, SocketIO, SocketReader, Stopped, accept_key, http_response, valid_key
 
 
 def _import_websocket_server() -> Any:
@@ -150,42 +150,42 @@ class _Handler(websocket_server.WebSocketHandler):
                 sock.close()
 
     def _serve(self, jserver: "Server", sock: socket.socket) -> None:
-        sock.settimeout(jserver.write_timeout)  # bounds sendall; reads poll instead
+        io = SocketIO(sock, jserver.write_timeout)  # from here on, every read and write goes through it
         deadline = time.monotonic() + jserver.handshake_timeout
-        reader = SocketReader(sock, lambda: time.monotonic() < deadline and not jserver._stopping, jserver.poll_interval)
+        reader = SocketReader(io, lambda: time.monotonic() < deadline and not jserver._stopping, jserver.poll_interval)
         try:
             request = HandshakeRequest.parse(reader.read_until(b"\r\n\r\n", 16384))
-            if jserver._serve_http(sock, request):
+            if jserver._serve_http(io, request):
                 return
             allowed, protocol = jserver._check_handshake(request)
         except Stopped:
             return
         except ProtocolError as exc:
-            self._refuse(sock, _Refused(400, "Bad Request", f"bad handshake: {exc.reason}"))
+            self._refuse(io, _Refused(400, "Bad Request", f"bad handshake: {exc.reason}"))
             return
         except _Refused as exc:
-            self._refuse(sock, exc)
+            self._refuse(io, exc)
             return
-        conn = self._open(jserver, sock, request, reader, allowed, protocol)
+        conn = self._open(jserver, io, request, reader, allowed, protocol)
         if conn is not None:
             conn.run()  # its teardown gives the slot back (Server._conn_closed)
 
-    def _open(self, jserver: "Server", sock: socket.socket, request: HandshakeRequest, reader: SocketReader,
+    def _open(self, jserver: "Server", io: SocketIO, request: HandshakeRequest, reader: SocketReader,
               allowed: frozenset[MessageType], protocol: Optional[str]) -> Optional[Conn]:  # fmt: skip
         """Finish the handshake: the connection to run, or ``None`` (refused, or the client went
         away). Unless it returns a connection, it gives back the connection slot and the
         connection's redis resources, and a connection the hook accepted is announced CLOSED."""
         try:
-            conn = Conn(jserver, sock, self.client_address, request, allowed, reader)
+            conn = Conn(jserver, io, self.client_address, request, allowed, reader)
         except BaseException:
             jserver._release_slot()
             raise
         accepted = handed_over = False
         try:
-            accepted = self._accepted(jserver, sock, conn)
+            accepted = self._accepted(jserver, io, conn)
             if not accepted:
                 return None
-            if not self._switch_protocols(sock, request, protocol):
+            if not self._switch_protocols(io, request, protocol):
                 conn.close(CLOSE_ABNORMAL, "connection lost during the handshake")
                 return None
             if not jserver._conn_opened(conn):
@@ -205,21 +205,21 @@ class _Handler(websocket_server.WebSocketHandler):
                     if accepted:  # the hook let it in: it hears how it ended, as for any other
                         jserver._notify(conn, ConnState.CLOSED)
 
-    def _accepted(self, jserver: "Server", sock: socket.socket, conn: Conn) -> bool:
+    def _accepted(self, jserver: "Server", io: SocketIO, conn: Conn) -> bool:
         """The ACCEPTING hook; whether it let the connection in (if not, the refusal is sent)."""
         try:
             jserver._notify(conn, ConnState.ACCEPTING)
         except RefuseConnection as exc:
-            self._refuse(sock, _Refused(exc.status, exc.status_text, exc.reason))
+            self._refuse(io, _Refused(exc.status, exc.status_text, exc.reason))
             return False
         except Exception:
             jserver.logger.exception("on_state hook failed accepting %s", self.client_address)
-            self._refuse(sock, _Refused(500, "Internal Server Error", "internal server error"))
+            self._refuse(io, _Refused(500, "Internal Server Error", "internal server error"))
             return False
         return True
 
     @staticmethod
-    def _switch_protocols(sock: socket.socket, request: HandshakeRequest, protocol: Optional[str]) -> bool:
+    def _switch_protocols(io: SocketIO, request: HandshakeRequest, protocol: Optional[str]) -> bool:
         """Send the 101 response; whether it went out."""
         headers = {
             "Upgrade": "websocket",
@@ -229,17 +229,17 @@ class _Handler(websocket_server.WebSocketHandler):
         if protocol:
             headers["Sec-WebSocket-Protocol"] = protocol
         try:
-            sock.sendall(http_response(101, "Switching Protocols", headers))
+            io.sendall(http_response(101, "Switching Protocols", headers))
         except OSError:
             return False
         return True
 
-    def _refuse(self, sock: socket.socket, exc: _Refused) -> None:
+    def _refuse(self, io: SocketIO, exc: _Refused) -> None:
         jserver: Server = self.server.juggler
         jserver.stats.incr(f"refused_{exc.status}")
         jserver.logger.info("refused handshake from %s: %d %s", self.client_address, exc.status, exc.text)
         try:
-            sock.sendall(http_response(exc.status, exc.reason, exc.headers, exc.text + "\n"))
+            io.sendall(http_response(exc.status, exc.reason, exc.headers, exc.text + "\n"))
         except OSError:
             pass
 
@@ -610,7 +610,7 @@ class Server:
 
     # -- plain HTTP: health and metrics --
 
-    def _serve_http(self, sock: socket.socket, req: HandshakeRequest) -> bool:
+    def _serve_http(self, io: SocketIO, req: HandshakeRequest) -> bool:
         """Answer ``GET /healthz`` and ``GET /metrics`` (not websocket upgrades); whether it did."""
         path = req.path.split("?", 1)[0]
         if not self.http_endpoints or req.method not in ("GET", "HEAD") or path not in ("/healthz", "/metrics"):
@@ -624,7 +624,7 @@ class Server:
         if req.method == "HEAD":
             response = response[: response.index(b"\r\n\r\n") + 4]
         try:
-            sock.sendall(response)
+            io.sendall(response)
         except OSError:
             pass
         return True

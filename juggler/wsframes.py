@@ -1,10 +1,13 @@
-"""Websocket framing (RFC 6455) for the server side, on a plain blocking socket.
+"""Websocket framing (RFC 6455), mostly for the server side, on a blocking socket.
 
 ``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
 has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
 the pieces our :class:`~juggler.server.Server` uses instead: a buffered reader that polls, so a
 closing or stopping connection is noticed without a read timeout corrupting a half-read frame;
 reassembly of fragmented messages under a size limit; a word-wide unmask; and frame encoding.
+:class:`SocketIO` keeps a TLS connection's reads and writes apart. The
+:class:`~juggler.client.Client` reads and writes its frames with the same pieces, after
+``websocket-client`` has made the connection and the handshake.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import base64
 import hashlib
 import select
 import socket
+import ssl
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +33,7 @@ __all__ = [
     "OP_PING",
     "OP_PONG",
     "Stopped",
+    "SocketIO",
     "SocketReader",
     "FRAGMENT_COST",
     "FrameReader",
@@ -61,20 +67,106 @@ class Stopped(Exception):
     """The reader was told to stop (its ``keep_going`` returned false) or the peer went away."""
 
 
-class SocketReader:
-    """Buffered reads from a blocking socket that poll every ``poll_interval`` seconds.
+class SocketIO:
+    """Reads and writes on one socket, from a reader thread and a writer thread at once.
 
-    Between polls it asks ``keep_going()``; when that returns false, or the peer closes the
-    TCP connection, the read raises :class:`Stopped`. The socket's own timeout is left for
-    writes.
+    On a plain socket the kernel keeps a concurrent ``recv`` and ``send`` apart, and writes
+    block for up to ``write_timeout``. A TLS connection cannot be read and written at once:
+    OpenSSL forbids concurrent ``SSL_read`` and ``SSL_write`` on one connection, and doing it
+    corrupts the stream now and then (spurious EOFs, "bad write retry"). So on a TLS socket
+    every call into OpenSSL takes one lock, the socket is non-blocking, and the lock is never
+    held while waiting for the network: neither side can block the other for longer than one
+    call takes.
     """
 
-    def __init__(self, sock: socket.socket, keep_going: Callable[[], bool], poll_interval: float = 0.5):
+    def __init__(self, sock: socket.socket, write_timeout: float | None = None) -> None:
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.write_timeout = write_timeout
+        self._write_lock = threading.Lock()  # one frame at a time
+        self._tls_lock = threading.Lock()  # one OpenSSL call at a time (TLS only)
+        if self.tls:
+            sock.setblocking(False)
+        elif write_timeout is not None:
+            sock.settimeout(write_timeout)  # bounds sendall; reads poll first
+        self._readable = select.poll()
+        self._readable.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+
+    def wait_readable(self, timeout_ms: int) -> bool:
+        """Whether a :meth:`recv` may have something, waiting up to ``timeout_ms``."""
+        if self.tls:
+            with self._tls_lock:
+                if self.sock.pending():  # decrypted bytes that poll cannot see
+                    return True
+        return bool(self._readable.poll(timeout_ms))
+
+    def recv(self, n: int) -> bytes | None:
+        """Up to ``n`` bytes (``b""`` when the peer closed); ``None`` if none are ready yet."""
+        if not self.tls:
+            try:
+                return self.sock.recv(n)
+            except (BlockingIOError, InterruptedError):
+                return None
+        with self._tls_lock:
+            try:
+                return self.sock.recv(n)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return None  # a TLS record not all here yet
+
+    def sendall(self, data: bytes) -> None:
+        """Write all of ``data``; :class:`TimeoutError` past ``write_timeout``, or
+        :class:`OSError`."""
+        with self._write_lock:
+            if not self.tls:
+                self.sock.sendall(data)
+                return
+            view = memoryview(data)
+            deadline = None if self.write_timeout is None else time.monotonic() + self.write_timeout
+            poller = select.poll()
+            registered = False
+            while view:
+                with self._tls_lock:
+                    try:
+                        view = view[self.sock.send(view) :]
+                        continue
+                    except ssl.SSLWantReadError:
+                        events = select.POLLIN
+                    except (ssl.SSLWantWriteError, BlockingIOError):
+                        events = select.POLLOUT
+                wait = 0.05  # short: the reader may take the bytes a POLLIN wait is for
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"write timed out after {self.write_timeout:g} s")
+                    wait = min(wait, remaining)
+                if registered:
+                    poller.modify(self.sock.fileno(), events)
+                else:
+                    poller.register(self.sock.fileno(), events)
+                    registered = True
+                poller.poll(max(1, int(wait * 1000)))
+
+    def shutdown(self) -> None:
+        """Shut both directions down, waking a blocked reader or writer; never raises."""
+        with self._tls_lock:  # SSLSocket.shutdown drops the SSL object a call may be using
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class SocketReader:
+    """Buffered reads that poll every ``poll_interval`` seconds, from a :class:`SocketIO` (or
+    a plain blocking socket).
+
+    Between polls it asks ``keep_going()``; when that returns false, or the peer closes the
+    TCP connection, the read raises :class:`Stopped`.
+    """
+
+    def __init__(self, io: SocketIO | socket.socket, keep_going: Callable[[], bool], poll_interval: float = 0.5):
+        self.io = io if isinstance(io, SocketIO) else SocketIO(io)
         self.keep_going = keep_going
         self._poll_ms = max(1, int(poll_interval * 1000))
-        self._poller = select.poll()
-        self._poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
         self._buf = bytearray()
         self._pos = 0
         #: time.monotonic() of the last bytes received (for idle detection)
@@ -84,22 +176,22 @@ class SocketReader:
         while True:
             if not self.keep_going():
                 raise Stopped("stopped")
-            pending = getattr(self.sock, "pending", None)  # TLS may hold decrypted bytes
-            if (pending is not None and pending()) or self._poller.poll(self._poll_ms):
-                try:
-                    chunk = self.sock.recv(262144)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    raise Stopped(f"read failed: {exc}") from None
-                if not chunk:
-                    raise Stopped("peer closed the connection")
-                self.last_recv = time.monotonic()
-                if self._pos:
-                    del self._buf[: self._pos]
-                    self._pos = 0
-                self._buf += chunk
-                return
+            if not self.io.wait_readable(self._poll_ms):
+                continue
+            try:
+                chunk = self.io.recv(262144)
+            except OSError as exc:
+                raise Stopped(f"read failed: {exc}") from None
+            if chunk is None:
+                continue
+            if not chunk:
+                raise Stopped("peer closed the connection")
+            self.last_recv = time.monotonic()
+            if self._pos:
+                del self._buf[: self._pos]
+                self._pos = 0
+            self._buf += chunk
+            return
 
     def read_exact(self, n: int) -> bytes:
         while len(self._buf) - self._pos < n:
@@ -139,6 +231,9 @@ class FrameReader:
 
     reader: SocketReader
     limit: int = 1 << 20
+    #: Whether frames arrive masked: from a client (the server side) they must be, from a
+    #: server (the client side) they must not be.
+    masked: bool = True
     _op: int | None = None
     _data: bytearray = field(default_factory=bytearray)
     _size: int = 0
@@ -172,8 +267,8 @@ class FrameReader:
             raise ProtocolError("reserved bits set without a negotiated extension")
         if opcode not in _DATA_OPS and opcode not in _CONTROL_OPS and opcode != OP_CONT:
             raise ProtocolError(f"unknown opcode {opcode:#x}")
-        if not b2 & 0x80:
-            raise ProtocolError("client frames must be masked")
+        if bool(b2 & 0x80) != self.masked:
+            raise ProtocolError("client frames must be masked" if self.masked else "server frames must not be masked")
         length = b2 & 0x7F
         if opcode in _CONTROL_OPS:
             if not fin or length > 125:
@@ -187,27 +282,33 @@ class FrameReader:
         cost = length + (FRAGMENT_COST if opcode == OP_CONT else 0)
         if opcode not in _CONTROL_OPS and self._size + cost > self.limit:
             raise ProtocolError(f"message larger than the read limit of {self.limit} bytes", 1009)
+        if not self.masked:
+            return fin, opcode, self.reader.read_exact(length)
         mask = self.reader.read_exact(4)
         return fin, opcode, unmask(self.reader.read_exact(length), mask)
 
 
-def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """One final, unmasked (server) frame."""
+def encode_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    """One final frame: unmasked (from a server), or masked with the 4-byte ``mask`` (from a
+    client)."""
     n = len(payload)
     b1 = 0x80 | opcode
+    bit = 0x80 if mask is not None else 0
     if n < 126:
-        header = struct.pack(">BB", b1, n)
+        header = struct.pack(">BB", b1, bit | n)
     elif n < 65536:
-        header = struct.pack(">BBH", b1, 126, n)
+        header = struct.pack(">BBH", b1, bit | 126, n)
     else:
-        header = struct.pack(">BBQ", b1, 127, n)
-    return header + payload
+        header = struct.pack(">BBQ", b1, bit | 127, n)
+    if mask is None:
+        return header + payload
+    return header + mask + unmask(payload, mask)
 
 
-def encode_close(code: int, reason: str = "") -> bytes:
+def encode_close(code: int, reason: str = "", mask: bytes | None = None) -> bytes:
     """A close frame; ``reason`` is cut to fit the 125-byte control frame limit."""
     raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-    return encode_frame(OP_CLOSE, struct.pack(">H", code) + raw)
+    return encode_frame(OP_CLOSE, struct.pack(">H", code) + raw, mask)
 
 
 _RESERVED_CLOSE_CODES = {1004, 1005, 1006, 1015}

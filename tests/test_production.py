@@ -311,7 +311,7 @@ def test_connection_lost_before_the_101_is_announced_closed(make_stack, caplog):
     def cut_off(conn, state):
         log(conn, state)
         if state is ConnState.ACCEPTING and len(log.events) == 1:
-            conn._sock.shutdown(socket.SHUT_WR)  # the first connection's 101 cannot be sent
+            conn._io.sock.shutdown(socket.SHUT_WR)  # the first connection's 101 cannot be sent
             # and closing its pub-sub redis connection fails: the other one is still closed
             for name in ("_pubsub", "_results"):
                 resource = getattr(conn, name)
@@ -404,6 +404,13 @@ def test_keepalive_pings_keep_an_answering_client(make_stack):
         ws.close()
 
 
+def test_juggler_client_answers_keepalive_pings(make_stack):
+    stack = make_stack(idle_timeout=0.5, ping_interval=0.1)
+    c = stack.client()
+    assert not c.wait_closed(T(1.5))  # three idle timeouts without a message of its own
+    assert c.call("test.echo", "alive", timeout=T(5)) == "alive"
+
+
 def test_client_that_does_not_answer_pings_is_closed(make_stack):
     log = StateLog()
     stack = make_stack(idle_timeout=0.5, ping_interval=0.1, on_state=log)
@@ -491,6 +498,31 @@ def test_tls(redis_client):
             Client.connect(server.url, connect_timeout=T(10))
         with pytest.raises((HandshakeError, OSError)):  # plain ws:// to a TLS port
             Client.connect(server.url.replace("wss://", "ws://"), connect_timeout=T(5))
+
+
+def test_tls_full_duplex_traffic(redis_client):
+    # Calls stream out while their results and events stream in, on both ends of each TLS
+    # connection at once: reads and writes of one TLS socket must never run concurrently.
+    broker = RedisBroker(redis_client)
+    callee = Callee(broker, workers=4, block=0.05)
+    callee.register("test.echo", lambda a: a)
+    server = Server(broker, certfile=str(DATA / "localhost.crt"), keyfile=str(DATA / "localhost.key"), redis_poll=0.05)
+    payloads = [f"{i}:" + "x" * (i * 997 % 60000) for i in range(150)]
+    with server, callee:
+        clients = [
+            Client.connect(server.url, sslopt={"ca_certs": str(DATA / "localhost.crt")}, connect_timeout=T(10)) for _ in range(3)
+        ]
+        try:
+            sub = clients[0].sub("tls.events")
+            futures = [(p, c.call_async("test.echo", p, timeout=T(20))) for p in payloads for c in clients]
+            for p in payloads[:50]:
+                clients[1].pub("tls.events", p)
+            assert all(f.result() == p for p, f in futures)
+            assert [sub.get(T(10)).args for _ in payloads[:50]] == payloads[:50]
+        finally:
+            for c in clients:
+                c.close()
+    assert [c.close_code for c in clients] == [1000, 1000, 1000]
 
 
 # -- health and metrics --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -30,6 +31,7 @@ from juggler.wsframes import (
     OP_TEXT,
     FrameReader,
     HandshakeRequest,
+    SocketIO,
     SocketReader,
     Stopped,
     accept_key,
@@ -808,3 +810,127 @@ def test_keep_going_turning_false_mid_message(pair):
     with pytest.raises(Stopped):
         fr.read()
     assert deadline(), "stopped by the deadline, not by keep_going"
+
+
+# --- client frames ----------------------------------------------------------------------------
+
+
+def test_masked_frames_from_encode_frame_read_back(pair):
+    client, server = pair
+    payload = os.urandom(70000)
+    client.sendall(encode_frame(OP_TEXT, payload, MASK) + encode_close(1000, "bye", MASK))
+    assert encode_frame(OP_TEXT, b"hi", MASK) == client_frame(OP_TEXT, b"hi")
+    reader = frames(server, limit=1 << 20)
+    assert reader.read() == (OP_TEXT, payload)
+    assert reader.read() == (OP_CLOSE, struct.pack(">H", 1000) + b"bye")
+
+
+def test_client_side_reader_takes_unmasked_frames_and_refuses_masked_ones(pair):
+    client, server = pair
+    reader = FrameReader(SocketReader(server, Deadline(), poll_interval=POLL), masked=False)
+    client.sendall(encode_frame(OP_TEXT, b"from the server"))
+    assert reader.read() == (OP_TEXT, b"from the server")
+    client.sendall(encode_frame(OP_TEXT, b"masked", MASK))
+    with pytest.raises(ProtocolError, match="server frames must not be masked"):
+        reader.read()
+
+
+# --- SocketIO over TLS ------------------------------------------------------------------------
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+@pytest.fixture
+def tls_pair():
+    """Two connected TLS sockets on loopback, wrapped in SocketIO (write timeout 5 s)."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(os.path.join(DATA, "localhost.crt"), os.path.join(DATA, "localhost.key"))
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(os.path.join(DATA, "localhost.crt"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        accepted: list[ssl.SSLSocket] = []
+        t = threading.Thread(
+            target=lambda: accepted.append(server_ctx.wrap_socket(listener.accept()[0], server_side=True)),
+            name="juggler-test-tls-accept",
+        )
+        t.start()
+        raw = socket.create_connection(listener.getsockname(), timeout=READ_BOUND)
+        a = client_ctx.wrap_socket(raw, server_hostname="localhost")
+        t.join(READ_BOUND)
+    b = accepted[0]
+    b.settimeout(READ_BOUND)
+    ios = SocketIO(a, write_timeout=5.0), SocketIO(b, write_timeout=5.0)
+    yield ios
+    for io in ios:
+        io.shutdown()
+        io.sock.close()
+
+
+def _pump(io: SocketIO, out: bytes, expect: int, got: list[bytes], errors: list[BaseException]) -> list[threading.Thread]:
+    """A writer thread sending ``out`` in uneven pieces and a reader thread collecting
+    ``expect`` bytes, both on ``io`` at once."""
+
+    def write() -> None:
+        try:
+            rng = random.Random(len(out))
+            pos = 0
+            while pos < len(out):
+                n = rng.randint(1, 40000)
+                io.sendall(out[pos : pos + n])
+                pos += n
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            reader = SocketReader(io, Deadline(), poll_interval=POLL)
+            got.append(reader.read_exact(expect))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, name="juggler-test-w"), threading.Thread(target=read, name="juggler-test-r")]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_tls_socketio_reads_and_writes_at_once_both_ways(tls_pair):
+    a, b = tls_pair
+    a_out, b_out = os.urandom(3 << 20), os.urandom(3 << 20)
+    got_a: list[bytes] = []
+    got_b: list[bytes] = []
+    errors: list[BaseException] = []
+    threads = _pump(a, a_out, len(b_out), got_a, errors) + _pump(b, b_out, len(a_out), got_b, errors)
+    for t in threads:
+        t.join(READ_BOUND * 2)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert got_a == [b_out] and got_b == [a_out]
+
+
+def test_tls_socketio_write_times_out_when_the_peer_does_not_read(tls_pair):
+    a, _ = tls_pair
+    a.write_timeout = 0.3
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="write timed out"):
+        a.sendall(os.urandom(64 << 20))
+    assert time.monotonic() - started < READ_BOUND
+
+
+def test_tls_socketio_shutdown_wakes_the_reader(tls_pair):
+    a, _ = tls_pair
+    reader = SocketReader(a, Deadline(), poll_interval=0.5)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            reader.read_exact(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=read, name="juggler-test-r")
+    t.start()
+    a.shutdown()
+    t.join(READ_BOUND)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], Stopped) and "stopped" not in str(errors[0])
