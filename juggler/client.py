@@ -179,7 +179,7 @@ class Client:
         close_timeout: float = 5.0,
         logger: Optional[logging.Logger] = None,
     ) -> None:
-        self.ws = ws
+        self._ws = ws  # websocket-client's connection: for its socket only, frames are ours
         # websocket-client made the connection and the handshake; frames are ours. SocketIO
         # keeps the reader's and the writer's calls into a TLS socket apart, which
         # websocket-client's recv and send would not.
@@ -212,9 +212,10 @@ class Client:
         self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"{name}-writer", daemon=True)
         self._timer = threading.Thread(target=self._timer_loop, name=f"{name}-timer", daemon=True)
-        self._reader.start()
+        # The reader last: when it ends, it joins the writer.
         self._writer.start()
         self._timer.start()
+        self._reader.start()
 
     @classmethod
     def connect(
@@ -375,6 +376,8 @@ class Client:
                 if item is _END:
                     self._send_close(1000)
                     return
+                if self._close_sent:
+                    return  # nothing may follow a close frame (the reader answered the server's)
                 if isinstance(item, bytes):  # a pong
                     self._io.sendall(item)
                     continue
@@ -455,13 +458,16 @@ class Client:
                         reason = f"connection lost: {exc}"
                     return
                 except ProtocolError as exc:
+                    if self._closing:
+                        code, reason = 1000, "client closed"
+                        return
                     self.logger.warning("client %d: server broke the websocket protocol: %s", self.id, exc.reason)
                     code, reason = exc.close_code, f"protocol error: {exc.reason}"
                     self._reply_close(exc.close_code)
                     return
                 if opcode == OP_CLOSE:
                     code, reason = _parse_close(data)
-                    self._reply_close(1000)
+                    self._reply_close(code if _sendable_close(code) else 1000)  # echo it, as RFC 6455 suggests
                     return
                 if opcode == OP_PING:
                     self._outbox.put(encode_frame(OP_PONG, data, os.urandom(4)))
@@ -512,7 +518,7 @@ class Client:
             sub._finish(None if normal else closed)
         self._kill_socket()
         self._writer.join()  # it ends: _STOP is queued and the socket is shut down
-        self.ws.shutdown()  # closes the socket, now that nothing uses it
+        self._ws.shutdown()  # closes the socket, now that nothing uses it
 
     def _reply_close(self, code: int) -> None:
         try:
@@ -548,6 +554,11 @@ class Client:
         """Block until the server closes the connection; whether it did within ``timeout``."""
         self._reader.join(timeout)
         return not self._reader.is_alive()
+
+
+def _sendable_close(code: int) -> bool:
+    """Whether ``code`` may be sent in a close frame."""
+    return 1000 <= code <= 4999 and code not in (1004, 1005, 1006, 1015) and not 1016 <= code <= 2999
 
 
 def _parse_close(data: bytes) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""Websocket framing (RFC 6455), mostly for the server side, on a blocking socket.
+"""Websocket framing (RFC 6455) and socket I/O for the server, and the client's frames.
 
 ``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
 has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
@@ -85,6 +85,9 @@ class SocketIO:
         self.write_timeout = write_timeout
         self._write_lock = threading.Lock()  # one frame at a time
         self._tls_lock = threading.Lock()  # one OpenSSL call at a time (TLS only)
+        # Set by shutdown(). SSLSocket.shutdown drops its SSL object: later reads would return
+        # raw ciphertext still queued in the kernel, so they end here instead.
+        self._shut = False
         if self.tls:
             sock.setblocking(False)
         elif write_timeout is not None:
@@ -96,7 +99,7 @@ class SocketIO:
         """Whether a :meth:`recv` may have something, waiting up to ``timeout_ms``."""
         if self.tls:
             with self._tls_lock:
-                if self.sock.pending():  # decrypted bytes that poll cannot see
+                if self._shut or self.sock.pending():  # pending: decrypted bytes poll cannot see
                     return True
         return bool(self._readable.poll(timeout_ms))
 
@@ -108,6 +111,8 @@ class SocketIO:
             except (BlockingIOError, InterruptedError):
                 return None
         with self._tls_lock:
+            if self._shut:
+                return b""
             try:
                 return self.sock.recv(n)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
@@ -126,6 +131,8 @@ class SocketIO:
             registered = False
             while view:
                 with self._tls_lock:
+                    if self._shut:
+                        raise BrokenPipeError("the socket was shut down")
                     try:
                         view = view[self.sock.send(view) :]
                         continue
@@ -149,6 +156,7 @@ class SocketIO:
     def shutdown(self) -> None:
         """Shut both directions down, waking a blocked reader or writer; never raises."""
         with self._tls_lock:  # SSLSocket.shutdown drops the SSL object a call may be using
+            self._shut = True
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -156,8 +164,8 @@ class SocketIO:
 
 
 class SocketReader:
-    """Buffered reads that poll every ``poll_interval`` seconds, from a :class:`SocketIO` (or
-    a plain blocking socket).
+    """Buffered reads that poll every ``poll_interval`` seconds, from a :class:`SocketIO` (a
+    socket given instead is wrapped in one, which makes a TLS socket non-blocking).
 
     Between polls it asks ``keep_going()``; when that returns false, or the peer closes the
     TCP connection, the read raises :class:`Stopped`.
@@ -222,7 +230,8 @@ def unmask(data: bytes, mask: bytes) -> bytes:
 
 @dataclass
 class FrameReader:
-    """Reads client frames and reassembles fragmented messages.
+    """Reads frames (a client's, or with ``masked=False`` a server's) and reassembles
+    fragmented messages.
 
     :meth:`read` returns ``(opcode, payload)`` for each control frame (close, ping, pong) and for
     each complete data message (text or binary), as soon as it has one. It raises

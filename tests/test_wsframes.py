@@ -894,8 +894,34 @@ def _pump(io: SocketIO, out: bytes, expect: int, got: list[bytes], errors: list[
     return threads
 
 
+class OverlapGuard:
+    """Counts calls into an SSL socket that start while another is still running."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.busy = threading.Lock()
+        self.calls = self.overlaps = 0
+        for name in ("recv", "send", "pending", "shutdown"):
+            setattr(sock, name, self._guard(getattr(sock, name)))
+
+    def _guard(self, real):
+        def guarded(*args, **kw):
+            if not self.busy.acquire(blocking=False):
+                self.overlaps += 1
+                return real(*args, **kw)
+            try:
+                self.calls += 1
+                result = real(*args, **kw)
+                time.sleep(0)  # let the other thread run while this call counts as busy
+                return result
+            finally:
+                self.busy.release()
+
+        return guarded
+
+
 def test_tls_socketio_reads_and_writes_at_once_both_ways(tls_pair):
     a, b = tls_pair
+    guards = [OverlapGuard(a.sock), OverlapGuard(b.sock)]
     a_out, b_out = os.urandom(3 << 20), os.urandom(3 << 20)
     got_a: list[bytes] = []
     got_b: list[bytes] = []
@@ -906,6 +932,7 @@ def test_tls_socketio_reads_and_writes_at_once_both_ways(tls_pair):
     assert not any(t.is_alive() for t in threads)
     assert errors == []
     assert got_a == [b_out] and got_b == [a_out]
+    assert [g.overlaps for g in guards] == [0, 0] and all(g.calls > 100 for g in guards)
 
 
 def test_tls_socketio_write_times_out_when_the_peer_does_not_read(tls_pair):
