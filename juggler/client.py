@@ -54,7 +54,7 @@ from .message import (
     encode,
     result_error_message,
 )
-from .wsframes import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, SocketIO, SocketReader, Stopped, encode_close, encode_frame
+from .wsframes import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, SocketIO, SocketReader, Stopped, encode_close, encode_frame, valid_close_code
 
 __all__ = ["Client", "Subscription"]
 
@@ -179,10 +179,10 @@ class Client:
         close_timeout: float = 5.0,
         logger: Optional[logging.Logger] = None,
     ) -> None:
-        self._ws = ws  # websocket-client's connection: for its socket only, frames are ours
-        # websocket-client made the connection and the handshake; frames are ours. SocketIO
-        # keeps the reader's and the writer's calls into a TLS socket apart, which
-        # websocket-client's recv and send would not.
+        # websocket-client made the connection and the handshake; the frames are ours, read
+        # and written through SocketIO, which keeps the reader's and the writer's calls into
+        # a TLS socket apart (websocket-client's recv and send would not).
+        self._ws = ws
         self._io = SocketIO(ws.sock)
         self._frames = FrameReader(SocketReader(self._io, lambda: True, poll_interval=1.0), limit=sys.maxsize, masked=False)
         self._close_sent = False
@@ -467,7 +467,7 @@ class Client:
                     return
                 if opcode == OP_CLOSE:
                     code, reason = _parse_close(data)
-                    self._reply_close(code if _sendable_close(code) else 1000)  # echo it, as RFC 6455 suggests
+                    self._reply_close(code if valid_close_code(code) else 1000)  # echo it, as RFC 6455 suggests
                     return
                 if opcode == OP_PING:
                     self._outbox.put(encode_frame(OP_PONG, data, os.urandom(4)))
@@ -554,11 +554,6 @@ class Client:
         """Block until the server closes the connection; whether it did within ``timeout``."""
         self._reader.join(timeout)
         return not self._reader.is_alive()
-
-
-def _sendable_close(code: int) -> bool:
-    """Whether ``code`` may be sent in a close frame."""
-    return 1000 <= code <= 4999 and code not in (1004, 1005, 1006, 1015) and not 1016 <= code <= 2999
 
 
 def _parse_close(data: bytes) -> tuple[int, str]:

@@ -42,6 +42,7 @@ __all__ = [
     "encode_frame",
     "encode_close",
     "parse_close",
+    "valid_close_code",
     "valid_key",
     "accept_key",
     "http_response",
@@ -323,6 +324,11 @@ def encode_close(code: int, reason: str = "", mask: bytes | None = None) -> byte
 _RESERVED_CLOSE_CODES = {1004, 1005, 1006, 1015}
 
 
+def valid_close_code(code: int) -> bool:
+    """Whether ``code`` may be sent in a close frame (RFC 6455, 7.4)."""
+    return 1000 <= code < 5000 and code not in _RESERVED_CLOSE_CODES and not 1016 <= code < 3000
+
+
 def parse_close(payload: bytes) -> tuple[int, str]:
     """The code and reason of a close frame (1005 when it has none)."""
     if not payload:
@@ -330,7 +336,7 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     if len(payload) == 1:
         raise ProtocolError("close frame payload of one byte")
     (code,) = struct.unpack(">H", payload[:2])
-    if code < 1000 or code in _RESERVED_CLOSE_CODES or 1016 <= code < 3000 or code >= 5000:
+    if not valid_close_code(code):
         raise ProtocolError(f"invalid close code {code}")
     try:
         reason = payload[2:].decode("utf-8")
