@@ -514,12 +514,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_summary(s: dict[str, Any], labels: list[str], revs: dict[str, str]) -> str:
     lines = ["== summary (medians over runs)" + ("; ratio = A/B = new/old" if len(labels) == 2 else "")]
-    head = f"{'':22}" + "".join(f"{lab + ' ' + revs[lab]:>20}" for lab in labels)
+    head = f"{'':22}" + "".join(f"{lab + ' ' + revs[lab]:>28}" for lab in labels)
     if len(labels) == 2:
         head += f"{'ratio':>10}"
     lines.append(head)
     for name, _ in SUMMARY:
-        line = f"{name:<22}" + "".join(f"{_num(s['median'][lab][name], '.1f'):>20}" for lab in labels)
+        line = f"{name:<22}" + "".join(f"{_num(s['median'][lab][name], '.1f'):>28}" for lab in labels)
         if len(labels) == 2:
             line += f"{c.fmt_ratio(s['ratio_A_over_B'][name]):>10}"
         lines.append(line)
