@@ -329,9 +329,9 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         port = c.free_port()
         values = {"python": sys.executable, "redis": redis_url, "port": port, "max_connections": n + 100}
         if args.server_cmd:
-            argv, dropped = c.build_cmd(args.server_cmd, values)
+            argv, dropped_flags = c.build_cmd(args.server_cmd, values)
         else:
-            argv, dropped = c.build_cmd(DEFAULT_SERVER_CMD, values, c.juggler_flags(sys.executable, tree, "server"),
+            argv, dropped_flags = c.build_cmd(DEFAULT_SERVER_CMD, values, c.juggler_flags(sys.executable, tree, "server"),
                                         OPTIONAL_SERVER_FLAGS)  # fmt: skip
         server = c.Proc("server", argv, logdir, env=c.tree_env(tree), cwd=tree)
         procs.append(server)
@@ -398,7 +398,7 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         "tree": tree,
         "rev": rev,
         "server_cmd": argv,
-        "dropped_flags": dropped,
+        "dropped_flags": dropped_flags,
         "server_nofile_limit": nofile,
         "connections": n,
         "concurrency": args.concurrency,
