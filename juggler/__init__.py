@@ -7,7 +7,7 @@ servers, callees and clients can be mixed.
 from .broker import Broker, RedisBroker
 from .callee import Callee
 from .client import Client, Subscription
-from .conn import Conn, process_msg
+from .conn import Conn
 from .exceptions import (
     AckTimeout,
     BrokerError,
@@ -23,7 +23,7 @@ from .exceptions import (
     RemoteError,
 )
 from .message import Ack, Call, Evnt, MessageType, Nack, Pub, Res, Sub, Unsb
-from .middleware import chain, log_messages, recover
+from .middleware import chain, log_messages, process_msg, recover
 from .server import ConnState, Server
 
 __version__ = "0.1.0"

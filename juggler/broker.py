@@ -23,9 +23,11 @@ pub-sub runs on plain connections to one node each (``PUBLISH`` reaches every no
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
+import socket
 import threading
 import time
 from collections import Counter
@@ -34,7 +36,9 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 import redis
 import redis.exceptions
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster, key_slot
+from redis.retry import Retry
 
 from .exceptions import BrokerError, CapacityExceeded
 from .message import CallPayload, EventPayload, ResultPayload
@@ -130,6 +134,10 @@ return n
 """
 
 # KEYS[1] timeout key. Returns its remaining ms (<= 0: expired or missing) and deletes it.
+#: Pushed onto a connection's results list to wake its listener (:meth:`RedisBroker.wake_results`);
+#: never a result payload, which is a JSON object.
+WAKE_MARKER = b"juggler:wake"
+
 CONSUME_SCRIPT = """
 local ttl = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
@@ -159,13 +167,15 @@ class PubSubEvent:
 
 
 class PubSubConn(Protocol):
-    """One connection's pub-sub subscriptions."""
+    """One redis pub-sub connection's subscriptions."""
 
     def subscribe(self, channel: str, pattern: bool) -> None: ...
 
     def unsubscribe(self, channel: str, pattern: bool) -> None: ...
 
-    def get_event(self, timeout: float) -> Optional[PubSubEvent]: ...
+    def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]: ...
+
+    def wake(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -179,7 +189,9 @@ class Broker(Protocol):
 
     def store_result(self, payload: ResultPayload, timeout: float) -> None: ...
 
-    def pop_result(self, conn_uuid: str, block: float) -> Optional[Popped]: ...
+    def pop_result(self, conn_uuid: str, block: Optional[float]) -> Optional[Popped]: ...
+
+    def wake_results(self, conn_uuid: str) -> None: ...
 
     def discard_results(self, conn_uuid: str) -> None: ...
 
@@ -187,7 +199,9 @@ class Broker(Protocol):
 
     def pubsub(self, confirm_timeout: float = 5.0) -> PubSubConn: ...
 
-    def dedicated(self) -> "Broker": ...
+    def dedicated(self, key: Optional[str] = None) -> "Broker": ...
+
+    def interrupt(self) -> None: ...
 
     def call_groups(self, uris: Sequence[str]) -> list[list[str]]: ...
 
@@ -290,21 +304,41 @@ class RedisBroker:
         broker._owns_client = True
         return broker
 
-    def dedicated(self) -> "RedisBroker":
-        """A broker for one blocking listener; ``close()`` it when done.
+    def dedicated(self, key: Optional[str] = None) -> "RedisBroker":
+        """A broker for one blocking listener, on a redis connection of its own; ``close()``
+        it when done. ``key`` is the key it will block on (on a cluster: its node).
 
         A BRPOP holds its connection for as long as it blocks: taking it from the shared
-        pool would let a few hundred idle websockets exhaust the pool (redis-py caps it at
-        100 by default) and fail everyone's requests. On a standalone redis the new broker
-        runs on a connection of its own. On a cluster it shares the client, whose node pools
-        give each command a connection of its own for as long as it runs (a cluster client
-        per listener would read the whole topology for every websocket: ~28 ms).
+        pool would let a few hundred websockets exhaust the pool and fail everyone's requests.
+        The listener's connection has no socket timeout (a blocking read waits for as long as
+        it must, with TCP keepalive to notice a dead peer) and no retries (a read woken on
+        purpose, see :meth:`interrupt`, must not be sent again). On a cluster it is a plain
+        connection to the node that serves ``key``.
         """
         if self.cluster:
-            return RedisBroker(self.client, self.call_cap, self.result_cap)
-        other = RedisBroker(_one_connection_client(self.client), self.call_cap, self.result_cap)
+            cluster = self.client
+            node = cluster.get_node_from_key(key) if key is not None else cluster.get_default_node()
+            base = cluster.get_redis_connection(node)
+        else:
+            base = self.client
+        other = RedisBroker(_one_connection_client(base, blocking=True), self.call_cap, self.result_cap)
         other._owns_client = True
         return other
+
+    def interrupt(self) -> None:
+        """Wake a blocking read of this (dedicated) broker from another thread, by shutting its
+        socket down: the read fails with :class:`BrokerError`. A fallback for when
+        :meth:`wake_results` cannot reach redis."""
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None:
+            return
+        for conn in list(getattr(pool, "_in_use_connections", ())):
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Close the client if this broker made it (:meth:`from_url`, :meth:`dedicated`)."""
@@ -371,10 +405,11 @@ class RedisBroker:
             return None
         return Popped(payload, self._take(call_timeout_key(payload.uri, payload.msg_uuid)))
 
-    def pop_result(self, conn_uuid: str, block: float) -> Optional[Popped]:
-        """Wait up to ``block`` seconds for a result for ``conn_uuid``; ``None`` if none came."""
+    def pop_result(self, conn_uuid: str, block: Optional[float]) -> Optional[Popped]:
+        """Wait up to ``block`` seconds (``None``: until one comes or :meth:`wake_results`)
+        for a result for ``conn_uuid``; ``None`` if none came."""
         popped = self._brpop([results_key(conn_uuid)], block)
-        if popped is None:
+        if popped is None or popped == WAKE_MARKER:
             return None
         try:
             payload = ResultPayload.from_json(popped)
@@ -383,6 +418,13 @@ class RedisBroker:
             return None
         return Popped(payload, self._take(result_timeout_key(conn_uuid, payload.msg_uuid)))
 
+    def wake_results(self, conn_uuid: str) -> None:
+        """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``)."""
+        try:
+            self.client.rpush(results_key(conn_uuid), WAKE_MARKER)
+        except _REDIS_FAILURES as exc:
+            raise _broker_error(exc) from exc
+
     def discard_results(self, conn_uuid: str) -> None:
         """Delete a closed connection's result list (results that arrive later expire)."""
         try:
@@ -390,10 +432,10 @@ class RedisBroker:
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
 
-    def _brpop(self, keys: list[str], block: float) -> Optional[bytes]:
+    def _brpop(self, keys: list[str], block: Optional[float]) -> Optional[bytes]:
         try:
-            # BRPOP's timeout 0 means "forever": never ask for that, so stop requests are seen.
-            item = self.client.brpop(keys, timeout=max(block, 0.01))
+            # BRPOP's timeout 0 means "forever": that is what block=None asks for.
+            item = self.client.brpop(keys, timeout=0 if block is None else max(block, 0.01))
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
         if item is None:
@@ -434,9 +476,9 @@ class RedisBroker:
             cluster = self.client
             nodes = cluster.get_primaries() or cluster.get_nodes()
             node = nodes[next(self._pubsub_turn) % len(nodes)]
-            client = _one_connection_client(cluster.get_redis_connection(node))
+            client = _one_connection_client(cluster.get_redis_connection(node), blocking=True)
         else:
-            client = _one_connection_client(self.client)
+            client = _one_connection_client(self.client, blocking=True)
         return RedisPubSub(client.pubsub(), confirm_timeout, owner=client)
 
     def ping(self) -> bool:
@@ -464,6 +506,9 @@ class RedisPubSub:
         self._asked: Counter[tuple[str, str]] = Counter()
         self._confirmed: Counter[tuple[str, str]] = Counter()
         self._active: set[tuple[str, str]] = set()  # ("p" or "", channel) subscribed now
+        self._send_lock = threading.Lock()  # one command at a time on the connection
+        self._sent = threading.Event()  # a command went out: the connection exists
+        self._stopped = False
 
     def subscribe(self, channel: str, pattern: bool) -> None:
         if pattern:
@@ -493,7 +538,9 @@ class RedisPubSub:
             self._asked[key] += 1
             wanted = self._asked[key]
         try:
-            command(channel)
+            with self._send_lock:
+                command(channel)
+                self._sent.set()
         except _REDIS_FAILURES as exc:
             # Not sent (redis-py keeps its own state unchanged too): undo, so that the same
             # request can succeed on this connection once redis is back.
@@ -506,18 +553,29 @@ class RedisPubSub:
                 self._asked[key] -= 1  # a late confirmation is absorbed, see get_event
                 raise BrokerError(f"redis did not confirm {kind} {channel!r} within {self.confirm_timeout} s")
 
-    def get_event(self, timeout: float) -> Optional[PubSubEvent]:
-        """Wait up to ``timeout`` seconds for an event; ``None`` if none came.
+    def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]:
+        """Wait up to ``timeout`` seconds (``None``: with no timeout, until an event comes or
+        :meth:`wake` is called) for an event; ``None`` if none came.
 
         Reads (and signals) subscription confirmations on the way. Raises
         :class:`BrokerError` when the redis connection fails, and :class:`ValueError` (with the
         channel) for an event whose payload is not a juggler event payload.
         """
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self._stopped:
+                return None
             try:
-                msg = self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if deadline is None:
+                    if not self._sent.is_set():
+                        self._sent.wait()  # no connection before the first command
+                        continue
+                    msg = self._pubsub.handle_message(self._pubsub.parse_response(block=True))
+                else:
+                    msg = self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
             except _REDIS_FAILURES as exc:
+                if self._stopped:
+                    return None
                 raise _broker_error(exc) from exc
             if msg is not None:
                 kind = msg.get("type")
@@ -533,7 +591,7 @@ class RedisPubSub:
                             self._confirmed[key] += 1
                         self._cond.notify_all()
                     continue
-            if time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 return None
         channel = _text(msg["channel"])
         pattern = _text(msg["pattern"]) if kind == "pmessage" and msg.get("pattern") else ""
@@ -542,6 +600,19 @@ class RedisPubSub:
         except ValueError as exc:
             raise ValueError(f"channel {channel!r}: {exc}") from None
         return PubSubEvent(channel, pattern, payload)
+
+    def wake(self) -> None:
+        """Make a :meth:`get_event` blocked in another thread return ``None``, now and from
+        then on (a PING makes redis answer, which wakes the read). Never raises."""
+        self._stopped = True
+        self._sent.set()
+        if self._pubsub.connection is None:
+            return
+        try:
+            with self._send_lock:
+                self._pubsub.ping()
+        except _REDIS_FAILURES as exc:  # the read fails too, and sees it was stopped
+            logger.debug("waking a pub-sub reader: %s", exc)
 
     def close(self) -> None:
         try:
@@ -563,11 +634,27 @@ def _close_client(client: Any) -> None:
         pool.disconnect()
 
 
-def _one_connection_client(client: Any) -> Any:
-    """A client like ``client`` (same class, server, options) with a pool of one connection."""
+def _one_connection_client(client: Any, blocking: bool = False) -> Any:
+    """A client like ``client`` (same class, server, options) with a pool of one connection.
+
+    ``blocking``: for a listener that blocks in a read with no timeout: no socket timeout, TCP
+    keepalive, and no retries."""
     pool = client.connection_pool
-    one = redis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs)
+    kwargs = dict(pool.connection_kwargs)
+    if blocking:
+        kwargs["socket_timeout"] = None
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+        if "socket_keepalive" in _connection_params(pool.connection_class):
+            kwargs["socket_keepalive"] = True
+    one = redis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
     return type(client)(connection_pool=one)
+
+
+def _connection_params(cls: Any) -> set[str]:
+    try:
+        return set(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def _is_cluster(url: str, options: dict[str, Any]) -> bool:

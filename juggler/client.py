@@ -184,7 +184,7 @@ class Client:
         # a TLS socket apart (websocket-client's recv and send would not).
         self._ws = ws
         self._io = SocketIO(ws.sock)
-        self._frames = FrameReader(SocketReader(self._io, lambda: True, poll_interval=1.0), limit=sys.maxsize, masked=False)
+        self._frames = FrameReader(SocketReader(self._io), limit=sys.maxsize, masked=False)
         self._close_sent = False
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout

@@ -1,13 +1,22 @@
 """One websocket connection to a juggler server, and its threads.
 
-Each :class:`Conn` runs on four threads, all named ``juggler-conn-<id>-<role>``:
+A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<role>``:
 
 - the reader (the server's thread for the TCP connection): reads frames, decodes requests and
-  runs them against the broker (:func:`process_msg`); it owns the connection and, when it ends,
-  stops and joins the other three and releases the redis resources;
-- the writer: drains a bounded queue of outgoing messages onto the socket;
-- the results thread (only when CALL is allowed): BRPOP on the connection's results list;
-- the pub-sub listener (only when SUB is allowed): reads the connection's redis pub-sub.
+  runs them through the server's handler; it owns the connection and, when it ends, stops and
+  joins the others and gives back the redis resources;
+- the writer: drains a bounded queue of outgoing messages onto the socket, as many as are
+  waiting in one write;
+- the results thread, started by the first CALL (never for a connection that does not CALL):
+  ``BRPOP`` with no timeout on the connection's results list, on a redis connection of its own.
+
+Pub-sub has no thread per connection: the server's :class:`~juggler.pubsub.PubSubHub` reads
+redis once and queues each event for the writers of the subscribed connections.
+
+Nothing polls. Each thread sleeps in a blocking call with no timeout and is woken by an event:
+bytes or the end of the stream (reader), a message or the close marker in the queue (writer),
+a result or a wake-up marker pushed onto the results list (results). Keepalive pings, the idle
+timeout and the close deadline are entries in the server's :class:`~juggler.timer.Timer`.
 
 Whoever closes a connection (the peer, a protocol error, a redis failure, the server's
 shutdown) calls :meth:`Conn.close`; the reader notices and tears everything down.
@@ -16,33 +25,17 @@ shutdown) calls :meth:`Conn.close`; the reader notices and tears everything down
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-from .broker import BrokerError
-from .exceptions import ProtocolError
-from .message import (
-    CLIENT_TYPES,
-    SERVER_TYPES,
-    Ack,
-    Call,
-    CallPayload,
-    EventPayload,
-    Evnt,
-    Message,
-    MessageType,
-    Nack,
-    Pub,
-    Request,
-    Res,
-    Sub,
-    Unsb,
-    decode,
-    effective_timeout,
-    encode,
-)
+from .broker import Broker, PubSubEvent, results_key
+from .exceptions import BrokerError, ProtocolError
+from .message import CLIENT_TYPES, Evnt, Message, MessageType, Res, decode, new_uuid
+from .pubsub import PubSubHub, SubKey
+from .timer import Timer, TimerHandle
 from .wsframes import (
     OP_BINARY,
     OP_CLOSE,
@@ -59,10 +52,7 @@ from .wsframes import (
     parse_close,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Server
-
-__all__ = ["Conn", "process_msg"]
+__all__ = ["Conn", "ConnSettings", "ConnServices", "WriteQueue"]
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -74,7 +64,111 @@ CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL_ERROR = 1011
 
-_CLOSE = object()  # writer queue sentinel: send the close frame and stop
+_CLOSE = object()  # writer queue marker: send the close frame and stop
+_WRITE_BATCH = 64  # messages the writer takes off its queue for one socket write, at most
+
+
+@dataclass(frozen=True)
+class ConnSettings:
+    """The limits a connection works by (the server's settings of the same names)."""
+
+    read_limit: int = 1 << 20
+    write_queue_size: int = 256
+    write_timeout: float = 10.0
+    ping_interval: float = 30.0
+    idle_timeout: float = 60.0
+    close_timeout: float = 2.0
+    max_call_timeout: float = 600.0
+    slow_threshold: float = 0.1
+
+
+@dataclass(frozen=True)
+class ConnServices:
+    """What a connection uses of its server, handed over instead of the server itself."""
+
+    settings: ConnSettings
+    broker: Broker
+    pubsub_broker: Broker
+    hub: PubSubHub
+    timer: Timer
+    #: ``handler(conn, msg)``: what runs each message read or sent (see juggler.middleware)
+    handler: Callable[["Conn", Message], None]
+    #: ``encode(conn, msg)``: the bytes to write for ``msg``, or ``None`` to drop it
+    encode: Callable[["Conn", Message], Optional[bytes]]
+    #: ``incr(name, n=1)``: the server's counters
+    incr: Callable[..., None]
+    #: ``observe_call_ack(seconds)``, ``observe_result_delivery(seconds)``: latency metrics
+    observe_call_ack: Callable[[float], None]
+    observe_result_delivery: Callable[[float], None]
+    #: called on the reader thread once the connection is over and its resources released
+    on_closed: Callable[["Conn"], None]
+    logger: logging.Logger
+
+
+class WriteQueue:
+    """A bounded FIFO from any thread to one writer thread.
+
+    :meth:`put` waits up to a timeout for room; :meth:`close` always gets its marker in (making
+    room if it must), and nothing is queued after it. :meth:`get_batch` blocks, with no timeout,
+    until something is queued.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Any] = deque()
+        lock = threading.Lock()
+        self._not_empty = threading.Condition(lock)
+        self._not_full = threading.Condition(lock)
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Any, timeout: float = 0.0) -> bool:
+        """Queue ``item``; ``False`` if the queue stayed full for ``timeout`` seconds, or is
+        closed."""
+        with self._not_full:
+            if len(self._items) >= self.maxsize:
+                if timeout <= 0 or not self._not_full.wait_for(
+                    lambda: len(self._items) < self.maxsize or self._closed, timeout
+                ):
+                    return False
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._not_empty.notify()
+            return True
+
+    def close(self, marker: Any, discard: bool = False) -> None:
+        """Queue ``marker`` last, whatever the bound; with ``discard``, or when the queue is
+        full, drop what is queued first (a client that does not read has lost it anyway)."""
+        with self._not_full:
+            if discard or len(self._items) >= self.maxsize:
+                self._items.clear()
+            self._closed = True
+            self._items.append(marker)
+            self._not_empty.notify()
+            self._not_full.notify_all()
+
+    def get_batch(self, most: int) -> list[Any]:
+        """Up to ``most`` items, in order; blocks until there is at least one."""
+        with self._not_empty:
+            while not self._items:
+                self._not_empty.wait()
+            items = self._items
+            batch = [items.popleft() for _ in range(min(most, len(items)))]
+            self._not_full.notify_all()
+            return batch
+
+
+class _Event:
+    """A pub-sub event queued for a connection's writer."""
+
+    __slots__ = ("key", "event")
+
+    def __init__(self, key: SubKey, event: PubSubEvent) -> None:
+        self.key = key
+        self.event = event
 
 
 class Conn:
@@ -82,8 +176,10 @@ class Conn:
 
     Attributes a handler may read: ``uuid`` (also the key of its results list),
     ``remote_addr``, ``request`` (the handshake's :class:`~juggler.wsframes.HandshakeRequest`,
-    headers lower-cased), ``allowed`` (the message types it may send) and ``state``, a dict the
-    application may use freely. After close, ``close_code`` and ``close_reason`` say why.
+    headers lower-cased), ``allowed`` (the message types it may send), ``broker`` and
+    ``pubsub_broker`` (the server's), ``settings`` (a :class:`ConnSettings`) and ``state``, a
+    dict the application may use freely. After close, ``close_code`` and ``close_reason`` say
+    why.
     """
 
     _ids = 0
@@ -91,32 +187,33 @@ class Conn:
 
     def __init__(
         self,
-        server: "Server",
+        services: ConnServices,
         io: SocketIO,
         remote_addr: Any,
         request: HandshakeRequest,
         allowed: frozenset[MessageType],
         reader: SocketReader,
     ) -> None:
-        from .message import new_uuid
-
         with Conn._ids_lock:
             Conn._ids += 1
             self.id = Conn._ids
         self.uuid = new_uuid()
-        self.server = server
         self.remote_addr = remote_addr
         self.request = request
         self.allowed = allowed
         self.state: dict[str, Any] = {}
         self.close_code: Optional[int] = None
         self.close_reason = ""
-        self.logger = server.logger
+        self.settings = services.settings
+        self.broker = services.broker
+        self.pubsub_broker = services.pubsub_broker
+        self.logger = services.logger
 
+        self._svc = services
         self._io = io
         self._socket_reader = reader
-        self._frames = FrameReader(reader, server.read_limit)
-        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=server.write_queue_size)
+        self._frames = FrameReader(reader, self.settings.read_limit)
+        self._queue = WriteQueue(self.settings.write_queue_size)
         self._close_lock = threading.Lock()
         # Held from storing a CALL until its ACK is queued, and while queueing a RES: so a
         # CALL's ACK is always written before its RES, however fast the callee.
@@ -124,15 +221,17 @@ class Conn:
         self._closing_since: Optional[float] = None
         self._pinged_at = 0.0
         self._res_popped: dict[str, float] = {}  # RES uuid -> when its result left redis
-        self._close_frame_sent = False
         self._peer_gone = False
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        # Blocking redis reads hold their connection: each listener gets one of its own.
-        self._results = server.broker.dedicated() if MessageType.CALL in allowed else None
-        # A pub-sub thread blocked on a full write queue cannot read confirmations: wait longer.
-        confirm = server.write_timeout + server.redis_poll + 1.0
-        self._pubsub = server.pubsub_broker.pubsub(confirm) if MessageType.SUB in allowed else None
+        self._writer: Optional[threading.Thread] = None
+        self._writer_ident: Optional[int] = None
+        self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
+        self._out_msgs: list[Message] = []  # the messages among them, counted once written
+        self._keepalive: Optional[TimerHandle] = None
+        self._close_deadline: Optional[TimerHandle] = None
+        # The results listener, started by the first CALL (listen_for_results).
+        self._results: Optional[Broker] = None
+        self._results_thread: Optional[threading.Thread] = None
+        self._results_stop = False
 
     def __repr__(self) -> str:
         return f"<Conn {self.id} {self.uuid} {self.remote_addr}>"
@@ -146,14 +245,14 @@ class Conn:
 
     def send(self, msg: Message) -> None:
         """Send ``msg`` to the client through the server's handler (which, by default, writes
-        it: :func:`process_msg`)."""
+        it: :func:`~juggler.process_msg`)."""
         self.handle(msg)
 
     def handle(self, msg: Message) -> None:
         """Run ``msg`` (read or to send) through the server's handler. An exception closes
         this connection only, with 1011, and is logged once."""
         try:
-            self.server.handler(self, msg)
+            self._svc.handler(self, msg)
         except Exception as exc:
             if isinstance(exc, RecursionError) and msg.type in CLIENT_TYPES:
                 # JSON that decodes just under the recursion limit cannot be encoded again to
@@ -173,98 +272,113 @@ class Conn:
         """
         if self.closed:
             return False
-        try:
-            self._queue.put(msg, timeout=self.server.write_timeout)
+        if threading.get_ident() == self._writer_ident:  # a handler running for an event
+            self._encode_into_batch(msg)
             return True
-        except queue.Full:
+        if self._queue.put(msg, self.settings.write_timeout):
+            return True
+        if not self.closed:
             self.close(CLOSE_POLICY, "client too slow: write queue full")
-            return False
+        return False
 
-    def _write(self, data: bytes) -> None:
-        self._io.sendall(data)
+    # -- pub-sub (the server's hub calls these) --
+
+    def subscribe(self, channel: str, pattern: bool) -> None:
+        """Subscribe this connection; returns once redis confirmed it (:class:`BrokerError`
+        if not)."""
+        self._svc.hub.subscribe(self, channel, pattern)
+
+    def unsubscribe(self, channel: str, pattern: bool) -> None:
+        """Unsubscribe this connection; no event of the subscription follows."""
+        self._svc.hub.unsubscribe(self, channel, pattern)
+
+    def subscriptions(self) -> set[SubKey]:
+        """This connection's subscriptions, as ``(pattern, channel)`` pairs."""
+        return self._svc.hub.subscriptions(self)
+
+    def deliver(self, key: SubKey, event: PubSubEvent) -> None:
+        """Queue an event for the writer, without blocking: a connection whose queue is full
+        is closed (1008) rather than delaying the other subscribers."""
+        if self.closed:
+            return
+        if not self._queue.put(_Event(key, event)):
+            self._fail(CLOSE_POLICY, "client too slow: write queue full")
+
+    def pubsub_failed(self, exc: BrokerError) -> None:
+        """The server's redis pub-sub connection failed (the hub logged it): close with 1011."""
+        if self.close(CLOSE_INTERNAL_ERROR, "pub-sub listener failed: redis unavailable"):
+            self.logger.info("closed connection %s: its subscriptions were lost: %s", self.uuid, exc)
+
+    # -- calls --
+
+    def listen_for_results(self) -> None:
+        """Start the results listener, if it does not run yet (before the first CALL is
+        stored)."""
+        if self._results_thread is not None:
+            return
+        with self._close_lock:
+            if self._results_thread is not None or self.closed:
+                return
+            self._results = self.broker.dedicated(results_key(self.uuid))
+            t = threading.Thread(target=self._results_loop, name=f"juggler-conn-{self.id}-results")
+            t.start()
+            self._results_thread = t
 
     # -- closing --
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
-        """Start closing: the close frame goes out after what is queued. Idempotent: only the
-        first call counts, and returns ``True``."""
+        """Start closing: the close frame goes out after what is queued, and the connection
+        ends when the peer answers or ``close_timeout`` passes. Idempotent: only the first
+        call counts, and returns ``True``."""
         with self._close_lock:
             if self._closing_since is not None:
                 return False
             self._closing_since = time.monotonic()
             self.close_code = code
             self.close_reason = reason
-        self._stop.set()
-        try:
-            self._queue.put_nowait(_CLOSE)
-        except queue.Full:
-            # The client is not reading: what it has not taken is lost anyway. (If a sender
-            # takes the freed slot first, the writer still sees the close when it polls.)
-            self._drain_queue()
-            try:
-                self._queue.put_nowait(_CLOSE)
-            except queue.Full:
-                pass
+        self._queue.close(_CLOSE)
+        # Past the deadline, shut the socket down: it wakes a reader still waiting for the
+        # peer's close frame and a writer stuck on a peer that does not read.
+        self._close_deadline = self._svc.timer.call_later(self.settings.close_timeout, self._io.shutdown)
         return True
-
-    def _drain_queue(self) -> None:
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
 
     def _fail(self, code: int, reason: str) -> None:
         """Close because of the peer's or the broker's fault; logged once, here."""
         if self.close(code, reason):
             self.logger.info("closed connection %s from %s: %d %s", self.uuid, self.remote_addr, code, reason)
 
-    def keep_reading(self) -> bool:
-        """For the reader's poll (every ``poll_interval``): keepalive pings, the idle timeout,
-        and no waiting for the peer's close frame past ``close_timeout``."""
-        now = time.monotonic()
-        since = self._closing_since
-        if since is not None:
-            return now - since < self.server.close_timeout
-        idle = now - self._socket_reader.last_recv
-        srv = self.server
-        if srv.idle_timeout and idle >= srv.idle_timeout:
-            self._fail(CLOSE_GOING_AWAY, f"idle timeout: nothing received for {srv.idle_timeout:g} s")
-        elif srv.ping_interval and idle >= srv.ping_interval and self._pinged_at < self._socket_reader.last_recv:
-            self._pinged_at = now
-            self._queue_frame(encode_frame(OP_PING, b"juggler"))
-        return True
-
     def helper_thread_count(self) -> int:
-        """This connection's live writer, results and pub-sub threads."""
-        return sum(t.is_alive() for t in self._threads)
+        """This connection's live writer and results threads."""
+        return sum(t is not None and t.is_alive() for t in (self._writer, self._results_thread))
 
     def release(self) -> None:
-        """Close this connection's redis connections (its own results and pub-sub ones).
-        Never raises: a failure to close one is logged and the other is still closed."""
-        for what, resource in (("pub-sub", self._pubsub), ("results", self._results)):
-            if resource is None:
-                continue
+        """Give back the connection's redis resources (its results connection, its
+        subscriptions). Never raises: a failure is logged."""
+        try:
+            self._svc.hub.drop(self)
+        except Exception:
+            self.logger.exception("connection %s: could not drop its subscriptions", self.uuid)
+        if self._results is not None:
             try:
-                resource.close()
+                self._results.close()
             except Exception:
-                self.logger.exception("connection %s: could not close its %s redis connection", self.uuid, what)
+                self.logger.exception("connection %s: could not close its results redis connection", self.uuid)
 
     # -- threads --
 
-    def _start(self, role: str, target: Any) -> None:
-        t = threading.Thread(target=target, name=f"juggler-conn-{self.id}-{role}")
-        t.start()
-        self._threads.append(t)  # only once started: teardown joins what runs
+    def start(self) -> None:
+        """Start the writer and the keepalive (once the handshake's 101 went out); :meth:`run`
+        must follow."""
+        if self._writer is None:
+            t = threading.Thread(target=self._write_loop, name=f"juggler-conn-{self.id}-writer")
+            t.start()
+            self._writer = t  # only once started: teardown joins what runs
+            self._schedule_keepalive()
 
     def run(self) -> None:
         """Serve the connection on the calling (reader) thread until it closes."""
         try:
-            self._start("writer", self._write_loop)
-            if MessageType.CALL in self.allowed:
-                self._start("results", self._results_loop)
-            if self._pubsub is not None:
-                self._start("pubsub", self._pubsub_loop)
+            self.start()
             self._read_loop()
         finally:
             self._teardown()
@@ -273,28 +387,45 @@ class Conn:
         if not self.closed:
             self._peer_gone = True
             self.close(CLOSE_ABNORMAL, "connection lost")
-        self._stop.set()
         try:
-            for t in self._threads:
-                if t.name.endswith("-writer"):
-                    t.join(self.server.close_timeout)
-                    if t.is_alive():  # stuck writing to a peer that does not read: cut it off
-                        self._shutdown_socket()
-                t.join()
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+            writer = self._writer
+            if writer is not None:
+                writer.join(self.settings.close_timeout)
+                if writer.is_alive():  # stuck writing to a peer that does not read: cut it off
+                    self._io.shutdown()
+                writer.join()
+            self._stop_results()
         finally:
             try:
                 self.release()
                 if self._results is not None:
-                    self.server.broker.discard_results(self.uuid)
+                    self.broker.discard_results(self.uuid)
             except BrokerError as exc:
                 self.logger.warning("connection %s: could not delete its result list: %s", self.uuid, exc)
             finally:
-                self.server._conn_closed(self)
+                if self._close_deadline is not None:
+                    self._close_deadline.cancel()
+                self._svc.on_closed(self)
 
-    def _shutdown_socket(self) -> None:
-        self._io.shutdown()
+    def _stop_results(self) -> None:
+        thread, results = self._results_thread, self._results
+        if thread is None or results is None:
+            return
+        self._results_stop = True
+        try:
+            self.broker.wake_results(self.uuid)
+        except BrokerError:
+            results.interrupt()
+        thread.join(self.settings.close_timeout)
+        if thread.is_alive():
+            results.interrupt()
+            thread.join()
 
     def _read_loop(self) -> None:
+        svc = self._svc
+        slow = self.settings.slow_threshold
         while True:
             try:
                 opcode, data = self._frames.read()
@@ -303,6 +434,10 @@ class Conn:
                 return
             except ProtocolError as exc:
                 if self.closed:
+                    # What follows a broken frame cannot be framed any more. Take it all in
+                    # until the peer hangs up or the close deadline: closing with unread
+                    # bytes would reset the connection, and the peer could lose our close frame.
+                    self._socket_reader.discard()
                     return
                 self._fail(exc.close_code, exc.reason)
                 continue
@@ -321,7 +456,8 @@ class Conn:
             assert opcode == OP_TEXT
             try:
                 msg = decode(data, CLIENT_TYPES)
-                self._check_allowed(msg)
+                if msg.type not in self.allowed:
+                    raise ProtocolError(f"{msg.type.name} is not allowed on this connection", CLOSE_POLICY)
             except ProtocolError as exc:
                 self._fail(exc.close_code, exc.reason)
                 continue
@@ -329,19 +465,15 @@ class Conn:
                 self.logger.exception("connection %s: could not decode a message", self.uuid)
                 self._fail(CLOSE_INVALID_DATA, "invalid message")
                 continue
-            self.server.stats.incr(f"read_{msg.type.name}")
+            svc.incr(f"read_{msg.type.name}")
             started = time.monotonic()
             self.handle(msg)
             took = time.monotonic() - started
             if msg.type is MessageType.CALL:
-                self.server.metrics.call_ack.observe(took)
-            if took > self.server.slow_threshold:
-                self.server.stats.incr("slow_messages")
+                svc.observe_call_ack(took)
+            if took > slow:
+                svc.incr("slow_messages")
                 self.logger.debug("connection %s: %s %s took %.3f s", self.uuid, msg.type.name, msg.uuid, took)
-
-    def _check_allowed(self, msg: Message) -> None:
-        if msg.type not in self.allowed:
-            raise ProtocolError(f"{msg.type.name} is not allowed on this connection", CLOSE_POLICY)
 
     def _peer_closed(self, data: bytes) -> None:
         try:
@@ -353,60 +485,116 @@ class Conn:
         self.close(CLOSE_NORMAL if code == 1005 else code, reason)
 
     def _queue_frame(self, frame: bytes) -> None:
+        self._queue.put(frame)  # a ping or pong is not worth waiting for room
+
+    # -- keepalive (on the server's timer thread) --
+
+    def _schedule_keepalive(self) -> None:
+        s = self.settings
+        if self.closed or not (s.ping_interval or s.idle_timeout):
+            return
+        now = time.monotonic()
+        last = self._socket_reader.last_recv
+        due = []
+        if s.idle_timeout:
+            due.append(last + s.idle_timeout)
+        if s.ping_interval:
+            ping_at = last + s.ping_interval
+            due.append(ping_at if ping_at > now else now + s.ping_interval)
+        self._keepalive = self._svc.timer.call_at(min(due), self._check_alive)
+
+    def _check_alive(self) -> None:
+        if self.closed:
+            return
+        s = self.settings
+        now = time.monotonic()
+        last = self._socket_reader.last_recv
+        idle = now - last
+        if s.idle_timeout and idle >= s.idle_timeout:
+            self._fail(CLOSE_GOING_AWAY, f"idle timeout: nothing received for {s.idle_timeout:g} s")
+            return
+        if s.ping_interval and idle >= s.ping_interval and self._pinged_at < last:
+            self._pinged_at = now
+            self._queue_frame(encode_frame(OP_PING, b"juggler"))
+        self._schedule_keepalive()
+
+    # -- the writer --
+
+    def _encode_into_batch(self, msg: Message) -> None:
         try:
-            self._queue.put_nowait(frame)
-        except queue.Full:
-            pass  # a pong is not worth blocking the reader for
+            data = self._svc.encode(self, msg)
+        except (TypeError, ValueError) as exc:  # an unencodable message: drop it, keep going
+            self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
+            return
+        if data is not None:
+            self._out.append(encode_frame(OP_TEXT, data))
+            self._out_msgs.append(msg)
 
     def _write_loop(self) -> None:
+        self._writer_ident = threading.get_ident()
+        out, msgs = self._out, self._out_msgs
         while True:
-            try:
-                item = self._queue.get(timeout=self.server.poll_interval)
-            except queue.Empty:
-                if not self.closed:
-                    continue
-                item = _CLOSE  # close() could not queue its marker: the queue was full
-            try:
+            closing = False
+            for item in self._queue.get_batch(_WRITE_BATCH):
                 if item is _CLOSE:
-                    if not self._peer_gone:
-                        self._write(encode_close(self.close_code or CLOSE_NORMAL, self.close_reason))
-                    return
+                    closing = True
+                    break
                 if isinstance(item, bytes):
-                    self._write(item)
-                    continue
-                data = self.server.encode(self, item)
-                if data is None:
-                    continue
-                self._write(encode_frame(OP_TEXT, data))
-                self.server.stats.incr(f"write_{item.type.name}")  # counted once it went out
-                popped = self._res_popped.pop(item.uuid, None) if item.type is MessageType.RES else None
-                if popped is not None:
-                    self.server.metrics.result_delivery.observe(time.monotonic() - popped)
-            except OSError as exc:
-                if not self.closed:
-                    self.logger.info("connection %s: write failed: %s", self.uuid, exc)
-                    self._peer_gone = True
-                    self.close(CLOSE_ABNORMAL, "write failed")
-                self._shutdown_socket()
+                    out.append(item)
+                elif isinstance(item, _Event):
+                    ev = item.event
+                    p = ev.payload
+                    self.handle(Evnt(for_uuid=p.msg_uuid, channel=ev.channel, pattern=ev.pattern, args=p.args))
+                else:
+                    self._encode_into_batch(item)
+            if closing and not self._peer_gone:
+                out.append(encode_close(self.close_code or CLOSE_NORMAL, self.close_reason))
+            if out:
+                try:
+                    self._io.sendall(out[0] if len(out) == 1 else b"".join(out))
+                except OSError as exc:
+                    if not self.closed:
+                        self.logger.info("connection %s: write failed: %s", self.uuid, exc)
+                        self._peer_gone = True
+                        self.close(CLOSE_ABNORMAL, "write failed")
+                    self._io.shutdown()
+                    return
+                finally:
+                    out.clear()
+                self._count_written(msgs)
+            if closing:
                 return
-            except (TypeError, ValueError) as exc:  # an unencodable message: drop it, keep going
-                self.logger.error("connection %s: cannot encode %r: %s", self.uuid, item, exc)
+
+    def _count_written(self, msgs: list[Message]) -> None:
+        svc = self._svc
+        for msg in msgs:
+            svc.incr(f"write_{msg.type.name}")  # counted once it went out
+            if msg.type is MessageType.RES:
+                popped = self._res_popped.pop(msg.uuid, None)
+                if popped is not None:
+                    svc.observe_result_delivery(time.monotonic() - popped)
+        msgs.clear()
+
+    # -- the results listener --
 
     def _results_loop(self) -> None:
         broker = self._results
         assert broker is not None
-        while not self._stop.is_set():
+        while True:
             try:
-                popped = broker.pop_result(self.uuid, self.server.redis_poll)
+                popped = broker.pop_result(self.uuid, None)
             except Exception as exc:
-                self._listener_failed("results", exc)
+                if not self._results_stop:
+                    self._listener_failed("results", exc)
+                return
+            if self._results_stop:
                 return
             if popped is None:
                 continue
             p = popped.payload
             if popped.expired:
                 self.logger.debug("connection %s: dropping expired result for %s", self.uuid, p.msg_uuid)
-                self.server.stats.incr("expired_results")
+                self._svc.incr("expired_results")
                 continue
             res = Res(for_uuid=p.msg_uuid, uri=p.uri, args=p.args)
             self._res_popped[res.uuid] = time.monotonic()
@@ -415,29 +603,10 @@ class Conn:
             if self.closed:
                 self._res_popped.clear()
 
-    def _pubsub_loop(self) -> None:
-        assert self._pubsub is not None
-        while not self._stop.is_set():
-            try:
-                ev = self._pubsub.get_event(self.server.redis_poll)
-            except BrokerError as exc:
-                self._listener_failed("pub-sub", exc)
-                return
-            except ValueError as exc:
-                self.logger.warning("connection %s: dropping event: %s", self.uuid, exc)
-                self.server.stats.incr("failed_event_decodes")
-                continue
-            except Exception as exc:
-                self._listener_failed("pub-sub", exc)
-                return
-            if ev is not None:
-                p = ev.payload
-                self.send(Evnt(for_uuid=p.msg_uuid, channel=ev.channel, pattern=ev.pattern, args=p.args))
-
     def _listener_failed(self, role: str, exc: Exception) -> None:
         """A redis listener cannot go on: close the connection with 1011, logged once. (A
         connection without its listener could only let its calls expire.)"""
-        if self._stop.is_set():
+        if self.closed:
             return  # closing anyway: the error is the close
         if isinstance(exc, BrokerError):
             self.logger.error("connection %s: %s listener failed: %s", self.uuid, role, exc)
@@ -445,62 +614,3 @@ class Conn:
         else:  # a bug
             self.logger.error("connection %s: %s listener crashed", self.uuid, role, exc_info=exc)
             self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: internal error")
-
-    # -- pub-sub for process_msg --
-
-    def subscribe(self, channel: str, pattern: bool) -> None:
-        assert self._pubsub is not None, "SUB is not allowed on this connection"
-        self._pubsub.subscribe(channel, pattern)
-
-    def unsubscribe(self, channel: str, pattern: bool) -> None:
-        assert self._pubsub is not None, "UNSB needs SUB to be allowed on this connection"
-        self._pubsub.unsubscribe(channel, pattern)
-
-
-def process_msg(conn: Conn, msg: Message) -> None:
-    """The standard handler: run a request (CALL, PUB, SUB, UNSB) against the broker and ACK or
-    NACK it; write a message to send (ACK, NACK, RES, EVNT) to the connection."""
-    if msg.type in SERVER_TYPES:
-        conn.write(msg)
-        return
-    if isinstance(msg, Call):
-        if not msg.uri:
-            conn.send(Nack.to(msg, 400, "call has no uri"))
-            return
-        timeout = effective_timeout(msg.timeout)
-        if timeout > conn.server.max_call_timeout:
-            conn.send(Nack.to(msg, 400, f"timeout over the server's maximum of {conn.server.max_call_timeout:g} s"))
-            return
-        payload = CallPayload(conn.uuid, msg.uuid, msg.uri, msg.args)
-        with conn.ack_lock:
-            try:
-                conn.server.broker.store_call(payload, timeout)
-            except BrokerError as exc:
-                _nack_broker(conn, msg, exc)
-                return
-            conn.send(Ack.to(msg))
-        return
-    if not msg.channel:
-        conn.send(Nack.to(msg, 400, f"{msg.type.name} has no channel"))
-        return
-    try:
-        if isinstance(msg, Pub):
-            conn.server.pubsub_broker.publish(msg.channel, EventPayload(msg.uuid, msg.args))
-        elif isinstance(msg, Sub):
-            conn.subscribe(msg.channel, msg.pattern)
-        elif isinstance(msg, Unsb):
-            if MessageType.SUB not in conn.allowed:
-                conn.send(Nack.to(msg, 400, "not subscribed: SUB is not allowed on this connection"))
-                return
-            conn.unsubscribe(msg.channel, msg.pattern)
-        else:  # pragma: no cover - decode() only yields the four request types here
-            raise TypeError(f"not a request: {msg!r}")
-    except BrokerError as exc:
-        _nack_broker(conn, msg, exc)
-        return
-    conn.send(Ack.to(msg))
-
-
-def _nack_broker(conn: Conn, msg: Request, exc: BrokerError) -> None:
-    conn.logger.warning("connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
-    conn.send(Nack.to(msg, exc.nack_code, str(exc)))

@@ -24,12 +24,28 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .message import CLIENT_TYPES, Message
+from .exceptions import BrokerError
+from .message import (
+    CLIENT_TYPES,
+    SERVER_TYPES,
+    Ack,
+    Call,
+    CallPayload,
+    EventPayload,
+    Message,
+    MessageType,
+    Nack,
+    Pub,
+    Request,
+    Sub,
+    Unsb,
+    effective_timeout,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .conn import Conn
 
-__all__ = ["Handler", "Middleware", "chain", "log_messages", "recover"]
+__all__ = ["Handler", "Middleware", "chain", "log_messages", "recover", "process_msg"]
 
 Handler = Callable[["Conn", Message], None]
 Middleware = Callable[[Handler], Handler]
@@ -39,8 +55,6 @@ def chain(*middlewares: Middleware, handler: Optional[Handler] = None) -> Handle
     """One handler: ``middlewares[0]`` sees a message first, then the next, then ``handler``
     (default :func:`juggler.process_msg`)."""
     if handler is None:
-        from .conn import process_msg
-
         handler = process_msg
     for middleware in reversed(middlewares):
         handler = middleware(handler)
@@ -93,3 +107,54 @@ def recover(logger: Optional[logging.Logger] = None) -> Middleware:
         return handle
 
     return middleware
+
+
+def process_msg(conn: "Conn", msg: Message) -> None:
+    """The standard handler: run a request (CALL, PUB, SUB, UNSB) against the broker and ACK or
+    NACK it; write a message to send (ACK, NACK, RES, EVNT) to the connection."""
+    if msg.type in SERVER_TYPES:
+        conn.write(msg)
+        return
+    if isinstance(msg, Call):
+        if not msg.uri:
+            conn.send(Nack.to(msg, 400, "call has no uri"))
+            return
+        timeout = effective_timeout(msg.timeout)
+        most = conn.settings.max_call_timeout
+        if timeout > most:
+            conn.send(Nack.to(msg, 400, f"timeout over the server's maximum of {most:g} s"))
+            return
+        conn.listen_for_results()
+        payload = CallPayload(conn.uuid, msg.uuid, msg.uri, msg.args)
+        with conn.ack_lock:
+            try:
+                conn.broker.store_call(payload, timeout)
+            except BrokerError as exc:
+                _nack_broker(conn, msg, exc)
+                return
+            conn.send(Ack.to(msg))
+        return
+    if not msg.channel:
+        conn.send(Nack.to(msg, 400, f"{msg.type.name} has no channel"))
+        return
+    try:
+        if isinstance(msg, Pub):
+            conn.pubsub_broker.publish(msg.channel, EventPayload(msg.uuid, msg.args))
+        elif isinstance(msg, Sub):
+            conn.subscribe(msg.channel, msg.pattern)
+        elif isinstance(msg, Unsb):
+            if MessageType.SUB not in conn.allowed:
+                conn.send(Nack.to(msg, 400, "not subscribed: SUB is not allowed on this connection"))
+                return
+            conn.unsubscribe(msg.channel, msg.pattern)
+        else:  # pragma: no cover - decode() only yields the four request types here
+            raise TypeError(f"not a request: {msg!r}")
+    except BrokerError as exc:
+        _nack_broker(conn, msg, exc)
+        return
+    conn.send(Ack.to(msg))
+
+
+def _nack_broker(conn: "Conn", msg: Request, exc: BrokerError) -> None:
+    conn.logger.warning("connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
+    conn.send(Nack.to(msg, exc.nack_code, str(exc)))

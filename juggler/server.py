@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import functools
 import json
 import logging
+import resource
 import socket
 import socketserver
 import ssl
@@ -22,11 +24,13 @@ from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 from .broker import Broker
-from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, Conn, process_msg
+from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, Conn, ConnServices, ConnSettings
 from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .middleware import Handler
+from .middleware import Handler, process_msg
+from .pubsub import PubSubHub
+from .timer import Timer
 from .wsframes import HandshakeRequest, SocketIO, SocketReader, Stopped, accept_key, http_response, valid_key
 
 
@@ -45,7 +49,16 @@ def _import_websocket_server() -> Any:
 
 websocket_server = _import_websocket_server()
 
-__all__ = ["Server", "ConnState", "SUBPROTOCOL", "ALLOWED_MESSAGES_HEADER", "parse_allowed_messages", "process_msg"]
+__all__ = [
+    "Server",
+    "ConnState",
+    "SUBPROTOCOL",
+    "ALLOWED_MESSAGES_HEADER",
+    "parse_allowed_messages",
+    "process_msg",
+    "default_max_connections",
+    "raise_open_file_limit",
+]
 
 SUBPROTOCOL = "juggler.0"
 ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
@@ -138,11 +151,16 @@ class _Handler(websocket_server.WebSocketHandler):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if jserver.ssl_context is not None:
             sock.settimeout(jserver.handshake_timeout)
+            raw = sock
+            if not jserver._handshake_started(raw):
+                return
             try:
                 sock = jserver.ssl_context.wrap_socket(sock, server_side=True)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 jserver.logger.info("TLS handshake with %s failed: %s", self.client_address, exc)
                 return
+            finally:
+                jserver._handshake_ended(raw)
         try:
             self._serve(jserver, sock)
         finally:
@@ -151,8 +169,9 @@ class _Handler(websocket_server.WebSocketHandler):
 
     def _serve(self, jserver: "Server", sock: socket.socket) -> None:
         io = SocketIO(sock, jserver.write_timeout)  # from here on, every read and write goes through it
-        deadline = time.monotonic() + jserver.handshake_timeout
-        reader = SocketReader(io, lambda: time.monotonic() < deadline and not jserver._stopping, jserver.poll_interval)
+        reader = SocketReader(io, deadline=time.monotonic() + jserver.handshake_timeout)
+        if not jserver._handshake_started(io):
+            return
         try:
             request = HandshakeRequest.parse(reader.read_until(b"\r\n\r\n", 16384))
             if jserver._serve_http(io, request):
@@ -166,6 +185,8 @@ class _Handler(websocket_server.WebSocketHandler):
         except _Refused as exc:
             self._refuse(io, exc)
             return
+        finally:
+            jserver._handshake_ended(io)
         conn = self._open(jserver, io, request, reader, allowed, protocol)
         if conn is not None:
             conn.run()  # its teardown gives the slot back (Server._conn_closed)
@@ -176,7 +197,7 @@ class _Handler(websocket_server.WebSocketHandler):
         away). Unless it returns a connection, it gives back the connection slot and the
         connection's redis resources, and a connection the hook accepted is announced CLOSED."""
         try:
-            conn = Conn(jserver, io, self.client_address, request, allowed, reader)
+            conn = Conn(jserver._services, io, self.client_address, request, allowed, reader)
         except BaseException:
             jserver._release_slot()
             raise
@@ -188,13 +209,14 @@ class _Handler(websocket_server.WebSocketHandler):
             if not self._switch_protocols(io, request, protocol):
                 conn.close(CLOSE_ABNORMAL, "connection lost during the handshake")
                 return None
+            conn.start()
+            handed_over = True  # from here on, conn.run() tears it all down
             if not jserver._conn_opened(conn):
                 # Shutdown began between the 101 and registering the connection, so
                 # shutdown() did not see it: it closes like the others, with 1001 and the
                 # close handshake, and its teardown gives the slot back and announces CLOSED.
                 conn.close(CLOSE_GOING_AWAY, "server shutting down")
-            reader.keep_going = lambda: conn.keep_reading() and not jserver._hard_stop
-            handed_over = True
+            reader.deadline = None  # from now on, reads wait for as long as the peer is silent
             return conn
         finally:
             if not handed_over:
@@ -245,15 +267,17 @@ class _Handler(websocket_server.WebSocketHandler):
 
 
 class _TCPServer(websocket_server.WebsocketServer):
-    """websocket-server's server, with our handler and threads that are named and joined."""
+    """websocket-server's server socket, with our handler. Its accept loop is
+    :meth:`Server._accept_loop`, which blocks in ``accept()`` rather than polling."""
 
     daemon_threads = False
     block_on_close = False  # we join connection threads ourselves, see Server.shutdown
     allow_reuse_address = True
     request_queue_size = socket.SOMAXCONN  # socketserver's 5 makes bursts of connects wait
 
-    def __init__(self, juggler: "Server", host: str, port: int) -> None:
+    def __init__(self, juggler: "Server", host: str, port: int, reuse_port: bool = False) -> None:
         # Not WebsocketServer.__init__: it would set its logger's level and use its handler.
+        self.reuse_port = reuse_port
         socketserver.TCPServer.__init__(self, (host, port), _Handler)
         self.juggler = juggler
         self.host = host
@@ -262,8 +286,12 @@ class _TCPServer(websocket_server.WebsocketServer):
         self.clients: list[Any] = []
         self._deny_clients = False
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.juggler._spawn_conn_thread(self, request, client_address)
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise OSError("SO_REUSEPORT is not available on this system")
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.juggler.logger.exception("unexpected error serving %s", client_address)
@@ -291,7 +319,7 @@ class Server:
     :param certfile, keyfile: serve TLS (``wss://``) with this certificate chain and key; or
         pass an ``ssl_context``.
     :param max_connections: open websockets at most; a handshake over it gets HTTP 503 (0: no
-        limit).
+        limit; ``None``: what this machine can hold, see :func:`default_max_connections`).
     :param read_limit: largest message (after reassembly) in bytes; over it: close 1009.
     :param write_limit: largest message written, in bytes: a RES over it is replaced by an
         error result (so its call still ends), an ACK or NACK is sent without its ``uri`` or
@@ -306,8 +334,8 @@ class Server:
         from it, pongs included (0: never). With pings on, this closes the unresponsive ones.
     :param close_timeout: seconds to wait for the peer's close frame, or for the writer to
         flush, once closing starts.
-    :param redis_poll: seconds a blocking redis read (BRPOP, pub-sub) waits before it checks
-        whether its connection is closing; it bounds how long a close takes.
+    :param reuse_port: set ``SO_REUSEPORT`` on the listening socket, so that several server
+        processes can listen on the same port (the kernel spreads connections among them).
     :param max_call_timeout: the longest timeout (seconds) a CALL may ask for; over it: NACK
         400. It bounds how long a call to a URI nobody serves stays in redis.
     :param slow_threshold: a request whose processing takes longer than this (seconds) is
@@ -331,7 +359,7 @@ class Server:
         certfile: Optional[str] = None,
         keyfile: Optional[str] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
-        max_connections: int = 1000,
+        max_connections: Optional[int] = None,
         read_limit: int = 1 << 20,
         write_limit: int = 1 << 20,
         write_queue_size: int = 256,
@@ -340,7 +368,7 @@ class Server:
         ping_interval: float = 30.0,
         idle_timeout: float = 60.0,
         close_timeout: float = 2.0,
-        redis_poll: float = 1.0,
+        reuse_port: bool = False,
         max_call_timeout: float = 600.0,
         slow_threshold: float = 0.1,
         http_endpoints: bool = True,
@@ -349,13 +377,14 @@ class Server:
         for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
             if count <= 0:
                 raise ValueError(f"{name} must be positive, got {count!r}")
+        if max_connections is None:
+            max_connections = default_max_connections()
         if max_connections < 0:
             raise ValueError(f"max_connections must be >= 0 (0: no limit), got {max_connections!r}")
         for name, value in (
             ("write_timeout", write_timeout),
             ("handshake_timeout", handshake_timeout),
             ("close_timeout", close_timeout),
-            ("redis_poll", redis_poll),
             ("max_call_timeout", max_call_timeout),
             ("slow_threshold", slow_threshold),
         ):
@@ -388,26 +417,57 @@ class Server:
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
-        self.redis_poll = redis_poll
         self.max_call_timeout = max_call_timeout
         self.slow_threshold = slow_threshold
         self.http_endpoints = http_endpoints
-        self.poll_interval = 0.25
         self.logger = logger or logging.getLogger("juggler.server")
         self.stats = Stats()
 
         self._lock = threading.Lock()
         self._conns: dict[str, Conn] = {}
         self._conn_threads: set[threading.Thread] = set()
+        # sockets in their handshake, by id, with what wakes their reads (shutdown calls it)
+        self._handshakes: dict[int, Callable[[], None]] = {}
         # Handshakes past their checks plus open connections: what max_connections bounds.
         self._slots = 0
         self._accept_thread: Optional[threading.Thread] = None
         self._stopping = False
-        self._hard_stop = False
         self._shutdown_done = threading.Event()
-        self._tcp = _TCPServer(self, host, port)
+        self._tcp = _TCPServer(self, host, port, reuse_port)
         self.host, self.port = self._tcp.server_address[:2]
+        self.timer = Timer("juggler-server-timer", self.logger)
+        self.hub = PubSubHub(
+            self.pubsub_broker,
+            # a subscribe waits for redis behind whatever the hub's reader is handing out
+            confirm_timeout=max(5.0, write_timeout),
+            logger=self.logger,
+            on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
+        )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
+        self.settings = ConnSettings(
+            read_limit=read_limit,
+            write_queue_size=write_queue_size,
+            write_timeout=write_timeout,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            close_timeout=close_timeout,
+            max_call_timeout=max_call_timeout,
+            slow_threshold=slow_threshold,
+        )
+        self._services = ConnServices(
+            settings=self.settings,
+            broker=self.broker,
+            pubsub_broker=self.pubsub_broker,
+            hub=self.hub,
+            timer=self.timer,
+            handler=lambda conn, msg: self.handler(conn, msg),  # the attribute may be replaced
+            encode=self.encode,
+            incr=self.stats.incr,
+            observe_call_ack=self.metrics.call_ack.observe,
+            observe_result_delivery=self.metrics.result_delivery.observe,
+            on_closed=self._conn_closed,
+            logger=self.logger,
+        )
 
     def __repr__(self) -> str:
         return f"<juggler.Server {self.url}>"
@@ -440,9 +500,8 @@ class Server:
                 raise RuntimeError("server was shut down")
             if self._accept_thread is not None:
                 return self
-            self._accept_thread = threading.Thread(
-                target=self._tcp.serve_forever, kwargs={"poll_interval": 0.1}, name="juggler-server-accept"
-            )
+            self.timer.start()
+            self._accept_thread = threading.Thread(target=self._accept_loop, name="juggler-server-accept")
             self._accept_thread.start()
         self.logger.info("juggler server listening on %s", self.url)
         return self
@@ -461,25 +520,31 @@ class Server:
             first = not self._stopping
             self._stopping = True
             accept = self._accept_thread
+            handshakes = list(self._handshakes.values())
         if not first:
             self._shutdown_done.wait()
             return
         try:
+            try:
+                # wakes the accept() of the accept loop (Linux: it fails with EINVAL)
+                self._tcp.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             if accept is not None:
-                self._tcp.shutdown()
+                accept.join()
             self._tcp.server_close()
+            for stop in handshakes:
+                stop()
             for conn in self.connections:
-                conn.close(1001, "server shutting down")
+                conn.close(CLOSE_GOING_AWAY, "server shutting down")
+            # Each connection ends within its close_timeout: its close deadline shuts the
+            # socket of a peer that does not answer.
             with self._lock:
                 threads = list(self._conn_threads)
             for t in threads:
-                t.join(self.close_timeout + self.redis_poll + 1.0)
-            if any(t.is_alive() for t in threads):
-                self._hard_stop = True  # stop waiting for close frames from unresponsive peers
-                for t in threads:
-                    t.join()
-            if accept is not None:
-                accept.join()
+                t.join()
+            self.hub.close()
+            self.timer.stop()
         finally:
             self._shutdown_done.set()
         self.logger.info("juggler server on %s stopped", self.url)
@@ -492,11 +557,31 @@ class Server:
 
     # -- connection bookkeeping --
 
-    def _spawn_conn_thread(self, tcp: _TCPServer, request: Any, client_address: Any) -> None:
+    def _accept_loop(self) -> None:
+        listener = self._tcp.socket
+        while True:
+            try:
+                request, client_address = listener.accept()
+            except OSError as exc:
+                if self._stopping:
+                    return
+                # e.g. EMFILE, out of file descriptors: the pending connection stays in the
+                # backlog; wait a little (or for shutdown) instead of spinning on the error
+                self.logger.error("accept failed: %s", exc)
+                self._shutdown_done.wait(0.1)
+                continue
+            self._spawn_conn_thread(request, client_address)
+
+    def _spawn_conn_thread(self, request: socket.socket, client_address: Any) -> None:
+        tcp = self._tcp
+
         def run() -> None:
             try:
-                tcp.process_request_thread(request, client_address)
+                tcp.finish_request(request, client_address)
+            except Exception:
+                tcp.handle_error(request, client_address)
             finally:
+                tcp.shutdown_request(request)
                 with self._lock:
                     self._conn_threads.discard(threading.current_thread())
 
@@ -516,7 +601,7 @@ class Server:
             self._refuse_overloaded(tcp, request)
             return
         try:
-            t.start()
+            _start_small(t)
         except RuntimeError as exc:  # e.g. "can't start new thread": out of threads
             with self._lock:
                 self._conn_threads.discard(t)
@@ -536,6 +621,20 @@ class Server:
             except OSError:
                 pass
         tcp.shutdown_request(request)
+
+    def _handshake_started(self, sock: Any) -> bool:
+        """Register a socket in its handshake, so that shutdown can wake its reads; ``False``
+        if the server is stopping (then it is not registered)."""
+        stop = sock.shutdown if isinstance(sock, SocketIO) else functools.partial(_shut, sock)
+        with self._lock:
+            if self._stopping:
+                return False
+            self._handshakes[id(sock)] = stop
+        return True
+
+    def _handshake_ended(self, sock: Any) -> None:
+        with self._lock:
+            self._handshakes.pop(id(sock), None)
 
     def _conn_opened(self, conn: Conn) -> bool:
         with self._lock:
@@ -659,6 +758,82 @@ class Server:
 
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
+
+#: The stack size of a connection's threads. Python code needs little C stack, and the deepest
+#: C recursion on these threads (decoding and encoding JSON nested up to the recursion limit)
+#: fits with room to spare; glibc's default of 8 MiB would reserve 160 GiB of address space for
+#: 20,000 threads. Only the touched pages count against memory either way.
+THREAD_STACK_SIZE = 512 * 1024
+
+_stack_lock = threading.Lock()
+
+
+def _start_small(thread: threading.Thread) -> None:
+    """Start ``thread`` with a stack of :data:`THREAD_STACK_SIZE` bytes."""
+    with _stack_lock:
+        before = threading.stack_size(THREAD_STACK_SIZE)
+        try:
+            thread.start()
+        finally:
+            threading.stack_size(before)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# What one connection may hold at most: its socket, its results redis connection (if it CALLs)
+# and its reader, writer and results threads.
+_FDS_PER_CONN = 2
+_THREADS_PER_CONN = 3
+_RESERVED_FDS = 128  # for redis pools, the listening socket, logs, the pub-sub connection
+_RESERVED_THREADS = 64
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def default_max_connections() -> int:
+    """How many connections this process can hold: bounded by its open-file limit (soft limit:
+    see :func:`raise_open_file_limit`) and by the machine's thread limits (``kernel.pid_max``,
+    ``kernel.threads-max``, and ``vm.max_map_count``, since every thread stack is two mappings).
+    At least 1."""
+    bounds = []
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            bounds.append((soft - _RESERVED_FDS) // _FDS_PER_CONN)
+    except (OSError, ValueError):
+        pass
+    for path, per_thread in (
+        ("/proc/sys/kernel/pid_max", 1),
+        ("/proc/sys/kernel/threads-max", 1),
+        ("/proc/sys/vm/max_map_count", 2),
+    ):
+        limit = _read_int(path)
+        if limit is not None:
+            bounds.append((limit // per_thread - _RESERVED_THREADS) // _THREADS_PER_CONN)
+    return max(1, min(bounds)) if bounds else 10000
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process' open-file soft limit to its hard limit; returns ``(before, after)``.
+    (The CLI does this at start; a library leaves process limits to its host.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            return soft, soft
+    return soft, hard
 
 
 def _ping(broker: Any) -> bool:

@@ -2,8 +2,9 @@
 
 ``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
 has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
-the pieces our :class:`~juggler.server.Server` uses instead: a buffered reader that polls, so a
-closing or stopping connection is noticed without a read timeout corrupting a half-read frame;
+the pieces our :class:`~juggler.server.Server` uses instead: a buffered reader that blocks with
+no timeout and is stopped by shutting its socket down (so nothing polls, and no read timeout
+can corrupt a half-read frame);
 reassembly of fragmented messages under a size limit; a word-wide unmask; and frame encoding.
 :class:`SocketIO` keeps a TLS connection's reads and writes apart. The
 :class:`~juggler.client.Client` reads and writes its frames with the same pieces, after
@@ -21,8 +22,6 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
 from .exceptions import ProtocolError
 
 __all__ = [
@@ -65,7 +64,7 @@ FRAGMENT_COST = 64
 
 
 class Stopped(Exception):
-    """The reader was told to stop (its ``keep_going`` returned false) or the peer went away."""
+    """The socket was shut down, its deadline passed, or the peer went away."""
 
 
 class SocketIO:
@@ -96,8 +95,9 @@ class SocketIO:
         self._readable = select.poll()
         self._readable.register(sock.fileno(), select.POLLIN | select.POLLPRI)
 
-    def wait_readable(self, timeout_ms: int) -> bool:
-        """Whether a :meth:`recv` may have something, waiting up to ``timeout_ms``."""
+    def wait_readable(self, timeout_ms: int = -1) -> bool:
+        """Whether a :meth:`recv` may have something, waiting up to ``timeout_ms`` (-1: with
+        no timeout, until bytes come, the peer closes, or :meth:`shutdown`)."""
         if self.tls:
             with self._tls_lock:
                 if self._shut or self.sock.pending():  # pending: decrypted bytes poll cannot see
@@ -165,17 +165,18 @@ class SocketIO:
 
 
 class SocketReader:
-    """Buffered reads that poll every ``poll_interval`` seconds, from a :class:`SocketIO` (a
-    socket given instead is wrapped in one, which makes a TLS socket non-blocking).
+    """Buffered reads from a :class:`SocketIO` (a socket given instead is wrapped in one, which
+    makes a TLS socket non-blocking).
 
-    Between polls it asks ``keep_going()``; when that returns false, or the peer closes the
-    TCP connection, the read raises :class:`Stopped`.
+    A read blocks, with no timeout, until bytes come, the peer closes the TCP connection, or
+    the socket is shut down (:meth:`SocketIO.shutdown`, which is how another thread stops it);
+    the last two raise :class:`Stopped`. ``deadline`` (a ``time.monotonic()`` value, e.g. for
+    the HTTP handshake) bounds the wait: past it a read raises :class:`Stopped` too.
     """
 
-    def __init__(self, io: SocketIO | socket.socket, keep_going: Callable[[], bool], poll_interval: float = 0.5):
+    def __init__(self, io: SocketIO | socket.socket, deadline: float | None = None):
         self.io = io if isinstance(io, SocketIO) else SocketIO(io)
-        self.keep_going = keep_going
-        self._poll_ms = max(1, int(poll_interval * 1000))
+        self.deadline = deadline
         self._buf = bytearray()
         self._pos = 0
         #: time.monotonic() of the last bytes received (for idle detection)
@@ -183,9 +184,13 @@ class SocketReader:
 
     def _fill(self) -> None:
         while True:
-            if not self.keep_going():
-                raise Stopped("stopped")
-            if not self.io.wait_readable(self._poll_ms):
+            wait_ms = -1
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Stopped("timed out")
+                wait_ms = max(1, int(remaining * 1000))
+            if not self.io.wait_readable(wait_ms):
                 continue
             try:
                 chunk = self.io.recv(262144)
@@ -201,6 +206,16 @@ class SocketReader:
                 self._pos = 0
             self._buf += chunk
             return
+
+    def discard(self) -> None:
+        """Read and drop everything until the stream ends (:class:`Stopped`, not raised)."""
+        try:
+            while True:
+                self._buf.clear()
+                self._pos = 0
+                self._fill()
+        except Stopped:
+            pass
 
     def read_exact(self, n: int) -> bytes:
         while len(self._buf) - self._pos < n:

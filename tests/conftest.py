@@ -148,7 +148,7 @@ class Stack:
     def __init__(self, redis_client, call_cap: int = 0, result_cap: int = 0, workers: int = 8, **server_kw):
         self.redis = redis_client
         self.broker = RedisBroker(redis_client, call_cap=call_cap, result_cap=result_cap)
-        self.server = Server(self.broker, redis_poll=0.05, **server_kw).start()
+        self.server = Server(self.broker, **server_kw).start()
         self.callee = Callee(self.broker, workers=workers, block=0.05)
         for uri, fn in (("test.echo", echo), ("test.reverse", reverse), ("test.delay", delay), ("test.fail", fail)):
             self.callee.register(uri, fn)

@@ -43,7 +43,7 @@ class FakeServer:
 
     def frames(self) -> FrameReader:
         assert self.ready.wait(T(10))
-        return FrameReader(SocketReader(self.sock, lambda: True, poll_interval=0.05))
+        return FrameReader(SocketReader(self.sock))
 
     def close(self) -> None:
         self.thread.join(T(10))

@@ -13,7 +13,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from juggler import BrokerError, Callee, Client, RedisBroker, Server
-from juggler.broker import call_slot, call_timeout_key, calls_key
+from juggler.broker import call_slot, call_timeout_key, calls_key, results_key
 from juggler.message import CallPayload, EventPayload, new_uuid
 
 from .conftest import T, echo
@@ -191,14 +191,22 @@ def test_pubsub_connections_go_to_each_primary_in_turn(cluster_broker):
 
 
 def test_a_user_made_cluster_client_works_too(redis_cluster):
-    """RedisBroker(RedisCluster(...)): the listeners share the client's uncapped node pools."""
+    """RedisBroker(RedisCluster(...)): a results listener blocks, with no socket timeout, on a
+    connection of its own to the node that serves its key."""
     client = RedisCluster.from_url(redis_cluster.url)
     broker = RedisBroker(client)
-    assert broker.dedicated().client is client
+    key = results_key("some-connection")
+    listener = broker.dedicated(key)
+    try:
+        kwargs = listener.client.connection_pool.connection_kwargs
+        assert kwargs["port"] == client.get_node_from_key(key).port
+        assert kwargs["socket_timeout"] is None
+    finally:
+        listener.close()
     callee = Callee(broker, workers=2, block=0.05)
     callee.register("test.echo", echo)
     try:
-        with Server(broker, redis_poll=0.05) as server, callee:
+        with Server(broker) as server, callee:
             with Client.connect(server.url, connect_timeout=T(5)) as c:
                 assert c.call("test.echo", "mine", timeout=T(5)) == "mine"
                 sub = c.sub("own.*", pattern=True)
@@ -222,7 +230,7 @@ def test_many_websockets_each_with_its_listeners(redis_cluster):
     callee.register("test.echo", echo)
     clients: list[Client] = []
     try:
-        with Server(broker, redis_poll=0.05) as server, callee:
+        with Server(broker) as server, callee:
             clients = [Client.connect(server.url, connect_timeout=T(5)) for _ in range(60)]
             futures = [c.call_async("test.echo", i, timeout=T(20)) for i, c in enumerate(clients)]
             assert [f.result(T(20)) for f in futures] == list(range(60))

@@ -242,7 +242,7 @@ def test_result_list_deleted_and_lists_expire(stack):
 
 
 def test_two_servers_share_one_redis(stack):
-    other = Server(stack.broker, redis_poll=0.05).start()
+    other = Server(stack.broker).start()
     try:
         b = Client.connect(other.url, connect_timeout=T(5))
         try:
@@ -264,7 +264,7 @@ def test_separate_pubsub_broker(redis_client):
     rpc, ps = RedisBroker(redis_client), RedisBroker(other)
     callee = Callee(rpc, workers=1, block=0.05)
     callee.register("test.echo", lambda a: a)
-    with Server(rpc, pubsub_broker=ps, redis_poll=0.05) as server, callee:
+    with Server(rpc, pubsub_broker=ps) as server, callee:
         with Client.connect(server.url, connect_timeout=T(5)) as c:
             sub = c.sub("ch")
             assert other.pubsub_numsub("ch") == [(b"ch", 1)]
@@ -275,7 +275,7 @@ def test_separate_pubsub_broker(redis_client):
 
 def test_shutdown_joins_every_thread(redis_client):
     broker = RedisBroker(redis_client)
-    server = Server(broker, redis_poll=0.05).start()
+    server = Server(broker).start()
     callee = Callee(broker, workers=3, block=0.05)
     callee.register("test.echo", lambda a: a)
     callee.start()
@@ -360,7 +360,7 @@ def test_burst_of_calls_over_a_blocking_pool(redis_server):
     broker = RedisBroker(client)
     callee = Callee(broker, workers=4, block=0.05)
     callee.register("test.echo", lambda a: a)
-    with Server(broker, redis_poll=0.05) as server, callee:
+    with Server(broker) as server, callee:
         clients = [Client.connect(server.url, connect_timeout=T(5)) for _ in range(40)]
         try:
             futures = [c.call_async("test.echo", i, timeout=T(30)) for i, c in enumerate(clients)]

@@ -9,6 +9,7 @@ it stops it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any, Optional
@@ -159,7 +160,7 @@ def test_redis_restart_in_the_middle_of_traffic():
     callee = Callee(broker, workers=4, block=0.05, max_backoff=0.2)
     callee.register("test.echo", echo)
     callee.register("test.slow", slow_echo)
-    server = Server(broker, redis_poll=0.05).start()
+    server = Server(broker).start()
     try:
         with callee, Traffic(server.url, clients=6, uris=["test.echo", "test.slow"]) as traffic:
             assert traffic.wait_for(lambda: traffic.count("result") >= 60, T(20))
@@ -193,7 +194,7 @@ def test_requests_while_redis_is_down_are_nacked_not_hung():
     rpc, ps = RedisBroker.from_url(rpc_redis.url), RedisBroker.from_url(ps_redis.url)
     callee = Callee(rpc, workers=1, block=0.05)
     callee.register("test.echo", echo)
-    server = Server(rpc, pubsub_broker=ps, redis_poll=0.05).start()
+    server = Server(rpc, pubsub_broker=ps).start()
     try:
         with callee, Client.connect(server.url, connect_timeout=T(5)) as c:
             stop_redis_server(ps_redis)
@@ -220,9 +221,16 @@ def test_requests_while_redis_is_down_are_nacked_not_hung():
 def test_a_listener_on_a_dead_redis_closes_its_connection_with_1011():
     rp = start_redis_server()
     broker = RedisBroker.from_url(rp.url)
-    server = Server(broker, redis_poll=0.05).start()
+    server = Server(broker).start()
     try:
         with Client.connect(server.url, connect_timeout=T(5)) as c:
+            # the first CALL starts the connection's results listener (nobody serves the URI)
+            c.call_async("nobody.serves", None, timeout=T(60))
+            (conn,) = server.connections
+            deadline = time.monotonic() + T(5)
+            while conn._results_thread is None:  # a bounded wait for the reader to start it
+                assert time.monotonic() < deadline, "no results listener"
+                time.sleep(0.005)
             stop_redis_server(rp)
             assert c.wait_closed(T(10))
             assert (c.close_code, c.close_reason) == (1011, "results listener failed: redis unavailable")
@@ -251,7 +259,7 @@ def test_cluster_node_restart_in_the_middle_of_traffic(tmp_path):
         callee = Callee(broker, workers=6, block=0.05, max_backoff=0.2)
         for uri in by_port.values():
             callee.register(uri, echo)
-        with Server(broker, redis_poll=0.05) as server, callee:
+        with Server(broker) as server, callee:
             with Traffic(server.url, clients=6, uris=list(by_port.values())) as traffic:
                 assert traffic.wait_for(lambda: traffic.count("result") >= 60, T(20))
                 cluster.stop_node(victim)
@@ -338,13 +346,13 @@ def test_call_whose_store_fails_is_nacked_and_the_connection_goes_on(redis_clien
                 raise BrokerError("redis unavailable: Connection refused")
             super().store_call(payload, timeout)
 
-        def dedicated(self):
-            return RedisBroker(self.client).dedicated()
+        def dedicated(self, key=None):
+            return RedisBroker(self.client).dedicated(key)
 
     broker = FlakyBroker(redis_client)
     callee = Callee(broker, workers=1, block=0.05)
     callee.register("test.echo", lambda a: a)
-    with Server(broker, redis_poll=0.05) as server, callee, Client.connect(server.url, connect_timeout=T(5)) as c:
+    with Server(broker) as server, callee, Client.connect(server.url, connect_timeout=T(5)) as c:
         broker.fail_next = 1
         with pytest.raises(NackError) as info:
             c.call("test.echo", 1, timeout=T(5))

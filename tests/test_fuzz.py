@@ -805,6 +805,9 @@ class Harness:
         self.tracker = Tracker()
         self.stack = make_stack(read_limit=limit, on_state=self.tracker.hook)
         self.control = self.stack.client()
+        # The server's pub-sub reader (a thread, a redis connection) is the server's, made by
+        # its first SUB: make it now, so that it is there before any example, like the pool.
+        self.control.sub("fuzz.control")
         self.examples = 0
         self._pause = threading.Event()  # never set: a bounded pause between redis polls
         self.check_control()

@@ -292,41 +292,53 @@ def test_connection_opened_during_shutdown_still_gets_going_away(make_stack):
     ]
 
 
-def failing_close(close, name: str, closed: list[str]):
-    """``close``, recording ``name`` in ``closed``; the pub-sub one then raises."""
+def failing_close(close, closed: list[str]):
+    """``close``, recording that it ran, then raising."""
 
     def wrapper() -> None:
         close()
-        closed.append(name)
-        if name == "_pubsub":
-            raise RuntimeError("cannot close")
+        closed.append("closed")
+        raise RuntimeError("cannot close")
 
     return wrapper
 
 
-def test_connection_lost_before_the_101_is_announced_closed(make_stack, caplog):
+def test_connection_lost_before_the_101_is_announced_closed(make_stack):
     log = StateLog()
-    closed: list[str] = []
+    held: list = []
 
     def cut_off(conn, state):
         log(conn, state)
         if state is ConnState.ACCEPTING and len(log.events) == 1:
+            held.append(conn._results)  # a handshake takes no redis connection
             conn._io.sock.shutdown(socket.SHUT_WR)  # the first connection's 101 cannot be sent
-            # and closing its pub-sub redis connection fails: the other one is still closed
-            for name in ("_pubsub", "_results"):
-                resource = getattr(conn, name)
-                resource.close = failing_close(resource.close, name, closed)
 
     stack = make_stack(on_state=cut_off, max_connections=1)  # the client below needs its slot back
     with pytest.raises(websocket.WebSocketException):
         raw_ws(stack.server.url)
     assert log.wait_closed(1, 10) == [(1006, "connection lost during the handshake")]
     assert [e[1] for e in log.events] == [ConnState.ACCEPTING, ConnState.CLOSED]
-    assert sorted(closed) == ["_pubsub", "_results"]
-    assert [r.getMessage() for r in caplog.records if "could not close" in r.getMessage()] == [
-        f"connection {log.events[0][0]}: could not close its pub-sub redis connection"
-    ]
+    assert held == [None]
     assert stack.server.connections == []
+    assert stack.client().call("test.echo", "still serving", timeout=T(5)) == "still serving"
+
+
+def test_a_failure_to_release_is_logged_once_and_the_rest_is_released(make_stack, caplog):
+    log = StateLog()
+    stack = make_stack(on_state=log)
+    c = stack.client()
+    assert c.call("test.echo", 1, timeout=T(5)) == 1
+    c.sub("released")
+    (conn,) = stack.server.connections
+    closed: list[str] = []
+    conn._results.close = failing_close(conn._results.close, closed)
+    c.close()
+    assert log.wait_closed(1, 10) == [(1000, "")]
+    assert closed == ["closed"]
+    assert [r.getMessage() for r in caplog.records if "could not close" in r.getMessage()] == [
+        f"connection {conn.uuid}: could not close its results redis connection"
+    ]
+    assert stack.server.hub.subscriptions() == set()  # its subscription was dropped all the same
     assert stack.client().call("test.echo", "still serving", timeout=T(5)) == "still serving"
 
 
@@ -487,7 +499,7 @@ def test_tls(redis_client):
     broker = RedisBroker(redis_client)
     callee = Callee(broker, workers=1, block=0.05)
     callee.register("test.echo", lambda a: a)
-    server = Server(broker, certfile=str(DATA / "localhost.crt"), keyfile=str(DATA / "localhost.key"), redis_poll=0.05)
+    server = Server(broker, certfile=str(DATA / "localhost.crt"), keyfile=str(DATA / "localhost.key"))
     assert server.url.startswith("wss://127.0.0.1:")
     with server, callee:
         with Client.connect(server.url, sslopt={"ca_certs": str(DATA / "localhost.crt")}, connect_timeout=T(10)) as c:
@@ -506,7 +518,7 @@ def test_tls_full_duplex_traffic(redis_client):
     broker = RedisBroker(redis_client)
     callee = Callee(broker, workers=4, block=0.05)
     callee.register("test.echo", lambda a: a)
-    server = Server(broker, certfile=str(DATA / "localhost.crt"), keyfile=str(DATA / "localhost.key"), redis_poll=0.05)
+    server = Server(broker, certfile=str(DATA / "localhost.crt"), keyfile=str(DATA / "localhost.key"))
     payloads = [f"{i}:" + "x" * (i * 997 % 60000) for i in range(150)]
     with server, callee:
         clients = [
@@ -536,7 +548,7 @@ def test_healthz(stack):
 
 def test_healthz_when_redis_is_down():
     dead = RedisBroker.from_url(f"redis://127.0.0.1:{free_port()}/0")
-    with Server(dead, redis_poll=0.05) as server:
+    with Server(dead) as server:
         status, _, body = http_get(base_http(server) + "/healthz")
     dead.close()
     assert status == 503
@@ -570,8 +582,9 @@ def test_metrics(stack):
     assert m[("juggler_messages_written_total", (("type", "EVNT"),))] == 1
     assert m[("juggler_connections_active", ())] == 1
     assert m[("juggler_connections_total", ())] == 1
-    # the websocket's reader, writer, results and pub-sub threads, and the one serving this scrape
-    assert m[("juggler_connection_threads_active", ())] == 5
+    # the websocket's reader, writer and results threads (pub-sub has none per websocket), and
+    # the one serving this scrape
+    assert m[("juggler_connection_threads_active", ())] == 4
     assert m[("juggler_call_ack_seconds_count", ())] == 5
     assert m[("juggler_result_delivery_seconds_count", ())] == 5
     for name in ("juggler_expired_results_total", "juggler_failed_event_decodes_total", "juggler_slow_messages_total"):
@@ -586,7 +599,7 @@ def test_callee_metrics_endpoint(redis_client):
     metrics = CalleeMetrics(callee)
     port = metrics.serve(port=0)
     try:
-        with Server(broker, redis_poll=0.05) as server, callee:
+        with Server(broker) as server, callee:
             with Client.connect(server.url, connect_timeout=T(5)) as c:
                 for i in range(3):
                     c.call("test.echo", i, timeout=T(5))
@@ -696,4 +709,5 @@ def test_failed_thread_start_does_not_leak_a_slot(make_stack, monkeypatch):
     assert info.value.status == 503 and failed
     monkeypatch.setattr(threading.Thread, "start", real_start)
     assert stack.client().call("test.echo", 1, timeout=T(5)) == 1
-    assert stack.server.connection_thread_count() == 4  # the failed thread was not counted
+    # the failed thread was not counted: reader, writer and results of the connection that called
+    assert stack.server.connection_thread_count() == 3

@@ -2,8 +2,8 @@
 
 Frame reading runs over a real ``socket.socketpair()``: the tests write masked client frames
 (built here, independently of the module) into one end and read them with
-SocketReader + FrameReader on the other. Every read is bounded: the reader's ``keep_going`` is
-a deadline, so a bug makes a test fail with :class:`Stopped` instead of hanging.
+SocketReader + FrameReader on the other. Every read is bounded: the reader has a deadline, so a
+bug makes a test fail with :class:`Stopped` instead of hanging.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from juggler.wsframes import (
 )
 
 READ_BOUND = 10.0  # seconds any single test may spend blocked in a read
-POLL = 0.01
 MASK = b"\x37\xfa\x21\x3d"
 
 
@@ -81,16 +80,9 @@ def client_frame(
     return head + payload if with_payload else head
 
 
-class Deadline:
-    """A ``keep_going`` that turns false after ``seconds``."""
-
-    def __init__(self, seconds: float = READ_BOUND):
-        self.end = time.monotonic() + seconds
-        self.calls = 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return time.monotonic() < self.end
+def deadline(seconds: float = READ_BOUND) -> float:
+    """A reader's deadline ``seconds`` from now."""
+    return time.monotonic() + seconds
 
 
 @pytest.fixture
@@ -101,8 +93,8 @@ def pair():
     server.close()
 
 
-def frames(sock: socket.socket, limit: int = 1 << 20, keep_going=None) -> FrameReader:
-    return FrameReader(SocketReader(sock, keep_going or Deadline(), poll_interval=POLL), limit=limit)
+def frames(sock: socket.socket, limit: int = 1 << 20, until: float | None = None) -> FrameReader:
+    return FrameReader(SocketReader(sock, deadline=until or deadline()), limit=limit)
 
 
 class Sender:
@@ -417,7 +409,7 @@ def test_read_until_then_frames_from_the_same_buffer(pair):
     client, server = pair
     head = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"
     client.sendall(head + client_frame(OP_TEXT, b"first") + client_frame(OP_TEXT, b"second"))
-    sr = SocketReader(server, Deadline(), poll_interval=POLL)
+    sr = SocketReader(server, deadline=deadline())
     assert sr.read_until(b"\r\n\r\n", 16384) == head
     fr = FrameReader(sr)
     assert fr.read() == (OP_TEXT, b"first")
@@ -427,7 +419,7 @@ def test_read_until_then_frames_from_the_same_buffer(pair):
 def test_read_until_over_limit(pair):
     client, server = pair
     client.sendall(b"GET /ws HTTP/1.1\r\n" + b"X: " + b"y" * 300)
-    sr = SocketReader(server, Deadline(), poll_interval=POLL)
+    sr = SocketReader(server, deadline=deadline())
     with pytest.raises(ProtocolError) as info:
         sr.read_until(b"\r\n\r\n", 100)
     assert info.value.close_code == 1009
@@ -438,11 +430,12 @@ def test_read_until_peer_closes(pair):
     client.sendall(b"GET /ws HTTP/1.1\r\n")
     client.close()
     with pytest.raises(Stopped):
-        SocketReader(server, Deadline(), poll_interval=POLL).read_until(b"\r\n\r\n", 16384)
+        SocketReader(server, deadline=deadline()).read_until(b"\r\n\r\n", 16384)
 
 
 def test_read_exact_across_many_small_receives(pair):
-    """Bytes trickle in one at a time (sent from keep_going, between polls)."""
+    """Bytes trickle in one at a time: each is sent only once the reader has taken the one
+    before it, so every read sees a single byte."""
     client, server = pair
     data = (
         client_frame(OP_TEXT, b"x" * 300)  # 16-bit length
@@ -450,21 +443,33 @@ def test_read_exact_across_many_small_receives(pair):
         + client_frame(OP_TEXT, b"ab", fin=False)
         + client_frame(OP_CONT, b"cd")
     )
-    deadline = Deadline()
-    sent = 0
+    sr = SocketReader(server, deadline=deadline())
+    taken = threading.Semaphore(0)
+    fill = sr._fill
 
-    def keep_going() -> bool:
-        nonlocal sent
-        if sent < len(data):
-            client.sendall(data[sent : sent + 1])
-            sent += 1
-        return deadline()
+    def fill_one() -> None:
+        fill()
+        taken.release()
 
-    fr = frames(server, keep_going=keep_going)
+    sr._fill = fill_one
+    errors: list[BaseException] = []
+
+    def trickle() -> None:
+        try:
+            for i in range(len(data)):
+                client.sendall(data[i : i + 1])
+                assert taken.acquire(timeout=READ_BOUND), "the reader did not take the byte"
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=trickle, name="juggler-test-trickle")
+    t.start()
+    fr = FrameReader(sr)
     assert fr.read() == (OP_TEXT, b"x" * 300)
     assert fr.read() == (OP_PING, b"ping")
     assert fr.read() == (OP_TEXT, b"abcd")
-    assert sent == len(data)
+    t.join(READ_BOUND)
+    assert not t.is_alive() and errors == []
 
 
 # --- FrameReader: messages -------------------------------------------------------------------
@@ -743,10 +748,10 @@ def test_peer_closing_the_socket_stops(pair, partial, how):
         client.close()
     else:
         client.shutdown(socket.SHUT_WR)
-    keep_going = Deadline()
+    until = deadline()
     with pytest.raises(Stopped):
-        frames(server, keep_going=keep_going).read()
-    assert time.monotonic() < keep_going.end, "stopped by the deadline, not by the peer closing"
+        frames(server, until=until).read()
+    assert time.monotonic() < until, "stopped by the deadline, not by the peer closing"
 
 
 def test_complete_frames_before_peer_close_are_read_first(pair):
@@ -760,56 +765,54 @@ def test_complete_frames_before_peer_close_are_read_first(pair):
         fr.read()
 
 
-def test_keep_going_false_stops_at_once(pair):
+def test_a_passed_deadline_stops_at_once(pair):
     client, server = pair
-    calls = []
-
-    def keep_going():
-        calls.append(1)
-        return False
-
-    with pytest.raises(Stopped):
-        frames(server, keep_going=keep_going).read()
-    assert len(calls) == 1
+    started = time.monotonic()
+    with pytest.raises(Stopped, match="timed out"):
+        frames(server, until=started - 1).read()
+    assert time.monotonic() - started < READ_BOUND / 2
 
 
-def test_keep_going_false_stops_even_with_data_waiting(pair):
+def test_a_passed_deadline_stops_even_with_data_waiting(pair):
     client, server = pair
     client.sendall(client_frame(OP_TEXT, b"unread"))
-    with pytest.raises(Stopped):
-        frames(server, keep_going=lambda: False).read()
+    with pytest.raises(Stopped, match="timed out"):
+        frames(server, until=time.monotonic() - 1).read()
 
 
-def test_keep_going_turning_false_while_waiting(pair):
-    """Nothing arrives: the reader polls, asks keep_going between polls, and stops when told."""
+def test_the_deadline_ends_a_wait_for_silence(pair):
+    """Nothing arrives: the reader waits until its deadline, not longer, and not forever."""
     client, server = pair
-    deadline = Deadline()
-    answers = iter([True, True, True, True, False])
-
-    def keep_going():
-        assert deadline(), "the reader kept polling after keep_going returned False"
-        return next(answers)
-
-    fr = frames(server, keep_going=keep_going)
-    with pytest.raises(Stopped):
-        fr.read()
+    started = time.monotonic()
+    with pytest.raises(Stopped, match="timed out"):
+        frames(server, until=started + 0.2).read()
+    assert 0.2 <= time.monotonic() - started < READ_BOUND / 2
 
 
-def test_keep_going_turning_false_mid_message(pair):
+def test_no_deadline_waits_until_the_socket_is_shut_down(pair):
+    """With no deadline the reader blocks with no timeout (it does not poll); shutting the
+    socket down from another thread wakes it, mid-message too."""
     client, server = pair
     client.sendall(client_frame(OP_TEXT, b"whole") + client_frame(OP_TEXT, b"a", fin=False))
-    stop = threading.Event()
-    deadline = Deadline()
-
-    def keep_going():
-        return deadline() and not stop.is_set()
-
-    fr = frames(server, keep_going=keep_going)
+    io = SocketIO(server)
+    fr = FrameReader(SocketReader(io))
     assert fr.read() == (OP_TEXT, b"whole")
-    stop.set()
-    with pytest.raises(Stopped):
-        fr.read()
-    assert deadline(), "stopped by the deadline, not by keep_going"
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            fr.read()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=read, name="juggler-test-r")
+    t.start()
+    t.join(0.2)
+    assert t.is_alive(), "the reader returned without data, a shutdown or a deadline"
+    io.shutdown()
+    t.join(READ_BOUND)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], Stopped)
 
 
 # --- client frames ----------------------------------------------------------------------------
@@ -827,7 +830,7 @@ def test_masked_frames_from_encode_frame_read_back(pair):
 
 def test_client_side_reader_takes_unmasked_frames_and_refuses_masked_ones(pair):
     client, server = pair
-    reader = FrameReader(SocketReader(server, Deadline(), poll_interval=POLL), masked=False)
+    reader = FrameReader(SocketReader(server, deadline=deadline()), masked=False)
     client.sendall(encode_frame(OP_TEXT, b"from the server"))
     assert reader.read() == (OP_TEXT, b"from the server")
     client.sendall(encode_frame(OP_TEXT, b"masked", MASK))
@@ -883,7 +886,7 @@ def _pump(io: SocketIO, out: bytes, expect: int, got: list[bytes], errors: list[
 
     def read() -> None:
         try:
-            reader = SocketReader(io, Deadline(), poll_interval=POLL)
+            reader = SocketReader(io, deadline=deadline())
             got.append(reader.read_exact(expect))
         except BaseException as exc:
             errors.append(exc)
@@ -946,7 +949,7 @@ def test_tls_socketio_write_times_out_when_the_peer_does_not_read(tls_pair):
 
 def test_tls_socketio_shutdown_wakes_the_reader(tls_pair):
     a, _ = tls_pair
-    reader = SocketReader(a, Deadline(), poll_interval=0.5)
+    reader = SocketReader(a, deadline=deadline())
     errors: list[BaseException] = []
 
     def read() -> None:
