@@ -150,7 +150,7 @@ def _server_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     from .middleware import chain, log_messages, recover
 
     names = ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "certfile", "keyfile",
-             "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
+             "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
              "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
              "slow_threshold", "http_endpoints")  # fmt: skip
     kwargs = {n: cfg[n] for n in names if n in cfg}
@@ -210,6 +210,7 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .embedded import EmbeddedRedis
 
     stop = StopSignal().install()
+    _check_capacity(cfg)
     embedded = None
     if not cfg["redis"]:
         embedded = EmbeddedRedis().start()
@@ -229,6 +230,27 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.close()
     return 0
+
+
+def _check_capacity(cfg: dict[str, Any]) -> None:
+    """Raise the open-file soft limit to the hard limit, and say when the limits cap
+    ``max_connections``."""
+    from .server import default_max_connections, raise_open_file_limit
+
+    before, after = raise_open_file_limit()
+    if after != before:
+        log.info("open-file limit raised from %d to %d (the hard limit)", before, after)
+    capacity = default_max_connections()
+    wanted = cfg.get("max_connections")
+    if wanted is None:
+        log.info("max connections: %d (what this process can hold; --max-connections to change it)", capacity)
+    elif wanted == 0 or wanted > capacity:
+        log.warning(
+            "--max-connections %s is more than this process can hold: about %d, with %d open files "
+            "allowed (hard limit; raise it with ulimit -Hn or LimitNOFILE=) and this machine's thread "
+            "limits; connections past that will fail",
+            wanted or "0 (no limit)", capacity, after,
+        )  # fmt: skip
 
 
 def _load_target(spec: str) -> Any:

@@ -192,7 +192,9 @@ SETTINGS: dict[str, Setting] = {
         _s("handshake_timeout", _positive_duration, 10.0, "time to complete the websocket handshake",
            metavar="DURATION"),
         _s("close_timeout", _positive_duration, 2.0, "time to wait for a peer's close frame", metavar="DURATION"),
-        _s("max_connections", _int(0), 1000, "most open websockets (over it: HTTP 503; 0: no limit)", metavar="N"),
+        _s("max_connections", _int(0), None, "most open websockets (over it: HTTP 503; 0: no limit; none: "
+           "what this process can hold, from its open-file and the machine's thread limits)", metavar="N"),
+        _s("reuse_port", _bool, False, "set SO_REUSEPORT, so that several server processes share the port"),
         _s("write_limit", _int(1), 1 << 20, "largest message written in bytes (a RES over it becomes an "
            "error result, an EVNT is dropped)", metavar="BYTES"),
         _s("ping_interval", parse_duration, 30.0, "ping a connection silent this long (0: never)", metavar="DURATION"),
@@ -234,7 +236,7 @@ COMMANDS: dict[str, list[str]] = {
     "demo": ["host", "port", "path", "workers", "grace", "log_level"],
     "server": [
         "redis", "pubsub_redis", "host", "port", "path", "allow_empty_subprotocol", "allowed_origins",
-        "certfile", "keyfile", "max_connections", "read_limit", "write_limit", "write_queue_size",
+        "certfile", "keyfile", "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size",
         "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
         "max_call_timeout", "slow_threshold", "call_cap", "result_cap", "http_endpoints",
         "log_messages", "log_level",

@@ -711,3 +711,28 @@ def test_failed_thread_start_does_not_leak_a_slot(make_stack, monkeypatch):
     assert stack.client().call("test.echo", 1, timeout=T(5)) == 1
     # the failed thread was not counted: reader, writer and results of the connection that called
     assert stack.server.connection_thread_count() == 3
+
+
+def test_reuse_port_lets_two_servers_share_a_port(redis_client):
+    broker = RedisBroker(redis_client)
+    with Server(broker, reuse_port=True) as first:
+        with pytest.raises(OSError):
+            Server(broker, port=first.port)  # without SO_REUSEPORT the port is taken
+        with Server(broker, port=first.port, reuse_port=True) as second:
+            assert second.port == first.port
+            # the kernel hands each new connection to one of them; both serve
+            clients = [Client.connect(first.url, connect_timeout=T(5)) for _ in range(8)]
+            try:
+                for c in clients:
+                    c.pub("reuse", 1)  # ACKed: the connection is registered by now
+                assert len(first.connections) + len(second.connections) == 8
+            finally:
+                for c in clients:
+                    c.close()
+
+
+def test_max_connections_defaults_to_what_the_process_can_hold(redis_client):
+    from juggler.server import default_max_connections
+
+    with Server(RedisBroker(redis_client)) as server:
+        assert server.max_connections == default_max_connections() > 0
