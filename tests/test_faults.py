@@ -226,9 +226,9 @@ def test_a_listener_on_a_dead_redis_closes_its_connection_with_1011():
         with Client.connect(server.url, connect_timeout=T(5)) as c:
             # the first CALL starts the connection's results listener (nobody serves the URI)
             c.call_async("nobody.serves", None, timeout=T(60))
-            (conn,) = server.connections
             deadline = time.monotonic() + T(5)
-            while conn._results_thread is None:  # a bounded wait for the reader to start it
+            # a bounded wait for the server to register the connection and start its listener
+            while not server.connections or server.connections[0]._results_thread is None:
                 assert time.monotonic() < deadline, "no results listener"
                 time.sleep(0.005)
             stop_redis_server(rp)

@@ -157,10 +157,13 @@ def test_idle_connections_sleep_and_send_redis_nothing(own_redis):
     broker.client.close()
 
 
-def test_listeners_start_with_the_first_call_and_sub(stack):
+def test_listeners_start_with_the_first_call_and_sub(make_stack):
     """(The redis connections they take are counted on a redis of the test's own, below: here
     the callee's and the pool's come and go.)"""
+    counter = Counter()
+    stack = make_stack(on_state=counter)
     c = stack.client()
+    counter.wait(connected=1)  # the client may see the 101 before the server registers it
     (conn,) = stack.server.connections
     assert sorted(t.name.rsplit("-", 1)[1] for t in conn_threads(conn.id)) == ["reader", "writer"]
     assert conn._results is None  # no redis connection for it yet
