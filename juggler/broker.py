@@ -40,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster, key_slot
 from redis.retry import Retry
 
+from . import resp
 from .exceptions import BrokerError, CapacityExceeded
 from .message import CallPayload, EventPayload, ResultPayload
 
@@ -133,16 +134,19 @@ end
 return n
 """
 
-# KEYS[1] timeout key. Returns its remaining ms (<= 0: expired or missing) and deletes it.
 #: Pushed onto a connection's results list to wake its listener (:meth:`RedisBroker.wake_results`);
 #: never a result payload, which is a JSON object.
 WAKE_MARKER = b"juggler:wake"
 
+# KEYS[1] timeout key. Returns its remaining ms (<= 0: expired or missing) and deletes it.
 CONSUME_SCRIPT = """
 local ttl = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
 return ttl
 """
+
+_FAST_STORE = resp.Script(STORE_SCRIPT)
+_FAST_CONSUME = resp.Script(CONSUME_SCRIPT)
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,13 @@ class RedisBroker:
         self._consume = client.register_script(CONSUME_SCRIPT)
         self._owns_client = False
         self._pubsub_turn = itertools.count()  # on a cluster: the node of the next pubsub()
+        # The fast path (juggler.resp) for the per-call commands, where it applies: the shared
+        # broker's short commands go through a pool of its own connections; a dedicated
+        # (listener) broker blocks on one connection of its own.
+        self._fast = resp.RespPool(client) if not self.cluster and resp.RespPool.applies(client) else None
+        self._dedicated = False
+        self._own: Optional[resp.RespConnection] = None
+        self._own_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RedisBroker({self.client!r}, call_cap={self.call_cap}, result_cap={self.result_cap})"
@@ -323,12 +334,17 @@ class RedisBroker:
             base = self.client
         other = RedisBroker(_one_connection_client(base, blocking=True), self.call_cap, self.result_cap)
         other._owns_client = True
+        other._dedicated = True
         return other
 
     def interrupt(self) -> None:
         """Wake a blocking read of this (dedicated) broker from another thread, by shutting its
         socket down: the read fails with :class:`BrokerError`. A fallback for when
         :meth:`wake_results` cannot reach redis."""
+        with self._own_lock:
+            own = self._own
+        if own is not None:
+            own.interrupt()
         pool = getattr(self.client, "connection_pool", None)
         if pool is None:
             return
@@ -341,7 +357,14 @@ class RedisBroker:
                     pass
 
     def close(self) -> None:
-        """Close the client if this broker made it (:meth:`from_url`, :meth:`dedicated`)."""
+        """Close the client if this broker made it (:meth:`from_url`, :meth:`dedicated`), and
+        the fast path's connections."""
+        with self._own_lock:
+            own, self._own = self._own, None
+        if own is not None:
+            own.close()
+        if self._fast is not None:
+            self._fast.close()
         if self._owns_client:
             _close_client(self.client)
 
@@ -380,10 +403,40 @@ class RedisBroker:
             self.result_cap,
         )
 
+    def _command(self, *args: Any) -> Any:
+        """One command on the fast path: the dedicated connection, or one from the pool."""
+        if self._dedicated:
+            with self._own_lock:
+                own = self._own
+            if own is None or own.broken:
+                own = resp.connect(self.client)
+                assert own is not None
+                with self._own_lock:
+                    self._own = own
+            return own.command(*args)
+        assert self._fast is not None
+        conn = self._fast.get()
+        try:
+            return conn.command(*args)
+        finally:
+            self._fast.put(conn)
+
+    def _eval(self, script: Any, fast: resp.Script, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script: on the fast path with EVALSHA (EVAL on NOSCRIPT), else redis-py's
+        ``Script``."""
+        if self._fast is None:
+            return script(keys=keys, args=args)
+        try:
+            return self._command("EVALSHA", fast.sha, len(keys), *keys, *args)
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return self._command("EVAL", fast.source, len(keys), *keys, *args)
+
     def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: str, cap: int) -> None:
         args = [_ms(timeout), data, cap]
         try:
-            self._store(keys=[timeout_key, list_key], args=args)
+            self._eval(self._store, _FAST_STORE, [timeout_key, list_key], args)
         except _REDIS_FAILURES as exc:
             error = _broker_error(exc)
             if isinstance(error, CapacityExceeded):
@@ -421,21 +474,31 @@ class RedisBroker:
     def wake_results(self, conn_uuid: str) -> None:
         """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``)."""
         try:
-            self.client.rpush(results_key(conn_uuid), WAKE_MARKER)
+            if self._fast is not None:
+                self._command("RPUSH", results_key(conn_uuid), WAKE_MARKER)
+            else:
+                self.client.rpush(results_key(conn_uuid), WAKE_MARKER)
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
 
     def discard_results(self, conn_uuid: str) -> None:
         """Delete a closed connection's result list (results that arrive later expire)."""
         try:
-            self.client.delete(results_key(conn_uuid))
+            if self._fast is not None:
+                self._command("DEL", results_key(conn_uuid))
+            else:
+                self.client.delete(results_key(conn_uuid))
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
 
     def _brpop(self, keys: list[str], block: Optional[float]) -> Optional[bytes]:
         try:
             # BRPOP's timeout 0 means "forever": that is what block=None asks for.
-            item = self.client.brpop(keys, timeout=0 if block is None else max(block, 0.01))
+            timeout = 0 if block is None else max(block, 0.01)
+            if self._fast is not None:
+                item = self._command("BRPOP", *keys, timeout)
+            else:
+                item = self.client.brpop(keys, timeout=timeout)
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
         if item is None:
@@ -444,7 +507,7 @@ class RedisBroker:
 
     def _take(self, timeout_key: str) -> float:
         try:
-            ttl_ms = int(self._consume(keys=[timeout_key]))
+            ttl_ms = int(self._eval(self._consume, _FAST_CONSUME, [timeout_key], []))
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
         return ttl_ms / 1000.0 if ttl_ms > 0 else 0.0
@@ -455,6 +518,8 @@ class RedisBroker:
         """Publish an event; returns the number of redis subscribers that got it."""
         data = payload.to_json()
         try:
+            if self._fast is not None:
+                return int(self._command("PUBLISH", channel, data))
             return int(self.client.publish(channel, data))
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
@@ -606,11 +671,14 @@ class RedisPubSub:
         then on (a PING makes redis answer, which wakes the read). Never raises."""
         self._stopped = True
         self._sent.set()
-        if self._pubsub.connection is None:
+        conn = self._pubsub.connection
+        if conn is None:
             return
         try:
             with self._send_lock:
-                self._pubsub.ping()
+                # straight on the connection: PubSub.execute_command may read replies itself
+                # (its health-check clean-up), racing the reader for them
+                conn.send_command("PING")
         except _REDIS_FAILURES as exc:  # the read fails too, and sees it was stopped
             logger.debug("waking a pub-sub reader: %s", exc)
 

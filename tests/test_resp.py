@@ -1,0 +1,140 @@
+"""juggler.resp: the per-call redis commands spoken directly (with hiredis), and where that
+path applies."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import fakeredis
+import pytest
+import redis
+import redis.exceptions
+
+from juggler import RedisBroker, resp
+from juggler.broker import calls_key
+from juggler.message import CallPayload, ResultPayload
+
+from .conftest import T, start_redis_server, stop_redis_server
+
+pytestmark = pytest.mark.realredis
+
+
+@pytest.fixture
+def real(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+def test_pack_is_a_resp_array_of_bulk_strings():
+    assert resp.pack(("SET", "k", b"\x00v", 5, "é")) == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n\x00v\r\n$1\r\n5\r\n$2\r\n\xc3\xa9\r\n"
+    )
+
+
+def test_commands_and_replies(real):
+    conn = resp.connect(real)
+    assert conn is not None
+    try:
+        assert conn.command("PING") == b"PONG"
+        assert conn.command("RPUSH", "l", "a", "b") == 2
+        assert conn.command("LRANGE", "l", 0, -1) == [b"a", b"b"]
+        assert conn.command("GET", "missing") is None
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            conn.command("GET", "l")
+        assert conn.command("PING") == b"PONG"  # an error reply leaves the connection usable
+        assert conn.pipeline([("INCR", "n"), ("GET", "l"), ("INCR", "n")])[0::2] == [1, 2]
+    finally:
+        conn.close()
+
+
+def test_evalsha_falls_back_to_eval_once_redis_forgot_the_script(real):
+    script = resp.Script("return ARGV[1] .. KEYS[1]")
+    conn = resp.connect(real)
+    try:
+        real.script_flush()
+        assert conn.evalsha(script, ["k"], ["v"]) == b"vk"  # NOSCRIPT, then EVAL loads it
+        assert real.script_exists(script.sha) == [True]
+        assert conn.evalsha(script, ["k"], ["w"]) == b"wk"
+    finally:
+        conn.close()
+
+
+def test_interrupt_wakes_a_blocked_read(real):
+    conn = resp.connect(real, socket_timeout=None)
+    errors: list[BaseException] = []
+
+    def block() -> None:
+        try:
+            conn.command("BRPOP", "never", 0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=block, name="juggler-test-brpop")
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()
+    conn.interrupt()
+    t.join(T(5))
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], redis.exceptions.ConnectionError)
+    conn.close()
+
+
+def test_the_pool_drops_a_connection_redis_closed_while_it_was_idle(real):
+    pool = resp.RespPool(real)
+    conn = pool.get()
+    conn_id = conn.command("CLIENT", "ID")
+    pool.put(conn)
+    real.client_kill_filter(_id=conn_id)
+    deadline = time.monotonic() + T(5)
+    while conn.alive() and time.monotonic() < deadline:  # redis closes it on its next turn
+        time.sleep(0.005)
+    again = pool.get()  # not the dead one: a new connection
+    try:
+        assert again is not conn and again.command("PING") == b"PONG"
+    finally:
+        pool.put(again)
+        pool.close()
+
+
+def test_the_fast_path_applies_to_a_real_redis_only(real):
+    assert resp.RespPool.applies(real)
+    assert not resp.RespPool.applies(fakeredis.FakeRedis())
+    assert not resp.RespPool.applies(redis.Redis(protocol=3))
+    assert RedisBroker(real)._fast is not None
+    assert RedisBroker(fakeredis.FakeRedis())._fast is None
+
+
+def test_a_broker_recovers_from_a_redis_restart_without_failing_a_request():
+    rp = start_redis_server()
+    port = rp.port
+    broker = RedisBroker(redis.Redis.from_url(rp.url))
+    try:
+        broker.store_call(CallPayload("c", "m1", "u", 1), 5)
+        stop_redis_server(rp)
+        rp = start_redis_server(port)
+        # the pooled connection died with the old redis: it is noticed, not used
+        broker.store_call(CallPayload("c", "m2", "u", 2), 5)
+        assert broker.client.llen(calls_key("u")) == 1
+    finally:
+        broker.close()
+        broker.client.close()
+        stop_redis_server(rp)
+
+
+def test_results_through_a_dedicated_listener(real):
+    broker = RedisBroker(real)
+    listener = broker.dedicated("juggler:results:{c}")
+    try:
+        broker.store_result(ResultPayload("c", "m", "u", {"x": 1}), 5)
+        popped = listener.pop_result("c", None)
+        assert popped.payload.args == {"x": 1} and 0 < popped.remaining <= 5
+        broker.wake_results("c")
+        assert listener.pop_result("c", None) is None  # the wake-up marker
+        assert listener._own is not None  # it blocked on a connection of its own
+    finally:
+        listener.close()
+        broker.close()
