@@ -11,15 +11,20 @@ measured from the send, and no RES that arrives before ``send`` returns is lost.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import queue
+import signal
 import sys
 import threading
 import time
-from typing import Any, Optional
+from array import array
+from typing import Any, Callable, Optional
 
 from .client import Client
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, RemoteError
 
-__all__ = ["LoadRun", "run_load", "percentile"]
+__all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile"]
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -44,6 +49,8 @@ class LoadRun:
         args: Any,
         progress: Optional[Any] = None,
         stop: Optional[threading.Event] = None,
+        ticker: Optional[Callable[[dict[str, Any]], None]] = None,
+        on_connected: Optional[Callable[[], None]] = None,
     ) -> None:
         self.url = url
         self.connections = connections
@@ -52,7 +59,9 @@ class LoadRun:
         self.timeout = timeout
         self.uri = uri
         self.args = args
-        self.progress = progress
+        self.progress = progress  # a stream for the progress line, or None
+        self.ticker = ticker  # or a function given a snapshot() every second
+        self.on_connected = on_connected  # called once connected, before the clock starts
         self.stop = stop or threading.Event()  # set it to end the run early
         self._lock = threading.Lock()
         self._all_done = threading.Condition(self._lock)
@@ -109,25 +118,44 @@ class LoadRun:
                 except Exception:  # pragma: no cover - futures here are never cancelled
                     pass
 
-    def _report_progress(self, started: float, end: float) -> None:
-        assert self.progress is not None
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far, for a progress line."""
+        with self._lock:
+            return {"calls": self.calls, "results": self.results + self.errors, "nacks": self.nacks,
+                    "expired": self.expired, "in_flight": self._in_flight}  # fmt: skip
+
+    def _tick(self, started: float, end: float) -> None:
         while not self.stop.wait(1.0) and time.monotonic() < end + self.timeout:
-            with self._lock:
-                line = (
-                    f"\r{time.monotonic() - started:6.1f} s  calls {self.calls}  results {self.results + self.errors}"
-                    f"  nacks {self.nacks}  expired {self.expired}  in flight {self._in_flight}  "
-                )
-            self.progress.write(line)
-            self.progress.flush()
+            snap = self.snapshot()
+            if self.ticker is not None:
+                self.ticker(snap)
+            if self.progress is not None:
+                self.progress.write(progress_line(time.monotonic() - started, snap))
+                self.progress.flush()
 
     def run(self) -> dict[str, Any]:
-        clients = [Client.connect(self.url) for _ in range(self.connections)]
+        """Run the test; the report."""
+        return build_report(self.url, self.uri, self.connections, self.rate, [self.measure()])
+
+    def measure(self) -> dict[str, Any]:
+        """Run the test; its raw counts and latencies (seconds), which :func:`build_report`
+        turns into a report, merged with those of other processes."""
+        clients: list[Client] = []
+        try:
+            for _ in range(self.connections):
+                clients.append(Client.connect(self.url))
+        except BaseException:
+            for c in clients:
+                c.close()
+            raise
         ticker = None
         try:
+            if self.on_connected is not None:
+                self.on_connected()
             started = time.monotonic()
             end = started + self.duration
-            if self.progress is not None:
-                ticker = threading.Thread(target=self._report_progress, args=(started, end), name="juggler-load-progress")
+            if self.progress is not None or self.ticker is not None:
+                ticker = threading.Thread(target=self._tick, args=(started, end), name="juggler-load-progress")
                 ticker.start()
             drivers = [
                 threading.Thread(target=self._drive, args=(c, end), name=f"juggler-load-{i}")
@@ -145,40 +173,76 @@ class LoadRun:
             self.stop.set()
             if ticker is not None:
                 ticker.join()
-                self.progress.write("\n")
+                if self.progress is not None:
+                    self.progress.write("\n")
             acks = sum(c.received["ACK"] for c in clients)
             for c in clients:
                 c.close()
-        lat = sorted(x * 1000 for x in self.latencies)
         return {
-            "url": self.url,
-            "uri": self.uri,
             "connections": self.connections,
-            "rate": self.rate,
             "calls": self.calls,
             "acks": acks,
             "nacks": self.nacks,
-            "results": self.results + self.errors,
-            "error_results": self.errors,
+            "results": self.results,
+            "errors": self.errors,
             "expired": self.expired,
             "closed": self.closed,
-            "duration": round(total, 3),
-            "sending": round(sending, 3),
-            "calls_per_second": round(self.calls / sending, 1) if sending > 0 else 0.0,
-            "latency_ms": {
-                "min": round(lat[0], 3) if lat else 0.0,
-                "p50": round(percentile(lat, 50), 3),
-                "p75": round(percentile(lat, 75), 3),
-                "p90": round(percentile(lat, 90), 3),
-                "p99": round(percentile(lat, 99), 3),
-                "max": round(lat[-1], 3) if lat else 0.0,
-            },
+            "duration": total,
+            "sending": sending,
+            "latencies": array("d", self.latencies),
         }
+
+
+def progress_line(elapsed: float, snap: dict[str, int]) -> str:
+    return (
+        f"\r{elapsed:6.1f} s  calls {snap['calls']}  results {snap['results']}"
+        f"  nacks {snap['nacks']}  expired {snap['expired']}  in flight {snap['in_flight']}  "
+    )
+
+
+def build_report(url: str, uri: str, connections: int, rate: float, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report of one or more :meth:`LoadRun.measure` parts that ran at the same time (one
+    per process): counts add up, the latency percentiles are those of all the samples, the
+    duration and sending time are the longest."""
+    lat = sorted(x * 1000 for p in parts for x in p["latencies"])
+    calls = sum(p["calls"] for p in parts)
+    errors = sum(p["errors"] for p in parts)
+    sending = max(p["sending"] for p in parts)
+    report = {
+        "url": url,
+        "uri": uri,
+        "connections": connections,
+        "rate": rate,
+        "calls": calls,
+        "acks": sum(p["acks"] for p in parts),
+        "nacks": sum(p["nacks"] for p in parts),
+        "results": sum(p["results"] for p in parts) + errors,
+        "error_results": errors,
+        "expired": sum(p["expired"] for p in parts),
+        "closed": sum(p["closed"] for p in parts),
+        "duration": round(max(p["duration"] for p in parts), 3),
+        "sending": round(sending, 3),
+        "calls_per_second": round(calls / sending, 1) if sending > 0 else 0.0,
+        "latency_ms": {
+            "min": round(lat[0], 3) if lat else 0.0,
+            "p50": round(percentile(lat, 50), 3),
+            "p75": round(percentile(lat, 75), 3),
+            "p90": round(percentile(lat, 90), 3),
+            "p99": round(percentile(lat, 99), 3),
+            "max": round(lat[-1], 3) if lat else 0.0,
+        },
+    }
+    if len(parts) > 1:
+        report["processes"] = len(parts)
+        report["per_process"] = [{"connections": p["connections"], "calls": p["calls"]} for p in parts]
+    return report
 
 
 def format_report(r: dict[str, Any]) -> str:
     lat = r["latency_ms"]
     mode = f"{r['rate']:g}/s per connection" if r["rate"] else "auto-regulated"
+    if r.get("processes", 1) > 1:
+        mode += f", over {r['processes']} processes"
     return "\n".join(
         [
             f"target:    {r['url']}  uri {r['uri']}  {r['connections']} connections, {mode}",
@@ -222,6 +286,158 @@ def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str
     return deltas
 
 
+def shares(connections: int, processes: int) -> list[int]:
+    """The connections of each of ``processes`` processes: as even as can be."""
+    base, extra = divmod(connections, processes)
+    return [base + (i < extra) for i in range(processes)]
+
+
+class _LoadFailed(Exception):
+    """A load process failed: the line to print, and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _worker(
+    index: int,
+    connections: int,
+    params: tuple[Any, ...],
+    results: Any,
+    go: Any,
+    stop: Any,
+    progress: bool,
+    log_level: str,
+) -> None:  # pragma: no cover - runs in a child process (tests/test_cli.py runs it)
+    """One load process of ``juggler load --processes N``: connects its share of the
+    connections, says so, waits for the go, runs, and sends back its raw part."""
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    url, rate, duration, timeout, uri, args = params
+    local = threading.Event()
+    signals = [0]
+
+    def handle(signum: int, frame: Any) -> None:  # Ctrl-C reaches every process of the group
+        signals[0] += 1
+        if signals[0] > 1:
+            os._exit(1)
+        local.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    parent = os.getppid()
+
+    def watch() -> None:  # the parent's stop reaches this process; an orphan exits
+        while not local.wait(0.1):
+            if stop.is_set():
+                local.set()
+            elif os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="juggler-load-watch", daemon=True).start()
+
+    def connected() -> None:
+        results.put(("ready", index))
+        while not go.wait(0.1) and not local.is_set():
+            pass
+
+    ticker = (lambda snap: results.put(("tick", index, snap))) if progress else None
+    run = LoadRun(url, connections, rate, duration, timeout, uri, args, None, local, ticker=ticker, on_connected=connected)
+    try:
+        part = run.measure()
+    except (HandshakeError, OSError) as exc:
+        results.put(("error", index, f"cannot connect to {url}: {exc}"))
+        return
+    results.put(("done", index, part))
+
+
+def run_processes(
+    url: str, cfg: dict[str, Any], args: Any, processes: int, show: Optional[Any], stop: threading.Event
+) -> dict[str, Any]:
+    """Run the test over ``processes`` processes, each with its share of the connections, all
+    starting together once all are connected; one report of them all. Setting ``stop`` stops
+    them all. Raises :class:`_LoadFailed`."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may have threads
+    results = ctx.Queue()
+    go, all_stop = ctx.Event(), ctx.Event()
+    params = (url, cfg["rate"], cfg["duration"], cfg["timeout"], cfg["uri"], args)
+    procs = [
+        ctx.Process(target=_worker, args=(i, n, params, results, go, all_stop, show is not None, cfg["log_level"]),
+                    name=f"juggler-load-{i + 1}", daemon=True)  # fmt: skip
+        for i, n in enumerate(shares(cfg["connections"], processes))
+    ]
+    parts: dict[int, dict[str, Any]] = {}
+    ended: set[int] = set()  # reported a part, failed, or died
+    ready: set[int] = set()
+    ticks: dict[int, dict[str, int]] = {}
+    silent: dict[int, int] = {}
+    failure: Optional[_LoadFailed] = None
+    started = shown = 0.0
+    try:
+        # Started with SIGINT and SIGTERM ignored (that survives the exec of spawn) until
+        # _worker handles them: a Ctrl-C while a process imports reaches it as all_stop.
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        while len(ended) < processes:
+            if stop.is_set():
+                all_stop.set()
+            try:
+                msg = results.get(timeout=0.2)
+            except queue.Empty:
+                for i, p in enumerate(procs):
+                    if i not in ended and p.exitcode is not None:
+                        silent[i] = silent.get(i, 0) + 1
+                        if silent[i] > 1:  # dead, and nothing of it is left in the queue
+                            ended.add(i)
+                            all_stop.set()
+                            if failure is None and not stop.is_set():
+                                failure = _LoadFailed(f"load process {i + 1} failed (exit status {p.exitcode})", 1)
+                continue
+            kind, i = msg[0], msg[1]
+            if kind == "ready":
+                ready.add(i)
+                if len(ready) == processes:
+                    started = time.monotonic()
+                    go.set()
+            elif kind == "tick":
+                ticks[i] = msg[2]
+                if show is not None and time.monotonic() - shown >= 0.9:
+                    shown = time.monotonic()
+                    total = {k: sum(t[k] for t in ticks.values()) for k in msg[2]}
+                    show.write(progress_line(shown - started, total))
+                    show.flush()
+            elif kind == "done":
+                parts[i] = msg[2]
+                ended.add(i)
+            elif kind == "error":
+                ended.add(i)
+                all_stop.set()
+                if failure is None:
+                    failure = _LoadFailed(msg[2], 5)
+    finally:
+        all_stop.set()
+        for p in procs:
+            p.join(5.0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        results.close()
+        if show is not None and ticks:
+            show.write("\n")
+    if failure is not None:
+        raise failure
+    if not parts:
+        raise _LoadFailed("stopped before any load process reported", 1)
+    return build_report(url, cfg["uri"], cfg["connections"], cfg["rate"], [parts[i] for i in sorted(parts)])
+
+
 def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: bool = True) -> int:
     from .cli import StopSignal
 
@@ -230,9 +446,12 @@ def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: boo
     except ValueError as exc:
         print(f"juggler load: --payload must be JSON: {exc}", file=sys.stderr)
         return 2
+    processes = cfg.get("processes", 1)
+    if processes > cfg["connections"]:
+        print(f"juggler load: --processes ({processes}) is more than --connections ({cfg['connections']})", file=sys.stderr)
+        return 2
     show = sys.stderr if progress and sys.stderr.isatty() else None
     stop = StopSignal().install()  # Ctrl-C ends the run early, with a report
-    run = LoadRun(url, cfg["connections"], cfg["rate"], cfg["duration"], cfg["timeout"], cfg["uri"], args, show, stop.event)
     metrics_url = cfg.get("metrics")
     before: dict[str, float] = {}
     if metrics_url:
@@ -242,10 +461,17 @@ def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: boo
             print(f"juggler load: cannot read metrics at {metrics_url}: {exc}", file=sys.stderr)
             return 5
     try:
-        report = run.run()
+        if processes > 1:
+            report = run_processes(url, cfg, args, processes, show, stop.event)
+        else:
+            run = LoadRun(url, cfg["connections"], cfg["rate"], cfg["duration"], cfg["timeout"], cfg["uri"], args, show, stop.event)
+            report = run.run()
     except (HandshakeError, OSError) as exc:
         print(f"juggler load: cannot connect to {url}: {exc}", file=sys.stderr)
         return 5
+    except _LoadFailed as exc:
+        print(f"juggler load: {exc}", file=sys.stderr)
+        return exc.status
     if metrics_url:
         try:
             report["server_metrics"] = metric_deltas(before, scrape(metrics_url))
