@@ -6,6 +6,13 @@ one has ended). Every call's latency runs from just before it is sent to its RES
 duration is over it waits for every call still in flight to end, so each call is counted with
 exactly one outcome: result, NACK, expired or closed. Unlike the reference tool, latency is
 measured from the send, and no RES that arrives before ``send`` returns is lost.
+
+Auto-regulated connections do not use :class:`~juggler.client.Client`: with one call in flight
+there is nothing for its reader, writer and timer threads to do concurrently, and handing each
+call from thread to thread (caller, writer, reader, caller) took about half of the load tool's
+CPU per call, which made it, not the server, the bottleneck. A :class:`_Connection` sends a
+call and reads until its RES, NACK or deadline, all on one thread. At a fixed rate calls
+overlap, so those connections are Clients.
 """
 
 from __future__ import annotations
@@ -21,8 +28,12 @@ import time
 from array import array
 from typing import Any, Callable, Optional
 
-from .client import Client
-from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, RemoteError
+import websocket
+
+from .client import SUBPROTOCOL, Client
+from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
+from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
+from .wsframes import OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, OP_PONG, SocketIO, encode_close, encode_frame
 
 __all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile"]
 
@@ -33,6 +44,146 @@ def percentile(sorted_values: list[float], p: float) -> float:
         return 0.0
     rank = max(1, int(-(-p * len(sorted_values) // 100)))  # ceil(p/100 * n)
     return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+class _Connection:
+    """One auto-regulated connection of the load tool: :meth:`call` sends a CALL and reads
+    frames on the calling thread until its RES or NACK, or until its timeout passes."""
+
+    def __init__(self, url: str, connect_timeout: float = 10.0) -> None:
+        try:  # as Client.connect does it
+            ws = websocket.create_connection(url, timeout=connect_timeout, subprotocols=[SUBPROTOCOL],
+                                             suppress_origin=True, enable_multithread=True)  # fmt: skip
+        except websocket.WebSocketBadStatusException as exc:
+            body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
+            raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
+        except websocket.WebSocketException as exc:
+            raise HandshakeError(f"websocket handshake failed: {exc}") from None
+        ws.settimeout(None)
+        self._ws = ws
+        self._io = SocketIO(ws.sock)
+        self._buf = bytearray()
+        self._fragments: Optional[bytearray] = None
+        self.closed = False
+        self.acks = 0
+
+    def call(self, data: bytes, msg_uuid: str, timeout: float) -> str:
+        """Send one CALL (its JSON ``data``); its outcome: results, errors, nacks, expired or
+        closed. A late RES of an earlier, expired call is skipped."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._io.sendall(encode_frame(OP_TEXT, data, os.urandom(4)))
+            while True:
+                msg = self._next(deadline)
+                if msg is None:
+                    return "expired"
+                if isinstance(msg, Ack):
+                    self.acks += 1
+                elif isinstance(msg, Nack) and msg.for_uuid == msg_uuid:
+                    return "nacks"
+                elif isinstance(msg, Res) and msg.for_uuid == msg_uuid:
+                    return "errors" if result_error_message(msg.args) is not None else "results"
+        except (ConnectionClosed, OSError):
+            self._abort()
+            return "closed"
+
+    def _next(self, deadline: float) -> Any:
+        """The next message from the server; ``None`` once ``deadline`` has passed."""
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                msg = self._handle(*frame)
+                if msg is not None:
+                    return msg
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if not self._io.wait_readable(min(1000, int(remaining * 1000) + 1)):
+                continue
+            chunk = self._io.recv(262144)
+            if chunk is None:
+                continue
+            if not chunk:
+                raise ConnectionClosed(1006, "connection lost")
+            self._buf += chunk
+
+    def _frame(self) -> Optional[tuple[bool, int, bytes]]:
+        """A complete frame from the buffer, or ``None`` until one has arrived."""
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        b1, b2 = buf[0], buf[1]
+        if b1 & 0x70 or b2 & 0x80:
+            raise ConnectionClosed(1002, "protocol error: reserved bits or a masked server frame")
+        n, pos = b2 & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, pos = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, pos = int.from_bytes(buf[2:10], "big"), 10
+        if len(buf) < pos + n:
+            return None
+        payload = bytes(buf[pos : pos + n])
+        del buf[: pos + n]
+        return bool(b1 & 0x80), b1 & 0x0F, payload
+
+    def _handle(self, fin: bool, opcode: int, payload: bytes) -> Any:
+        if opcode == OP_PING:
+            self._io.sendall(encode_frame(OP_PONG, payload, os.urandom(4)))
+            return None
+        if opcode == OP_CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            try:
+                self._io.sendall(encode_close(1000, "", os.urandom(4)))
+            except OSError:
+                pass
+            raise ConnectionClosed(code, payload[2:].decode("utf-8", "replace"))
+        if opcode == OP_PONG:
+            return None
+        if opcode == OP_CONT:
+            if self._fragments is None:
+                raise ConnectionClosed(1002, "protocol error: continuation frame without a message")
+            self._fragments += payload
+            if not fin:
+                return None
+            payload, self._fragments = bytes(self._fragments), None
+        elif not fin:
+            self._fragments = bytearray(payload)
+            return None
+        try:
+            return decode(payload)
+        except ProtocolError:
+            return None  # as Client does: an invalid message is skipped
+
+    def close(self) -> None:
+        """The close handshake (code 1000), waiting up to 2 s for the server's answer."""
+        if not self.closed:
+            try:
+                self._io.sendall(encode_close(1000, "", os.urandom(4)))
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    frame = self._frame()
+                    if frame is not None:
+                        if frame[1] == OP_CLOSE:
+                            break
+                        continue
+                    if self._io.wait_readable(100):
+                        chunk = self._io.recv(262144)
+                        if not chunk and chunk is not None:
+                            break
+                        self._buf += chunk or b""
+            except (ConnectionClosed, OSError):
+                pass
+        self._abort()
+
+    def _abort(self) -> None:
+        self.closed = True
+        self._io.shutdown()
+        self._ws.shutdown()
 
 
 class LoadRun:
@@ -69,6 +220,14 @@ class LoadRun:
         self.latencies: list[float] = []
         self._in_flight = 0
 
+    def _count(self, outcome: str, elapsed: float) -> None:
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+            if outcome in ("results", "errors"):
+                self.latencies.append(elapsed)
+            self._in_flight -= 1
+            self._all_done.notify_all()
+
     def _record(self, fut: Any, start: float) -> None:
         elapsed = time.perf_counter() - start
         try:
@@ -82,12 +241,7 @@ class LoadRun:
             outcome = "expired"
         except ConnectionClosed:
             outcome = "closed"
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
-            if outcome in ("results", "errors"):
-                self.latencies.append(elapsed)
-            self._in_flight -= 1
-            self._all_done.notify_all()
+        self._count(outcome, elapsed)
 
     def _send(self, client: Client) -> Any:
         with self._lock:
@@ -99,24 +253,29 @@ class LoadRun:
         return fut
 
     def _drive(self, client: Client, end: float) -> None:
-        if self.rate > 0:
-            interval = 1.0 / self.rate
-            next_at = time.monotonic()
-            while not self.stop.is_set() and next_at < end:
-                delay = next_at - time.monotonic()
-                if delay > 0 and self.stop.wait(delay):
-                    break
-                if client.closed:
-                    break
-                self._send(client)
-                next_at = max(next_at + interval, time.monotonic() - interval)  # no catch-up burst
-        else:
-            while not self.stop.is_set() and time.monotonic() < end and not client.closed:
-                fut = self._send(client)
-                try:
-                    fut.exception()  # wait for this call to end, whatever its outcome
-                except Exception:  # pragma: no cover - futures here are never cancelled
-                    pass
+        """A fixed rate: a call every 1/rate seconds, whether or not the last one has ended."""
+        interval = 1.0 / self.rate
+        next_at = time.monotonic()
+        while not self.stop.is_set() and next_at < end:
+            delay = next_at - time.monotonic()
+            if delay > 0 and self.stop.wait(delay):
+                break
+            if client.closed:
+                break
+            self._send(client)
+            next_at = max(next_at + interval, time.monotonic() - interval)  # no catch-up burst
+
+    def _drive_auto(self, conn: _Connection, end: float) -> None:
+        """Auto-regulated: the next call leaves when the previous one has ended."""
+        while not self.stop.is_set() and time.monotonic() < end and not conn.closed:
+            msg = Call(uri=self.uri, args=self.args, timeout=self.timeout)
+            data = encode(msg).encode("utf-8")
+            with self._lock:
+                self.calls += 1
+                self._in_flight += 1
+            start = time.perf_counter()
+            outcome = conn.call(data, msg.uuid, self.timeout)
+            self._count(outcome, time.perf_counter() - start)
 
     def snapshot(self) -> dict[str, int]:
         """The counts so far, for a progress line."""
@@ -140,10 +299,11 @@ class LoadRun:
     def measure(self) -> dict[str, Any]:
         """Run the test; its raw counts and latencies (seconds), which :func:`build_report`
         turns into a report, merged with those of other processes."""
-        clients: list[Client] = []
+        clients: list[Any] = []  # Clients at a fixed rate, _Connections auto-regulated
+        connect = Client.connect if self.rate > 0 else _Connection
         try:
             for _ in range(self.connections):
-                clients.append(Client.connect(self.url))
+                clients.append(connect(self.url))
         except BaseException:
             for c in clients:
                 c.close()
@@ -157,8 +317,9 @@ class LoadRun:
             if self.progress is not None or self.ticker is not None:
                 ticker = threading.Thread(target=self._tick, args=(started, end), name="juggler-load-progress")
                 ticker.start()
+            drive = self._drive if self.rate > 0 else self._drive_auto
             drivers = [
-                threading.Thread(target=self._drive, args=(c, end), name=f"juggler-load-{i}")
+                threading.Thread(target=drive, args=(c, end), name=f"juggler-load-{i}")
                 for i, c in enumerate(clients)
             ]
             for t in drivers:
@@ -175,7 +336,7 @@ class LoadRun:
                 ticker.join()
                 if self.progress is not None:
                     self.progress.write("\n")
-            acks = sum(c.received["ACK"] for c in clients)
+            acks = sum(c.received["ACK"] if isinstance(c, Client) else c.acks for c in clients)
             for c in clients:
                 c.close()
         return {

@@ -329,6 +329,44 @@ def test_load_tester_fixed_rate_text_report(demo):
     assert re.search(r"latency: +min [\d.]+ ms  p50 [\d.]+  p75 [\d.]+  p90 [\d.]+  p99 [\d.]+  max [\d.]+", out.stdout)
 
 
+def test_load_tester_counts_error_results_expiries_and_closes(demo, procs):
+    _, url, _ = demo
+    out = juggler("load", "--duration", "1", "--connections", "2", "--uri", "test.reverse", "--payload", "42", "--json", url, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["calls"] > 0 and r["results"] == r["error_results"] == r["calls"] == r["acks"]
+    # each call expires after 100 ms; its RES, 300 ms late, is not taken for the next call's
+    out = juggler("load", "--duration", "1", "--connections", "2", "--uri", "test.delay", "--payload", "300",
+                  "--timeout", "100ms", "--json", url, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert 0 < r["calls"] <= 22 and r["expired"] == r["calls"] and r["results"] == 0
+    server = procs("demo", "--port", "0", "--log-level", "warning")
+    doomed = server.expect(r"websocket: (ws://\S+)").group(1)
+    server.expect(r"^stop:")
+    load = procs("load", "--duration", "600", "--connections", "2", "--uri", "test.delay", "--payload", "20", "--json", doomed)
+    deadline = time.monotonic() + T(30)
+    while "juggler_messages_read_total" not in raw_metrics(doomed) or calls_read(doomed) < 4:
+        assert time.monotonic() < deadline, "no calls from juggler load"
+        time.sleep(0.05)  # a bounded poll of an observable state, not a guess
+    assert server.stop() == 0  # the server closes both connections: the run ends, with a report
+    r = json.loads(load.expect(r"^\{", timeout=30).string)
+    assert r["closed"] == 2 and r["calls"] == r["results"] + r["nacks"] + r["closed"]  # one outcome each
+    assert load.p.wait(T(10)) == 0
+
+
+def raw_metrics(ws_url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(ws_url.replace("ws://", "http://").rsplit("/", 1)[0] + "/metrics", timeout=T(5)) as resp:
+        return resp.read().decode()
+
+
+def calls_read(ws_url: str) -> float:
+    m = re.search(r'^juggler_messages_read_total\{type="CALL"\} (\S+)', raw_metrics(ws_url), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_load_tester_processes_merge_into_one_report(demo):
     _, url, _ = demo
     out = juggler("load", "--processes", "2", "--duration", "2", "--connections", "3", "--json", url, timeout=60)
