@@ -222,6 +222,8 @@ SETTINGS: dict[str, Setting] = {
            metavar="DURATION"),
         # load tester
         _s("connections", _int(1), 10, "connections to open", metavar="N"),
+        _s("processes", _int(1), 1, "processes to spread the connections over, each driving its "
+           "share (one merged report)", metavar="N"),
         _s("rate", _float(0), 0.0, "calls per second per connection (0: auto, the next call "
            "leaves when the previous one ends)", metavar="PER_SECOND"),
         _s("duration", _positive_duration, 10.0, "how long to send calls", metavar="DURATION"),
@@ -243,7 +245,7 @@ COMMANDS: dict[str, list[str]] = {
     ],
     "callee": ["redis", "workers", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],
-    "load": ["connections", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],
+    "load": ["connections", "processes", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],
 }  # fmt: skip
 
 

@@ -6,20 +6,36 @@ one has ended). Every call's latency runs from just before it is sent to its RES
 duration is over it waits for every call still in flight to end, so each call is counted with
 exactly one outcome: result, NACK, expired or closed. Unlike the reference tool, latency is
 measured from the send, and no RES that arrives before ``send`` returns is lost.
+
+Auto-regulated connections do not use :class:`~juggler.client.Client`: with one call in flight
+there is nothing for its reader, writer and timer threads to do concurrently, and handing each
+call from thread to thread (caller, writer, reader, caller) took about half of the load tool's
+CPU per call, which made it, not the server, the bottleneck. A :class:`_Connection` sends a
+call and reads until its RES, NACK or deadline, all on one thread. At a fixed rate calls
+overlap, so those connections are Clients.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import queue
+import signal
 import sys
 import threading
 import time
-from typing import Any, Optional
+from array import array
+from typing import Any, Callable, Optional
 
-from .client import Client
-from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, RemoteError
+import websocket
 
-__all__ = ["LoadRun", "run_load", "percentile"]
+from .client import SUBPROTOCOL, Client
+from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
+from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
+from .wsframes import OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, OP_PONG, SocketIO, encode_close, encode_frame
+
+__all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile"]
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -28,6 +44,146 @@ def percentile(sorted_values: list[float], p: float) -> float:
         return 0.0
     rank = max(1, int(-(-p * len(sorted_values) // 100)))  # ceil(p/100 * n)
     return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+class _Connection:
+    """One auto-regulated connection of the load tool: :meth:`call` sends a CALL and reads
+    frames on the calling thread until its RES or NACK, or until its timeout passes."""
+
+    def __init__(self, url: str, connect_timeout: float = 10.0) -> None:
+        try:  # as Client.connect does it
+            ws = websocket.create_connection(url, timeout=connect_timeout, subprotocols=[SUBPROTOCOL],
+                                             suppress_origin=True, enable_multithread=True)  # fmt: skip
+        except websocket.WebSocketBadStatusException as exc:
+            body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
+            raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
+        except websocket.WebSocketException as exc:
+            raise HandshakeError(f"websocket handshake failed: {exc}") from None
+        ws.settimeout(None)
+        self._ws = ws
+        self._io = SocketIO(ws.sock)
+        self._buf = bytearray()
+        self._fragments: Optional[bytearray] = None
+        self.closed = False
+        self.acks = 0
+
+    def call(self, data: bytes, msg_uuid: str, timeout: float) -> str:
+        """Send one CALL (its JSON ``data``); its outcome: results, errors, nacks, expired or
+        closed. A late RES of an earlier, expired call is skipped."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._io.sendall(encode_frame(OP_TEXT, data, os.urandom(4)))
+            while True:
+                msg = self._next(deadline)
+                if msg is None:
+                    return "expired"
+                if isinstance(msg, Ack):
+                    self.acks += 1
+                elif isinstance(msg, Nack) and msg.for_uuid == msg_uuid:
+                    return "nacks"
+                elif isinstance(msg, Res) and msg.for_uuid == msg_uuid:
+                    return "errors" if result_error_message(msg.args) is not None else "results"
+        except (ConnectionClosed, OSError):
+            self._abort()
+            return "closed"
+
+    def _next(self, deadline: float) -> Any:
+        """The next message from the server; ``None`` once ``deadline`` has passed."""
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                msg = self._handle(*frame)
+                if msg is not None:
+                    return msg
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if not self._io.wait_readable(min(1000, int(remaining * 1000) + 1)):
+                continue
+            chunk = self._io.recv(262144)
+            if chunk is None:
+                continue
+            if not chunk:
+                raise ConnectionClosed(1006, "connection lost")
+            self._buf += chunk
+
+    def _frame(self) -> Optional[tuple[bool, int, bytes]]:
+        """A complete frame from the buffer, or ``None`` until one has arrived."""
+        buf = self._buf
+        if len(buf) < 2:
+            return None
+        b1, b2 = buf[0], buf[1]
+        if b1 & 0x70 or b2 & 0x80:
+            raise ConnectionClosed(1002, "protocol error: reserved bits or a masked server frame")
+        n, pos = b2 & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, pos = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, pos = int.from_bytes(buf[2:10], "big"), 10
+        if len(buf) < pos + n:
+            return None
+        payload = bytes(buf[pos : pos + n])
+        del buf[: pos + n]
+        return bool(b1 & 0x80), b1 & 0x0F, payload
+
+    def _handle(self, fin: bool, opcode: int, payload: bytes) -> Any:
+        if opcode == OP_PING:
+            self._io.sendall(encode_frame(OP_PONG, payload, os.urandom(4)))
+            return None
+        if opcode == OP_CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            try:
+                self._io.sendall(encode_close(1000, "", os.urandom(4)))
+            except OSError:
+                pass
+            raise ConnectionClosed(code, payload[2:].decode("utf-8", "replace"))
+        if opcode == OP_PONG:
+            return None
+        if opcode == OP_CONT:
+            if self._fragments is None:
+                raise ConnectionClosed(1002, "protocol error: continuation frame without a message")
+            self._fragments += payload
+            if not fin:
+                return None
+            payload, self._fragments = bytes(self._fragments), None
+        elif not fin:
+            self._fragments = bytearray(payload)
+            return None
+        try:
+            return decode(payload)
+        except ProtocolError:
+            return None  # as Client does: an invalid message is skipped
+
+    def close(self) -> None:
+        """The close handshake (code 1000), waiting up to 2 s for the server's answer."""
+        if not self.closed:
+            try:
+                self._io.sendall(encode_close(1000, "", os.urandom(4)))
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    frame = self._frame()
+                    if frame is not None:
+                        if frame[1] == OP_CLOSE:
+                            break
+                        continue
+                    if self._io.wait_readable(100):
+                        chunk = self._io.recv(262144)
+                        if not chunk and chunk is not None:
+                            break
+                        self._buf += chunk or b""
+            except (ConnectionClosed, OSError):
+                pass
+        self._abort()
+
+    def _abort(self) -> None:
+        self.closed = True
+        self._io.shutdown()
+        self._ws.shutdown()
 
 
 class LoadRun:
@@ -44,6 +200,8 @@ class LoadRun:
         args: Any,
         progress: Optional[Any] = None,
         stop: Optional[threading.Event] = None,
+        ticker: Optional[Callable[[dict[str, Any]], None]] = None,
+        on_connected: Optional[Callable[[], None]] = None,
     ) -> None:
         self.url = url
         self.connections = connections
@@ -52,13 +210,23 @@ class LoadRun:
         self.timeout = timeout
         self.uri = uri
         self.args = args
-        self.progress = progress
+        self.progress = progress  # a stream for the progress line, or None
+        self.ticker = ticker  # or a function given a snapshot() every second
+        self.on_connected = on_connected  # called once connected, before the clock starts
         self.stop = stop or threading.Event()  # set it to end the run early
         self._lock = threading.Lock()
         self._all_done = threading.Condition(self._lock)
         self.calls = self.results = self.errors = self.nacks = self.expired = self.closed = 0
         self.latencies: list[float] = []
         self._in_flight = 0
+
+    def _count(self, outcome: str, elapsed: float) -> None:
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+            if outcome in ("results", "errors"):
+                self.latencies.append(elapsed)
+            self._in_flight -= 1
+            self._all_done.notify_all()
 
     def _record(self, fut: Any, start: float) -> None:
         elapsed = time.perf_counter() - start
@@ -73,12 +241,7 @@ class LoadRun:
             outcome = "expired"
         except ConnectionClosed:
             outcome = "closed"
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
-            if outcome in ("results", "errors"):
-                self.latencies.append(elapsed)
-            self._in_flight -= 1
-            self._all_done.notify_all()
+        self._count(outcome, elapsed)
 
     def _send(self, client: Client) -> Any:
         with self._lock:
@@ -90,47 +253,73 @@ class LoadRun:
         return fut
 
     def _drive(self, client: Client, end: float) -> None:
-        if self.rate > 0:
-            interval = 1.0 / self.rate
-            next_at = time.monotonic()
-            while not self.stop.is_set() and next_at < end:
-                delay = next_at - time.monotonic()
-                if delay > 0 and self.stop.wait(delay):
-                    break
-                if client.closed:
-                    break
-                self._send(client)
-                next_at = max(next_at + interval, time.monotonic() - interval)  # no catch-up burst
-        else:
-            while not self.stop.is_set() and time.monotonic() < end and not client.closed:
-                fut = self._send(client)
-                try:
-                    fut.exception()  # wait for this call to end, whatever its outcome
-                except Exception:  # pragma: no cover - futures here are never cancelled
-                    pass
+        """A fixed rate: a call every 1/rate seconds, whether or not the last one has ended."""
+        interval = 1.0 / self.rate
+        next_at = time.monotonic()
+        while not self.stop.is_set() and next_at < end:
+            delay = next_at - time.monotonic()
+            if delay > 0 and self.stop.wait(delay):
+                break
+            if client.closed:
+                break
+            self._send(client)
+            next_at = max(next_at + interval, time.monotonic() - interval)  # no catch-up burst
 
-    def _report_progress(self, started: float, end: float) -> None:
-        assert self.progress is not None
-        while not self.stop.wait(1.0) and time.monotonic() < end + self.timeout:
+    def _drive_auto(self, conn: _Connection, end: float) -> None:
+        """Auto-regulated: the next call leaves when the previous one has ended."""
+        while not self.stop.is_set() and time.monotonic() < end and not conn.closed:
+            msg = Call(uri=self.uri, args=self.args, timeout=self.timeout)
+            data = encode(msg).encode("utf-8")
             with self._lock:
-                line = (
-                    f"\r{time.monotonic() - started:6.1f} s  calls {self.calls}  results {self.results + self.errors}"
-                    f"  nacks {self.nacks}  expired {self.expired}  in flight {self._in_flight}  "
-                )
-            self.progress.write(line)
-            self.progress.flush()
+                self.calls += 1
+                self._in_flight += 1
+            start = time.perf_counter()
+            outcome = conn.call(data, msg.uuid, self.timeout)
+            self._count(outcome, time.perf_counter() - start)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far, for a progress line."""
+        with self._lock:
+            return {"calls": self.calls, "results": self.results + self.errors, "nacks": self.nacks,
+                    "expired": self.expired, "in_flight": self._in_flight}  # fmt: skip
+
+    def _tick(self, started: float, end: float) -> None:
+        while not self.stop.wait(1.0) and time.monotonic() < end + self.timeout:
+            snap = self.snapshot()
+            if self.ticker is not None:
+                self.ticker(snap)
+            if self.progress is not None:
+                self.progress.write(progress_line(time.monotonic() - started, snap))
+                self.progress.flush()
 
     def run(self) -> dict[str, Any]:
-        clients = [Client.connect(self.url) for _ in range(self.connections)]
+        """Run the test; the report."""
+        return build_report(self.url, self.uri, self.connections, self.rate, [self.measure()])
+
+    def measure(self) -> dict[str, Any]:
+        """Run the test; its raw counts and latencies (seconds), which :func:`build_report`
+        turns into a report, merged with those of other processes."""
+        clients: list[Any] = []  # Clients at a fixed rate, _Connections auto-regulated
+        connect = Client.connect if self.rate > 0 else _Connection
+        try:
+            for _ in range(self.connections):
+                clients.append(connect(self.url))
+        except BaseException:
+            for c in clients:
+                c.close()
+            raise
         ticker = None
         try:
+            if self.on_connected is not None:
+                self.on_connected()
             started = time.monotonic()
             end = started + self.duration
-            if self.progress is not None:
-                ticker = threading.Thread(target=self._report_progress, args=(started, end), name="juggler-load-progress")
+            if self.progress is not None or self.ticker is not None:
+                ticker = threading.Thread(target=self._tick, args=(started, end), name="juggler-load-progress")
                 ticker.start()
+            drive = self._drive if self.rate > 0 else self._drive_auto
             drivers = [
-                threading.Thread(target=self._drive, args=(c, end), name=f"juggler-load-{i}")
+                threading.Thread(target=drive, args=(c, end), name=f"juggler-load-{i}")
                 for i, c in enumerate(clients)
             ]
             for t in drivers:
@@ -145,40 +334,76 @@ class LoadRun:
             self.stop.set()
             if ticker is not None:
                 ticker.join()
-                self.progress.write("\n")
-            acks = sum(c.received["ACK"] for c in clients)
+                if self.progress is not None:
+                    self.progress.write("\n")
+            acks = sum(c.received["ACK"] if isinstance(c, Client) else c.acks for c in clients)
             for c in clients:
                 c.close()
-        lat = sorted(x * 1000 for x in self.latencies)
         return {
-            "url": self.url,
-            "uri": self.uri,
             "connections": self.connections,
-            "rate": self.rate,
             "calls": self.calls,
             "acks": acks,
             "nacks": self.nacks,
-            "results": self.results + self.errors,
-            "error_results": self.errors,
+            "results": self.results,
+            "errors": self.errors,
             "expired": self.expired,
             "closed": self.closed,
-            "duration": round(total, 3),
-            "sending": round(sending, 3),
-            "calls_per_second": round(self.calls / sending, 1) if sending > 0 else 0.0,
-            "latency_ms": {
-                "min": round(lat[0], 3) if lat else 0.0,
-                "p50": round(percentile(lat, 50), 3),
-                "p75": round(percentile(lat, 75), 3),
-                "p90": round(percentile(lat, 90), 3),
-                "p99": round(percentile(lat, 99), 3),
-                "max": round(lat[-1], 3) if lat else 0.0,
-            },
+            "duration": total,
+            "sending": sending,
+            "latencies": array("d", self.latencies),
         }
+
+
+def progress_line(elapsed: float, snap: dict[str, int]) -> str:
+    return (
+        f"\r{elapsed:6.1f} s  calls {snap['calls']}  results {snap['results']}"
+        f"  nacks {snap['nacks']}  expired {snap['expired']}  in flight {snap['in_flight']}  "
+    )
+
+
+def build_report(url: str, uri: str, connections: int, rate: float, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report of one or more :meth:`LoadRun.measure` parts that ran at the same time (one
+    per process): counts add up, the latency percentiles are those of all the samples, the
+    duration and sending time are the longest."""
+    lat = sorted(x * 1000 for p in parts for x in p["latencies"])
+    calls = sum(p["calls"] for p in parts)
+    errors = sum(p["errors"] for p in parts)
+    sending = max(p["sending"] for p in parts)
+    report = {
+        "url": url,
+        "uri": uri,
+        "connections": connections,
+        "rate": rate,
+        "calls": calls,
+        "acks": sum(p["acks"] for p in parts),
+        "nacks": sum(p["nacks"] for p in parts),
+        "results": sum(p["results"] for p in parts) + errors,
+        "error_results": errors,
+        "expired": sum(p["expired"] for p in parts),
+        "closed": sum(p["closed"] for p in parts),
+        "duration": round(max(p["duration"] for p in parts), 3),
+        "sending": round(sending, 3),
+        "calls_per_second": round(calls / sending, 1) if sending > 0 else 0.0,
+        "latency_ms": {
+            "min": round(lat[0], 3) if lat else 0.0,
+            "p50": round(percentile(lat, 50), 3),
+            "p75": round(percentile(lat, 75), 3),
+            "p90": round(percentile(lat, 90), 3),
+            "p99": round(percentile(lat, 99), 3),
+            "max": round(lat[-1], 3) if lat else 0.0,
+        },
+    }
+    if len(parts) > 1:
+        report["processes"] = len(parts)
+        report["per_process"] = [{"connections": p["connections"], "calls": p["calls"]} for p in parts]
+    return report
 
 
 def format_report(r: dict[str, Any]) -> str:
     lat = r["latency_ms"]
     mode = f"{r['rate']:g}/s per connection" if r["rate"] else "auto-regulated"
+    if r.get("processes", 1) > 1:
+        mode += f", over {r['processes']} processes"
     return "\n".join(
         [
             f"target:    {r['url']}  uri {r['uri']}  {r['connections']} connections, {mode}",
@@ -222,6 +447,158 @@ def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str
     return deltas
 
 
+def shares(connections: int, processes: int) -> list[int]:
+    """The connections of each of ``processes`` processes: as even as can be."""
+    base, extra = divmod(connections, processes)
+    return [base + (i < extra) for i in range(processes)]
+
+
+class _LoadFailed(Exception):
+    """A load process failed: the line to print, and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _worker(
+    index: int,
+    connections: int,
+    params: tuple[Any, ...],
+    results: Any,
+    go: Any,
+    stop: Any,
+    progress: bool,
+    log_level: str,
+) -> None:  # pragma: no cover - runs in a child process (tests/test_cli.py runs it)
+    """One load process of ``juggler load --processes N``: connects its share of the
+    connections, says so, waits for the go, runs, and sends back its raw part."""
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    url, rate, duration, timeout, uri, args = params
+    local = threading.Event()
+    signals = [0]
+
+    def handle(signum: int, frame: Any) -> None:  # Ctrl-C reaches every process of the group
+        signals[0] += 1
+        if signals[0] > 1:
+            os._exit(1)
+        local.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    parent = os.getppid()
+
+    def watch() -> None:  # the parent's stop reaches this process; an orphan exits
+        while not local.wait(0.1):
+            if stop.is_set():
+                local.set()
+            elif os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="juggler-load-watch", daemon=True).start()
+
+    def connected() -> None:
+        results.put(("ready", index))
+        while not go.wait(0.1) and not local.is_set():
+            pass
+
+    ticker = (lambda snap: results.put(("tick", index, snap))) if progress else None
+    run = LoadRun(url, connections, rate, duration, timeout, uri, args, None, local, ticker=ticker, on_connected=connected)
+    try:
+        part = run.measure()
+    except (HandshakeError, OSError) as exc:
+        results.put(("error", index, f"cannot connect to {url}: {exc}"))
+        return
+    results.put(("done", index, part))
+
+
+def run_processes(
+    url: str, cfg: dict[str, Any], args: Any, processes: int, show: Optional[Any], stop: threading.Event
+) -> dict[str, Any]:
+    """Run the test over ``processes`` processes, each with its share of the connections, all
+    starting together once all are connected; one report of them all. Setting ``stop`` stops
+    them all. Raises :class:`_LoadFailed`."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may have threads
+    results = ctx.Queue()
+    go, all_stop = ctx.Event(), ctx.Event()
+    params = (url, cfg["rate"], cfg["duration"], cfg["timeout"], cfg["uri"], args)
+    procs = [
+        ctx.Process(target=_worker, args=(i, n, params, results, go, all_stop, show is not None, cfg["log_level"]),
+                    name=f"juggler-load-{i + 1}", daemon=True)  # fmt: skip
+        for i, n in enumerate(shares(cfg["connections"], processes))
+    ]
+    parts: dict[int, dict[str, Any]] = {}
+    ended: set[int] = set()  # reported a part, failed, or died
+    ready: set[int] = set()
+    ticks: dict[int, dict[str, int]] = {}
+    silent: dict[int, int] = {}
+    failure: Optional[_LoadFailed] = None
+    started = shown = 0.0
+    try:
+        # Started with SIGINT and SIGTERM ignored (that survives the exec of spawn) until
+        # _worker handles them: a Ctrl-C while a process imports reaches it as all_stop.
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        while len(ended) < processes:
+            if stop.is_set():
+                all_stop.set()
+            try:
+                msg = results.get(timeout=0.2)
+            except queue.Empty:
+                for i, p in enumerate(procs):
+                    if i not in ended and p.exitcode is not None:
+                        silent[i] = silent.get(i, 0) + 1
+                        if silent[i] > 1:  # dead, and nothing of it is left in the queue
+                            ended.add(i)
+                            all_stop.set()
+                            if failure is None and not stop.is_set():
+                                failure = _LoadFailed(f"load process {i + 1} failed (exit status {p.exitcode})", 1)
+                continue
+            kind, i = msg[0], msg[1]
+            if kind == "ready":
+                ready.add(i)
+                if len(ready) == processes:
+                    started = time.monotonic()
+                    go.set()
+            elif kind == "tick":
+                ticks[i] = msg[2]
+                if show is not None and time.monotonic() - shown >= 0.9:
+                    shown = time.monotonic()
+                    total = {k: sum(t[k] for t in ticks.values()) for k in msg[2]}
+                    show.write(progress_line(shown - started, total))
+                    show.flush()
+            elif kind == "done":
+                parts[i] = msg[2]
+                ended.add(i)
+            elif kind == "error":
+                ended.add(i)
+                all_stop.set()
+                if failure is None:
+                    failure = _LoadFailed(msg[2], 5)
+    finally:
+        all_stop.set()
+        for p in procs:
+            p.join(5.0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        results.close()
+        if show is not None and ticks:
+            show.write("\n")
+    if failure is not None:
+        raise failure
+    if not parts:
+        raise _LoadFailed("stopped before any load process reported", 1)
+    return build_report(url, cfg["uri"], cfg["connections"], cfg["rate"], [parts[i] for i in sorted(parts)])
+
+
 def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: bool = True) -> int:
     from .cli import StopSignal
 
@@ -230,9 +607,12 @@ def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: boo
     except ValueError as exc:
         print(f"juggler load: --payload must be JSON: {exc}", file=sys.stderr)
         return 2
+    processes = cfg.get("processes", 1)
+    if processes > cfg["connections"]:
+        print(f"juggler load: --processes ({processes}) is more than --connections ({cfg['connections']})", file=sys.stderr)
+        return 2
     show = sys.stderr if progress and sys.stderr.isatty() else None
     stop = StopSignal().install()  # Ctrl-C ends the run early, with a report
-    run = LoadRun(url, cfg["connections"], cfg["rate"], cfg["duration"], cfg["timeout"], cfg["uri"], args, show, stop.event)
     metrics_url = cfg.get("metrics")
     before: dict[str, float] = {}
     if metrics_url:
@@ -242,10 +622,17 @@ def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: boo
             print(f"juggler load: cannot read metrics at {metrics_url}: {exc}", file=sys.stderr)
             return 5
     try:
-        report = run.run()
+        if processes > 1:
+            report = run_processes(url, cfg, args, processes, show, stop.event)
+        else:
+            run = LoadRun(url, cfg["connections"], cfg["rate"], cfg["duration"], cfg["timeout"], cfg["uri"], args, show, stop.event)
+            report = run.run()
     except (HandshakeError, OSError) as exc:
         print(f"juggler load: cannot connect to {url}: {exc}", file=sys.stderr)
         return 5
+    except _LoadFailed as exc:
+        print(f"juggler load: {exc}", file=sys.stderr)
+        return exc.status
     if metrics_url:
         try:
             report["server_metrics"] = metric_deltas(before, scrape(metrics_url))

@@ -329,6 +329,118 @@ def test_load_tester_fixed_rate_text_report(demo):
     assert re.search(r"latency: +min [\d.]+ ms  p50 [\d.]+  p75 [\d.]+  p90 [\d.]+  p99 [\d.]+  max [\d.]+", out.stdout)
 
 
+def test_load_tester_counts_error_results_expiries_and_closes(demo, procs):
+    _, url, _ = demo
+    out = juggler("load", "--duration", "1", "--connections", "2", "--uri", "test.reverse", "--payload", "42", "--json", url, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["calls"] > 0 and r["results"] == r["error_results"] == r["calls"] == r["acks"]
+    # each call expires after 100 ms; its RES, 300 ms late, is not taken for the next call's
+    out = juggler("load", "--duration", "1", "--connections", "2", "--uri", "test.delay", "--payload", "300",
+                  "--timeout", "100ms", "--json", url, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert 0 < r["calls"] <= 22 and r["expired"] == r["calls"] and r["results"] == 0
+    server = procs("demo", "--port", "0", "--log-level", "warning")
+    doomed = server.expect(r"websocket: (ws://\S+)").group(1)
+    server.expect(r"^stop:")
+    load = procs("load", "--duration", "600", "--connections", "2", "--uri", "test.delay", "--payload", "20", "--json", doomed)
+    deadline = time.monotonic() + T(30)
+    while "juggler_messages_read_total" not in raw_metrics(doomed) or calls_read(doomed) < 4:
+        assert time.monotonic() < deadline, "no calls from juggler load"
+        time.sleep(0.05)  # a bounded poll of an observable state, not a guess
+    assert server.stop() == 0  # the server closes both connections: the run ends, with a report
+    r = json.loads(load.expect(r"^\{", timeout=30).string)
+    assert r["closed"] == 2 and r["calls"] == r["results"] + r["nacks"] + r["closed"]  # one outcome each
+    assert load.p.wait(T(10)) == 0
+
+
+def raw_metrics(ws_url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(ws_url.replace("ws://", "http://").rsplit("/", 1)[0] + "/metrics", timeout=T(5)) as resp:
+        return resp.read().decode()
+
+
+def calls_read(ws_url: str) -> float:
+    m = re.search(r'^juggler_messages_read_total\{type="CALL"\} (\S+)', raw_metrics(ws_url), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_load_tester_processes_merge_into_one_report(demo):
+    _, url, _ = demo
+    out = juggler("load", "--processes", "2", "--duration", "2", "--connections", "3", "--json", url, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["processes"] == 2 and r["connections"] == 3
+    assert [p["connections"] for p in r["per_process"]] == [2, 1]
+    assert all(p["calls"] > 0 for p in r["per_process"])  # both processes called
+    assert r["calls"] == sum(p["calls"] for p in r["per_process"])
+    assert r["results"] == r["calls"] == r["acks"]
+    assert r["nacks"] == r["expired"] == r["closed"] == 0
+    assert 2.0 <= r["sending"] <= r["duration"] < T(10)
+    assert r["calls_per_second"] == pytest.approx(r["calls"] / r["sending"], rel=1e-3)
+    lat = r["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p75"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    text = juggler("load", "--duration", "1", "--connections", "2", url, timeout=60,
+                   env=env(JUGGLER_PROCESSES="2"))  # fmt: skip
+    assert text.returncode == 0, text.stderr
+    assert "2 connections, auto-regulated, over 2 processes" in text.stdout
+    calls = int(re.search(r"^calls: +(\d+)", text.stdout, re.M).group(1))
+    assert calls > 0 and re.search(r"^results: +%d " % calls, text.stdout, re.M)
+
+
+def test_load_report_percentiles_are_over_the_merged_samples():
+    from array import array
+
+    from juggler.load import build_report
+
+    def part(connections, latencies_ms):
+        n = len(latencies_ms)
+        return {"connections": connections, "calls": n, "acks": n, "nacks": 1, "results": n - 1, "errors": 1,
+                "expired": 2, "closed": 0, "duration": 2.5, "sending": 2.0,
+                "latencies": array("d", [x / 1000 for x in latencies_ms])}  # fmt: skip
+
+    r = build_report("ws://x/ws", "u", 3, 0.0, [part(2, [1.0] * 9), part(1, [100.0])])
+    # the p50 of each process is 1 and 100 ms: their mean would be 50.5
+    assert r["latency_ms"] == {"min": 1.0, "p50": 1.0, "p75": 1.0, "p90": 1.0, "p99": 100.0, "max": 100.0}
+    assert (r["calls"], r["acks"], r["results"], r["error_results"], r["nacks"], r["expired"]) == (10, 10, 10, 2, 2, 4)
+    assert (r["sending"], r["duration"], r["calls_per_second"]) == (2.0, 2.5, 5.0)
+    assert r["processes"] == 2 and r["per_process"] == [{"connections": 2, "calls": 9}, {"connections": 1, "calls": 1}]
+    one = build_report("ws://x/ws", "u", 2, 0.0, [part(2, [1.0] * 9)])
+    assert "processes" not in one and "per_process" not in one  # one process: the report as before
+
+
+def test_load_tester_processes_stop_together_on_sigint(demo, procs):
+    import urllib.request
+
+    _, url, _ = demo
+    load = procs("load", "--processes", "2", "--connections", "2", "--duration", "600", "--json", url)
+    metrics = url.replace("ws://", "http://").rsplit("/", 1)[0] + "/metrics"
+    deadline = time.monotonic() + T(30)
+    while True:  # both processes are connected and calls flow
+        with urllib.request.urlopen(metrics, timeout=T(5)) as resp:
+            text = resp.read().decode()
+        m = re.search(r'^juggler_messages_read_total\{type="CALL"\} (\S+)', text, re.M)
+        if m and float(m.group(1)) >= 10:
+            break
+        assert time.monotonic() < deadline, "no calls from juggler load"
+        time.sleep(0.05)  # a bounded poll of an observable state, not a guess
+    started = time.monotonic()
+    assert load.stop(signal.SIGINT, timeout=30) == 0
+    assert time.monotonic() - started < T(20)
+    r = json.loads(load.expect(r"^\{").string)  # the report: one JSON line
+    assert r["processes"] == 2 and r["calls"] > 0 and r["sending"] < 600
+    assert r["calls"] == r["results"] + r["closed"] + r["expired"] + r["nacks"]
+    wait_connections(url, 0)  # every process closed its connections
+
+
+def test_load_tester_more_processes_than_connections_is_a_usage_error():
+    out = juggler("load", "--processes", "3", "--connections", "2", "ws://127.0.0.1:1/ws")
+    assert out.returncode == 2
+    assert "--processes (3) is more than --connections (2)" in out.stderr
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 
