@@ -106,11 +106,14 @@ class ConnServices:
 
 
 class WriteQueue:
-    """A bounded FIFO from any thread to one writer thread.
+    """A bounded FIFO from any thread to one writer thread, and who may write to the socket.
 
     :meth:`put` waits up to a timeout for room; :meth:`close` always gets its marker in (making
     room if it must), and nothing is queued after it. :meth:`get_batch` blocks, with no timeout,
-    until something is queued.
+    until something is queued and nobody else is writing; the writer then holds the socket until
+    :meth:`release`. A sender may instead :meth:`claim` the socket to write a message itself,
+    which it gets only when nothing is queued and nobody writes: so messages go out in the
+    order they were sent, whichever thread writes them.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -120,6 +123,7 @@ class WriteQueue:
         self._not_empty = threading.Condition(lock)
         self._not_full = threading.Condition(lock)
         self._closed = False
+        self._busy = False  # a thread is writing to the socket
 
     def __len__(self) -> int:
         return len(self._items)
@@ -151,14 +155,31 @@ class WriteQueue:
             self._not_full.notify_all()
 
     def get_batch(self, most: int) -> list[Any]:
-        """Up to ``most`` items, in order; blocks until there is at least one."""
+        """Up to ``most`` items, in order, and the socket (:meth:`release` it); blocks until
+        there is at least one and nobody else writes."""
         with self._not_empty:
-            while not self._items:
+            while not self._items or self._busy:
                 self._not_empty.wait()
             items = self._items
             batch = [items.popleft() for _ in range(min(most, len(items)))]
+            self._busy = True
             self._not_full.notify_all()
             return batch
+
+    def claim(self) -> bool:
+        """Take the socket to write one message now: only if nothing is queued, nobody
+        writes and the queue is open. :meth:`release` it after."""
+        with self._not_empty:
+            if self._items or self._busy or self._closed:
+                return False
+            self._busy = True
+            return True
+
+    def release(self) -> None:
+        with self._not_empty:
+            self._busy = False
+            if self._items:
+                self._not_empty.notify()
 
 
 class _Event:
@@ -274,6 +295,14 @@ class Conn:
             return False
         if threading.get_ident() == self._writer_ident:  # a handler running for an event
             self._encode_into_batch(msg)
+            return True
+        if self._queue.claim():
+            # Nothing waits and nobody writes: write it from this thread, sparing the writer
+            # a wake-up (a RES or an ACK on a connection that keeps up).
+            try:
+                self._write_now(msg)
+            finally:
+                self._queue.release()
             return True
         if self._queue.put(msg, self.settings.write_timeout):
             return True
@@ -530,6 +559,30 @@ class Conn:
             self._out.append(encode_frame(OP_TEXT, data))
             self._out_msgs.append(msg)
 
+    def _write_now(self, msg: Message) -> None:
+        try:
+            data = self._svc.encode(self, msg)
+        except (TypeError, ValueError) as exc:
+            self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
+            return
+        if data is None:
+            return
+        if self._send(encode_frame(OP_TEXT, data)):
+            self._count_written([msg])
+
+    def _send(self, data: bytes) -> bool:
+        """Write ``data``; on failure close the connection (1006) and shut the socket down."""
+        try:
+            self._io.sendall(data)
+            return True
+        except OSError as exc:
+            if not self.closed:
+                self.logger.info("connection %s: write failed: %s", self.uuid, exc)
+                self._peer_gone = True
+                self.close(CLOSE_ABNORMAL, "write failed")
+            self._io.shutdown()
+            return False
+
     def _write_loop(self) -> None:
         self._writer_ident = threading.get_ident()
         out, msgs = self._out, self._out_msgs
@@ -550,20 +603,14 @@ class Conn:
             if closing and not self._peer_gone:
                 out.append(encode_close(self.close_code or CLOSE_NORMAL, self.close_reason))
             if out:
-                try:
-                    self._io.sendall(out[0] if len(out) == 1 else b"".join(out))
-                except OSError as exc:
-                    if not self.closed:
-                        self.logger.info("connection %s: write failed: %s", self.uuid, exc)
-                        self._peer_gone = True
-                        self.close(CLOSE_ABNORMAL, "write failed")
-                    self._io.shutdown()
+                sent = self._send(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+                if not sent:
                     return
-                finally:
-                    out.clear()
                 self._count_written(msgs)
             if closing:
                 return
+            self._queue.release()
 
     def _count_written(self, msgs: list[Message]) -> None:
         svc = self._svc

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import select
 import socket
+import struct
 import threading
 from typing import Any, Optional, Sequence
 
@@ -50,6 +51,12 @@ def pack(args: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    micros = int(round((seconds - whole) * 1e6))
+    return struct.pack("ll", whole, micros if whole or micros else 1)
+
+
 class Script:
     """A Lua script run with EVALSHA, falling back to EVAL once redis says NOSCRIPT."""
 
@@ -67,13 +74,22 @@ class RespConnection:
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn  # owns the socket; disconnect() closes it
-        self._sock: socket.socket = conn._sock
+        sock: socket.socket = conn._sock
+        timeout = sock.gettimeout()
+        if timeout is not None:
+            # Python polls before every send and recv of a socket with a timeout: two system
+            # calls more per command. The kernel's own timeouts bound them the same way.
+            sock.settimeout(None)
+            tv = _timeval(timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self._sock = sock
         self._reader = hiredis.Reader()
         self.broken = False
 
     def _fail(self, exc: BaseException) -> redis.exceptions.RedisError:
         self.broken = True
-        if isinstance(exc, socket.timeout):
+        if isinstance(exc, (socket.timeout, BlockingIOError)):  # (SO_RCVTIMEO, SO_SNDTIMEO)
             return redis.exceptions.TimeoutError(f"Timeout reading from socket: {exc}")
         return redis.exceptions.ConnectionError(f"Error while talking to redis: {exc}")
 

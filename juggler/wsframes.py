@@ -70,8 +70,11 @@ class Stopped(Exception):
 class SocketIO:
     """Reads and writes on one socket, from a reader thread and a writer thread at once.
 
-    On a plain socket the kernel keeps a concurrent ``recv`` and ``send`` apart, and writes
-    block for up to ``write_timeout``. A TLS connection cannot be read and written at once:
+    On a plain socket the kernel keeps a concurrent ``recv`` and ``send`` apart. Given a
+    ``write_timeout``, the socket is put in blocking mode with the kernel's send timeout
+    (``SO_SNDTIMEO``) set to it, so a read is one ``recv`` that sleeps until bytes come (no
+    ``poll`` first, as Python does for a socket with a timeout) and a write that makes no
+    progress for ``write_timeout`` fails with :class:`TimeoutError`. A TLS connection cannot be read and written at once:
     OpenSSL forbids concurrent ``SSL_read`` and ``SSL_write`` on one connection, and doing it
     corrupts the stream now and then (spurious EOFs, "bad write retry"). So on a TLS socket
     every call into OpenSSL takes one lock, the socket is non-blocking, and the lock is never
@@ -88,10 +91,16 @@ class SocketIO:
         # Set by shutdown(). SSLSocket.shutdown drops its SSL object: later reads would return
         # raw ciphertext still queued in the kernel, so they end here instead.
         self._shut = False
+        #: Whether a read may simply block in ``recv`` (plain socket in blocking mode).
+        self.blocking = False
         if self.tls:
             sock.setblocking(False)
         elif write_timeout is not None:
-            sock.settimeout(write_timeout)  # bounds sendall; reads poll first
+            sock.settimeout(None)
+            seconds = int(write_timeout)
+            micros = int(round((write_timeout - seconds) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, max(micros, 0 if seconds else 1000)))
+            self.blocking = True
         self._readable = select.poll()
         self._readable.register(sock.fileno(), select.POLLIN | select.POLLPRI)
 
@@ -124,7 +133,10 @@ class SocketIO:
         :class:`OSError`."""
         with self._write_lock:
             if not self.tls:
-                self.sock.sendall(data)
+                try:
+                    self.sock.sendall(data)
+                except BlockingIOError:  # SO_SNDTIMEO passed with no progress
+                    raise TimeoutError(f"write timed out after {self.write_timeout:g} s") from None
                 return
             view = memoryview(data)
             deadline = None if self.write_timeout is None else time.monotonic() + self.write_timeout
@@ -183,6 +195,17 @@ class SocketReader:
         self.last_recv = time.monotonic()
 
     def _fill(self) -> None:
+        io = self.io
+        if io.blocking and self.deadline is None:
+            # one recv that sleeps until bytes come, the peer closes, or a shutdown wakes it
+            try:
+                chunk = io.sock.recv(262144)
+            except OSError as exc:
+                raise Stopped(f"read failed: {exc}") from None
+            if not chunk or io._shut:
+                raise Stopped("peer closed the connection")
+            self._append(chunk)
+            return
         while True:
             wait_ms = -1
             if self.deadline is not None:
@@ -200,12 +223,15 @@ class SocketReader:
                 continue
             if not chunk:
                 raise Stopped("peer closed the connection")
-            self.last_recv = time.monotonic()
-            if self._pos:
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += chunk
+            self._append(chunk)
             return
+
+    def _append(self, chunk: bytes) -> None:
+        self.last_recv = time.monotonic()
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += chunk
 
     def discard(self) -> None:
         """Read and drop everything until the stream ends (:class:`Stopped`, not raised)."""
