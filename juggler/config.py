@@ -216,6 +216,8 @@ SETTINGS: dict[str, Setting] = {
         _s("call_cap", _int(0), 0, "most pending calls per URI (0: no cap; over it: NACK 500)", metavar="N"),
         _s("result_cap", _int(0), 0, "most pending results per connection (0: no cap)", metavar="N"),
         _s("workers", _int(1), 8, "callee worker threads", metavar="N"),
+        _s("processes", _int(1, 256), 1, "callee processes, each with its own redis connections and "
+           "--workers threads (metrics: --metrics-port + i for process i)", metavar="N"),
         _s("grace", parse_duration, 10.0, "on SIGINT/SIGTERM, time running calls get to finish",
            metavar="DURATION"),
         # load tester
@@ -239,7 +241,7 @@ COMMANDS: dict[str, list[str]] = {
         "max_call_timeout", "slow_threshold", "call_cap", "result_cap", "http_endpoints",
         "log_messages", "log_level",
     ],
-    "callee": ["redis", "workers", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
+    "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],
     "load": ["connections", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],
 }  # fmt: skip
