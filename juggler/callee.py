@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from typing import Any, Callable, Optional
 
 from .broker import Broker, Popped
@@ -54,9 +55,17 @@ class CalleeStats:
 class Callee:
     """A pool of ``workers`` threads serving calls to the registered URIs.
 
-    ``block`` is how long (seconds) one BRPOP waits before checking for :meth:`stop`; it
-    bounds how long ``stop`` takes. When redis is unreachable, workers retry with exponential
-    backoff from ``0.1`` s up to ``max_backoff`` seconds.
+    On a :class:`~juggler.broker.RedisBroker`, each worker has a redis connection of its own
+    (:meth:`~juggler.broker.RedisBroker.call_popper`) and waits on it with a BRPOP that never
+    times out; :meth:`stop` wakes it with ``CLIENT UNBLOCK``. Once a call comes, the worker
+    takes up to ``batch`` calls already waiting (one script, which also consumes their timeout
+    keys), runs them one after the other, and stores their results together with taking the
+    next batch (one round trip). A worker whose calls took more than a millisecond each takes
+    one at a time, so slow calls do not queue behind each other while other workers are free.
+    With any other :class:`~juggler.broker.Broker`, a worker pops one call at a time and
+    ``block`` is how long (seconds) one pop waits before checking for :meth:`stop`.
+    When redis is unreachable, workers retry with exponential backoff from ``0.1`` s up to
+    ``max_backoff`` seconds.
 
     A function gets the call's decoded ``args`` and returns any JSON value. If it raises, the
     caller gets ``{"error": {"message": str(exc)}}``, the exception is logged once and the
@@ -76,17 +85,21 @@ class Callee:
         *,
         block: float = 1.0,
         max_backoff: float = 5.0,
+        batch: int = 16,
         name: str = "juggler-callee",
         logger: Optional[logging.Logger] = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
         if not block > 0:
             raise ValueError(f"block must be a positive number of seconds, got {block!r}")
         self.broker = broker
         self.workers = workers
         self.block = block
         self.max_backoff = max_backoff
+        self.batch = batch
         self.name = name
         self.logger = logger or logging.getLogger("juggler.callee")
         self.stats = CalleeStats()
@@ -95,6 +108,7 @@ class Callee:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
+        self._poppers: set[Any] = set()  # the workers' CallPoppers, woken by stop()
 
     def __repr__(self) -> str:
         return f"<juggler.Callee {self.name} uris={sorted(self._functions)} workers={self.workers}>"
@@ -157,11 +171,22 @@ class Callee:
         """
         self._stop.set()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            if t is threading.current_thread():
-                continue
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads if t is not threading.current_thread())
+        others = [t for t in self._threads if t is not threading.current_thread()]
+        while True:
+            # A worker may be sending its BRPOP just as we unblock it (CLIENT UNBLOCK of a
+            # client not blocked yet does nothing): wake those again until they are gone.
+            with self._lock:
+                poppers = list(self._poppers)
+            retry = [p for p in poppers if not p.wake()]
+            alive = [t for t in others if t.is_alive()]
+            if not alive:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            # a worker that was woken ends at once; one running calls ends when they are done
+            wait = 0.005 if retry else 0.05
+            alive[0].join(wait if left is None else min(wait, left))
 
     def __enter__(self) -> "Callee":
         return self.start()
@@ -172,6 +197,122 @@ class Callee:
     # -- workers --
 
     def _work(self, uris: list[str]) -> None:
+        if hasattr(self.broker, "call_popper"):
+            self._work_batched(uris)
+        else:
+            self._work_polling(uris)
+
+    def _backoff(self, backoff: float, exc: BaseException) -> float:
+        backoff = min(self.max_backoff, backoff * 2 or 0.1)
+        if backoff == 0.1:
+            self.logger.error("callee %s: %s; retrying", self.name, exc)
+        self._stop.wait(backoff)
+        return backoff
+
+    def _work_batched(self, uris: list[str]) -> None:
+        backoff = 0.0
+        popper: Any = None
+        results: list[tuple[ResultPayload, float, str]] = []  # run, to be stored
+        calls: list[Popped] = []
+        slow = False  # the last calls took over 1 ms each: take one at a time
+        full = False  # the last batch was as large as asked for
+        try:
+            while True:
+                if popper is None:
+                    if self._stop.is_set():
+                        break
+                    try:
+                        popper = self.broker.call_popper(uris)
+                    except BrokerError as exc:
+                        backoff = self._backoff(backoff, exc)
+                        continue
+                    with self._lock:
+                        self._poppers.add(popper)
+                n = 0 if self._stop.is_set() else 1 if slow else self.batch
+                if not (n or results):
+                    break  # stopping, with nothing left to store
+                batch, results = results, []
+                try:
+                    if n and not full:
+                        # store the results and wait for the next call, in one write
+                        calls = popper.pop(n, batch, partial(self._stored, batch))
+                    else:
+                        # the last batch was full (more calls are likely waiting), or stopping
+                        calls = popper.exchange(batch, n, partial(self._stored, batch))
+                except BrokerError as exc:
+                    with self._lock:
+                        self._poppers.discard(popper)
+                    popper.close()
+                    popper = None
+                    backoff = self._backoff(backoff, exc)
+                    continue
+                if n == 0:
+                    break
+                if backoff:
+                    self.logger.info("callee %s: redis is back", self.name)
+                    backoff = 0.0
+                full = bool(calls) and len(calls) >= n
+                if calls:
+                    popped_at = time.monotonic()
+                    for popped in calls:
+                        try:
+                            stored = self._run_one(popped, popped_at)
+                        except Exception:  # a bug here must not cost the pool a worker
+                            self.logger.exception("callee %s: error handling call %s", self.name, popped.payload.msg_uuid)
+                            continue
+                        if stored is not None:
+                            results.append(stored)
+                    slow = time.monotonic() - popped_at > 0.001 * len(calls)
+                    calls = []
+        finally:
+            if popper is not None:
+                with self._lock:
+                    self._poppers.discard(popper)
+                popper.close()
+
+    def _run_one(self, popped: Popped, popped_at: float) -> Optional[tuple[ResultPayload, float, str]]:
+        """Run one call taken at ``popped_at``; its result to store (payload, seconds left,
+        JSON), or ``None`` when there is none (expired, not ours: counted here)."""
+        call = popped.payload
+        if popped.expired:
+            self.logger.debug("skipping expired call %s to %s", call.msg_uuid, call.uri)
+            self.stats._add(expired=1)
+            return None
+        fn = self._functions.get(call.uri)
+        if fn is None:  # a payload whose uri is not its list's: not ours to run
+            self.logger.warning("callee %s: dropping call %s for unknown uri %r", self.name, call.msg_uuid, call.uri)
+            return None
+        self.stats._add(busy=1)
+        try:
+            result = fn(call.args)
+        except (Exception, SystemExit) as exc:  # sys.exit() in a function must not end the worker
+            self.logger.exception("callee %s: function for %s raised", self.name, call.uri)
+            result = error_result(str(exc) or type(exc).__name__)
+            self.stats._add(errors=1)
+        finally:
+            self.stats._add(busy=-1)
+        remaining = popped.remaining - (time.monotonic() - popped_at)
+        if remaining <= 0:
+            self.logger.debug("result of call %s to %s expired; dropped", call.msg_uuid, call.uri)
+            self.stats._add(expired=1, calls=1)
+            return None
+        payload = ResultPayload(call.conn_uuid, call.msg_uuid, call.uri, result)
+        try:
+            data = payload.to_json()
+        except (TypeError, ValueError, RecursionError) as exc:
+            self.logger.error("callee %s: result of %s is not JSON: %s", self.name, call.uri, exc)
+            self.stats._add(errors=1)
+            payload = ResultPayload(call.conn_uuid, call.msg_uuid, call.uri, error_result(f"result is not JSON-serializable: {exc}"))
+            data = payload.to_json()
+        return payload, remaining, data
+
+    def _stored(self, results: list[tuple[ResultPayload, float, str]], errors: list[Optional[BrokerError]]) -> None:
+        for (payload, _, _), exc in zip(results, errors):
+            if exc is not None:
+                self.logger.error("callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+        self.stats._add(calls=len(results))  # counted once its result is stored or dropped
+
+    def _work_polling(self, uris: list[str]) -> None:
         backoff = 0.0
         while not self._stop.is_set():
             try:

@@ -304,6 +304,8 @@ def cmd_callee(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     functions = callee_functions(args.targets, args.uri, args.demo)
     if not cfg["redis"]:
         raise _Usage("juggler callee needs --redis URL (or JUGGLER_REDIS_URL): the redis its server uses")
+    if cfg["processes"] > 1:
+        return _run_processes(cfg, args.argv)
     stop = StopSignal().install()
     rpc, _, brokers = _brokers(cfg)
     metrics = None
@@ -331,6 +333,61 @@ def cmd_callee(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         for b in brokers:
             b.close()
     return 0
+
+
+def _run_processes(cfg: dict[str, Any], argv: Sequence[str]) -> int:
+    """``juggler callee --processes N``: run N callees (this command line with
+    ``--processes 1``) as child processes, each in a session of its own so that a Ctrl-C
+    reaches them once, through us. SIGINT/SIGTERM are passed on to every child (the first
+    asks for a graceful stop, a second one for an immediate exit, as for one callee). If a
+    child fails before a stop was asked for, the others are stopped. Returns once all have
+    exited: 0 if every one exited with 0."""
+    import subprocess
+
+    n = cfg["processes"]
+    pids: dict[int, int] = {}  # pid -> index
+    stopping = []
+
+    def forward(signum: int, frame: Any = None) -> None:
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            stopping.append(signum)
+            log.info("got %s: passing it on to %d callee process(es)", signal.Signals(signum).name, len(pids))
+        for pid in list(pids):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    status = 0
+    try:
+        for i in range(n):
+            child = [sys.executable, "-m", "juggler", *argv, "--processes", "1"]
+            if cfg["metrics_port"]:
+                child += ["--metrics-port", str(cfg["metrics_port"] + i)]
+            pids[subprocess.Popen(child, start_new_session=True).pid] = i
+            if stopping:  # a signal came while we were starting them
+                forward(stopping[-1])
+        _print(f"callee: {n} processes (pids {', '.join(map(str, pids))})")
+        while pids:
+            pid, wait_status = os.wait()  # a signal runs forward() and the wait goes on
+            if pid not in pids:
+                continue
+            i = pids.pop(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if code != 0:
+                status = 1
+                if not stopping:
+                    log.error("callee process %d (pid %d) exited with %d: stopping the others", i, pid, code)
+                    forward(signal.SIGTERM)
+    finally:
+        for pid in pids:  # we are failing ourselves: leave no child behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return status
 
 
 def cmd_client(cfg: dict[str, Any], args: argparse.Namespace) -> int:
@@ -406,6 +463,7 @@ _RUN = {"demo": cmd_demo, "server": cmd_server, "callee": cmd_callee, "client": 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for juggler callee --processes
     flags = {name: getattr(args, name, None) for name in COMMANDS[args.command]}
     try:
         cfg, sources = load(args.command, flags, config_path=args.config)

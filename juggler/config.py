@@ -218,12 +218,13 @@ SETTINGS: dict[str, Setting] = {
         _s("call_cap", _int(0), 0, "most pending calls per URI (0: no cap; over it: NACK 500)", metavar="N"),
         _s("result_cap", _int(0), 0, "most pending results per connection (0: no cap)", metavar="N"),
         _s("workers", _int(1), 8, "callee worker threads", metavar="N"),
+        _s("processes", _int(1, 256), 1, "processes to run: callee, each with its own redis connections and "
+           "--workers threads (metrics: --metrics-port + i for process i); load, each driving its share "
+           "of the connections (one merged report)", metavar="N"),
         _s("grace", parse_duration, 10.0, "on SIGINT/SIGTERM, time running calls get to finish",
            metavar="DURATION"),
         # load tester
         _s("connections", _int(1), 10, "connections to open", metavar="N"),
-        _s("processes", _int(1), 1, "processes to spread the connections over, each driving its "
-           "share (one merged report)", metavar="N"),
         _s("rate", _float(0), 0.0, "calls per second per connection (0: auto, the next call "
            "leaves when the previous one ends)", metavar="PER_SECOND"),
         _s("duration", _positive_duration, 10.0, "how long to send calls", metavar="DURATION"),
@@ -243,7 +244,7 @@ COMMANDS: dict[str, list[str]] = {
         "max_call_timeout", "slow_threshold", "call_cap", "result_cap", "http_endpoints",
         "log_messages", "log_level",
     ],
-    "callee": ["redis", "workers", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
+    "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],
     "load": ["connections", "processes", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],
 }  # fmt: skip

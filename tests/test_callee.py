@@ -241,3 +241,121 @@ def test_unencodable_deep_result_and_foreign_uri_do_not_end_the_worker(broker, r
         p = send_call(broker, "ok", "alive")
         assert take_result(broker, p).payload.args == "alive"
     assert not redis_client.exists(results_key(stray.conn_uuid))
+
+
+# -- stop without polling, batched pops (issue: serve calls at Go speed) -------------------------
+
+
+def test_stop_wakes_workers_blocked_in_brpop_at_once(broker):
+    """Workers wait with a BRPOP that never times out; stop() unblocks them (CLIENT UNBLOCK)
+    well under the old 1 s poll, however long ``block`` is."""
+    import time
+
+    callee = Callee(broker, workers=4, block=30.0, name="juggler-callee-wake")
+    callee.register("x", lambda a: a)
+    callee.start()
+    p = send_call(broker, "x", "up")  # every worker is past its first BRPOP
+    assert take_result(broker, p).payload.args == "up"
+    time.sleep(0.2)  # and blocked again
+    started = time.monotonic()
+    assert callee.stop(timeout=T(5)) is True
+    assert time.monotonic() - started < 0.5
+    assert not any(t.name.startswith("juggler-callee-wake-") for t in threading.enumerate())
+
+
+def test_stop_right_after_start_is_prompt(broker):
+    """A stop that races with workers sending their first BRPOP still ends them promptly."""
+    import time
+
+    for _ in range(5):
+        callee = Callee(broker, workers=3, block=30.0)
+        callee.register("x", lambda a: a)
+        callee.start()
+        started = time.monotonic()
+        assert callee.stop(timeout=T(5)) is True
+        assert time.monotonic() - started < 0.5
+
+
+def test_batched_pops_run_every_call_exactly_once(broker, redis_client):
+    """Calls already waiting are taken in batches: each live one runs once and gets its
+    result, with its own remaining time; expired ones mixed in are counted, never run."""
+    from collections import Counter
+
+    ran: Counter = Counter()
+    lock = threading.Lock()
+
+    def record(args):
+        with lock:
+            ran[args] += 1
+        return args
+
+    live, dead = [], []
+    for i in range(300):
+        if i % 7 == 3:  # expired: in the list, without its timeout key
+            p = CallPayload(new_uuid(), new_uuid(), "rec", f"dead-{i}")
+            redis_client.lpush(calls_key("rec"), p.to_json())
+            dead.append(p)
+        else:
+            # a long timeout: each result's list expires with what its call had left
+            live.append(send_call(broker, "rec", f"live-{i}", timeout=T(300)))
+    callee = Callee(broker, workers=3, block=0.05, batch=16)
+    callee.register("rec", record)
+    with callee:
+        assert callee.stats.wait_for(lambda s: s.calls + s.expired >= len(live) + len(dead), T(20))
+        stats = callee.stats.snapshot()
+    assert stats == {"calls": len(live), "expired": len(dead), "errors": 0, "busy": 0}
+    assert ran == Counter(p.args for p in live)
+    for p in live:
+        popped = broker.pop_result(p.conn_uuid, 0.01)
+        assert popped is not None and popped.payload == ResultPayload(p.conn_uuid, p.msg_uuid, "rec", p.args)
+        assert 0 < popped.remaining <= T(300)
+        assert broker.pop_result(p.conn_uuid, 0.01) is None  # stored once
+    for p in dead:
+        assert not redis_client.exists(results_key(p.conn_uuid))
+    assert not redis_client.exists(calls_key("rec"))
+    assert not redis_client.keys("juggler:calls:timeout:*")  # every timeout key consumed
+
+
+def test_batched_results_keep_errors_and_caps(redis_client):
+    """In a batch, a failing function gets its error result, a result over the result cap
+    is refused (and logged) without losing the others."""
+    broker = RedisBroker(redis_client, result_cap=2)
+    conn = new_uuid()
+    calls = [CallPayload(conn, new_uuid(), "f", i) for i in range(4)]
+    for p in calls:
+        broker.store_call(p, T(30))
+
+    def f(i):
+        if i == 1:
+            raise ValueError("one is bad")
+        return i * 10
+
+    callee = Callee(broker, workers=1, block=0.05, batch=8)
+    callee.register("f", f)
+    with callee:
+        assert callee.stats.wait_for(lambda s: s.calls == 4, T(10))
+    got = [broker.pop_result(conn, 0.01) for _ in range(3)]
+    # results are pushed in call order; the list holds at most 2: the first two made it
+    assert [g.payload.args for g in got[:2]] == [0, {"error": {"message": "one is bad"}}]
+    assert got[2] is None
+    assert callee.stats.snapshot()["errors"] == 1
+
+
+def test_batched_pops_with_several_uris_and_a_stray_payload(broker, redis_client):
+    callee = Callee(broker, workers=1, block=0.05, batch=8)
+    callee.register("a", lambda x: f"a:{x}")
+    callee.register("b", lambda x: f"b:{x}")
+    stray = CallPayload(new_uuid(), new_uuid(), "elsewhere", 1)
+    redis_client.lpush(calls_key("a"), stray.to_json())
+    redis_client.lpush(calls_key("a"), b"not json")
+    ps = [send_call(broker, "a" if i % 2 else "b", i) for i in range(10)]
+    with callee:
+        for p in ps:
+            assert take_result(broker, p).payload.args == f"{p.uri}:{p.args}"
+    assert not redis_client.exists(results_key(stray.conn_uuid))
+    assert not redis_client.exists(calls_key("a")) and not redis_client.exists(calls_key("b"))
+
+
+def test_batch_must_be_positive(broker):
+    with pytest.raises(ValueError):
+        Callee(broker, batch=0)

@@ -582,3 +582,33 @@ def test_callee_metrics_port_and_load_metric_deltas(procs):
     assert calls and float(calls[0].split()[-1]) >= r["calls"]
     assert callee.stop() == 0
     assert server.stop() == 0
+
+
+def test_callee_processes_serve_together_and_stop_on_sigterm(procs, redis_server):
+    """--processes 2: two callee processes serve the same URIs; SIGTERM to the parent stops
+    both gracefully (a running call finishes) and the parent exits 0 once they have."""
+    from juggler import RedisBroker
+    from juggler.message import CallPayload, new_uuid
+
+    callee = procs("callee", "--redis", redis_server.url, "--demo", "--workers", "2", env=env(JUGGLER_PROCESSES="2"))
+    pids = [int(x) for x in callee.expect(r"callee: 2 processes \(pids (\d+), (\d+)\)").groups()]
+    for _ in range(2):
+        callee.expect(r"callee: serving test\.echo, test\.reverse, test\.delay")
+    broker = RedisBroker.from_url(redis_server.url)
+    try:
+        conn = new_uuid()
+        calls = [CallPayload(conn, new_uuid(), "test.echo", i) for i in range(20)]
+        for p in calls:
+            broker.store_call(p, T(10))
+        got = [broker.pop_result(conn, T(10)) for _ in calls]
+        assert sorted(p.payload.args for p in got if p is not None) == list(range(20))
+        # a slow call is running in one of the processes: a graceful stop lets it finish
+        broker.store_call(CallPayload(conn, new_uuid(), "test.delay", 500), T(10))
+        time.sleep(0.2)
+        assert callee.stop(signal.SIGTERM) == 0
+        popped = broker.pop_result(conn, T(2))
+        assert popped is not None and popped.payload.args == 500
+    finally:
+        broker.close()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

@@ -238,3 +238,31 @@ def test_many_websockets_each_with_its_listeners(redis_cluster):
         for c in clients:
             c.close()
         broker.close()
+
+
+def test_callee_on_a_cluster_batches_and_stops_at_once(cluster_broker):
+    """On a cluster each worker blocks on the primary of its URIs' slot; batched calls are
+    served once each, results reach the nodes of their connections, and stop() unblocks the
+    workers at once."""
+    import time
+
+    uris = uris_on_each_primary(cluster_broker.client, "batched")
+    callee = Callee(cluster_broker, workers=3, block=30.0, batch=8)
+    for uri in uris:
+        callee.register(uri, lambda args, uri=uri: [uri, args])
+    calls = [CallPayload(new_uuid(), new_uuid(), uris[i % len(uris)], i) for i in range(60)]
+    for p in calls:
+        cluster_broker.store_call(p, T(30))
+    callee.start()
+    try:
+        assert callee.stats.wait_for(lambda s: s.calls == len(calls), T(20))
+        for p in calls:
+            popped = cluster_broker.pop_result(p.conn_uuid, T(5))
+            assert popped is not None and popped.payload.args == [p.uri, p.args]
+        time.sleep(0.2)  # every worker blocked again
+        started = time.monotonic()
+        assert callee.stop(timeout=T(5)) is True
+        assert time.monotonic() - started < 0.5
+    finally:
+        callee.stop()
+    assert callee.stats.snapshot()["calls"] == len(calls)
