@@ -54,7 +54,8 @@ from .message import (
     encode,
     result_error_message,
 )
-from .wsframes import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, SocketIO, SocketReader, Stopped, encode_close, encode_frame, valid_close_code
+from .frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, valid_close_code
+from .transport import FrameReader, SocketIO, SocketReader, Stopped
 
 __all__ = ["Client", "Subscription"]
 

@@ -36,21 +36,9 @@ from .exceptions import BrokerError, ProtocolError
 from .message import CLIENT_TYPES, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Timer, TimerHandle
-from .wsframes import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FrameReader,
-    HandshakeRequest,
-    SocketIO,
-    SocketReader,
-    Stopped,
-    encode_close,
-    encode_frame,
-    parse_close,
-)
+from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
+from .handshake import HandshakeRequest
+from .transport import FrameReader, SocketIO, SocketReader, Stopped
 
 __all__ = ["Conn", "ConnSettings", "ConnServices", "WriteQueue"]
 
@@ -202,7 +190,7 @@ class Conn:
     """A juggler connection on a :class:`~juggler.server.Server`.
 
     Attributes a handler may read: ``uuid`` (also the key of its results list),
-    ``remote_addr``, ``request`` (the handshake's :class:`~juggler.wsframes.HandshakeRequest`,
+    ``remote_addr``, ``request`` (the handshake's :class:`~juggler.handshake.HandshakeRequest`,
     headers lower-cased), ``allowed`` (the message types it may send), ``broker`` and
     ``pubsub_broker`` (the server's), ``settings`` (a :class:`ConnSettings`) and ``state``, a
     dict the application may use freely. After close, ``close_code`` and ``close_reason`` say

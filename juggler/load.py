@@ -33,7 +33,8 @@ import websocket
 from .client import SUBPROTOCOL, Client
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
 from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
-from .wsframes import OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, OP_PONG, SocketIO, encode_close, encode_frame
+from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from .transport import SocketIO
 
 __all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile"]
 

@@ -1,8 +1,9 @@
 """The juggler server: websocket connections in, redis out.
 
 Built on ``websocket-server``'s TCP server and request handler, extended where juggler needs
-more than it has (see :mod:`juggler.wsframes`): the handshake checks the path and negotiates
-the ``juggler.0`` subprotocol, frames are read with fragmentation and a read limit, written with
+more than it has (see :mod:`juggler.transport`, :mod:`juggler.frames` and
+:mod:`juggler.handshake`): the handshake checks the path and negotiates the ``juggler.0``
+subprotocol, frames are read with fragmentation and a read limit, written with
 ``sendall``, and connections are closed with proper close codes.
 """
 
@@ -31,7 +32,8 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import Handler, process_msg
 from .pubsub import PubSubHub
 from .timer import Timer
-from .wsframes import HandshakeRequest, SocketIO, SocketReader, Stopped, accept_key, http_response, valid_key
+from .handshake import HandshakeRequest, accept_key, http_response, valid_key
+from .transport import SocketIO, SocketReader, Stopped
 
 
 def _import_websocket_server() -> Any:

@@ -9,7 +9,9 @@ import threading
 import pytest
 
 from juggler import Client, ConnectionClosed
-from juggler.wsframes import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, SocketReader, accept_key, encode_close, encode_frame
+from juggler.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from juggler.handshake import accept_key
+from juggler.transport import FrameReader, SocketReader
 
 from .conftest import T
 

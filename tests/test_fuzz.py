@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from juggler import ConnState
-from juggler.wsframes import FRAGMENT_COST
+from juggler.frames import FRAGMENT_COST
 
 from .conftest import T
 

@@ -1,4 +1,4 @@
-"""Unit tests of juggler.wsframes: server-side RFC 6455 framing.
+"""Unit tests of juggler.frames, juggler.transport and juggler.handshake: RFC 6455 framing.
 
 Frame reading runs over a real ``socket.socketpair()``: the tests write masked client frames
 (built here, independently of the module) into one end and read them with
@@ -21,26 +21,9 @@ import time
 import pytest
 
 from juggler.exceptions import ProtocolError
-from juggler.wsframes import (
-    FRAGMENT_COST,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FrameReader,
-    HandshakeRequest,
-    SocketIO,
-    SocketReader,
-    Stopped,
-    accept_key,
-    encode_close,
-    encode_frame,
-    http_response,
-    parse_close,
-    unmask,
-)
+from juggler.frames import FRAGMENT_COST, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close, unmask
+from juggler.handshake import HandshakeRequest, accept_key, http_response
+from juggler.transport import FrameReader, SocketIO, SocketReader, Stopped
 
 READ_BOUND = 10.0  # seconds any single test may spend blocked in a read
 MASK = b"\x37\xfa\x21\x3d"

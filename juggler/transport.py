@@ -1,20 +1,18 @@
-"""Websocket framing (RFC 6455) and socket I/O for the server, and the client's frames.
+"""Socket I/O for websockets, shared by the server and the client.
 
 ``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
 has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
-the pieces our :class:`~juggler.server.Server` uses instead: a buffered reader that blocks with
-no timeout and is stopped by shutting its socket down (so nothing polls, and no read timeout
-can corrupt a half-read frame);
-reassembly of fragmented messages under a size limit; a word-wide unmask; and frame encoding.
-:class:`SocketIO` keeps a TLS connection's reads and writes apart. The
-:class:`~juggler.client.Client` reads and writes its frames with the same pieces, after
-``websocket-client`` has made the connection and the handshake.
+the pieces our :class:`~juggler.server.Server` uses instead: :class:`SocketIO`, which keeps a
+TLS connection's reads and writes apart and bounds writes; :class:`SocketReader`, a buffered
+reader that blocks with no timeout and is stopped by shutting its socket down (so nothing
+polls, and no read timeout can corrupt a half-read frame); and :class:`FrameReader`, which
+reassembles fragmented messages under a size limit. The :class:`~juggler.client.Client` reads
+and writes its frames with the same pieces, after ``websocket-client`` has made the connection
+and the handshake. The frames themselves are :mod:`juggler.frames`.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import select
 import socket
 import ssl
@@ -22,45 +20,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+
 from .exceptions import ProtocolError
+from .frames import CONTROL_OPS, DATA_OPS, FRAGMENT_COST, OP_CONT, unmask
 
-__all__ = [
-    "OP_CONT",
-    "OP_TEXT",
-    "OP_BINARY",
-    "OP_CLOSE",
-    "OP_PING",
-    "OP_PONG",
-    "Stopped",
-    "SocketIO",
-    "SocketReader",
-    "FRAGMENT_COST",
-    "FrameReader",
-    "HandshakeRequest",
-    "unmask",
-    "encode_frame",
-    "encode_close",
-    "parse_close",
-    "valid_close_code",
-    "valid_key",
-    "accept_key",
-    "http_response",
-]
-
-OP_CONT = 0x0
-OP_TEXT = 0x1
-OP_BINARY = 0x2
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
-_DATA_OPS = (OP_TEXT, OP_BINARY)
-_CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
-
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-#: What each continuation frame counts against the read limit, besides its payload (a message
-#: in one frame gets its full limit).
-FRAGMENT_COST = 64
+__all__ = ["Stopped", "SocketIO", "SocketReader", "FrameReader"]
 
 
 class Stopped(Exception):
@@ -261,15 +225,6 @@ class SocketReader:
             self._fill()
 
 
-def unmask(data: bytes, mask: bytes) -> bytes:
-    """XOR ``data`` with the 4-byte ``mask``, a machine word at a time (via Python ints)."""
-    n = len(data)
-    if n == 0:
-        return b""
-    key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
-    return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
-
-
 @dataclass
 class FrameReader:
     """Reads frames (a client's, or with ``masked=False`` a server's) and reassembles
@@ -292,7 +247,7 @@ class FrameReader:
     def read(self) -> tuple[int, bytes]:
         while True:
             fin, opcode, payload = self._read_frame()
-            if opcode in _CONTROL_OPS:
+            if opcode in CONTROL_OPS:
                 return opcode, payload
             if opcode == OP_CONT:
                 if self._op is None:
@@ -316,12 +271,12 @@ class FrameReader:
         opcode = b1 & 0x0F
         if b1 & 0x70:
             raise ProtocolError("reserved bits set without a negotiated extension")
-        if opcode not in _DATA_OPS and opcode not in _CONTROL_OPS and opcode != OP_CONT:
+        if opcode not in DATA_OPS and opcode not in CONTROL_OPS and opcode != OP_CONT:
             raise ProtocolError(f"unknown opcode {opcode:#x}")
         if bool(b2 & 0x80) != self.masked:
             raise ProtocolError("client frames must be masked" if self.masked else "server frames must not be masked")
         length = b2 & 0x7F
-        if opcode in _CONTROL_OPS:
+        if opcode in CONTROL_OPS:
             if not fin or length > 125:
                 raise ProtocolError("control frames must be final and at most 125 bytes")
         elif length == 126:
@@ -331,120 +286,9 @@ class FrameReader:
             if length >> 63:
                 raise ProtocolError("frame length has its high bit set")
         cost = length + (FRAGMENT_COST if opcode == OP_CONT else 0)
-        if opcode not in _CONTROL_OPS and self._size + cost > self.limit:
+        if opcode not in CONTROL_OPS and self._size + cost > self.limit:
             raise ProtocolError(f"message larger than the read limit of {self.limit} bytes", 1009)
         if not self.masked:
             return fin, opcode, self.reader.read_exact(length)
         mask = self.reader.read_exact(4)
         return fin, opcode, unmask(self.reader.read_exact(length), mask)
-
-
-def encode_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
-    """One final frame: unmasked (from a server), or masked with the 4-byte ``mask`` (from a
-    client)."""
-    n = len(payload)
-    b1 = 0x80 | opcode
-    bit = 0x80 if mask is not None else 0
-    if n < 126:
-        header = struct.pack(">BB", b1, bit | n)
-    elif n < 65536:
-        header = struct.pack(">BBH", b1, bit | 126, n)
-    else:
-        header = struct.pack(">BBQ", b1, bit | 127, n)
-    if mask is None:
-        return header + payload
-    return header + mask + unmask(payload, mask)
-
-
-def encode_close(code: int, reason: str = "", mask: bytes | None = None) -> bytes:
-    """A close frame; ``reason`` is cut to fit the 125-byte control frame limit."""
-    raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-    return encode_frame(OP_CLOSE, struct.pack(">H", code) + raw, mask)
-
-
-_RESERVED_CLOSE_CODES = {1004, 1005, 1006, 1015}
-
-
-def valid_close_code(code: int) -> bool:
-    """Whether ``code`` may be sent in a close frame (RFC 6455, 7.4)."""
-    return 1000 <= code < 5000 and code not in _RESERVED_CLOSE_CODES and not 1016 <= code < 3000
-
-
-def parse_close(payload: bytes) -> tuple[int, str]:
-    """The code and reason of a close frame (1005 when it has none)."""
-    if not payload:
-        return 1005, ""
-    if len(payload) == 1:
-        raise ProtocolError("close frame payload of one byte")
-    (code,) = struct.unpack(">H", payload[:2])
-    if not valid_close_code(code):
-        raise ProtocolError(f"invalid close code {code}")
-    try:
-        reason = payload[2:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("close reason is not valid UTF-8", 1007) from None
-    return code, reason
-
-
-def valid_key(key: str) -> bool:
-    """Whether ``key`` is a ``Sec-WebSocket-Key``: base64 of 16 bytes."""
-    try:
-        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
-    except (ValueError, UnicodeEncodeError):
-        return False
-
-
-def accept_key(key: str) -> str:
-    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
-
-
-@dataclass
-class HandshakeRequest:
-    """The HTTP request head of a handshake. Header names are lower-cased; repeated headers
-    are joined with ``", "`` as RFC 9110 allows."""
-
-    method: str
-    path: str
-    version: str
-    headers: dict[str, str]
-
-    @classmethod
-    def parse(cls, head: bytes) -> "HandshakeRequest":
-        try:
-            text = head.decode("latin-1")
-            lines = text.split("\r\n")
-            method, target, version = lines[0].split(" ")
-        except ValueError:
-            raise ProtocolError("malformed HTTP request line") from None
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep or not name.strip():
-                raise ProtocolError("malformed HTTP header line")
-            key = name.strip().lower()
-            value = value.strip()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        return cls(method, target, version, headers)
-
-    def tokens(self, name: str) -> list[str]:
-        """The comma-separated, trimmed, non-empty values of header ``name``."""
-        return [t.strip() for t in self.headers.get(name, "").split(",") if t.strip()]
-
-
-def http_response(status: int, reason: str, headers: dict[str, str] | None = None, body: str = "") -> bytes:
-    """An HTTP/1.1 response with a plain-text body."""
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    hdrs = dict(headers or {})
-    if status != 101:
-        data = body.encode("utf-8")
-        hdrs.setdefault("Content-Type", "text/plain; charset=utf-8")
-        hdrs["Content-Length"] = str(len(data))
-        hdrs.setdefault("Connection", "close")
-    else:
-        data = b""
-    lines += [f"{k}: {v}" for k, v in hdrs.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
-
