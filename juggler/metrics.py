@@ -8,6 +8,7 @@ port; ``juggler callee --metrics-port`` serves a callee's.
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -147,15 +148,30 @@ class CalleeMetrics:
 
         self._server = ThreadingHTTPServer((host, port), _Handler)
         self._server.daemon_threads = True  # scrapes are short; close() stops the listener
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="juggler-callee-metrics")  # fmt: skip
+        self._thread = threading.Thread(target=_accept, args=(self._server,), name="juggler-callee-metrics")
         self._thread.start()
         return self._server.server_address[1]
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            try:
+                self._server.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            except OSError:
+                pass
             assert self._thread is not None
             self._thread.join()
+            self._server.server_close()
             self._server = None
+
+
+def _accept(server: Any) -> None:
+    """socketserver's loop without its poll: block in accept() until the socket is shut down."""
+    while True:
+        try:
+            request, address = server.get_request()
+        except OSError:
+            return
+        if server.verify_request(request, address):
+            server.process_request(request, address)
+        else:
+            server.shutdown_request(request)
