@@ -23,8 +23,9 @@ core over the burst: near 100 means the load side, not the server, is the limit)
 above are then the others'; afterwards the stalled sockets are read for up to ``--stall-read``
 seconds and the report says how many were disconnected by the server (close 1008, "write queue
 full") and how many events they held. A server disconnects a client only once its write queue
-(``--write-queue-size``, default 256 messages) and the socket buffers are full: with a few
-events, a stalled subscriber is simply not disconnected.
+(``--write-queue-size``, default 256 messages) and the socket buffers are full: on loopback the
+kernel buffers about a megabyte per connection (5000 events of ~200 bytes still fit), so with a
+few events a stalled subscriber is simply not disconnected, and that is reported as such.
 
 ``--against REV`` also measures a git revision: a temporary ``git worktree add --detach``
 (removed at the end) whose server runs with ``PYTHONPATH`` set to it, interleaved with the
