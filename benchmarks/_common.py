@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts (idle.py, calls.py): free ports, a private
+"""Shared helpers of the benchmark scripts (idle.py, calls.py, fanout.py): free ports, a private
 redis-server, juggler processes, /proc readers, temporary git worktrees, and a raw websocket
 client (handshake request and response, frame encoding and decoding).
 
@@ -320,6 +320,33 @@ def check_handshake_response(head: bytes, accept: str) -> Optional[str]:
     if headers.get("sec-websocket-protocol") != SUBPROTOCOL:
         return f"101 without subprotocol {SUBPROTOCOL}"
     return None
+
+
+def ws_connect(port: int, path: str, timeout: float, host: str = "127.0.0.1") -> tuple[socket.socket, "FrameParser"]:
+    """A blocking juggler.0 handshake (every step bounded by ``timeout``): the socket, left
+    non-blocking with TCP_NODELAY, and a parser holding any bytes that came after the 101."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        req, accept = handshake_request(host, port, path)
+        sock.sendall(req)
+        head = bytearray()
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionError("closed before the 101")
+            head += data
+        end = head.find(b"\r\n\r\n")
+        problem = check_handshake_response(bytes(head[:end]), accept)
+        if problem:
+            raise ConnectionError(problem)
+        parser = FrameParser()
+        parser.buf += head[end + 4 :]
+        sock.setblocking(False)
+        return sock, parser
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _xor(data: bytes, mask: bytes) -> bytes:

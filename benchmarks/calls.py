@@ -74,28 +74,7 @@ class _Conn:
 
 
 def _connect(port: int, path: str, timeout: float) -> _Conn:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        req, accept = c.handshake_request("127.0.0.1", port, path)
-        sock.sendall(req)
-        head = bytearray()
-        while b"\r\n\r\n" not in head:
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionError("closed before the 101")
-            head += data
-        end = head.find(b"\r\n\r\n")
-        problem = c.check_handshake_response(bytes(head[:end]), accept)
-        if problem:
-            raise ConnectionError(problem)
-        parser = c.FrameParser()
-        parser.buf += head[end + 4 :]
-        sock.setblocking(False)
-        return _Conn(sock, parser)
-    except BaseException:
-        sock.close()
-        raise
+    return _Conn(*c.ws_connect(port, path, timeout))
 
 
 def driver(n: int, port: int, path: str, uri: str, args_json: str, call_timeout: float, pipe: Any) -> None:
