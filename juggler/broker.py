@@ -23,6 +23,7 @@ pub-sub runs on plain connections to one node each (``PUBLISH`` reaches every no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import itertools
@@ -43,7 +44,7 @@ from redis.retry import Retry
 
 from . import resp
 from .exceptions import BrokerError, CapacityExceeded
-from .message import CallPayload, EventPayload, ResultPayload
+from .message import CallPayload, EventPayload, Evnt, ResultPayload, encode_payload
 
 __all__ = [
     "Broker",
@@ -203,6 +204,12 @@ class PubSubEvent:
     channel: str
     pattern: str
     payload: EventPayload
+
+    @functools.cached_property
+    def evnt_payload(self) -> str:
+        """The JSON of the EVNT payload every subscriber of this event gets: made once (see
+        :meth:`~juggler.message.Evnt.sharing`)."""
+        return encode_payload(Evnt(self.payload.msg_uuid, self.channel, self.payload.args, self.pattern, uuid=""))
 
 
 class PubSubConn(Protocol):

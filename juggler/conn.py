@@ -24,12 +24,13 @@ shutdown) calls :meth:`Conn.close`; the reader notices and tears everything down
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .broker import Broker, PubSubEvent, results_key
 from .exceptions import BrokerError, ProtocolError
@@ -59,6 +60,7 @@ CLOSE_INTERNAL_ERROR = 1011
 CONN_THREAD_DAEMON = True
 
 _CLOSE = object()  # writer queue marker: send the close frame and stop
+_local = threading.local()  # .nonblocking: this thread's writes must not wait (the hub's)
 _WRITE_BATCH = 64  # messages the writer takes off its queue for one socket write, at most
 
 
@@ -175,15 +177,31 @@ class WriteQueue:
             if self._items:
                 self._not_empty.notify()
 
+    def put_first(self, item: Any, last: bool = False) -> bool:
+        """Queue ``item`` whatever the bound: first in line (the unwritten rest of a frame,
+        by the thread that claimed the socket), or with ``last`` at the end (a
+        :class:`_Slot`). ``False`` if the queue is closed."""
+        with self._not_empty:
+            if self._closed:
+                return False
+            if last:
+                self._items.append(item)
+            else:
+                self._items.appendleft(item)
+            self._not_empty.notify()
+            return True
 
-class _Event:
-    """A pub-sub event queued for a connection's writer."""
 
-    __slots__ = ("key", "event")
+class _Slot:
+    """A place in the write queue kept by a thread inside :meth:`Conn.ordered`: the writer
+    waits there until the thread is done, then writes what it wrote meanwhile."""
 
-    def __init__(self, key: SubKey, event: PubSubEvent) -> None:
-        self.key = key
-        self.event = event
+    __slots__ = ("owner", "msgs", "done")
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self.msgs: list[Message] = []
+        self.done = threading.Event()
 
 
 class Conn:
@@ -239,6 +257,8 @@ class Conn:
         self._peer_gone = False
         self._writer: Optional[threading.Thread] = None
         self._writer_ident: Optional[int] = None
+        self._holder: Optional[int] = None  # the thread inside ordered(), holding the socket
+        self._slot: Optional[_Slot] = None  # or keeping a place in the queue
         self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
         self._out_msgs: list[Message] = []  # the messages among them, counted once written
         self._keepalive: Optional[TimerHandle] = None
@@ -279,30 +299,72 @@ class Conn:
             self.close(CLOSE_INTERNAL_ERROR, "internal server error")
 
     def write(self, msg: Message) -> bool:
-        """Queue ``msg`` for the writer thread, bypassing the handler; ``False`` if the
-        connection is closing.
+        """Write ``msg`` to the client, bypassing the handler; ``False`` if the connection is
+        closing.
 
-        When the queue stays full for the server's ``write_timeout`` (a client that does not
-        read), the connection is closed with 1008 and the message dropped.
+        It is written by the calling thread when nothing waits and nobody writes (sparing the
+        writer thread a wake-up), else queued for the writer. When the queue stays full for
+        the server's ``write_timeout`` (a client that does not read), the connection is closed
+        with 1008 and the message dropped. On the server's pub-sub thread nothing waits: the
+        write is non-blocking, and a full queue closes the connection at once.
         """
         if self.closed:
             return False
-        if threading.get_ident() == self._writer_ident:  # a handler running for an event
+        me = threading.get_ident()
+        if me == self._writer_ident:  # a handler running on the writer
             self._encode_into_batch(msg)
             return True
+        if me == self._holder:  # inside ordered(): this thread holds the socket
+            self._write_now(msg)
+            return True
+        slot = self._slot
+        if slot is not None and slot.owner == me:  # inside ordered(): its place in the queue
+            slot.msgs.append(msg)
+            return True
+        nonblocking = getattr(_local, "nonblocking", False)
         if self._queue.claim():
-            # Nothing waits and nobody writes: write it from this thread, sparing the writer
-            # a wake-up (a RES or an ACK on a connection that keeps up).
             try:
-                self._write_now(msg)
+                if nonblocking:
+                    self._write_nowait(msg)
+                else:
+                    self._write_now(msg)
             finally:
                 self._queue.release()
             return True
-        if self._queue.put(msg, self.settings.write_timeout):
+        if self._queue.put(msg, 0 if nonblocking else self.settings.write_timeout):
             return True
         if not self.closed:
-            self.close(CLOSE_POLICY, "client too slow: write queue full")
+            self._fail(CLOSE_POLICY, "client too slow: write queue full")
         return False
+
+    @contextlib.contextmanager
+    def ordered(self) -> Iterator[None]:
+        """Within this block, what the calling thread writes keeps its place ahead of what
+        other threads write meanwhile: ``process_msg`` publishes a PUB inside it, so the PUB's
+        ACK precedes the EVNT it causes on the same connection. The thread holds the socket
+        for the block (others queue behind it), or, when it is busy, a place in the queue."""
+        me = threading.get_ident()
+        if me in (self._holder, self._writer_ident) or (self._slot is not None and self._slot.owner == me):
+            yield  # nested, or on the writer (which writes in order anyway)
+            return
+        if self._queue.claim():
+            self._holder = me
+            try:
+                yield
+            finally:
+                self._holder = None
+                self._queue.release()
+            return
+        slot = _Slot(me)
+        if not self._queue.put_first(slot, last=True):  # closed: nothing will be written
+            yield
+            return
+        self._slot = slot
+        try:
+            yield
+        finally:
+            self._slot = None
+            slot.done.set()
 
     # -- pub-sub (the server's hub calls these) --
 
@@ -320,12 +382,18 @@ class Conn:
         return self._svc.hub.subscriptions(self)
 
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
-        """Queue an event for the writer, without blocking: a connection whose queue is full
-        is closed (1008) rather than delaying the other subscribers."""
+        """Send an event (on the server's pub-sub thread), through the handler, without
+        blocking: written at once when the socket takes it, else queued for the writer; a
+        connection whose queue is full is closed (1008) rather than delaying the others."""
         if self.closed:
             return
-        if not self._queue.put(_Event(key, event)):
-            self._fail(CLOSE_POLICY, "client too slow: write queue full")
+        p = event.payload
+        evnt = Evnt(for_uuid=p.msg_uuid, channel=event.channel, pattern=event.pattern, args=p.args)
+        _local.nonblocking = True
+        try:
+            self.handle(evnt.sharing(event.evnt_payload))
+        finally:
+            _local.nonblocking = False
 
     def pubsub_failed(self, exc: BrokerError) -> None:
         """The server's redis pub-sub connection failed (the hub logged it): close with 1011."""
@@ -510,7 +578,15 @@ class Conn:
         self.close(CLOSE_NORMAL if code == 1005 else code, reason)
 
     def _queue_frame(self, frame: bytes) -> None:
-        self._queue.put(frame)  # a ping or pong is not worth waiting for room
+        """A ping or a pong: written at once if the socket is free and takes it, else queued
+        (not worth waiting for room)."""
+        if self._queue.claim():
+            try:
+                self._send_nowait(frame)
+            finally:
+                self._queue.release()
+        else:
+            self._queue.put(frame)
 
     # -- keepalive (on the server's timer thread) --
 
@@ -566,6 +642,31 @@ class Conn:
         if self._send(encode_frame(OP_TEXT, data)):
             self._count_written([msg])
 
+    def _write_nowait(self, msg: Message) -> None:
+        try:
+            data = self._svc.encode(self, msg)
+        except (TypeError, ValueError) as exc:
+            self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
+            return
+        if data is not None and self._send_nowait(encode_frame(OP_TEXT, data)):
+            self._count_written([msg])
+
+    def _send_nowait(self, frame: bytes) -> bool:
+        """Write what the socket takes now of ``frame`` (with the socket claimed); the rest
+        goes first in the queue, for the writer. ``False`` if the connection failed."""
+        try:
+            n = self._io.send_nowait(frame)
+        except OSError as exc:
+            if not self.closed:
+                self.logger.info("connection %s: write failed: %s", self.uuid, exc)
+                self._peer_gone = True
+                self.close(CLOSE_ABNORMAL, "write failed")
+            self._io.shutdown()
+            return False
+        if n < len(frame):
+            self._queue.put_first(frame[n:])
+        return True
+
     def _send(self, data: bytes) -> bool:
         """Write ``data``; on failure close the connection (1006) and shut the socket down."""
         try:
@@ -590,10 +691,10 @@ class Conn:
                     break
                 if isinstance(item, bytes):
                     out.append(item)
-                elif isinstance(item, _Event):
-                    ev = item.event
-                    p = ev.payload
-                    self.handle(Evnt(for_uuid=p.msg_uuid, channel=ev.channel, pattern=ev.pattern, args=p.args))
+                elif isinstance(item, _Slot):
+                    item.done.wait()  # the sender is inside ordered(): its messages go here
+                    for msg in item.msgs:
+                        self._encode_into_batch(msg)
                 else:
                     self._encode_into_batch(item)
             if closing and not self._peer_gone:

@@ -37,6 +37,7 @@ __all__ = [
     "Message",
     "Request",
     "encode",
+    "encode_payload",
     "decode",
     "new_uuid",
     "effective_timeout",
@@ -272,6 +273,12 @@ class Evnt:
     uuid: str = field(default_factory=new_uuid)
     type = MessageType.EVNT
 
+    def sharing(self, payload_json: str) -> "Evnt":
+        """This EVNT, encoded with ``payload_json`` (its payload's JSON, made once for every
+        subscriber of one event: only ``meta.uuid`` differs between their messages)."""
+        object.__setattr__(self, "_payload_json", payload_json)
+        return self
+
 
 Message = Union[Call, Pub, Sub, Unsb, Ack, Nack, Res, Evnt]
 
@@ -332,7 +339,15 @@ def encode(msg: Message) -> str:
 
     Raises :class:`ValueError` (or :class:`TypeError`) when ``args`` is not JSON-serializable.
     """
+    shared = msg.__dict__.get("_payload_json") if msg.type is MessageType.EVNT else None
+    if shared is not None:  # see Evnt.sharing: the same text _dumps makes, payload made once
+        return f'{{"meta":{{"type":{int(msg.type)},"uuid":{_dumps(msg.uuid)}}},"payload":{shared}}}'
     return _dumps({"meta": {"type": int(msg.type), "uuid": msg.uuid}, "payload": _payload(msg)})
+
+
+def encode_payload(msg: Message) -> str:
+    """The JSON text of ``msg``'s payload alone."""
+    return _dumps(_payload(msg))
 
 
 # --- decoding -------------------------------------------------------------------------------

@@ -139,7 +139,12 @@ def process_msg(conn: "Conn", msg: Message) -> None:
         return
     try:
         if isinstance(msg, Pub):
-            conn.pubsub_broker.publish(msg.channel, EventPayload(msg.uuid, msg.args))
+            # its ACK keeps its place ahead of the EVNT the PUB causes, if this connection is
+            # subscribed to the channel too
+            with conn.ordered():
+                conn.pubsub_broker.publish(msg.channel, EventPayload(msg.uuid, msg.args))
+                conn.send(Ack.to(msg))
+            return
         elif isinstance(msg, Sub):
             conn.subscribe(msg.channel, msg.pattern)
         elif isinstance(msg, Unsb):

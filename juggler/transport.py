@@ -130,6 +130,17 @@ class SocketIO:
                     registered = True
                 poller.poll(max(1, int(wait * 1000)))
 
+    def send_nowait(self, data: bytes) -> int:
+        """Write what the socket takes of ``data`` without waiting; how many bytes. (0 on a
+        TLS socket: its writes take the careful path of :meth:`sendall`.)"""
+        if self.tls:
+            return 0
+        with self._write_lock:
+            try:
+                return self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return 0
+
     def shutdown(self) -> None:
         """Shut both directions down, waking a blocked reader or writer; never raises."""
         with self._tls_lock:  # SSLSocket.shutdown drops the SSL object a call may be using

@@ -1,0 +1,153 @@
+"""Pub-sub fan-out through the server's one pub-sub reader (juggler.pubsub, issue 13): events
+reach every subscriber exactly once and in order under SUB/UNSB churn, plain and pattern
+subscriptions of one connection each get their EVNT, and an EVNT's payload is encoded once
+for all of its subscribers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from juggler import Client, RedisBroker, Server
+from juggler.broker import PubSubEvent
+from juggler.message import EventPayload, Evnt, encode
+
+from .conftest import T
+
+
+@pytest.mark.parametrize("args", ["x", {"a": [1, 2.5, None, "é\u2028"]}, None, [{"deep": {"er": True}}]])
+@pytest.mark.parametrize("pattern", ["", "news.*"])
+def test_a_shared_payload_encodes_as_the_message_does(args, pattern):
+    event = PubSubEvent("news.a", pattern, EventPayload("11111111-2222-3333-4444-555555555555", args))
+    alone = Evnt(for_uuid=event.payload.msg_uuid, channel="news.a", pattern=pattern, args=args)
+    shared = Evnt(for_uuid=event.payload.msg_uuid, channel="news.a", pattern=pattern, args=args, uuid=alone.uuid)
+    assert encode(shared.sharing(event.evnt_payload)) == encode(alone)
+    assert event.evnt_payload is event.evnt_payload  # made once per event
+
+
+def test_plain_and_pattern_subscriptions_of_one_connection_each_get_the_event(stack):
+    c = stack.client()
+    plain = c.sub("room.1")
+    pattern = c.sub("room.*", pattern=True)
+    stack.client().pub("room.1", "hi")
+    got = {(e.channel, e.pattern, e.args) for e in (plain.get(T(5)), pattern.get(T(5)))}
+    assert got == {("room.1", "", "hi"), ("room.1", "room.*", "hi")}
+    assert stack.server.hub.subscriptions() == {(False, "room.1"), (True, "room.*")}
+
+
+def test_events_reach_every_subscriber_once_and_in_order_under_churn(stack):
+    n_events = 150
+    stable = [stack.client() for _ in range(4)]
+    subs = [c.sub("churn") for c in stable[:2]] + [c.sub("ch*", pattern=True) for c in stable[2:]]
+    churners = [stack.client() for _ in range(3)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn(c) -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                pattern = i % 2 == 1
+                name = "ch*" if pattern else "churn"
+                c.sub(name, pattern=pattern)
+                c.unsb(name, pattern=pattern)
+                i += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(c,), name=f"juggler-test-churn-{i}") for i, c in enumerate(churners)]
+    for t in threads:
+        t.start()
+    try:
+        publisher = stack.client()
+        for i in range(n_events):
+            publisher.pub("churn", i)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(T(30))
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    for sub in subs:
+        assert [sub.get(T(10)).args for _ in range(n_events)] == list(range(n_events))
+    # the churners hold nothing any more: only the stable subscriptions are left in redis
+    assert stack.server.hub.subscriptions() == {(False, "churn"), (True, "ch*")}
+    for c in stable:
+        c.close()
+    for c in churners:
+        c.close()
+    server = stack.server
+    assert _eventually(lambda: server.hub.subscriptions() == set())
+
+
+def test_a_connection_that_unsubscribes_gets_nothing_more(stack):
+    c = stack.client()
+    gone = c.sub("gone")
+    marker = c.sub("marker")
+    publisher = stack.client()
+    c.unsb("gone")
+    publisher.pub("gone", 1)
+    publisher.pub("marker", 2)  # published after: its EVNT comes after any EVNT of "gone"
+    assert marker.get(T(5)).args == 2
+    assert c.received["EVNT"] == 1
+    assert list(gone) == []
+
+
+def _eventually(predicate, timeout: float = 5) -> bool:
+    """Whether ``predicate`` holds within ``timeout`` s (the server releases subscriptions as
+    it tears the connections down, after the clients have closed)."""
+    import time
+
+    deadline = time.monotonic() + T(timeout)
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)  # a bounded poll of observable state
+    return True
+
+
+@pytest.mark.realredis
+def test_fan_out_on_a_redis_cluster(redis_cluster):
+    """One pub-sub connection to one primary serves channels of every slot: on a cluster a
+    plain PUBLISH reaches every node."""
+    broker = RedisBroker.from_url(redis_cluster.url, cluster=True)
+    clients: list[Client] = []
+    try:
+        with Server(broker) as server:
+            clients = [Client.connect(server.url, connect_timeout=T(5)) for _ in range(4)]
+            channels = [f"slot.{i}" for i in range(3)]  # spread over the cluster's slots
+            subs = [(c, [c.sub(ch) for ch in channels] + [c.sub("slot.*", pattern=True)]) for c in clients[:3]]
+            for i, ch in enumerate(channels):
+                clients[3].pub(ch, i)
+            for _, mine in subs:
+                for i, sub in enumerate(mine[:3]):
+                    assert sub.get(T(5)).args == i
+                assert sorted(mine[3].get(T(5)).args for _ in channels) == [0, 1, 2]
+            assert len([t for t in threading.enumerate() if t.name == "juggler-server-pubsub"]) == 1
+    finally:
+        for c in clients:
+            c.close()
+        broker.close()
+
+
+def test_a_pub_ack_precedes_the_evnt_it_causes_on_its_own_connection(stack):
+    import json
+
+    import websocket
+
+    ws = websocket.create_connection(stack.server.url, subprotocols=["juggler.0"], timeout=T(10))
+    try:
+        def request(mtype: int, payload: dict) -> str:
+            uuid = __import__("juggler").message.new_uuid()
+            ws.send(json.dumps({"meta": {"type": mtype, "uuid": uuid}, "payload": payload}))
+            return uuid
+
+        request(3, {"channel": "own", "pattern": False})
+        assert json.loads(ws.recv())["meta"]["type"] == 8
+        for i in range(100):
+            pub = request(2, {"channel": "own", "args": i})
+            first, second = json.loads(ws.recv()), json.loads(ws.recv())
+            assert (first["meta"]["type"], first["payload"]["for"]) == (8, pub)
+            assert (second["meta"]["type"], second["payload"]["for"], second["payload"]["args"]) == (10, pub, i)
+    finally:
+        ws.close()
