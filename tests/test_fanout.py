@@ -151,3 +151,63 @@ def test_a_pub_ack_precedes_the_evnt_it_causes_on_its_own_connection(stack):
             assert (second["meta"]["type"], second["payload"]["for"], second["payload"]["args"]) == (10, pub, i)
     finally:
         ws.close()
+
+
+def test_a_stalled_subscriber_is_disconnected_without_delaying_the_others(make_stack):
+    """A subscriber that stops reading fills its socket, then its write queue, and is closed
+    with 1008; the hub never waits for it, so the others get every event meanwhile."""
+    import json
+    import socket as socketlib
+    import time
+
+    from .test_idle import Counter
+
+    counter = Counter()
+    closes: list[tuple[int, str]] = []
+
+    def hook(conn, state):
+        counter(conn, state)
+        if state.name == "CLOSED":
+            closes.append((conn.close_code, conn.close_reason))
+
+    stack = make_stack(on_state=hook, write_queue_size=8)
+    stalled = socketlib.socket()
+    stalled.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+    stalled.connect((stack.server.host, stack.server.port))
+    try:
+        stalled.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Protocol: juggler.0\r\n\r\n"
+        )
+        stalled.settimeout(T(10))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += stalled.recv(1)
+        from juggler.frames import OP_TEXT, encode_frame
+
+        sub = json.dumps({"meta": {"type": 3, "uuid": __import__("juggler").message.new_uuid()},
+                          "payload": {"channel": "flood", "pattern": False}}).encode()  # fmt: skip
+        stalled.sendall(encode_frame(OP_TEXT, sub, b"abcd"))
+        reader = stack.client()
+        events = reader.sub("flood")
+        counter.wait(connected=2)
+        deadline = time.monotonic() + T(10)
+        while sum(bool(c.subscriptions()) for c in stack.server.connections) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)  # a bounded wait for the stalled one's SUB to be processed
+        # it never reads again: big events fill its socket buffers, then its queue of 8
+        publisher = stack.client()
+        big = "x" * 65536
+        n = 60
+        started = time.monotonic()
+        for i in range(n):
+            publisher.pub("flood", [i, big])
+        got = [events.get(T(10)).args[0] for _ in range(n)]
+        took = time.monotonic() - started
+        assert got == list(range(n))
+        counter.wait(closed=1)
+        assert (1008, "client too slow: write queue full") in closes
+        assert took < T(10), f"the others waited on the stalled subscriber: {took:.1f} s"
+    finally:
+        stalled.close()
