@@ -621,34 +621,30 @@ class Conn:
 
     # -- the writer --
 
-    def _encode_into_batch(self, msg: Message) -> None:
+    def _frame(self, msg: Message) -> Optional[bytes]:
+        """The text frame of ``msg``; ``None`` to drop it (the server's encode says so, or it
+        cannot be encoded: logged, and the connection goes on)."""
         try:
             data = self._svc.encode(self, msg)
-        except (TypeError, ValueError) as exc:  # an unencodable message: drop it, keep going
+        except (TypeError, ValueError) as exc:
             self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
-            return
-        if data is not None:
-            self._out.append(encode_frame(OP_TEXT, data))
+            return None
+        return None if data is None else encode_frame(OP_TEXT, data)
+
+    def _encode_into_batch(self, msg: Message) -> None:
+        frame = self._frame(msg)
+        if frame is not None:
+            self._out.append(frame)
             self._out_msgs.append(msg)
 
     def _write_now(self, msg: Message) -> None:
-        try:
-            data = self._svc.encode(self, msg)
-        except (TypeError, ValueError) as exc:
-            self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
-            return
-        if data is None:
-            return
-        if self._send(encode_frame(OP_TEXT, data)):
+        frame = self._frame(msg)
+        if frame is not None and self._send(frame):
             self._count_written([msg])
 
     def _write_nowait(self, msg: Message) -> None:
-        try:
-            data = self._svc.encode(self, msg)
-        except (TypeError, ValueError) as exc:
-            self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
-            return
-        if data is not None and self._send_nowait(encode_frame(OP_TEXT, data)):
+        frame = self._frame(msg)
+        if frame is not None and self._send_nowait(frame):
             self._count_written([msg])
 
     def _send_nowait(self, frame: bytes) -> bool:
@@ -657,28 +653,28 @@ class Conn:
         try:
             n = self._io.send_nowait(frame)
         except OSError as exc:
-            if not self.closed:
-                self.logger.info("connection %s: write failed: %s", self.uuid, exc)
-                self._peer_gone = True
-                self.close(CLOSE_ABNORMAL, "write failed")
-            self._io.shutdown()
+            self._write_failed(exc)
             return False
         if n < len(frame):
             self._queue.put_first(frame[n:])
         return True
 
     def _send(self, data: bytes) -> bool:
-        """Write ``data``; on failure close the connection (1006) and shut the socket down."""
+        """Write ``data``; ``False`` if the connection failed."""
         try:
             self._io.sendall(data)
             return True
         except OSError as exc:
-            if not self.closed:
-                self.logger.info("connection %s: write failed: %s", self.uuid, exc)
-                self._peer_gone = True
-                self.close(CLOSE_ABNORMAL, "write failed")
-            self._io.shutdown()
+            self._write_failed(exc)
             return False
+
+    def _write_failed(self, exc: OSError) -> None:
+        """Close the connection (1006, logged once) and shut the socket down."""
+        if not self.closed:
+            self.logger.info("connection %s: write failed: %s", self.uuid, exc)
+            self._peer_gone = True
+            self.close(CLOSE_ABNORMAL, "write failed")
+        self._io.shutdown()
 
     def _write_loop(self) -> None:
         self._writer_ident = threading.get_ident()
