@@ -60,6 +60,9 @@ CLOSE_INTERNAL_ERROR = 1011
 CONN_THREAD_DAEMON = True
 
 _CLOSE = object()  # writer queue marker: send the close frame and stop
+# the server's counter of each message type read and written (Enum.name is slow on a hot path)
+_READ_KEY = {t: f"read_{t.name}" for t in MessageType}
+_WRITE_KEY = {t: f"write_{t.name}" for t in MessageType}
 _local = threading.local()  # .nonblocking: this thread's writes must not wait (the hub's)
 _WRITE_BATCH = 64  # messages the writer takes off its queue for one socket write, at most
 
@@ -558,7 +561,7 @@ class Conn:
                 self.logger.exception("connection %s: could not decode a message", self.uuid)
                 self._fail(CLOSE_INVALID_DATA, "invalid message")
                 continue
-            svc.incr(f"read_{msg.type.name}")
+            svc.incr(_READ_KEY[msg.type])
             started = time.monotonic()
             self.handle(msg)
             took = time.monotonic() - started
@@ -708,7 +711,7 @@ class Conn:
     def _count_written(self, msgs: list[Message]) -> None:
         svc = self._svc
         for msg in msgs:
-            svc.incr(f"write_{msg.type.name}")  # counted once it went out
+            svc.incr(_WRITE_KEY[msg.type])  # counted once it went out
             if msg.type is MessageType.RES:
                 popped = self._res_popped.pop(msg.uuid, None)
                 if popped is not None:

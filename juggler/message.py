@@ -341,8 +341,13 @@ def encode(msg: Message) -> str:
     """
     shared = msg.__dict__.get("_payload_json") if msg.type is MessageType.EVNT else None
     if shared is not None:  # see Evnt.sharing: the same text _dumps makes, payload made once
-        return f'{{"meta":{{"type":{int(msg.type)},"uuid":{_dumps(msg.uuid)}}},"payload":{shared}}}'
+        uuid = msg.uuid if _PLAIN_UUID.fullmatch(msg.uuid) else None
+        quoted = f'"{uuid}"' if uuid is not None else _dumps(msg.uuid)
+        return f'{{"meta":{{"type":10,"uuid":{quoted}}},"payload":{shared}}}'
     return _dumps({"meta": {"type": int(msg.type), "uuid": msg.uuid}, "payload": _payload(msg)})
+
+
+_PLAIN_UUID = re.compile(r"[0-9a-f-]{36}")  # needs no escaping in JSON
 
 
 def encode_payload(msg: Message) -> str:
