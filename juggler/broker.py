@@ -395,7 +395,7 @@ class RedisBroker:
             if sock is not None:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
+                except Exception:  # (fakeredis' stand-in socket raises ValueError mid-read)
                     pass
 
     def close(self) -> None:
@@ -520,14 +520,29 @@ class RedisBroker:
         return Popped(payload, self._take(result_timeout_key(conn_uuid, payload.msg_uuid)))
 
     def wake_results(self, conn_uuid: str) -> None:
-        """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``)."""
+        """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``).
+
+        When the shared pool has no connection to spare (many connections closing at once), a
+        connection of its own carries the marker."""
+        key = results_key(conn_uuid)
         try:
             if self._fast is not None:
-                self._command("RPUSH", results_key(conn_uuid), WAKE_MARKER)
+                self._command("RPUSH", key, WAKE_MARKER)
             else:
-                self.client.rpush(results_key(conn_uuid), WAKE_MARKER)
+                self.client.rpush(key, WAKE_MARKER)
+            return
         except _REDIS_FAILURES as exc:
-            raise _broker_error(exc) from exc
+            first = exc
+        own = self.dedicated(key)
+        try:
+            if own._fast is not None:
+                own._command("RPUSH", key, WAKE_MARKER)
+            else:
+                own.client.rpush(key, WAKE_MARKER)
+        except _REDIS_FAILURES as exc:
+            raise _broker_error(exc) from first
+        finally:
+            own.close()
 
     def discard_results(self, conn_uuid: str) -> None:
         """Delete a closed connection's result list (results that arrive later expire)."""
