@@ -282,6 +282,7 @@ class Callee:
         if fn is None:  # a payload whose uri is not its list's: not ours to run
             self.logger.warning("callee %s: dropping call %s for unknown uri %r", self.name, call.msg_uuid, call.uri)
             return None
+        self.logger.debug("running call %s to %s (%.3f s left)", call.msg_uuid, call.uri, popped.remaining)
         self.stats._add(busy=1)
         try:
             result = fn(call.args)
@@ -333,40 +334,12 @@ class Callee:
                     self.logger.exception("callee %s: error handling call %s", self.name, popped.payload.msg_uuid)
 
     def _run(self, popped: Popped) -> None:
-        call = popped.payload
-        if popped.expired:
-            self.logger.debug("skipping expired call %s to %s", call.msg_uuid, call.uri)
-            self.stats._add(expired=1)
+        stored = self._run_one(popped, time.monotonic())
+        if stored is None:
             return
-        fn = self._functions.get(call.uri)
-        if fn is None:  # a payload whose uri is not its list's: not ours to run
-            self.logger.warning("callee %s: dropping call %s for unknown uri %r", self.name, call.msg_uuid, call.uri)
-            return
-        self.logger.debug("running call %s to %s (%.3f s left)", call.msg_uuid, call.uri, popped.remaining)
-        self.stats._add(busy=1)
-        start = time.monotonic()
+        payload, remaining, _ = stored
         try:
-            result = fn(call.args)
-        except (Exception, SystemExit) as exc:  # sys.exit() in a function must not end the worker
-            self.logger.exception("callee %s: function for %s raised", self.name, call.uri)
-            result = error_result(str(exc) or type(exc).__name__)
-            self.stats._add(errors=1)
-        finally:
-            self.stats._add(busy=-1)
-        try:
-            remaining = popped.remaining - (time.monotonic() - start)
-            if remaining <= 0:
-                self.logger.debug("result of call %s to %s expired; dropped", call.msg_uuid, call.uri)
-                self.stats._add(expired=1)
-                return
-            payload = ResultPayload(call.conn_uuid, call.msg_uuid, call.uri, result)
-            try:
-                self._store(payload, remaining)
-            except (TypeError, ValueError, RecursionError) as exc:
-                self.logger.error("callee %s: result of %s is not JSON: %s", self.name, call.uri, exc)
-                self.stats._add(errors=1)
-                message = error_result(f"result is not JSON-serializable: {exc}")
-                self._store(ResultPayload(call.conn_uuid, call.msg_uuid, call.uri, message), remaining)
+            self._store(payload, remaining)
         finally:
             self.stats._add(calls=1)  # counted once its result is stored or dropped
 
