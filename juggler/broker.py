@@ -451,8 +451,9 @@ class RedisBroker:
             self.result_cap,
         )
 
-    def _command(self, *args: Any) -> Any:
-        """One command on the fast path: the dedicated connection, or one from the pool."""
+    def _on_fast(self, use: Callable[[resp.RespConnection], Any]) -> Any:
+        """``use(connection)`` on the fast path: the dedicated connection, or one from the
+        pool."""
         if self._dedicated:
             with self._own_lock:
                 own = self._own
@@ -461,25 +462,24 @@ class RedisBroker:
                 assert own is not None
                 with self._own_lock:
                     self._own = own
-            return own.command(*args)
+            return use(own)
         assert self._fast is not None
         conn = self._fast.get()
         try:
-            return conn.command(*args)
+            return use(conn)
         finally:
             self._fast.put(conn)
 
+    def _command(self, *args: Any) -> Any:
+        """One command on the fast path."""
+        return self._on_fast(lambda conn: conn.command(*args))
+
     def _eval(self, script: Any, fast: resp.Script, keys: list[str], args: list[Any]) -> Any:
-        """Run a Lua script: on the fast path with EVALSHA (EVAL on NOSCRIPT), else redis-py's
+        """Run a Lua script: on the fast path (EVALSHA, EVAL on NOSCRIPT), else redis-py's
         ``Script``."""
         if self._fast is None:
             return script(keys=keys, args=args)
-        try:
-            return self._command("EVALSHA", fast.sha, len(keys), *keys, *args)
-        except redis.exceptions.ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        return self._command("EVAL", fast.source, len(keys), *keys, *args)
+        return self._on_fast(lambda conn: conn.evalsha(fast, keys, args))
 
     def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: str, cap: int) -> None:
         args = [_ms(timeout), data, cap]
@@ -526,23 +526,23 @@ class RedisBroker:
         connection of its own carries the marker."""
         key = results_key(conn_uuid)
         try:
-            if self._fast is not None:
-                self._command("RPUSH", key, WAKE_MARKER)
-            else:
-                self.client.rpush(key, WAKE_MARKER)
+            self._push_wake(key)
             return
         except _REDIS_FAILURES as exc:
             first = exc
         own = self.dedicated(key)
         try:
-            if own._fast is not None:
-                own._command("RPUSH", key, WAKE_MARKER)
-            else:
-                own.client.rpush(key, WAKE_MARKER)
+            own._push_wake(key)
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from first
         finally:
             own.close()
+
+    def _push_wake(self, key: str) -> None:
+        if self._fast is not None:
+            self._command("RPUSH", key, WAKE_MARKER)
+        else:
+            self.client.rpush(key, WAKE_MARKER)
 
     def discard_results(self, conn_uuid: str) -> None:
         """Delete a closed connection's result list (results that arrive later expire)."""

@@ -34,7 +34,7 @@ try:  # the C parser; without it the fast path is off
 except ImportError:  # pragma: no cover - hiredis is a dependency
     hiredis = None  # type: ignore[assignment]
 
-__all__ = ["RespConnection", "RespPool", "Script", "pack", "connect"]
+__all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect"]
 
 _REAL_CONNECTIONS = (redis.connection.Connection, redis.connection.UnixDomainSocketConnection)
 
@@ -166,22 +166,24 @@ class RespConnection:
         self._conn.disconnect()
 
 
+def applies(client: Any) -> bool:
+    """Whether the fast path applies to redis-py ``client`` (see the module)."""
+    pool = getattr(client, "connection_pool", None)
+    if hiredis is None or pool is None:
+        return False
+    cls = pool.connection_class
+    protocol = str(pool.connection_kwargs.get("protocol", 2))
+    return issubclass(cls, _REAL_CONNECTIONS) and cls.__module__.startswith("redis.") and protocol in ("2", "None")
+
+
 def connect(client: Any, **overrides: Any) -> Optional[RespConnection]:
     """A new :class:`RespConnection` with the settings of redis-py ``client``'s pool (and
     ``overrides``, e.g. ``socket_timeout=None``); ``None`` where the fast path does not
     apply (see the module). Raises redis-py's errors when redis cannot be reached."""
-    if hiredis is None:
+    if not applies(client):
         return None
-    pool = getattr(client, "connection_pool", None)
-    if pool is None:
-        return None
-    cls = pool.connection_class
-    if not issubclass(cls, _REAL_CONNECTIONS) or not cls.__module__.startswith("redis."):
-        return None
-    kwargs = {**pool.connection_kwargs, **overrides}
-    if str(kwargs.get("protocol", 2)) not in ("2", "None"):
-        return None
-    conn = cls(**kwargs)
+    pool = client.connection_pool
+    conn = pool.connection_class(**{**pool.connection_kwargs, **overrides})
     conn.connect()
     if not isinstance(conn._sock, socket.socket):  # pragma: no cover - a stand-in socket
         conn.disconnect()
@@ -206,12 +208,7 @@ class RespPool:
 
     @staticmethod
     def applies(client: Any) -> bool:
-        pool = getattr(client, "connection_pool", None)
-        if hiredis is None or pool is None:
-            return False
-        cls = pool.connection_class
-        protocol = str(pool.connection_kwargs.get("protocol", 2))
-        return issubclass(cls, _REAL_CONNECTIONS) and cls.__module__.startswith("redis.") and protocol in ("2", "None")
+        return applies(client)
 
     def get(self) -> RespConnection:
         while True:
