@@ -259,7 +259,6 @@ class Conn:
         self._res_popped: dict[str, float] = {}  # RES uuid -> when its result left redis
         self._peer_gone = False
         self._writer: Optional[threading.Thread] = None
-        self._writer_ident: Optional[int] = None
         self._holder: Optional[int] = None  # the thread inside ordered(), holding the socket
         self._slot: Optional[_Slot] = None  # or keeping a place in the queue
         self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
@@ -314,9 +313,6 @@ class Conn:
         if self.closed:
             return False
         me = threading.get_ident()
-        if me == self._writer_ident:  # a handler running on the writer
-            self._encode_into_batch(msg)
-            return True
         if me == self._holder:  # inside ordered(): this thread holds the socket
             self._write_now(msg)
             return True
@@ -347,8 +343,8 @@ class Conn:
         ACK precedes the EVNT it causes on the same connection. The thread holds the socket
         for the block (others queue behind it), or, when it is busy, a place in the queue."""
         me = threading.get_ident()
-        if me in (self._holder, self._writer_ident) or (self._slot is not None and self._slot.owner == me):
-            yield  # nested, or on the writer (which writes in order anyway)
+        if me == self._holder or (self._slot is not None and self._slot.owner == me):
+            yield  # nested
             return
         if self._queue.claim():
             self._holder = me
@@ -680,7 +676,6 @@ class Conn:
         self._io.shutdown()
 
     def _write_loop(self) -> None:
-        self._writer_ident = threading.get_ident()
         out, msgs = self._out, self._out_msgs
         while True:
             closing = False
