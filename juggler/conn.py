@@ -6,12 +6,15 @@ A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<ro
   runs them through the server's handler; it owns the connection and, when it ends, stops and
   joins the others and gives back the redis resources;
 - the writer: drains a bounded queue of outgoing messages onto the socket, as many as are
-  waiting in one write;
+  waiting in one write. A message sent while nothing waits and nobody writes is written by the
+  thread that sends it (an ACK by the reader, a RES by the results thread), so the writer only
+  wakes for a backlog;
 - the results thread, started by the first CALL (never for a connection that does not CALL):
   ``BRPOP`` with no timeout on the connection's results list, on a redis connection of its own.
 
 Pub-sub has no thread per connection: the server's :class:`~juggler.pubsub.PubSubHub` reads
-redis once and queues each event for the writers of the subscribed connections.
+redis once and hands each event to the subscribed connections (:meth:`Conn.deliver`), which
+write it without waiting, queueing for the writer only what the socket does not take.
 
 Nothing polls. Each thread sleeps in a blocking call with no timeout and is woken by an event:
 bytes or the end of the stream (reader), a message or the close marker in the queue (writer),
