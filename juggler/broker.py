@@ -44,7 +44,7 @@ from redis.retry import Retry
 
 from . import resp
 from .exceptions import BrokerError, CapacityExceeded
-from .message import CallPayload, EventPayload, Evnt, ResultPayload, encode_payload
+from .message import CallPayload, EventPayload, Evnt, ResultPayload, encode_payload, new_uuid
 
 __all__ = [
     "Broker",
@@ -884,6 +884,8 @@ class CallPopper:
         self._consume_sha = hashlib.sha1(CONSUME_SCRIPT.encode()).hexdigest()
         self._pop_sha = hashlib.sha1(POP_CALLS_SCRIPT.encode()).hexdigest()
         self._store_body = STORE_SCRIPT.encode()
+        # fakeredis only (see _fake_brpop); the hash tag of the first URI keeps it in its slot
+        self._wake_key = f"juggler:callee:wake:{{{self.uris[0]}}}:{new_uuid()}"
 
     def __repr__(self) -> str:
         return f"<CallPopper {self.uris} client_id={getattr(self, 'client_id', None)}>"
@@ -942,18 +944,16 @@ class CallPopper:
         return popped
 
     def _fake_brpop(self) -> Any:
-        """fakeredis: BRPOP in short steps until a call comes or :meth:`wake` is called. Its
-        CLIENT IDs are not unique across the connections of one ``FakeRedis()`` made without
-        a shared ``FakeServer`` (each connection gets a server object of its own), so CLIENT
-        UNBLOCK could wake another client; an in-memory BRPOP step costs no round trip."""
-        while True:
-            self._write([("BRPOP", *self._keys, 0.05)])
-            item = self._read()
-            if item is not None:
-                return item
-            with self._lock:
-                if self._woken:
-                    return None
+        """fakeredis: BRPOP with no timeout on the call lists and this popper's own wake list,
+        onto which :meth:`wake` pushes a marker (fakeredis wakes a blocked command on any write).
+        Its CLIENT IDs are not unique across the connections of one ``FakeRedis()`` made
+        without a shared ``FakeServer`` (each connection gets a server object of its own), so
+        CLIENT UNBLOCK could wake another client. ``None`` once woken."""
+        self._write([("BRPOP", *self._keys, self._wake_key, 0)])
+        item = self._read()
+        if isinstance(item, (list, tuple)) and _text(item[0]) == self._wake_key:
+            return None
+        return item
 
     def exchange(self, results: Sequence[tuple[ResultPayload, float, str]], n: int, stored: Stored = None) -> list[Popped]:
         """As :meth:`pop`, but without waiting: takes up to ``n`` calls already waiting (none
@@ -1003,7 +1003,13 @@ class CallPopper:
         with self._lock:
             self._woken = True
             blocked = self._blocked
-        if not blocked or not self._pipelined:  # fakeredis: _fake_brpop sees _woken
+        if not self._pipelined:  # fakeredis: the marker ends the BRPOP now or the next one at once
+            try:
+                self._control.rpush(self._wake_key, WAKE_MARKER)
+            except _REDIS_FAILURES as exc:
+                logger.debug("waking a fakeredis callee worker failed: %s", exc)
+            return True
+        if not blocked:
             return True
         try:
             return bool(self._control.client_unblock(self.client_id))
@@ -1019,6 +1025,11 @@ class CallPopper:
             return True
 
     def close(self) -> None:
+        if not getattr(self, "_pipelined", True):  # fakeredis: drop a marker nobody popped
+            try:
+                self._control.delete(self._wake_key)
+            except _REDIS_FAILURES:
+                pass
         self._close_quietly()
 
     def _refresh_topology(self) -> None:

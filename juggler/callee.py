@@ -172,21 +172,26 @@ class Callee:
         self._stop.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         others = [t for t in self._threads if t is not threading.current_thread()]
-        while True:
+        # A worker registers its popper before it looks at _stop, so every worker that could
+        # block is in _poppers now or will see _stop and not block.
+        with self._lock:
+            retry = list(self._poppers)
+        while retry:
             # A worker may be sending its BRPOP just as we unblock it (CLIENT UNBLOCK of a
-            # client not blocked yet does nothing): wake those again until they are gone.
-            with self._lock:
-                poppers = list(self._poppers)
-            retry = [p for p in poppers if not p.wake()]
-            alive = [t for t in others if t.is_alive()]
-            if not alive:
-                return True
+            # client not blocked yet does nothing): wake those again a moment later.
+            retry = [p for p in retry if not p.wake()]
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            # a worker that was woken ends at once; one running calls ends when they are done
-            wait = 0.005 if retry else 0.05
-            alive[0].join(wait if left is None else min(wait, left))
+            if retry:
+                time.sleep(0.005 if left is None else min(0.005, left))
+        # a worker that was woken ends at once; one running calls ends when they are done
+        for t in others:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            t.join(left)
+        return not any(t.is_alive() for t in others)
 
     def __enter__(self) -> "Callee":
         return self.start()

@@ -263,6 +263,33 @@ def test_stop_wakes_workers_blocked_in_brpop_at_once(broker):
     assert not any(t.name.startswith("juggler-callee-wake-") for t in threading.enumerate())
 
 
+def test_idle_workers_send_one_brpop_each_and_leave_no_key(broker, redis_client, monkeypatch):
+    """An idle worker blocks in one BRPOP with no timeout, on fakeredis too (no short steps);
+    stop() wakes it and leaves no key of its own behind."""
+    import time
+
+    from juggler.broker import CallPopper
+
+    brpops = []
+    write = CallPopper._write
+
+    def counting(self, commands):
+        brpops.extend(c for c in commands if c[0] == "BRPOP")
+        return write(self, commands)
+
+    monkeypatch.setattr(CallPopper, "_write", counting)
+    callee = Callee(broker, workers=2, block=30.0)
+    callee.register("x", lambda a: a)
+    callee.start()
+    time.sleep(0.5)  # idle: the old fakeredis worker sent a BRPOP every 50 ms
+    assert len(brpops) == 2
+    assert all(c[-1] == 0 for c in brpops)
+    started = time.monotonic()
+    assert callee.stop(timeout=T(5)) is True
+    assert time.monotonic() - started < 0.5
+    assert list(redis_client.scan_iter("juggler:callee:*")) == []
+
+
 def test_stop_right_after_start_is_prompt(broker):
     """A stop that races with workers sending their first BRPOP still ends them promptly."""
     import time
