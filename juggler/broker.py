@@ -871,6 +871,14 @@ class CallPopper:
             self._pipelined = cls.__module__.startswith("redis.") and issubclass(cls, redis.connection.AbstractConnection)
             if self._pipelined and issubclass(cls, redis.connection.Connection):  # TCP (or TLS)
                 kwargs.update(socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
+            if not self._pipelined and kwargs.get("server") is None:
+                # fakeredis finds a client's in-memory server by host and port, and workers
+                # starting at once can each make one (a check-then-set): join the pool's.
+                shared = pool.get_connection()
+                try:
+                    kwargs["server"] = getattr(shared, "_server", None)
+                finally:
+                    pool.release(shared)
             self._conn = pool.connection_class(**kwargs)
             self._conn.send_command("CLIENT", "ID")
             self.client_id = int(self._conn.read_response())

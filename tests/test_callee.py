@@ -290,6 +290,29 @@ def test_idle_workers_send_one_brpop_each_and_leave_no_key(broker, redis_client,
     assert list(redis_client.scan_iter("juggler:callee:*")) == []
 
 
+def test_every_worker_shares_a_plain_fakeredis_clients_data():
+    """Workers of a callee on ``fakeredis.FakeRedis()`` (no FakeServer given) open their
+    connections at once; fakeredis could give one an in-memory server of its own, where it
+    would never see a call nor its wake-up. Eight calls that wait for each other need all
+    eight workers, and stop() then ends every one promptly."""
+    import time
+
+    import fakeredis
+
+    broker = RedisBroker(fakeredis.FakeRedis())
+    barrier = threading.Barrier(8)
+    callee = Callee(broker, workers=8, batch=1, block=30.0)
+    callee.register("meet", lambda a: barrier.wait(T(10)) >= 0)
+    callee.start()
+    try:
+        pending = [send_call(broker, "meet", i) for i in range(8)]
+        assert all(take_result(broker, p).payload.args is True for p in pending)
+    finally:
+        started = time.monotonic()
+        assert callee.stop(timeout=T(5)) is True
+    assert time.monotonic() - started < 0.5
+
+
 def test_stop_right_after_start_is_prompt(broker):
     """A stop that races with workers sending their first BRPOP still ends them promptly."""
     import time
