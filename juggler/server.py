@@ -56,6 +56,7 @@ __all__ = [
     "ConnState",
     "SUBPROTOCOL",
     "ALLOWED_MESSAGES_HEADER",
+    "ALLOWED_MESSAGES_PARAM",
     "parse_allowed_messages",
     "process_msg",
     "default_max_connections",
@@ -64,6 +65,9 @@ __all__ = [
 
 SUBPROTOCOL = "juggler.0"
 ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
+#: The same list as a query parameter of the handshake, for browsers (they cannot send headers
+#: with a websocket); when both come, a connection may send what both allow.
+ALLOWED_MESSAGES_PARAM = "juggler-allowed-messages"
 
 _REQUEST_TYPES = {
     "call": MessageType.CALL,
@@ -700,6 +704,8 @@ class Server:
             raise _Refused(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
         try:
             allowed = parse_allowed_messages(req.headers.get(ALLOWED_MESSAGES_HEADER.lower()))
+            for value in req.query(ALLOWED_MESSAGES_PARAM):
+                allowed &= parse_allowed_messages(value)
         except ValueError as exc:
             raise _Refused(400, "Bad Request", str(exc)) from None
         with self._lock:
