@@ -18,7 +18,7 @@ import pytest
 
 from juggler import Client, ConnState, RefuseConnection, Res, Server, chain
 
-from .conftest import Stack, T, free_port, make_redis_client
+from .conftest import T, free_port, make_redis_client
 from .test_cli import Proc
 
 CHROMIUM = os.environ.get("JUGGLER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -91,25 +91,16 @@ def pages(browser):
 
 
 @pytest.fixture
-def stacks(request):
-    """``make(**server_kw)``: a server and callee (test.echo, test.reverse, test.delay,
-    test.fail) on the session's real redis-server; all on one redis."""
-    made: list[Stack] = []
-    redis_client = make_redis_client("real", request)
-
-    def make(**kw) -> Stack:
-        s = Stack(redis_client, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
-    redis_client.close()
+def redis_client(request):
+    """The session's real redis-server only (conftest's make_stack takes it): these tests are
+    about the browser, the server's redis layer has its own on fakeredis and real redis."""
+    client = make_redis_client("real", request)
+    yield client
+    client.close()
 
 
-def test_calls_settle_with_each_outcome(stacks, pages):
-    server = stacks().server
+def test_calls_settle_with_each_outcome(make_stack, pages):
+    server = make_stack().server
     page = pages(server)
     out = page.evaluate(
         """async (url) => {
@@ -146,7 +137,7 @@ def test_calls_settle_with_each_outcome(stacks, pages):
     assert all(v.get("juggler") for k, v in out.items() if k not in ("badTimeout",) and isinstance(v, dict) and "error" in v)
 
 
-def test_a_result_after_call_expired_is_ignored(stacks, pages):
+def test_a_result_after_call_expired_is_ignored(make_stack, pages):
     held, release = threading.Event(), threading.Event()
 
     def hold_late_result(next_handler):
@@ -158,7 +149,7 @@ def test_a_result_after_call_expired_is_ignored(stacks, pages):
 
         return handle
 
-    server = stacks(handler=chain(hold_late_result)).server
+    server = make_stack(handler=chain(hold_late_result)).server
     page = pages(server)
     try:
         page.evaluate(
@@ -187,8 +178,8 @@ def test_a_result_after_call_expired_is_ignored(stacks, pages):
     assert out["next"] == {"value": "ba"}
 
 
-def test_a_lost_connection_rejects_pending_calls_with_the_close_code(stacks, pages):
-    server = stacks().server
+def test_a_lost_connection_rejects_pending_calls_with_the_close_code(make_stack, pages):
+    server = make_stack().server
     page = pages(server)
     page.evaluate(
         """async (url) => {
@@ -231,8 +222,8 @@ def test_a_lost_connection_rejects_pending_calls_with_the_close_code(stacks, pag
     assert out["close"] == {"code": 1000, "reconnecting": False}
 
 
-def test_sub_pub_unsb_across_two_pages(stacks, pages):
-    server = stacks().server
+def test_sub_pub_unsb_across_two_pages(make_stack, pages):
+    server = make_stack().server
     a, b = pages(server), pages(server)
     a.evaluate(
         """async (url) => {
@@ -282,8 +273,8 @@ def test_sub_pub_unsb_across_two_pages(stacks, pages):
     assert [e["tag"] for e in got] == ["end"]
 
 
-def test_allowed_messages_are_enforced(stacks, pages):
-    server = stacks().server
+def test_allowed_messages_are_enforced(make_stack, pages):
+    server = make_stack().server
     page = pages(server)
     out = page.evaluate(
         """async (url) => {
@@ -322,15 +313,15 @@ def test_allowed_messages_are_enforced(stacks, pages):
     assert out == {"code": 1008, "reason": "PUB is not allowed on this connection"}
 
 
-def test_refused_handshakes_reject_connect_with_status_and_reason(stacks, pages):
+def test_refused_handshakes_reject_connect_with_status_and_reason(make_stack, pages):
     def hook(conn, state):
         if state is ConnState.ACCEPTING and "token=good" not in conn.request.path:
             raise RefuseConnection(401, "missing token")
 
-    plain = stacks().server
-    by_origin = stacks(allowed_origins=["https://only.example"]).server
-    by_hook = stacks(on_state=hook).server
-    full = stacks(max_connections=1).server
+    plain = make_stack().server
+    by_origin = make_stack(allowed_origins=["https://only.example"]).server
+    by_hook = make_stack(on_state=hook).server
+    full = make_stack(max_connections=1).server
     # a page on another origin (localhost, not 127.0.0.1): the module and the refusal lookups
     # are cross-origin requests
     page = pages(plain, origin=f"http://localhost:{plain.port}")
@@ -386,13 +377,18 @@ RECONNECT_SETUP = """async (url) => {
 }"""
 
 
-def test_reconnect_resubscribes_after_the_server_restarts(stacks, pages):
-    stack = stacks()
-    port = stack.server.port
+def reconnecting_page(make_stack, pages):
+    """A stack and a page connected to it with reconnect: true (RECONNECT_SETUP), whose
+    server has just shut down."""
+    stack = make_stack()
     page = pages(stack.server)
     page.evaluate(RECONNECT_SETUP, stack.server.url)
-
     stack.server.shutdown()
+    return stack, page
+
+
+def test_reconnect_resubscribes_after_the_server_restarts(make_stack, pages):
+    stack, page = reconnecting_page(make_stack, pages)
     page.wait_for_function("opened.length >= 5")  # the first websocket and four tries
     down = page.evaluate(
         """async () => ({ call: await pendingCall, closes, state: c.state, subs: c.subscriptions.length,
@@ -409,7 +405,8 @@ def test_reconnect_resubscribes_after_the_server_restarts(stacks, pages):
     for wait, cap in zip(waits, (200, 400, 800, 800)):
         assert cap / 2 - 5 <= wait <= cap + T(1500), (waits, cap)
 
-    stack.server = Server(stack.broker, port=port).start()  # the same port; the stack shuts it down
+    # the same port; the stack shuts the new server down
+    stack.server = Server(stack.broker, port=stack.server.port).start()
     page.wait_for_function("reconnects.length === 1")
     assert page.evaluate("[reconnects[0].subscriptions, reconnects[0].failed, c.state]") == [2, 0, "open"]
     with Client.connect(stack.server.url, connect_timeout=T(10)) as py:
@@ -426,13 +423,9 @@ def test_reconnect_resubscribes_after_the_server_restarts(stacks, pages):
     assert page.evaluate("[c.state, closes.length, closes[1].code, closes[1].reconnecting]") == ["closed", 2, 1000, False]
 
 
-def test_reconnect_gives_up_when_the_server_refuses_for_good(stacks, pages):
-    stack = stacks()
-    port = stack.server.port
-    page = pages(stack.server)
-    page.evaluate(RECONNECT_SETUP, stack.server.url)
-    stack.server.shutdown()
-    stack.server = Server(stack.broker, port=port, allowed_origins=["https://only.example"]).start()
+def test_reconnect_gives_up_when_the_server_refuses_for_good(make_stack, pages):
+    stack, page = reconnecting_page(make_stack, pages)
+    stack.server = Server(stack.broker, port=stack.server.port, allowed_origins=["https://only.example"]).start()
     page.wait_for_function("closes.length === 2")
     out = page.evaluate("[closes[1], c.state, news.active, news.error && news.error.status, reconnects.length]")
     assert out[0]["reconnecting"] is False and out[0]["status"] == 403
