@@ -152,7 +152,7 @@ def _server_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     names = ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "certfile", "keyfile",
              "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
              "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
-             "slow_threshold", "http_endpoints")  # fmt: skip
+             "slow_threshold", "http_endpoints", "serve_client")  # fmt: skip
     kwargs = {n: cfg[n] for n in names if n in cfg}
     if cfg.get("certfile") and not cfg.get("keyfile") or cfg.get("keyfile") and not cfg.get("certfile"):
         raise _Usage("--certfile and --keyfile go together")
@@ -182,7 +182,7 @@ def cmd_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     embedded = EmbeddedRedis().start()
     try:
         broker = RedisBroker(embedded.client())
-        server = _make_server(broker, cfg)
+        server = _make_server(broker, cfg, demo_page=True)
         callee = Callee(broker, workers=cfg["workers"], name="juggler-callee-demo")
         for uri, fn in DEMO_FUNCTIONS.items():
             callee.register(uri, fn)
@@ -191,6 +191,7 @@ def cmd_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         _print(
             "juggler demo: a server, an in-memory redis and a callee pool serving "
             + ", ".join(DEMO_FUNCTIONS),
+            f"browser:   http://{_url_host(server.host)}:{server.port}/  (the demo page)",
             f"websocket: {server.url}",
             f"redis:     {embedded.url}  (embedded, in memory)",
             f"try:       juggler client {server.url} call test.echo '\"hello\"'",
@@ -204,6 +205,10 @@ def cmd_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     finally:
         embedded.close()
     return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:

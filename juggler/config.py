@@ -158,10 +158,11 @@ class Setting:
     help: str
     env: str = ""
     metavar: str = ""
+    flag_name: str = ""  # the flag's name when it is not the setting's (--no-client: serve_client)
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + (self.flag_name or self.name.replace("_", "-"))
 
     @property
     def env_var(self) -> str:
@@ -209,6 +210,8 @@ SETTINGS: dict[str, Setting] = {
         _s("certfile", _str, None, "TLS certificate chain (PEM): serve wss://", metavar="FILE"),
         _s("keyfile", _str, None, "TLS private key (PEM)", metavar="FILE"),
         _s("http_endpoints", _bool, True, "serve GET /healthz and GET /metrics on the same port"),
+        _s("serve_client", _bool, True, "serve the browser client at GET /juggler.js and /juggler.d.ts",
+           flag_name="client"),
         _s("log_messages", _bool, False, "log every message read and written (INFO, juggler.messages)"),
         _s("metrics_port", _optional_port, None, "serve the callee metrics at http://HOST:PORT/metrics "
            "(none: off)", metavar="PORT"),
@@ -242,7 +245,7 @@ COMMANDS: dict[str, list[str]] = {
         "certfile", "keyfile", "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size",
         "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
         "max_call_timeout", "slow_threshold", "call_cap", "result_cap", "http_endpoints",
-        "log_messages", "log_level",
+        "serve_client", "log_messages", "log_level",
     ],
     "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 from .exceptions import ProtocolError
 
@@ -58,6 +59,10 @@ class HandshakeRequest:
             value = value.strip()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         return cls(method, target, version, headers)
+
+    def query(self, name: str) -> list[str]:
+        """The values of query parameter ``name`` of the request target (none: ``[]``)."""
+        return parse_qs(self.path.partition("?")[2], keep_blank_values=True).get(name, [])
 
     def tokens(self, name: str) -> list[str]:
         """The comma-separated, trimmed, non-empty values of header ``name``."""

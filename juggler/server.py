@@ -34,6 +34,7 @@ from .pubsub import PubSubHub
 from .timer import Timer
 from .handshake import HandshakeRequest, accept_key, http_response, valid_key
 from .transport import SocketIO, SocketReader, Stopped
+from .web import WebRoutes
 
 
 def _import_websocket_server() -> Any:
@@ -56,6 +57,7 @@ __all__ = [
     "ConnState",
     "SUBPROTOCOL",
     "ALLOWED_MESSAGES_HEADER",
+    "ALLOWED_MESSAGES_PARAM",
     "parse_allowed_messages",
     "process_msg",
     "default_max_connections",
@@ -64,6 +66,9 @@ __all__ = [
 
 SUBPROTOCOL = "juggler.0"
 ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
+#: The same list as a query parameter of the handshake, for browsers (they cannot send headers
+#: with a websocket); when both come, a connection may send what both allow.
+ALLOWED_MESSAGES_PARAM = "juggler-allowed-messages"
 
 _REQUEST_TYPES = {
     "call": MessageType.CALL,
@@ -176,7 +181,7 @@ class _Handler(websocket_server.WebSocketHandler):
             return
         try:
             request = HandshakeRequest.parse(reader.read_until(b"\r\n\r\n", 16384))
-            if jserver._serve_http(io, request):
+            if jserver._serve_web(io, request) or jserver._serve_http(io, request):
                 return
             allowed, protocol = jserver._check_handshake(request)
         except Stopped:
@@ -185,7 +190,7 @@ class _Handler(websocket_server.WebSocketHandler):
             self._refuse(io, _Refused(400, "Bad Request", f"bad handshake: {exc.reason}"))
             return
         except _Refused as exc:
-            self._refuse(io, exc)
+            self._refuse(io, exc, request)
             return
         finally:
             jserver._handshake_ended(io)
@@ -205,7 +210,7 @@ class _Handler(websocket_server.WebSocketHandler):
             raise
         accepted = handed_over = False
         try:
-            accepted = self._accepted(jserver, io, conn)
+            accepted = self._accepted(jserver, io, conn, request)
             if not accepted:
                 return None
             if not self._switch_protocols(io, request, protocol):
@@ -229,16 +234,16 @@ class _Handler(websocket_server.WebSocketHandler):
                     if accepted:  # the hook let it in: it hears how it ended, as for any other
                         jserver._notify(conn, ConnState.CLOSED)
 
-    def _accepted(self, jserver: "Server", io: SocketIO, conn: Conn) -> bool:
+    def _accepted(self, jserver: "Server", io: SocketIO, conn: Conn, request: HandshakeRequest) -> bool:
         """The ACCEPTING hook; whether it let the connection in (if not, the refusal is sent)."""
         try:
             jserver._notify(conn, ConnState.ACCEPTING)
         except RefuseConnection as exc:
-            self._refuse(io, _Refused(exc.status, exc.status_text, exc.reason))
+            self._refuse(io, _Refused(exc.status, exc.status_text, exc.reason), request)
             return False
         except Exception:
             jserver.logger.exception("on_state hook failed accepting %s", self.client_address)
-            self._refuse(io, _Refused(500, "Internal Server Error", "internal server error"))
+            self._refuse(io, _Refused(500, "Internal Server Error", "internal server error"), request)
             return False
         return True
 
@@ -258,10 +263,12 @@ class _Handler(websocket_server.WebSocketHandler):
             return False
         return True
 
-    def _refuse(self, io: SocketIO, exc: _Refused) -> None:
+    def _refuse(self, io: SocketIO, exc: _Refused, request: Optional[HandshakeRequest] = None) -> None:
         jserver: Server = self.server.juggler
         jserver.stats.incr(f"refused_{exc.status}")
         jserver.logger.info("refused handshake from %s: %d %s", self.client_address, exc.status, exc.text)
+        if request is not None:  # before the response: a browser asks for the reason once it has it
+            jserver.web.refused(request, exc.status, exc.text)
         try:
             io.sendall(http_response(exc.status, exc.reason, exc.headers, exc.text + "\n"))
         except OSError:
@@ -343,6 +350,9 @@ class Server:
     :param slow_threshold: a request whose processing takes longer than this (seconds) is
         counted as slow (``juggler_slow_messages_total``) and logged at DEBUG.
     :param http_endpoints: serve ``GET /healthz`` and ``GET /metrics`` on the same port.
+    :param serve_client: serve the browser client, ``GET /juggler.js`` (and its types,
+        ``/juggler.d.ts``), on the same port (see :mod:`juggler.web`).
+    :param demo_page: serve the demo page at ``GET /`` (``juggler demo`` does).
     :param logger: defaults to ``logging.getLogger("juggler.server")``.
     """
 
@@ -374,6 +384,8 @@ class Server:
         max_call_timeout: float = 600.0,
         slow_threshold: float = 0.1,
         http_endpoints: bool = True,
+        serve_client: bool = True,
+        demo_page: bool = False,
         logger: Optional[logging.Logger] = None,
     ) -> None:
         for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
@@ -422,6 +434,7 @@ class Server:
         self.max_call_timeout = max_call_timeout
         self.slow_threshold = slow_threshold
         self.http_endpoints = http_endpoints
+        self.web = WebRoutes(path, serve_client=serve_client, demo_page=demo_page)
         self.logger = logger or logging.getLogger("juggler.server")
         self.stats = Stats()
 
@@ -700,6 +713,8 @@ class Server:
             raise _Refused(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
         try:
             allowed = parse_allowed_messages(req.headers.get(ALLOWED_MESSAGES_HEADER.lower()))
+            for value in req.query(ALLOWED_MESSAGES_PARAM):
+                allowed &= parse_allowed_messages(value)
         except ValueError as exc:
             raise _Refused(400, "Bad Request", str(exc)) from None
         with self._lock:
@@ -716,6 +731,17 @@ class Server:
             self._slots -= 1
 
     # -- plain HTTP: health and metrics --
+
+    def _serve_web(self, io: SocketIO, req: HandshakeRequest) -> bool:
+        """Answer what :attr:`web` serves (the browser client, ...); whether it did."""
+        response = self.web.respond(req)
+        if response is None:
+            return False
+        try:
+            io.sendall(response)
+        except OSError:
+            pass
+        return True
 
     def _serve_http(self, io: SocketIO, req: HandshakeRequest) -> bool:
         """Answer ``GET /healthz`` and ``GET /metrics`` (not websocket upgrades); whether it did."""
