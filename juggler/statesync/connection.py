@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 from ..conn import WriteQueue
 from ..exceptions import ConnectionClosed, JugglerTimeout, ProtocolError
 from ..frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
-from ..timer import Timer, TimerHandle
+from ..timer import Keepalive, Timer, TimerHandle
 from ..transport import FrameReader, SocketIO, SocketReader, Stopped
 from . import protocol
 
@@ -224,9 +224,8 @@ class Connection:
         self._done = threading.Event()
         self._reader_ident: Optional[int] = None
         self._writer: Optional[threading.Thread] = None
-        self._keepalive: Optional[TimerHandle] = None
+        self._keepalive: Optional[Keepalive] = None
         self._close_deadline: Optional[TimerHandle] = None
-        self._pinged_at = 0.0
         #: ``DATA`` messages sent (one per flush that found a change); the writer's
         self.data_sent = 0
         #: the reader thread, when the connection owns it (a client's): close() joins it
@@ -414,7 +413,13 @@ class Connection:
             writer = threading.Thread(target=self._write_loop, name=f"juggler-statesync-{self.id}-writer", daemon=True)
             writer.start()
             self._writer = writer
-            self._schedule_keepalive()
+            s = self.settings
+            self._keepalive = Keepalive(
+                self._timer, self._socket_reader, s.ping_interval, s.idle_timeout,
+                ping=lambda: self._queue.put(self._control(OP_PING, b"juggler")),  # not worth waiting for room
+                idle=lambda reason: self._fail(CLOSE_GOING_AWAY, reason),
+                closed=lambda: self.closed,
+            ).start()  # fmt: skip
             self._read_loop()
         finally:
             self._teardown()
@@ -616,37 +621,6 @@ class Connection:
                 self._start_close(CLOSE_ABNORMAL, "write failed")
         self._io.shutdown()
         return False
-
-    # -- keepalive (on the timer thread) --
-
-    def _schedule_keepalive(self) -> None:
-        s = self.settings
-        if self.closed or not (s.ping_interval or s.idle_timeout):
-            return
-        now = time.monotonic()
-        last = self._socket_reader.last_recv
-        due = []
-        if s.idle_timeout:
-            due.append(last + s.idle_timeout)
-        if s.ping_interval:
-            ping_at = last + s.ping_interval
-            due.append(ping_at if ping_at > now else now + s.ping_interval)
-        self._keepalive = self._timer.call_at(min(due), self._check_alive)
-
-    def _check_alive(self) -> None:
-        if self.closed:
-            return
-        s = self.settings
-        now = time.monotonic()
-        last = self._socket_reader.last_recv
-        idle = now - last
-        if s.idle_timeout and idle >= s.idle_timeout:
-            self._fail(CLOSE_GOING_AWAY, f"idle timeout: nothing received for {s.idle_timeout:g} s")
-            return
-        if s.ping_interval and idle >= s.ping_interval and self._pinged_at < last:
-            self._pinged_at = now
-            self._queue.put(self._control(OP_PING, b"juggler"))  # not worth waiting for room
-        self._schedule_keepalive()
 
 
 def run_inside(conn: Connection, fn: Callable[..., Any], *args: Any) -> Any:
