@@ -85,6 +85,8 @@ def test_snapshot_is_an_equal_copy(value):
         (b'{"type": "DATA", "payload": {"op": "add"}}', 1007, "not a JSON Patch"),
         (b'{"type": "DATA", "payload": [1]}', 1007, "not a JSON Patch"),
         (b"[" * 100000 + b"]" * 100000, 1007, "nested too deeply"),
+        (b'{"type": "MESSAGE", "payload": "\\ud800"}', 1007, "lone UTF-16 surrogate"),
+        (b'{"type": "MESSAGE", "payload": 1e999}', 1007, "not valid JSON"),
     ],
 )
 def test_decode_refuses_with_a_close_code(data, code, reason):

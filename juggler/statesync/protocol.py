@@ -27,6 +27,7 @@ import jsonpatch
 import jsonpointer
 
 from ..exceptions import ProtocolError
+from ..message import parse_json
 
 __all__ = [
     "DATA",
@@ -80,31 +81,10 @@ def _invalid(reason: str) -> ProtocolError:
     return ProtocolError(reason, CLOSE_INVALID_DATA)
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
-
-
 def decode(data: Union[bytes, str]) -> Message:
     """Parse one message from the peer; :class:`~juggler.exceptions.ProtocolError` when it is
     not one (see the module's docstring for the close codes)."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        try:
-            data = bytes(data).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _invalid("message is not valid UTF-8") from None
-    try:
-        obj = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
-    except ValueError as exc:
-        raise _invalid(f"message is not valid JSON: {getattr(exc, 'msg', exc)}") from None
-    except RecursionError:
-        raise _invalid("message is nested too deeply") from None
+    obj = parse_json(data)  # ProtocolError 1007 for what is not UTF-8 JSON
     if not isinstance(obj, dict):
         raise _invalid("message is not a JSON object")
     mtype = obj.get("type")
