@@ -75,6 +75,14 @@ def close_frame(ws: websocket.WebSocket) -> tuple[int, str]:
             return int.from_bytes(data[:2], "big"), data[2:].decode()
 
 
+def never_reads(server) -> socket.socket:
+    """A websocket client that sends its handshake and then reads nothing, ever."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    return sock
+
+
 # -- data -----------------------------------------------------------------------------------------
 
 
@@ -273,10 +281,8 @@ def test_close_from_many_threads_at_once(serve):
 
 def test_flush_to_a_peer_that_never_reads_raises_connection_closed(serve):
     server = serve(write_queue_size=1, write_timeout=0.3, close_timeout=0.3)
-    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock = never_reads(server)
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
         conn = get(server.conns)
         with pytest.raises(statesync.ConnectionClosed) as info:
             for i in range(10_000):  # a peer that never reads: the socket buffers fill up
@@ -290,10 +296,8 @@ def test_flush_to_a_peer_that_never_reads_raises_connection_closed(serve):
 
 def test_a_slow_peer_is_closed_and_the_others_go_on(serve):
     server = serve(write_queue_size=4, write_timeout=0.3, close_timeout=0.3)
-    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock = never_reads(server)
     try:
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
         stalled = get(server.conns)
         good = serve.connect(server.url)
         good_peer = get(server.conns)
