@@ -18,7 +18,7 @@ import websocket
 from juggler import statesync
 
 from .conftest import T
-from .statesync_util import Watch, WireTap, get, same
+from .statesync_util import Watch, WireTap, get
 
 DATA = Path(__file__).parent / "data"
 
