@@ -199,6 +199,8 @@ def test_the_demo_page_in_a_browser_syncs_both_ways(chromium, tmp_path):
                      "i.dispatchEvent(new Event('input'))")  # fmt: skip
         data = Watch(peer).until(lambda d: any(c["name"] == "chromium ~/x" for c in d["clients"]))
         browser_id = next(c["id"] for c in data["clients"] if c["name"] == "chromium ~/x")
+        # and the page gets its name back in the server's state
+        browser.until("document.getElementById('remote').textContent.includes('chromium ~/x')", True)
         shown = json.loads(browser.eval("document.getElementById('remote').textContent"))
         assert shown == {**data, "you": browser_id}
     finally:
