@@ -1,6 +1,6 @@
 """The ``juggler`` command (also ``python -m juggler``).
 
-Subcommands: ``demo``, ``server``, ``callee``, ``client``, ``load``. See ``juggler --help`` and
+Subcommands: ``demo``, ``server``, ``callee``, ``client``, ``load``, ``statesync-demo``. See ``juggler --help`` and
 docs/cli.rst. Exit status: 0 on success and after a graceful stop, 2 for a usage or
 configuration error, 1 for other failures (and the one-shot client's own codes, see
 :mod:`juggler.shell`).
@@ -407,6 +407,27 @@ def cmd_load(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return run_load(args.url, cfg, as_json=args.json, progress=not args.quiet)
 
 
+def cmd_statesync_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    from .statesync.demo import serve_demo
+
+    if bool(cfg.get("certfile")) != bool(cfg.get("keyfile")):
+        raise _Usage("--certfile and --keyfile go together")
+    stop = StopSignal().install()
+    try:
+        server = serve_demo(cfg["host"], cfg["port"], ws_path=cfg["path"], certfile=cfg.get("certfile"), keyfile=cfg.get("keyfile"))
+    except OSError as exc:  # the port is taken, or the certificate cannot be read
+        raise _Fail(f"cannot serve on {cfg['host']}:{cfg['port']}: {exc.strerror or exc}") from None
+    _print(
+        "juggler statesync-demo: a counter shared by every open page, synced with JSON Patch (DATA)",
+        f"page:      {server.http_url}",
+        f"websocket: {server.url}",
+        "stop:      Ctrl-C",
+    )
+    stop.wait()
+    server.close()
+    return 0
+
+
 # -- argument parsing ----------------------------------------------------------------------------
 
 _DESCRIPTIONS = {
@@ -418,6 +439,8 @@ _DESCRIPTIONS = {
     "client": "Connect to a server: an interactive shell, or one command such as "
     "'call URI JSON', 'pub CHANNEL JSON', 'sub CHANNEL'.",
     "load": "Load-test a server with calls and report throughput and latency.",
+    "statesync-demo": "Serve a page whose counter every open copy shares, kept in sync by the state-sync "
+    "protocol (juggler.statesync, hat-juggler's).",
 }
 
 
@@ -462,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_RUN = {"demo": cmd_demo, "server": cmd_server, "callee": cmd_callee, "client": cmd_client, "load": cmd_load}
+_RUN = {"demo": cmd_demo, "server": cmd_server, "callee": cmd_callee, "client": cmd_client, "load": cmd_load,
+        "statesync-demo": cmd_statesync_demo}  # fmt: skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

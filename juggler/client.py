@@ -57,7 +57,7 @@ from .message import (
 from .frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, valid_close_code
 from .transport import FrameReader, SocketIO, SocketReader, Stopped
 
-__all__ = ["Client", "Subscription"]
+__all__ = ["Client", "Subscription", "open_websocket"]
 
 SUBPROTOCOL = "juggler.0"
 _END = object()  # subscription queues: the end; writer queue: send the close frame, then stop
@@ -238,37 +238,11 @@ class Client:
         when the server refuses the handshake, :class:`OSError` when it cannot be reached.
         Extra keyword arguments go to ``websocket.create_connection`` (e.g. ``sslopt``).
         """
-        # websocket-client invents an Origin header unless told not to: a script is no
-        # browser, so send one only when the caller gives it.
-        origin = None
-        header = []
-        for k, v in (headers or {}).items():
-            if k.lower() == "origin":
-                origin = v
-            else:
-                header.append(f"{k}: {v}")
-        if origin is not None:
-            ws_options.setdefault("origin", origin)
-        else:
-            ws_options.setdefault("suppress_origin", True)
+        headers = dict(headers or {})
         if allowed_messages is not None:
             value = allowed_messages if isinstance(allowed_messages, str) else ",".join(allowed_messages)
-            header.append(f"Juggler-Allowed-Messages: {value}")
-        try:
-            ws = websocket.create_connection(
-                url,
-                timeout=connect_timeout,
-                subprotocols=[SUBPROTOCOL],
-                header=header,
-                enable_multithread=True,
-                **ws_options,
-            )
-        except websocket.WebSocketBadStatusException as exc:
-            body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
-            raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
-        except websocket.WebSocketException as exc:
-            raise HandshakeError(f"websocket handshake failed: {exc}") from None
-        ws.settimeout(None)  # the reader blocks; closing shuts the socket down
+            headers["Juggler-Allowed-Messages"] = value
+        ws = open_websocket(url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
         return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger)
 
     def __repr__(self) -> str:
@@ -555,6 +529,46 @@ class Client:
         """Block until the server closes the connection; whether it did within ``timeout``."""
         self._reader.join(timeout)
         return not self._reader.is_alive()
+
+
+def open_websocket(
+    url: str,
+    subprotocols: Optional[list[str]] = None,
+    headers: Optional[dict[str, str]] = None,
+    connect_timeout: float = 10.0,
+    **ws_options: Any,
+) -> websocket.WebSocket:
+    """Connect to ``url`` and make the handshake with ``websocket-client``; the socket is left
+    blocking with no timeout, for :class:`~juggler.transport.SocketIO` to read and write.
+
+    Raises :class:`~juggler.exceptions.HandshakeError` when the server refuses the handshake,
+    :class:`OSError` when it cannot be reached. ``ws_options`` go to
+    ``websocket.create_connection`` (e.g. ``sslopt``).
+    """
+    # websocket-client invents an Origin header unless told not to: a script is no
+    # browser, so send one only when the caller gives it.
+    origin = None
+    header = []
+    for k, v in (headers or {}).items():
+        if k.lower() == "origin":
+            origin = v
+        else:
+            header.append(f"{k}: {v}")
+    if origin is not None:
+        ws_options.setdefault("origin", origin)
+    else:
+        ws_options.setdefault("suppress_origin", True)
+    if subprotocols:
+        ws_options["subprotocols"] = subprotocols
+    try:
+        ws = websocket.create_connection(url, timeout=connect_timeout, header=header, enable_multithread=True, **ws_options)
+    except websocket.WebSocketBadStatusException as exc:
+        body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
+        raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
+    except websocket.WebSocketException as exc:
+        raise HandshakeError(f"websocket handshake failed: {exc}") from None
+    ws.settimeout(None)  # the reader blocks; closing shuts the socket down
+    return ws
 
 
 def _parse_close(data: bytes) -> tuple[int, str]:

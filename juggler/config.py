@@ -250,6 +250,7 @@ COMMANDS: dict[str, list[str]] = {
     "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],
     "load": ["connections", "processes", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],
+    "statesync-demo": ["host", "port", "path", "certfile", "keyfile", "log_level"],
 }  # fmt: skip
 
 

@@ -39,7 +39,7 @@ from .broker import Broker, PubSubEvent, results_key
 from .exceptions import BrokerError, ProtocolError
 from .message import CLIENT_TYPES, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
-from .timer import Timer, TimerHandle
+from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
 from .handshake import HandshakeRequest
 from .transport import FrameReader, SocketIO, SocketReader, Stopped
@@ -258,7 +258,6 @@ class Conn:
         # CALL's ACK is always written before its RES, however fast the callee.
         self.ack_lock = threading.Lock()
         self._closing_since: Optional[float] = None
-        self._pinged_at = 0.0
         self._res_popped: dict[str, float] = {}  # RES uuid -> when its result left redis
         self._peer_gone = False
         self._writer: Optional[threading.Thread] = None
@@ -266,7 +265,7 @@ class Conn:
         self._slot: Optional[_Slot] = None  # or keeping a place in the queue
         self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
         self._out_msgs: list[Message] = []  # the messages among them, counted once written
-        self._keepalive: Optional[TimerHandle] = None
+        self._keepalive: Optional[Keepalive] = None
         self._close_deadline: Optional[TimerHandle] = None
         # The results listener, started by the first CALL (listen_for_results).
         self._results: Optional[Broker] = None
@@ -468,7 +467,13 @@ class Conn:
             t = threading.Thread(target=self._write_loop, name=f"juggler-conn-{self.id}-writer", daemon=CONN_THREAD_DAEMON)
             t.start()
             self._writer = t  # only once started: teardown joins what runs
-            self._schedule_keepalive()
+            s = self.settings
+            self._keepalive = Keepalive(
+                self._svc.timer, self._socket_reader, s.ping_interval, s.idle_timeout,
+                ping=lambda: self._queue_frame(encode_frame(OP_PING, b"juggler")),
+                idle=lambda reason: self._fail(CLOSE_GOING_AWAY, reason),
+                closed=lambda: self.closed,
+            ).start()  # fmt: skip
 
     def run(self) -> None:
         """Serve the connection on the calling (reader) thread until it closes."""
@@ -589,37 +594,6 @@ class Conn:
                 self._queue.release()
         else:
             self._queue.put(frame)
-
-    # -- keepalive (on the server's timer thread) --
-
-    def _schedule_keepalive(self) -> None:
-        s = self.settings
-        if self.closed or not (s.ping_interval or s.idle_timeout):
-            return
-        now = time.monotonic()
-        last = self._socket_reader.last_recv
-        due = []
-        if s.idle_timeout:
-            due.append(last + s.idle_timeout)
-        if s.ping_interval:
-            ping_at = last + s.ping_interval
-            due.append(ping_at if ping_at > now else now + s.ping_interval)
-        self._keepalive = self._svc.timer.call_at(min(due), self._check_alive)
-
-    def _check_alive(self) -> None:
-        if self.closed:
-            return
-        s = self.settings
-        now = time.monotonic()
-        last = self._socket_reader.last_recv
-        idle = now - last
-        if s.idle_timeout and idle >= s.idle_timeout:
-            self._fail(CLOSE_GOING_AWAY, f"idle timeout: nothing received for {s.idle_timeout:g} s")
-            return
-        if s.ping_interval and idle >= s.ping_interval and self._pinged_at < last:
-            self._pinged_at = now
-            self._queue_frame(encode_frame(OP_PING, b"juggler"))
-        self._schedule_keepalive()
 
     # -- the writer --
 

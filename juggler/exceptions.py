@@ -11,7 +11,8 @@ Every exception juggler raises derives from :class:`JugglerError`::
     ├── ConnectionClosed       the connection closed before the operation completed
     │                          (also ConnectionError)
     ├── NackError              the server answered a request with NACK (code, message)
-    ├── RemoteError            the callee returned an error result
+    ├── RemoteError            the callee returned an error result (or a statesync
+    │                          action failed)
     └── JugglerTimeout         also TimeoutError
         ├── CallExpired        a call got no result before its timeout
         └── AckTimeout         a request got no ACK/NACK in time
@@ -102,8 +103,8 @@ class RefuseConnection(JugglerError):
 class ConnectionClosed(JugglerError, ConnectionError):
     """The connection closed before the operation could complete.
 
-    ``code`` and ``reason`` are those of the close frame the server sent, or ``1006`` and an
-    empty reason when the connection dropped without one.
+    ``code`` and ``reason`` are those of the close frame the server (or the state-sync peer)
+    sent, or ``1006`` and a reason when the connection dropped without one.
     """
 
     def __init__(self, code: int = 1006, reason: str = "") -> None:
@@ -123,7 +124,9 @@ class NackError(JugglerError):
 
 
 class RemoteError(JugglerError):
-    """The callee answered with an error result ``{"error": {"message": ...}}``."""
+    """The callee answered with an error result ``{"error": {"message": ...}}``; or, for
+    :class:`juggler.statesync.RpcConnection`, the peer's action failed (``message`` is its
+    error's text)."""
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)

@@ -12,7 +12,15 @@ from urllib.parse import parse_qs
 
 from .exceptions import ProtocolError
 
-__all__ = ["HandshakeRequest", "valid_key", "accept_key", "http_response"]
+__all__ = [
+    "HandshakeRequest",
+    "Refusal",
+    "valid_key",
+    "accept_key",
+    "check_upgrade",
+    "switching_protocols",
+    "http_response",
+]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -69,14 +77,52 @@ class HandshakeRequest:
         return [t.strip() for t in self.headers.get(name, "").split(",") if t.strip()]
 
 
-def http_response(status: int, reason: str, headers: dict[str, str] | None = None, body: str = "") -> bytes:
-    """An HTTP/1.1 response with a plain-text body."""
+class Refusal(Exception):
+    """A handshake answered with an HTTP error: ``status``, its ``reason`` phrase, a plain-text
+    ``text`` for the body and extra response ``headers``."""
+
+    def __init__(self, status: int, reason: str, text: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status, self.reason, self.text, self.headers = status, reason, text, headers or {}
+
+
+def check_upgrade(req: HandshakeRequest) -> None:
+    """Raise :class:`Refusal` unless ``req`` asks for a websocket upgrade as RFC 6455 (4.2.1)
+    wants it: ``Upgrade: websocket``, ``Connection: Upgrade``, version 13 and a valid key. (The
+    method and the path are the caller's to check, before this.)"""
+    if "websocket" not in [t.lower() for t in req.tokens("upgrade")]:
+        raise Refusal(426, "Upgrade Required", "this is a websocket endpoint", {"Upgrade": "websocket"})
+    if "upgrade" not in [t.lower() for t in req.tokens("connection")]:
+        raise Refusal(400, "Bad Request", "Connection header must include Upgrade")
+    if req.headers.get("sec-websocket-version") != "13":
+        raise Refusal(426, "Upgrade Required", "unsupported websocket version", {"Sec-WebSocket-Version": "13"})
+    if not valid_key(req.headers.get("sec-websocket-key", "")):
+        raise Refusal(400, "Bad Request", "missing or invalid Sec-WebSocket-Key")
+
+
+def switching_protocols(req: HandshakeRequest, protocol: str | None = None) -> bytes:
+    """The 101 response that accepts the upgrade ``req`` asked for, with subprotocol
+    ``protocol`` if one was chosen."""
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": accept_key(req.headers["sec-websocket-key"]),
+    }
+    if protocol:
+        headers["Sec-WebSocket-Protocol"] = protocol
+    return http_response(101, "Switching Protocols", headers)
+
+
+def http_response(status: int, reason: str, headers: dict[str, str] | None = None, body: str | bytes = "") -> bytes:
+    """An HTTP/1.1 response with a body: text (sent as plain text unless ``headers`` give a
+    Content-Type) or bytes. A ``Content-Length`` in ``headers`` is kept, so a response whose
+    body follows separately (a file) or is left out (HEAD) can say how long it is."""
     lines = [f"HTTP/1.1 {status} {reason}"]
     hdrs = dict(headers or {})
     if status != 101:
-        data = body.encode("utf-8")
+        data = body.encode("utf-8") if isinstance(body, str) else body
         hdrs.setdefault("Content-Type", "text/plain; charset=utf-8")
-        hdrs["Content-Length"] = str(len(data))
+        hdrs.setdefault("Content-Length", str(len(data)))
         hdrs.setdefault("Connection", "close")
     else:
         data = b""

@@ -39,6 +39,7 @@ __all__ = [
     "encode",
     "encode_payload",
     "decode",
+    "parse_json",
     "new_uuid",
     "effective_timeout",
     "CallPayload",
@@ -420,14 +421,11 @@ def _for_type(value: Any) -> MessageType:
     return MessageType(value)
 
 
-def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) -> Message:
-    """Parse one juggler message.
-
-    Raises :class:`~juggler.exceptions.ProtocolError` with close code 1007 when the text is not
-    a well-formed message (including JSON that Go would refuse: ``NaN``, lone surrogates, a
-    timeout outside int64), and 1002 when ``meta.type`` is not a juggler message type or, given
-    ``types``, not one of those (checked before the payload).
-    """
+def parse_json(data: str | bytes) -> Any:
+    """The JSON value of a message's text (also the state-sync protocol's). Raises
+    :class:`~juggler.exceptions.ProtocolError` with close code 1007 when it is not UTF-8, not
+    JSON (``NaN`` and numbers out of range included), nested too deeply, or holds a lone
+    UTF-16 surrogate."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         try:
             data = bytes(data).decode("utf-8")
@@ -446,6 +444,18 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
             _dumps(obj).encode("utf-8")
         except UnicodeEncodeError:
             raise _invalid("message contains a lone UTF-16 surrogate") from None
+    return obj
+
+
+def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) -> Message:
+    """Parse one juggler message.
+
+    Raises :class:`~juggler.exceptions.ProtocolError` with close code 1007 when the text is not
+    a well-formed message (including JSON that Go would refuse: ``NaN``, lone surrogates, a
+    timeout outside int64), and 1002 when ``meta.type`` is not a juggler message type or, given
+    ``types``, not one of those (checked before the payload).
+    """
+    obj = parse_json(data)
     if not isinstance(obj, dict):
         raise _invalid("message is not a JSON object")
     meta = obj.get("meta")

@@ -32,7 +32,7 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import Handler, process_msg
 from .pubsub import PubSubHub
 from .timer import Timer
-from .handshake import HandshakeRequest, accept_key, http_response, valid_key
+from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
 
@@ -133,10 +133,7 @@ class ConnState(enum.Enum):
 StateHook = Callable[[Conn, ConnState], None]
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, reason: str, text: str, headers: Optional[dict[str, str]] = None):
-        super().__init__(text)
-        self.status, self.reason, self.text, self.headers = status, reason, text, headers or {}
+_Refused = Refusal
 
 
 class _Handler(websocket_server.WebSocketHandler):
@@ -250,15 +247,8 @@ class _Handler(websocket_server.WebSocketHandler):
     @staticmethod
     def _switch_protocols(io: SocketIO, request: HandshakeRequest, protocol: Optional[str]) -> bool:
         """Send the 101 response; whether it went out."""
-        headers = {
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Accept": accept_key(request.headers["sec-websocket-key"]),
-        }
-        if protocol:
-            headers["Sec-WebSocket-Protocol"] = protocol
         try:
-            io.sendall(http_response(101, "Switching Protocols", headers))
+            io.sendall(switching_protocols(request, protocol))
         except OSError:
             return False
         return True
@@ -692,14 +682,7 @@ class Server:
             raise _Refused(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
         if req.path.split("?", 1)[0] != self.path:
             raise _Refused(404, "Not Found", f"no websocket endpoint at {req.path}")
-        if "websocket" not in [t.lower() for t in req.tokens("upgrade")]:
-            raise _Refused(426, "Upgrade Required", "this is a websocket endpoint", {"Upgrade": "websocket"})
-        if "upgrade" not in [t.lower() for t in req.tokens("connection")]:
-            raise _Refused(400, "Bad Request", "Connection header must include Upgrade")
-        if req.headers.get("sec-websocket-version") != "13":
-            raise _Refused(426, "Upgrade Required", "unsupported websocket version", {"Sec-WebSocket-Version": "13"})
-        if not valid_key(req.headers.get("sec-websocket-key", "")):
-            raise _Refused(400, "Bad Request", "missing or invalid Sec-WebSocket-Key")
+        check_upgrade(req)
         origin = req.headers.get("origin")
         if self.allowed_origins is not None and origin is not None:
             if not any(fnmatch.fnmatchcase(origin.lower(), pattern) for pattern in self.allowed_origins):

@@ -13,9 +13,9 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
-__all__ = ["Timer", "TimerHandle"]
+__all__ = ["Timer", "TimerHandle", "Keepalive"]
 
 
 class TimerHandle:
@@ -119,3 +119,66 @@ class Timer:
                 handle.callback()
             except Exception:
                 self.logger.exception("timer callback %r failed", handle.callback)
+
+
+class _LastRecv(Protocol):
+    last_recv: float  # time.monotonic() of the last bytes received
+
+
+class Keepalive:
+    """A connection's keepalive, as entries in a :class:`Timer` (no thread of its own).
+
+    After ``ping_interval`` seconds without bytes from the peer (``reader.last_recv``) it calls
+    ``ping()``, once per silence; after ``idle_timeout`` seconds without any, pongs included,
+    it calls ``idle(reason)`` and stops. 0 turns either off. It stops when ``closed()`` is
+    true, or on :meth:`cancel`. The callbacks run on the timer's thread and must not wait.
+    """
+
+    def __init__(self, timer: Timer, reader: _LastRecv, ping_interval: float, idle_timeout: float,
+                 ping: Callable[[], None], idle: Callable[[str], None], closed: Callable[[], bool]) -> None:  # fmt: skip
+        self.timer, self.reader = timer, reader
+        self.ping_interval, self.idle_timeout = ping_interval, idle_timeout
+        self._ping, self._idle, self._closed = ping, idle, closed
+        self._pinged_at = 0.0
+        self._handle: Optional[TimerHandle] = None
+        self._cancelled = False
+
+    def start(self) -> "Keepalive":
+        self._schedule()
+        return self
+
+    def cancel(self) -> None:
+        """Stop; idempotent, from any thread."""
+        self._cancelled = True
+        handle = self._handle
+        if handle is not None:
+            handle.cancel()
+
+    def _schedule(self) -> None:
+        if self._cancelled or self._closed() or not (self.ping_interval or self.idle_timeout):
+            return
+        now = time.monotonic()
+        last = self.reader.last_recv
+        due = []
+        if self.idle_timeout:
+            due.append(last + self.idle_timeout)
+        if self.ping_interval:
+            ping_at = last + self.ping_interval
+            due.append(ping_at if ping_at > now else now + self.ping_interval)
+        self._handle = self.timer.call_at(min(due), self._check)
+        if self._cancelled:  # cancel() ran between the check and the new handle
+            self._handle.cancel()
+
+    def _check(self) -> None:
+        if self._cancelled or self._closed():
+            return
+        now = time.monotonic()
+        last = self.reader.last_recv
+        idle = now - last
+        if self.idle_timeout and idle >= self.idle_timeout:
+            self._idle(f"idle timeout: nothing received for {self.idle_timeout:g} s")
+            return
+        if self.ping_interval and idle >= self.ping_interval and self._pinged_at < last:
+            self._pinged_at = now
+            self._ping()
+        self._schedule()
