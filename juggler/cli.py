@@ -179,6 +179,7 @@ def cmd_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .embedded import EmbeddedRedis
 
     stop = StopSignal().install()
+    _set_switch_interval(cfg)
     embedded = EmbeddedRedis().start()
     try:
         broker = RedisBroker(embedded.client())
@@ -215,6 +216,7 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .embedded import EmbeddedRedis
 
     stop = StopSignal().install()
+    _set_switch_interval(cfg)
     _check_capacity(cfg)
     embedded = None
     if not cfg["redis"]:
@@ -235,6 +237,15 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.close()
     return 0
+
+
+def _set_switch_interval(cfg: dict[str, Any]) -> None:
+    """A server's threads spend their time blocked in I/O and hold the GIL for microseconds;
+    but every thread waiting for the GIL wakes each switch interval to ask for it. With
+    thousands of connections waking at once (a mass close, a burst of calls) CPython's 5 ms
+    default makes that herd of wake-ups take the CPU: a longer interval keeps it small."""
+    sys.setswitchinterval(cfg["switch_interval"])
+    log.debug("GIL switch interval: %s s", cfg["switch_interval"])
 
 
 def _check_capacity(cfg: dict[str, Any]) -> None:

@@ -196,6 +196,9 @@ SETTINGS: dict[str, Setting] = {
         _s("max_connections", _int(0), None, "most open websockets (over it: HTTP 503; 0: no limit; none: "
            "what this process can hold, from its open-file and the machine's thread limits)", metavar="N"),
         _s("reuse_port", _bool, False, "set SO_REUSEPORT, so that several server processes share the port"),
+        _s("switch_interval", _positive_duration, 0.05, "the process' GIL switch interval "
+           "(sys.setswitchinterval): how long a thread waiting for the GIL sleeps before it asks for it",
+           metavar="DURATION"),
         _s("write_limit", _int(1), 1 << 20, "largest message written in bytes (a RES over it becomes an "
            "error result, an EVNT is dropped)", metavar="BYTES"),
         _s("ping_interval", parse_duration, 30.0, "ping a connection silent this long (0: never)", metavar="DURATION"),
@@ -239,10 +242,10 @@ SETTINGS: dict[str, Setting] = {
 
 #: The settings of each command, in the order --print-config shows them.
 COMMANDS: dict[str, list[str]] = {
-    "demo": ["host", "port", "path", "workers", "grace", "log_level"],
+    "demo": ["host", "port", "path", "workers", "grace", "switch_interval", "log_level"],
     "server": [
         "redis", "pubsub_redis", "host", "port", "path", "allow_empty_subprotocol", "allowed_origins",
-        "certfile", "keyfile", "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size",
+        "certfile", "keyfile", "reuse_port", "switch_interval", "max_connections", "read_limit", "write_limit", "write_queue_size",
         "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
         "max_call_timeout", "slow_threshold", "call_cap", "result_cap", "http_endpoints",
         "serve_client", "log_messages", "log_level",

@@ -299,6 +299,10 @@ class _TCPServer(websocket_server.WebsocketServer):
 class Server:
     """A juggler server.
 
+    It runs a thread or two per connection; a process serving many connections should call
+    ``sys.setswitchinterval(0.05)`` first, as ``juggler server`` does (see the deployment
+    docs: the GIL switch interval).
+
     :param broker: the broker for RPC (calls and results).
     :param pubsub_broker: the broker for pub-sub; ``None`` means ``broker``.
     :param host: address to listen on.

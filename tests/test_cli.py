@@ -612,3 +612,14 @@ def test_callee_processes_serve_together_and_stop_on_sigterm(procs, redis_server
         broker.close()
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+@pytest.mark.parametrize("command, flags, expected", [
+    ("server", ["--switch-interval", "0.02"], "0.02"),
+    ("demo", [], "0.05"),  # the default
+])  # fmt: skip
+def test_server_and_demo_set_the_gil_switch_interval(procs, command, flags, expected):
+    proc = procs(command, "--port", "0", *flags, "--log-level", "debug")
+    proc.expect(r"GIL switch interval: %s s" % re.escape(expected), stream="err")
+    proc.expect(r"websocket: ws://")
+    assert proc.stop() == 0
