@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -42,9 +43,15 @@ def demo_reverse(args: Any) -> str:
 
 
 def demo_delay(args: Any) -> int:
-    """test.delay: sleeps N milliseconds (0 to 600000), returns N."""
+    """test.delay: sleeps N milliseconds (0 to 600000), returns N. N is a number, or a string
+    of one (``"1200"``) as the reference's callee and load tool send it."""
+    if isinstance(args, str):
+        try:
+            args = float(args.strip())
+        except ValueError:
+            args = None
     if isinstance(args, bool) or not isinstance(args, (int, float)) or not 0 <= args <= 600_000:
-        raise ValueError("test.delay takes a number of milliseconds from 0 to 600000")
+        raise ValueError("test.delay takes a number of milliseconds from 0 to 600000 (or a string of one)")
     time.sleep(args / 1000)
     return int(args) if float(args).is_integer() else args
 
@@ -228,7 +235,10 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         server.start()
         _print(f"websocket: {server.url}")
         if embedded is not None:
-            _print(f"redis:     {embedded.url}  (embedded, in memory: no --redis given)")
+            _print(
+                f"redis:     {embedded.url}  (embedded, in memory: no --redis given)",
+                f"callees:   juggler callee --redis {embedded.url} --demo",
+            )
         stop.wait()
         server.shutdown()
     finally:
@@ -319,7 +329,7 @@ def cmd_callee(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 
     functions = callee_functions(args.targets, args.uri, args.demo)
     if not cfg["redis"]:
-        raise _Usage("juggler callee needs --redis URL (or JUGGLER_REDIS_URL): the redis its server uses")
+        raise _Usage("it needs --redis URL (or JUGGLER_REDIS_URL): the redis its server uses")
     if cfg["processes"] > 1:
         return _run_processes(cfg, args.argv)
     stop = StopSignal().install()
@@ -455,6 +465,19 @@ _DESCRIPTIONS = {
 }
 
 
+#: Settings a command cannot do without, though other commands have a default for them.
+_REQUIRED = {("callee", "redis")}
+
+
+def _default_help(command: str, name: str, default: Any) -> str:
+    return "required" if (command, name) in _REQUIRED else f"default {default}"
+
+
+def _first_sentence(text: str) -> str:
+    """Up to the first full stop that ends a sentence (not the dot inside "test.echo")."""
+    return re.split(r"\.(?:\s|$)", text, maxsplit=1)[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="juggler",
@@ -465,11 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"juggler {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command, names in COMMANDS.items():
-        p = subs.add_parser(command, help=_DESCRIPTIONS[command].split(".")[0], description=_DESCRIPTIONS[command])
+        p = subs.add_parser(command, help=_first_sentence(_DESCRIPTIONS[command]), description=_DESCRIPTIONS[command])
         for name in names:
             s = SETTINGS[name]
             default = "none" if s.default is None else s.default
-            help_text = f"{s.help} (env {s.env_var}; default {default})"
+            help_text = f"{s.help} (env {s.env_var}; {_default_help(command, name, default)})"
             if s.parse.__name__ == "_bool" and s.default:
                 p.add_argument("--no-" + s.flag[2:], dest=name, action="store_const", const=False, default=None,
                                help=f"do not {s.help} (env {s.env_var}=false)")  # fmt: skip

@@ -177,8 +177,8 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
         _s("redis", _redis_url, None, "redis URL for RPC (and pub-sub, unless --pubsub-redis): a "
-           "standalone redis or any node of a Redis Cluster; none: an embedded in-memory redis",
-           env="JUGGLER_REDIS_URL", metavar="URL"),
+           "standalone redis or any node of a Redis Cluster; juggler server without one runs an embedded "
+           "in-memory redis, juggler callee requires one", env="JUGGLER_REDIS_URL", metavar="URL"),
         _s("pubsub_redis", _redis_url, None, "a separate redis URL for pub-sub (standalone or any cluster node)",
            env="JUGGLER_PUBSUB_REDIS_URL", metavar="URL"),
         _s("log_level", _log_level, "info", "log level: debug, info, warning, error", metavar="LEVEL"),

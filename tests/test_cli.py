@@ -137,6 +137,7 @@ def test_demo_serves_each_uri_and_stops_on_sigterm(demo):
     assert raw_call(url, "test.echo", {"x": [1, "y"]}) == {"x": [1, "y"]}
     assert raw_call(url, "test.reverse", "juggler") == "relgguj"
     assert raw_call(url, "test.delay", 20) == 20
+    assert raw_call(url, "test.delay", "20") == 20  # as the reference's load tool sends it
     started = time.monotonic()
     assert p.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < T(5)
@@ -159,7 +160,10 @@ def test_server_with_embedded_redis_and_callee_in_another_process(procs):
     server = procs("server", "--port", "0")
     url = server.expect(r"websocket: (ws://\S+)").group(1)
     redis_url = server.expect(r"redis: +(redis://127\.0\.0\.1:\d+/0)").group(1)
-    callee = procs("callee", "--redis", redis_url, "--demo", "--workers", "2")
+    # the line to start callees, ready to paste, as the demo prints it
+    command = server.expect(r"^callees: +(juggler callee .*)$").group(1)
+    assert command == f"juggler callee --redis {redis_url} --demo"
+    callee = procs(*command.split()[1:], "--workers", "2")
     callee.expect(r"callee: serving test\.echo, test\.reverse, test\.delay")
     out = juggler("client", url, "call", "test.reverse", '"abc"')
     assert (out.returncode, out.stdout) == (0, '"cba"\n')
@@ -198,6 +202,31 @@ def test_callee_usage_errors(args, message):
     out = juggler(*args)
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.count("juggler callee") == 1  # said once, at the start of the line
+
+
+def test_callee_help_says_redis_is_required():
+    out = juggler("callee", "--help")
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert "juggler callee requires one (env JUGGLER_REDIS_URL; required)" in text
+    assert "default none" not in text.split("--redis URL")[1].split("--workers")[0]
+
+
+def test_top_level_help_keeps_each_summary_whole():
+    out = juggler("--help")
+    text = " ".join(out.stdout.split())
+    assert "demo Run a server, an in-memory redis and the demo callees (test.echo, test.reverse, test.delay) in one process" in text
+
+
+def test_demo_delay_takes_a_number_or_a_string_of_one():
+    from juggler.cli import demo_delay
+
+    assert demo_delay(0) == 0 and demo_delay("0") == 0
+    assert demo_delay(3) == 3 and demo_delay("3") == 3 and demo_delay(" 2 ") == 2
+    assert demo_delay(1.5) == 1.5 and demo_delay("1.5") == 1.5
+    for bad in ("abc", "", "-1", "600001", -1, True, None, [1], "nan", "inf"):
+        with pytest.raises(ValueError, match="test.delay takes a number of milliseconds"):
+            demo_delay(bad)
 
 
 def test_unreachable_redis_is_one_line_and_status_1(free_port):
