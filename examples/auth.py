@@ -5,7 +5,11 @@
 - ``authorize`` is a middleware: each CALL, PUB and SUB is checked against the user's
   permissions (fnmatch patterns), and refused with NACK 403 when not allowed.
 
-Run: python examples/auth.py   (then connect with the header "Authorization: Bearer alice-token")
+Run: python examples/auth.py [--port 9000], then connect with the header:
+
+    juggler client -H 'Authorization: Bearer alice-token' ws://127.0.0.1:9000/ws call test.echo '"hi"'
+
+Ctrl-C stops it.
 """
 
 from __future__ import annotations
@@ -59,16 +63,23 @@ def make_server(broker: Any, **kwargs: Any) -> Server:
 
 
 if __name__ == "__main__":
+    import argparse
     import logging
 
     import fakeredis
 
     from juggler import Callee, RedisBroker
 
+    parser = argparse.ArgumentParser(description="a juggler server that authenticates and authorizes")
+    parser.add_argument("--port", type=int, default=9000, help="port to listen on (0: any free port)")
+    port = parser.parse_args().port
     logging.basicConfig(level=logging.INFO)
     broker = RedisBroker(fakeredis.FakeRedis())
     callee = Callee(broker, workers=2)
     callee.register("test.echo", lambda args: args)
-    with make_server(broker, port=9000) as server, callee:
-        print("listening on", server.url, "- tokens:", ", ".join(TOKENS))
-        server.serve_forever()
+    with make_server(broker, port=port) as server, callee:
+        print("listening on", server.url, "- tokens:", ", ".join(TOKENS), flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C: leaving the with-block shuts both down
+            print("stopping", flush=True)

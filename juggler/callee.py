@@ -68,7 +68,8 @@ class Callee:
     ``max_backoff`` seconds.
 
     A function gets the call's decoded ``args`` and returns any JSON value. If it raises, the
-    caller gets ``{"error": {"message": str(exc)}}``, the exception is logged once and the
+    caller gets ``{"error": {"message": str(exc), "type": "IndexError"}}`` (the exception's
+    class name; the reference sends only ``message``), the exception is logged once and the
     worker goes on.
 
     Each worker waits for the calls of all its URIs with a single BRPOP. On Redis Cluster one
@@ -293,7 +294,7 @@ class Callee:
             result = fn(call.args)
         except (Exception, SystemExit) as exc:  # sys.exit() in a function must not end the worker
             self.logger.exception("callee %s: function for %s raised", self.name, call.uri)
-            result = error_result(str(exc) or type(exc).__name__)
+            result = error_result(str(exc) or type(exc).__name__, type(exc).__name__)
             self.stats._add(errors=1)
         finally:
             self.stats._add(busy=-1)

@@ -416,16 +416,41 @@ def _run_processes(cfg: dict[str, Any], argv: Sequence[str]) -> int:
     return status
 
 
+def _websocket_url(url: str) -> str:
+    from .client import check_url
+
+    try:
+        return check_url(url)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+
+
+def parse_headers(values: Sequence[str]) -> dict[str, str]:
+    """``-H 'Name: value'`` options as a dict; a name given twice gets its values joined
+    with ", " (what HTTP takes a repeated header to mean)."""
+    headers: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition(":")
+        name = name.strip()
+        if not sep or not name or any(c.isspace() for c in name):
+            raise _Usage(f"--header {item!r} is not of the form 'Name: value'")
+        value = value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
 def cmd_client(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .shell import run_client
 
-    return run_client(args.url, args.words, cfg, allowed=args.allowed_messages)
+    url = _websocket_url(args.url)
+    headers = parse_headers(args.header)
+    return run_client(url, args.words, cfg, allowed=args.allowed_messages, headers=headers)
 
 
 def cmd_load(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .load import run_load
 
-    return run_load(args.url, cfg, as_json=args.json, progress=not args.quiet)
+    return run_load(_websocket_url(args.url), cfg, as_json=args.json, progress=not args.quiet)
 
 
 def cmd_statesync_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
@@ -512,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND ...",
                            help="one command to run, e.g.: call test.echo '\"hi\"'; none: interactive")  # fmt: skip
             p.add_argument("--allowed-messages", metavar="LIST", help="send Juggler-Allowed-Messages, e.g. call,sub")
+            p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                           help="send this header with the handshake, e.g. 'Authorization: Bearer TOKEN' "
+                           "(repeatable)")  # fmt: skip
         if command == "load":
             p.add_argument("url", metavar="URL", help="the server's websocket URL")
             p.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -22,6 +22,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -57,12 +58,30 @@ from .message import (
 from .frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, valid_close_code
 from .transport import FrameReader, SocketIO, SocketReader, Stopped
 
-__all__ = ["Client", "Subscription", "open_websocket"]
+__all__ = ["Client", "Subscription", "check_url", "open_websocket"]
 
 SUBPROTOCOL = "juggler.0"
 _END = object()  # subscription queues: the end; writer queue: send the close frame, then stop
 _STOP = object()  # writer queue: stop without sending
 _counter = itertools.count(1)
+
+
+def check_url(url: str) -> str:
+    """``url`` when it is a websocket URL (``ws://HOST[:PORT]/PATH`` or ``wss://...``);
+    otherwise :class:`ValueError`, with what is wrong and what the URL probably should be."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a websocket URL: {exc}") from None
+    if parts.scheme in ("http", "https") and parts.hostname:
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        raise ValueError(f"{url!r} is an HTTP URL: a juggler server's websocket URL starts with {scheme}://, "
+                         f"e.g. {scheme}://{parts.netloc}{parts.path or '/ws'}")  # fmt: skip
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        hint = f"ws://{url}/ws" if "//" not in url and ":" in url else "ws://127.0.0.1:9000/ws"
+        raise ValueError(f"{url!r} is not a websocket URL (ws://HOST:PORT/PATH or wss://...), e.g. {hint}")
+    return url
 
 
 class Subscription:
@@ -237,7 +256,9 @@ class Client:
         ``Juggler-Allowed-Messages`` header. Raises :class:`~juggler.exceptions.HandshakeError`
         when the server refuses the handshake, :class:`OSError` when it cannot be reached.
         Extra keyword arguments go to ``websocket.create_connection`` (e.g. ``sslopt``).
+        A ``url`` that is not a websocket URL raises :class:`ValueError` (see :func:`check_url`).
         """
+        check_url(url)
         headers = dict(headers or {})
         if allowed_messages is not None:
             value = allowed_messages if isinstance(allowed_messages, str) else ",".join(allowed_messages)

@@ -126,10 +126,18 @@ class NackError(JugglerError):
 class RemoteError(JugglerError):
     """The callee answered with an error result ``{"error": {"message": ...}}``; or, for
     :class:`juggler.statesync.RpcConnection`, the peer's action failed (``message`` is its
-    error's text)."""
+    error's text).
+
+    ``type`` is the exception's class name when the callee sent one (a Python callee does:
+    ``"IndexError"``; the Go reference does not), and ``str(exc)`` reads like Python's last
+    traceback line: ``IndexError: list index out of range``.
+    """
 
     def __init__(self, message: str, result: Any = None) -> None:
-        super().__init__(message)
+        error = result.get("error") if isinstance(result, dict) else None
+        kind = error.get("type") if isinstance(error, dict) else None
+        self.type: str | None = kind if isinstance(kind, str) and kind else None
+        super().__init__(f"{self.type}: {message}" if self.type and self.type != message else message)
         self.message = message
         self.result = result
 

@@ -603,9 +603,15 @@ class EventPayload:
         return cls(msg_uuid=obj.get("msg_uuid", ""), args=obj.get("args"))
 
 
-def error_result(message: str) -> dict[str, Any]:
-    """The result a callee returns for an error: ``{"error": {"message": message}}``."""
-    return {"error": {"message": message}}
+def error_result(message: str, exc_type: str | None = None) -> dict[str, Any]:
+    """The result a callee returns for an error: ``{"error": {"message": message}}``, the
+    reference's shape, with ``"type"`` (``exc_type``, the exception's class name, e.g.
+    ``"IndexError"``) after the message when given. A reader that knows only ``message``
+    ignores ``type``."""
+    error = {"message": message}
+    if exc_type is not None:
+        error["type"] = exc_type
+    return {"error": error}
 
 
 def result_error_message(result: Any) -> str | None:

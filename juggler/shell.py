@@ -3,8 +3,8 @@
 One-shot exit status (for scripts)::
 
     0  success (call: the result is printed as JSON on stdout)
-    1  the callee returned an error result (its message on stderr)
-    2  usage error (unknown command, args that are not JSON)
+    1  the callee returned an error result (its type and message on stderr)
+    2  usage error (unknown command, args that are not JSON, not a websocket URL)
     3  the server answered NACK
     4  the call expired
     5  could not connect, or the connection closed
@@ -49,8 +49,17 @@ commands (prefix one with @N to run it on connection N):
   exit                   close everything and leave (also Ctrl-D)"""
 
 
+PROMPT = "> "
+
+
 class _Usage(Exception):
     pass
+
+
+def _typed_so_far() -> str:
+    """What is typed at the prompt so far (readline's buffer; "" without readline)."""
+    readline = sys.modules.get("readline")
+    return readline.get_line_buffer() if readline is not None else ""
 
 
 def _json_args(text: str) -> Any:
@@ -62,6 +71,13 @@ def _json_args(text: str) -> Any:
         raise _Usage(f"args must be JSON ({exc}); quote strings: '\"hello\"'") from None
 
 
+def _number(text: str, usage: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _Usage(usage) from None
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -69,11 +85,19 @@ def _dumps(value: Any) -> str:
 class Shell:
     """The interactive shell: reads commands from ``stdin``, prints to ``out`` as things arrive."""
 
-    def __init__(self, url: str, timeout: float, out: TextIO = sys.stdout, allowed: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        out: TextIO = sys.stdout,
+        allowed: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
+    ) -> None:
         self.url = url
         self.timeout = timeout
         self.out = out
         self.allowed = allowed
+        self.headers = headers or {}
         self.conns: dict[int, Client] = {}
         self.current: Optional[int] = None
         self._next = 1
@@ -82,17 +106,26 @@ class Shell:
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[int, str, float]] = {}
         self._subs: dict[tuple[int, str, bool], tuple[Subscription, threading.Thread]] = {}
+        self._at_prompt = False  # the main thread waits in input() after printing PROMPT
 
     def say(self, text: str) -> None:
+        """Print a line. If it comes while the prompt waits for a line (a result, an event),
+        it goes above the prompt, which is printed again with what was typed so far."""
         with self._lock:
-            print(text, file=self.out, flush=True)
+            if self._at_prompt:
+                self.out.write(f"\r\x1b[K{text}\n{PROMPT}{_typed_so_far()}")
+            else:
+                self.out.write(text + "\n")
+            self.out.flush()
 
     # -- commands --
 
     def connect(self, url: Optional[str] = None) -> None:
         url = url or self.url
         try:
-            client = Client.connect(url, allowed_messages=self.allowed)
+            client = Client.connect(url, allowed_messages=self.allowed, headers=self.headers)
+        except ValueError as exc:  # not a websocket URL
+            raise _Usage(str(exc)) from None
         except (HandshakeError, OSError) as exc:
             self.say(f"cannot connect to {url}: {exc}")
             return
@@ -127,7 +160,7 @@ class Shell:
             try:
                 self.say(f"[{n}] RES  {uri} #{short} {ms:.1f} ms: {_dumps(f.result())}")
             except RemoteError as exc:
-                self.say(f"[{n}] ERR  {uri} #{short} {ms:.1f} ms: {exc.message}")
+                self.say(f"[{n}] ERR  {uri} #{short} {ms:.1f} ms: {exc}")
             except NackError as exc:
                 self.say(f"[{n}] NACK {uri} #{short}: {exc.code} {exc.message}")
             except CallExpired:
@@ -236,7 +269,7 @@ class Shell:
             "use": lambda: self._use(rest),
             "list": self.list,
             "wait": self.wait,
-            "close": lambda: self.close(int(rest) if rest.strip() else n),
+            "close": lambda: self.close(_number(rest, "close [N]") if rest.strip() else n),
             "timeout": lambda: self._set_timeout(rest),
             "help": lambda: self.say(HELP.format(timeout=f"{self.timeout:g} s")),
         }
@@ -252,10 +285,7 @@ class Shell:
         concurrent.futures.wait(list(self._calls))
 
     def _use(self, rest: str) -> None:
-        try:
-            n = int(rest)
-        except ValueError:
-            raise _Usage("use N") from None
+        n = _number(rest, "use N")
         if n not in self.conns:
             raise _Usage(f"no connection {n}")
         self.current = n
@@ -270,33 +300,67 @@ class Shell:
         self.say(f"call timeout: {self.timeout:g} s")
 
     def interact(self, stdin: TextIO) -> int:
-        interactive = stdin.isatty()
-        self.say(f"juggler client: 'help' lists the commands")
-        self.connect()
+        """Run commands from ``stdin`` until ``exit`` or its end. On a terminal: a prompt
+        with line editing (readline), Ctrl-C drops the line being typed (or stops a ``wait``),
+        Ctrl-D on an empty line leaves."""
+        prompt = stdin is sys.stdin and stdin.isatty()
+        if prompt:
+            try:
+                import readline  # noqa: F401 - input() edits lines with it once imported
+            except ImportError:  # pragma: no cover - a Python built without it
+                pass
+        self.say("juggler client: 'help' lists the commands")
         try:
+            self._run("connect")
             while True:
-                if interactive:
-                    with self._lock:
-                        self.out.write("> ")
-                        self.out.flush()
-                line = stdin.readline()
-                if not line:
+                line = self._prompt() if prompt else stdin.readline()
+                if not line or not self._run(line):
                     break
-                try:
-                    if not self.run_line(line):
-                        break
-                except _Usage as exc:
-                    self.say(f"error: {exc}")
-                except (NackError, ConnectionClosed, TimeoutError) as exc:
-                    self.say(f"error: {exc}")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # without a prompt, Ctrl-C leaves
             pass
         finally:
             self.close_all()
         return EXIT_OK
 
+    def _prompt(self) -> str:
+        """The next line typed at the prompt; "" at Ctrl-D."""
+        while True:
+            with self._lock:
+                self._at_prompt = True
+            try:
+                return input(PROMPT) + "\n"
+            except EOFError:  # Ctrl-D: end the prompt's line before leaving
+                self._write("\n")
+                return ""
+            except KeyboardInterrupt:  # Ctrl-C: drop the line, prompt again
+                self._write("\n")
+            finally:
+                with self._lock:
+                    self._at_prompt = False
 
-def one_shot(url: str, words: list[str], timeout: float, allowed: Optional[str]) -> int:
+    def _write(self, text: str) -> None:
+        with self._lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def _run(self, line: str) -> bool:
+        """:meth:`run_line`, reporting a failed command in one line and carrying on."""
+        try:
+            return self.run_line(line)
+        except _Usage as exc:
+            self.say(f"error: {exc}")
+        except (NackError, ConnectionClosed, TimeoutError) as exc:
+            self.say(f"error: {exc}")
+        except KeyboardInterrupt:
+            self.say("interrupted")
+        except Exception as exc:  # a bug must not take the other connections down with the shell
+            self.say(f"error: {type(exc).__name__}: {exc}")
+        return True
+
+
+def one_shot(
+    url: str, words: list[str], timeout: float, allowed: Optional[str], headers: Optional[dict[str, str]] = None
+) -> int:
     """Run one command; print its result; return the exit status."""
     cmd, rest = words[0].lower(), " ".join(words[1:])
     if cmd not in ("call", "pub", "sub", "psub"):
@@ -318,7 +382,10 @@ def one_shot(url: str, words: list[str], timeout: float, allowed: Optional[str])
         print(f"juggler client: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        client = Client.connect(url, allowed_messages=allowed)
+        client = Client.connect(url, allowed_messages=allowed, headers=headers)
+    except ValueError as exc:  # not a websocket URL
+        print(f"juggler client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (HandshakeError, OSError) as exc:
         print(f"juggler client: cannot connect to {url}: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
@@ -338,7 +405,7 @@ def one_shot(url: str, words: list[str], timeout: float, allowed: Optional[str])
                 seen += 1
         return EXIT_OK
     except RemoteError as exc:
-        print(f"juggler client: error result: {exc.message}", file=sys.stderr)
+        print(f"juggler client: error result: {exc}", file=sys.stderr)
         return EXIT_REMOTE_ERROR
     except NackError as exc:
         print(f"juggler client: {exc}", file=sys.stderr)
@@ -355,7 +422,9 @@ def one_shot(url: str, words: list[str], timeout: float, allowed: Optional[str])
         client.close()
 
 
-def run_client(url: str, words: list[str], cfg: dict[str, Any], allowed: Optional[str] = None) -> int:
+def run_client(
+    url: str, words: list[str], cfg: dict[str, Any], allowed: Optional[str] = None, headers: Optional[dict[str, str]] = None
+) -> int:
     if words:
-        return one_shot(url, words, cfg["timeout"], allowed)
-    return Shell(url, cfg["timeout"], allowed=allowed).interact(sys.stdin)
+        return one_shot(url, words, cfg["timeout"], allowed, headers)
+    return Shell(url, cfg["timeout"], allowed=allowed, headers=headers).interact(sys.stdin)

@@ -75,7 +75,7 @@ def test_raising_function_gives_error_result_and_worker_goes_on(broker, caplog):
     callee.register("ok", lambda a: a)
     with caplog.at_level("ERROR", logger="juggler.callee"), callee:
         p1 = send_call(broker, "boom", 1)
-        assert take_result(broker, p1).payload.args == {"error": {"message": "bad input"}}
+        assert take_result(broker, p1).payload.args == {"error": {"message": "bad input", "type": "ValueError"}}
         p2 = send_call(broker, "ok", 2)
         assert take_result(broker, p2).payload.args == 2
     assert [r.message for r in caplog.records].count("callee juggler-callee: function for boom raised") == 1
@@ -90,7 +90,7 @@ def test_exception_without_message_uses_its_type(broker):
     callee.register("boom", boom)
     with callee:
         p = send_call(broker, "boom", 1)
-        assert take_result(broker, p).payload.args == {"error": {"message": "KeyError"}}
+        assert take_result(broker, p).payload.args == {"error": {"message": "KeyError", "type": "KeyError"}}
 
 
 def test_non_json_result_becomes_error_result(broker):
@@ -217,7 +217,7 @@ def test_sys_exit_in_a_function_does_not_end_the_worker(broker):
     callee.register("ok", lambda a: a)
     with callee:
         p = send_call(broker, "exit", None)
-        assert take_result(broker, p).payload.args == {"error": {"message": "3"}}
+        assert take_result(broker, p).payload.args == {"error": {"message": "3", "type": "SystemExit"}}
         p = send_call(broker, "ok", "alive")
         assert take_result(broker, p).payload.args == "alive"
 
@@ -386,7 +386,7 @@ def test_batched_results_keep_errors_and_caps(redis_client):
         assert callee.stats.wait_for(lambda s: s.calls == 4, T(10))
     got = [broker.pop_result(conn, 0.01) for _ in range(3)]
     # results are pushed in call order; the list holds at most 2: the first two made it
-    assert [g.payload.args for g in got[:2]] == [0, {"error": {"message": "one is bad"}}]
+    assert [g.payload.args for g in got[:2]] == [0, {"error": {"message": "one is bad", "type": "ValueError"}}]
     assert got[2] is None
     assert callee.stats.snapshot()["errors"] == 1
 

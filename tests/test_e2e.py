@@ -58,7 +58,9 @@ def test_error_result_raises_remote_error_and_callee_keeps_serving(stack):
     with pytest.raises(RemoteError) as info:
         c.call("test.fail", "boom", timeout=T(5))
     assert info.value.message == "failed on purpose: boom"
-    assert info.value.result == {"error": {"message": "failed on purpose: boom"}}
+    assert info.value.result == {"error": {"message": "failed on purpose: boom", "type": "RuntimeError"}}
+    assert info.value.type == "RuntimeError"
+    assert str(info.value) == "RuntimeError: failed on purpose: boom"  # as Python's last traceback line
     assert c.call("test.echo", 1, timeout=T(5)) == 1
     assert stack.callee.stats.errors == 1
 

@@ -841,6 +841,32 @@ def test_error_result_shape():
     assert json.loads(encode(Res(U_CALL, "u", error_result("boom"), uuid=U_RES)))["payload"]["args"] == {"error": {"message": "boom"}}
 
 
+def test_error_result_with_the_exception_type_keeps_the_reference_shape():
+    result = error_result("list index out of range", "IndexError")
+    assert result == {"error": {"message": "list index out of range", "type": "IndexError"}}
+    # what a reader that knows only the reference's {"error": {"message": ...}} gets from it
+    assert result_error_message(result) == "list index out of range"
+    res = decode(encode(Res(U_CALL, "u", result)))
+    assert result_error_message(res.args) == "list index out of range"
+
+
+@pytest.mark.parametrize(
+    "result, text, kind",
+    [
+        ({"error": {"message": "list index out of range", "type": "IndexError"}}, "IndexError: list index out of range", "IndexError"),
+        ({"error": {"message": "boom"}}, "boom", None),  # a Go callee's: no type
+        ({"error": {"message": "KeyError", "type": "KeyError"}}, "KeyError", "KeyError"),  # no message of its own
+        ({"error": {"message": "boom", "type": 3}}, "boom", None),
+        (None, "boom", None),
+    ],
+)
+def test_remote_error_reads_like_a_python_traceback_line(result, text, kind):
+    from juggler.exceptions import RemoteError
+
+    exc = RemoteError("boom" if result is None else result["error"]["message"], result)
+    assert (str(exc), exc.type) == (text, kind)
+
+
 @pytest.mark.parametrize("message", ["boom", "", "é😀", "multi\nline"])
 def test_result_error_message_of_error_result(message):
     assert result_error_message(error_result(message)) == message

@@ -473,7 +473,8 @@ def test_call_error_result(stack, conns):
     cid = new_id()
     ws.send(call_text(cid, "test.fail", "boom"))
     expect(ws, ACK, {"for": cid, "for_type": CALL, "uri": "test.fail"})
-    expect(ws, RES, {"for": cid, "uri": "test.fail", "args": {"error": {"message": "failed on purpose: boom"}}})
+    # the reference's {"error": {"message": ...}}, with the exception's type beside the message
+    expect(ws, RES, {"for": cid, "uri": "test.fail", "args": {"error": {"message": "failed on purpose: boom", "type": "RuntimeError"}}})
 
 
 def test_sub_pattern_and_pub_exact_json(stack, conns):
