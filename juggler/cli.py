@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import re
@@ -450,7 +451,44 @@ def cmd_client(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 def cmd_load(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .load import run_load
 
-    return run_load(_websocket_url(args.url), cfg, as_json=args.json, progress=not args.quiet)
+    if args.url and args.addr and args.url != args.addr:
+        raise _Usage(f"two URLs: {args.url} and -addr {args.addr}")
+    url = args.url or args.addr
+    if not url:
+        raise _Usage("which server? give its URL (or -addr URL)")
+    return run_load(_websocket_url(url), cfg, as_json=args.json, progress=not args.quiet)
+
+
+# -- the reference's load tool flags ----------------------------------------------------------
+
+#: ``juggler load`` takes the flag names of the reference's load tool (cmd/juggler-load) too,
+#: so its users keep their commands: ``-c``, ``-d``, ``-t`` and ``-u`` mean what ours do;
+#: ``-r`` and ``-p`` (below) differ in form. The defaults stay ours.
+_LOAD_ALIASES = {"connections": "-c", "duration": "-d", "timeout": "-t", "uri": "-u"}
+
+
+class _IntervalAsRate(argparse.Action):
+    """``-r DURATION``: the time between two calls of a connection, as the reference takes it
+    (``100ms``), stored as ``--rate`` (calls per second per connection; ``0``: 0, auto)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: Optional[str] = None) -> None:  # fmt: skip
+        from .config import parse_duration
+
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            parser.error(f"argument -r: {exc}")
+        setattr(namespace, self.dest, 1.0 / seconds if seconds else 0.0)
+
+
+class _StringPayload(argparse.Action):
+    """``-p STRING``: the args of each call are this string, as the reference sends them
+    (``-p 100`` sends ``"100"``), stored as ``--payload`` (JSON)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: Optional[str] = None) -> None:  # fmt: skip
+        setattr(namespace, self.dest, json.dumps(value))
 
 
 def cmd_statesync_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
@@ -524,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
             elif s.parse.__name__ == "_bool":
                 p.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=help_text)
             else:
-                p.add_argument(s.flag, dest=name, default=None, metavar=s.metavar or None, help=help_text)
+                alias = [_LOAD_ALIASES[name]] if command == "load" and name in _LOAD_ALIASES else []
+                p.add_argument(s.flag, *alias, dest=name, default=None, metavar=s.metavar or None, help=help_text)
         p.add_argument("--config", metavar="FILE", help="TOML config file (env JUGGLER_CONFIG)")
         p.add_argument("--print-config", action="store_true", help="print the merged settings and exit")
         if command == "callee":
@@ -541,7 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="send this header with the handshake, e.g. 'Authorization: Bearer TOKEN' "
                            "(repeatable)")  # fmt: skip
         if command == "load":
-            p.add_argument("url", metavar="URL", help="the server's websocket URL")
+            p.add_argument("url", nargs="?", metavar="URL", help="the server's websocket URL")
+            p.add_argument("-addr", "--addr", metavar="URL", help="the server's websocket URL, as the reference's "
+                           "load tool takes it")  # fmt: skip
+            p.add_argument("-r", dest="rate", action=_IntervalAsRate, metavar="DURATION",
+                           help="the reference's -r: time between two calls of a connection, e.g. 100ms "
+                           "(--rate 10); 0: --rate 0")  # fmt: skip
+            p.add_argument("-p", dest="payload", action=_StringPayload, metavar="STRING",
+                           help="the reference's -p: a string sent as the args of each call (-p 100 sends "
+                           "the JSON string \"100\")")  # fmt: skip
             p.add_argument("--json", action="store_true", help="print the report as one JSON object")
             p.add_argument("--quiet", action="store_true", help="no live progress line")
     return parser

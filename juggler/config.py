@@ -34,17 +34,25 @@ class ConfigError(Exception):
     """A setting has a bad value, or the config file is unreadable; the message names which."""
 
 
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_DURATION_PART = r"([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)"
+
+
 def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like ``250ms``, ``10s``, ``2m``, ``1h``, ``1.5``."""
+    """Seconds from a number or a string like ``250ms``, ``10s``, ``2m``, ``1h``, ``1.5``, or
+    a Go duration such as ``1m30s`` (what the reference's tools take)."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration")
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", str(value))
-        if not m:
-            raise ValueError(f"{value!r} is not a duration (e.g. 500ms, 10s, 2m)")
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+        text = str(value).strip()
+        if re.fullmatch(r"[0-9]*\.?[0-9]+", text):
+            seconds = float(text)
+        elif re.fullmatch(rf"(?:{_DURATION_PART}\s*)+", text):
+            seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in re.findall(_DURATION_PART, text))
+        else:
+            raise ValueError(f"{value!r} is not a duration (e.g. 500ms, 10s, 2m, 1m30s)")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value!r} is not a duration")
     return seconds

@@ -36,7 +36,11 @@ from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
 from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from .transport import SocketIO
 
-__all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile"]
+__all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile", "EXIT_NO_RESULT"]
+
+#: Exit status of a run in which no call got a result (all expired, NACKed or closed): the
+#: report has no latency, and a script must not take it for a good run.
+EXIT_NO_RESULT = 4
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -385,14 +389,17 @@ def build_report(url: str, uri: str, connections: int, rate: float, parts: list[
         "duration": round(max(p["duration"] for p in parts), 3),
         "sending": round(sending, 3),
         "calls_per_second": round(calls / sending, 1) if sending > 0 else 0.0,
+        # None when no call got a result: there is no latency to report (not a latency of 0)
         "latency_ms": {
-            "min": round(lat[0], 3) if lat else 0.0,
+            "min": round(lat[0], 3),
             "p50": round(percentile(lat, 50), 3),
             "p75": round(percentile(lat, 75), 3),
             "p90": round(percentile(lat, 90), 3),
             "p99": round(percentile(lat, 99), 3),
-            "max": round(lat[-1], 3) if lat else 0.0,
-        },
+            "max": round(lat[-1], 3),
+        }
+        if lat
+        else None,
     }
     if len(parts) > 1:
         report["processes"] = len(parts)
@@ -416,7 +423,9 @@ def format_report(r: dict[str, Any]) -> str:
             f"closed:    {r['closed']}",
             f"duration:  {r['duration']:.2f} s  (sending for {r['sending']:.2f} s)",
             f"calls/s:   {r['calls_per_second']:.1f}",
-            "latency:   min {min:.2f} ms  p50 {p50:.2f}  p75 {p75:.2f}  p90 {p90:.2f}  p99 {p99:.2f}  max {max:.2f}".format(**lat),
+            "latency:   min {min:.2f} ms  p50 {p50:.2f}  p75 {p75:.2f}  p90 {p90:.2f}  p99 {p99:.2f}  max {max:.2f}".format(**lat)
+            if lat is not None
+            else "latency:   n/a (no call got a result)",
         ]
     )
 
@@ -648,4 +657,8 @@ def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: boo
                 f"  {name} +{delta:g}" for name, delta in report["server_metrics"].items()
             )
         print(text, flush=True)
+    if not report["results"]:
+        print(f"juggler load: no call got a result ({report['calls']} calls: {report['expired']} expired, "
+              f"{report['nacks']} NACKed, {report['closed']} closed)", file=sys.stderr)  # fmt: skip
+        return EXIT_NO_RESULT
     return 0

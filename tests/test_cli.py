@@ -367,9 +367,12 @@ def test_load_tester_counts_error_results_expiries_and_closes(demo, procs):
     # each call expires after 100 ms; its RES, 300 ms late, is not taken for the next call's
     out = juggler("load", "--duration", "1", "--connections", "2", "--uri", "test.delay", "--payload", "300",
                   "--timeout", "100ms", "--json", url, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert 0 < r["calls"] <= 22 and r["expired"] == r["calls"] and r["results"] == 0
+    # no call got a result: no latency to report, and a status a script cannot take for success
+    assert r["latency_ms"] is None
+    assert out.returncode == 4
+    assert out.stderr == f"juggler load: no call got a result ({r['calls']} calls: {r['calls']} expired, 0 NACKed, 0 closed)\n"
     server = procs("demo", "--port", "0", "--log-level", "warning")
     doomed = server.expect(r"websocket: (ws://\S+)").group(1)
     server.expect(r"^stop:")
@@ -382,6 +385,40 @@ def test_load_tester_counts_error_results_expiries_and_closes(demo, procs):
     r = json.loads(load.expect(r"^\{", timeout=30).string)
     assert r["closed"] == 2 and r["calls"] == r["results"] + r["nacks"] + r["closed"]  # one outcome each
     assert load.p.wait(T(10)) == 0
+
+
+def test_load_all_expired_text_report_says_latency_is_not_available(demo):
+    _, url, _ = demo
+    out = juggler("load", "-d", "500ms", "-c", "1", "-u", "test.delay", "-p", "300", "-t", "100ms", url, timeout=60)
+    assert out.returncode == 4
+    assert re.search(r"^latency: +n/a \(no call got a result\)$", out.stdout, re.M)
+    assert "juggler load: no call got a result" in out.stderr
+
+
+def test_load_takes_the_reference_load_tool_flags(demo):
+    _, url, _ = demo
+    # as a user of the Go tools types it: -p is a string, which the demo's test.delay takes
+    out = juggler("load", "-addr", url, "-c", "2", "-d", "1s", "-r", "50ms", "-t", "2s", "-u", "test.delay", "-p", "5",
+                  "--json", timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert (r["connections"], r["rate"], r["uri"]) == (2, 20.0, "test.delay")
+    assert 30 <= r["calls"] <= 42  # 2 connections x 20/s x 1 s
+    assert r["results"] == r["calls"] and r["error_results"] == 0
+
+
+def test_load_reference_flags_map_onto_the_settings():
+    out = juggler("load", "-c", "3", "-d", "1m30s", "-r", "100ms", "-t", "1s", "-u", "x", "-p", "100", "--print-config",
+                  "ws://127.0.0.1:1/ws")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    values = dict(re.findall(r"^(\w+) = (.*?)\s+#", out.stdout, re.M))
+    assert values == {"connections": "3", "processes": "1", "rate": "10.0", "duration": "90.0", "timeout": "1.0",
+                      "uri": '"x"', "payload": '"\\"100\\""', "log_level": '"info"'}  # fmt: skip
+    assert juggler("load", "-r", "0", "--print-config", "ws://127.0.0.1:1/ws").stdout.count("rate = 0.0") == 1
+    bad = juggler("load", "-r", "soon", "ws://127.0.0.1:1/ws")
+    assert bad.returncode == 2 and "argument -r: 'soon' is not a duration" in bad.stderr
+    nowhere = juggler("load", "-c", "2")
+    assert (nowhere.returncode, nowhere.stderr) == (2, "juggler load: which server? give its URL (or -addr URL)\n")
 
 
 def raw_metrics(ws_url: str) -> str:
