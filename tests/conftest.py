@@ -44,6 +44,13 @@ def juggler_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("juggler")]
 
 
+def pytest_configure(config):
+    """The juggler_* fixtures come from juggler's pytest plugin, through its entry point once
+    juggler is installed; from the source tree when it is not."""
+    if not config.pluginmanager.has_plugin("juggler"):
+        config.pluginmanager.import_plugin("juggler.pytest_plugin")
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leaks():
     """Every test ends with no juggler thread alive (autouse: torn down after the others)."""
