@@ -264,8 +264,8 @@ def _text(value: Any) -> str:
 
 
 class RedisBroker:
-    """A :class:`Broker` on a redis-py client: ``redis.Redis`` (or a fakeredis one), or
-    ``redis.cluster.RedisCluster``.
+    """A :class:`Broker` on a redis-py client: :class:`redis.Redis` (or a fakeredis one), or
+    :class:`redis.cluster.RedisCluster`.
 
     ``call_cap`` caps each URI's call list and ``result_cap`` each connection's result list;
     0 means no cap. A request over a cap gets NACK 500 "list capacity exceeded".
