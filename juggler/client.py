@@ -9,15 +9,21 @@ Every call ends exactly once: with its result, :class:`~juggler.exceptions.Remot
 error result), :class:`~juggler.exceptions.NackError`, :class:`~juggler.exceptions.CallExpired`
 or :class:`~juggler.exceptions.ConnectionClosed`. A call is registered as pending *before* it
 is sent, so a result that arrives before ``send`` returns is never lost.
+
+With ``Client.connect(url, reconnect=True)`` a lost connection is replaced: the reader thread
+dials again with capped exponential backoff and jitter, then renews every live subscription
+(see "reconnecting" below).
 """
 
 from __future__ import annotations
 
 import heapq
+import functools
 import itertools
 import logging
 import os
 import queue
+import random
 import struct
 import sys
 import threading
@@ -26,7 +32,7 @@ import urllib.parse
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import websocket
 
@@ -89,7 +95,8 @@ class Subscription:
 
     Iterate over it to get :class:`~juggler.message.Evnt` messages as they arrive; the
     iteration ends when the subscription is undone with :meth:`Client.unsb` or the client is
-    closed, and raises :class:`~juggler.exceptions.ConnectionClosed` if the connection is lost.
+    closed, and raises :class:`~juggler.exceptions.ConnectionClosed` if the connection is lost
+    (with ``reconnect``, it goes on over the new connection instead).
     """
 
     def __init__(self, client: "Client", channel: str, pattern: bool) -> None:
@@ -198,6 +205,7 @@ class Client:
         ack_timeout: float = 10.0,
         close_timeout: float = 5.0,
         logger: Optional[logging.Logger] = None,
+        _reconnect: Optional["_Reconnect"] = None,
     ) -> None:
         # websocket-client made the connection and the handshake; the frames are ours, read
         # and written through SocketIO, which keeps the reader's and the writer's calls into
@@ -226,10 +234,17 @@ class Client:
         self._closing = False
         self._close_lock = threading.Lock()
         self._outbox: "queue.Queue[Any]" = queue.Queue()
+        # reconnecting (see _reader_run): how to dial again, None when off
+        self._reconnect = _reconnect
+        self._ended = (1006, "connection lost")  # close code and reason of the last connection
+        self._down: Optional[ConnectionClosed] = None  # lost, and not reconnected yet
+        self._ready = threading.Event()  # connected, every subscription renewed (or closed)
+        self._ready.set()
+        self._wake = threading.Event()  # close(): stop waiting to reconnect
         # Daemon threads: a script that forgets close() must still be able to exit. close()
         # (and the context manager) stops and joins all three.
         name = f"juggler-client-{self.id}"
-        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
+        self._reader = threading.Thread(target=self._reader_run, name=f"{name}-reader", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"{name}-writer", daemon=True)
         self._timer = threading.Thread(target=self._timer_loop, name=f"{name}-timer", daemon=True)
         # The reader last: when it ends, it joins the writer.
@@ -248,6 +263,9 @@ class Client:
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         ack_timeout: float = 10.0,
         logger: Optional[logging.Logger] = None,
+        reconnect: bool = False,
+        max_reconnect_delay: float = 10.0,
+        on_reconnect: Optional[Callable[["Client", Optional[ConnectionClosed]], None]] = None,
         **ws_options: Any,
     ) -> "Client":
         """Open a connection to the juggler server at ``url`` (``ws://host:port/ws``).
@@ -257,17 +275,49 @@ class Client:
         when the server refuses the handshake, :class:`OSError` when it cannot be reached.
         Extra keyword arguments go to ``websocket.create_connection`` (e.g. ``sslopt``).
         A ``url`` that is not a websocket URL raises :class:`ValueError` (see :func:`check_url`).
+
+        ``reconnect=True``: when the connection is lost (not by :meth:`close`), the client
+        dials ``url`` again, with the same headers, until it succeeds or :meth:`close` is
+        called: after 0.05 to 0.1 s, then twice as long each time (each delay drawn between
+        half and all of it, so that many clients do not come back at once), up to
+        ``max_reconnect_delay`` seconds. Calls and requests pending at the loss end with
+        :class:`~juggler.exceptions.ConnectionClosed`, and so do those made until the
+        connection is back (see :attr:`connected`, :meth:`wait_connected`). Every
+        :class:`Subscription` still live is subscribed again, and its iteration goes on
+        (events published during the gap are lost); one the server now refuses (NACK) ends
+        with :class:`~juggler.exceptions.NackError`. The loss is logged (WARNING) and so is
+        the return (INFO); ``on_reconnect(client, error)`` is called with the
+        :class:`~juggler.exceptions.ConnectionClosed` at the loss and with ``None`` once the
+        connection is back with its subscriptions renewed. It runs on the client's reader
+        thread: it must return quickly and not call the client's blocking methods.
         """
         check_url(url)
+        if not max_reconnect_delay > 0:
+            raise ValueError(f"max_reconnect_delay must be a positive number of seconds, got {max_reconnect_delay!r}")
         headers = dict(headers or {})
         if allowed_messages is not None:
             value = allowed_messages if isinstance(allowed_messages, str) else ",".join(allowed_messages)
             headers["Juggler-Allowed-Messages"] = value
         ws = open_websocket(url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
-        return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger)
+        redial = None
+        if reconnect:
+            dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
+            redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)
+        return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger, _reconnect=redial)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up: not closed, and (with ``reconnect``) not lost."""
+        return self._closed is None and self._down is None
+
+    def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        """Block until the connection is up with every subscription renewed (with ``reconnect``,
+        after a loss); ``False`` if the client is closed or ``timeout`` passes first."""
+        self._ready.wait(timeout)
+        return self._ready.is_set() and self._closed is None
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._closed else "reconnecting" if self._down else "open"
         return f"<juggler.Client {self.id} {state}>"
 
     def __enter__(self) -> "Client":
@@ -298,8 +348,8 @@ class Client:
         fut: Future = Future()
         fut.set_running_or_notify_cancel()  # a call cannot be taken back once sent
         with self._lock:
-            if self._closed is not None:
-                fut.set_exception(self._closed)
+            if self._closed is not None or self._down is not None:
+                fut.set_exception(self._closed or self._down)
                 return fut
             self._calls[msg.uuid] = fut
             if len(self._expiries) > 1024 and len(self._expiries) > 4 * len(self._calls):
@@ -347,8 +397,8 @@ class Client:
         data = encode(msg)
         fut: Future = Future()
         with self._lock:
-            if self._closed is not None:
-                raise self._closed
+            if self._closed is not None or self._down is not None:
+                raise self._closed or self._down  # type: ignore[misc]
             self._acks[msg.uuid] = fut
         self._send(msg.uuid, data)
         try:
@@ -377,6 +427,8 @@ class Client:
                 if isinstance(item, bytes):  # a pong
                     self._io.sendall(item)
                     continue
+                if not self._pending(item[0]):
+                    continue  # it ended before it could be sent: expired, or lost with a connection
                 self._io.sendall(encode_frame(OP_TEXT, item[1].encode("utf-8"), os.urandom(4)))
             except OSError as exc:
                 if not self._closing:
@@ -385,6 +437,11 @@ class Client:
                 # and every pending request ends with ConnectionClosed.
                 self._kill_socket()
                 return
+
+    def _pending(self, msg_uuid: str) -> bool:
+        """Whether a call or request is still waiting for its answer."""
+        with self._lock:
+            return msg_uuid in self._calls or msg_uuid in self._acks
 
     # -- routing --
 
@@ -481,7 +538,7 @@ class Client:
                 self.received[msg.type.name] += 1
                 self._dispatch(msg)
         finally:
-            self._shutdown(code, reason)
+            self._ended = (code, reason)
 
     def _timer_loop(self) -> None:
         while True:
@@ -490,6 +547,118 @@ class Client:
                 return
             for msg_uuid in due:
                 self._resolve(msg_uuid, exc=CallExpired(f"call {msg_uuid} expired"))
+
+    # -- reconnecting --
+
+    def _reader_run(self) -> None:
+        """The reader thread: reads the connection until it ends; with ``reconnect``, then
+        dials again and reads the new one, until :meth:`close`."""
+        try:
+            while True:
+                self._read_loop()
+                if self._reconnect is None or self._closing or not self._reconnected(*self._ended):
+                    return
+        finally:
+            self._shutdown(*self._ended)
+
+    def _reconnected(self, code: int, reason: str) -> bool:
+        """After a loss: end what was pending, dial again (backing off) and renew the
+        subscriptions. ``False`` if :meth:`close` was called first."""
+        assert self._reconnect is not None
+        lost = ConnectionClosed(code, reason)
+        with self._lock:
+            self._down = lost
+            self._ready.clear()
+            calls, self._calls = self._calls, {}
+            acks = list(self._acks.values())
+        self._drop_connection()
+        for fut in calls.values():
+            fut.set_exception(lost)
+        for fut in acks:
+            if not fut.done():
+                fut.set_exception(lost)
+        url = self._reconnect.url
+        self.logger.warning("client %d: connection to %s lost (%d %s): reconnecting; %d call(s) in flight ended",
+                            self.id, url, code, reason, len(calls))  # fmt: skip
+        self._reconnect.notify(self, lost)
+        started = time.monotonic()
+        for attempt, delay in enumerate(backoff_delays(0.1, self._reconnect.max_delay), 1):
+            if self._wake.wait(delay):
+                return False  # close() was called
+            try:
+                ws = self._reconnect.dial()
+            except (HandshakeError, OSError) as exc:
+                self.logger.info("client %d: reconnecting to %s failed (attempt %d): %s", self.id, url, attempt, exc)
+                continue
+            if self._closing:
+                ws.shutdown()
+                return False
+            break
+        self._attach(ws)
+        with self._lock:
+            self._down = None
+            subs = list(self._subs.values())
+        self.logger.info("client %d: reconnected to %s after %d attempt(s) in %.1f s; renewing %d subscription(s)",
+                         self.id, url, attempt, time.monotonic() - started, len(subs))  # fmt: skip
+        self._resubscribe(subs)
+        return True
+
+    def _drop_connection(self) -> None:
+        """Stop the writer of the lost connection and forget what it had not sent."""
+        self._outbox.put(_STOP)
+        self._kill_socket()
+        self._writer.join()
+        self._ws.shutdown()
+        while True:  # the calls and requests those were for have ended (pongs: for the old socket)
+            try:
+                self._outbox.get_nowait()
+            except queue.Empty:
+                break
+
+    def _attach(self, ws: websocket.WebSocket) -> None:
+        """Read and write ``ws`` from now on: a new writer thread for it."""
+        io = SocketIO(ws.sock)
+        self._frames = FrameReader(SocketReader(io), limit=self._frames.limit, masked=False)
+        self._ws, self._io = ws, io
+        with self._close_lock:
+            self._close_sent = False
+        self._writer = threading.Thread(target=self._write_loop, name=f"juggler-client-{self.id}-writer", daemon=True)
+        self._writer.start()
+
+    def _resubscribe(self, subs: list[Subscription]) -> None:
+        """SUB again for each live subscription, without waiting (the ACKs come through this
+        thread); once all have answered, the client is ready again."""
+        left = [len(subs)]
+
+        def answered(sub: Subscription, msg_uuid: str, fut: Future) -> None:
+            with self._lock:
+                self._acks.pop(msg_uuid, None)
+                left[0] -= 1
+                done = left[0] == 0
+            exc = fut.exception()
+            if isinstance(exc, NackError):
+                self.logger.warning("client %d: renewing the subscription to %r failed: %s", self.id, sub.channel, exc)
+                with self._lock:
+                    if self._subs.get((sub.channel, sub.pattern)) is sub:
+                        del self._subs[(sub.channel, sub.pattern)]
+                sub._finish(exc)
+            if done and not isinstance(exc, ConnectionClosed):  # (lost again: the next one renews them)
+                self._back()
+
+        if not subs:
+            self._back()
+        for sub in subs:
+            msg = Sub(channel=sub.channel, pattern=sub.pattern)
+            fut: Future = Future()
+            with self._lock:
+                self._acks[msg.uuid] = fut
+            fut.add_done_callback(functools.partial(answered, sub, msg.uuid))
+            self._send(msg.uuid, encode(msg))
+
+    def _back(self) -> None:
+        self._ready.set()
+        assert self._reconnect is not None
+        self._reconnect.notify(self, None)
 
     # -- closing --
 
@@ -515,6 +684,7 @@ class Client:
         self._kill_socket()
         self._writer.join()  # it ends: _STOP is queued and the socket is shut down
         self._ws.shutdown()  # closes the socket, now that nothing uses it
+        self._ready.set()  # wakes wait_connected(), which sees the client closed
 
     def _reply_close(self, code: int) -> None:
         try:
@@ -534,6 +704,7 @@ class Client:
         with self._close_lock:
             first = not self._closing
             self._closing = True
+        self._wake.set()  # a reader waiting to reconnect stops waiting
         if first and not self.closed:
             self._outbox.put(_END)  # the writer sends the close frame after what is queued
         me = threading.current_thread()
@@ -590,6 +761,38 @@ def open_websocket(
         raise HandshakeError(f"websocket handshake failed: {exc}") from None
     ws.settimeout(None)  # the reader blocks; closing shuts the socket down
     return ws
+
+
+class _Reconnect:
+    """What a reconnecting client needs: where and how to dial again, and whom to tell."""
+
+    def __init__(
+        self,
+        url: str,
+        dial: Callable[[], websocket.WebSocket],
+        max_delay: float,
+        hook: Optional[Callable[[Client, Optional[ConnectionClosed]], None]],
+    ) -> None:
+        self.url = url
+        self.dial = dial
+        self.max_delay = max_delay
+        self.hook = hook
+
+    def notify(self, client: Client, lost: Optional[ConnectionClosed]) -> None:
+        if self.hook is not None:
+            try:
+                self.hook(client, lost)
+            except Exception:  # the hook's bug must not stop the reconnecting
+                client.logger.exception("client %d: on_reconnect hook failed", client.id)
+
+
+def backoff_delays(first: float, cap: float, rng: Callable[[], float] = random.random) -> Iterator[float]:
+    """Capped exponential backoff with jitter: ``first``, doubling up to ``cap``, each delay
+    drawn between half and all of it (``rng()`` in [0, 1))."""
+    delay = min(first, cap)
+    while True:
+        yield delay * (0.5 + rng() / 2)
+        delay = min(cap, delay * 2)
 
 
 def _parse_close(data: bytes) -> tuple[int, str]:
