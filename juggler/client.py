@@ -12,13 +12,13 @@ is sent, so a result that arrives before ``send`` returns is never lost.
 
 With ``Client.connect(url, reconnect=True)`` a lost connection is replaced: the reader thread
 dials again with capped exponential backoff and jitter, then renews every live subscription
-(see "reconnecting" below).
+(see :meth:`Client.connect`).
 """
 
 from __future__ import annotations
 
-import heapq
 import functools
+import heapq
 import itertools
 import logging
 import os
@@ -301,6 +301,7 @@ class Client:
         ws = open_websocket(url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
         redial = None
         if reconnect:
+            # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
             redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)
         return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger, _reconnect=redial)
