@@ -74,18 +74,17 @@ class Terminal:
     """``juggler client URL`` on a pseudo-terminal that is its controlling terminal, so that
     Ctrl-C and Ctrl-D typed on it do what they do for a person."""
 
+    # In the child: a session of its own whose controlling terminal is the pty (its stdin),
+    # then the shell (no preexec_fn: this test process has threads).
+    LAUNCH = (
+        "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'juggler', 'client', sys.argv[1]])"
+    )
+
     def __init__(self, url: str) -> None:
-        import fcntl
-        import termios
-
         self.master, slave = os.openpty()
-
-        def controlling_tty() -> None:  # in the child, after setsid(): make the pty its terminal
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "juggler", "client", url], stdin=slave, stdout=slave, stderr=slave,
-            env=env(TERM="dumb"), start_new_session=True, preexec_fn=controlling_tty,
+            [sys.executable, "-c", self.LAUNCH, url], stdin=slave, stdout=slave, stderr=slave, env=env(TERM="dumb"),
         )  # fmt: skip
         os.close(slave)
         self.screen = ""  # everything it printed
