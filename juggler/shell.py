@@ -13,12 +13,14 @@ One-shot exit status (for scripts)::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import json
+import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 from .client import Client, Subscription
 from .config import parse_duration
@@ -54,6 +56,21 @@ PROMPT = "> "
 
 class _Usage(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _ctrl_c_to_this_thread() -> Iterator[None]:
+    """Threads started inside block SIGINT, so that Ctrl-C goes to the main thread: readline
+    waits for a key in select(), which only a signal delivered to that thread interrupts (one
+    that another thread takes leaves the prompt as it was until the next key)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a Ctrl-C meanwhile is delivered now
 
 
 def _typed_so_far() -> str:
@@ -123,7 +140,8 @@ class Shell:
     def connect(self, url: Optional[str] = None) -> None:
         url = url or self.url
         try:
-            client = Client.connect(url, allowed_messages=self.allowed, headers=self.headers)
+            with _ctrl_c_to_this_thread():
+                client = Client.connect(url, allowed_messages=self.allowed, headers=self.headers)
         except ValueError as exc:  # not a websocket URL
             raise _Usage(str(exc)) from None
         except (HandshakeError, OSError) as exc:
@@ -192,7 +210,8 @@ class Shell:
             return
         t = threading.Thread(target=self._print_events, args=(n, sub), name=f"juggler-shell-sub-{n}-{len(self._subs)}")
         self._subs[key] = (sub, t)
-        t.start()
+        with _ctrl_c_to_this_thread():
+            t.start()
         self.say(f"[{n}] {'PSUB' if pattern else 'SUB'} {channel}: ACK")
 
     def _print_events(self, n: int, sub: Subscription) -> None:
@@ -325,18 +344,44 @@ class Shell:
     def _prompt(self) -> str:
         """The next line typed at the prompt; "" at Ctrl-D."""
         while True:
-            with self._lock:
-                self._at_prompt = True
             try:
-                return input(PROMPT) + "\n"
+                return self._input() + "\n"
             except EOFError:  # Ctrl-D: end the prompt's line before leaving
                 self._write("\n")
                 return ""
             except KeyboardInterrupt:  # Ctrl-C: drop the line, prompt again
                 self._write("\n")
-            finally:
-                with self._lock:
-                    self._at_prompt = False
+
+    def _input(self) -> str:
+        """``input(PROMPT)``. What other threads print waits until the prompt is on the screen
+        (readline calls its pre-input hook then), and goes above it while a line is typed."""
+        readline = sys.modules.get("readline")
+        set_hook = getattr(readline, "set_pre_input_hook", None)
+        if not (sys.stdout.isatty() and self.out is sys.stdout):
+            set_hook = None  # input() does not use readline then: no hook call to wait for
+        self._lock.acquire()
+        locked = True
+
+        def shown() -> None:
+            nonlocal locked
+            if locked:
+                self._at_prompt = True
+                locked = False
+                self._lock.release()
+
+        if set_hook is not None:
+            set_hook(shown)
+        else:
+            shown()
+        try:
+            return input(PROMPT)
+        finally:
+            if set_hook is not None:
+                set_hook(None)
+            if not locked:
+                self._lock.acquire()
+            self._at_prompt = False
+            self._lock.release()
 
     def _write(self, text: str) -> None:
         with self._lock:

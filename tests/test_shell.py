@@ -93,6 +93,20 @@ class Terminal:
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode())
 
+    def wait_for_a_key(self, timeout: float = 10) -> None:
+        """Wait until the shell sleeps in select() for the next key, as it is when a person
+        presses one: a signal that comes in the microseconds between readline's echo of a key
+        and its next select() is noticed only at the key after (CPython's readline loop).
+        A bounded poll of the kernel's word on where the main thread sleeps."""
+        deadline = time.monotonic() + T(timeout)
+        while True:
+            with open(f"/proc/{self.proc.pid}/wchan") as f:
+                where = f.read()
+            if "poll" in where or "select" in where:
+                return
+            assert time.monotonic() < deadline, "the shell never waited for a key"
+            time.sleep(0.005)
+
     def expect(self, pattern: str, timeout: float = 20) -> re.Match:
         """Wait until what it prints after the last match matches ``pattern``."""
         deadline = time.monotonic() + T(timeout)
@@ -103,7 +117,7 @@ class Terminal:
                 self.seen = m.end()
                 return m
             left = deadline - time.monotonic()
-            assert left > 0, f"no {pattern!r} in {self.screen[self.seen:]!r}"
+            assert left > 0, f"no {pattern!r} in {self.screen[self.seen:]!r} (all: {self.screen!r})"
             ready, _, _ = select.select([self.master], [], [], left)
             if ready:
                 try:
@@ -134,6 +148,7 @@ def test_terminal_prompt_comes_back_under_results_and_events_with_the_typed_text
     t.type("sub news\r")
     t.expect(r"\[1\] SUB news: ACK\r\n> $")
     t.type("call test.ec")  # half a command, not sent yet, when the event comes
+    t.expect(r"call test\.ec$")
     with Client.connect(url, connect_timeout=T(10)) as publisher:
         publisher.pub("news", {"n": 1})
     # the event goes above the prompt, which comes back with what was typed
@@ -147,6 +162,8 @@ def test_terminal_ctrl_c_drops_the_line_and_ctrl_d_leaves_on_a_new_line(terminal
     t, _ = terminal
     t.expect(r"\[1\] connected to .*\r\n> $")
     t.type("call test.echo 1")
+    t.expect(r"call test\.echo 1$")  # on the screen, as a person sees it before pressing Ctrl-C
+    t.wait_for_a_key()
     t.type("\x03")  # Ctrl-C: the line is dropped, the shell stays
     t.expect(r"\r\n> $")
     t.type("list\r")
