@@ -32,7 +32,7 @@ import math
 import socket
 import threading
 import time
-from collections import Counter
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
@@ -617,6 +617,15 @@ class RedisBroker:
             return False
 
 
+class _Waiter:
+    """A pub-sub request waiting for redis' confirmation."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
 class RedisPubSub:
     """A :class:`PubSubConn` over a redis-py ``PubSub``.
 
@@ -631,8 +640,10 @@ class RedisPubSub:
         self._owner = owner  # the one-connection client it runs on, closed with it
         self.confirm_timeout = confirm_timeout
         self._cond = threading.Condition()
-        self._asked: Counter[tuple[str, str]] = Counter()
-        self._confirmed: Counter[tuple[str, str]] = Counter()
+        # The requests sent and not confirmed yet, per (kind, channel), in the order they went
+        # out: redis confirms them in that order. A key with none left is deleted, so this
+        # holds nothing for the channels a connection once subscribed to.
+        self._waiting: dict[tuple[str, str], deque[_Waiter]] = {}
         self._active: set[tuple[str, str]] = set()  # ("p" or "", channel) subscribed now
         self._send_lock = threading.Lock()  # one command at a time on the connection
         self._sent = threading.Event()  # a command went out: the connection exists
@@ -663,23 +674,35 @@ class RedisPubSub:
                 self._active.discard(active)
             else:
                 self._active.add(active)
-            self._asked[key] += 1
-            wanted = self._asked[key]
+            waiter = _Waiter()
         try:
             with self._send_lock:
+                with self._cond:  # in line before it is sent, in the order it is sent
+                    self._waiting.setdefault(key, deque()).append(waiter)
                 command(channel)
                 self._sent.set()
         except _REDIS_FAILURES as exc:
             # Not sent (redis-py keeps its own state unchanged too): undo, so that the same
             # request can succeed on this connection once redis is back.
             with self._cond:
-                self._asked[key] -= 1
+                self._forget(key, waiter)
                 (self._active.add if was_active else self._active.discard)(active)
             raise _broker_error(exc) from exc
         with self._cond:
-            if not self._cond.wait_for(lambda: self._confirmed[key] >= wanted, self.confirm_timeout):
-                self._asked[key] -= 1  # a late confirmation is absorbed, see get_event
+            if not self._cond.wait_for(lambda: waiter.done, self.confirm_timeout):
+                # It stays in line: its confirmation, when it comes, is taken for it (and not
+                # for a later request of the same channel).
                 raise BrokerError(f"redis did not confirm {kind} {channel!r} within {self.confirm_timeout} s")
+
+    def _forget(self, key: tuple[str, str], waiter: "_Waiter") -> None:
+        line = self._waiting.get(key)
+        if line is not None:
+            for i, w in enumerate(line):
+                if w is waiter:
+                    del line[i]
+                    break
+            if not line:
+                del self._waiting[key]
 
     def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]:
         """Wait up to ``timeout`` seconds (``None``: with no timeout, until an event comes or
@@ -712,12 +735,15 @@ class RedisPubSub:
                 if kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe") and msg.get("channel"):
                     key = (kind, _text(msg["channel"]))
                     with self._cond:
-                        # Never count more confirmations than were asked for: redis-py
-                        # re-subscribes by itself after a reconnect, and those confirmations
-                        # must not stand in for a later request's.
-                        if self._confirmed[key] < self._asked[key]:
-                            self._confirmed[key] += 1
-                        self._cond.notify_all()
+                        # A confirmation nobody waits for is dropped: redis-py re-subscribes by
+                        # itself after a reconnect, and those confirmations must not stand in
+                        # for a later request's.
+                        line = self._waiting.get(key)
+                        if line:
+                            line.popleft().done = True
+                            if not line:
+                                del self._waiting[key]
+                            self._cond.notify_all()
                     continue
             if deadline is not None and time.monotonic() >= deadline:
                 return None

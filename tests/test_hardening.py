@@ -1,0 +1,80 @@
+"""Hardening (issue 9): no memory that only grows, limits against an abusive client, and
+messages delivered exactly once and in order, also when redis loses a reply or the server
+shuts down with a backlog."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from juggler import Client, NackError, RedisBroker, Server
+
+from .conftest import T
+from .proxy import Proxy
+
+
+def _eventually(predicate, timeout: float = 5) -> bool:
+    """Whether ``predicate`` holds within ``timeout`` s: for state the server changes on a
+    thread of its own after the client saw the answer (a bounded poll of observable state)."""
+    deadline = time.monotonic() + T(timeout)
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+# -- memory that only grows ----------------------------------------------------------------------
+
+
+def test_sub_and_unsb_of_many_channels_leave_no_bookkeeping_behind(stack):
+    """SUB then UNSB of 2,000 distinct channels: the hub's maps and the redis pub-sub
+    connection's confirmation bookkeeping shrink back to nothing."""
+    c = stack.client()
+    for i in range(2000):
+        c.sub(f"many.{i}", pattern=i % 2 == 1)
+        c.unsb(f"many.{i}", pattern=i % 2 == 1)
+    hub = stack.server.hub
+    ps = hub._ps
+    assert ps is not None
+    assert (hub._subs, hub._by_sub, ps._waiting, ps._active) == ({}, {}, {}, set())
+    assert stack.redis.pubsub_channels() == [] and stack.redis.pubsub_numpat() == 0
+
+
+# -- exactly once, in order ----------------------------------------------------------------------
+
+
+@pytest.mark.realredis
+def test_a_sub_nacked_for_want_of_confirmation_leaves_no_subscription(redis_server):
+    """redis' confirmation of a SUBSCRIBE comes late (the proxy holds its replies): the SUB is
+    NACKed, and neither the hub nor redis keeps the subscription, so no event follows."""
+    redis_client = redis.Redis.from_url(redis_server.url)
+    rpc = RedisBroker(redis_client)
+    with Proxy(redis_server.port) as proxy:
+        pubsub = RedisBroker.from_url(proxy.url)
+        try:
+            with Server(rpc, pubsub_broker=pubsub) as server:
+                server.hub.confirm_timeout = T(0.3)
+                with Client.connect(server.url, connect_timeout=T(5)) as c:
+                    marker = c.sub("marker")
+                    proxy.hold()
+                    with pytest.raises(NackError) as err:
+                        c.sub("late")
+                    assert err.value.code == 500 and "did not confirm" in err.value.message
+                    proxy.release()
+                    assert server.hub.subscriptions() == {(False, "marker")}
+                    assert _eventually(lambda: redis_client.pubsub_numsub("late") == [(b"late", 0)])
+                    publisher = RedisBroker(redis_client)
+                    from juggler.message import EventPayload
+
+                    publisher.publish("late", EventPayload("11111111-2222-3333-4444-555555555555", 1))
+                    publisher.publish("marker", EventPayload("11111111-2222-3333-4444-555555555555", 2))
+                    assert marker.get(T(5)).args == 2  # after any EVNT of "late" there could be
+                    assert c.received["EVNT"] == 1
+                    assert server.hub._ps._waiting == {}  # the late confirmations were taken
+        finally:
+            pubsub.close()
+            rpc.close()
+            redis_client.close()
