@@ -258,7 +258,6 @@ class Conn:
         # CALL's ACK is always written before its RES, however fast the callee.
         self.ack_lock = threading.Lock()
         self._closing_since: Optional[float] = None
-        self._res_popped: dict[str, float] = {}  # RES uuid -> when its result left redis
         self._peer_gone = False
         self._writer: Optional[threading.Thread] = None
         self._holder: Optional[int] = None  # the thread inside ordered(), holding the socket
@@ -685,7 +684,7 @@ class Conn:
         for msg in msgs:
             svc.incr(_WRITE_KEY[msg.type])  # counted once it went out
             if msg.type is MessageType.RES:
-                popped = self._res_popped.pop(msg.uuid, None)
+                popped = msg.__dict__.get("_popped")
                 if popped is not None:
                     svc.observe_result_delivery(time.monotonic() - popped)
         msgs.clear()
@@ -712,11 +711,11 @@ class Conn:
                 self._svc.incr("expired_results")
                 continue
             res = Res(for_uuid=p.msg_uuid, uri=p.uri, args=p.args)
-            self._res_popped[res.uuid] = time.monotonic()
+            # when its result left redis, for the delivery metric: on the message itself, so
+            # that a RES never written (a handler drops it) leaves nothing behind
+            object.__setattr__(res, "_popped", time.monotonic())
             with self.ack_lock:
                 self.send(res)
-            if self.closed:
-                self._res_popped.clear()
 
     def _listener_failed(self, role: str, exc: Exception) -> None:
         """A redis listener cannot go on: close the connection with 1011, logged once. (A

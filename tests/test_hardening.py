@@ -4,12 +4,14 @@ shuts down with a backlog."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 
 import pytest
 import redis
 
-from juggler import Client, NackError, RedisBroker, Server
+from juggler import Client, NackError, RedisBroker, Res, Server, chain
 
 from .conftest import T
 from .proxy import Proxy
@@ -41,6 +43,36 @@ def test_sub_and_unsb_of_many_channels_leave_no_bookkeeping_behind(stack):
     assert ps is not None
     assert (hub._subs, hub._by_sub, ps._waiting, ps._active) == ({}, {}, {}, set())
     assert stack.redis.pubsub_channels() == [] and stack.redis.pubsub_numpat() == 0
+
+
+
+def _containers(conn) -> dict[str, int]:
+    """The size of every container a connection holds (its per-connection bookkeeping)."""
+    return {k: len(v) for k, v in vars(conn).items() if isinstance(v, (dict, list, set, deque))}
+
+
+def test_results_a_handler_drops_leave_nothing_behind(make_stack):
+    """A middleware drops every RES: the connection keeps no entry for any of them."""
+    n = 300
+    dropped = threading.Semaphore(0)
+
+    def drop_results(next_handler):
+        def handle(conn, msg):
+            if isinstance(msg, Res):
+                dropped.release()
+                return
+            next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(drop_results))
+    c = stack.client()
+    calls = [c.call_async("test.echo", i, timeout=T(30)) for i in range(n)]
+    for _ in range(n):
+        assert dropped.acquire(timeout=T(10))
+    (conn,) = stack.server.connections
+    assert all(size <= 2 for size in _containers(conn).values()), _containers(conn)
+    assert not any(f.done() for f in calls)
 
 
 # -- exactly once, in order ----------------------------------------------------------------------
