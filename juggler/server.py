@@ -177,7 +177,12 @@ class _Handler(websocket_server.WebSocketHandler):
         if not jserver._handshake_started(io):
             return
         try:
-            request = HandshakeRequest.parse(reader.read_until(b"\r\n\r\n", 16384))
+            try:
+                head = reader.read_until(b"\r\n\r\n", HEAD_LIMIT)
+            except ProtocolError as exc:
+                self._refuse(io, _Refused(431, "Request Header Fields Too Large", exc.reason))
+                return
+            request = HandshakeRequest.parse(head)
             if jserver._serve_web(io, request) or jserver._serve_http(io, request):
                 return
             allowed, protocol = jserver._check_handshake(request)
@@ -777,6 +782,10 @@ class Server:
             data = encode(msg).encode("utf-8")
         return data
 
+
+#: The longest HTTP request head (request line and headers) a handshake may send; over it:
+#: HTTP 431.
+HEAD_LIMIT = 16384
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
 

@@ -226,14 +226,21 @@ class SocketReader:
         return bytes(self._buf[start : self._pos])
 
     def read_until(self, marker: bytes, limit: int) -> bytes:
-        """Bytes up to and including ``marker``; :class:`ProtocolError` past ``limit`` bytes."""
+        """Bytes up to and including ``marker``; :class:`ProtocolError` (1009) when they are
+        more than ``limit`` bytes, however they arrive (in one read or many)."""
+        start = searched = self._pos
         while True:
-            idx = self._buf.find(marker, self._pos)
+            idx = self._buf.find(marker, max(start, searched - len(marker) + 1))
+            end = idx + len(marker) if idx >= 0 else len(self._buf)
+            if end - start > limit:
+                raise ProtocolError(f"request head over {limit} bytes", 1009)
             if idx >= 0:
-                return self.read_exact(idx + len(marker) - self._pos)
-            if len(self._buf) - self._pos > limit:
-                raise ProtocolError("request head too large", 1009)
+                return self.read_exact(end - start)
+            searched = len(self._buf)
             self._fill()
+            if self._pos != start:  # _fill compacted the buffer
+                searched -= start
+                start = self._pos
 
 
 @dataclass

@@ -4,6 +4,7 @@ shuts down with a backlog."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import deque
@@ -73,6 +74,51 @@ def test_results_a_handler_drops_leave_nothing_behind(make_stack):
     (conn,) = stack.server.connections
     assert all(size <= 2 for size in _containers(conn).values()), _containers(conn)
     assert not any(f.done() for f in calls)
+
+
+
+# -- limits against an abusive client --------------------------------------------------------------
+
+
+def _handshake(pad: int) -> bytes:
+    return (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: juggler.0\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n"
+    )
+
+
+def _status_of(server, head: bytes, chunk: int) -> bytes:
+    """The status line the server answers ``head`` with, sent ``chunk`` bytes at a time."""
+    with socket.create_connection((server.host, server.port), timeout=T(10)) as s:
+        try:
+            for i in range(0, len(head), chunk):
+                s.sendall(head[i : i + chunk])
+        except OSError:  # refused before it was all sent
+            pass
+        answer = b""
+        while b"\r\n" not in answer:
+            got = s.recv(4096)
+            if not got:
+                break
+            answer += got
+        return answer.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 1000], ids=["one-write", "trickled"])
+def test_a_handshake_head_over_16_kib_gets_431_however_it_arrives(stack, chunk):
+    from juggler.server import HEAD_LIMIT
+
+    assert HEAD_LIMIT == 16384
+    big = _handshake(60_000)
+    assert _status_of(stack.server, big, chunk) == b"HTTP/1.1 431 Request Header Fields Too Large"
+    at_limit = _handshake(0)
+    at_limit = _handshake(HEAD_LIMIT - len(at_limit))
+    assert len(at_limit) == HEAD_LIMIT
+    assert _status_of(stack.server, at_limit, chunk) == b"HTTP/1.1 101 Switching Protocols"
+    over = _handshake(HEAD_LIMIT - len(_handshake(0)) + 1)
+    assert _status_of(stack.server, over, chunk).startswith(b"HTTP/1.1 431")
+    assert stack.server.stats.snapshot()["refused_431"] == 2
 
 
 # -- exactly once, in order ----------------------------------------------------------------------
