@@ -19,6 +19,7 @@ from .exceptions import (
     RefuseConnection,
     JugglerTimeout,
     NackError,
+    PayloadTooLarge,
     ProtocolError,
     RemoteError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ProtocolError",
     "BrokerError",
     "CapacityExceeded",
+    "PayloadTooLarge",
     "HandshakeError",
     "RefuseConnection",
     "ConnectionClosed",

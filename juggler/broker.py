@@ -43,7 +43,7 @@ from redis.cluster import RedisCluster, key_slot
 from redis.retry import Retry
 
 from . import resp
-from .exceptions import BrokerError, CapacityExceeded
+from .exceptions import BrokerError, CapacityExceeded, PayloadTooLarge
 from .message import CallPayload, EventPayload, Evnt, ResultPayload, encode_payload, new_uuid
 
 __all__ = [
@@ -269,6 +269,9 @@ class RedisBroker:
 
     ``call_cap`` caps each URI's call list and ``result_cap`` each connection's result list;
     0 means no cap. A request over a cap gets NACK 500 "list capacity exceeded".
+    ``max_args_size`` (bytes, default 64 KiB; 0: no limit) is the largest args of a call it
+    stores, as JSON: a call over it raises :class:`~juggler.exceptions.PayloadTooLarge`
+    (NACK 413) and nothing reaches redis.
     The client is passed in and never closed by the broker: its owner closes it.
 
     A ``RedisCluster`` client takes a node connection from that node's pool for each command
@@ -279,11 +282,12 @@ class RedisBroker:
     failed node and breaks connections other threads are using.
     """
 
-    def __init__(self, client: Any, call_cap: int = 0, result_cap: int = 0) -> None:
-        if call_cap < 0 or result_cap < 0:
-            raise ValueError("call_cap and result_cap must be >= 0 (0: no cap)")
+    def __init__(self, client: Any, call_cap: int = 0, result_cap: int = 0, max_args_size: int = 64 * 1024) -> None:
+        if call_cap < 0 or result_cap < 0 or max_args_size < 0:
+            raise ValueError("call_cap, result_cap and max_args_size must be >= 0 (0: no cap)")
         self.client = client
         self.call_cap = call_cap
+        self.max_args_size = max_args_size
         self.result_cap = result_cap
         #: Whether the client is a ``RedisCluster``.
         self.cluster = isinstance(client, RedisCluster)
@@ -302,7 +306,8 @@ class RedisBroker:
         self._own_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"RedisBroker({self.client!r}, call_cap={self.call_cap}, result_cap={self.result_cap})"
+        return (f"RedisBroker({self.client!r}, call_cap={self.call_cap}, result_cap={self.result_cap}, "
+                f"max_args_size={self.max_args_size})")
 
     @classmethod
     def from_url(
@@ -311,6 +316,7 @@ class RedisBroker:
         *,
         call_cap: int = 0,
         result_cap: int = 0,
+        max_args_size: int = 64 * 1024,
         max_connections: Optional[int] = None,
         cluster: Optional[bool] = False,
         **redis_options: Any,
@@ -353,7 +359,7 @@ class RedisBroker:
         else:
             options = {"max_connections": 64 if max_connections is None else max_connections, "timeout": 5.0, **options}
             client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, **options))
-        broker = cls(client, call_cap=call_cap, result_cap=result_cap)
+        broker = cls(client, call_cap=call_cap, result_cap=result_cap, max_args_size=max_args_size)
         broker._owns_client = True
         return broker
 
@@ -374,7 +380,7 @@ class RedisBroker:
             base = cluster.get_redis_connection(node)
         else:
             base = self.client
-        other = RedisBroker(_one_connection_client(base, blocking=True), self.call_cap, self.result_cap)
+        other = RedisBroker(_one_connection_client(base, blocking=True), self.call_cap, self.result_cap, self.max_args_size)
         other._owns_client = True
         other._dedicated = True
         return other
@@ -432,14 +438,18 @@ class RedisBroker:
     # -- RPC --
 
     def store_call(self, payload: CallPayload, timeout: float) -> None:
-        """Queue a call for its URI's callees; it expires after ``timeout`` seconds."""
-        self._run_store(
-            call_timeout_key(payload.uri, payload.msg_uuid),
-            calls_key(payload.uri),
-            timeout,
-            payload.to_json(),
-            self.call_cap,
-        )
+        """Queue a call for its URI's callees; it expires after ``timeout`` seconds.
+        :class:`~juggler.exceptions.PayloadTooLarge` when its args are over ``max_args_size``."""
+        data = payload.to_json().encode("utf-8")  # bytes: the command would encode it anyway
+        most = self.max_args_size
+        if most and len(data) > most:
+            # The args may be over: they are the payload less the rest of it and ',"args":'
+            # (8 bytes). Measured only for a payload that long: no cost for the others.
+            rest = CallPayload(payload.conn_uuid, payload.msg_uuid, payload.uri).to_json()
+            size = len(data) - len(rest.encode("utf-8")) - 8
+            if size > most:
+                raise PayloadTooLarge(f"call args of {size} bytes, over the server's maximum of {most}")
+        self._run_store(call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri), timeout, data, self.call_cap)
 
     def store_result(self, payload: ResultPayload, timeout: float) -> None:
         """Queue a result for its connection; it expires after ``timeout`` seconds."""
@@ -481,7 +491,7 @@ class RedisBroker:
             return script(keys=keys, args=args)
         return self._on_fast(lambda conn: conn.evalsha(fast, keys, args))
 
-    def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: str, cap: int) -> None:
+    def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: Union[str, bytes], cap: int) -> None:
         args = [_ms(timeout), data, cap]
         try:
             self._eval(self._store, _FAST_STORE, [timeout_key, list_key], args)

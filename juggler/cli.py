@@ -128,6 +128,8 @@ def _brokers(cfg: dict[str, Any], embedded: Any = None) -> tuple[Any, Any, list[
     from .broker import RedisBroker
 
     caps = {"call_cap": cfg.get("call_cap", 0), "result_cap": cfg.get("result_cap", 0)}
+    if "max_args_size" in cfg:
+        caps["max_args_size"] = cfg["max_args_size"]
     if cfg.get("redis"):
         rpc = _broker(cfg["redis"], **caps)
     else:
@@ -160,7 +162,7 @@ def _server_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     names = ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "certfile", "keyfile",
              "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
              "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
-             "slow_threshold", "http_endpoints", "serve_client")  # fmt: skip
+             "max_subscriptions", "max_calls_in_flight", "slow_threshold", "http_endpoints", "serve_client")  # fmt: skip
     kwargs = {n: cfg[n] for n in names if n in cfg}
     if cfg.get("certfile") and not cfg.get("keyfile") or cfg.get("keyfile") and not cfg.get("certfile"):
         raise _Usage("--certfile and --keyfile go together")

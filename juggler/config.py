@@ -214,6 +214,12 @@ SETTINGS: dict[str, Setting] = {
            "(0: never)", metavar="DURATION"),
         _s("max_call_timeout", _positive_duration, 600.0, "longest timeout a CALL may ask for (over it: "
            "NACK 400)", metavar="DURATION"),
+        _s("max_subscriptions", _int(0), 100, "subscriptions one connection may hold (over it: NACK 429; "
+           "0: no limit)", metavar="N"),
+        _s("max_calls_in_flight", _int(0), 1000, "calls one connection may have in flight, neither answered "
+           "nor expired (over it: NACK 429; 0: no limit)", metavar="N"),
+        _s("max_args_size", _int(0), 64 * 1024, "largest args of a call stored in redis, in bytes of JSON "
+           "(over it: NACK 413; 0: no limit)", metavar="BYTES"),
         _s("slow_threshold", _positive_duration, 0.1, "requests slower than this count as slow in the "
            "metrics", metavar="DURATION"),
         _s("allowed_origins", _str_list, None, "comma-separated Origin patterns browsers may connect from "
@@ -255,8 +261,8 @@ COMMANDS: dict[str, list[str]] = {
         "redis", "pubsub_redis", "host", "port", "path", "allow_empty_subprotocol", "allowed_origins",
         "certfile", "keyfile", "reuse_port", "switch_interval", "max_connections", "read_limit", "write_limit", "write_queue_size",
         "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
-        "max_call_timeout", "slow_threshold", "call_cap", "result_cap", "http_endpoints",
-        "serve_client", "log_messages", "log_level",
+        "max_call_timeout", "max_subscriptions", "max_calls_in_flight", "max_args_size", "slow_threshold",
+        "call_cap", "result_cap", "http_endpoints", "serve_client", "log_messages", "log_level",
     ],
     "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],

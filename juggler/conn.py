@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -82,6 +83,8 @@ class ConnSettings:
     close_timeout: float = 2.0
     max_call_timeout: float = 600.0
     slow_threshold: float = 0.1
+    max_subscriptions: int = 100
+    max_calls_in_flight: int = 1000
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,10 @@ class Conn:
         self._slot: Optional[_Slot] = None  # or keeping a place in the queue
         self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
         self._out_msgs: list[Message] = []  # the messages among them, counted once written
+        # Calls in flight (only with max_calls_in_flight): msg uuid -> deadline (monotonic);
+        # a call leaves when its result is taken off redis or its deadline passes.
+        self._calls: dict[str, float] = {}
+        self._calls_next_deadline = math.inf  # none of _calls ends before this
         self._keepalive: Optional[Keepalive] = None
         self._close_deadline: Optional[TimerHandle] = None
         # The results listener, started by the first CALL (listen_for_results).
@@ -381,6 +388,10 @@ class Conn:
         """This connection's subscriptions, as ``(pattern, channel)`` pairs."""
         return self._svc.hub.subscriptions(self)
 
+    def subscription_count(self) -> int:
+        """How many subscriptions this connection holds."""
+        return self._svc.hub.count(self)
+
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
         """Send an event (on the server's pub-sub thread), through the handler, without
         blocking: written at once when the socket takes it, else queued for the writer; a
@@ -416,6 +427,39 @@ class Conn:
             )
             t.start()
             self._results_thread = t
+
+    def call_started(self, msg_uuid: str, timeout: float) -> bool:
+        """Count a call in flight until its result comes or ``timeout`` seconds pass; ``False``
+        (not counted) when ``max_calls_in_flight`` are already. On the reader thread."""
+        most = self.settings.max_calls_in_flight
+        if not most:
+            return True
+        calls = self._calls
+        now = time.monotonic()
+        if len(calls) >= most and (now < self._calls_next_deadline or not self._drop_ended_calls(now)):
+            return False
+        deadline = now + timeout
+        calls[msg_uuid] = deadline
+        if deadline < self._calls_next_deadline:
+            self._calls_next_deadline = deadline
+        return True
+
+    def call_ended(self, msg_uuid: str) -> None:
+        """A call counted by :meth:`call_started` is over (its result came, or it was not
+        stored)."""
+        self._calls.pop(msg_uuid, None)
+
+    def _drop_ended_calls(self, now: float) -> bool:
+        """Forget the calls whose deadline passed; whether there is room for one more."""
+        calls = self._calls
+        left = []
+        for msg_uuid, deadline in list(calls.items()):  # (the results thread pops meanwhile)
+            if deadline <= now:
+                calls.pop(msg_uuid, None)
+            else:
+                left.append(deadline)
+        self._calls_next_deadline = min(left, default=math.inf)
+        return len(calls) < self.settings.max_calls_in_flight
 
     # -- closing --
 
@@ -706,6 +750,7 @@ class Conn:
             if popped is None:
                 continue
             p = popped.payload
+            self._calls.pop(p.msg_uuid, None)
             if popped.expired:
                 self.logger.debug("connection %s: dropping expired result for %s", self.uuid, p.msg_uuid)
                 self._svc.incr("expired_results")

@@ -5,7 +5,8 @@ Every exception juggler raises derives from :class:`JugglerError`::
     JugglerError
     ├── ProtocolError          the peer broke the juggler.0 protocol (carries a close code)
     ├── BrokerError            redis failed or refused (carries the NACK code to send, 500)
-    │   └── CapacityExceeded   a call or result list is full ("list capacity exceeded")
+    │   ├── CapacityExceeded   a call or result list is full ("list capacity exceeded")
+    │   └── PayloadTooLarge    a call's args are over the broker's max_args_size (NACK 413)
     ├── HandshakeError         the server refused the websocket upgrade (also ConnectionError)
     ├── RefuseConnection       raised by a server's on_state hook to refuse a handshake
     ├── ConnectionClosed       the connection closed before the operation completed
@@ -31,6 +32,7 @@ __all__ = [
     "ProtocolError",
     "BrokerError",
     "CapacityExceeded",
+    "PayloadTooLarge",
     "HandshakeError",
     "RefuseConnection",
     "ConnectionClosed",
@@ -70,6 +72,12 @@ class CapacityExceeded(BrokerError):
 
     def __init__(self, message: str = "list capacity exceeded") -> None:
         super().__init__(message)
+
+
+class PayloadTooLarge(BrokerError):
+    """A call's args, as JSON, are larger than the broker stores (``max_args_size``)."""
+
+    nack_code = 413
 
 
 class HandshakeError(JugglerError, ConnectionError):

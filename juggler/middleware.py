@@ -124,12 +124,17 @@ def process_msg(conn: "Conn", msg: Message) -> None:
         if timeout > most:
             conn.send(Nack.to(msg, 400, f"timeout over the server's maximum of {most:g} s"))
             return
+        if not conn.call_started(msg.uuid, timeout):
+            most = conn.settings.max_calls_in_flight
+            conn.send(Nack.to(msg, 429, f"too many calls in flight: at most {most} per connection"))
+            return
         conn.listen_for_results()
         payload = CallPayload(conn.uuid, msg.uuid, msg.uri, msg.args)
         with conn.ack_lock:
             try:
                 conn.broker.store_call(payload, timeout)
             except BrokerError as exc:
+                conn.call_ended(msg.uuid)
                 _nack_broker(conn, msg, exc)
                 return
             conn.send(Ack.to(msg))
@@ -146,6 +151,10 @@ def process_msg(conn: "Conn", msg: Message) -> None:
                 conn.send(Ack.to(msg))
             return
         elif isinstance(msg, Sub):
+            most = conn.settings.max_subscriptions
+            if most and conn.subscription_count() >= most and (msg.pattern, msg.channel) not in conn.subscriptions():
+                conn.send(Nack.to(msg, 429, f"too many subscriptions: at most {most} per connection"))
+                return
             conn.subscribe(msg.channel, msg.pattern)
         elif isinstance(msg, Unsb):
             if MessageType.SUB not in conn.allowed:
@@ -161,5 +170,7 @@ def process_msg(conn: "Conn", msg: Message) -> None:
 
 
 def _nack_broker(conn: "Conn", msg: Request, exc: BrokerError) -> None:
-    conn.logger.warning("connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
+    # a refusal for the client's fault (413) at INFO: a client cannot flood the log with WARNINGs
+    level = logging.WARNING if exc.nack_code >= 500 else logging.INFO
+    conn.logger.log(level, "connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
     conn.send(Nack.to(msg, exc.nack_code, str(exc)))

@@ -89,6 +89,11 @@ class PubSubHub:
                 return {k for k, members in self._subs.items() if members}
             return set(self._by_sub.get(sub, ()))
 
+    def count(self, sub: Subscriber) -> int:
+        """How many subscriptions ``sub`` holds."""
+        with self._lock:
+            return len(self._by_sub.get(sub, ()))
+
     def subscribe(self, sub: Subscriber, channel: str, pattern: bool) -> None:
         """Subscribe ``sub``; returns once redis confirmed the server's subscription. Raises
         :class:`BrokerError` (then ``sub`` is not subscribed)."""

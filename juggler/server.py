@@ -346,6 +346,11 @@ class Server:
         processes can listen on the same port (the kernel spreads connections among them).
     :param max_call_timeout: the longest timeout (seconds) a CALL may ask for; over it: NACK
         400. It bounds how long a call to a URI nobody serves stays in redis.
+    :param max_subscriptions: subscriptions one connection may hold; a SUB over it gets NACK
+        429 (0: no limit).
+    :param max_calls_in_flight: calls one connection may have in flight (stored, and neither
+        answered nor expired); a CALL over it gets NACK 429 (0: no limit). With the broker's
+        ``max_args_size`` and ``max_call_timeout`` it bounds what one connection keeps in redis.
     :param slow_threshold: a request whose processing takes longer than this (seconds) is
         counted as slow (``juggler_slow_messages_total``) and logged at DEBUG.
     :param http_endpoints: serve ``GET /healthz`` and ``GET /metrics`` on the same port.
@@ -381,6 +386,8 @@ class Server:
         close_timeout: float = 2.0,
         reuse_port: bool = False,
         max_call_timeout: float = 600.0,
+        max_subscriptions: int = 100,
+        max_calls_in_flight: int = 1000,
         slow_threshold: float = 0.1,
         http_endpoints: bool = True,
         serve_client: bool = True,
@@ -392,8 +399,10 @@ class Server:
                 raise ValueError(f"{name} must be positive, got {count!r}")
         if max_connections is None:
             max_connections = default_max_connections()
-        if max_connections < 0:
-            raise ValueError(f"max_connections must be >= 0 (0: no limit), got {max_connections!r}")
+        for name, count in (("max_connections", max_connections), ("max_subscriptions", max_subscriptions),
+                            ("max_calls_in_flight", max_calls_in_flight)):  # fmt: skip
+            if count < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {count!r}")
         for name, value in (
             ("write_timeout", write_timeout),
             ("handshake_timeout", handshake_timeout),
@@ -431,6 +440,8 @@ class Server:
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
         self.max_call_timeout = max_call_timeout
+        self.max_subscriptions = max_subscriptions
+        self.max_calls_in_flight = max_calls_in_flight
         self.slow_threshold = slow_threshold
         self.http_endpoints = http_endpoints
         self.web = WebRoutes(path, serve_client=serve_client, demo_page=demo_page)
@@ -467,6 +478,8 @@ class Server:
             close_timeout=close_timeout,
             max_call_timeout=max_call_timeout,
             slow_threshold=slow_threshold,
+            max_subscriptions=max_subscriptions,
+            max_calls_in_flight=max_calls_in_flight,
         )
         self._services = ConnServices(
             settings=self.settings,

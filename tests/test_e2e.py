@@ -304,7 +304,8 @@ def test_exports_match_the_docs():
         "RedisBroker", "Server", "Callee", "Client", "Subscription", "Conn", "process_msg", "Broker",
         "ConnState", "chain", "log_messages", "recover", "RefuseConnection",
         "MessageType", "Call", "Pub", "Sub", "Unsb", "Ack", "Nack", "Res", "Evnt",
-        "JugglerError", "ProtocolError", "BrokerError", "CapacityExceeded", "HandshakeError",
+        "JugglerError", "ProtocolError", "BrokerError", "CapacityExceeded", "PayloadTooLarge",
+        "HandshakeError",
         "ConnectionClosed", "NackError", "RemoteError", "JugglerTimeout", "CallExpired", "AckTimeout",
     }  # fmt: skip
     assert set(juggler.__all__) == documented

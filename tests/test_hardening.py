@@ -12,7 +12,7 @@ from collections import deque
 import pytest
 import redis
 
-from juggler import Client, NackError, RedisBroker, Res, Server, chain
+from juggler import CallExpired, Client, NackError, RedisBroker, Res, Server, chain
 
 from .conftest import T
 from .proxy import Proxy
@@ -119,6 +119,105 @@ def test_a_handshake_head_over_16_kib_gets_431_however_it_arrives(stack, chunk):
     over = _handshake(HEAD_LIMIT - len(_handshake(0)) + 1)
     assert _status_of(stack.server, over, chunk).startswith(b"HTTP/1.1 431")
     assert stack.server.stats.snapshot()["refused_431"] == 2
+
+
+
+def test_subscriptions_per_connection_are_capped_at_100_by_default(stack):
+    assert stack.server.max_subscriptions == 100
+    c = stack.client()
+    for i in range(100):
+        c.sub(f"cap.{i}", pattern=i % 3 == 0)
+    with pytest.raises(NackError) as err:
+        c.sub("cap.one-more")
+    assert (err.value.code, err.value.message) == (429, "too many subscriptions: at most 100 per connection")
+    with pytest.raises(NackError):
+        c.sub("cap.*", pattern=True)
+    c.sub("cap.1")  # already held: not a new one
+    c.unsb("cap.1")
+    c.sub("cap.one-more")  # room again
+    other = stack.client()
+    other.sub("cap.other")  # the cap is per connection
+    assert len(stack.server.hub.subscriptions()) == 101
+
+
+def test_a_connection_looping_subs_holds_no_more_than_its_cap_in_redis(make_stack):
+    stack = make_stack(max_subscriptions=5)
+    c = stack.client()
+    codes = []
+    for i in range(200):
+        try:
+            c.sub(f"loop.{i}.*", pattern=True)
+            codes.append(200)
+        except NackError as exc:
+            codes.append(exc.code)
+    assert codes == [200] * 5 + [429] * 195
+    assert stack.redis.pubsub_numpat() == 5
+
+
+def test_calls_in_flight_per_connection_are_capped_at_1000_by_default(stack):
+    """A loop of CALLs to a URI nobody serves: the first 1,000 wait in redis, the rest get
+    NACK 429 at once; once calls end (results, or expiry), there is room again."""
+    assert stack.server.max_calls_in_flight == 1000
+    c = stack.client()
+    calls = [c.call_async("nobody.serves", i, timeout=T(60)) for i in range(1200)]
+    for f in calls[1000:]:
+        with pytest.raises(NackError) as err:
+            f.result(T(10))
+        assert (err.value.code, err.value.message) == (429, "too many calls in flight: at most 1000 per connection")
+    assert len([f for f in calls[:1000] if not f.done()]) == 1000
+    assert stack.redis.llen("juggler:calls:{nobody.serves}") == 1000
+    # another connection is not affected
+    assert stack.client().call("test.echo", "other", timeout=T(10)) == "other"
+
+
+def test_calls_in_flight_leave_the_count_when_they_end(make_stack):
+    stack = make_stack(max_calls_in_flight=4)
+    c = stack.client()
+    # answered calls leave at once
+    for i in range(20):
+        assert c.call("test.echo", i, timeout=T(10)) == i
+    # unanswered ones when their timeout passes
+    waiting = [c.call_async("nobody.serves", i, timeout=0.3) for i in range(4)]
+    with pytest.raises(NackError) as err:
+        c.call("test.echo", "full", timeout=T(10))
+    assert err.value.code == 429
+    for f in waiting:
+        with pytest.raises(CallExpired):
+            f.result(T(10))
+
+    def room() -> bool:  # the server's deadlines end a little after the client's
+        try:
+            return c.call("test.echo", "room again", timeout=T(10)) == "room again"
+        except NackError as exc:
+            assert exc.code == 429
+            return False
+
+    assert _eventually(room)
+    # a call that redis refused does not count
+    (conn,) = stack.server.connections
+    before = len(conn._calls)
+    for i in range(10):
+        with pytest.raises(NackError) as err:
+            c.call("test.echo", "x" * (70 * 1024), timeout=T(10))
+        assert err.value.code == 413
+    assert len(conn._calls) == before
+    assert c.call("test.echo", "still room", timeout=T(10)) == "still room"
+
+
+def test_call_args_over_64_kib_get_413_and_never_reach_redis(stack):
+    c = stack.client()
+    assert stack.broker.max_args_size == 64 * 1024
+    at_limit = "x" * (64 * 1024 - 2)  # a JSON string: its two quotes count
+    assert c.call("test.echo", at_limit, timeout=T(10)) == at_limit
+    for args in ["x" * (64 * 1024 - 1), ["é" * 40000], "y" * 1_000_000]:
+        with pytest.raises(NackError) as err:
+            c.call("nobody.serves", args, timeout=T(60))
+        assert err.value.code == 413 and "over the server's maximum of 65536" in err.value.message
+    assert stack.redis.keys("juggler:calls*") == []
+    # PUB is bounded by the read limit only
+    sub = c.sub("big")
+    c.pub("big", "z" * 500_000)
+    assert len(sub.get(T(10)).args) == 500_000
 
 
 # -- exactly once, in order ----------------------------------------------------------------------
