@@ -147,8 +147,8 @@ redis.call('DEL', KEYS[1])
 return ttl
 """
 
-_FAST_STORE = resp.Script(STORE_SCRIPT)
-_FAST_CONSUME = resp.Script(CONSUME_SCRIPT)
+_STORE = resp.Script(STORE_SCRIPT)
+_CONSUME = resp.Script(CONSUME_SCRIPT)
 
 
 # A callee worker's batch pop. KEYS: the call lists of the worker's URIs (one slot on a
@@ -291,10 +291,6 @@ class RedisBroker:
         self.result_cap = result_cap
         #: Whether the client is a ``RedisCluster``.
         self.cluster = isinstance(client, RedisCluster)
-        # redis-py's Script runs EVALSHA and falls back to EVAL (loading it) on NOSCRIPT; on a
-        # cluster EVALSHA goes to the node of its keys, SCRIPT LOAD to every primary.
-        self._store = client.register_script(STORE_SCRIPT)
-        self._consume = client.register_script(CONSUME_SCRIPT)
         self._owns_client = False
         self._pubsub_turn = itertools.count()  # on a cluster: the node of the next pubsub()
         # The fast path (juggler.resp) for the per-call commands, where it applies: the shared
@@ -327,7 +323,9 @@ class RedisBroker:
         Its pool is a ``BlockingConnectionPool`` of ``max_connections`` (default 64: a burst
         of requests waits for a connection, up to 5 s, instead of failing), connects and reads
         time out (5 s, 30 s) and a failed command is retried twice within about 0.2 s, so a
-        redis outage turns into a prompt NACK rather than a hang. ``redis_options`` override
+        redis outage turns into a prompt NACK rather than a hang. The commands that must not
+        run twice (storing a call or a result, PUBLISH) are never retried: their reply can be
+        lost after redis ran them. ``redis_options`` override
         these and go to ``redis.BlockingConnectionPool.from_url``.
 
         ``cluster=True``: ``url`` is any node of a Redis Cluster (the others are discovered
@@ -484,17 +482,47 @@ class RedisBroker:
         """One command on the fast path."""
         return self._on_fast(lambda conn: conn.command(*args))
 
-    def _eval(self, script: Any, fast: resp.Script, keys: list[str], args: list[Any]) -> Any:
-        """Run a Lua script: on the fast path (EVALSHA, EVAL on NOSCRIPT), else redis-py's
-        ``Script``."""
+    def _eval(self, script: resp.Script, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script, sent once (EVALSHA, then EVAL on NOSCRIPT): on the fast path, or
+        with :meth:`_once`."""
         if self._fast is None:
-            return script(keys=keys, args=args)
-        return self._on_fast(lambda conn: conn.evalsha(fast, keys, args))
+            try:
+                return self._once(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                return self._once(keys[0], "EVAL", script.source, len(keys), *keys, *args)
+        return self._on_fast(lambda conn: conn.evalsha(script, keys, args))
+
+    def _once(self, key: str, *command: Any) -> Any:
+        """Run ``command`` on the redis of ``key``, sent once: redis-py's retries would send it
+        again when its reply is lost, and it may have run (a store script run twice stores a
+        call or result twice, a PUBLISH twice sends its event twice). The fast path never
+        re-sends either."""
+        client = self.client
+        if self.cluster:
+            # One attempt of the cluster client: it follows MOVED and ASK (the command did not
+            # run) and refreshes its view of the cluster on a connection error, then raises;
+            # its public execute_command would retry that attempt.
+            return client._execute_command(client.get_node_from_key(key), *command)
+        pool = client.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py < 5.3 wants a command name
+            conn = pool.get_connection(command[0])
+        try:
+            conn.send_command(*command)
+            return conn.read_response()
+        except redis.exceptions.ResponseError:
+            raise
+        except BaseException:
+            conn.disconnect()  # a reply may still be on its way: the connection is unusable
+            raise
+        finally:
+            pool.release(conn)
 
     def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: Union[str, bytes], cap: int) -> None:
         args = [_ms(timeout), data, cap]
         try:
-            self._eval(self._store, _FAST_STORE, [timeout_key, list_key], args)
+            self._eval(_STORE, [timeout_key, list_key], args)
         except _REDIS_FAILURES as exc:
             error = _broker_error(exc)
             if isinstance(error, CapacityExceeded):
@@ -580,7 +608,7 @@ class RedisBroker:
 
     def _take(self, timeout_key: str) -> float:
         try:
-            ttl_ms = int(self._eval(self._consume, _FAST_CONSUME, [timeout_key], []))
+            ttl_ms = int(self._eval(_CONSUME, [timeout_key], []))
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
         return ttl_ms / 1000.0 if ttl_ms > 0 else 0.0
@@ -593,7 +621,7 @@ class RedisBroker:
         try:
             if self._fast is not None:
                 return int(self._command("PUBLISH", channel, data))
-            return int(self.client.publish(channel, data))
+            return int(self._once(channel, "PUBLISH", channel, data))
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
 

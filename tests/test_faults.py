@@ -321,7 +321,7 @@ def test_a_redis_client_that_breaks_unexpectedly_is_a_broker_error(caplog):
         raise AttributeError("'NoneType' object has no attribute 'readline'")
 
     client.brpop = broken
-    client.publish = broken
+    client.connection_pool.get_connection = broken  # PUBLISH is sent once, on a pool connection
     with pytest.raises(BrokerError, match="redis unavailable: connection broken"):
         broker.pop_result("conn", 0.01)
     with pytest.raises(BrokerError, match="redis unavailable"):

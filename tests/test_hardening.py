@@ -12,7 +12,9 @@ from collections import deque
 import pytest
 import redis
 
-from juggler import CallExpired, Client, NackError, RedisBroker, Res, Server, chain
+from juggler import BrokerError, CallExpired, Client, NackError, RedisBroker, Res, Server, chain
+from juggler.broker import STORE_SCRIPT, call_timeout_key, calls_key
+from juggler.message import CallPayload, EventPayload, new_uuid
 
 from .conftest import T
 from .proxy import Proxy
@@ -244,8 +246,6 @@ def test_a_sub_nacked_for_want_of_confirmation_leaves_no_subscription(redis_serv
                     assert server.hub.subscriptions() == {(False, "marker")}
                     assert _eventually(lambda: redis_client.pubsub_numsub("late") == [(b"late", 0)])
                     publisher = RedisBroker(redis_client)
-                    from juggler.message import EventPayload
-
                     publisher.publish("late", EventPayload("11111111-2222-3333-4444-555555555555", 1))
                     publisher.publish("marker", EventPayload("11111111-2222-3333-4444-555555555555", 2))
                     assert marker.get(T(5)).args == 2  # after any EVNT of "late" there could be
@@ -255,3 +255,100 @@ def test_a_sub_nacked_for_want_of_confirmation_leaves_no_subscription(redis_serv
             pubsub.close()
             rpc.close()
             redis_client.close()
+
+
+@pytest.fixture
+def direct(redis_server):
+    """A plain client of the session's real redis (not through a proxy), emptied."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.mark.realredis
+@pytest.mark.parametrize("protocol", [2, 3], ids=["fast-path", "redis-py"])
+def test_a_store_whose_reply_is_lost_is_not_sent_again(redis_server, direct, protocol):
+    """redis runs the store script, then its reply is lost (the proxy drops it and cuts the
+    connection): the call is NACKed and stored once, not twice by a retry. On RESP2 the
+    command goes through juggler.resp, on RESP3 through redis-py (with from_url's retries)."""
+    direct.script_load(STORE_SCRIPT)  # so that the EVALSHA runs: NOSCRIPT is not the case here
+    with Proxy(redis_server.port) as proxy:
+        broker = RedisBroker.from_url(proxy.url, protocol=protocol)
+        try:
+            assert (broker._fast is not None) == (protocol == 2)
+            proxy.drop_reply_after(b"juggler:calls:timeout:")
+            with pytest.raises(BrokerError, match="redis unavailable"):
+                broker.store_call(CallPayload(new_uuid(), new_uuid(), "lost.reply", 1), 30)
+            assert proxy.dropped.is_set()
+            assert direct.llen(calls_key("lost.reply")) == 1
+            broker.store_call(CallPayload(new_uuid(), new_uuid(), "lost.reply", 2), 30)  # it goes on
+            assert direct.llen(calls_key("lost.reply")) == 2
+        finally:
+            broker.close()
+
+
+@pytest.mark.realredis
+@pytest.mark.parametrize("protocol", [2, 3], ids=["fast-path", "redis-py"])
+def test_a_publish_whose_reply_is_lost_is_not_sent_again(redis_server, direct, protocol):
+    ps = direct.pubsub(ignore_subscribe_messages=True)
+    ps.subscribe("lost")
+    with Proxy(redis_server.port) as proxy:
+        broker = RedisBroker.from_url(proxy.url, protocol=protocol)
+        try:
+            proxy.drop_reply_after(b"PUBLISH")
+            with pytest.raises(BrokerError, match="redis unavailable"):
+                broker.publish("lost", EventPayload(new_uuid(), 1))
+            assert broker.publish("lost", EventPayload(new_uuid(), 2)) == 1
+            got = []
+            deadline = time.monotonic() + T(5)
+            while 2 not in got and time.monotonic() < deadline:
+                msg = ps.get_message(timeout=T(1))  # (None also for the subscribe confirmation)
+                if msg is not None:
+                    got.append(EventPayload.from_json(msg["data"]).args)
+            assert got == [1, 2]
+        finally:
+            broker.close()
+            ps.close()
+
+
+@pytest.mark.realredis
+def test_on_a_cluster_a_store_whose_reply_is_lost_is_not_sent_again(redis_cluster, monkeypatch):
+    """The cluster client retries a command after a connection error: the reply of the
+    store script is lost after it ran (read, then the connection fails)."""
+    import redis.connection
+
+    broker = RedisBroker.from_url(redis_cluster.url, cluster=True)
+    uri = "lost.reply.cluster"
+    armed = [True]
+    send, read = redis.connection.Connection.send_command, redis.connection.Connection.read_response
+
+    def send_command(self, *args, **kwargs):
+        if armed[0] and any(isinstance(a, str) and a.startswith(call_timeout_key(uri, "")) for a in args):
+            armed[0] = False
+            self._lose_reply = True
+        return send(self, *args, **kwargs)
+
+    def read_response(self, *args, **kwargs):
+        reply = read(self, *args, **kwargs)
+        if getattr(self, "_lose_reply", False):
+            self._lose_reply = False
+            self.disconnect()
+            raise redis.exceptions.ConnectionError("the reply was lost")
+        return reply
+
+    try:
+        broker.client.delete(calls_key(uri))
+        monkeypatch.setattr(redis.connection.Connection, "send_command", send_command)
+        monkeypatch.setattr(redis.connection.Connection, "read_response", read_response)
+        with pytest.raises(BrokerError, match="redis unavailable"):
+            broker.store_call(CallPayload(new_uuid(), new_uuid(), uri, 1), 30)
+        assert not armed[0]
+        assert broker.client.llen(calls_key(uri)) == 1
+        broker.store_call(CallPayload(new_uuid(), new_uuid(), uri, 2), 30)
+        assert broker.client.llen(calls_key(uri)) == 2
+    finally:
+        monkeypatch.undo()
+        broker.client.delete(calls_key(uri))
+        broker.close()
+
