@@ -149,10 +149,10 @@ class WriteQueue:
             return True
 
     def close(self, marker: Any, discard: bool = False) -> None:
-        """Queue ``marker`` last, whatever the bound; with ``discard``, or when the queue is
-        full, drop what is queued first (a client that does not read has lost it anyway)."""
+        """Queue ``marker`` last, whatever the bound, after what is queued (the writer drains
+        it first); with ``discard``, drop what is queued."""
         with self._not_full:
-            if discard or len(self._items) >= self.maxsize:
+            if discard:
                 self._items.clear()
             self._closed = True
             self._items.append(marker)
@@ -340,8 +340,8 @@ class Conn:
             return True
         if self._queue.put(msg, 0 if nonblocking else self.settings.write_timeout):
             return True
-        if not self.closed:
-            self._fail(CLOSE_POLICY, "client too slow: write queue full")
+        # a client that does not read has lost what is queued: the close frame goes first
+        self._fail(CLOSE_POLICY, "client too slow: write queue full", discard=True)
         return False
 
     @contextlib.contextmanager
@@ -464,24 +464,28 @@ class Conn:
     # -- closing --
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
-        """Start closing: the close frame goes out after what is queued, and the connection
-        ends when the peer answers or ``close_timeout`` passes. Idempotent: only the first
-        call counts, and returns ``True``."""
+        """Start closing: the close frame goes out after what is queued (the writer drains it,
+        however full the queue), and the connection ends when the peer answers or
+        ``close_timeout`` passes. Idempotent: only the first call counts, and returns
+        ``True``."""
+        return self._close(code, reason)
+
+    def _close(self, code: int, reason: str, discard: bool = False) -> bool:
         with self._close_lock:
             if self._closing_since is not None:
                 return False
             self._closing_since = time.monotonic()
             self.close_code = code
             self.close_reason = reason
-        self._queue.close(_CLOSE)
+        self._queue.close(_CLOSE, discard)
         # Past the deadline, shut the socket down: it wakes a reader still waiting for the
         # peer's close frame and a writer stuck on a peer that does not read.
         self._close_deadline = self._svc.timer.call_later(self.settings.close_timeout, self._io.shutdown)
         return True
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, reason: str, discard: bool = False) -> None:
         """Close because of the peer's or the broker's fault; logged once, here."""
-        if self.close(code, reason):
+        if self._close(code, reason, discard):
             self.logger.info("closed connection %s from %s: %d %s", self.uuid, self.remote_addr, code, reason)
 
     def helper_thread_count(self) -> int:

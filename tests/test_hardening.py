@@ -352,3 +352,78 @@ def test_on_a_cluster_a_store_whose_reply_is_lost_is_not_sent_again(redis_cluste
         broker.client.delete(calls_key(uri))
         broker.close()
 
+
+def _raw_connect(server, rcvbuf: int = 4096) -> socket.socket:
+    """A websocket to ``server`` on a plain socket with a small receive buffer, handshake done."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((server.host, server.port))
+    s.settimeout(T(10))
+    s.sendall(_handshake(0))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return s
+
+
+def test_a_going_away_close_lets_the_writer_drain_what_is_queued(make_stack):
+    """The server shuts down while a subscriber's write queue is full (it did not read for a
+    while): what is queued still goes out, then the close frame."""
+    import json
+
+    from juggler.frames import OP_CLOSE, OP_TEXT, encode_close, encode_frame
+    from juggler.message import Evnt
+    from juggler.transport import FrameReader, SocketReader
+
+    delivered = threading.Semaphore(0)
+
+    def count_events(next_handler):
+        def handle(conn, msg):
+            next_handler(conn, msg)
+            if isinstance(msg, Evnt):
+                delivered.release()  # written, or queued
+
+        return handle
+
+    size = 16
+    stack = make_stack(handler=chain(count_events), write_queue_size=size, close_timeout=T(20))
+    s = _raw_connect(stack.server)
+    try:
+        sub = {"meta": {"type": 3, "uuid": new_uuid()}, "payload": {"channel": "drain", "pattern": False}}
+        s.sendall(encode_frame(OP_TEXT, json.dumps(sub).encode(), b"mask"))
+        assert _eventually(lambda: len(stack.server.connections) == 1)  # (registered after the 101)
+        (conn,) = stack.server.connections
+        assert _eventually(lambda: conn.subscriptions() == {(False, "drain")})
+        publisher = stack.client()
+        big = "x" * 30000
+        i = 0
+        # it does not read: big events fill the socket's buffers, then the queue, one each
+        while len(conn._queue) < size:
+            publisher.pub("drain", [i, big])
+            assert delivered.acquire(timeout=T(10))
+            assert not conn.closed
+            i += 1
+        written = stack.server.stats.snapshot().get("write_EVNT", 0)
+        pending = sum(isinstance(m, Evnt) for m in list(conn._queue._items) + conn._out_msgs)
+        assert pending >= size - 1
+        shutdown = threading.Thread(target=stack.server.shutdown, name="test-shutdown")
+        shutdown.start()
+        try:
+            frames = FrameReader(SocketReader(s), limit=1 << 24, masked=False)
+            events = []
+            while True:
+                opcode, data = frames.read()
+                if opcode == OP_CLOSE:
+                    s.sendall(encode_close(1001, "", b"mask"))  # so the server need not wait for it
+                    break
+                msg = json.loads(data)
+                if msg["meta"]["type"] == 10:
+                    events.append(msg["payload"]["args"][0])
+        finally:
+            shutdown.join()
+        assert int.from_bytes(data[:2], "big") == 1001
+        assert len(events) >= written + pending, (len(events), written, pending)
+        assert events == list(range(i))  # every one, in order
+    finally:
+        s.close()
