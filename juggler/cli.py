@@ -162,7 +162,8 @@ def _server_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     names = ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "certfile", "keyfile",
              "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
              "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
-             "max_subscriptions", "max_calls_in_flight", "slow_threshold", "http_endpoints", "serve_client")  # fmt: skip
+             "max_subscriptions", "max_calls_in_flight", "slow_threshold", "http_endpoints", "serve_client",
+             "metrics_listen")  # fmt: skip
     kwargs = {n: cfg[n] for n in names if n in cfg}
     if cfg.get("certfile") and not cfg.get("keyfile") or cfg.get("keyfile") and not cfg.get("certfile"):
         raise _Usage("--certfile and --keyfile go together")
@@ -237,6 +238,8 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         server = _make_server(rpc, cfg, pubsub_broker=pubsub)
         server.start()
         _print(f"websocket: {server.url}")
+        if server.metrics_url is not None:
+            _print(f"metrics:   {server.metrics_url}/metrics and {server.metrics_url}/healthz")
         if embedded is not None:
             _print(
                 f"redis:     {embedded.url}  (embedded, in memory: no --redis given)",

@@ -135,6 +135,13 @@ def _str_list(value: Any) -> list[str]:
     return out
 
 
+def _host_port(value: Any) -> str:
+    from .server import parse_host_port
+
+    parse_host_port(_str(value))  # ValueError names the problem
+    return value
+
+
 def _optional_port(value: Any) -> Optional[int]:
     if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
         return None
@@ -229,6 +236,8 @@ SETTINGS: dict[str, Setting] = {
         _s("http_endpoints", _bool, True, "serve GET /healthz and GET /metrics on the same port"),
         _s("serve_client", _bool, True, "serve the browser client at GET /juggler.js and /juggler.d.ts",
            flag_name="client"),
+        _s("metrics_listen", _host_port, None, "serve GET /healthz and GET /metrics on this address "
+           "instead, off the public port", metavar="HOST:PORT"),
         _s("log_messages", _bool, False, "log every message read and written (INFO, juggler.messages)"),
         _s("metrics_port", _optional_port, None, "serve the callee metrics at http://HOST:PORT/metrics "
            "(none: off)", metavar="PORT"),
@@ -262,7 +271,7 @@ COMMANDS: dict[str, list[str]] = {
         "certfile", "keyfile", "reuse_port", "switch_interval", "max_connections", "read_limit", "write_limit", "write_queue_size",
         "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
         "max_call_timeout", "max_subscriptions", "max_calls_in_flight", "max_args_size", "slow_threshold",
-        "call_cap", "result_cap", "http_endpoints", "serve_client", "log_messages", "log_level",
+        "call_cap", "result_cap", "http_endpoints", "serve_client", "metrics_listen", "log_messages", "log_level",
     ],
     "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],

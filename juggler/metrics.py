@@ -3,14 +3,15 @@
 Each :class:`~juggler.Server` and :class:`~juggler.Callee` has a registry of its own (so that
 several in one process do not collide); counters are read from their thread-safe stats at
 scrape time, latencies are histograms. A server serves them at ``GET /metrics`` on its own
-port; ``juggler callee --metrics-port`` serves a callee's.
+port, or on its ``metrics_listen`` address (:class:`HttpEndpoints`); ``juggler callee
+--metrics-port`` serves a callee's.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .callee import Callee
     from .server import Server
 
-__all__ = ["ServerMetrics", "CalleeMetrics", "CONTENT_TYPE"]
+__all__ = ["ServerMetrics", "CalleeMetrics", "HttpEndpoints", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -119,59 +120,128 @@ class CalleeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         for callee in callees:
             self.registry.register(_CalleeCollector(callee))
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._http: HttpEndpoints | None = None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve ``/metrics`` on ``host:port`` in a thread; returns the port. :meth:`close` stops it."""
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        routes = {"/metrics": lambda: (200, self.render(), CONTENT_TYPE)}
+        self._http = HttpEndpoints(host, port, routes, name="juggler-callee-metrics").start()
+        return self._http.port
 
-        metrics = self
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+
+Route = Callable[[], "tuple[int, bytes, str]"]
+
+
+class HttpEndpoints:
+    """A small HTTP server for operators (health checks, metrics scrapes): ``GET`` and
+    ``HEAD`` of the paths in ``routes``, each a function that returns ``(status, body,
+    content type)``; other paths get 404.
+
+    Its accept thread is named ``name``; each request runs on a thread of its own
+    (``name-N``), at most ``max_clients`` at once (one more gets 503 at once), and has
+    ``timeout`` seconds to send its request. :meth:`close` stops and joins them all.
+    """
+
+    def __init__(self, host: str, port: int, routes: dict[str, Route], *, name: str,
+                 max_clients: int = 8, timeout: float = 5.0) -> None:  # fmt: skip
+        from http.server import BaseHTTPRequestHandler, HTTPServer
 
         class _Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
+                self._answer(head=False)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(head=True)
+
+            def _answer(self, head: bool) -> None:
+                route = routes.get(self.path.split("?", 1)[0])
+                if route is None:
+                    self.send_error(404, f"only {', '.join(sorted(routes))} here")
                     return
-                body = metrics.render()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
+                status, body, ctype = route()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not head:
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), _Handler)
-        self._server.daemon_threads = True  # scrapes are short; close() stops the listener
-        self._thread = threading.Thread(target=_accept, args=(self._server,), name="juggler-callee-metrics")
-        self._thread.start()
-        return self._server.server_address[1]
+        _Handler.timeout = timeout  # a socket timeout for each request
+        self.name = name
+        self._server = HTTPServer((host, port), _Handler)
+        self.host, self.port = self._server.server_address[:2]
+        self._slots = threading.BoundedSemaphore(max_clients)
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._accept_thread: threading.Thread | None = None
+        self._count = 0
+        self._closed = False
+
+    def start(self) -> "HttpEndpoints":
+        with self._lock:
+            if self._accept_thread is None and not self._closed:
+                self._accept_thread = threading.Thread(target=self._accept, name=self.name)
+                self._accept_thread.start()
+        return self
+
+    def _accept(self) -> None:
+        """Block in accept() (no poll) until :meth:`close` shuts the socket down."""
+        server = self._server
+        while True:
+            try:
+                request, address = server.get_request()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                try:
+                    request.settimeout(0)
+                    request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+                server.shutdown_request(request)
+                continue
+            with self._lock:
+                self._count += 1
+                t = threading.Thread(target=self._serve, args=(request, address), name=f"{self.name}-{self._count}")
+                self._threads.add(t)
+            t.start()
+
+    def _serve(self, request: Any, address: Any) -> None:
+        try:
+            self._server.finish_request(request, address)
+        except Exception:  # a client that went away mid-answer
+            pass
+        finally:
+            self._server.shutdown_request(request)
+            self._slots.release()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
 
     def close(self) -> None:
-        if self._server is not None:
-            try:
-                self._server.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-            except OSError:
-                pass
-            assert self._thread is not None
-            self._thread.join()
-            self._server.server_close()
-            self._server = None
-
-
-def _accept(server: Any) -> None:
-    """socketserver's loop without its poll: block in accept() until the socket is shut down."""
-    while True:
+        """Stop accepting, and join every thread (a request ends within its timeout).
+        Idempotent."""
+        with self._lock:
+            self._closed = True
+            accept = self._accept_thread
         try:
-            request, address = server.get_request()
+            self._server.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         except OSError:
-            return
-        if server.verify_request(request, address):
-            server.process_request(request, address)
-        else:
-            server.shutdown_request(request)
+            pass
+        if accept is not None:
+            accept.join()
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join()
+        self._server.server_close()

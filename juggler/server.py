@@ -28,7 +28,7 @@ from .broker import Broker
 from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, ConnServices, ConnSettings
 from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
-from .metrics import CONTENT_TYPE, ServerMetrics
+from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg
 from .pubsub import PubSubHub
 from .timer import Timer
@@ -353,7 +353,10 @@ class Server:
         ``max_args_size`` and ``max_call_timeout`` it bounds what one connection keeps in redis.
     :param slow_threshold: a request whose processing takes longer than this (seconds) is
         counted as slow (``juggler_slow_messages_total``) and logged at DEBUG.
-    :param http_endpoints: serve ``GET /healthz`` and ``GET /metrics`` on the same port.
+    :param http_endpoints: serve ``GET /healthz`` and ``GET /metrics`` on the same port
+        (unless ``metrics_listen`` is given).
+    :param metrics_listen: ``"HOST:PORT"``: serve ``/healthz`` and ``/metrics`` there
+        instead, off the public port (port 0: any free one, see :attr:`metrics_url`).
     :param serve_client: serve the browser client, ``GET /juggler.js`` (and its types,
         ``/juggler.d.ts``), on the same port (see :mod:`juggler.web`).
     :param demo_page: serve the demo page at ``GET /`` (``juggler demo`` does).
@@ -392,6 +395,7 @@ class Server:
         http_endpoints: bool = True,
         serve_client: bool = True,
         demo_page: bool = False,
+        metrics_listen: Optional[str] = None,
         logger: Optional[logging.Logger] = None,
     ) -> None:
         for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
@@ -469,6 +473,16 @@ class Server:
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
         )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
+        self._health_lock = threading.Lock()
+        self._health_answer: Optional[tuple[float, tuple[int, str, str]]] = None  # (when, answer)
+        self._http: Optional[HttpEndpoints] = None
+        if metrics_listen is not None:
+            mhost, mport = parse_host_port(metrics_listen)
+            routes = {
+                "/healthz": lambda: self._encoded(self._health()),
+                "/metrics": lambda: (200, self.metrics.render(), CONTENT_TYPE),
+            }
+            self._http = HttpEndpoints(mhost, mport, routes, name="juggler-server-metrics")
         self.settings = ConnSettings(
             read_limit=read_limit,
             write_queue_size=write_queue_size,
@@ -507,6 +521,14 @@ class Server:
         return f"{scheme}://{host}:{self.port}{self.path}"
 
     @property
+    def metrics_url(self) -> Optional[str]:
+        """``http://HOST:PORT`` of the ``metrics_listen`` endpoints, or ``None``."""
+        if self._http is None:
+            return None
+        host = f"[{self._http.host}]" if ":" in self._http.host else self._http.host
+        return f"http://{host}:{self._http.port}"
+
+    @property
     def connections(self) -> list[Conn]:
         """The open connections (a snapshot)."""
         with self._lock:
@@ -528,9 +550,13 @@ class Server:
             if self._accept_thread is not None:
                 return self
             self.timer.start()
+            if self._http is not None:
+                self._http.start()
             self._accept_thread = threading.Thread(target=self._accept_loop, name="juggler-server-accept")
             self._accept_thread.start()
         self.logger.info("juggler server listening on %s", self.url)
+        if self._http is not None:
+            self.logger.info("health and metrics at %s/healthz and %s/metrics", self.metrics_url, self.metrics_url)
         return self
 
     def serve_forever(self) -> None:
@@ -572,6 +598,8 @@ class Server:
                 t.join()
             self.hub.close()
             self.timer.stop()
+            if self._http is not None:
+                self._http.close()
         finally:
             self._shutdown_done.set()
         self.logger.info("juggler server on %s stopped", self.url)
@@ -751,7 +779,9 @@ class Server:
     def _serve_http(self, io: SocketIO, req: HandshakeRequest) -> bool:
         """Answer ``GET /healthz`` and ``GET /metrics`` (not websocket upgrades); whether it did."""
         path = req.path.split("?", 1)[0]
-        if not self.http_endpoints or req.method not in ("GET", "HEAD") or path not in ("/healthz", "/metrics"):
+        if not self.http_endpoints or self._http is not None:  # off, or off the public port
+            return False
+        if req.method not in ("GET", "HEAD") or path not in ("/healthz", "/metrics"):
             return False
         if path == "/healthz":
             status, body, ctype = self._health()
@@ -768,6 +798,20 @@ class Server:
         return True
 
     def _health(self) -> tuple[int, str, str]:
+        """The health answer, made at most once a second (it PINGs redis): a burst of health
+        checks costs redis one PING, and waits for the one in progress."""
+        with self._health_lock:
+            now = time.monotonic()
+            if self._health_answer is None or now - self._health_answer[0] >= HEALTH_CACHE_SECONDS:
+                self._health_answer = (now, self._check_health())
+            return self._health_answer[1]
+
+    @staticmethod
+    def _encoded(answer: tuple[int, str, str]) -> tuple[int, bytes, str]:
+        status, body, ctype = answer
+        return status, body.encode("utf-8"), ctype
+
+    def _check_health(self) -> tuple[int, str, str]:
         brokers = {"redis": self.broker}
         if self.pubsub_broker is not self.broker:
             brokers["pubsub_redis"] = self.pubsub_broker
@@ -795,6 +839,9 @@ class Server:
             data = encode(msg).encode("utf-8")
         return data
 
+
+#: How long a ``/healthz`` answer is reused (seconds).
+HEALTH_CACHE_SECONDS = 1.0
 
 #: The longest HTTP request head (request line and headers) a handshake may send; over it:
 #: HTTP 431.
@@ -877,6 +924,17 @@ def raise_open_file_limit() -> tuple[int, int]:
         except (OSError, ValueError):
             return soft, soft
     return soft, hard
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``("HOST", PORT)`` from ``"HOST:PORT"`` (``"[::1]:9100"`` for IPv6); :class:`ValueError`
+    naming the problem."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9100)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def _ping(broker: Any) -> bool:

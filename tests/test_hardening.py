@@ -222,6 +222,74 @@ def test_call_args_over_64_kib_get_413_and_never_reach_redis(stack):
     assert len(sub.get(T(10)).args) == 500_000
 
 
+
+def _http_get(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=T(10)) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_metrics_listen_serves_health_and_metrics_off_the_public_port(redis_client):
+    import json
+
+    broker = RedisBroker(redis_client)
+    with Server(broker, metrics_listen="127.0.0.1:0") as server:
+        base = server.metrics_url
+        assert base.startswith("http://127.0.0.1:") and not base.endswith(f":{server.port}")
+        status, body = _http_get(base + "/healthz")
+        assert status == 200 and json.loads(body) == {"status": "ok", "redis": "ok", "connections": 0}
+        status, body = _http_get(base + "/metrics")
+        assert status == 200 and b"juggler_connections_active" in body
+        assert _http_get(base + "/ws")[0] == 404
+        # the public port serves websockets only: no health or metrics there, before any
+        # origin check or accepting hook
+        public = f"http://{server.host}:{server.port}"
+        for path in ("/healthz", "/metrics"):
+            status, body = _http_get(public + path)
+            assert status == 404 and b"no websocket endpoint" in body
+        assert any(t.name == "juggler-server-metrics" for t in threading.enumerate())
+    assert not any(t.name.startswith("juggler-server-metrics") for t in threading.enumerate())
+
+
+def test_metrics_listen_refuses_a_flood_of_slow_scrapers_beyond_its_cap(redis_client):
+    """Scrapers that connect and send nothing hold at most 8 request threads; one more gets
+    503 at once, and they are let go after the request timeout (or at shutdown)."""
+    broker = RedisBroker(redis_client)
+    with Server(broker, metrics_listen="127.0.0.1:0") as server:
+        host, port = server._http.host, server._http.port
+        idle = [socket.create_connection((host, port), timeout=T(10)) for _ in range(8)]
+        try:
+            assert _eventually(lambda: len(server._http._threads) == 8)
+            with socket.create_connection((host, port), timeout=T(10)) as extra:
+                assert extra.recv(100).startswith(b"HTTP/1.1 503")
+        finally:
+            for s in idle:
+                s.close()
+
+
+@pytest.mark.parametrize("where", ["public", "metrics_listen"])
+def test_health_checks_cost_redis_one_ping_a_second(redis_client, where):
+    broker = RedisBroker(redis_client)
+    pings = []
+    ping = broker.ping
+    broker.ping = lambda: pings.append(1) or ping()
+    kw = {"metrics_listen": "127.0.0.1:0"} if where == "metrics_listen" else {}
+    with Server(broker, **kw) as server:
+        base = server.metrics_url or f"http://{server.host}:{server.port}"
+        for _ in range(20):
+            assert _http_get(base + "/healthz")[0] == 200
+        assert len(pings) == 1
+        when, answer = server._health_answer
+        server._health_answer = (when - 1.0, answer)  # a second later
+        assert _http_get(base + "/healthz")[0] == 200
+        assert len(pings) == 2
+
+
 # -- exactly once, in order ----------------------------------------------------------------------
 
 
