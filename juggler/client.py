@@ -13,6 +13,13 @@ is sent, so a result that arrives before ``send`` returns is never lost.
 With ``Client.connect(url, reconnect=True)`` a lost connection is replaced: the reader thread
 dials again with capped exponential backoff and jitter, then renews every live subscription
 (see :meth:`Client.connect`).
+
+Nothing grows without bound, whatever the server does: the writer's queue holds at most
+``outbox_size`` messages (a caller waits for room, a call at most until its timeout; a call
+that ended while it waited there is never sent), each subscription keeps at most
+``sub_queue_size`` events (past it the oldest are dropped and counted, or the reader waits:
+``sub_overflow``), and a message from the server over ``read_limit`` bytes closes the
+connection (1009).
 """
 
 from __future__ import annotations
@@ -22,14 +29,12 @@ import heapq
 import itertools
 import logging
 import os
-import queue
 import random
 import struct
-import sys
 import threading
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -67,9 +72,22 @@ from .transport import FrameReader, SocketIO, SocketReader, Stopped
 __all__ = ["Client", "Subscription", "check_url", "open_websocket"]
 
 SUBPROTOCOL = "juggler.0"
-_END = object()  # subscription queues: the end; writer queue: send the close frame, then stop
+_END = object()  # writer queue: send the close frame, then stop
 _STOP = object()  # writer queue: stop without sending
 _counter = itertools.count(1)
+
+#: Defaults of :class:`Client`'s bounds.
+OUTBOX_SIZE = 1024
+READ_LIMIT = 16 << 20
+SUB_QUEUE_SIZE = 1024
+_OVERFLOWS = ("drop_oldest", "block")
+
+
+def _check_queue(size_name: str, size: int, overflow_name: str, overflow: str) -> None:
+    if size < 1:
+        raise ValueError(f"{size_name} must be at least 1, got {size!r}")
+    if overflow not in _OVERFLOWS:
+        raise ValueError(f"{overflow_name} must be one of {', '.join(_OVERFLOWS)}, got {overflow!r}")
 
 
 def check_url(url: str) -> str:
@@ -97,15 +115,28 @@ class Subscription:
     iteration ends when the subscription is undone with :meth:`Client.unsb` or the client is
     closed, and raises :class:`~juggler.exceptions.ConnectionClosed` if the connection is lost
     (with ``reconnect``, it goes on over the new connection instead).
+
+    At most ``maxsize`` events wait to be read. With ``overflow="drop_oldest"`` (the default)
+    one more drops the oldest, counted in :attr:`dropped`; with ``"block"`` the client's reader
+    waits for room, which holds up everything the server sends on this connection (and a
+    server disconnects a client that stops reading for long).
     """
 
-    def __init__(self, client: "Client", channel: str, pattern: bool) -> None:
+    def __init__(self, client: "Client", channel: str, pattern: bool, maxsize: int = SUB_QUEUE_SIZE,
+                 overflow: str = "drop_oldest") -> None:  # fmt: skip
+        _check_queue("maxsize", maxsize, "overflow", overflow)
         self.client = client
         self.channel = channel
         self.pattern = pattern
-        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self.maxsize = maxsize
+        self.overflow = overflow
+        #: Events dropped because the queue was full (``overflow="drop_oldest"``).
+        self.dropped = 0
+        self._items: deque[Evnt] = deque()
+        self._cond = threading.Condition()
         self._error: Optional[BaseException] = None
         self._ended = False
+        self._released = False  # a blocked reader gives up (the client is closing)
 
     def __repr__(self) -> str:
         kind = "pattern" if self.pattern else "channel"
@@ -117,16 +148,13 @@ class Subscription:
         Raises :class:`TimeoutError` when no event came within ``timeout`` seconds, and
         :class:`~juggler.exceptions.ConnectionClosed` when the connection was lost.
         """
-        if self._ended and self._queue.empty():
-            return self._end()
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no event on {self.channel!r} within {timeout} s") from None
-        if item is _END:
-            self._queue.put(_END)  # later calls see the end too
-            return self._end()
-        return item
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items or self._ended, timeout):
+                raise TimeoutError(f"no event on {self.channel!r} within {timeout} s")
+            if self._items:
+                self._cond.notify_all()  # room for a reader waiting to put one
+                return self._items.popleft()
+        return self._end()
 
     def _end(self) -> None:
         if self._error is not None:
@@ -140,11 +168,79 @@ class Subscription:
                 return
             yield ev
 
+    def _put(self, evnt: Evnt) -> None:
+        """Queue an event (on the client's reader thread)."""
+        with self._cond:
+            if self._ended:
+                return
+            if len(self._items) >= self.maxsize:
+                if self.overflow == "block":
+                    self._cond.wait_for(lambda: len(self._items) < self.maxsize or self._ended or self._released)
+                    if self._ended or self._released:
+                        return
+                else:
+                    self._items.popleft()
+                    self.dropped += 1
+            self._items.append(evnt)
+            self._cond.notify_all()
+
+    def _release(self) -> None:
+        """Let a reader waiting for room go on, dropping its event (the client closes)."""
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
     def _finish(self, error: Optional[BaseException] = None) -> None:
-        if not self._ended:
-            self._ended = True
-            self._error = error
-            self._queue.put(_END)
+        with self._cond:
+            if not self._ended:
+                self._ended = True
+                self._error = error
+                self._cond.notify_all()
+
+
+class _Outbox:
+    """The writer's queue of at most ``maxsize`` messages; :meth:`put_last` always gets in."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Any] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, item: Any, timeout: Optional[float]) -> bool:
+        """Queue ``item``, waiting up to ``timeout`` seconds for room; whether it went in
+        (not once closed)."""
+        with self._cond:
+            if len(self._items) >= self.maxsize and not self._closed:
+                if timeout is not None and timeout <= 0:
+                    return False
+                self._cond.wait_for(lambda: len(self._items) < self.maxsize or self._closed, timeout)
+            if self._closed or len(self._items) >= self.maxsize:
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def put_last(self, item: Any, close: bool = False) -> None:
+        """Queue ``item`` (an end marker) whatever the bound; with ``close``, nothing more
+        goes in after it."""
+        with self._cond:
+            self._items.append(item)
+            self._closed = self._closed or close
+            self._cond.notify_all()
+
+    def get(self) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: self._items)
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def clear(self) -> None:
+        """Drop what is queued (a lost connection's: what it was for has ended)."""
+        with self._cond:
+            self._items.clear()
+            self._cond.notify_all()
 
 
 class _Expiries:
@@ -195,6 +291,10 @@ class Client:
 
     ``call_timeout`` is the default timeout of :meth:`call` (seconds); ``ack_timeout`` how
     long :meth:`pub`, :meth:`sub` and :meth:`unsb` wait for the server's ACK or NACK.
+    ``outbox_size`` (1024) messages at most wait for the writer; ``read_limit`` (16 MiB) is
+    the largest message accepted from the server; ``sub_queue_size`` (1024) and
+    ``sub_overflow`` (``"drop_oldest"`` or ``"block"``) are the defaults of each
+    :class:`Subscription`.
     """
 
     def __init__(
@@ -205,14 +305,24 @@ class Client:
         ack_timeout: float = 10.0,
         close_timeout: float = 5.0,
         logger: Optional[logging.Logger] = None,
+        outbox_size: int = OUTBOX_SIZE,
+        read_limit: int = READ_LIMIT,
+        sub_queue_size: int = SUB_QUEUE_SIZE,
+        sub_overflow: str = "drop_oldest",
         _reconnect: Optional["_Reconnect"] = None,
     ) -> None:
+        for name, n in (("outbox_size", outbox_size), ("read_limit", read_limit)):
+            if n < 1:
+                raise ValueError(f"{name} must be at least 1, got {n!r}")
+        _check_queue("sub_queue_size", sub_queue_size, "sub_overflow", sub_overflow)
+        self.sub_queue_size = sub_queue_size
+        self.sub_overflow = sub_overflow
         # websocket-client made the connection and the handshake; the frames are ours, read
         # and written through SocketIO, which keeps the reader's and the writer's calls into
         # a TLS socket apart (websocket-client's recv and send would not).
         self._ws = ws
         self._io = SocketIO(ws.sock)
-        self._frames = FrameReader(SocketReader(self._io), limit=sys.maxsize, masked=False)
+        self._frames = FrameReader(SocketReader(self._io), limit=read_limit, masked=False)
         self._close_sent = False
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout
@@ -233,7 +343,7 @@ class Client:
         self._closed: Optional[ConnectionClosed] = None
         self._closing = False
         self._close_lock = threading.Lock()
-        self._outbox: "queue.Queue[Any]" = queue.Queue()
+        self._outbox = _Outbox(outbox_size)
         # reconnecting (see _reader_run): how to dial again, None when off
         self._reconnect = _reconnect
         self._ended = (1006, "connection lost")  # close code and reason of the last connection
@@ -266,6 +376,10 @@ class Client:
         reconnect: bool = False,
         max_reconnect_delay: float = 10.0,
         on_reconnect: Optional[Callable[["Client", Optional[ConnectionClosed]], None]] = None,
+        outbox_size: int = OUTBOX_SIZE,
+        read_limit: int = READ_LIMIT,
+        sub_queue_size: int = SUB_QUEUE_SIZE,
+        sub_overflow: str = "drop_oldest",
         **ws_options: Any,
     ) -> "Client":
         """Open a connection to the juggler server at ``url`` (``ws://host:port/ws``).
@@ -304,7 +418,9 @@ class Client:
             # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
             redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)
-        return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger, _reconnect=redial)
+        return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger, outbox_size=outbox_size,
+                   read_limit=read_limit, sub_queue_size=sub_queue_size, sub_overflow=sub_overflow,
+                   _reconnect=redial)  # fmt: skip
 
     @property
     def connected(self) -> bool:
@@ -355,8 +471,11 @@ class Client:
             self._calls[msg.uuid] = fut
             if len(self._expiries) > 1024 and len(self._expiries) > 4 * len(self._calls):
                 self._expiries.compact(self._calls)
-        self._expiries.add(time.monotonic() + timeout, msg.uuid)
-        self._send(msg.uuid, data)
+        deadline = time.monotonic() + timeout
+        self._expiries.add(deadline, msg.uuid)
+        # a full outbox: wait for room, until the call expires at the latest (the timer ends it,
+        # and the writer does not send a call that ended)
+        self._outbox.put((msg.uuid, data), deadline - time.monotonic())
         return fut
 
     def call(self, uri: str, args: Any = None, timeout: Optional[float] = None) -> Any:
@@ -369,13 +488,18 @@ class Client:
         """Publish ``args`` on ``channel``; blocks until the server ACKs it."""
         return self._request(Pub(channel=channel, args=args))
 
-    def sub(self, channel: str, pattern: bool = False) -> Subscription:
-        """Subscribe to ``channel`` (a redis glob pattern when ``pattern``); blocks until ACKed."""
+    def sub(self, channel: str, pattern: bool = False, *, queue_size: Optional[int] = None,
+            overflow: Optional[str] = None) -> Subscription:  # fmt: skip
+        """Subscribe to ``channel`` (a redis glob pattern when ``pattern``); blocks until ACKed.
+        ``queue_size`` and ``overflow`` override the client's ``sub_queue_size`` and
+        ``sub_overflow`` (see :class:`Subscription`)."""
         key = (channel, pattern)
         with self._lock:
             sub = self._subs.get(key)
             if sub is None:
-                sub = self._subs[key] = Subscription(self, channel, pattern)
+                sub = self._subs[key] = Subscription(
+                    self, channel, pattern, queue_size or self.sub_queue_size, overflow or self.sub_overflow
+                )
         try:
             self._request(Sub(channel=channel, pattern=pattern))
         except BaseException:
@@ -401,18 +525,18 @@ class Client:
             if self._closed is not None or self._down is not None:
                 raise self._closed or self._down  # type: ignore[misc]
             self._acks[msg.uuid] = fut
-        self._send(msg.uuid, data)
+        deadline = time.monotonic() + self.ack_timeout
         try:
-            return fut.result(self.ack_timeout)
+            if not self._outbox.put((msg.uuid, data), self.ack_timeout):
+                if self._closed is not None:
+                    raise self._closed
+                raise FutureTimeout
+            return fut.result(max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             raise AckTimeout(f"no ACK for {msg.type.name} {msg.uuid} within {self.ack_timeout} s") from None
         finally:
             with self._lock:
                 self._acks.pop(msg.uuid, None)
-
-    def _send(self, msg_uuid: str, data: str) -> None:
-        """Queue a message for the writer thread (the request is already registered)."""
-        self._outbox.put((msg_uuid, data))
 
     def _write_loop(self) -> None:
         while True:
@@ -477,8 +601,8 @@ class Client:
             key = (msg.pattern, True) if msg.pattern else (msg.channel, False)
             with self._lock:
                 sub = self._subs.get(key)
-            if sub is not None and not sub._ended:
-                sub._queue.put(msg)
+            if sub is not None:
+                sub._put(msg)
         elif isinstance(msg, (Ack, Nack)):
             err = NackError(msg.code, msg.message, msg) if isinstance(msg, Nack) else None
             with self._lock:
@@ -524,7 +648,8 @@ class Client:
                     self._reply_close(code if valid_close_code(code) else 1000)  # echo it, as RFC 6455 suggests
                     return
                 if opcode == OP_PING:
-                    self._outbox.put(encode_frame(OP_PONG, data, os.urandom(4)))
+                    # never waits: with the outbox full, the server will ping again
+                    self._outbox.put(encode_frame(OP_PONG, data, os.urandom(4)), 0)
                     continue
                 if opcode == OP_PONG:
                     continue
@@ -606,15 +731,11 @@ class Client:
 
     def _drop_connection(self) -> None:
         """Stop the writer of the lost connection and forget what it had not sent."""
-        self._outbox.put(_STOP)
+        self._outbox.put_last(_STOP)
         self._kill_socket()
         self._writer.join()
         self._ws.shutdown()
-        while True:  # the calls and requests those were for have ended (pongs: for the old socket)
-            try:
-                self._outbox.get_nowait()
-            except queue.Empty:
-                break
+        self._outbox.clear()  # the calls and requests those were for have ended (pongs: for the old socket)
 
     def _attach(self, ws: websocket.WebSocket) -> None:
         """Read and write ``ws`` from now on: a new writer thread for it."""
@@ -654,7 +775,8 @@ class Client:
             with self._lock:
                 self._acks[msg.uuid] = fut
             fut.add_done_callback(functools.partial(answered, sub, msg.uuid))
-            self._send(msg.uuid, encode(msg))
+            # on the reader thread, which must not wait: one each, whatever the outbox's bound
+            self._outbox.put_last((msg.uuid, encode(msg)))
 
     def _back(self) -> None:
         self._ready.set()
@@ -673,7 +795,7 @@ class Client:
             subs, self._subs = list(self._subs.values()), {}
             acks = list(self._acks.values())
         self._expiries.stop()
-        self._outbox.put(_STOP)
+        self._outbox.put_last(_STOP, close=True)
         for fut in calls.values():
             fut.set_exception(closed)
         for fut in acks:
@@ -707,12 +829,16 @@ class Client:
             self._closing = True
         self._wake.set()  # a reader waiting to reconnect stops waiting
         if first and not self.closed:
-            self._outbox.put(_END)  # the writer sends the close frame after what is queued
+            self._outbox.put_last(_END)  # the writer sends the close frame after what is queued
         me = threading.current_thread()
         if me is not self._reader:
             self._reader.join(self.close_timeout)
             if self._reader.is_alive():  # the server did not answer, or the writer is stuck
                 self._kill_socket()
+                with self._lock:
+                    subs = list(self._subs.values())
+                for sub in subs:  # or the reader waits for room in a full subscription
+                    sub._release()
                 self._reader.join()
         for t in (self._writer, self._timer):
             if me is not t:

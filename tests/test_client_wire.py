@@ -102,3 +102,135 @@ def test_protocol_error_from_the_server_closes_with_1002(fake):
     assert c.close_code == 1002 and "must not be masked" in c.close_reason
     assert frames.read() == (OP_CLOSE, struct.pack(">H", 1002))
     c.close()
+
+
+# -- bounds against a hostile or slow server (issue 9) ---------------------------------------------
+
+
+def _evnt(channel: str, args) -> bytes:
+    import json
+
+    from juggler.message import new_uuid
+
+    msg = {"meta": {"type": 10, "uuid": new_uuid()}, "payload": {"for": new_uuid(), "channel": channel, "args": args}}
+    return encode_frame(OP_TEXT, json.dumps(msg).encode())
+
+
+def _ack_next_request(fake, frames) -> None:
+    """Read the client's next request and ACK it."""
+    import json
+
+    from juggler.message import new_uuid
+
+    opcode, data = frames.read()
+    req = json.loads(data)
+    ack = {"meta": {"type": 8, "uuid": new_uuid()}, "payload": {"for": req["meta"]["uuid"], "for_type": req["meta"]["type"]}}
+    fake.sock.sendall(encode_frame(OP_TEXT, json.dumps(ack).encode()))
+
+
+def test_a_message_over_the_read_limit_closes_with_1009_before_it_is_read(fake):
+    from juggler.client import READ_LIMIT
+
+    assert READ_LIMIT == 16 << 20
+    c = Client.connect(fake.url, connect_timeout=T(10))
+    frames = fake.frames()
+    fut = c.call_async("test.echo", 1, timeout=T(30))
+    frames.read()
+    # a header that announces 1 GiB: refused at once, nothing allocated for it
+    fake.sock.sendall(bytes([0x81, 127]) + struct.pack(">Q", 1 << 30))
+    assert c.wait_closed(T(10))
+    assert c.close_code == 1009 and "read limit" in c.close_reason
+    assert frames.read() == (OP_CLOSE, struct.pack(">H", 1009))
+    with pytest.raises(ConnectionClosed):
+        fut.result(T(5))
+    c.close()
+
+
+def test_a_smaller_read_limit(fake):
+    c = Client.connect(fake.url, connect_timeout=T(10), read_limit=1000)
+    fake.frames()
+    fake.sock.sendall(_evnt("x", "y" * 2000))
+    assert c.wait_closed(T(10))
+    assert c.close_code == 1009
+    c.close()
+
+
+def test_a_full_subscription_drops_its_oldest_events_and_counts_them(fake):
+    from juggler.client import SUB_QUEUE_SIZE
+
+    assert SUB_QUEUE_SIZE == 1024
+    c = Client.connect(fake.url, connect_timeout=T(10))
+    frames = fake.frames()
+    subs = {}
+    for name in ("flood", "marker"):
+        t = threading.Thread(target=lambda n=name: subs.__setitem__(n, c.sub(n)), name="juggler-test-sub")
+        t.start()
+        _ack_next_request(fake, frames)
+        t.join(T(10))
+    n = 3000
+    fake.sock.sendall(b"".join(_evnt("flood", i) for i in range(n)) + _evnt("marker", "done"))
+    assert subs["marker"].get(T(10)).args == "done"  # every flood event was handled before it
+    flood = subs["flood"]
+    assert flood.dropped == n - 1024
+    assert [flood.get(0).args for _ in range(1024)] == list(range(n - 1024, n))
+    with pytest.raises(TimeoutError):
+        flood.get(0)
+    c.close_timeout = T(0.5)  # (the fake server does not answer the close frame)
+    c.close()
+
+
+def test_a_full_blocking_subscription_holds_the_reader_until_there_is_room(fake):
+    c = Client.connect(fake.url, connect_timeout=T(10), sub_queue_size=2, sub_overflow="block")
+    frames = fake.frames()
+    t = threading.Thread(target=lambda: subs.append(c.sub("slow")), name="juggler-test-sub")
+    subs: list = []
+    t.start()
+    _ack_next_request(fake, frames)
+    t.join(T(10))
+    (sub,) = subs
+    fake.sock.sendall(b"".join(_evnt("slow", i) for i in range(10)))
+    assert [sub.get(T(10)).args for _ in range(10)] == list(range(10))
+    assert sub.dropped == 0
+    # the reader waits for room: close() still returns, and ends the subscription
+    fake.sock.sendall(b"".join(_evnt("slow", i) for i in range(5)))
+    closer = threading.Thread(target=c.close, name="juggler-test-closer")
+    c.close_timeout = T(0.5)
+    closer.start()
+    closer.join(T(10))
+    assert not closer.is_alive()
+
+
+def test_calls_that_expire_in_a_full_outbox_are_never_sent(fake):
+    """The server stops reading: the writer blocks on a big frame, the outbox fills up to its
+    bound, a caller waits for room (a call at most until its timeout, a request until
+    ack_timeout), and calls whose timeout passed in the outbox are dropped, not sent."""
+    import json
+    import time
+
+    from juggler import AckTimeout, CallExpired
+
+    fake.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (accepted sockets inherit it)
+    c = Client.connect(fake.url, connect_timeout=T(10), outbox_size=4, ack_timeout=0.3,
+                       sockopt=((socket.SOL_SOCKET, socket.SO_SNDBUF, 4096),))  # fmt: skip
+    frames = fake.frames()
+    holder = c.call_async("hold", "x" * 900_000, timeout=T(60))  # the writer blocks on it
+    short = [c.call_async("short", i, timeout=0.3) for i in range(4)]  # they wait in the outbox
+    started = time.monotonic()
+    one_more = c.call_async("short", 4, timeout=0.3)  # waits for room until its timeout
+    assert time.monotonic() - started >= 0.25
+    assert len(c._outbox._items) <= 4
+    with pytest.raises(AckTimeout):
+        c.pub("x", 1)
+    for f in short + [one_more]:
+        with pytest.raises(CallExpired):
+            f.result(T(10))
+    opcode, data = frames.read()  # the server reads again
+    assert json.loads(data)["payload"]["uri"] == "hold"
+    after = c.call_async("after", 1, timeout=T(10))
+    opcode, data = frames.read()
+    assert json.loads(data)["payload"]["uri"] == "after"  # none of the expired ones came first
+    c.close_timeout = T(0.5)
+    c.close()
+    for f in (holder, after):
+        with pytest.raises(ConnectionClosed):
+            f.result(T(5))
