@@ -670,6 +670,10 @@ def test_max_connections_holds_with_handshakes_in_flight(make_stack):
     try:
         assert len(clients) == 2 and len(refused) == 4
         assert all(r.status == 503 for r in refused)
+        # a connection is registered just after the 101 its client saw: a bounded wait
+        deadline = time.monotonic() + T(5)
+        while len(stack.server.connections) != 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert len(stack.server.connections) == 2
     finally:
         for c in clients:
