@@ -122,6 +122,15 @@ def make_redis_client(kind: str, request):
     return client
 
 
+@pytest.fixture
+def real(redis_server):
+    """A plain client of the session's real redis, emptied."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
 @pytest.fixture(params=["fake", "real"])
 def redis_client(request):
     client = make_redis_client(request.param, request)

@@ -127,47 +127,34 @@ class Proxy:
                     upstream.close()
                     return
                 self._pairs.append(pair)
-            self._start(self._commands, "proxy-commands", pair)
-            self._start(self._replies, "proxy-replies", pair)
+            self._start(self._pump, "proxy-commands", pair, True)
+            self._start(self._pump, "proxy-replies", pair, False)
 
-    def _commands(self, pair: _Pair) -> None:
-        """client -> redis"""
+    def _pump(self, pair: _Pair, commands: bool) -> None:
+        """Forward client -> redis (``commands``) or redis -> client, until either side ends."""
+        src, dst = (pair.client, pair.upstream) if commands else (pair.upstream, pair.client)
         while True:
             try:
-                data = pair.client.recv(65536)
+                data = src.recv(65536)
             except OSError:
                 data = b""
             if not data:
                 pair.cut()
                 return
-            with self._lock:
-                marker = self._drop_marker
-                if marker is not None and marker in data:
-                    self._drop_marker = None
-                    pair.drop_next_reply = True
+            if commands:
+                with self._lock:
+                    marker = self._drop_marker
+                    if marker is not None and marker in data:
+                        self._drop_marker = None
+                        pair.drop_next_reply = True
+            else:
+                self._flowing.wait()
+                if pair.drop_next_reply:
+                    self.dropped.set()
+                    pair.cut()
+                    return
             try:
-                pair.upstream.sendall(data)
-            except OSError:
-                pair.cut()
-                return
-
-    def _replies(self, pair: _Pair) -> None:
-        """redis -> client"""
-        while True:
-            try:
-                data = pair.upstream.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                pair.cut()
-                return
-            self._flowing.wait()
-            if pair.drop_next_reply:
-                self.dropped.set()
-                pair.cut()
-                return
-            try:
-                pair.client.sendall(data)
+                dst.sendall(data)
             except OSError:
                 pair.cut()
                 return

@@ -325,22 +325,13 @@ def test_a_sub_nacked_for_want_of_confirmation_leaves_no_subscription(redis_serv
             redis_client.close()
 
 
-@pytest.fixture
-def direct(redis_server):
-    """A plain client of the session's real redis (not through a proxy), emptied."""
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
 @pytest.mark.realredis
 @pytest.mark.parametrize("protocol", [2, 3], ids=["fast-path", "redis-py"])
-def test_a_store_whose_reply_is_lost_is_not_sent_again(redis_server, direct, protocol):
+def test_a_store_whose_reply_is_lost_is_not_sent_again(redis_server, real, protocol):
     """redis runs the store script, then its reply is lost (the proxy drops it and cuts the
     connection): the call is NACKed and stored once, not twice by a retry. On RESP2 the
     command goes through juggler.resp, on RESP3 through redis-py (with from_url's retries)."""
-    direct.script_load(STORE_SCRIPT)  # so that the EVALSHA runs: NOSCRIPT is not the case here
+    real.script_load(STORE_SCRIPT)  # so that the EVALSHA runs: NOSCRIPT is not the case here
     with Proxy(redis_server.port) as proxy:
         broker = RedisBroker.from_url(proxy.url, protocol=protocol)
         try:
@@ -349,17 +340,17 @@ def test_a_store_whose_reply_is_lost_is_not_sent_again(redis_server, direct, pro
             with pytest.raises(BrokerError, match="redis unavailable"):
                 broker.store_call(CallPayload(new_uuid(), new_uuid(), "lost.reply", 1), 30)
             assert proxy.dropped.is_set()
-            assert direct.llen(calls_key("lost.reply")) == 1
+            assert real.llen(calls_key("lost.reply")) == 1
             broker.store_call(CallPayload(new_uuid(), new_uuid(), "lost.reply", 2), 30)  # it goes on
-            assert direct.llen(calls_key("lost.reply")) == 2
+            assert real.llen(calls_key("lost.reply")) == 2
         finally:
             broker.close()
 
 
 @pytest.mark.realredis
 @pytest.mark.parametrize("protocol", [2, 3], ids=["fast-path", "redis-py"])
-def test_a_publish_whose_reply_is_lost_is_not_sent_again(redis_server, direct, protocol):
-    ps = direct.pubsub(ignore_subscribe_messages=True)
+def test_a_publish_whose_reply_is_lost_is_not_sent_again(redis_server, real, protocol):
+    ps = real.pubsub(ignore_subscribe_messages=True)
     ps.subscribe("lost")
     with Proxy(redis_server.port) as proxy:
         broker = RedisBroker.from_url(proxy.url, protocol=protocol)

@@ -20,13 +20,6 @@ from .conftest import T, start_redis_server, stop_redis_server
 pytestmark = pytest.mark.realredis
 
 
-@pytest.fixture
-def real(redis_server):
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
 
 def test_pack_is_a_resp_array_of_bulk_strings():
     assert resp.pack(("SET", "k", b"\x00v", 5, "é")) == (
