@@ -625,6 +625,32 @@ def test_server_cli_limits_take_effect(procs):
     assert server.stop() == 0
 
 
+def test_server_cli_abuse_limits_take_effect(procs):
+    """--max-args-size and --metrics-listen as flags, the two per-connection caps from the
+    environment."""
+    import urllib.request
+
+    from juggler import Client, NackError
+
+    server = procs("server", "--port", "0", "--max-args-size", "100", "--metrics-listen", "127.0.0.1:0",
+                   "--log-level", "warning", env=env(JUGGLER_MAX_SUBSCRIPTIONS="1", JUGGLER_MAX_CALLS_IN_FLIGHT="2"))  # fmt: skip
+    url = server.expect(r"websocket: (ws://\S+)").group(1)
+    metrics = server.expect(r"metrics: +(http://\S+)/metrics").group(1)
+    big = juggler("client", url, "call", "nobody", '"%s"' % ("x" * 200))
+    assert big.returncode == 3 and "NACK 413: call args of 202 bytes" in big.stderr
+    with Client.connect(url, connect_timeout=T(10)) as c:
+        c.sub("one")
+        with pytest.raises(NackError, match="429"):
+            c.sub("two")
+        waiting = [c.call_async("nobody", i, timeout=T(30)) for i in range(2)]
+        with pytest.raises(NackError, match="429"):
+            c.call("nobody", 3, timeout=T(30))
+        assert not any(f.done() for f in waiting)
+    with urllib.request.urlopen(metrics + "/healthz", timeout=T(10)) as r:
+        assert json.loads(r.read())["status"] == "ok"
+    assert server.stop() == 0
+
+
 def test_callee_metrics_port_and_load_metric_deltas(procs):
     server = procs("server", "--port", "0", "--log-level", "warning")
     url = server.expect(r"websocket: (ws://\S+)").group(1)
