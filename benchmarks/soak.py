@@ -82,6 +82,7 @@ class Soak:
         self.threads: list[threading.Thread] = []
         self.redis: Optional[Proc] = None
         self.callees: list[Proc] = []
+        self.next_callee_start = 0.0
         self.server: Optional[Proc] = None
         self.url = ""
 
@@ -121,6 +122,7 @@ class Soak:
         self.redis.wait_for(r"Ready to accept connections", 30)
 
     def kill_callee(self) -> None:
+        """kill -9 a callee; :meth:`keep_callees` starts another."""
         with self.lock:
             alive = [p for p in self.callees if p.popen.poll() is None]
         if alive:
@@ -128,15 +130,19 @@ class Soak:
             os.kill(victim.pid, signal.SIGKILL)
             victim.popen.wait()
             self.faults["callees killed"] += 1
-        self.start_callee()
+        self.keep_callees()
 
     def keep_callees(self) -> None:
-        """A callee that exited on its own (it cannot start while redis is down) is replaced."""
+        """Replace the callees that are gone: killed, or exited (one cannot start while redis
+        is down), at most one start every half second, so an outage is no storm of them."""
         with self.lock:
             dead = [p for p in self.callees if p.popen.poll() is not None]
             self.callees = [p for p in self.callees if p.popen.poll() is None]
+            missing = self.args.callees - len(self.callees)
         for p in dead:
             p.stop()
+        if missing > 0 and time.monotonic() >= self.next_callee_start:
+            self.next_callee_start = time.monotonic() + 0.5
             self.start_callee()
 
     def stop_processes(self) -> None:
@@ -345,8 +351,9 @@ class Soak:
                         last_report = time.monotonic()
                         with self.lock:
                             done = sum(self.outcomes.values())
-                        self.log(f"  {time.monotonic() - started:6.1f} s  {done} of {a.calls} calls ended, "
-                                 f"{dict(self.faults)}")  # fmt: skip
+                            outcomes = dict(sorted(self.outcomes.items()))
+                        self.log(f"  {time.monotonic() - started:6.1f} s  {done} of {a.calls} calls ended "
+                                 f"{outcomes}, {dict(self.faults)}")  # fmt: skip
             traffic_s = time.monotonic() - started
             self.stop.set()
             for t in side:
