@@ -18,6 +18,7 @@ from juggler.message import CallPayload, EventPayload, new_uuid
 
 from .conftest import T
 from .proxy import Proxy
+from .test_web import fetch
 
 
 def _eventually(predicate, timeout: float = 5) -> bool:
@@ -223,17 +224,6 @@ def test_call_args_over_64_kib_get_413_and_never_reach_redis(stack):
 
 
 
-def _http_get(url: str) -> tuple[int, bytes]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=T(10)) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def test_metrics_listen_serves_health_and_metrics_off_the_public_port(redis_client):
     import json
 
@@ -241,16 +231,16 @@ def test_metrics_listen_serves_health_and_metrics_off_the_public_port(redis_clie
     with Server(broker, metrics_listen="127.0.0.1:0") as server:
         base = server.metrics_url
         assert base.startswith("http://127.0.0.1:") and not base.endswith(f":{server.port}")
-        status, body = _http_get(base + "/healthz")
+        status, body = fetch(base + "/healthz")
         assert status == 200 and json.loads(body) == {"status": "ok", "redis": "ok", "connections": 0}
-        status, body = _http_get(base + "/metrics")
+        status, body = fetch(base + "/metrics")
         assert status == 200 and b"juggler_connections_active" in body
-        assert _http_get(base + "/ws")[0] == 404
+        assert fetch(base + "/ws")[0] == 404
         # the public port serves websockets only: no health or metrics there, before any
         # origin check or accepting hook
         public = f"http://{server.host}:{server.port}"
         for path in ("/healthz", "/metrics"):
-            status, body = _http_get(public + path)
+            status, body = fetch(public + path)
             assert status == 404 and b"no websocket endpoint" in body
         assert any(t.name == "juggler-server-metrics" for t in threading.enumerate())
     assert not any(t.name.startswith("juggler-server-metrics") for t in threading.enumerate())
@@ -282,11 +272,11 @@ def test_health_checks_cost_redis_one_ping_a_second(redis_client, where):
     with Server(broker, **kw) as server:
         base = server.metrics_url or f"http://{server.host}:{server.port}"
         for _ in range(20):
-            assert _http_get(base + "/healthz")[0] == 200
+            assert fetch(base + "/healthz")[0] == 200
         assert len(pings) == 1
         when, answer = server._health_answer
         server._health_answer = (when - 1.0, answer)  # a second later
-        assert _http_get(base + "/healthz")[0] == 200
+        assert fetch(base + "/healthz")[0] == 200
         assert len(pings) == 2
 
 
