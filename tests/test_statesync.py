@@ -397,8 +397,13 @@ def test_keepalive_pings_and_closes_a_silent_peer(serve):
 
 
 def test_on_connection_failing_closes_that_connection_with_1011(serve, caplog):
+    first = threading.Event()
+
     def on_connection(conn):
-        raise RuntimeError("handler bug")
+        if not first.is_set():  # only the first connection meets the bug
+            first.set()
+            raise RuntimeError("handler bug")
+        conn.set_local_data({"served": True})
 
     server = serve(on_connection)
     with caplog.at_level(logging.ERROR, "juggler.statesync"):
@@ -407,6 +412,7 @@ def test_on_connection_failing_closes_that_connection_with_1011(serve, caplog):
     assert conn.close_code == 1011
     assert sum("on_connection failed" in r.getMessage() for r in caplog.records) == 1
     good = serve.connect(server.url)
+    Watch(good).equals({"served": True})
     assert not good.closed
 
 
