@@ -13,9 +13,10 @@ within ``--settle`` seconds.
 Every wait is bounded: a handshake that gets no 101 within ``--handshake-timeout`` counts as
 failed (with its reason: an HTTP status such as ``HTTP 503``, a socket error, or a timeout),
 the whole open phase ends after ``--open-timeout``, and opening stops early when the server
-has ``--thread-cap`` threads (default half of what the machine allows, so a server that spends
-threads per connection cannot exhaust the machine's pids); connections never started are
-reported as such.
+has ``--thread-cap`` threads (default three quarters of what the machine allows, so a server
+that spends threads per connection cannot exhaust the machine's pids; 10,000 connections at
+two threads each fit under a ``pid_max`` of 32768); connections never started are reported
+as such, and the open phase then ends as soon as the handshakes in flight do.
 
 ``--against REV`` also measures a git revision (a temporary ``git worktree add --detach``,
 removed at the end): A is the current tree, B is REV; each runs its own ``python -m juggler``
@@ -246,7 +247,7 @@ class Holder:
         deadline = t0 + a.open_timeout
         next_check = 0.0
         capped = False
-        while started < n or self.inflight:
+        while (started < n and not capped) or self.inflight:  # capped: end once those in flight end
             now = time.monotonic()
             if now > deadline:
                 self.stopped_reason = f"open phase ended after --open-timeout {a.open_timeout:g} s"
@@ -533,9 +534,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=200, help="handshakes in flight at most (default 200)")
     ap.add_argument("--handshake-timeout", type=float, default=15.0, help="seconds for one connect + 101 (default 15)")
     ap.add_argument("--open-timeout", type=float, default=180.0, help="bound of the whole open phase (default 180)")
-    ap.add_argument("--thread-cap", type=int, default=c.system_thread_limit() // 2,
-                    help="stop opening when the server has this many threads (default: half the machine's"
-                         " pid/thread limit)")  # fmt: skip
+    ap.add_argument("--thread-cap", type=int, default=c.system_thread_limit() * 3 // 4,
+                    help="stop opening when the server has this many threads (default: three quarters of"
+                         " the machine's pid/thread limit)")  # fmt: skip
     ap.add_argument("--baseline", type=float, default=2.0, help="seconds of baseline CPU before connecting (default 2)")
     ap.add_argument("--settle-start", type=float, default=1.0, help="seconds after the server starts before the baseline")
     ap.add_argument("--close-wait", type=float, default=3.0, help="seconds to wait for the server's close frames")
