@@ -150,10 +150,16 @@ class WriteQueue:
 
     def close(self, marker: Any, discard: bool = False) -> None:
         """Queue ``marker`` last, whatever the bound, after what is queued (the writer drains
-        it first); with ``discard``, drop what is queued."""
+        it first); with ``discard``, drop what is queued, but for bytes at its head: the rest
+        of a frame already begun on the socket (see :meth:`put_first`), which must be
+        finished or what follows would land inside it."""
         with self._not_full:
             if discard:
-                self._items.clear()
+                items = self._items
+                head = items[0] if items and isinstance(items[0], (bytes, bytearray, memoryview)) else None
+                items.clear()
+                if head is not None:
+                    items.append(head)
             self._closed = True
             self._items.append(marker)
             self._not_empty.notify()

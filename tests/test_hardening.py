@@ -35,6 +35,27 @@ def _eventually(predicate, timeout: float = 5) -> bool:
 # -- memory that only grows ----------------------------------------------------------------------
 
 
+def test_a_discarding_close_keeps_the_rest_of_a_frame_begun_on_the_socket():
+    """A slow subscriber: the socket took part of an EVNT frame (its rest waits at the head of
+    the queue), then the queue fills and the connection is closed with 1008, dropping what
+    is queued. The rest of that frame must still go before the close frame, or the close
+    frame would be read as part of the EVNT's payload."""
+    from juggler.conn import WriteQueue
+
+    q = WriteQueue(2)
+    assert q.claim()
+    q.put_first(b"rest of a frame")  # what send_nowait could not write
+    q.release()
+    assert q.put("evnt 2") and not q.put("evnt 3")  # full
+    q.close("close", discard=True)
+    assert q.get_batch(10) == [b"rest of a frame", "close"]
+
+    q = WriteQueue(2)  # no frame begun: everything queued goes
+    assert q.put("evnt 1") and q.put("evnt 2")
+    q.close("close", discard=True)
+    assert q.get_batch(10) == ["close"]
+
+
 def test_sub_and_unsb_of_many_channels_leave_no_bookkeeping_behind(stack):
     """SUB then UNSB of 2,000 distinct channels: the hub's maps and the redis pub-sub
     connection's confirmation bookkeeping shrink back to nothing."""
