@@ -41,9 +41,9 @@ from .exceptions import BrokerError, ProtocolError
 from .message import CLIENT_TYPES, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
-from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
+from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from .handshake import HandshakeRequest
-from .transport import FrameReader, SocketIO, SocketReader, Stopped
+from .transport import FrameLoop, FrameReader, SocketIO, SocketReader
 
 __all__ = ["Conn", "ConnSettings", "ConnServices", "WriteQueue"]
 
@@ -219,7 +219,7 @@ class _Slot:
         self.done = threading.Event()
 
 
-class Conn:
+class Conn(FrameLoop):
     """A juggler connection on a :class:`~juggler.server.Server`.
 
     Attributes a handler may read: ``uuid`` (also the key of its results list),
@@ -579,30 +579,7 @@ class Conn:
     def _read_loop(self) -> None:
         svc = self._svc
         slow = self.settings.slow_threshold
-        while True:
-            try:
-                opcode, data = self._frames.read()
-            except Stopped:
-                self._peer_gone = self._peer_gone or not self.closed
-                return
-            except ProtocolError as exc:
-                if self.closed:
-                    # What follows a broken frame cannot be framed any more. Take it all in
-                    # until the peer hangs up or the close deadline: closing with unread
-                    # bytes would reset the connection, and the peer could lose our close frame.
-                    self._socket_reader.discard()
-                    return
-                self._fail(exc.close_code, exc.reason)
-                continue
-            if opcode == OP_CLOSE:
-                self._peer_closed(data)
-                return
-            if opcode == OP_PING:
-                if not self.closed:
-                    self._queue_frame(encode_frame(OP_PONG, data))
-                continue
-            if opcode == OP_PONG or self.closed:
-                continue
+        for opcode, data in self._data_frames():
             if opcode == OP_BINARY:
                 self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
                 continue
@@ -628,14 +605,11 @@ class Conn:
                 svc.incr("slow_messages")
                 self.logger.debug("connection %s: %s %s took %.3f s", self.uuid, msg.type.name, msg.uuid, took)
 
-    def _peer_closed(self, data: bytes) -> None:
-        try:
-            code, reason = parse_close(data)
-        except ProtocolError as exc:
-            self._fail(exc.close_code, exc.reason)
-            return
-        # Echo the peer's code, as RFC 6455 suggests; 1005 (no code) is answered with 1000.
-        self.close(CLOSE_NORMAL if code == 1005 else code, reason)
+    def _answer_close(self, code: int, reason: str) -> bool:
+        return self.close(code, reason)
+
+    def _send_pong(self, data: bytes) -> None:
+        self._queue_frame(encode_frame(OP_PONG, data))
 
     def _queue_frame(self, frame: bytes) -> None:
         """A ping or a pong: written at once if the socket is free and takes it, else queued

@@ -20,11 +20,12 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from .exceptions import ProtocolError
-from .frames import CONTROL_OPS, DATA_OPS, FRAGMENT_COST, OP_CONT, unmask
+from .frames import CONTROL_OPS, DATA_OPS, FRAGMENT_COST, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, parse_close, unmask
 
-__all__ = ["Stopped", "SocketIO", "SocketReader", "FrameReader"]
+__all__ = ["Stopped", "SocketIO", "SocketReader", "FrameReader", "FrameLoop"]
 
 
 class Stopped(Exception):
@@ -310,3 +311,65 @@ class FrameReader:
             return fin, opcode, self.reader.read_exact(length)
         mask = self.reader.read_exact(4)
         return fin, opcode, unmask(self.reader.read_exact(length), mask)
+
+
+class FrameLoop:
+    """The part of a websocket peer's read loop that is the same for every protocol on it
+    (the juggler server's connections and :mod:`juggler.statesync`'s): control frames, a
+    broken stream and the peer's close. :meth:`_data_frames` yields the text and binary
+    frames that remain while the connection is open.
+
+    The subclass has ``_frames`` (a :class:`FrameReader`), ``_socket_reader``, ``_peer_gone``,
+    ``closed``, ``_fail(code, reason)`` (close for the peer's fault), ``_answer_close(code,
+    reason)`` (start closing in answer to the peer) and ``_send_pong(data)``.
+    """
+
+    _frames: "FrameReader"
+    _socket_reader: "SocketReader"
+    _peer_gone: bool
+    closed: bool
+
+    def _fail(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    def _answer_close(self, code: int, reason: str) -> Any:
+        raise NotImplementedError
+
+    def _send_pong(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _data_frames(self) -> "Iterator[tuple[int, bytes]]":
+        while True:
+            try:
+                opcode, data = self._frames.read()
+            except Stopped:
+                self._peer_gone = self._peer_gone or not self.closed
+                return
+            except ProtocolError as exc:
+                if self.closed:
+                    # What follows a broken frame cannot be framed any more. Take it all in
+                    # until the peer hangs up or the close deadline: closing with unread
+                    # bytes would reset the connection, and the peer could lose our close frame.
+                    self._socket_reader.discard()
+                    return
+                self._fail(exc.close_code, exc.reason)
+                continue
+            if opcode == OP_CLOSE:
+                self._peer_closed(data)
+                return
+            if opcode == OP_PING:
+                if not self.closed:
+                    self._send_pong(data)
+                continue
+            if opcode == OP_PONG or self.closed:
+                continue
+            yield opcode, data
+
+    def _peer_closed(self, data: bytes) -> None:
+        try:
+            code, reason = parse_close(data)
+        except ProtocolError as exc:
+            self._fail(exc.close_code, exc.reason)
+            return
+        # Echo the peer's code, as RFC 6455 suggests; 1005 (no code) is answered with 1000.
+        self._answer_close(1000 if code == 1005 else code, reason)

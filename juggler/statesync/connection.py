@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..conn import WriteQueue
 from ..exceptions import ConnectionClosed, JugglerTimeout, ProtocolError
-from ..frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
+from ..frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from ..timer import Keepalive, Timer, TimerHandle
-from ..transport import FrameReader, SocketIO, SocketReader, Stopped
+from ..transport import FrameLoop, FrameReader, SocketIO, SocketReader
 from . import protocol
 
 __all__ = ["Connection", "Settings", "ChangeHandle"]
@@ -163,7 +163,7 @@ _AUTOFLUSH = object()  # write queue marker: send what changed since the last DA
 _CLOSE = object()  # write queue marker: send the close frame and stop
 
 
-class Connection:
+class Connection(FrameLoop):
     """A state-sync connection: local and remote JSON data kept in sync with the peer's, and
     messages both ways.
 
@@ -462,29 +462,7 @@ class Connection:
             self._done.set()
 
     def _read_loop(self) -> None:
-        while True:
-            try:
-                opcode, data = self._frames.read()
-            except Stopped:
-                self._peer_gone = self._peer_gone or not self.closed
-                return
-            except ProtocolError as exc:
-                if self.closed:
-                    # what follows a broken frame cannot be framed: take it in until the peer
-                    # hangs up or the close deadline, so our close frame is not lost to a reset
-                    self._socket_reader.discard()
-                    return
-                self._fail(exc.close_code, exc.reason)
-                continue
-            if opcode == OP_CLOSE:
-                self._peer_closed(data)
-                return
-            if opcode == OP_PING:
-                if not self.closed:
-                    self._queue.put(self._control(OP_PONG, data))
-                continue
-            if opcode == OP_PONG or self.closed:
-                continue
+        for opcode, data in self._data_frames():
             if opcode == OP_BINARY:
                 self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
                 continue
@@ -513,14 +491,11 @@ class Connection:
             self._put(self._frame(protocol.encode(protocol.PONG, {})))
         # PONG: nothing to do
 
-    def _peer_closed(self, data: bytes) -> None:
-        try:
-            code, reason = parse_close(data)
-        except ProtocolError as exc:
-            self._fail(exc.close_code, exc.reason)
-            return
-        # echo the peer's code, as RFC 6455 suggests; 1005 (none) is answered with 1000
-        self._start_close(CLOSE_NORMAL if code == 1005 else code, reason)
+    def _answer_close(self, code: int, reason: str) -> None:
+        self._start_close(code, reason)
+
+    def _send_pong(self, data: bytes) -> None:
+        self._queue.put(self._control(OP_PONG, data))
 
     # -- writing --
 
