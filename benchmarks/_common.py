@@ -216,6 +216,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def context_switches(pid: int) -> int:
+    """Context switches (voluntary and not) of a process's live threads, from
+    /proc/PID/task/*/status: a thread that waits for a lock or the GIL switches out and back."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if "ctxt_switches" in line:
+                        total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended
+    return total
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """Threads and VmRSS (bytes) from /proc/PID/status."""
     out = {}

@@ -7,7 +7,9 @@ in flight (send the CALL, skip its ACK, wait for its RES, matched by ``for``, se
 After a warm-up (``--warmup``) it measures for ``--duration`` seconds and reports:
 calls/s (RES received in the window), p50/p99 latency in ms (send to RES), and the CPU ms per
 completed call of the server, the callee and redis (utime+stime from /proc/PID/stat, deltas
-over the measured window only), plus the load driver's own CPU (% of one core), so a driver
+over the measured window only), the server's thread context switches per completed call (from
+/proc/PID/task/*/status: each wake-up of a thread, and each wait for the GIL or a lock, is one),
+plus the load driver's own CPU (% of one core), so a driver
 that is the bottleneck shows.
 
 The load driver is a raw, single-threaded, selector-based websocket client (no juggler
@@ -315,9 +317,9 @@ def measure(stack: Stack, conns: int, args: argparse.Namespace) -> dict[str, Any
         for _, pipe in workers:
             pipe.send((t_start, t0, t1, args.drain))
         time.sleep(max(0.0, t0 - time.monotonic()))
-        cpu0, m0 = stack.cpu(), time.monotonic()
+        cpu0, sw0, m0 = stack.cpu(), c.context_switches(stack.server.pid), time.monotonic()
         time.sleep(max(0.0, t1 - time.monotonic()))
-        cpu1, m1 = stack.cpu(), time.monotonic()
+        cpu1, sw1, m1 = stack.cpu(), c.context_switches(stack.server.pid), time.monotonic()
         stats: dict[str, int] = {}
         lat: list[float] = []
         driver_cpu: list[float] = []
@@ -360,6 +362,7 @@ def measure(stack: Stack, conns: int, args: argparse.Namespace) -> dict[str, Any
         "server_cpu_ms_per_call": per_call("server"),
         "callee_cpu_ms_per_call": per_call("callee"),
         "redis_cpu_ms_per_call": per_call("redis"),
+        "server_switches_per_call": (sw1 - sw0) / done if done else None,
         "server_cpu_percent": 100.0 * (cpu1["server"] - cpu0["server"]) / (m1 - m0),
         "callee_cpu_percent": 100.0 * (cpu1["callee"] - cpu0["callee"]) / (m1 - m0),
         "redis_cpu_percent": 100.0 * (cpu1["redis"] - cpu0["redis"]) / (m1 - m0),
@@ -376,6 +379,7 @@ FIGURES = [
     ("server ms/call", "server_cpu_ms_per_call", ".3f"),
     ("callee ms/call", "callee_cpu_ms_per_call", ".3f"),
     ("redis ms/call", "redis_cpu_ms_per_call", ".3f"),
+    ("srv switch/call", "server_switches_per_call", ".1f"),
 ]
 
 

@@ -29,6 +29,8 @@ import redis
 import redis.connection
 import redis.exceptions
 
+from . import gilsend
+
 try:  # the C parser; without it the fast path is off
     import hiredis
 except ImportError:  # pragma: no cover - hiredis is a dependency
@@ -113,7 +115,7 @@ class RespConnection:
     def command(self, *args: Any) -> Any:
         """Run one command; its reply (bytes, int, list, None)."""
         try:
-            self._sock.sendall(pack(args))
+            gilsend.sendall(self._sock, pack(args))
         except OSError as exc:
             raise self._fail(exc) from exc
         return self._read()
@@ -122,7 +124,7 @@ class RespConnection:
         """Send several commands in one write and read their replies; an error reply is
         returned in its place (a ``ResponseError``), not raised."""
         try:
-            self._sock.sendall(b"".join(pack(c) for c in commands))
+            gilsend.sendall(self._sock, b"".join(pack(c) for c in commands))
         except OSError as exc:
             raise self._fail(exc) from exc
         replies: list[Any] = []
@@ -146,6 +148,9 @@ class RespConnection:
         idle): a non-blocking peek, no command."""
         if self.broken:
             return False
+        if gilsend.AVAILABLE:  # a peek that keeps the GIL (see juggler.gilsend)
+            readable = gilsend.readable_nowait(self._sock.fileno())
+            return readable is False
         # (not recv with MSG_DONTWAIT: on a socket with a timeout Python first waits for it)
         try:
             readable = select.select([self._sock], [], [], 0)[0]

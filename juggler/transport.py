@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from . import gilsend
 from .exceptions import ProtocolError
 from .frames import CONTROL_OPS, DATA_OPS, FRAGMENT_COST, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, parse_close, unmask
 
@@ -99,7 +100,7 @@ class SocketIO:
         with self._write_lock:
             if not self.tls:
                 try:
-                    self.sock.sendall(data)
+                    gilsend.sendall(self.sock, data)
                 except BlockingIOError:  # SO_SNDTIMEO passed with no progress
                     raise TimeoutError(f"write timed out after {self.write_timeout:g} s") from None
                 return
@@ -138,6 +139,8 @@ class SocketIO:
             return 0
         with self._write_lock:
             try:
+                if gilsend.AVAILABLE and type(data) is bytes:
+                    return gilsend.send_nowait(self.sock.fileno(), data)
                 return self.sock.send(data, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return 0

@@ -1,0 +1,84 @@
+"""juggler.gilsend: non-blocking socket calls made without letting go of the GIL."""
+
+import socket
+import threading
+
+import pytest
+
+from juggler import gilsend
+
+pytestmark = [
+    pytest.mark.timeout(20),
+    pytest.mark.skipif(not gilsend.AVAILABLE, reason="no C library send through ctypes here"),
+]
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_send_nowait_sends_and_the_peer_reads_it(pair):
+    a, b = pair
+    assert gilsend.send_nowait(a.fileno(), b"hello") == 5
+    assert b.recv(16) == b"hello"
+
+
+def test_send_nowait_takes_what_fits_then_zero_when_full(pair):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    chunk = b"x" * 65536
+    sent = gilsend.send_nowait(a.fileno(), chunk)
+    assert 0 < sent < len(chunk)  # part of it: the buffer is smaller
+    while gilsend.send_nowait(a.fileno(), chunk):
+        pass
+    assert gilsend.send_nowait(a.fileno(), b"more") == 0  # full: nothing taken, no wait
+
+
+def test_send_nowait_raises_when_the_peer_is_gone(pair):
+    a, b = pair
+    b.close()
+    with pytest.raises(OSError):
+        for _ in range(3):  # the first send may still be accepted
+            gilsend.send_nowait(a.fileno(), b"x")
+
+
+def test_readable_nowait_says_whether_bytes_or_the_end_wait(pair):
+    a, b = pair
+    assert gilsend.readable_nowait(a.fileno()) is False
+    b.sendall(b"z")
+    assert gilsend.readable_nowait(a.fileno()) is True
+    assert a.recv(1) == b"z"  # the peek took nothing
+    b.shutdown(socket.SHUT_WR)
+    assert gilsend.readable_nowait(a.fileno()) is True  # the end of the stream
+
+
+def test_readable_nowait_is_none_for_a_closed_descriptor():
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    a.close()
+    b.close()
+    assert gilsend.readable_nowait(fd) is None
+
+
+def test_sendall_finishes_what_the_first_send_left(pair):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = bytes(range(256)) * 4096  # 1 MiB: far more than the buffer takes at once
+    got = bytearray()
+
+    def read():
+        while len(got) < len(data):
+            chunk = b.recv(65536)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=read, name="test-gilsend-reader")
+    t.start()
+    gilsend.sendall(a, data)
+    t.join(10)
+    assert bytes(got) == data
