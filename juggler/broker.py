@@ -44,6 +44,7 @@ from redis.retry import Retry
 
 from . import resp
 from .exceptions import BrokerError, CapacityExceeded, PayloadTooLarge
+from .frames import OP_TEXT, frame_header
 from .message import CallPayload, EventPayload, Evnt, ResultPayload, encode_payload, new_uuid
 
 __all__ = [
@@ -210,6 +211,17 @@ class PubSubEvent:
         """The JSON of the EVNT payload every subscriber of this event gets: made once (see
         :meth:`~juggler.message.Evnt.sharing`)."""
         return encode_payload(Evnt(self.payload.msg_uuid, self.channel, self.payload.args, self.pattern, uuid=""))
+
+    @functools.cached_property
+    def evnt_frame(self) -> tuple[bytes, bytes, int]:
+        """``(head, tail, size)``: the websocket frame of this event's EVNT is ``head``, the
+        message's 36-character UUID, then ``tail``; ``size`` is the EVNT's JSON length. The
+        same bytes as :func:`~juggler.message.encode` and
+        :func:`~juggler.frames.encode_frame` make, built once for every subscriber."""
+        before = b'{"meta":{"type":10,"uuid":"'
+        after = b'"},"payload":' + self.evnt_payload.encode("utf-8") + b"}"
+        size = len(before) + 36 + len(after)
+        return frame_header(OP_TEXT, size) + before, after, size
 
 
 class PubSubConn(Protocol):

@@ -100,6 +100,10 @@ class ConnServices:
     handler: Callable[["Conn", Message], None]
     #: ``encode(conn, msg)``: the bytes to write for ``msg``, or ``None`` to drop it
     encode: Callable[["Conn", Message], Optional[bytes]]
+    #: ``event_write_limit()``: the largest EVNT to write straight from an event's shared frame
+    #: (``PubSubEvent.evnt_frame``), or ``None`` when each EVNT must go through the handler
+    #: and ``encode`` as a message (a custom handler or encoder)
+    event_write_limit: Callable[[], Optional[int]]
     #: ``incr(name, n=1)``: the server's counters
     incr: Callable[..., None]
     #: ``observe_call_ack(seconds)``, ``observe_result_delivery(seconds)``: latency metrics
@@ -124,7 +128,7 @@ class WriteQueue:
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: deque[Any] = deque()
-        lock = threading.Lock()
+        self._lock = lock = threading.Lock()  # (taken bare where no wait or notify follows)
         self._not_empty = threading.Condition(lock)
         self._not_full = threading.Condition(lock)
         self._closed = False
@@ -180,14 +184,14 @@ class WriteQueue:
     def claim(self) -> bool:
         """Take the socket to write one message now: only if nothing is queued, nobody
         writes and the queue is open. :meth:`release` it after."""
-        with self._not_empty:
+        with self._lock:
             if self._items or self._busy or self._closed:
                 return False
             self._busy = True
             return True
 
     def release(self) -> None:
-        with self._not_empty:
+        with self._lock:
             self._busy = False
             if self._items:
                 self._not_empty.notify()
@@ -404,6 +408,20 @@ class Conn(FrameLoop):
         connection whose queue is full is closed (1008) rather than delaying the others."""
         if self.closed:
             return
+        limit = self._svc.event_write_limit()
+        if limit is not None:
+            # The handler would only write it: write the event's frame, made once for all
+            # subscribers, with this message's UUID, when the socket is free (else queue it
+            # as a message, below, behind what waits).
+            head, tail, size = event.evnt_frame
+            if size <= limit and self._queue.claim():
+                try:
+                    sent = self._send_nowait(head + new_uuid().encode("ascii") + tail)
+                finally:
+                    self._queue.release()
+                if sent:
+                    self._svc.incr(_WRITE_KEY[MessageType.EVNT])
+                return
         p = event.payload
         evnt = Evnt(for_uuid=p.msg_uuid, channel=event.channel, pattern=event.pattern, args=p.args)
         _local.nonblocking = True

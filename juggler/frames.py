@@ -21,6 +21,7 @@ __all__ = [
     "CONTROL_OPS",
     "FRAGMENT_COST",
     "unmask",
+    "frame_header",
     "encode_frame",
     "encode_close",
     "parse_close",
@@ -50,18 +51,21 @@ def unmask(data: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
 
 
+def frame_header(opcode: int, n: int, masked: bool = False) -> bytes:
+    """The header of one final frame of ``n`` payload bytes (the mask, if any, follows it)."""
+    b1 = 0x80 | opcode
+    bit = 0x80 if masked else 0
+    if n < 126:
+        return struct.pack(">BB", b1, bit | n)
+    if n < 65536:
+        return struct.pack(">BBH", b1, bit | 126, n)
+    return struct.pack(">BBQ", b1, bit | 127, n)
+
+
 def encode_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
     """One final frame: unmasked (from a server), or masked with the 4-byte ``mask`` (from a
     client)."""
-    n = len(payload)
-    b1 = 0x80 | opcode
-    bit = 0x80 if mask is not None else 0
-    if n < 126:
-        header = struct.pack(">BB", b1, bit | n)
-    elif n < 65536:
-        header = struct.pack(">BBH", b1, bit | 126, n)
-    else:
-        header = struct.pack(">BBQ", b1, bit | 127, n)
+    header = frame_header(opcode, len(payload), mask is not None)
     if mask is None:
         return header + payload
     return header + mask + unmask(payload, mask)

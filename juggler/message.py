@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -76,27 +75,31 @@ CLIENT_TYPES = frozenset({MessageType.CALL, MessageType.PUB, MessageType.SUB, Me
 SERVER_TYPES = frozenset({MessageType.NACK, MessageType.ACK, MessageType.RES, MessageType.EVNT})
 
 
-_RANDOM_BATCH = 4096  # bytes of os.urandom taken at once: 256 UUIDs per system call
-_random = bytearray()
-_random_lock = threading.Lock()
+_UUID_BATCH = 256  # UUIDs made from one os.urandom call
+_uuids: list[str] = []  # made, not handed out yet; list.pop() is atomic, so no lock
 # a forked child must not hand out the UUIDs its parent will
-os.register_at_fork(after_in_child=_random.clear)
+os.register_at_fork(after_in_child=_uuids.clear)
+
+
+def _make_uuids() -> list[str]:
+    raw = bytearray(os.urandom(16 * _UUID_BATCH))
+    raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # the RFC 4122 variant
+    h = raw.hex()
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, len(h), 32)]  # fmt: skip
 
 
 def new_uuid() -> str:
     """A random (version 4) UUID as the lowercase 36-character string the protocol uses.
 
-    As random as ``uuid.uuid4()`` (``os.urandom``), read a batch at a time: a server makes
-    two per call."""
-    with _random_lock:
-        if not _random:
-            _random.extend(os.urandom(_RANDOM_BATCH))
-        b = _random[-16:]
-        del _random[-16:]
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    As random as ``uuid.uuid4()`` (``os.urandom``), made a batch at a time: a server makes two
+    per call and one per event delivered."""
+    while True:
+        try:
+            return _uuids.pop()
+        except IndexError:
+            _uuids.extend(_make_uuids())
 
 
 def effective_timeout(timeout: float) -> float:

@@ -45,7 +45,7 @@ from .message import (
 if TYPE_CHECKING:  # pragma: no cover
     from .conn import Conn
 
-__all__ = ["Handler", "Middleware", "chain", "log_messages", "recover", "process_msg"]
+__all__ = ["Handler", "Middleware", "chain", "log_messages", "recover", "process_msg", "writes_events_as_sent"]
 
 Handler = Callable[["Conn", Message], None]
 Middleware = Callable[[Handler], Handler]
@@ -59,6 +59,13 @@ def chain(*middlewares: Middleware, handler: Optional[Handler] = None) -> Handle
     for middleware in reversed(middlewares):
         handler = middleware(handler)
     return handler
+
+
+def writes_events_as_sent(handler: Handler) -> bool:
+    """Whether ``handler`` does nothing with an EVNT but write it (:func:`process_msg`, maybe
+    behind :func:`recover`): then a server may write an event's frame to its subscribers
+    without making a message object for each (see ``Conn.deliver``)."""
+    return handler is process_msg or getattr(handler, "_juggler_writes_events_as_sent", False)
 
 
 def _describe(msg: Message) -> str:
@@ -104,6 +111,7 @@ def recover(logger: Optional[logging.Logger] = None) -> Middleware:
                     log.exception("conn %s: handler failed on %s; closing the connection", conn.uuid, _describe(msg))
                 conn.close(1011, "internal server error")
 
+        handle._juggler_writes_events_as_sent = writes_events_as_sent(next_handler)  # type: ignore[attr-defined]
         return handle
 
     return middleware

@@ -29,7 +29,7 @@ from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, Co
 from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
-from .middleware import Handler, process_msg
+from .middleware import Handler, process_msg, writes_events_as_sent
 from .pubsub import PubSubHub
 from .timer import Timer
 from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
@@ -503,6 +503,7 @@ class Server:
             timer=self.timer,
             handler=lambda conn, msg: self.handler(conn, msg),  # the attribute may be replaced
             encode=self.encode,
+            event_write_limit=self._event_write_limit,
             incr=self.stats.incr,
             observe_call_ack=self.metrics.call_ack.observe,
             observe_result_delivery=self.metrics.result_delivery.observe,
@@ -821,6 +822,13 @@ class Server:
         return (200 if healthy else 503), json.dumps(body) + "\n", "application/json"
 
     # -- messages --
+
+    def _event_write_limit(self) -> Optional[int]:
+        """See ConnServices.event_write_limit: the write limit, unless the handler (which may
+        be replaced) or a subclass's encode must see every EVNT."""
+        if type(self).encode is Server.encode and writes_events_as_sent(self.handler):
+            return self.write_limit
+        return None
 
     def encode(self, conn: Conn, msg: Any) -> Optional[bytes]:
         """The bytes of a message about to be written to ``conn``; ``None`` to drop it (an

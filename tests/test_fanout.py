@@ -9,9 +9,11 @@ import threading
 
 import pytest
 
-from juggler import Client, RedisBroker, Server
+from juggler import Client, RedisBroker, Server, chain, log_messages, process_msg, recover
 from juggler.broker import PubSubEvent
-from juggler.message import EventPayload, Evnt, encode
+from juggler.frames import OP_TEXT, encode_frame
+from juggler.message import EventPayload, Evnt, MessageType, encode
+from juggler.middleware import writes_events_as_sent
 
 from .conftest import T
 
@@ -211,3 +213,63 @@ def test_a_stalled_subscriber_is_disconnected_without_delaying_the_others(make_s
         assert took < T(10), f"the others waited on the stalled subscriber: {took:.1f} s"
     finally:
         stalled.close()
+
+
+@pytest.mark.parametrize("args", ["x", {"a": [1, 2.5, None, "é\u2028"]}, "y" * 200, "z" * 70000])
+@pytest.mark.parametrize("pattern", ["", "news.*"])
+def test_an_events_shared_frame_is_the_frame_of_its_message(args, pattern):
+    event = PubSubEvent("news.a", pattern, EventPayload("11111111-2222-3333-4444-555555555555", args))
+    alone = Evnt(for_uuid=event.payload.msg_uuid, channel="news.a", pattern=pattern, args=args)
+    data = encode(alone).encode("utf-8")
+    head, tail, size = event.evnt_frame
+    assert head + alone.uuid.encode("ascii") + tail == encode_frame(OP_TEXT, data)
+    assert size == len(data)
+    assert event.evnt_frame is event.evnt_frame  # made once per event
+
+
+def test_a_handler_that_is_not_plain_still_sees_every_evnt(make_stack):
+    seen: list[str] = []
+
+    def record(next_handler):
+        def handle(conn, msg):
+            if msg.type is MessageType.EVNT:
+                seen.append(msg.args)
+            next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(recover(), record))
+    assert not writes_events_as_sent(stack.server.handler)
+    sub = stack.client().sub("seen")
+    stack.client().pub("seen", "one")
+    assert sub.get(T(5)).args == "one"
+    assert seen == ["one"]
+    # the default chain of the CLI writes them straight, as process_msg alone does
+    assert writes_events_as_sent(chain(recover())) and writes_events_as_sent(process_msg)
+    assert not writes_events_as_sent(chain(log_messages()))
+
+
+def test_a_server_subclass_encode_still_sees_every_evnt(redis_client):
+    class Marking(Server):
+        def encode(self, conn, msg):
+            data = super().encode(conn, msg)
+            if msg.type is MessageType.EVNT:
+                data = data.replace(b'"args":"plain"', b'"args":"marked"')
+            return data
+
+    server = Marking(RedisBroker(redis_client)).start()
+    try:
+        with Client.connect(server.url, connect_timeout=T(10)) as sub_c, Client.connect(server.url, connect_timeout=T(10)) as pub_c:
+            sub = sub_c.sub("mark")
+            pub_c.pub("mark", "plain")
+            assert sub.get(T(5)).args == "marked"
+    finally:
+        server.shutdown()
+
+
+def test_fast_delivery_counts_what_it_wrote(stack):
+    subs = [stack.client().sub("counted") for _ in range(3)]
+    before = stack.server.stats.snapshot().get("write_EVNT", 0)
+    stack.client().pub("counted", 1)
+    assert [s.get(T(5)).args for s in subs] == [1, 1, 1]
+    assert stack.server.stats.snapshot().get("write_EVNT", 0) - before == 3
