@@ -137,6 +137,7 @@ class Subscription:
         self._error: Optional[BaseException] = None
         self._ended = False
         self._released = False  # a blocked reader gives up (the client is closing)
+        self._leaving = False  # an UNSB waits for its ACK: events are dropped meanwhile
 
     def __repr__(self) -> str:
         kind = "pattern" if self.pattern else "channel"
@@ -173,15 +174,30 @@ class Subscription:
         with self._cond:
             if self._ended:
                 return
+            if self._leaving:
+                self.dropped += 1
+                return
             if len(self._items) >= self.maxsize:
                 if self.overflow == "block":
-                    self._cond.wait_for(lambda: len(self._items) < self.maxsize or self._ended or self._released)
+                    self._cond.wait_for(
+                        lambda: len(self._items) < self.maxsize or self._ended or self._released or self._leaving
+                    )
                     if self._ended or self._released:
+                        return
+                    if self._leaving:
+                        self.dropped += 1
                         return
                 else:
                     self._items.popleft()
                     self.dropped += 1
             self._items.append(evnt)
+            self._cond.notify_all()
+
+    def _leave(self, leaving: bool) -> None:
+        """While an UNSB of this subscription waits for its ACK, drop its events, and let a
+        reader waiting for room go on: it must not hold up the ACK (``overflow="block"``)."""
+        with self._cond:
+            self._leaving = leaving
             self._cond.notify_all()
 
     def _release(self) -> None:
@@ -510,8 +526,22 @@ class Client:
         return sub
 
     def unsb(self, channel: str, pattern: bool = False) -> Ack:
-        """Undo :meth:`sub`; blocks until ACKed, then ends the :class:`Subscription`."""
-        ack = self._request(Unsb(channel=channel, pattern=pattern))
+        """Undo :meth:`sub`; blocks until ACKed, then ends the :class:`Subscription`.
+
+        Events of the subscription that arrive while the UNSB waits for its ACK are dropped
+        (counted in :attr:`Subscription.dropped`), so that a reader waiting for room in a
+        full ``"block"`` queue does not hold up the ACK; if the UNSB fails, the subscription
+        goes on."""
+        with self._lock:
+            sub = self._subs.get((channel, pattern))
+        if sub is not None:
+            sub._leave(True)
+        try:
+            ack = self._request(Unsb(channel=channel, pattern=pattern))
+        except BaseException:
+            if sub is not None:
+                sub._leave(False)
+            raise
         with self._lock:
             sub = self._subs.pop((channel, pattern), None)
         if sub is not None:

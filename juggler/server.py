@@ -473,8 +473,9 @@ class Server:
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
         )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
-        self._health_lock = threading.Lock()
+        self._health_lock = threading.Condition()
         self._health_answer: Optional[tuple[float, tuple[int, str, str]]] = None  # (when, answer)
+        self._health_checking = False  # a thread PINGs redis for the next answer
         self._http: Optional[HttpEndpoints] = None
         if metrics_listen is not None:
             mhost, mport = parse_host_port(metrics_listen)
@@ -800,12 +801,28 @@ class Server:
 
     def _health(self) -> tuple[int, str, str]:
         """The health answer, made at most once a second (it PINGs redis): a burst of health
-        checks costs redis one PING, and waits for the one in progress."""
+        checks costs redis one PING. While one thread PINGs, the others get the last answer
+        at once (they wait only for the very first), so a redis that hangs holds up one health
+        request, not all of them."""
         with self._health_lock:
-            now = time.monotonic()
-            if self._health_answer is None or now - self._health_answer[0] >= HEALTH_CACHE_SECONDS:
-                self._health_answer = (now, self._check_health())
-            return self._health_answer[1]
+            while True:
+                last = self._health_answer
+                if last is not None and (self._health_checking or time.monotonic() - last[0] < HEALTH_CACHE_SECONDS):
+                    return last[1]
+                if not self._health_checking:
+                    break
+                self._health_lock.wait()  # the first answer is on its way
+            self._health_checking = True
+        answer = None
+        try:
+            answer = self._check_health()
+            return answer
+        finally:
+            with self._health_lock:
+                self._health_checking = False
+                if answer is not None:
+                    self._health_answer = (time.monotonic(), answer)
+                self._health_lock.notify_all()
 
     @staticmethod
     def _encoded(answer: tuple[int, str, str]) -> tuple[int, bytes, str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
-from juggler import Client, ConnectionClosed
+from juggler import AckTimeout, Client, ConnectionClosed
 from juggler.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from juggler.handshake import accept_key
 from juggler.transport import FrameReader, SocketReader
@@ -198,6 +199,52 @@ def test_a_full_blocking_subscription_holds_the_reader_until_there_is_room(fake)
     closer.start()
     closer.join(T(10))
     assert not closer.is_alive()
+
+
+def test_unsb_from_the_reading_thread_of_a_full_blocking_subscription_is_not_held_up(fake):
+    """The thread that should read a "block" subscription UNSBs it while the client's reader
+    waits for room in its queue: the reader must let go, or the ACK could not be read."""
+    c = Client.connect(fake.url, connect_timeout=T(10), sub_queue_size=2, sub_overflow="block", ack_timeout=T(10))
+    frames = fake.frames()
+    subs: list = []
+    t = threading.Thread(target=lambda: subs.append(c.sub("full")), name="juggler-test-sub")
+    t.start()
+    _ack_next_request(fake, frames)
+    t.join(T(10))
+    (sub,) = subs
+    # 2 fill the queue, the 3rd holds the reader, the 4th waits behind it in the socket
+    fake.sock.sendall(b"".join(_evnt("full", i) for i in range(4)))
+    with sub._cond:  # the queue is full: the reader holds the 3rd, or is about to
+        assert sub._cond.wait_for(lambda: len(sub._items) == 2, T(10))
+    acker = threading.Thread(target=_ack_next_request, args=(fake, frames), name="juggler-test-acker")
+    acker.start()
+    started = time.monotonic()
+    c.unsb("full")  # on this thread, the subscription's only reader
+    assert time.monotonic() - started < T(5)
+    acker.join(T(10))
+    assert [sub.get(0).args for _ in range(2)] == [0, 1]
+    assert sub.get(0) is None  # ended
+    assert sub.dropped == 2
+    c.close_timeout = T(0.5)
+    c.close()
+
+
+def test_a_failed_unsb_leaves_the_subscription_going(fake):
+    c = Client.connect(fake.url, connect_timeout=T(10), ack_timeout=0.3)
+    frames = fake.frames()
+    subs: list = []
+    t = threading.Thread(target=lambda: subs.append(c.sub("kept")), name="juggler-test-sub")
+    t.start()
+    _ack_next_request(fake, frames)
+    t.join(T(10))
+    (sub,) = subs
+    with pytest.raises(AckTimeout):
+        c.unsb("kept")  # the fake server never answers it
+    frames.read()  # the UNSB
+    fake.sock.sendall(_evnt("kept", "still"))
+    assert sub.get(T(5)).args == "still"
+    c.close_timeout = T(0.5)
+    c.close()
 
 
 def test_calls_that_expire_in_a_full_outbox_are_never_sent(fake):

@@ -301,6 +301,38 @@ def test_health_checks_cost_redis_one_ping_a_second(redis_client, where):
         assert len(pings) == 2
 
 
+def test_health_checks_are_not_held_up_by_a_redis_that_hangs(redis_client):
+    """One check PINGs a redis that does not answer: the others get the last answer at once
+    instead of queueing behind it."""
+    broker = RedisBroker(redis_client)
+    hang, pinging, release = threading.Event(), threading.Event(), threading.Event()
+    ping = broker.ping
+
+    def slow_ping():
+        if hang.is_set():
+            pinging.set()
+            release.wait(T(10))
+        return ping()
+
+    broker.ping = slow_ping
+    with Server(broker) as server:
+        base = f"http://{server.host}:{server.port}"
+        assert fetch(base + "/healthz")[0] == 200
+        when, answer = server._health_answer
+        server._health_answer = (when - 1.0, answer)  # a second later: the answer is stale
+        hang.set()
+        slow = threading.Thread(target=fetch, args=(base + "/healthz",), name="juggler-test-slow-health")
+        slow.start()
+        assert pinging.wait(T(10))
+        started = time.monotonic()
+        for _ in range(5):
+            assert fetch(base + "/healthz")[0] == 200  # the last answer, while the PING hangs
+        assert time.monotonic() - started < T(5)
+        release.set()
+        slow.join(T(10))
+        assert not slow.is_alive()
+
+
 # -- exactly once, in order ----------------------------------------------------------------------
 
 
