@@ -42,7 +42,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster, key_slot
 from redis.retry import Retry
 
-from . import resp
+from . import gilsend, resp
 from .exceptions import BrokerError, CapacityExceeded, PayloadTooLarge
 from .frames import OP_TEXT, frame_header
 from .message import CallPayload, EventPayload, Evnt, ResultPayload, encode_payload, new_uuid
@@ -962,6 +962,10 @@ class CallPopper:
             self._close_quietly()
             raise _broker_error(exc) from exc
         self._lock = threading.Lock()
+        # a plain TCP or unix socket with no Python timeout (SSL and stand-ins go through
+        # redis-py)
+        sock = getattr(self._conn, "_sock", None)
+        self._plain_socket = gilsend.AVAILABLE and type(sock) is socket.socket and sock.gettimeout() is None
         self._blocked = False  # a BRPOP is (about to be) sent and not answered yet
         self._woken = False
         self._store_sha = hashlib.sha1(STORE_SCRIPT.encode()).hexdigest()
@@ -1168,7 +1172,17 @@ class CallPopper:
     def _write(self, commands: list[tuple[Any, ...]]) -> None:
         conn = self._conn
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            sock = conn._sock
+            if self._plain_socket and sock is not None:
+                # what send_packed_command does, less its overhead, in a send that keeps
+                # the GIL when the socket takes it all (see juggler.gilsend)
+                try:
+                    gilsend.sendall(sock, b"".join(resp.pack(c) for c in commands))
+                except OSError:
+                    conn.disconnect()
+                    raise
+            else:
+                conn.send_packed_command(conn.pack_commands(commands))
         except _REDIS_FAILURES as exc:
             raise _broker_error(exc) from exc
 
