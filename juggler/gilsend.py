@@ -25,7 +25,7 @@ import os
 import socket
 from typing import Optional
 
-__all__ = ["AVAILABLE", "send_nowait", "readable_nowait"]
+__all__ = ["AVAILABLE", "send_nowait", "readable_nowait", "sendall"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SEND_FLAGS = _DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
