@@ -733,9 +733,13 @@ class RedisPubSub:
                 self._sent.set()
         except _REDIS_FAILURES as exc:
             # Not sent (redis-py keeps its own state unchanged too): undo, so that the same
-            # request can succeed on this connection once redis is back.
+            # request can succeed on this connection once redis is back. The connection it
+            # failed on is gone (redis-py drops it, and connects again on the next command),
+            # and with it the confirmations of earlier requests that timed out and still wait
+            # in line for them: they never come, and a later request of the same channel
+            # would take the next one in their place. So the lines are emptied.
             with self._cond:
-                self._forget(key, waiter)
+                self._waiting.clear()
                 (self._active.add if was_active else self._active.discard)(active)
             raise _broker_error(exc) from exc
         with self._cond:
@@ -743,16 +747,6 @@ class RedisPubSub:
                 # It stays in line: its confirmation, when it comes, is taken for it (and not
                 # for a later request of the same channel).
                 raise BrokerError(f"redis did not confirm {kind} {channel!r} within {self.confirm_timeout} s")
-
-    def _forget(self, key: tuple[str, str], waiter: "_Waiter") -> None:
-        line = self._waiting.get(key)
-        if line is not None:
-            for i, w in enumerate(line):
-                if w is waiter:
-                    del line[i]
-                    break
-            if not line:
-                del self._waiting[key]
 
     def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]:
         """Wait up to ``timeout`` seconds (``None``: with no timeout, until an event comes or

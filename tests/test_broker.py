@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
 
 from juggler import BrokerError, CapacityExceeded, RedisBroker
-from juggler.broker import call_timeout_key, calls_key, result_timeout_key, results_key
+from juggler.broker import RedisPubSub, call_timeout_key, calls_key, result_timeout_key, results_key
 from juggler.message import CallPayload, EventPayload, ResultPayload, new_uuid
 
 from .conftest import T
@@ -159,6 +160,75 @@ def test_subscribe_returns_once_redis_confirmed(broker, redis_client):
         listener.ps.unsubscribe("a.*", True)
         assert redis_client.pubsub_numsub("a.b") == [(b"a.b", 0)]
         assert broker.publish("a.b", EventPayload(uuid, 2)) == 0
+    finally:
+        listener.close()
+
+
+class _ScriptedPubSub:
+    """A stand-in for redis-py's PubSub whose confirmations a test drops, and whose next
+    command fails as after a lost connection (redis-py connects again by itself then)."""
+
+    def __init__(self):
+        import queue
+
+        self.replies = queue.Queue()
+        self.drop: set = set()
+        self.fail_next = False
+        self.connection = None
+
+    def _command(self, kind, channel):
+        if self.fail_next:
+            self.fail_next = False
+            raise redis.exceptions.ConnectionError("connection lost")
+        if (kind, channel) in self.drop:
+            self.drop.discard((kind, channel))
+            return
+        self.replies.put({"type": kind, "channel": channel.encode(), "pattern": None, "data": 1})
+
+    def subscribe(self, channel):
+        self._command("subscribe", channel)
+
+    def unsubscribe(self, channel):
+        self._command("unsubscribe", channel)
+
+    def psubscribe(self, channel):
+        self._command("psubscribe", channel)
+
+    def punsubscribe(self, channel):
+        self._command("punsubscribe", channel)
+
+    def get_message(self, timeout=0.0):
+        import queue
+
+        try:
+            return self.replies.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self):
+        pass
+
+
+def test_a_confirmation_lost_with_its_connection_is_not_taken_by_a_later_request():
+    """An UNSUBSCRIBE's confirmation never comes (it went with the connection); its request
+    timed out and stays in line for a late confirmation. Once a command fails on that
+    connection (so redis-py has connected again), that line is stale: the next UNSUBSCRIBE
+    of the channel must get its own confirmation, not wait behind the lost one."""
+    fake = _ScriptedPubSub()
+    ps = RedisPubSub(fake, confirm_timeout=T(0.3))
+    listener = Listener(ps)
+    try:
+        ps.subscribe("x", False)
+        fake.drop.add(("unsubscribe", "x"))
+        with pytest.raises(BrokerError, match="did not confirm"):
+            ps.unsubscribe("x", False)
+        fake.fail_next = True
+        with pytest.raises(BrokerError):
+            ps.subscribe("y", False)
+        ps.subscribe("x", False)
+        ps.unsubscribe("x", False)  # took the lost one's place before: timed out
+        ps.subscribe("x", False)
+        ps.unsubscribe("x", False)
     finally:
         listener.close()
 
