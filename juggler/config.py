@@ -211,7 +211,7 @@ SETTINGS: dict[str, Setting] = {
         _s("max_connections", _int(0), None, "most open websockets (over it: HTTP 503; 0: no limit; none: "
            "what this process can hold, from its open-file and the machine's thread limits)", metavar="N"),
         _s("reuse_port", _bool, False, "set SO_REUSEPORT, so that several server processes share the port"),
-        _s("switch_interval", _positive_duration, 0.05, "the process' GIL switch interval "
+        _s("switch_interval", _positive_duration, 1.0, "the process' GIL switch interval "
            "(sys.setswitchinterval): how long a thread waiting for the GIL sleeps before it asks for it",
            metavar="DURATION"),
         _s("write_limit", _int(1), 1 << 20, "largest message written in bytes (a RES over it becomes an "

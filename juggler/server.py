@@ -305,7 +305,7 @@ class Server:
     """A juggler server.
 
     It runs a thread or two per connection; a process serving many connections should call
-    ``sys.setswitchinterval(0.05)`` first, as ``juggler server`` does (see the deployment
+    ``sys.setswitchinterval(1.0)`` first, as ``juggler server`` does (see the deployment
     docs: the GIL switch interval).
 
     :param broker: the broker for RPC (calls and results).

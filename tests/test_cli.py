@@ -708,7 +708,7 @@ def test_callee_processes_serve_together_and_stop_on_sigterm(procs, redis_server
 
 @pytest.mark.parametrize("command, flags, expected", [
     ("server", ["--switch-interval", "0.02"], "0.02"),
-    ("demo", [], "0.05"),  # the default
+    ("demo", [], "1.0"),  # the default
 ])  # fmt: skip
 def test_server_and_demo_set_the_gil_switch_interval(procs, command, flags, expected):
     proc = procs(command, "--port", "0", *flags, "--log-level", "debug")
