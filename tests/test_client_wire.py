@@ -129,6 +129,17 @@ def _ack_next_request(fake, frames) -> None:
     fake.sock.sendall(encode_frame(OP_TEXT, json.dumps(ack).encode()))
 
 
+def _sub_acked(c, fake, frames, channel):
+    """``c.sub(channel)`` on a thread, ACKed by the fake server; the Subscription."""
+    subs: list = []
+    t = threading.Thread(target=lambda: subs.append(c.sub(channel)), name="juggler-test-sub")
+    t.start()
+    _ack_next_request(fake, frames)
+    t.join(T(10))
+    (sub,) = subs
+    return sub
+
+
 def test_a_message_over_the_read_limit_closes_with_1009_before_it_is_read(fake):
     from juggler.client import READ_LIMIT
 
@@ -162,12 +173,7 @@ def test_a_full_subscription_drops_its_oldest_events_and_counts_them(fake):
     assert SUB_QUEUE_SIZE == 1024
     c = Client.connect(fake.url, connect_timeout=T(10))
     frames = fake.frames()
-    subs = {}
-    for name in ("flood", "marker"):
-        t = threading.Thread(target=lambda n=name: subs.__setitem__(n, c.sub(n)), name="juggler-test-sub")
-        t.start()
-        _ack_next_request(fake, frames)
-        t.join(T(10))
+    subs = {name: _sub_acked(c, fake, frames, name) for name in ("flood", "marker")}
     n = 3000
     fake.sock.sendall(b"".join(_evnt("flood", i) for i in range(n)) + _evnt("marker", "done"))
     assert subs["marker"].get(T(10)).args == "done"  # every flood event was handled before it
@@ -183,12 +189,7 @@ def test_a_full_subscription_drops_its_oldest_events_and_counts_them(fake):
 def test_a_full_blocking_subscription_holds_the_reader_until_there_is_room(fake):
     c = Client.connect(fake.url, connect_timeout=T(10), sub_queue_size=2, sub_overflow="block")
     frames = fake.frames()
-    t = threading.Thread(target=lambda: subs.append(c.sub("slow")), name="juggler-test-sub")
-    subs: list = []
-    t.start()
-    _ack_next_request(fake, frames)
-    t.join(T(10))
-    (sub,) = subs
+    sub = _sub_acked(c, fake, frames, "slow")
     fake.sock.sendall(b"".join(_evnt("slow", i) for i in range(10)))
     assert [sub.get(T(10)).args for _ in range(10)] == list(range(10))
     assert sub.dropped == 0
@@ -206,12 +207,7 @@ def test_unsb_from_the_reading_thread_of_a_full_blocking_subscription_is_not_hel
     waits for room in its queue: the reader must let go, or the ACK could not be read."""
     c = Client.connect(fake.url, connect_timeout=T(10), sub_queue_size=2, sub_overflow="block", ack_timeout=T(10))
     frames = fake.frames()
-    subs: list = []
-    t = threading.Thread(target=lambda: subs.append(c.sub("full")), name="juggler-test-sub")
-    t.start()
-    _ack_next_request(fake, frames)
-    t.join(T(10))
-    (sub,) = subs
+    sub = _sub_acked(c, fake, frames, "full")
     # 2 fill the queue, the 3rd holds the reader, the 4th waits behind it in the socket
     fake.sock.sendall(b"".join(_evnt("full", i) for i in range(4)))
     with sub._cond:  # the queue is full: the reader holds the 3rd, or is about to
@@ -232,12 +228,7 @@ def test_unsb_from_the_reading_thread_of_a_full_blocking_subscription_is_not_hel
 def test_a_failed_unsb_leaves_the_subscription_going(fake):
     c = Client.connect(fake.url, connect_timeout=T(10), ack_timeout=0.3)
     frames = fake.frames()
-    subs: list = []
-    t = threading.Thread(target=lambda: subs.append(c.sub("kept")), name="juggler-test-sub")
-    t.start()
-    _ack_next_request(fake, frames)
-    t.join(T(10))
-    (sub,) = subs
+    sub = _sub_acked(c, fake, frames, "kept")
     with pytest.raises(AckTimeout):
         c.unsb("kept")  # the fake server never answers it
     frames.read()  # the UNSB

@@ -1,5 +1,6 @@
 """juggler.gilsend: non-blocking socket calls made without letting go of the GIL."""
 
+import contextlib
 import socket
 import threading
 
@@ -15,10 +16,8 @@ pytestmark = [
 
 @pytest.fixture
 def pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
+    with contextlib.ExitStack() as stack:
+        yield tuple(stack.enter_context(s) for s in socket.socketpair())
 
 
 def test_send_nowait_sends_and_the_peer_reads_it(pair):
