@@ -729,18 +729,23 @@ class RedisPubSub:
             with self._send_lock:
                 with self._cond:  # in line before it is sent, in the order it is sent
                     self._waiting.setdefault(key, deque()).append(waiter)
-                command(channel)
+                try:
+                    command(channel)
+                except _REDIS_FAILURES:
+                    # Not sent (redis-py keeps its own state unchanged too): undo, so that
+                    # the same request can succeed on this connection once redis is back.
+                    # The connection it failed on is gone (redis-py drops it, and connects
+                    # again on the next command), and with it the confirmations of earlier
+                    # requests that timed out and still wait in line for them: they never
+                    # come, and a later request of the same channel would take the next one
+                    # in their place. So the lines are emptied, before another request can
+                    # go out on the new connection.
+                    with self._cond:
+                        self._waiting.clear()
+                        (self._active.add if was_active else self._active.discard)(active)
+                    raise
                 self._sent.set()
         except _REDIS_FAILURES as exc:
-            # Not sent (redis-py keeps its own state unchanged too): undo, so that the same
-            # request can succeed on this connection once redis is back. The connection it
-            # failed on is gone (redis-py drops it, and connects again on the next command),
-            # and with it the confirmations of earlier requests that timed out and still wait
-            # in line for them: they never come, and a later request of the same channel
-            # would take the next one in their place. So the lines are emptied.
-            with self._cond:
-                self._waiting.clear()
-                (self._active.add if was_active else self._active.discard)(active)
             raise _broker_error(exc) from exc
         with self._cond:
             if not self._cond.wait_for(lambda: waiter.done, self.confirm_timeout):
@@ -1170,9 +1175,10 @@ class CallPopper:
             if self._plain_socket and sock is not None:
                 # what send_packed_command does, less its overhead, in a send that keeps
                 # the GIL when the socket takes it all (see juggler.gilsend)
+                data = b"".join(resp.pack(c) for c in commands)
                 try:
-                    gilsend.sendall(sock, b"".join(resp.pack(c) for c in commands))
-                except OSError:
+                    gilsend.sendall(sock, data)
+                except BaseException:  # (as redis-py: a command half sent ends the connection)
                     conn.disconnect()
                     raise
             else:

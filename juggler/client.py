@@ -137,7 +137,7 @@ class Subscription:
         self._error: Optional[BaseException] = None
         self._ended = False
         self._released = False  # a blocked reader gives up (the client is closing)
-        self._leaving = False  # an UNSB waits for its ACK: events are dropped meanwhile
+        self._leaving = 0  # UNSBs waiting for their ACK: a full "block" queue drops meanwhile
 
     def __repr__(self) -> str:
         kind = "pattern" if self.pattern else "channel"
@@ -174,9 +174,6 @@ class Subscription:
         with self._cond:
             if self._ended:
                 return
-            if self._leaving:
-                self.dropped += 1
-                return
             if len(self._items) >= self.maxsize:
                 if self.overflow == "block":
                     self._cond.wait_for(
@@ -184,7 +181,7 @@ class Subscription:
                     )
                     if self._ended or self._released:
                         return
-                    if self._leaving:
+                    if len(self._items) >= self.maxsize:  # still full: an UNSB waits for its ACK
                         self.dropped += 1
                         return
                 else:
@@ -194,10 +191,11 @@ class Subscription:
             self._cond.notify_all()
 
     def _leave(self, leaving: bool) -> None:
-        """While an UNSB of this subscription waits for its ACK, drop its events, and let a
-        reader waiting for room go on: it must not hold up the ACK (``overflow="block"``)."""
+        """An UNSB of this subscription waits for its ACK (``leaving``), or is over: meanwhile a
+        full ``"block"`` queue drops an event instead of holding up the reader, which must
+        read the ACK."""
         with self._cond:
-            self._leaving = leaving
+            self._leaving += 1 if leaving else -1
             self._cond.notify_all()
 
     def _release(self) -> None:
@@ -528,20 +526,19 @@ class Client:
     def unsb(self, channel: str, pattern: bool = False) -> Ack:
         """Undo :meth:`sub`; blocks until ACKed, then ends the :class:`Subscription`.
 
-        Events of the subscription that arrive while the UNSB waits for its ACK are dropped
-        (counted in :attr:`Subscription.dropped`), so that a reader waiting for room in a
-        full ``"block"`` queue does not hold up the ACK; if the UNSB fails, the subscription
-        goes on."""
+        While the UNSB waits for its ACK, an event that finds a full ``"block"`` queue is
+        dropped (counted in :attr:`Subscription.dropped`) instead of holding up the client's
+        reader, which must read the ACK: so the thread that reads the subscription may UNSB
+        it. If the UNSB fails, the subscription goes on."""
         with self._lock:
             sub = self._subs.get((channel, pattern))
         if sub is not None:
             sub._leave(True)
         try:
             ack = self._request(Unsb(channel=channel, pattern=pattern))
-        except BaseException:
+        finally:
             if sub is not None:
                 sub._leave(False)
-            raise
         with self._lock:
             sub = self._subs.pop((channel, pattern), None)
         if sub is not None:

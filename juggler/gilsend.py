@@ -74,8 +74,10 @@ def readable_nowait(fd: int) -> Optional[bool]:
 
 def sendall(sock: socket.socket, data: bytes) -> None:
     """``sock.sendall(data)`` for a blocking socket, its first send made without letting go of
-    the GIL (the usual case: the buffer takes all of a small message)."""
-    if AVAILABLE and type(data) is bytes:
+    the GIL (the usual case: the buffer takes all of a small message). A socket that is not a
+    plain ``socket.socket`` (TLS: the bytes must go through OpenSSL) takes its own
+    ``sendall``."""
+    if AVAILABLE and type(data) is bytes and type(sock) is socket.socket:
         n = send_nowait(sock.fileno(), data)
         if n == len(data):
             return

@@ -22,6 +22,7 @@ A *middleware* is a function that takes the next handler and returns a handler;
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .exceptions import BrokerError
@@ -61,11 +62,16 @@ def chain(*middlewares: Middleware, handler: Optional[Handler] = None) -> Handle
     return handler
 
 
+#: The handlers made by recover() in front of a handler that writes EVNTs as sent. A set, not
+#: a mark on the function: functools.wraps copies a function's __dict__ to its wrapper.
+_PASS_EVENTS: "weakref.WeakSet[Handler]" = weakref.WeakSet()
+
+
 def writes_events_as_sent(handler: Handler) -> bool:
     """Whether ``handler`` does nothing with an EVNT but write it (:func:`process_msg`, maybe
     behind :func:`recover`): then a server may write an event's frame to its subscribers
     without making a message object for each (see ``Conn.deliver``)."""
-    return handler is process_msg or getattr(handler, "_juggler_writes_events_as_sent", False)
+    return handler is process_msg or handler in _PASS_EVENTS
 
 
 def _describe(msg: Message) -> str:
@@ -111,7 +117,8 @@ def recover(logger: Optional[logging.Logger] = None) -> Middleware:
                     log.exception("conn %s: handler failed on %s; closing the connection", conn.uuid, _describe(msg))
                 conn.close(1011, "internal server error")
 
-        handle._juggler_writes_events_as_sent = writes_events_as_sent(next_handler)  # type: ignore[attr-defined]
+        if writes_events_as_sent(next_handler):
+            _PASS_EVENTS.add(handle)
         return handle
 
     return middleware

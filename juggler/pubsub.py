@@ -215,12 +215,22 @@ class PubSubHub:
                 return
             if event is None:  # woken by close()
                 return
+            try:
+                event.evnt_frame  # made once for all: an event JSON cannot carry fails here
+            except (TypeError, ValueError) as exc:  # NaN, a lone surrogate (foreign publishers)
+                self.logger.warning("dropping event on %r: cannot encode it: %s", event.channel, exc)
+                if self.on_bad_event is not None:
+                    self.on_bad_event()
+                continue
             key = (True, event.pattern) if event.pattern else (False, event.channel)
             with self._lock:
                 members = self._subs.get(key)
                 if members:
                     for sub in tuple(members):
-                        sub.deliver(key, event)
+                        try:
+                            sub.deliver(key, event)
+                        except Exception:  # a bug must not end every subscription of the server
+                            self.logger.exception("pub-sub: delivering an event on %r failed", event.channel)
 
     def _failed(self, ps: PubSubConn, exc: BrokerError) -> None:
         with self._control:

@@ -67,11 +67,12 @@ class RedisProcess:
         self.url = f"redis://127.0.0.1:{port}/0"
 
 
-def start_redis_server(port: int | None = None) -> RedisProcess:
-    """Start redis-server on ``port`` (a free one by default); returns once it accepts."""
+def start_redis_server(port: int | None = None, extra: tuple[str, ...] = ()) -> RedisProcess:
+    """Start redis-server on ``port`` (a free one by default; ``extra``: more of its flags);
+    returns once it accepts."""
     port = port or free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
@@ -12,6 +13,7 @@ import pytest
 from juggler import AckTimeout, Client, ConnectionClosed
 from juggler.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from juggler.handshake import accept_key
+from juggler.message import new_uuid
 from juggler.transport import FrameReader, SocketReader
 
 from .conftest import T
@@ -221,6 +223,34 @@ def test_unsb_from_the_reading_thread_of_a_full_blocking_subscription_is_not_hel
     assert [sub.get(0).args for _ in range(2)] == [0, 1]
     assert sub.get(0) is None  # ended
     assert sub.dropped == 2
+    c.close_timeout = T(0.5)
+    c.close()
+
+
+def test_events_before_the_unsb_ack_still_reach_a_drop_oldest_subscription(fake):
+    """Only a full "block" queue drops while an UNSB waits: an event the server sent before
+    its ACK is kept."""
+    c = Client.connect(fake.url, connect_timeout=T(10), ack_timeout=T(10))
+    frames = fake.frames()
+    sub = _sub_acked(c, fake, frames, "keep")
+    fake.sock.sendall(_evnt("keep", 0))
+
+    def answer():
+        _, data = frames.read()  # the UNSB
+        req = json.loads(data)
+        fake.sock.sendall(_evnt("keep", 1))  # published before redis took the UNSUBSCRIBE
+        ack = {"meta": {"type": 8, "uuid": new_uuid()}, "payload": {"for": req["meta"]["uuid"], "for_type": 4}}
+        fake.sock.sendall(encode_frame(OP_TEXT, json.dumps(ack).encode()))
+
+    with sub._cond:
+        assert sub._cond.wait_for(lambda: len(sub._items) == 1, T(10))
+    answerer = threading.Thread(target=answer, name="juggler-test-answer")
+    answerer.start()
+    c.unsb("keep")
+    answerer.join(T(10))
+    assert [sub.get(0).args for _ in range(2)] == [0, 1]
+    assert sub.get(0) is None  # ended
+    assert sub.dropped == 0
     c.close_timeout = T(0.5)
     c.close()
 

@@ -273,3 +273,37 @@ def test_fast_delivery_counts_what_it_wrote(stack):
     stack.client().pub("counted", 1)
     assert [s.get(T(5)).args for s in subs] == [1, 1, 1]
     assert stack.server.stats.snapshot().get("write_EVNT", 0) - before == 3
+
+
+@pytest.mark.parametrize("raw", ['{"msg_uuid": "u", "args": "\\ud83d"}', '{"msg_uuid": "u", "args": NaN}'])
+def test_an_event_that_cannot_be_encoded_is_dropped_once_and_the_hub_goes_on(stack, raw):
+    """A foreign publisher's event that JSON cannot carry to a client (a lone surrogate, NaN)
+    is dropped before the fan-out, counted once, and the next event still arrives."""
+    subs = [stack.client().sub("odd") for _ in range(3)]
+    stack.redis.publish("odd", raw)
+    stack.client().pub("odd", "fine")
+    assert [s.get(T(5)).args for s in subs] == ["fine"] * 3
+    assert stack.server.stats.snapshot().get("failed_event_decodes") == 1
+    assert stack.server.hub._thread is not None and stack.server.hub._thread.is_alive()
+
+
+def test_a_middleware_made_with_functools_wraps_still_sees_every_evnt(make_stack):
+    import functools
+
+    seen: list = []
+
+    def audit(next_handler):
+        @functools.wraps(next_handler)  # copies the wrapped function's __dict__
+        def handle(conn, msg):
+            if msg.type is MessageType.EVNT:
+                seen.append(msg.args)
+            next_handler(conn, msg)
+
+        return handle
+
+    stack = make_stack(handler=chain(audit, recover()))
+    assert not writes_events_as_sent(stack.server.handler)
+    sub = stack.client().sub("audited")
+    stack.client().pub("audited", 7)
+    assert sub.get(T(5)).args == 7
+    assert seen == [7]

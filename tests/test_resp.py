@@ -13,9 +13,9 @@ import redis.exceptions
 
 from juggler import RedisBroker, resp
 from juggler.broker import calls_key
-from juggler.message import CallPayload, ResultPayload
+from juggler.message import CallPayload, ResultPayload, new_uuid
 
-from .conftest import T, start_redis_server, stop_redis_server
+from .conftest import T, free_port, start_redis_server, stop_redis_server
 
 pytestmark = pytest.mark.realredis
 
@@ -131,3 +131,31 @@ def test_results_through_a_dedicated_listener(real):
     finally:
         listener.close()
         broker.close()
+
+
+@pytest.mark.realredis
+def test_the_fast_path_speaks_tls_to_a_tls_redis():
+    """rediss:// takes the fast path too (redis-py's SSLConnection is a Connection): its
+    commands must go through OpenSSL, not to the socket's descriptor as they are."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    tls_port = free_port()
+    cert, key = str(data / "localhost.crt"), str(data / "localhost.key")
+    rp = start_redis_server(extra=("--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+                                   "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"))  # fmt: skip
+    broker = RedisBroker.from_url(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none")
+    try:
+        conn = resp.connect(broker.client)
+        assert conn is not None  # the fast path applies
+        try:
+            assert conn.command("PING") == b"PONG"
+            assert conn.pipeline([("SET", "tls-k", "v"), ("GET", "tls-k")]) == [b"OK", b"v"]
+        finally:
+            conn.close()
+        payload = CallPayload(new_uuid(), new_uuid(), "tls.echo", {"x": 1})
+        broker.store_call(payload, T(10))
+        assert broker.pop_call(["tls.echo"], T(5)).payload == payload
+    finally:
+        broker.close()
+        stop_redis_server(rp)
