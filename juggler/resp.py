@@ -38,11 +38,19 @@ except ImportError:  # pragma: no cover - hiredis is a dependency
 
 __all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect"]
 
+_pack_command = getattr(hiredis, "pack_command", None)
 _REAL_CONNECTIONS = (redis.connection.Connection, redis.connection.UnixDomainSocketConnection)
 
 
 def pack(args: Sequence[Any]) -> bytes:
-    """One command in RESP: an array of bulk strings (``str`` is UTF-8, numbers as text)."""
+    """One command in RESP: an array of bulk strings (``str`` is UTF-8, numbers as text).
+    hiredis' ``pack_command`` makes the same bytes in C (1.5 µs for a 10-argument EVALSHA,
+    against 4.5 µs for the loop below, which remains for what it refuses, e.g. a bool)."""
+    if _pack_command is not None:
+        try:
+            return _pack_command(tuple(args))
+        except TypeError:
+            pass
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         if isinstance(a, str):

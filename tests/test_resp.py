@@ -21,10 +21,14 @@ pytestmark = pytest.mark.realredis
 
 
 
-def test_pack_is_a_resp_array_of_bulk_strings():
-    assert resp.pack(("SET", "k", b"\x00v", 5, "é")) == (
-        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n\x00v\r\n$1\r\n5\r\n$2\r\n\xc3\xa9\r\n"
+@pytest.mark.parametrize("in_c", [True, False])
+def test_pack_is_a_resp_array_of_bulk_strings(in_c, monkeypatch):
+    if not in_c:
+        monkeypatch.setattr(resp, "_pack_command", None)  # the Python loop
+    assert resp.pack(("SET", "k", b"\x00v", 5, "é", 1.5, -3)) == (
+        b"*7\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n\x00v\r\n$1\r\n5\r\n$2\r\n\xc3\xa9\r\n$3\r\n1.5\r\n$2\r\n-3\r\n"
     )
+    assert resp.pack(["GET", True]) == b"*2\r\n$3\r\nGET\r\n$4\r\nTrue\r\n"  # what hiredis refuses
 
 
 def test_commands_and_replies(real):
