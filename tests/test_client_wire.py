@@ -119,16 +119,39 @@ def _evnt(channel: str, args) -> bytes:
     return encode_frame(OP_TEXT, json.dumps(msg).encode())
 
 
-def _ack_next_request(fake, frames) -> None:
-    """Read the client's next request and ACK it."""
-    import json
-
-    from juggler.message import new_uuid
-
+def _ack_next_request(fake, frames, before=None) -> None:
+    """Read the client's next request and ACK it (after sending ``before``'s bytes)."""
     opcode, data = frames.read()
     req = json.loads(data)
+    if before is not None:
+        fake.sock.sendall(before)
     ack = {"meta": {"type": 8, "uuid": new_uuid()}, "payload": {"for": req["meta"]["uuid"], "for_type": req["meta"]["type"]}}
     fake.sock.sendall(encode_frame(OP_TEXT, json.dumps(ack).encode()))
+
+
+def _wait_queued(sub, n) -> None:
+    """Wait until ``n`` events wait in ``sub``'s queue."""
+    with sub._cond:
+        assert sub._cond.wait_for(lambda: len(sub._items) == n, T(10))
+
+
+def _unsb_acked(c, fake, frames, channel, before=None) -> float:
+    """``c.unsb(channel)`` on this thread, ACKed by the fake server from another (after
+    ``before``'s bytes); the seconds it took."""
+    acker = threading.Thread(target=_ack_next_request, args=(fake, frames, before), name="juggler-test-acker")
+    acker.start()
+    started = time.monotonic()
+    c.unsb(channel)
+    took = time.monotonic() - started
+    acker.join(T(10))
+    return took
+
+
+def _assert_ended_with(sub, args, dropped) -> None:
+    """``sub`` holds the events of ``args``, then has ended, having dropped ``dropped``."""
+    assert [sub.get(0).args for _ in args] == list(args)
+    assert sub.get(0) is None
+    assert sub.dropped == dropped
 
 
 def _sub_acked(c, fake, frames, channel):
@@ -212,17 +235,9 @@ def test_unsb_from_the_reading_thread_of_a_full_blocking_subscription_is_not_hel
     sub = _sub_acked(c, fake, frames, "full")
     # 2 fill the queue, the 3rd holds the reader, the 4th waits behind it in the socket
     fake.sock.sendall(b"".join(_evnt("full", i) for i in range(4)))
-    with sub._cond:  # the queue is full: the reader holds the 3rd, or is about to
-        assert sub._cond.wait_for(lambda: len(sub._items) == 2, T(10))
-    acker = threading.Thread(target=_ack_next_request, args=(fake, frames), name="juggler-test-acker")
-    acker.start()
-    started = time.monotonic()
-    c.unsb("full")  # on this thread, the subscription's only reader
-    assert time.monotonic() - started < T(5)
-    acker.join(T(10))
-    assert [sub.get(0).args for _ in range(2)] == [0, 1]
-    assert sub.get(0) is None  # ended
-    assert sub.dropped == 2
+    _wait_queued(sub, 2)  # the queue is full: the reader holds the 3rd, or is about to
+    assert _unsb_acked(c, fake, frames, "full") < T(5)  # on this thread, the subscription's only reader
+    _assert_ended_with(sub, [0, 1], dropped=2)
     c.close_timeout = T(0.5)
     c.close()
 
@@ -234,23 +249,10 @@ def test_events_before_the_unsb_ack_still_reach_a_drop_oldest_subscription(fake)
     frames = fake.frames()
     sub = _sub_acked(c, fake, frames, "keep")
     fake.sock.sendall(_evnt("keep", 0))
-
-    def answer():
-        _, data = frames.read()  # the UNSB
-        req = json.loads(data)
-        fake.sock.sendall(_evnt("keep", 1))  # published before redis took the UNSUBSCRIBE
-        ack = {"meta": {"type": 8, "uuid": new_uuid()}, "payload": {"for": req["meta"]["uuid"], "for_type": 4}}
-        fake.sock.sendall(encode_frame(OP_TEXT, json.dumps(ack).encode()))
-
-    with sub._cond:
-        assert sub._cond.wait_for(lambda: len(sub._items) == 1, T(10))
-    answerer = threading.Thread(target=answer, name="juggler-test-answer")
-    answerer.start()
-    c.unsb("keep")
-    answerer.join(T(10))
-    assert [sub.get(0).args for _ in range(2)] == [0, 1]
-    assert sub.get(0) is None  # ended
-    assert sub.dropped == 0
+    _wait_queued(sub, 1)
+    # the UNSB's ACK, after an event published before redis took the UNSUBSCRIBE
+    _unsb_acked(c, fake, frames, "keep", before=_evnt("keep", 1))
+    _assert_ended_with(sub, [0, 1], dropped=0)
     c.close_timeout = T(0.5)
     c.close()
 
