@@ -414,11 +414,8 @@ class Conn(FrameLoop):
             # subscribers, with this message's UUID, when the socket is free (else queue it
             # as a message, below, behind what waits).
             head, tail, size = event.evnt_frame
-            if size <= limit and self._queue.claim():
-                try:
-                    sent = self._send_nowait(head + new_uuid().encode("ascii") + tail)
-                finally:
-                    self._queue.release()
+            sent = self._send_if_free(head + new_uuid().encode("ascii") + tail) if size <= limit else None
+            if sent is not None:
                 if sent:
                     self._svc.incr(_WRITE_KEY[MessageType.EVNT])
                 return
@@ -632,13 +629,19 @@ class Conn(FrameLoop):
     def _queue_frame(self, frame: bytes) -> None:
         """A ping or a pong: written at once if the socket is free and takes it, else queued
         (not worth waiting for room)."""
-        if self._queue.claim():
-            try:
-                self._send_nowait(frame)
-            finally:
-                self._queue.release()
-        else:
+        if self._send_if_free(frame) is None:
             self._queue.put(frame)
+
+    def _send_if_free(self, frame: bytes) -> Optional[bool]:
+        """Write ``frame`` without waiting if nothing is queued and nobody writes (what the
+        socket does not take goes first in the queue): whether the connection is still up;
+        ``None`` if the socket was not free (nothing done)."""
+        if not self._queue.claim():
+            return None
+        try:
+            return self._send_nowait(frame)
+        finally:
+            self._queue.release()
 
     # -- the writer --
 
