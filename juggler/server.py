@@ -9,6 +9,7 @@ subprotocol, frames are read with fragmentation and a read limit, written with
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import fnmatch
@@ -62,6 +63,7 @@ __all__ = [
     "process_msg",
     "default_max_connections",
     "raise_open_file_limit",
+    "size_futex_hash",
 ]
 
 SUBPROTOCOL = "juggler.0"
@@ -545,12 +547,15 @@ class Server:
     # -- lifecycle --
 
     def start(self) -> "Server":
-        """Serve in a background thread (``juggler-server-accept``); returns at once."""
+        """Serve in a background thread (``juggler-server-accept``); returns at once. First
+        sizes the process' futex table for ``max_connections`` (:func:`size_futex_hash`)."""
         with self._lock:
             if self._stopping:
                 raise RuntimeError("server was shut down")
             if self._accept_thread is not None:
                 return self
+            slots = size_futex_hash(self.max_connections or default_max_connections())
+            self.logger.debug("futex hash slots: %s", "the kernel's own" if slots is None else slots)
             self.timer.start()
             if self._http is not None:
                 self._http.start()
@@ -949,6 +954,47 @@ def raise_open_file_limit() -> tuple[int, int]:
         except (OSError, ValueError):
             return soft, soft
     return soft, hard
+
+
+#: ``prctl`` options of Linux 6.16 and later: the size of a process' own futex hash table.
+_PR_FUTEX_HASH = 78
+_PR_FUTEX_HASH_SET_SLOTS = 1
+_PR_FUTEX_HASH_GET_SLOTS = 2
+#: The most futex hash slots :func:`size_futex_hash` asks for (64 bytes each: 4 MiB).
+MAX_FUTEX_HASH_SLOTS = 1 << 16
+
+
+def size_futex_hash(connections: int) -> Optional[int]:
+    """Give this process a futex hash table with a slot per thread that ``connections``
+    connections may have (the next power of two, up to :data:`MAX_FUTEX_HASH_SLOTS`); returns
+    the slots it has after (0: the kernel's global table), or ``None`` where the kernel has no
+    such setting (before Linux 6.16, not Linux).
+
+    Every lock a thread sleeps on (a Python lock, a condition, the GIL) is a futex, and the
+    kernel finds a futex's sleepers by walking one slot's list. Since Linux 6.16 a threaded
+    process gets a table of its own, sized by the number of CPUs, not of threads: 16 slots on
+    a 2-CPU machine. With 20,000 connection threads asleep, each wake-up then walked a list
+    of over a thousand sleepers, and closing 10,000 websockets at once spent most of its time
+    there. :meth:`Server.start` does this for its ``max_connections``; the table only ever
+    grows, so several servers in one process share the largest."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    threads = _THREADS_PER_CONN * max(0, connections) + _RESERVED_THREADS
+    slots = 2
+    while slots < min(threads, MAX_FUTEX_HASH_SLOTS):
+        slots *= 2
+    have = prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
+    if have < 0:
+        return None  # no private futex hash on this kernel
+    if have >= slots:
+        return have  # (0 is not "enough": a process gets its small table at its first thread)
+    if prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) < 0:
+        return have
+    return prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
