@@ -16,12 +16,12 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 from .config import COMMANDS, SETTINGS, ConfigError, format_config, load
+from .signals import StopSignal
 
 __all__ = ["main", "DEMO_FUNCTIONS"]
 
@@ -65,31 +65,6 @@ DEMO_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
 
 
 # -- signals ---------------------------------------------------------------------------------
-
-
-class StopSignal:
-    """The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._count = 0
-
-    def install(self) -> "StopSignal":
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self._count += 1
-        if self._count > 1:
-            os.write(2, b"juggler: second signal, exiting now\n")
-            os._exit(1)
-        log.info("got %s: stopping (send it again to exit at once)", signal.Signals(signum).name)
-        self.event.set()
-
-    def wait(self) -> None:
-        while not self.event.wait(1.0):  # a bounded wait keeps the main thread responsive
-            pass
 
 
 # -- building blocks ---------------------------------------------------------------------------

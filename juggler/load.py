@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import websocket
 
 from .client import SUBPROTOCOL, Client
+from .signals import StopSignal
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
 from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
 from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
@@ -610,8 +611,6 @@ def run_processes(
 
 
 def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: bool = True) -> int:
-    from .cli import StopSignal
-
     try:
         args = json.loads(cfg["payload"])
     except ValueError as exc:
