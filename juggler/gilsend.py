@@ -25,7 +25,7 @@ import os
 import socket
 from typing import Optional
 
-__all__ = ["AVAILABLE", "send_nowait", "readable_nowait", "sendall"]
+__all__ = ["AVAILABLE", "send_nowait", "readable_nowait", "sendall", "shutdown_and_close"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SEND_FLAGS = _DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -43,6 +43,12 @@ try:
     _recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _recv.restype = ctypes.c_ssize_t
     _peek_buf = ctypes.create_string_buffer(1)  # MSG_PEEK of one byte: its content is unused
+    _shutdown = _libc.shutdown
+    _shutdown.argtypes = [ctypes.c_int, ctypes.c_int]
+    _shutdown.restype = ctypes.c_int
+    _close = _libc.close
+    _close.argtypes = [ctypes.c_int]
+    _close.restype = ctypes.c_int
     AVAILABLE = True
 except (OSError, AttributeError):  # pragma: no cover - not a POSIX system
     AVAILABLE = False
@@ -84,3 +90,23 @@ def sendall(sock: socket.socket, data: bytes) -> None:
         if n:
             data = memoryview(data)[n:]  # type: ignore[assignment]
     sock.sendall(data)
+
+
+def shutdown_and_close(sock: socket.socket, how: int = socket.SHUT_WR) -> None:
+    """``sock.shutdown(how)``, its error ignored (the peer may be gone), then ``sock.close()``.
+    For a plain ``socket.socket`` both are made without letting go of the GIL: neither waits,
+    since juggler never sets ``SO_LINGER`` (closing then hands what is unsent to the kernel).
+    When 10,000 websockets close at once, letting go of the GIL twice more per connection, with
+    thousands of threads waiting for it, made two more thread hand-offs each. A socket already
+    closed or detached (a TLS socket took its descriptor) is left as it is."""
+    if not (AVAILABLE and type(sock) is socket.socket):
+        try:
+            sock.shutdown(how)
+        except OSError:
+            pass
+        sock.close()
+        return
+    fd = sock.detach()  # the object is closed from here on; the descriptor is ours to close
+    if fd >= 0:
+        _shutdown(fd, how)
+        _close(fd)

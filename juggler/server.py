@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
+from . import gilsend
 from .broker import Broker
 from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, ConnServices, ConnSettings
 from .exceptions import ProtocolError, RefuseConnection
@@ -643,7 +644,7 @@ class Server:
             except Exception:
                 tcp.handle_error(request, client_address)
             finally:
-                tcp.shutdown_request(request)
+                gilsend.shutdown_and_close(request)  # as tcp.shutdown_request, keeping the GIL
                 with self._lock:
                     self._conn_threads.discard(threading.current_thread())
 

@@ -81,3 +81,27 @@ def test_sendall_finishes_what_the_first_send_left(pair):
     gilsend.sendall(a, data)
     t.join(10)
     assert bytes(got) == data
+
+
+def test_shutdown_and_close_sends_what_was_written_then_the_end(pair):
+    a, b = pair
+    a.sendall(b"last words")
+    fd = a.fileno()
+    gilsend.shutdown_and_close(a)
+    assert a.fileno() == -1  # the object is closed: nothing can use the number again
+    with pytest.raises(OSError):
+        socket.socket(fileno=fd).close()  # and so is the descriptor: nobody owns it any more
+    assert b.recv(64) == b"last words"
+    assert b.recv(64) == b""  # then the end of the stream
+    gilsend.shutdown_and_close(a)  # a closed socket: nothing happens
+
+
+def test_shutdown_and_close_of_a_socket_that_is_not_plain(pair):
+    class Wrapped(socket.socket):  # stands for a TLS socket: its own shutdown and close
+        pass
+
+    a, b = pair
+    w = Wrapped(fileno=a.detach())
+    gilsend.shutdown_and_close(w)
+    assert w.fileno() == -1
+    assert b.recv(64) == b""
