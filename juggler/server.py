@@ -16,6 +16,7 @@ import fnmatch
 import functools
 import json
 import logging
+import os
 import resource
 import socket
 import socketserver
@@ -967,7 +968,7 @@ MAX_FUTEX_HASH_SLOTS = 1 << 16
 
 def size_futex_hash(connections: int) -> Optional[int]:
     """Give this process a futex hash table with a slot per thread that ``connections``
-    connections may have (the next power of two, up to :data:`MAX_FUTEX_HASH_SLOTS`); returns
+    connections may have (the next power of two, up to ``MAX_FUTEX_HASH_SLOTS``, 65,536); returns
     the slots it has after (0: the kernel's global table), or ``None`` where the kernel has no
     such setting (before Linux 6.16, not Linux).
 
@@ -976,8 +977,9 @@ def size_futex_hash(connections: int) -> Optional[int]:
     process gets a table of its own, sized by the number of CPUs, not of threads: 16 slots on
     a 2-CPU machine. With 20,000 connection threads asleep, each wake-up then walked a list
     of over a thousand sleepers, and closing 10,000 websockets at once spent most of its time
-    there. :meth:`Server.start` does this for its ``max_connections``; the table only ever
-    grows, so several servers in one process share the largest."""
+    there. :meth:`Server.start` does this for its ``max_connections``: a setting of the whole
+    process, which only ever grows here, so several servers in one process share the
+    largest."""
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
@@ -985,6 +987,8 @@ def size_futex_hash(connections: int) -> Optional[int]:
     prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     prctl.restype = ctypes.c_int
     threads = _THREADS_PER_CONN * max(0, connections) + _RESERVED_THREADS
+    # never fewer than the kernel's own choice (4 per CPU, which setting one stops it making)
+    threads = max(threads, 4 * (os.cpu_count() or 1))
     slots = 2
     while slots < min(threads, MAX_FUTEX_HASH_SLOTS):
         slots *= 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -35,6 +36,14 @@ class StopSignal:
         self.event.set()
 
     def wait(self) -> None:
-        """Block until the first signal. (On POSIX a signal interrupts the main thread's wait
-        for a lock, and the handler runs at once: no timeout is needed to notice it.)"""
-        self.event.wait()
+        """Block until the first signal (on the main thread, where Python runs handlers).
+
+        On Linux a signal sent to the process goes to its main thread when that thread is
+        ready to take it, which interrupts its wait for the event, and the handler runs at once:
+        no timeout is needed. Elsewhere the kernel may hand it to any thread, and nothing would
+        wake the main thread, so there it looks again every second."""
+        if sys.platform.startswith("linux"):
+            self.event.wait()
+            return
+        while not self.event.wait(1.0):
+            pass
