@@ -275,6 +275,23 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _is_fakeredis(client: Any) -> bool:
+    pool = getattr(client, "connection_pool", None)
+    return pool is not None and pool.connection_class.__module__.startswith("fakeredis")
+
+
+def _make_fake_db(client: Any) -> None:
+    """fakeredis makes a server's database the first time a connection asks for it, with no
+    lock: connections made at once on a fresh server (a callee's workers starting together)
+    could each make one of their own and never see each other's writes, so a worker's BRPOP
+    never saw its wake-up marker and stop() waited forever. One command here, on one thread,
+    makes it before any of them. (A server that is down stays so: nothing is made.)"""
+    try:
+        client.ping()
+    except _REDIS_FAILURES:
+        pass
+
+
 class RedisBroker:
     """A :class:`Broker` on a redis-py client: :class:`redis.Redis` (or a fakeredis one), or
     :class:`redis.cluster.RedisCluster`.
@@ -309,6 +326,8 @@ class RedisBroker:
         # broker's short commands go through a pool of its own connections; a dedicated
         # (listener) broker blocks on one connection of its own.
         self._fast = resp.RespPool(client) if not self.cluster and resp.RespPool.applies(client) else None
+        if _is_fakeredis(client):
+            _make_fake_db(client)
         self._dedicated = False
         self._own: Optional[resp.RespConnection] = None
         self._own_lock = threading.Lock()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 
+import fakeredis
 import pytest
 import redis
 
@@ -326,3 +329,38 @@ def test_from_url_owns_its_client_and_fails_fast_when_redis_is_down(redis_server
         dead.store_call(call(), 1)
     assert time.monotonic() - started < T(2)  # a prompt NACK, not redis-py's default retries
     dead.close()
+
+
+@pytest.mark.timeout(60)
+def test_connections_made_at_once_on_a_fresh_fakeredis_share_its_database():
+    # fakeredis makes a database on a connection's first use, unlocked: connections made at
+    # once could each get one of their own. A callee worker then never saw its wake-up marker
+    # (and stop() hung). The broker makes the database first, on one thread.
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches at every turn: the race shows within a few tries
+    try:
+        for _ in range(60):
+            client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+            RedisBroker(client)
+            pool = client.connection_pool
+            conns: list = []
+            start = threading.Barrier(8)
+
+            def connect():
+                start.wait()
+                c = pool.connection_class(**pool.connection_kwargs)
+                c.connect()
+                conns.append(c)
+
+            threads = [threading.Thread(target=connect) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            client.set("seen", "yes")
+            for c in conns:
+                c.send_command("GET", "seen")
+                assert c.read_response() == b"yes"
+                c.disconnect()
+    finally:
+        sys.setswitchinterval(before)
