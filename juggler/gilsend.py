@@ -96,8 +96,9 @@ def shutdown_and_close(sock: socket.socket, how: int = socket.SHUT_WR) -> None:
     """``sock.shutdown(how)``, its error ignored (the peer may be gone), then ``sock.close()``.
     For a plain ``socket.socket`` both are made without letting go of the GIL: neither waits,
     since juggler never sets ``SO_LINGER`` on its sockets (closing then hands what is unsent
-    to the kernel) nor makes ``makefile()`` objects of them (which ``close()`` would wait for):
-    not for sockets that do either.
+    to the kernel) nor makes ``makefile()`` objects of them (which ``close()`` would wait for);
+    it is not for sockets that do either.
+
     When 10,000 websockets close at once, letting go of the GIL twice more per connection, with
     thousands of threads waiting for it, made two more thread hand-offs each. A socket already
     closed or detached (a TLS socket took its descriptor) is left as it is."""

@@ -31,10 +31,10 @@ from typing import Any, Callable, Optional
 import websocket
 
 from .client import SUBPROTOCOL, Client
-from .signals import StopSignal
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
 from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
 from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from .signals import StopSignal
 from .transport import SocketIO
 
 __all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile", "EXIT_NO_RESULT"]
