@@ -128,6 +128,18 @@ class RespConnection:
             raise self._fail(exc) from exc
         return self._read()
 
+    def send(self, commands: Sequence[Sequence[Any]]) -> None:
+        """Send ``commands`` in one write without reading their replies (:meth:`read` them,
+        in order)."""
+        try:
+            gilsend.sendall(self._sock, b"".join(pack(c) for c in commands))
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
+    def read(self) -> Any:
+        """The next reply; an error reply raises ``ResponseError``."""
+        return self._read()
+
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send several commands in one write and read their replies; an error reply is
         returned in its place (a ``ResponseError``), not raised."""

@@ -119,6 +119,40 @@ def test_scripts_survive_script_flush(broker, redis_client):
     assert redis_client.llen(calls_key("test.echo")) == 1
 
 
+def test_a_listener_pops_results_until_woken(broker, redis_client):
+    # A connection's results listener: the script that takes a result's timeout key goes to
+    # redis with the next BRPOP (on a real redis), and every case still comes out right.
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    real = "fakeredis" not in type(redis_client).__module__
+    try:
+        first = ResultPayload(conn, new_uuid(), "test.echo", "one")
+        broker.store_result(first, 5)
+        popped = listener.pop_result(conn, None)
+        assert popped.payload == first and 4 < popped.remaining <= 5
+        assert not redis_client.exists(result_timeout_key(conn, first.msg_uuid))
+        if real:  # the next BRPOP was sent with the script, before the result was handed over
+            assert redis_client.info("clients")["blocked_clients"] == 1
+
+        late = ResultPayload(conn, new_uuid(), "test.echo", "late")
+        broker.store_result(late, 5)
+        redis_client.delete(result_timeout_key(conn, late.msg_uuid))  # its call expired
+        popped = listener.pop_result(conn, None)
+        assert popped.payload == late and popped.expired
+
+        redis_client.rpush(results_key(conn), b"not json")
+        assert listener.pop_result(conn, None) is None  # dropped (logged)
+        broker.wake_results(conn)
+        assert listener.pop_result(conn, None) is None  # woken
+
+        after = ResultPayload(conn, new_uuid(), "test.echo", "after")
+        broker.store_result(after, 5)
+        assert listener.pop_result(conn, None).payload == after
+        assert redis_client.llen(results_key(conn)) == 0
+    finally:
+        listener.close()
+
+
 class Listener:
     """Reads a RedisPubSub on a thread, as a server connection's pub-sub thread does."""
 
