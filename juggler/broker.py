@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import redis
 import redis.exceptions
@@ -136,6 +136,11 @@ if before == -2 or (before >= 0 and before < ms) then
 end
 return n
 """
+
+#: How much time a call must have left, by its connection's own count, for its result to be
+#: handed over before redis has answered the script that takes the result's timeout key
+#: (:meth:`RedisBroker.pop_result`). The key expires with the call, at or after that count.
+RESULT_SURE_MARGIN = 0.05
 
 #: Pushed onto a connection's results list to wake its listener (:meth:`RedisBroker.wake_results`);
 #: never a result payload, which is a JSON object.
@@ -330,6 +335,10 @@ class RedisBroker:
             _make_fake_db(client)
         self._dedicated = False
         self._brpop_sent = False  # a listener's BRPOP is on its way, its reply not read yet
+        self._skip_reply = False  # and before it, the reply of a result's script to drop
+        #: A results listener's view of its connection's calls in flight: ``msg_uuid`` to
+        #: ``time.monotonic()`` deadline (see :meth:`pop_result`); ``None``: not known.
+        self.call_deadlines: Optional[Mapping[str, float]] = None
         self._own: Optional[resp.RespConnection] = None
         self._own_lock = threading.Lock()
 
@@ -595,7 +604,13 @@ class RedisBroker:
         """:meth:`pop_result` with no timeout, on a listener's own connection: the script that
         takes a result's timeout key goes in one write with the next BRPOP, so each result
         costs one write to redis, not two. (EVAL, not EVALSHA: a NOSCRIPT could not be
-        answered on a connection that is blocked in the BRPOP behind it.)"""
+        answered on a connection that is blocked in the BRPOP behind it.)
+
+        When :attr:`call_deadlines` says the result's call has more than
+        :data:`RESULT_SURE_MARGIN` seconds left, its timeout key cannot have expired (the
+        callee stores the result to expire with the call, which was stored after its deadline
+        was noted), so the result is returned at once and the script's reply is dropped on
+        the next turn: the listener waits for redis once per result, for the BRPOP."""
         key = results_key(conn_uuid)
         with self._own_lock:
             own = self._own
@@ -605,7 +620,10 @@ class RedisBroker:
                 assert own is not None
                 with self._own_lock:
                     self._own = own
-                self._brpop_sent = False
+                self._brpop_sent = self._skip_reply = False
+            if self._skip_reply:
+                self._skip_reply = False
+                own.skip_ready()
             if not self._brpop_sent:
                 own.send([("BRPOP", key, 0)])
                 self._brpop_sent = True
@@ -621,9 +639,16 @@ class RedisBroker:
             timeout_key = result_timeout_key(conn_uuid, payload.msg_uuid)
             own.send([("EVAL", _CONSUME.source, 1, timeout_key), ("BRPOP", key, 0)])
             self._brpop_sent = True
+            deadlines = self.call_deadlines
+            deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left > RESULT_SURE_MARGIN:
+                    self._skip_reply = True
+                    return Popped(payload, left)
             ttl_ms = int(own.read())
         except _REDIS_FAILURES as exc:
-            self._brpop_sent = False
+            self._brpop_sent = self._skip_reply = False
             raise _broker_error(exc) from exc
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
 

@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .broker import Broker, PubSubEvent, results_key
+from .broker import Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
 from .message import CLIENT_TYPES, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
@@ -442,7 +442,9 @@ class Conn(FrameLoop):
         with self._close_lock:
             if self._results_thread is not None or self.closed:
                 return
-            self._results = self.broker.dedicated(results_key(self.uuid))
+            self._results = results = self.broker.dedicated(results_key(self.uuid))
+            if isinstance(results, RedisBroker):  # it may hand a result over sooner
+                results.call_deadlines = self._calls
             t = threading.Thread(
                 target=self._results_loop, name=f"juggler-conn-{self.id}-results", daemon=CONN_THREAD_DAEMON
             )

@@ -7,7 +7,7 @@ that thread, and the caller, back from a send of a few microseconds, must wait i
 woken in its turn. Measured on the server at 100 connections, those wake-ups (``futex`` and the
 scheduler) took half of its CPU time, more than the Python code did.
 
-:func:`send_nowait` and :func:`readable_nowait` call the C library's ``send`` and ``recv``
+:func:`send_nowait`, :func:`recv_nowait` and :func:`readable_nowait` call the C library's ``send`` and ``recv``
 through ``ctypes.PyDLL``, which keeps the GIL for the call: a syscall of a few microseconds
 that cannot wait is cheaper than two thread switches. Anything that may wait (a socket with
 nothing to read, a full send buffer) still goes through Python's socket methods, which let go
@@ -25,7 +25,7 @@ import os
 import socket
 from typing import Optional
 
-__all__ = ["AVAILABLE", "send_nowait", "readable_nowait", "sendall", "shutdown_and_close"]
+__all__ = ["AVAILABLE", "send_nowait", "recv_nowait", "readable_nowait", "sendall", "shutdown_and_close"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SEND_FLAGS = _DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -76,6 +76,22 @@ def readable_nowait(fd: int) -> Optional[bool]:
     if ctypes.get_errno() in _AGAIN:
         return False
     return None
+
+
+def recv_nowait(fd: int, buf: "ctypes.Array[ctypes.c_char]") -> Optional[bytes]:
+    """The bytes the socket ``fd`` has for us now, up to ``len(buf)`` (read through ``buf``,
+    a ``ctypes.create_string_buffer``); ``b""`` at the end of the stream, ``None`` when none
+    are there yet. :class:`OSError` when the connection failed. Only where
+    :data:`AVAILABLE`."""
+    n = _recv(fd, buf, len(buf), _DONTWAIT)
+    if n > 0:
+        return ctypes.string_at(buf, n)
+    if n == 0:
+        return b""
+    err = ctypes.get_errno()
+    if err in _AGAIN:
+        return None
+    raise OSError(err, os.strerror(err))
 
 
 def sendall(sock: socket.socket, data: bytes) -> None:

@@ -18,6 +18,7 @@ through a :class:`RespConnection` where they can:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import select
 import socket
@@ -95,6 +96,7 @@ class RespConnection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock = sock
         self._reader = hiredis.Reader()
+        self._ready_buf: Optional[ctypes.Array[ctypes.c_char]] = None  # (skip_ready)
         self.broken = False
 
     def _fail(self, exc: BaseException) -> redis.exceptions.RedisError:
@@ -139,6 +141,29 @@ class RespConnection:
     def read(self) -> Any:
         """The next reply; an error reply raises ``ResponseError``."""
         return self._read()
+
+    def skip_ready(self) -> None:
+        """Read and drop the next reply (an error reply too), which should have come by now:
+        what is already there is read without letting go of the GIL (see
+        :mod:`juggler.gilsend`), and only a reply still on its way is waited for."""
+        if self._reader.gets() is not False:
+            return  # it was read in with an earlier reply
+        if gilsend.AVAILABLE and type(self._sock) is socket.socket:
+            if self._ready_buf is None:
+                self._ready_buf = ctypes.create_string_buffer(4096)
+            try:
+                data = gilsend.recv_nowait(self._sock.fileno(), self._ready_buf)
+            except OSError as exc:
+                raise self._fail(exc) from exc
+            if data == b"":
+                self.broken = True
+                raise redis.exceptions.ConnectionError("Connection closed by server.")
+            if data is not None:
+                self._reader.feed(data)
+        try:
+            self._read()
+        except redis.exceptions.ResponseError:
+            pass
 
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send several commands in one write and read their replies; an error reply is

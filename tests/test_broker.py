@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 
 import fakeredis
 import pytest
@@ -149,6 +150,33 @@ def test_a_listener_pops_results_until_woken(broker, redis_client):
         broker.store_result(after, 5)
         assert listener.pop_result(conn, None).payload == after
         assert redis_client.llen(results_key(conn)) == 0
+    finally:
+        listener.close()
+
+
+def test_a_listener_hands_a_result_over_before_redis_answers_when_its_call_has_time_left(real):
+    # With the connection's own count of its calls' deadlines, a result whose call has time
+    # left goes out without waiting for the script that takes its timeout key; the script's
+    # reply is read (and dropped) on the next turn. Otherwise the listener waits for redis.
+    broker = RedisBroker(real)
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    listener.call_deadlines = deadlines
+    try:
+        sure, unsure, unknown = (ResultPayload(conn, new_uuid(), "test.echo", n) for n in ("a", "b", "c"))
+        deadlines[sure.msg_uuid] = time.monotonic() + 100
+        deadlines[unsure.msg_uuid] = time.monotonic() + 0.01  # under RESULT_SURE_MARGIN
+        for p in (sure, unsure, unknown):
+            broker.store_result(p, 5)
+        popped = [listener.pop_result(conn, None) for _ in range(3)]
+        assert [p.payload for p in popped] == [sure, unsure, unknown]
+        assert 99 < popped[0].remaining <= 100  # its connection's count: redis was not waited for
+        assert 4 < popped[1].remaining <= 5 and 4 < popped[2].remaining <= 5  # redis' PTTL
+        for p in (sure, unsure, unknown):  # every timeout key was taken all the same
+            assert not real.exists(result_timeout_key(conn, p.msg_uuid))
+        broker.wake_results(conn)
+        assert listener.pop_result(conn, None) is None
     finally:
         listener.close()
 
