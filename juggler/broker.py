@@ -280,6 +280,16 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _check_skipped(reply: Any, conn_uuid: str) -> None:
+    """The reply of the timeout-key script of a result handed over before it came (see
+    :meth:`RedisBroker.pop_result`): an error, or a key that was already gone (evicted by
+    ``maxmemory``, lost in a failover), is worth a line in the log."""
+    if isinstance(reply, Exception):
+        logger.warning("connection %s: taking a result's timeout key failed: %s", conn_uuid, reply)
+    elif isinstance(reply, int) and reply <= 0:
+        logger.info("connection %s: a result was handed over whose timeout key redis no longer had", conn_uuid)
+
+
 def _is_fakeredis(client: Any) -> bool:
     pool = getattr(client, "connection_pool", None)
     return pool is not None and pool.connection_class.__module__.startswith("fakeredis")
@@ -504,20 +514,30 @@ class RedisBroker:
         """``use(connection)`` on the fast path: the dedicated connection, or one from the
         pool."""
         if self._dedicated:
-            with self._own_lock:
-                own = self._own
-            if own is None or own.broken:
-                own = resp.connect(self.client)
-                assert own is not None
-                with self._own_lock:
-                    self._own = own
-            return use(own)
+            # (replies a results listener left in flight would answer this command: start over)
+            return use(self._own_connection(fresh=self._brpop_sent or self._skip_reply))
         assert self._fast is not None
         conn = self._fast.get()
         try:
             return use(conn)
         finally:
             self._fast.put(conn)
+
+    def _own_connection(self, fresh: bool = False) -> resp.RespConnection:
+        """A dedicated broker's connection: a new one when there is none, it broke, or
+        ``fresh`` (the old one is closed)."""
+        with self._own_lock:
+            own = self._own
+        if own is not None and not own.broken and not fresh:
+            return own
+        if own is not None:
+            own.close()
+        self._brpop_sent = self._skip_reply = False
+        own = resp.connect(self.client)
+        assert own is not None
+        with self._own_lock:
+            self._own = own
+        return own
 
     def _command(self, *args: Any) -> Any:
         """One command on the fast path."""
@@ -612,18 +632,12 @@ class RedisBroker:
         was noted), so the result is returned at once and the script's reply is dropped on
         the next turn: the listener waits for redis once per result, for the BRPOP."""
         key = results_key(conn_uuid)
-        with self._own_lock:
-            own = self._own
+        own: Optional[resp.RespConnection] = None
         try:
-            if own is None or own.broken:
-                own = resp.connect(self.client)
-                assert own is not None
-                with self._own_lock:
-                    self._own = own
-                self._brpop_sent = self._skip_reply = False
+            own = self._own_connection()
             if self._skip_reply:
                 self._skip_reply = False
-                own.skip_ready()
+                _check_skipped(own.skip_ready(), conn_uuid)
             if not self._brpop_sent:
                 own.send([("BRPOP", key, 0)])
                 self._brpop_sent = True
@@ -648,6 +662,8 @@ class RedisBroker:
                     return Popped(payload, left)
             ttl_ms = int(own.read())
         except _REDIS_FAILURES as exc:
+            if own is not None:
+                own.close()  # what it still has in flight must not answer a later command
             self._brpop_sent = self._skip_reply = False
             raise _broker_error(exc) from exc
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)

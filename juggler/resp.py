@@ -142,12 +142,13 @@ class RespConnection:
         """The next reply; an error reply raises ``ResponseError``."""
         return self._read()
 
-    def skip_ready(self) -> None:
-        """Read and drop the next reply (an error reply too), which should have come by now:
-        what is already there is read without letting go of the GIL (see
+    def skip_ready(self) -> Any:
+        """The next reply, which should have come by now, an error reply returned rather than
+        raised: what is already there is read without letting go of the GIL (see
         :mod:`juggler.gilsend`), and only a reply still on its way is waited for."""
-        if self._reader.gets() is not False:
-            return  # it was read in with an earlier reply
+        reply = self._reader.gets()
+        if reply is not False:  # it was read in with an earlier reply
+            return redis.exceptions.ResponseError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
         if gilsend.AVAILABLE and type(self._sock) is socket.socket:
             if self._ready_buf is None:
                 self._ready_buf = ctypes.create_string_buffer(4096)
@@ -161,9 +162,9 @@ class RespConnection:
             if data is not None:
                 self._reader.feed(data)
         try:
-            self._read()
-        except redis.exceptions.ResponseError:
-            pass
+            return self._read()
+        except redis.exceptions.ResponseError as exc:
+            return exc
 
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send several commands in one write and read their replies; an error reply is

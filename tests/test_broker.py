@@ -133,7 +133,9 @@ def test_a_listener_pops_results_until_woken(broker, redis_client):
         assert popped.payload == first and 4 < popped.remaining <= 5
         assert not redis_client.exists(result_timeout_key(conn, first.msg_uuid))
         if real:  # the next BRPOP was sent with the script, before the result was handed over
-            assert redis_client.info("clients")["blocked_clients"] == 1
+            port = listener._own._sock.getsockname()[1]
+            mine = [c for c in redis_client.client_list() if c["addr"].endswith(f":{port}")]
+            assert [c["cmd"] for c in mine] == ["brpop"]
 
         late = ResultPayload(conn, new_uuid(), "test.echo", "late")
         broker.store_result(late, 5)
@@ -177,8 +179,28 @@ def test_a_listener_hands_a_result_over_before_redis_answers_when_its_call_has_t
             assert not real.exists(result_timeout_key(conn, p.msg_uuid))
         broker.wake_results(conn)
         assert listener.pop_result(conn, None) is None
+
+        # with a reply left to drop: a wake-up marker, an undecodable item, a reconnect
+        for item in ("wake", b"not json", "reconnect"):
+            early = ResultPayload(conn, new_uuid(), "test.echo", "early")
+            deadlines[early.msg_uuid] = time.monotonic() + 100
+            broker.store_result(early, 5)
+            assert listener.pop_result(conn, None).payload == early  # its script's reply pending
+            if item == "wake":
+                broker.wake_results(conn)
+                assert listener.pop_result(conn, None) is None
+            elif item == "reconnect":
+                listener._own.close()  # as if redis had dropped it
+            else:
+                real.rpush(results_key(conn), item)
+                assert listener.pop_result(conn, None) is None
+            after = ResultPayload(conn, new_uuid(), "test.echo", "after")
+            broker.store_result(after, 5)
+            assert listener.pop_result(conn, None).payload == after
+            assert not real.exists(result_timeout_key(conn, after.msg_uuid))
     finally:
         listener.close()
+        broker.close()
 
 
 class Listener:

@@ -104,3 +104,16 @@ def test_shutdown_and_close_of_a_socket_that_is_not_plain(pair):
     gilsend.shutdown_and_close(w)
     assert w.fileno() == -1
     assert b.recv(64) == b""
+
+
+def test_recv_nowait_reads_what_is_there_and_never_waits(pair):
+    import ctypes
+
+    a, b = pair
+    buf = ctypes.create_string_buffer(4)
+    assert gilsend.recv_nowait(b.fileno(), buf) is None  # nothing yet: no wait
+    a.sendall(b"hello")
+    assert gilsend.recv_nowait(b.fileno(), buf) == b"hell"  # at most the buffer
+    assert gilsend.recv_nowait(b.fileno(), buf) == b"o"
+    a.shutdown(socket.SHUT_WR)
+    assert gilsend.recv_nowait(b.fileno(), buf) == b""  # the end of the stream

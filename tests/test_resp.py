@@ -3,6 +3,7 @@ path applies."""
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 
@@ -43,6 +44,29 @@ def test_commands_and_replies(real):
             conn.command("GET", "l")
         assert conn.command("PING") == b"PONG"  # an error reply leaves the connection usable
         assert conn.pipeline([("INCR", "n"), ("GET", "l"), ("INCR", "n")])[0::2] == [1, 2]
+    finally:
+        conn.close()
+
+
+def test_skip_ready_returns_the_next_reply_whether_it_is_there_or_still_coming(real):
+    conn = resp.connect(real)
+    assert conn is not None
+
+    def arrived():  # the reply is in the socket, not read yet
+        assert select.select([conn._sock], [], [], T(5))[0]
+
+    try:
+        conn.send([("SET", "k", "v")])
+        arrived()
+        assert conn.skip_ready() == b"OK"  # read without waiting
+        conn.send([("RPUSH", "l", "x"), ("GET", "l")])
+        arrived()
+        assert conn.skip_ready() == 1
+        assert isinstance(conn.skip_ready(), redis.exceptions.ResponseError)  # returned, not raised
+        conn.send([("BLPOP", "later", 5)])
+        threading.Timer(0.05, lambda: real.rpush("later", "y")).start()
+        assert conn.skip_ready() == [b"later", b"y"]  # not there yet: waited for
+        assert conn.command("PING") == b"PONG"  # and nothing is left over
     finally:
         conn.close()
 
