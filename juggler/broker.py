@@ -280,6 +280,18 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _result_payload(popped: Optional[bytes]) -> Optional[ResultPayload]:
+    """The result a results list gave, or ``None``: nothing came, a wake-up marker, or a
+    payload that cannot be decoded (logged, and dropped)."""
+    if popped is None or popped == WAKE_MARKER:
+        return None
+    try:
+        return ResultPayload.from_json(popped)
+    except ValueError as exc:
+        logger.warning("dropping undecodable result payload: %s", exc)
+        return None
+
+
 def _check_skipped(reply: Any, conn_uuid: str) -> None:
     """The reply of the timeout-key script of a result handed over before it came (see
     :meth:`RedisBroker.pop_result`): an error, or a key that was already gone (evicted by
@@ -610,13 +622,8 @@ class RedisBroker:
         for a result for ``conn_uuid``; ``None`` if none came."""
         if block is None and self._dedicated and self._fast is not None:
             return self._pop_result_ahead(conn_uuid)
-        popped = self._brpop([results_key(conn_uuid)], block)
-        if popped is None or popped == WAKE_MARKER:
-            return None
-        try:
-            payload = ResultPayload.from_json(popped)
-        except ValueError as exc:
-            logger.warning("dropping undecodable result payload: %s", exc)
+        payload = _result_payload(self._brpop([results_key(conn_uuid)], block))
+        if payload is None:
             return None
         return Popped(payload, self._take(result_timeout_key(conn_uuid, payload.msg_uuid)))
 
@@ -643,12 +650,8 @@ class RedisBroker:
                 self._brpop_sent = True
             item = own.read()
             self._brpop_sent = False
-            if item is None or item[1] == WAKE_MARKER:
-                return None
-            try:
-                payload = ResultPayload.from_json(item[1])
-            except ValueError as exc:
-                logger.warning("dropping undecodable result payload: %s", exc)
+            payload = _result_payload(None if item is None else item[1])
+            if payload is None:
                 return None
             timeout_key = result_timeout_key(conn_uuid, payload.msg_uuid)
             own.send([("EVAL", _CONSUME.source, 1, timeout_key), ("BRPOP", key, 0)])

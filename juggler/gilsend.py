@@ -7,9 +7,9 @@ that thread, and the caller, back from a send of a few microseconds, must wait i
 woken in its turn. Measured on the server at 100 connections, those wake-ups (``futex`` and the
 scheduler) took half of its CPU time, more than the Python code did.
 
-:func:`send_nowait`, :func:`recv_nowait` and :func:`readable_nowait` call the C library's ``send`` and ``recv``
-through ``ctypes.PyDLL``, which keeps the GIL for the call: a syscall of a few microseconds
-that cannot wait is cheaper than two thread switches. Anything that may wait (a socket with
+:func:`send_nowait`, :func:`recv_nowait` and :func:`readable_nowait` call the C library's
+``send`` and ``recv`` through ``ctypes.PyDLL``, which keeps the GIL for the call: a syscall of
+a few microseconds that cannot wait is cheaper than two thread switches. Anything that may wait (a socket with
 nothing to read, a full send buffer) still goes through Python's socket methods, which let go
 of the GIL as they should.
 
@@ -61,10 +61,16 @@ def send_nowait(fd: int, data: bytes) -> int:
     n = _send(fd, data, len(data), _SEND_FLAGS)
     if n >= 0:
         return n
+    _would_wait()
+    return 0
+
+
+def _would_wait() -> None:
+    """After a failed call: return if it failed only because it would have had to wait
+    (``EAGAIN``, ``EINTR``); else raise the :class:`OSError`."""
     err = ctypes.get_errno()
-    if err in _AGAIN:
-        return 0
-    raise OSError(err, os.strerror(err))
+    if err not in _AGAIN:
+        raise OSError(err, os.strerror(err))
 
 
 def readable_nowait(fd: int) -> Optional[bool]:
@@ -88,10 +94,8 @@ def recv_nowait(fd: int, buf: "ctypes.Array[ctypes.c_char]") -> Optional[bytes]:
         return ctypes.string_at(buf, n)
     if n == 0:
         return b""
-    err = ctypes.get_errno()
-    if err in _AGAIN:
-        return None
-    raise OSError(err, os.strerror(err))
+    _would_wait()
+    return None
 
 
 def sendall(sock: socket.socket, data: bytes) -> None:

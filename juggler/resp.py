@@ -122,21 +122,21 @@ class RespConnection:
                 raise redis.exceptions.ConnectionError("Connection closed by server.")
             reader.feed(data)
 
-    def command(self, *args: Any) -> Any:
-        """Run one command; its reply (bytes, int, list, None)."""
+    def _send(self, data: bytes) -> None:
         try:
-            gilsend.sendall(self._sock, pack(args))
+            gilsend.sendall(self._sock, data)
         except OSError as exc:
             raise self._fail(exc) from exc
+
+    def command(self, *args: Any) -> Any:
+        """Run one command; its reply (bytes, int, list, None)."""
+        self._send(pack(args))
         return self._read()
 
     def send(self, commands: Sequence[Sequence[Any]]) -> None:
         """Send ``commands`` in one write without reading their replies (:meth:`read` them,
         in order)."""
-        try:
-            gilsend.sendall(self._sock, b"".join(pack(c) for c in commands))
-        except OSError as exc:
-            raise self._fail(exc) from exc
+        self._send(b"".join(pack(c) for c in commands))
 
     def read(self) -> Any:
         """The next reply; an error reply raises ``ResponseError``."""
@@ -146,10 +146,7 @@ class RespConnection:
         """The next reply, which should have come by now, an error reply returned rather than
         raised: what is already there is read without letting go of the GIL (see
         :mod:`juggler.gilsend`), and only a reply still on its way is waited for."""
-        reply = self._reader.gets()
-        if reply is not False:  # it was read in with an earlier reply
-            return redis.exceptions.ResponseError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
-        if gilsend.AVAILABLE and type(self._sock) is socket.socket:
+        if not self._reader.has_data() and gilsend.AVAILABLE and type(self._sock) is socket.socket:
             if self._ready_buf is None:
                 self._ready_buf = ctypes.create_string_buffer(4096)
             try:
@@ -169,10 +166,7 @@ class RespConnection:
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send several commands in one write and read their replies; an error reply is
         returned in its place (a ``ResponseError``), not raised."""
-        try:
-            gilsend.sendall(self._sock, b"".join(pack(c) for c in commands))
-        except OSError as exc:
-            raise self._fail(exc) from exc
+        self.send(commands)
         replies: list[Any] = []
         for _ in commands:
             try:
