@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -36,14 +35,11 @@ class StopSignal:
         self.event.set()
 
     def wait(self) -> None:
-        """Block until the first signal (on the main thread, where Python runs handlers).
+        """Block until the first signal, looking again every second.
 
-        On Linux a signal sent to the process goes to its main thread when that thread is
-        ready to take it, which interrupts its wait for the event, and the handler runs at once:
-        no timeout is needed. Elsewhere the kernel may hand it to any thread, and nothing would
-        wake the main thread, so there it looks again every second."""
-        if sys.platform.startswith("linux"):
-            self.event.wait()
-            return
+        Python runs signal handlers on the main thread only, and a signal the kernel hands to
+        another thread does not interrupt the main thread's wait for a lock. That happens even
+        on Linux: a ``juggler demo`` waiting with no timeout once missed its SIGINT in CI. The
+        second's wait lets the handler run whichever thread caught the signal."""
         while not self.event.wait(1.0):
             pass
