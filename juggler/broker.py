@@ -142,6 +142,14 @@ return n
 #: (:meth:`RedisBroker.pop_result`). The key expires with the call, at or after that count.
 RESULT_SURE_MARGIN = 0.05
 
+#: How long after a call's deadline (by its connection's count) a results listener that
+#: stores its connection's calls (:meth:`RedisBroker.follow_calls`) keeps a BRPOP waiting for
+#: its result: redis expires the call a little after that count, which is taken first.
+AWAIT_GRACE = 1.0
+
+# what a listener's own connection waits for (RedisBroker._expect)
+_BRPOP, _SKIP, _CONSUME = "BRPOP", "skip", "consume"
+
 #: Pushed onto a connection's results list to wake its listener (:meth:`RedisBroker.wake_results`);
 #: never a result payload, which is a JSON object.
 WAKE_MARKER = b"juggler:wake"
@@ -356,8 +364,15 @@ class RedisBroker:
         if _is_fakeredis(client):
             _make_fake_db(client)
         self._dedicated = False
-        self._brpop_sent = False  # a listener's BRPOP is on its way, its reply not read yet
-        self._skip_reply = False  # and before it, the reply of a result's script to drop
+        # A listener's own connection: the replies it waits for, in order (_BRPOP, _SKIP,
+        # _CONSUME, or the callback of a call stored ahead), and whether a BRPOP is among them.
+        # Both change under _own_lock, which also orders the writes of the two threads that
+        # may send on it (see store_call_ahead).
+        self._expect: deque[Any] = deque()
+        self._brpop_sent = False
+        self._ahead = False  # follow_calls(): calls may be stored on the listener's connection
+        self._interrupted = False  # interrupt(): no more blocking reads
+        self._cluster_node = False  # a dedicated broker on one node of a cluster
         #: A results listener's view of its connection's calls in flight: ``msg_uuid`` to
         #: ``time.monotonic()`` deadline (see :meth:`pop_result`); ``None``: not known.
         self.call_deadlines: Optional[Mapping[str, float]] = None
@@ -444,13 +459,17 @@ class RedisBroker:
         other = RedisBroker(_one_connection_client(base, blocking=True), self.call_cap, self.result_cap, self.max_args_size)
         other._owns_client = True
         other._dedicated = True
+        other._cluster_node = self.cluster  # (a call's keys may live on another node)
         return other
 
     def interrupt(self) -> None:
         """Wake a blocking read of this (dedicated) broker from another thread, by shutting its
-        socket down: the read fails with :class:`BrokerError`. A fallback for when
+        socket down: the read fails with :class:`BrokerError`, and so does any later one on
+        the fast path. How a listener that :meth:`follow_calls` is stopped (it may wait with no
+        BRPOP for :meth:`wake_results` to answer); for the others, a fallback for when
         :meth:`wake_results` cannot reach redis."""
         with self._own_lock:
+            self._interrupted = True
             own = self._own
         if own is not None:
             own.interrupt()
@@ -501,6 +520,11 @@ class RedisBroker:
     def store_call(self, payload: CallPayload, timeout: float) -> None:
         """Queue a call for its URI's callees; it expires after ``timeout`` seconds.
         :class:`~juggler.exceptions.PayloadTooLarge` when its args are over ``max_args_size``."""
+        data = self._call_data(payload)
+        self._run_store(call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri), timeout, data, self.call_cap)
+
+    def _call_data(self, payload: CallPayload) -> bytes:
+        """The call's payload as stored; :class:`PayloadTooLarge` past ``max_args_size``."""
         data = payload.to_json().encode("utf-8")  # bytes: the command would encode it anyway
         most = self.max_args_size
         if most and len(data) > most:
@@ -510,7 +534,68 @@ class RedisBroker:
             size = len(data) - len(rest.encode("utf-8")) - 8
             if size > most:
                 raise PayloadTooLarge(f"call args of {size} bytes, over the server's maximum of {most}")
-        self._run_store(call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri), timeout, data, self.call_cap)
+        return data
+
+    def follow_calls(self, deadlines: Mapping[str, float]) -> bool:
+        """Make this results listener (a :meth:`dedicated` broker) its connection's way to
+        store calls too, where it can (the fast path: not fakeredis, not a cluster); whether
+        it can.
+
+        ``deadlines`` is the connection's count of its calls in flight (``msg_uuid`` to
+        ``time.monotonic()`` deadline; see :attr:`call_deadlines`), kept by the caller, who
+        takes a call out once :meth:`pop_result` has handed its result over. From
+        then on :meth:`pop_result` keeps a BRPOP waiting only while a call there may still
+        bring a result (until :data:`AWAIT_GRACE` after its deadline), and otherwise waits
+        for what :meth:`store_call_ahead` sends; a result for a call it was not told of waits
+        in the list until the next call's BRPOP takes it.
+        """
+        if not self._dedicated or self._fast is None or self._cluster_node:
+            return False
+        self.call_deadlines = deadlines
+        self._ahead = True
+        return True
+
+    def store_call_ahead(self, payload: CallPayload, timeout: float, done: Callable[[Optional[BrokerError]], None]) -> bool:
+        """Store a call on this listener's connection, with the BRPOP for its result in the
+        same write, without waiting for redis: the listener's thread reads redis' answer
+        inside :meth:`pop_result` and calls ``done(None)`` once the call is stored, or
+        ``done(error)`` (a :class:`BrokerError`) if it was not; the call's result can only
+        come after that, on the same connection. One write, and no wait on the calling thread.
+
+        ``False`` (nothing sent) when it cannot: not :meth:`follow_calls`, the connection is
+        not made yet or broken, or a BRPOP already waits on it (redis would run the call's
+        script only once that BRPOP returned): store it with :meth:`store_call` instead.
+        :class:`PayloadTooLarge` as :meth:`store_call`.
+        """
+        if not self._ahead:
+            return False
+        data = self._call_data(payload)
+        # (EVAL, not EVALSHA: a NOSCRIPT could not be answered with the BRPOP behind it)
+        store = ("EVAL", _STORE.source, 2, call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri),
+                 _ms(timeout), data, self.call_cap)  # fmt: skip
+        with self._own_lock:
+            own = self._own
+            if self._brpop_sent or own is None or own.broken:
+                return False
+            try:
+                own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
+            except _REDIS_FAILURES:
+                return False  # (broken now: the listener's read fails too, and says so)
+            self._expect.extend((done, _BRPOP))
+            self._brpop_sent = True
+        return True
+
+    def _awaiting(self, other_than: str) -> bool:
+        """Whether a result may still come: always, unless :meth:`follow_calls`; then whether
+        a call of :attr:`call_deadlines` (other than ``other_than``) may still bring one."""
+        deadlines = self.call_deadlines
+        if not self._ahead or deadlines is None:
+            return True
+        after = time.monotonic() - AWAIT_GRACE
+        for msg_uuid, deadline in list(deadlines.items()):  # (a copy: the reader adds meanwhile)
+            if deadline > after and msg_uuid != other_than:
+                return True
+        return False
 
     def store_result(self, payload: ResultPayload, timeout: float) -> None:
         """Queue a result for its connection; it expires after ``timeout`` seconds."""
@@ -527,7 +612,7 @@ class RedisBroker:
         pool."""
         if self._dedicated:
             # (replies a results listener left in flight would answer this command: start over)
-            return use(self._own_connection(fresh=self._brpop_sent or self._skip_reply))
+            return use(self._own_connection(fresh=bool(self._expect)))
         assert self._fast is not None
         conn = self._fast.get()
         try:
@@ -544,11 +629,15 @@ class RedisBroker:
             return own
         if own is not None:
             own.close()
-        self._brpop_sent = self._skip_reply = False
         own = resp.connect(self.client)
         assert own is not None
         with self._own_lock:
+            if self._interrupted:  # (interrupted while it connected: nothing to wake it later)
+                own.close()
+                raise redis.exceptions.ConnectionError("the listener was interrupted")
             self._own = own
+            self._expect.clear()
+            self._brpop_sent = False
         return own
 
     def _command(self, *args: Any) -> Any:
@@ -637,38 +726,73 @@ class RedisBroker:
         :data:`RESULT_SURE_MARGIN` seconds left, its timeout key cannot have expired (the
         callee stores the result to expire with the call, which was stored after its deadline
         was noted), so the result is returned at once and the script's reply is dropped on
-        the next turn: the listener waits for redis once per result, for the BRPOP."""
+        the next turn: the listener waits for redis once per result, for the BRPOP.
+
+        After :meth:`follow_calls`, the replies to the calls stored ahead come here too, in
+        their order, and go to their callbacks."""
         key = results_key(conn_uuid)
         own: Optional[resp.RespConnection] = None
         try:
             own = self._own_connection()
-            if self._skip_reply:
-                self._skip_reply = False
-                _check_skipped(own.skip_ready(), conn_uuid)
-            if not self._brpop_sent:
-                own.send([("BRPOP", key, 0)])
-                self._brpop_sent = True
-            item = own.read()
-            self._brpop_sent = False
-            payload = _result_payload(None if item is None else item[1])
-            if payload is None:
-                return None
-            timeout_key = result_timeout_key(conn_uuid, payload.msg_uuid)
-            own.send([("EVAL", _CONSUME.source, 1, timeout_key), ("BRPOP", key, 0)])
-            self._brpop_sent = True
-            deadlines = self.call_deadlines
-            deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left > RESULT_SURE_MARGIN:
-                    self._skip_reply = True
-                    return Popped(payload, left)
-            ttl_ms = int(own.read())
+            while True:
+                with self._own_lock:
+                    if not self._brpop_sent and self._awaiting(""):
+                        own.send([("BRPOP", key, 0)])
+                        self._expect.append(_BRPOP)
+                        self._brpop_sent = True
+                reply = own.read_reply()
+                with self._own_lock:
+                    if not self._expect:
+                        raise redis.exceptions.ConnectionError(f"a reply nobody asked for: {reply!r:.100}")
+                    kind = self._expect.popleft()
+                if kind is _SKIP:
+                    _check_skipped(reply, conn_uuid)
+                elif kind is not _BRPOP:  # a call stored ahead
+                    kind(_broker_error(reply) if isinstance(reply, Exception) else None)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    # (_brpop_sent stays set until the next one is decided: nothing may be sent
+                    # on the connection meanwhile, so the script's reply comes first)
+                    payload = _result_payload(None if reply is None else reply[1])
+                    if payload is not None:
+                        return self._consume_ahead(own, key, payload)
+                    with self._own_lock:
+                        self._brpop_sent = False
+                    return None
         except _REDIS_FAILURES as exc:
             if own is not None:
                 own.close()  # what it still has in flight must not answer a later command
-            self._brpop_sent = self._skip_reply = False
+            with self._own_lock:
+                self._expect.clear()
+                self._brpop_sent = False
             raise _broker_error(exc) from exc
+
+    def _consume_ahead(self, own: resp.RespConnection, key: str, payload: ResultPayload) -> Popped:
+        """Take the timeout key of a result just popped, with the next BRPOP in the same
+        write while a result may still come; the result, handed over before redis answers
+        when its call is sure to have time left (see :meth:`_pop_result_ahead`)."""
+        deadlines = self.call_deadlines
+        deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
+        left = deadline - time.monotonic() if deadline is not None else 0.0
+        sure = left > RESULT_SURE_MARGIN
+        consume = ("EVAL", _CONSUME.source, 1, result_timeout_key(payload.conn_uuid, payload.msg_uuid))
+        with self._own_lock:
+            if self._awaiting(payload.msg_uuid):
+                own.send([consume, ("BRPOP", key, 0)])
+                self._expect.extend((_SKIP if sure else _CONSUME, _BRPOP))
+            else:
+                own.send([consume])
+                self._expect.append(_SKIP if sure else _CONSUME)
+                self._brpop_sent = False
+        if sure:
+            return Popped(payload, left)
+        reply = own.read_reply()
+        with self._own_lock:
+            self._expect.popleft()  # (_CONSUME: the first reply awaited after a BRPOP's)
+        if isinstance(reply, Exception):
+            raise reply
+        ttl_ms = int(reply)
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
 
     def wake_results(self, conn_uuid: str) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .broker import Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
-from .message import CLIENT_TYPES, Evnt, Message, MessageType, Res, decode, new_uuid
+from .message import CLIENT_TYPES, CallPayload, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
@@ -268,7 +268,8 @@ class Conn(FrameLoop):
         self._queue = WriteQueue(self.settings.write_queue_size)
         self._close_lock = threading.Lock()
         # Held from storing a CALL until its ACK is queued, and while queueing a RES: so a
-        # CALL's ACK is always written before its RES, however fast the callee.
+        # CALL's ACK is always written before its RES, however fast the callee. (A call stored
+        # through the results listener needs none: that thread sends both, in redis' order.)
         self.ack_lock = threading.Lock()
         self._closing_since: Optional[float] = None
         self._peer_gone = False
@@ -287,6 +288,7 @@ class Conn(FrameLoop):
         self._results: Optional[Broker] = None
         self._results_thread: Optional[threading.Thread] = None
         self._results_stop = False
+        self._ahead = False  # calls stored through the results listener (store_call_ahead)
 
     def __repr__(self) -> str:
         return f"<Conn {self.id} {self.uuid} {self.remote_addr}>"
@@ -445,11 +447,25 @@ class Conn(FrameLoop):
             self._results = results = self.broker.dedicated(results_key(self.uuid))
             if isinstance(results, RedisBroker):  # it may hand a result over sooner
                 results.call_deadlines = self._calls
+                # and, knowing which calls are in flight, store them (store_call_ahead)
+                self._ahead = bool(self.settings.max_calls_in_flight) and results.follow_calls(self._calls)
             t = threading.Thread(
                 target=self._results_loop, name=f"juggler-conn-{self.id}-results", daemon=CONN_THREAD_DAEMON
             )
             t.start()
             self._results_thread = t
+
+    def store_call_ahead(self, payload: CallPayload, timeout: float, done: Callable[[Optional[BrokerError]], None]) -> bool:
+        """Store a call through the results listener's own redis connection, where it can:
+        the reader does not wait for redis, and the listener calls ``done(None)`` (the call is
+        stored: ACK it) or ``done(error)`` on its thread, before the call's result can come.
+        ``False`` when it cannot (:meth:`RedisBroker.store_call_ahead`): store it with the
+        broker and ACK it the usual way. On the reader thread, after
+        :meth:`listen_for_results`."""
+        results = self._results
+        if not self._ahead or results is None or self._results_stop:
+            return False
+        return results.store_call_ahead(payload, timeout, done)  # type: ignore[attr-defined]
 
     def call_started(self, msg_uuid: str, timeout: float) -> bool:
         """Count a call in flight until its result comes or ``timeout`` seconds pass; ``False``
@@ -584,10 +600,13 @@ class Conn(FrameLoop):
         if thread is None or results is None:
             return
         self._results_stop = True
-        try:
-            self.broker.wake_results(self.uuid)
-        except BrokerError:
+        if self._ahead:  # it may wait with no BRPOP, for what the reader sends: a marker cannot wake it
             results.interrupt()
+        else:
+            try:
+                self.broker.wake_results(self.uuid)
+            except BrokerError:
+                results.interrupt()
         thread.join(self.settings.close_timeout)
         if thread.is_alive():
             results.interrupt()

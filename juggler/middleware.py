@@ -21,6 +21,7 @@ A *middleware* is a function that takes the next handler and returns a handler;
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from typing import TYPE_CHECKING, Callable, Optional
@@ -145,14 +146,14 @@ def process_msg(conn: "Conn", msg: Message) -> None:
             return
         conn.listen_for_results()
         payload = CallPayload(conn.uuid, msg.uuid, msg.uri, msg.args)
-        with conn.ack_lock:
-            try:
+        try:
+            if conn.store_call_ahead(payload, timeout, functools.partial(_call_stored, conn, msg)):
+                return  # its ACK (or NACK) comes from the results listener, once redis answered
+            with conn.ack_lock:
                 conn.broker.store_call(payload, timeout)
-            except BrokerError as exc:
-                conn.call_ended(msg.uuid)
-                _nack_broker(conn, msg, exc)
-                return
-            conn.send(Ack.to(msg))
+                conn.send(Ack.to(msg))
+        except BrokerError as exc:
+            _call_stored(conn, msg, exc)
         return
     if not msg.channel:
         conn.send(Nack.to(msg, 400, f"{msg.type.name} has no channel"))
@@ -182,6 +183,15 @@ def process_msg(conn: "Conn", msg: Message) -> None:
         _nack_broker(conn, msg, exc)
         return
     conn.send(Ack.to(msg))
+
+
+def _call_stored(conn: "Conn", msg: Call, error: Optional[BrokerError]) -> None:
+    """A CALL was stored (ACK), or not (NACK, and it is no longer in flight)."""
+    if error is None:
+        conn.send(Ack.to(msg))
+        return
+    conn.call_ended(msg.uuid)
+    _nack_broker(conn, msg, error)
 
 
 def _nack_broker(conn: "Conn", msg: Request, exc: BrokerError) -> None:

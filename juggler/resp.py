@@ -96,7 +96,7 @@ class RespConnection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock = sock
         self._reader = hiredis.Reader()
-        self._ready_buf: Optional[ctypes.Array[ctypes.c_char]] = None  # (skip_ready)
+        self._ready_buf: Optional[ctypes.Array[ctypes.c_char]] = None  # (read_reply)
         self.broken = False
 
     def _fail(self, exc: BaseException) -> redis.exceptions.RedisError:
@@ -142,9 +142,9 @@ class RespConnection:
         """The next reply; an error reply raises ``ResponseError``."""
         return self._read()
 
-    def skip_ready(self) -> Any:
-        """The next reply, which should have come by now, an error reply returned rather than
-        raised: what is already there is read without letting go of the GIL (see
+    def read_reply(self) -> Any:
+        """The next reply, an error reply returned (a ``ResponseError``) rather than raised:
+        what is already there is read without letting go of the GIL (see
         :mod:`juggler.gilsend`), and only a reply still on its way is waited for."""
         if not self._reader.has_data() and gilsend.AVAILABLE and type(self._sock) is socket.socket:
             if self._ready_buf is None:

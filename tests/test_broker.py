@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 import redis
 
-from juggler import BrokerError, CapacityExceeded, RedisBroker
+from juggler import BrokerError, CapacityExceeded, PayloadTooLarge, RedisBroker
 from juggler.broker import RedisPubSub, call_timeout_key, calls_key, result_timeout_key, results_key
 from juggler.message import CallPayload, EventPayload, ResultPayload, new_uuid
 
@@ -448,3 +448,102 @@ def test_connections_made_at_once_on_a_fresh_fakeredis_share_its_database():
                 c.disconnect()
     finally:
         sys.setswitchinterval(before)
+
+
+def _until(predicate, what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + T(timeout)
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_listener_that_follows_its_calls_stores_them_and_brings_their_results(real):
+    # A connection's calls go to redis through its results listener's connection, with the
+    # BRPOP for their result in the same write; the listener reads redis' answer (stored, or
+    # why not) before the result, and keeps no BRPOP waiting once no call is in flight.
+    import queue
+
+    broker = RedisBroker(real, call_cap=1)
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    assert listener.follow_calls(deadlines)
+    got: queue.Queue = queue.Queue()
+
+    def listen():
+        while True:
+            try:
+                popped = listener.pop_result(conn, None)
+                if popped is not None:  # as a connection does: its call is no longer in flight
+                    deadlines.pop(popped.payload.msg_uuid, None)
+                got.put(popped)
+            except BrokerError as exc:
+                got.put(exc)
+                return
+
+    def call(uri, in_flight=True):
+        c = CallPayload(conn, new_uuid(), uri, uri)
+        if in_flight:
+            deadlines[c.msg_uuid] = time.monotonic() + 5
+        return c
+
+    def my_cmd():
+        port = listener._own._sock.getsockname()[1]
+        return [c["cmd"] for c in real.client_list() if c["addr"].endswith(f":{port}")][0]
+
+    first = call("test.echo", in_flight=False)
+    assert not listener.store_call_ahead(first, 5, print)  # no connection yet: nothing sent
+    t = threading.Thread(target=listen, name="juggler-test-listener")
+    t.start()
+    try:
+        # with no call in flight, it waits for what is sent, with no BRPOP
+        _until(lambda: listener._own is not None, "the listener's connection")
+        assert my_cmd() != "brpop"
+        deadlines[first.msg_uuid] = time.monotonic() + 5
+        stored: list = []
+        assert listener.store_call_ahead(first, 5, stored.append)
+        _until(lambda: stored, "the answer to the store")
+        assert stored == [None] and real.exists(call_timeout_key("test.echo", first.msg_uuid))
+        assert not listener.store_call_ahead(call("test.echo", in_flight=False), 5, print)  # a BRPOP waits
+        popped = broker.pop_call(["test.echo"], 1)
+        assert popped.payload == first
+        broker.store_result(ResultPayload(conn, first.msg_uuid, "test.echo", "one"), 5)
+        result = got.get(timeout=T(5))
+        assert result.payload.msg_uuid == first.msg_uuid and 4 < result.remaining <= 5
+        _until(lambda: my_cmd() == "eval", "the timeout key taken, and no BRPOP after it")
+        assert not real.exists(result_timeout_key(conn, first.msg_uuid))
+
+        # a refusal comes back the same way, and nothing was stored
+        broker.store_call(CallPayload(new_uuid(), new_uuid(), "nobody.home", 0), 5)  # the list is full
+        refused: list = []
+        assert listener.store_call_ahead(call("nobody.home"), 5, refused.append)
+        _until(lambda: refused, "the refusal")
+        assert isinstance(refused[0], CapacityExceeded) and real.llen(calls_key("nobody.home")) == 1
+        small = RedisBroker(real, max_args_size=4).dedicated(results_key(conn))
+        try:
+            assert small.follow_calls({})
+            with pytest.raises(PayloadTooLarge, match="call args of"):  # checked before anything is sent
+                small.store_call_ahead(CallPayload(conn, new_uuid(), "x", "over four bytes"), 5, print)
+        finally:
+            small.close()
+        assert got.empty()
+    finally:
+        listener.interrupt()  # wakes it, BRPOP or not
+        t.join(T(5))
+        listener.close()
+        broker.close()
+    assert not t.is_alive() and isinstance(got.get_nowait(), BrokerError)
+
+
+def test_follow_calls_applies_to_a_listener_on_the_fast_path_only(real):
+    broker = RedisBroker(real)
+    fake = RedisBroker(fakeredis.FakeRedis())
+    try:
+        assert not broker.follow_calls({})  # not a listener
+        listener = fake.dedicated("k")
+        assert not listener.follow_calls({})  # fakeredis keeps redis-py's path
+        assert not listener.store_call_ahead(CallPayload("c", "m", "u", 1), 5, print)
+        listener.close()
+    finally:
+        broker.close()
+        fake.close()

@@ -48,7 +48,7 @@ def test_commands_and_replies(real):
         conn.close()
 
 
-def test_skip_ready_returns_the_next_reply_whether_it_is_there_or_still_coming(real):
+def test_read_reply_returns_the_next_reply_whether_it_is_there_or_still_coming(real):
     conn = resp.connect(real)
     assert conn is not None
 
@@ -58,14 +58,14 @@ def test_skip_ready_returns_the_next_reply_whether_it_is_there_or_still_coming(r
     try:
         conn.send([("SET", "k", "v")])
         arrived()
-        assert conn.skip_ready() == b"OK"  # read without waiting
+        assert conn.read_reply() == b"OK"  # read without waiting
         conn.send([("RPUSH", "l", "x"), ("GET", "l")])
         arrived()
-        assert conn.skip_ready() == 1
-        assert isinstance(conn.skip_ready(), redis.exceptions.ResponseError)  # returned, not raised
+        assert conn.read_reply() == 1
+        assert isinstance(conn.read_reply(), redis.exceptions.ResponseError)  # returned, not raised
         conn.send([("BLPOP", "later", 5)])
         threading.Timer(0.05, lambda: real.rpush("later", "y")).start()
-        assert conn.skip_ready() == [b"later", b"y"]  # not there yet: waited for
+        assert conn.read_reply() == [b"later", b"y"]  # not there yet: waited for
         assert conn.command("PING") == b"PONG"  # and nothing is left over
     finally:
         conn.close()

@@ -793,23 +793,49 @@ def test_allowed_all(stack, conns, value):
 
 
 def test_every_call_ack_precedes_its_res_under_load(stack):
-    """200 CALLs in one burst: each gets exactly one ACK, then exactly one RES."""
+    """200 CALLs in one burst, twice: each gets exactly one ACK, then exactly one RES. (In the
+    second burst, on real redis, the first CALL is stored through the idle results listener
+    and the others the usual way, while its BRPOP waits.)"""
     import uuid as uuidlib
 
     ws = websocket.create_connection(stack.server.url, subprotocols=["juggler.0"], timeout=T(10))
     try:
-        ids = [str(uuidlib.uuid4()) for _ in range(200)]
-        for i in ids:
-            ws.send(json.dumps({"meta": {"type": 1, "uuid": i}, "payload": {"uri": "test.echo", "timeout": 10**10, "args": i}}))
-        seen: dict[str, list[int]] = {i: [] for i in ids}
-        for _ in range(400):
-            msg = json.loads(ws.recv())
-            seen[msg["payload"]["for"]].append(msg["meta"]["type"])
-            if msg["meta"]["type"] == 9:
-                assert msg["payload"]["args"] == msg["payload"]["for"]
-        assert all(types == [8, 9] for types in seen.values()), {k: v for k, v in seen.items() if v != [8, 9]}
+        for _ in range(2):
+            ids = [str(uuidlib.uuid4()) for _ in range(200)]
+            for i in ids:
+                ws.send(json.dumps({"meta": {"type": 1, "uuid": i}, "payload": {"uri": "test.echo", "timeout": 10**10, "args": i}}))
+            seen: dict[str, list[int]] = {i: [] for i in ids}
+            for _ in range(400):
+                msg = json.loads(ws.recv())
+                seen[msg["payload"]["for"]].append(msg["meta"]["type"])
+                if msg["meta"]["type"] == 9:
+                    assert msg["payload"]["args"] == msg["payload"]["for"]
+            assert all(types == [8, 9] for types in seen.values()), {k: v for k, v in seen.items() if v != [8, 9]}
     finally:
         ws.close()
+
+
+def test_a_call_stored_through_the_results_listener_is_acked_or_nacked_as_any_other(make_stack, conns):
+    # On real redis, once a connection's results listener has no call in flight, the next
+    # CALL is stored through the listener's own redis connection, the reader not waiting for
+    # redis: the listener ACKs it, or NACKs it when redis refuses it, as the reader would.
+    s = make_stack(call_cap=1)
+    stored_by_reader = []
+    store_call = s.broker.store_call
+    s.broker.store_call = lambda payload, timeout: (stored_by_reader.append(payload.msg_uuid), store_call(payload, timeout))
+    filler, ws = conns.ws(s), conns.ws(s)
+    assert_echo_works(ws)  # its listener runs, and now waits for its next call
+    full, refused = new_id(), new_id()
+    filler.send(call_text(full, "nobody.home", 1))
+    expect(filler, ACK, {"for": full, "for_type": CALL, "uri": "nobody.home"})
+    ws.send(call_text(refused, "nobody.home", 2))
+    nack = {"for": refused, "for_type": 1, "uri": "nobody.home", "code": 500, "message": "list capacity exceeded"}
+    expect(ws, NACK, nack)
+    assert_echo_works(ws)
+    real = "fakeredis" not in type(s.redis).__module__
+    assert (refused in stored_by_reader) is not real
+    (conn,) = [c for c in s.server.connections if c._results is not None and len(c._calls) == 0]
+    assert conn._ahead is real
 
 
 def test_non_finite_number_closes_1007(stack):
