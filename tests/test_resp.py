@@ -64,9 +64,11 @@ def test_read_reply_returns_the_next_reply_whether_it_is_there_or_still_coming(r
         assert conn.read_reply() == 1
         assert isinstance(conn.read_reply(), redis.exceptions.ResponseError)  # returned, not raised
         conn.send([("BLPOP", "later", 5)])
-        threading.Timer(0.05, lambda: real.rpush("later", "y")).start()
+        pusher = threading.Timer(0.05, lambda: real.rpush("later", "y"))
+        pusher.start()
         assert conn.read_reply() == [b"later", b"y"]  # not there yet: waited for
         assert conn.command("PING") == b"PONG"  # and nothing is left over
+        pusher.join(T(5))  # (its RPUSH has its reply before the test's client closes)
     finally:
         conn.close()
 
