@@ -200,6 +200,7 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 
     stop = StopSignal().install()
     _set_switch_interval(cfg)
+    _pin_cpu(cfg)
     _check_capacity(cfg)
     embedded = None
     if not cfg["redis"]:
@@ -234,6 +235,16 @@ def _set_switch_interval(cfg: dict[str, Any]) -> None:
     default makes that herd of wake-ups take the CPU: a longer interval keeps it small."""
     sys.setswitchinterval(cfg["switch_interval"])
     log.debug("GIL switch interval: %s s", cfg["switch_interval"])
+
+
+def _pin_cpu(cfg: dict[str, Any]) -> None:
+    """Keep the server on one CPU (see :mod:`juggler.affinity`), before it starts threads."""
+    from .affinity import pin
+
+    try:
+        pin(cfg["cpu"])
+    except ValueError as exc:
+        raise _Fail(f"--cpu: {exc}") from None
 
 
 def _check_capacity(cfg: dict[str, Any]) -> None:

@@ -96,6 +96,12 @@ def _float(minimum: float) -> Callable[[Any], float]:
     return parse
 
 
+def _cpu(value: Any) -> Any:
+    from .affinity import parse_cpu
+
+    return parse_cpu(value)
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -211,6 +217,8 @@ SETTINGS: dict[str, Setting] = {
         _s("max_connections", _int(0), None, "most open websockets (over it: HTTP 503; 0: no limit; none: "
            "what this process can hold, from its open-file and the machine's thread limits)", metavar="N"),
         _s("reuse_port", _bool, False, "set SO_REUSEPORT, so that several server processes share the port"),
+        _s("cpu", _cpu, "auto", "keep the server's threads on one CPU: auto (one no other juggler process "
+           "has claimed; none left: run anywhere), none, or a CPU number", metavar="CPU"),
         _s("switch_interval", _positive_duration, 1.0, "the process' GIL switch interval "
            "(sys.setswitchinterval): how long a thread waiting for the GIL sleeps before it asks for it",
            metavar="DURATION"),
@@ -268,7 +276,7 @@ COMMANDS: dict[str, list[str]] = {
     "demo": ["host", "port", "path", "workers", "grace", "switch_interval", "log_level"],
     "server": [
         "redis", "pubsub_redis", "host", "port", "path", "allow_empty_subprotocol", "allowed_origins",
-        "certfile", "keyfile", "reuse_port", "switch_interval", "max_connections", "read_limit", "write_limit", "write_queue_size",
+        "certfile", "keyfile", "reuse_port", "cpu", "switch_interval", "max_connections", "read_limit", "write_limit", "write_queue_size",
         "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
         "max_call_timeout", "max_subscriptions", "max_calls_in_flight", "max_args_size", "slow_threshold",
         "call_cap", "result_cap", "http_endpoints", "serve_client", "metrics_listen", "log_messages", "log_level",
