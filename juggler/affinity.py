@@ -5,18 +5,19 @@ always waiting for it. When they may run on any CPU, each hand-over of the GIL i
 sent to another CPU (an inter-processor interrupt, which costs a virtual machine an exit to
 its hypervisor), and the thread that lets the GIL go and the one that takes it run on
 different caches. Confined to one CPU, the same threads hand the GIL over where it is, and the
-kernel's own work for them (their sockets, their futexes) stays there too; a process that can
-only ever run Python on one CPU at a time loses nothing by it. Measured with
-``benchmarks/calls.py`` on a 2-CPU machine that also ran redis, the callee and the load tool
-(left free to run anywhere): 100 connections went from 4,900 to 6,000 calls/s and p99 from
-58 to 40 ms; 10 connections from 4,300 to 5,400 calls/s, server CPU per call 0.18 to 0.12 ms;
-1 connection from 2,400 to 2,700 calls/s.
+kernel's own work for them (their sockets, their futexes) stays there too. A process that
+runs Python on one CPU at a time gives up little by it: only the work some C code does without
+the GIL (TLS, for one) could have run beside it. Measured with ``benchmarks/calls.py`` on a
+2-CPU machine that also ran redis, the callee and the load tool (left free to run anywhere),
+see docs/deployment.rst: at 100 connections 1.67 times the calls/s, p99 0.54 times, server
+CPU per call 0.67 times; at 10, 1.33 times the calls/s; at 1, 1.09 times.
 
-``auto`` picks a CPU that no other juggler process on the machine has claimed: a claim is the
-abstract unix socket ``juggler-cpu-N``, bound for as long as the process lives, so several
-servers sharing a port (``--reuse-port``) spread over the CPUs, one each; with every CPU
-claimed, or only one to run on, the process is left free. Linux only: elsewhere nothing is
-done.
+``auto`` picks a CPU that no other juggler process has claimed: a claim is the abstract unix
+socket ``juggler-cpu-N``, bound for as long as the process lives, so several servers sharing a
+port (``--reuse-port``) spread over the CPUs, one each. Such names are seen within one network
+namespace: processes in different containers do not see each other's claims. With every CPU
+claimed, or only one to run on, the process is left free. A CPU named with ``--cpu N`` is
+claimed too, if it is free. Linux only: elsewhere nothing is done.
 """
 
 from __future__ import annotations
@@ -69,13 +70,18 @@ def pin(choice: CpuChoice = "auto") -> Optional[int]:
     running are moved too."""
     global _pinned
     choice = "none" if choice is None else parse_cpu(choice)
-    if choice == "none" or not hasattr(os, "sched_setaffinity"):
+    if choice == "none":
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        if choice != "auto":
+            log.warning("CPU: --cpu %s has no effect on this system", choice)
         return None
     allowed = sorted(os.sched_getaffinity(0))
     if isinstance(choice, int):
         if choice not in allowed:
             raise ValueError(f"CPU {choice} is not one this process may run on ({_ranges(allowed)})")
         cpu: Optional[int] = choice
+        _claim([choice], at_least=1)  # (so that an auto process picks another one)
     else:
         cpu = _claim(allowed)
         if cpu is None:
@@ -83,20 +89,26 @@ def pin(choice: CpuChoice = "auto") -> Optional[int]:
                      f"every CPU it may run on ({_ranges(allowed)}) is claimed by another juggler process")  # fmt: skip
             return None
     assert cpu is not None
-    for tid in _threads():
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread, and the threads it starts from now on
+    except OSError as exc:
+        log.warning("CPU: cannot keep this process on CPU %d: %s", cpu, exc)
+        return None
+    for tid in _threads():  # the threads started before, if any
         try:
             os.sched_setaffinity(tid, {cpu})
-        except (ProcessLookupError, PermissionError):  # (a thread that just ended)
+        except OSError:  # (one that just ended)
             pass
     _pinned = cpu
     log.info("CPU: every thread kept on CPU %d (--cpu)", cpu)
     return cpu
 
 
-def _claim(allowed: list[int]) -> Optional[int]:
+def _claim(allowed: list[int], at_least: int = 2) -> Optional[int]:
     """The first CPU of ``allowed`` no other process has claimed, claimed now: the one the
-    kernel runs this thread on first, where the scheduler has just found room."""
-    if len(allowed) < 2:
+    kernel runs this thread on first, where the scheduler has just found room. None with
+    fewer than ``at_least`` CPUs to choose from."""
+    if len(allowed) < at_least:
         return None
     here = _current_cpu()
     for cpu in sorted(allowed, key=lambda c: c != here):

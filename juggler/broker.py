@@ -147,8 +147,9 @@ RESULT_SURE_MARGIN = 0.05
 #: its result: redis expires the call a little after that count, which is taken first.
 AWAIT_GRACE = 1.0
 
-# what a listener's own connection waits for (RedisBroker._expect)
-_BRPOP, _SKIP, _CONSUME = "BRPOP", "skip", "consume"
+# what a listener's own connection waits for (RedisBroker._expect), beside a callback for a
+# call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read
+_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL = "brpop", "skip", "ttl"
 
 #: Pushed onto a connection's results list to wake its listener (:meth:`RedisBroker.wake_results`);
 #: never a result payload, which is a JSON object.
@@ -364,15 +365,23 @@ class RedisBroker:
         if _is_fakeredis(client):
             _make_fake_db(client)
         self._dedicated = False
-        # A listener's own connection: the replies it waits for, in order (_BRPOP, _SKIP,
-        # _CONSUME, or the callback of a call stored ahead), and whether a BRPOP is among them.
+        # A listener's own connection: the replies it waits for, in order (_AWAIT_*, or the
+        # callback of a call stored ahead), and whether a BRPOP is among them.
         # Both change under _own_lock, which also orders the writes of the two threads that
         # may send on it (see store_call_ahead).
         self._expect: deque[Any] = deque()
         self._brpop_sent = False
         self._ahead = False  # follow_calls(): calls may be stored on the listener's connection
         self._interrupted = False  # interrupt(): no more blocking reads
+        self._reconnected = -math.inf  # when a listener last replaced its idle connection
+        self._stores_sent: deque[float] = deque()  # when each unanswered store ahead was sent
+        #: How long redis may take to answer a call stored ahead before its connection counts
+        #: as failed: the socket timeout of the client a listener was made from (30 s with
+        #: :meth:`from_url`); ``None``: no limit. The listener's own read cannot have one (it
+        #: may wait in a BRPOP for ever): its owner watches :meth:`unanswered_since`.
+        self.reply_timeout: Optional[float] = None
         self._cluster_node = False  # a dedicated broker on one node of a cluster
+        self._tls = False  # its connections are TLS (one SSL object: one thread at a time)
         #: A results listener's view of its connection's calls in flight: ``msg_uuid`` to
         #: ``time.monotonic()`` deadline (see :meth:`pop_result`); ``None``: not known.
         self.call_deadlines: Optional[Mapping[str, float]] = None
@@ -460,6 +469,10 @@ class RedisBroker:
         other._owns_client = True
         other._dedicated = True
         other._cluster_node = self.cluster  # (a call's keys may live on another node)
+        pool = getattr(base, "connection_pool", None)
+        if pool is not None:
+            other.reply_timeout = pool.connection_kwargs.get("socket_timeout")
+            other._tls = issubclass(pool.connection_class, redis.connection.SSLConnection)
         return other
 
     def interrupt(self) -> None:
@@ -538,8 +551,8 @@ class RedisBroker:
 
     def follow_calls(self, deadlines: Mapping[str, float]) -> bool:
         """Make this results listener (a :meth:`dedicated` broker) its connection's way to
-        store calls too, where it can (the fast path: not fakeredis, not a cluster); whether
-        it can.
+        store calls too, where it can (the fast path: not fakeredis, not a cluster, not TLS,
+        whose connection one thread at a time may use); whether it can.
 
         ``deadlines`` is the connection's count of its calls in flight (``msg_uuid`` to
         ``time.monotonic()`` deadline; see :attr:`call_deadlines`), kept by the caller, who
@@ -549,7 +562,7 @@ class RedisBroker:
         for what :meth:`store_call_ahead` sends; a result for a call it was not told of waits
         in the list until the next call's BRPOP takes it.
         """
-        if not self._dedicated or self._fast is None or self._cluster_node:
+        if not self._dedicated or self._fast is None or self._cluster_node or self._tls:
             return False
         self.call_deadlines = deadlines
         self._ahead = True
@@ -566,6 +579,10 @@ class RedisBroker:
         not made yet or broken, or a BRPOP already waits on it (redis would run the call's
         script only once that BRPOP returned): store it with :meth:`store_call` instead.
         :class:`PayloadTooLarge` as :meth:`store_call`.
+
+        If the connection fails first (or its owner, seeing :meth:`unanswered_since` older
+        than :attr:`reply_timeout`, calls :meth:`interrupt`), ``done`` gets the error and
+        :meth:`pop_result` raises it.
         """
         if not self._ahead:
             return False
@@ -581,9 +598,17 @@ class RedisBroker:
                 own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
             except _REDIS_FAILURES:
                 return False  # (broken now: the listener's read fails too, and says so)
-            self._expect.extend((done, _BRPOP))
+            self._expect.extend((done, _AWAIT_BRPOP))
+            self._stores_sent.append(time.monotonic())
             self._brpop_sent = True
         return True
+
+    def unanswered_since(self) -> Optional[float]:
+        """When (``time.monotonic()``) the oldest call stored ahead that redis has not
+        answered yet was sent; ``None``: none waits. For a watchdog: the listener itself waits
+        for redis with no timeout (see :attr:`reply_timeout`)."""
+        with self._own_lock:
+            return self._stores_sent[0] if self._stores_sent else None
 
     def _awaiting(self, other_than: str) -> bool:
         """Whether a result may still come: always, unless :meth:`follow_calls`; then whether
@@ -637,6 +662,7 @@ class RedisBroker:
                 raise redis.exceptions.ConnectionError("the listener was interrupted")
             self._own = own
             self._expect.clear()
+            self._stores_sent.clear()
             self._brpop_sent = False
         return own
 
@@ -738,16 +764,27 @@ class RedisBroker:
                 with self._own_lock:
                     if not self._brpop_sent and self._awaiting(""):
                         own.send([("BRPOP", key, 0)])
-                        self._expect.append(_BRPOP)
+                        self._expect.append(_AWAIT_BRPOP)
                         self._brpop_sent = True
-                reply = own.read_reply()
+                    idle = not self._expect
+                try:
+                    reply = own.read_reply()
+                except redis.exceptions.ConnectionError:
+                    if not idle or not self._may_reconnect():
+                        raise
+                    # redis closed it while nothing was asked (its idle-client timeout, a
+                    # proxy's): nothing is lost, take a new one
+                    own = self._own_connection(fresh=True)
+                    continue
                 with self._own_lock:
                     if not self._expect:
                         raise redis.exceptions.ConnectionError(f"a reply nobody asked for: {reply!r:.100}")
                     kind = self._expect.popleft()
-                if kind is _SKIP:
+                    if callable(kind):
+                        self._stores_sent.popleft()
+                if kind is _AWAIT_SKIP:
                     _check_skipped(reply, conn_uuid)
-                elif kind is not _BRPOP:  # a call stored ahead
+                elif kind is not _AWAIT_BRPOP:  # a call stored ahead
                     kind(_broker_error(reply) if isinstance(reply, Exception) else None)
                 elif isinstance(reply, Exception):
                     raise reply
@@ -763,10 +800,24 @@ class RedisBroker:
         except _REDIS_FAILURES as exc:
             if own is not None:
                 own.close()  # what it still has in flight must not answer a later command
+            error = _broker_error(exc)
             with self._own_lock:
-                self._expect.clear()
+                left, self._expect = self._expect, deque()
+                self._stores_sent.clear()
                 self._brpop_sent = False
-            raise _broker_error(exc) from exc
+            for kind in left:  # the calls whose store is unanswered: each gets its NACK
+                if callable(kind):
+                    kind(error)
+            raise error from exc
+
+    def _may_reconnect(self) -> bool:
+        """Whether a listener whose idle connection redis closed may take a new one: at most
+        once a second, so that a redis that keeps closing it is a failure, not a loop."""
+        now = time.monotonic()
+        if now - self._reconnected < 1.0 or self._interrupted:
+            return False
+        self._reconnected = now
+        return True
 
     def _consume_ahead(self, own: resp.RespConnection, key: str, payload: ResultPayload) -> Popped:
         """Take the timeout key of a result just popped, with the next BRPOP in the same
@@ -780,16 +831,16 @@ class RedisBroker:
         with self._own_lock:
             if self._awaiting(payload.msg_uuid):
                 own.send([consume, ("BRPOP", key, 0)])
-                self._expect.extend((_SKIP if sure else _CONSUME, _BRPOP))
+                self._expect.extend((_AWAIT_SKIP if sure else _AWAIT_TTL, _AWAIT_BRPOP))
             else:
                 own.send([consume])
-                self._expect.append(_SKIP if sure else _CONSUME)
+                self._expect.append(_AWAIT_SKIP if sure else _AWAIT_TTL)
                 self._brpop_sent = False
         if sure:
             return Popped(payload, left)
         reply = own.read_reply()
         with self._own_lock:
-            self._expect.popleft()  # (_CONSUME: the first reply awaited after a BRPOP's)
+            self._expect.popleft()  # (_AWAIT_TTL: the first reply awaited after a BRPOP's)
         if isinstance(reply, Exception):
             raise reply
         ttl_ms = int(reply)

@@ -9,6 +9,7 @@ configuration error, 1 for other failures (and the one-shot client's own codes, 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import json
 import logging
@@ -115,8 +116,10 @@ def _brokers(cfg: dict[str, Any], embedded: Any = None) -> tuple[Any, Any, list[
 
 
 def _print(*lines: str) -> None:
-    for line in lines:
-        print(line, flush=True)
+    # one write: the callee processes of --processes share a stdout, and a line and its
+    # newline written apart could be split by another process' line
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
 
 
 def _stop_callee(callee: Any, grace: float) -> None:
@@ -322,6 +325,9 @@ def cmd_callee(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     if cfg["processes"] > 1:
         return _run_processes(cfg, args.argv)
     stop = StopSignal().install()
+    parent = os.environ.pop(_PARENT_ENV, None)
+    if parent is not None:
+        _stop_with_parent(int(parent))
     rpc, _, brokers = _brokers(cfg)
     metrics = None
     try:
@@ -348,6 +354,23 @@ def cmd_callee(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         for b in brokers:
             b.close()
     return 0
+
+
+_PARENT_ENV = "JUGGLER_CALLEE_PARENT"  # set by --processes for its children: the parent's pid
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """A callee process of ``--processes``: when its parent dies (even by SIGKILL, which it
+    cannot pass on), the kernel sends it SIGTERM, a graceful stop, so that no child outlives
+    it. Linux only."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before that took effect
 
 
 def _run_processes(cfg: dict[str, Any], argv: Sequence[str]) -> int:
@@ -381,7 +404,8 @@ def _run_processes(cfg: dict[str, Any], argv: Sequence[str]) -> int:
             child = [sys.executable, "-m", "juggler", *argv, "--processes", "1"]
             if cfg["metrics_port"]:
                 child += ["--metrics-port", str(cfg["metrics_port"] + i)]
-            pids[subprocess.Popen(child, start_new_session=True).pid] = i
+            env = {**os.environ, _PARENT_ENV: str(os.getpid())}
+            pids[subprocess.Popen(child, start_new_session=True, env=env).pid] = i
             if stopping:  # a signal came while we were starting them
                 forward(stopping[-1])
         _print(f"callee: {n} processes (pids {', '.join(map(str, pids))})")

@@ -289,6 +289,9 @@ class Conn(FrameLoop):
         self._results_thread: Optional[threading.Thread] = None
         self._results_stop = False
         self._ahead = False  # calls stored through the results listener (store_call_ahead)
+        self._store_watch: Optional[TimerHandle] = None  # (_watch_stores)
+        self._read_at = 0.0  # when the message being handled was read (reader thread)
+        self._ack_deferred = False  # and its ACK will come from the results thread
 
     def __repr__(self) -> str:
         return f"<Conn {self.id} {self.uuid} {self.remote_addr}>"
@@ -465,7 +468,38 @@ class Conn(FrameLoop):
         results = self._results
         if not self._ahead or results is None or self._results_stop:
             return False
-        return results.store_call_ahead(payload, timeout, done)  # type: ignore[attr-defined]
+        read_at, observe = self._read_at, self._svc.observe_call_ack
+
+        def stored(error: Optional[BrokerError]) -> None:  # (on the results thread)
+            observe(time.monotonic() - read_at)  # CALL read to ACK or NACK, as for the others
+            done(error)
+
+        if not results.store_call_ahead(payload, timeout, stored):  # type: ignore[attr-defined]
+            return False
+        self._ack_deferred = True
+        if self._store_watch is None:
+            self._watch_stores()
+        return True
+
+    def _watch_stores(self) -> None:
+        """Check, on the server's timer, that redis answers the calls stored ahead within the
+        broker's ``reply_timeout``: the listener waits for that answer with no timeout of its
+        own. Past it, redis counts as failed: the listener is interrupted, those calls get
+        their NACK and the connection is closed with 1011."""
+        self._store_watch = None
+        results = self._results
+        limit = getattr(results, "reply_timeout", None)
+        if results is None or limit is None or self._results_stop:
+            return
+        since = results.unanswered_since()  # type: ignore[attr-defined]
+        if since is None:
+            return  # the next store ahead starts a new watch
+        late = time.monotonic() - since - limit
+        if late >= 0:
+            self.logger.warning("connection %s: redis has not answered a CALL's store in %g s", self.uuid, limit)
+            results.interrupt()
+            return
+        self._store_watch = self._svc.timer.call_later(-late, self._watch_stores)
 
     def call_started(self, msg_uuid: str, timeout: float) -> bool:
         """Count a call in flight until its result comes or ``timeout`` seconds pass; ``False``
@@ -593,6 +627,8 @@ class Conn(FrameLoop):
             finally:
                 if self._close_deadline is not None:
                     self._close_deadline.cancel()
+                if self._store_watch is not None:
+                    self._store_watch.cancel()
                 self._svc.on_closed(self)
 
     def _stop_results(self) -> None:
@@ -632,11 +668,14 @@ class Conn(FrameLoop):
                 self._fail(CLOSE_INVALID_DATA, "invalid message")
                 continue
             svc.incr(_READ_KEY[msg.type])
-            started = time.monotonic()
+            self._read_at = started = time.monotonic()
             self.handle(msg)
             took = time.monotonic() - started
             if msg.type is MessageType.CALL:
-                svc.observe_call_ack(took)
+                if self._ack_deferred:  # observed when its ACK (or NACK) goes
+                    self._ack_deferred = False
+                else:
+                    svc.observe_call_ack(took)
             if took > slow:
                 svc.incr("slow_messages")
                 self.logger.debug("connection %s: %s %s took %.3f s", self.uuid, msg.type.name, msg.uuid, took)

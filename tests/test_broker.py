@@ -512,6 +512,15 @@ def test_a_listener_that_follows_its_calls_stores_them_and_brings_their_results(
         assert result.payload.msg_uuid == first.msg_uuid and 4 < result.remaining <= 5
         _until(lambda: my_cmd() == "eval", "the timeout key taken, and no BRPOP after it")
         assert not real.exists(result_timeout_key(conn, first.msg_uuid))
+        _until(lambda: not listener._expect, "the script's reply read")  # (then it waits for us)
+
+        # redis closes the idle connection (its idle-client timeout): the listener takes a new one
+        real.client_kill_filter(_id=int(next(c["id"] for c in real.client_list() if c["cmd"] == "eval" and
+                                             c["addr"].endswith(f":{listener._own._sock.getsockname()[1]}"))))
+        old = listener._own
+        _until(lambda: listener._own is not old and listener._own is not None and not listener._own.broken,
+               "a new connection")
+        assert got.empty()  # nothing came of it
 
         # a refusal comes back the same way, and nothing was stored
         broker.store_call(CallPayload(new_uuid(), new_uuid(), "nobody.home", 0), 5)  # the list is full
@@ -519,13 +528,15 @@ def test_a_listener_that_follows_its_calls_stores_them_and_brings_their_results(
         assert listener.store_call_ahead(call("nobody.home"), 5, refused.append)
         _until(lambda: refused, "the refusal")
         assert isinstance(refused[0], CapacityExceeded) and real.llen(calls_key("nobody.home")) == 1
-        small = RedisBroker(real, max_args_size=4).dedicated(results_key(conn))
+        parent = RedisBroker(real, max_args_size=4)
+        small = parent.dedicated(results_key(conn))
         try:
             assert small.follow_calls({})
             with pytest.raises(PayloadTooLarge, match="call args of"):  # checked before anything is sent
                 small.store_call_ahead(CallPayload(conn, new_uuid(), "x", "over four bytes"), 5, print)
         finally:
             small.close()
+            parent.close()
         assert got.empty()
     finally:
         listener.interrupt()  # wakes it, BRPOP or not

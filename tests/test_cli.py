@@ -706,6 +706,22 @@ def test_callee_processes_serve_together_and_stop_on_sigterm(procs, redis_server
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+def test_callee_processes_stop_when_their_parent_is_killed(procs, redis_server):
+    """A parent killed with SIGKILL cannot pass a stop on: its callee processes stop anyway
+    (the kernel sends them SIGTERM), so none outlives it."""
+    callee = procs("callee", "--redis", redis_server.url, "--demo", "--workers", "1", env=env(JUGGLER_PROCESSES="2"))
+    pids = [int(x) for x in callee.expect(r"callee: 2 processes \(pids (\d+), (\d+)\)").groups()]
+    for _ in range(2):
+        callee.expect(r"callee: serving test\.echo")
+    callee.p.kill()
+    deadline = time.monotonic() + T(15)
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"callee process {pid} outlived its parent"
+            time.sleep(0.02)
+    callee.close()  # (their stdout closed with them: its reader threads end)
+
+
 @pytest.mark.parametrize("command, flags, expected", [
     ("server", ["--switch-interval", "0.02"], "0.02"),
     ("demo", [], "1.0"),  # the default

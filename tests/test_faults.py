@@ -358,3 +358,40 @@ def test_call_whose_store_fails_is_nacked_and_the_connection_goes_on(redis_clien
             c.call("test.echo", 1, timeout=T(5))
         assert (info.value.code, info.value.message) == (500, "redis unavailable: Connection refused")
         assert c.call("test.echo", 2, timeout=T(5)) == 2
+
+
+def test_a_call_stored_through_the_listener_that_redis_does_not_answer_is_nacked():
+    """A CALL stored through the connection's idle results listener (the reader does not wait
+    for redis) gets its NACK 500 all the same when redis stops answering: after the client's
+    socket timeout the connection counts its redis as failed and closes with 1011."""
+    import redis as redis_py
+
+    rp = start_redis_server()
+    broker = RedisBroker.from_url(rp.url, socket_timeout=0.5)
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("test.echo", echo)
+    server = Server(broker).start()
+    pauser = redis_py.Redis.from_url(rp.url)
+    try:
+        with callee, Client.connect(server.url, connect_timeout=T(5)) as c:
+            assert c.call("test.echo", 1, timeout=T(5)) == 1  # its listener runs, and waits
+            (conn,) = server.connections
+            deadline = time.monotonic() + T(5)
+            while conn._results._expect:  # (a bounded wait for the listener to have read everything)
+                assert time.monotonic() < deadline, "the listener is still busy"
+                time.sleep(0.005)
+            pauser.execute_command("CLIENT", "PAUSE", int(T(5) * 1000), "ALL")  # redis answers nobody
+            started = time.monotonic()
+            future = c.call_async("test.echo", 2, timeout=T(30))
+            with pytest.raises(NackError) as info:
+                future.result(T(10))
+            assert info.value.code == 500 and info.value.message.startswith("redis unavailable")
+            assert c.wait_closed(T(10))
+            assert (c.close_code, c.close_reason) == (1011, "results listener failed: redis unavailable")
+            assert 0.5 <= time.monotonic() - started < T(5)  # at the socket timeout, not at the pause's end
+    finally:
+        pauser.execute_command("CLIENT", "UNPAUSE")
+        pauser.close()
+        server.shutdown()
+        broker.close()
+        stop_redis_server(rp)
