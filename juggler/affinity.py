@@ -93,6 +93,7 @@ def pin(choice: CpuChoice = "auto") -> Optional[int]:
         os.sched_setaffinity(0, {cpu})  # this thread, and the threads it starts from now on
     except OSError as exc:
         log.warning("CPU: cannot keep this process on CPU %d: %s", cpu, exc)
+        _release(cpu)
         return None
     for tid in _threads():  # the threads started before, if any
         try:
@@ -121,6 +122,14 @@ def _claim(allowed: list[int], at_least: int = 2) -> Optional[int]:
         _claims.append(claim)
         return cpu
     return None
+
+
+def _release(cpu: int) -> None:
+    """Give up this process' claim on ``cpu``, if it holds one."""
+    for claim in list(_claims):
+        if claim.getsockname() == f"\0juggler-cpu-{cpu}".encode():
+            _claims.remove(claim)
+            claim.close()
 
 
 def _current_cpu() -> Optional[int]:

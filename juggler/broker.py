@@ -373,6 +373,7 @@ class RedisBroker:
         self._brpop_sent = False
         self._ahead = False  # follow_calls(): calls may be stored on the listener's connection
         self._interrupted = False  # interrupt(): no more blocking reads
+        self._interrupt_why = ""
         self._reconnected = -math.inf  # when a listener last replaced its idle connection
         self._stores_sent: deque[float] = deque()  # when each unanswered store ahead was sent
         #: How long redis may take to answer a call stored ahead before its connection counts
@@ -475,14 +476,15 @@ class RedisBroker:
             other._tls = issubclass(pool.connection_class, redis.connection.SSLConnection)
         return other
 
-    def interrupt(self) -> None:
+    def interrupt(self, why: str = "") -> None:
         """Wake a blocking read of this (dedicated) broker from another thread, by shutting its
-        socket down: the read fails with :class:`BrokerError`, and so does any later one on
-        the fast path. How a listener that :meth:`follow_calls` is stopped (it may wait with no
-        BRPOP for :meth:`wake_results` to answer); for the others, a fallback for when
-        :meth:`wake_results` cannot reach redis."""
+        socket down: the read fails with :class:`BrokerError` (saying ``why``, when given),
+        and so does any later one on the fast path. How a listener that :meth:`follow_calls`
+        is stopped (it may wait with no BRPOP for :meth:`wake_results` to answer); for the
+        others, a fallback for when :meth:`wake_results` cannot reach redis."""
         with self._own_lock:
             self._interrupted = True
+            self._interrupt_why = why
             own = self._own
         if own is not None:
             own.interrupt()
@@ -770,6 +772,8 @@ class RedisBroker:
                 try:
                     reply = own.read_reply()
                 except redis.exceptions.ConnectionError:
+                    with self._own_lock:  # (own is broken now: nothing more is sent on it)
+                        idle = idle and not self._expect  # a call may have been sent meanwhile
                     if not idle or not self._may_reconnect():
                         raise
                     # redis closed it while nothing was asked (its idle-client timeout, a
@@ -801,6 +805,8 @@ class RedisBroker:
             if own is not None:
                 own.close()  # what it still has in flight must not answer a later command
             error = _broker_error(exc)
+            if self._interrupt_why:
+                error = BrokerError(f"redis unavailable: {self._interrupt_why}")
             with self._own_lock:
                 left, self._expect = self._expect, deque()
                 self._stores_sent.clear()

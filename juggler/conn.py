@@ -290,6 +290,7 @@ class Conn(FrameLoop):
         self._results_stop = False
         self._ahead = False  # calls stored through the results listener (store_call_ahead)
         self._store_watch: Optional[TimerHandle] = None  # (_watch_stores)
+        self._watch_lock = threading.Lock()
         self._read_at = 0.0  # when the message being handled was read (reader thread)
         self._ack_deferred = False  # and its ACK will come from the results thread
 
@@ -478,14 +479,21 @@ class Conn(FrameLoop):
             return False
         self._ack_deferred = True
         if self._store_watch is None:
-            self._watch_stores()
+            with self._watch_lock:
+                if self._store_watch is None:
+                    self._watch_stores_locked()
         return True
 
     def _watch_stores(self) -> None:
         """Check, on the server's timer, that redis answers the calls stored ahead within the
         broker's ``reply_timeout``: the listener waits for that answer with no timeout of its
         own. Past it, redis counts as failed: the listener is interrupted, those calls get
-        their NACK and the connection is closed with 1011."""
+        their NACK and the connection is closed with 1011. One chain of checks at a time,
+        while stores are unanswered."""
+        with self._watch_lock:
+            self._watch_stores_locked()
+
+    def _watch_stores_locked(self) -> None:
         self._store_watch = None
         results = self._results
         limit = getattr(results, "reply_timeout", None)
@@ -497,7 +505,7 @@ class Conn(FrameLoop):
         late = time.monotonic() - since - limit
         if late >= 0:
             self.logger.warning("connection %s: redis has not answered a CALL's store in %g s", self.uuid, limit)
-            results.interrupt()
+            results.interrupt(f"no answer in {limit:g} s")  # type: ignore[call-arg]
             return
         self._store_watch = self._svc.timer.call_later(-late, self._watch_stores)
 
@@ -627,8 +635,9 @@ class Conn(FrameLoop):
             finally:
                 if self._close_deadline is not None:
                     self._close_deadline.cancel()
-                if self._store_watch is not None:
-                    self._store_watch.cancel()
+                with self._watch_lock:
+                    if self._store_watch is not None:
+                        self._store_watch.cancel()
                 self._svc.on_closed(self)
 
     def _stop_results(self) -> None:

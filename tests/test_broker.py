@@ -558,3 +558,45 @@ def test_follow_calls_applies_to_a_listener_on_the_fast_path_only(real):
     finally:
         broker.close()
         fake.close()
+
+
+def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(real):
+    # Redis closes a listener's idle connection just as the reader stores a call on it: the
+    # listener must not take a new connection quietly (the call would be lost with no ACK or
+    # NACK) but fail, giving the call its error.
+    broker = RedisBroker(real)
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    assert listener.follow_calls(deadlines)
+    own = listener._own_connection()  # (made here, so that its read can be replaced)
+    call = CallPayload(conn, new_uuid(), "test.echo", 1)
+    stored: list = []
+
+    def dying_read():
+        deadlines[call.msg_uuid] = time.monotonic() + 5  # the reader: call_started, then the store
+        assert listener.store_call_ahead(call, 5, stored.append)
+        own.broken = True
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    own.read_reply = dying_read
+    outcome: list = []
+
+    def listen():
+        try:
+            outcome.append(listener.pop_result(conn, None))
+        except BrokerError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=listen, name="juggler-test-listener")
+    t.start()
+    t.join(T(5))
+    try:
+        assert not t.is_alive(), "the listener went on as if nothing had been sent"
+        assert len(stored) == 1 and isinstance(stored[0], BrokerError)
+        assert len(outcome) == 1 and isinstance(outcome[0], BrokerError)
+    finally:
+        listener.interrupt()
+        t.join(T(5))
+        listener.close()
+        broker.close()
