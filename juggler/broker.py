@@ -365,8 +365,9 @@ class RedisBroker:
         if _is_fakeredis(client):
             _make_fake_db(client)
         self._dedicated = False
-        # A listener's own connection: the replies it waits for, in order (_AWAIT_*, or the
-        # callback of a call stored ahead), and whether a BRPOP is among them.
+        # A listener's own connection: the replies it waits for, in order (_AWAIT_*, or for a
+        # call stored ahead its callback and when it was sent), and whether a BRPOP is among
+        # them.
         # Both change under _own_lock, which also orders the writes of the two threads that
         # may send on it (see store_call_ahead).
         self._expect: deque[Any] = deque()
@@ -375,7 +376,6 @@ class RedisBroker:
         self._interrupted = False  # interrupt(): no more blocking reads
         self._interrupt_why = ""
         self._reconnected = -math.inf  # when a listener last replaced its idle connection
-        self._stores_sent: deque[float] = deque()  # when each unanswered store ahead was sent
         #: How long redis may take to answer a call stored ahead before its connection counts
         #: as failed: the socket timeout of the client a listener was made from (30 s with
         #: :meth:`from_url`); ``None``: no limit. The listener's own read cannot have one (it
@@ -600,8 +600,7 @@ class RedisBroker:
                 own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
             except _REDIS_FAILURES:
                 return False  # (broken now: the listener's read fails too, and says so)
-            self._expect.extend((done, _AWAIT_BRPOP))
-            self._stores_sent.append(time.monotonic())
+            self._expect.extend(((done, time.monotonic()), _AWAIT_BRPOP))
             self._brpop_sent = True
         return True
 
@@ -610,7 +609,7 @@ class RedisBroker:
         answered yet was sent; ``None``: none waits. For a watchdog: the listener itself waits
         for redis with no timeout (see :attr:`reply_timeout`)."""
         with self._own_lock:
-            return self._stores_sent[0] if self._stores_sent else None
+            return next((kind[1] for kind in self._expect if type(kind) is tuple), None)
 
     def _awaiting(self, other_than: str) -> bool:
         """Whether a result may still come: always, unless :meth:`follow_calls`; then whether
@@ -664,7 +663,6 @@ class RedisBroker:
                 raise redis.exceptions.ConnectionError("the listener was interrupted")
             self._own = own
             self._expect.clear()
-            self._stores_sent.clear()
             self._brpop_sent = False
         return own
 
@@ -784,12 +782,10 @@ class RedisBroker:
                     if not self._expect:
                         raise redis.exceptions.ConnectionError(f"a reply nobody asked for: {reply!r:.100}")
                     kind = self._expect.popleft()
-                    if callable(kind):
-                        self._stores_sent.popleft()
                 if kind is _AWAIT_SKIP:
                     _check_skipped(reply, conn_uuid)
-                elif kind is not _AWAIT_BRPOP:  # a call stored ahead
-                    kind(_broker_error(reply) if isinstance(reply, Exception) else None)
+                elif type(kind) is tuple:  # a call stored ahead: (its callback, when it was sent)
+                    kind[0](_broker_error(reply) if isinstance(reply, Exception) else None)
                 elif isinstance(reply, Exception):
                     raise reply
                 else:
@@ -809,11 +805,10 @@ class RedisBroker:
                 error = BrokerError(f"redis unavailable: {self._interrupt_why}")
             with self._own_lock:
                 left, self._expect = self._expect, deque()
-                self._stores_sent.clear()
                 self._brpop_sent = False
             for kind in left:  # the calls whose store is unanswered: each gets its NACK
-                if callable(kind):
-                    kind(error)
+                if type(kind) is tuple:
+                    kind[0](error)
             raise error from exc
 
     def _may_reconnect(self) -> bool:

@@ -134,13 +134,9 @@ class RespConnection:
         return self._read()
 
     def send(self, commands: Sequence[Sequence[Any]]) -> None:
-        """Send ``commands`` in one write without reading their replies (:meth:`read` them,
-        in order)."""
+        """Send ``commands`` in one write without reading their replies (:meth:`read_reply`
+        them, in order)."""
         self._send(b"".join(pack(c) for c in commands))
-
-    def read(self) -> Any:
-        """The next reply; an error reply raises ``ResponseError``."""
-        return self._read()
 
     def read_reply(self) -> Any:
         """The next reply, an error reply returned (a ``ResponseError``) rather than raised:
@@ -158,6 +154,10 @@ class RespConnection:
                 raise redis.exceptions.ConnectionError("Connection closed by server.")
             if data is not None:
                 self._reader.feed(data)
+        return self._reply()
+
+    def _reply(self) -> Any:
+        """The next reply, an error reply returned rather than raised."""
         try:
             return self._read()
         except redis.exceptions.ResponseError as exc:
@@ -167,13 +167,7 @@ class RespConnection:
         """Send several commands in one write and read their replies; an error reply is
         returned in its place (a ``ResponseError``), not raised."""
         self.send(commands)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(self._read())
-            except redis.exceptions.ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return [self._reply() for _ in commands]
 
     def evalsha(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
