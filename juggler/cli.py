@@ -9,7 +9,6 @@ configuration error, 1 for other failures (and the one-shot client's own codes, 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import json
 import logging
@@ -364,11 +363,11 @@ def _stop_with_parent(parent: int) -> None:
     """A callee process of ``--processes``: when its parent dies (even by SIGKILL, which it
     cannot pass on), the kernel sends it SIGTERM, a graceful stop, so that no child outlives
     it. Linux only."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    from .server import libc_prctl
+
+    prctl = libc_prctl()
+    if prctl is None:
         return
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)  # it died before that took effect
 

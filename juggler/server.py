@@ -966,6 +966,18 @@ _PR_FUTEX_HASH_GET_SLOTS = 2
 MAX_FUTEX_HASH_SLOTS = 1 << 16
 
 
+def libc_prctl() -> Optional[Callable[..., int]]:
+    """The C library's ``prctl(option, arg2, arg3, arg4, arg5)`` (Linux), ``-1`` and ``errno``
+    on failure; ``None`` where there is none."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
 def size_futex_hash(connections: int) -> Optional[int]:
     """Give this process a futex hash table with a slot per thread that ``connections``
     connections may have (the next power of two, up to ``MAX_FUTEX_HASH_SLOTS``, 65,536); returns
@@ -980,12 +992,9 @@ def size_futex_hash(connections: int) -> Optional[int]:
     there. :meth:`Server.start` does this for its ``max_connections``: a setting of the whole
     process, which only ever grows here, so several servers in one process share the
     largest."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    prctl = libc_prctl()
+    if prctl is None:
         return None
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    prctl.restype = ctypes.c_int
     threads = _THREADS_PER_CONN * max(0, connections) + _RESERVED_THREADS
     # never fewer than the kernel's own choice (4 per CPU, which setting one stops it making)
     threads = max(threads, 4 * (os.cpu_count() or 1))
