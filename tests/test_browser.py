@@ -19,7 +19,7 @@ import pytest
 from juggler import Client, ConnState, RefuseConnection, Res, Server, chain
 
 from .conftest import T, free_port, make_redis_client
-from .test_cli import Proc
+from .test_cli import ROOT, Proc
 
 CHROMIUM = os.environ.get("JUGGLER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -489,3 +489,49 @@ def test_demo_page_end_to_end(browser):
     finally:
         context.close()
         demo.close()
+
+
+def docs_example_page() -> str:
+    """The example page of docs/browser.rst."""
+    text = (ROOT / "docs" / "browser.rst").read_text().split(".. code-block:: html\n", 1)[1]
+    lines = []
+    for line in text.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).strip() + "\n"
+
+
+def test_the_docs_example_page_works_served_by_another_server(make_stack, browser, tmp_path):
+    """docs/browser.rst's page, served by a plain HTTP server as it says, with the juggler
+    server's address (a free port here, 9000 in the docs) in its two URLs."""
+    import functools
+    import http.server
+
+    stack = make_stack()
+    page_text = docs_example_page()
+    assert page_text.count("127.0.0.1:9000") == 2
+    (tmp_path / "example.html").write_text(page_text.replace("127.0.0.1:9000", f"127.0.0.1:{stack.server.port}"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    pages_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serving = threading.Thread(target=pages_server.serve_forever, name="test-pages-server")
+    serving.start()
+    context = browser.new_context()
+    context.set_default_timeout(T(20) * 1000)
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"http://127.0.0.1:{pages_server.server_address[1]}/example.html")
+        page.wait_for_function("document.getElementById('out').textContent.includes('done')")
+        out = page.inner_text("#out").splitlines()
+    finally:
+        context.close()
+        pages_server.shutdown()
+        serving.join()
+        pages_server.server_close()
+    assert not errors, errors
+    assert out[0] == "olleh"
+    assert 'news.today news.* {"title":"juggler"}' in out
+    assert any(line.startswith("expired: ") for line in out), out
+    assert out[-1] == "done"

@@ -156,3 +156,19 @@ def test_testing_docs_example_passes_with_the_plugin_loaded_as_it_says(tmp_path)
                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=T(120))  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 passed" in out.stdout
+
+
+def test_the_docs_no_longer_say_what_the_code_contradicts():
+    """Sentences issue 22 found false, each with what the code does."""
+    text = " ".join(" ".join(p.read_text().split()) for p in [ROOT / "README.rst", *(ROOT / "docs").glob("*.rst")])
+    false = {
+        "every websocket connection that may SUB has its own redis pub-sub connection": "one per server",
+        "Each websocket's pub-sub connection": "one per server",
+        "juggler does not send keep-alive messages of its own": "the server pings (--ping-interval, 30 s)",
+        "does not reconnect on its own": "Client.connect(url, reconnect=True)",
+        'connect("/ws", { reconnect: true }); // the page\'s own server': "a juggler server serves no user pages",
+    }
+    assert [claim for claim in false if claim in text] == []
+    from juggler.config import SETTINGS
+
+    assert SETTINGS["ping_interval"].default == 30.0  # what docs/deployment.rst now says
