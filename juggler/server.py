@@ -710,8 +710,9 @@ class Server:
     def _check_handshake(self, req: HandshakeRequest) -> tuple[frozenset[MessageType], Optional[str]]:
         if req.method != "GET":
             raise _Refused(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
-        if req.path.split("?", 1)[0] != self.path:
-            raise _Refused(404, "Not Found", f"no websocket endpoint at {req.path}")
+        path = req.path.split("?", 1)[0]
+        if path != self.path:
+            raise _Refused(404, "Not Found", f"no websocket endpoint at {path}")
         check_upgrade(req)
         origin = req.headers.get("origin")
         if self.allowed_origins is not None and origin is not None:

@@ -535,3 +535,53 @@ def test_the_docs_example_page_works_served_by_another_server(make_stack, browse
     assert 'news.today news.* {"title":"juggler"}' in out
     assert any(line.startswith("expired: ") for line in out), out
     assert out[-1] == "done"
+
+
+def test_demo_page_at_420_px_keeps_typed_args_and_explains_a_wrong_path(browser):
+    """Issue 22: at 420 px the header fits; choosing a URI replaces only the args the page filled
+    in itself; a wrong websocket path says what the server answered (404), not that the
+    handshake failed before the server checked it."""
+    demo = Proc("demo", "--port", "0", "--log-level", "warning")
+    context = browser.new_context(viewport={"width": 420, "height": 860})
+    context.set_default_timeout(T(20) * 1000)
+    errors: list[str] = []
+    try:
+        url = demo.expect(r"^browser: +(http://\S+)").group(1)
+        ws_url = demo.expect(r"^websocket: +(ws://\S+)").group(1)
+        demo.expect(r"^stop:")
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector("#status.open")
+
+        overflow = page.evaluate("""() => {
+            const right = (el) => el.getBoundingClientRect().right;
+            return { page: document.documentElement.scrollWidth, header: document.querySelector('header').scrollWidth,
+                     children: [...document.querySelectorAll('header > *')].map(right) };
+        }""")
+        assert overflow["page"] <= 420 and overflow["header"] <= 420, overflow
+        assert all(r <= 420 for r in overflow["children"]), overflow
+
+        def choose(uri: str) -> None:
+            page.fill("#call-uri", uri)
+            page.dispatch_event("#call-uri", "change")
+
+        choose("test.delay")  # the page's own example args: replaced by the new URI's
+        assert page.input_value("#call-args") == "250"
+        page.fill("#call-args", "1200")  # the user's own: kept
+        choose("test.echo")
+        assert page.input_value("#call-args") == "1200"
+        page.fill("#call-args", "")  # nothing: filled in
+        choose("test.reverse")
+        assert page.input_value("#call-args") == '"hello"'
+
+        page.fill("#url", ws_url.replace("/ws", "/wrong"))
+        page.click("#connect-btn")
+        page.wait_for_selector("#status.closed")
+        message = page.inner_text("#log td.what:has-text('HandshakeError')")
+        assert message == f"HandshakeError: {ws_url.replace('/ws', '/wrong')} refused the websocket: 404 no websocket " \
+                          "endpoint at /wrong", message
+        assert not errors, errors
+    finally:
+        context.close()
+        demo.close()
