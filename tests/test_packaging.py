@@ -73,6 +73,12 @@ def test_wheel_is_built_through_pep_517_and_ships_py_typed_and_the_license(tmp_p
     for version in SUPPORTED:
         assert f"Classifier: Programming Language :: Python :: {version}\n" in meta
     assert "websocket-server" not in meta  # the server stands on socketserver and its own websocket layer
+    requires = [line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
+    # `pip install . && juggler demo` (the README's first command) needs the embedded redis
+    assert "fakeredis[lua]>=2.41" in requires
+    # pytest only with an extra: the plugin is for the test suites that load it
+    assert [r for r in requires if r.startswith("pytest") and "extra ==" not in r] == []
+    assert any(r.startswith("pytest>=7") and 'extra == "pytest"' in r for r in requires), requires
 
 
 def test_sdist_carries_the_docs_examples_and_license_the_readme_names(tmp_path):
