@@ -159,13 +159,12 @@ def _make_server(broker: Any, cfg: dict[str, Any], **kwargs: Any) -> Any:
 
 
 def _cannot_serve(cfg: dict[str, Any], exc: OSError) -> str:
-    text = f"cannot serve on {cfg['host']}:{cfg['port']}: {exc.strerror or exc}"
-    if exc.errno == errno.EADDRINUSE:
-        # demo, server and statesync-demo all default to 9000: the second one started meets this
-        text = f"cannot serve on {cfg['host']}:{cfg['port']}: {os.strerror(exc.errno)} (juggler demo, server " \
-               "and statesync-demo all default to port 9000): choose another with --port PORT, or --port 0 " \
-               "for any free one"  # fmt: skip
-    return text
+    where = f"{cfg['host']}:{cfg['port']}"
+    if exc.errno != errno.EADDRINUSE:
+        return f"cannot serve on {where}: {exc.strerror or exc}"
+    # demo, server and statesync-demo all default to 9000: the second one started meets this
+    return (f"cannot serve on {where}: {os.strerror(exc.errno)} (juggler demo, server and statesync-demo all "
+            "default to port 9000): choose another with --port PORT, or --port 0 for any free one")
 
 
 # -- commands ----------------------------------------------------------------------------------
