@@ -1,10 +1,11 @@
 """The juggler server: websocket connections in, redis out.
 
-Built on the standard library's ``socketserver`` (the listening socket, a request handler
-per connection) and juggler's own websocket layer (:mod:`juggler.handshake`,
-:mod:`juggler.transport`, :mod:`juggler.frames`): the handshake checks the path and negotiates
-the ``juggler.0`` subprotocol, frames are read with fragmentation and a read limit, written
-with ``sendall``, and connections are closed with proper close codes.
+Built on ``websocket-server``'s TCP server and request handler (the listening socket, a
+request handler per connection), extended where juggler needs more than it has (see
+:mod:`juggler.transport`, :mod:`juggler.frames` and :mod:`juggler.handshake`): the handshake
+checks the path and negotiates the ``juggler.0`` subprotocol, frames are read with
+fragmentation and a read limit, written with ``sendall``, and connections are closed with
+proper close codes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, 
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
 
+
+def _import_websocket_server() -> Any:
+    # websocket_server calls logging.basicConfig() when imported; a library must not install
+    # handlers on its users' root logger, so undo that if it was this import that did it.
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import websocket_server
+
+    if not before:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+    return websocket_server
+
+
+websocket_server = _import_websocket_server()
 
 __all__ = [
     "Server",
@@ -125,9 +141,18 @@ StateHook = Callable[[Conn, ConnState], None]
 _Refused = Refusal
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    """One TCP connection: TLS and the HTTP request, then :meth:`Conn.run` on this thread.
-    No rfile/wfile: reads go through SocketReader, writes through sendall."""
+class _Handler(websocket_server.WebSocketHandler):
+    """One TCP connection: TLS and the HTTP request, then :meth:`Conn.run` on this thread."""
+
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        # No rfile/wfile: reads go through SocketReader, writes through sendall.
+        self.connection = self.request
+        self.keep_alive = False
+
+    def finish(self) -> None:  # the base class would call server._client_left_
+        pass
 
     def handle(self) -> None:
         jserver: Server = self.server.juggler
@@ -250,20 +275,26 @@ class _Handler(socketserver.BaseRequestHandler):
             pass
 
 
-class _TCPServer(socketserver.TCPServer):
-    """The listening socket, with our handler. Its accept loop is :meth:`Server._accept_loop`,
-    which blocks in ``accept()`` rather than polling, and starts a thread per connection
-    (joined by :meth:`Server.shutdown`)."""
+class _TCPServer(websocket_server.WebsocketServer):
+    """websocket-server's server socket, with our handler. Its accept loop is
+    :meth:`Server._accept_loop`, which blocks in ``accept()`` rather than polling, and starts a
+    thread per connection (joined by :meth:`Server.shutdown`)."""
 
+    daemon_threads = False
+    block_on_close = False  # we join connection threads ourselves, see Server.shutdown
     allow_reuse_address = True
     request_queue_size = socket.SOMAXCONN  # socketserver's 5 makes bursts of connects wait
 
     def __init__(self, juggler: "Server", host: str, port: int, reuse_port: bool = False) -> None:
+        # Not WebsocketServer.__init__: it would set its logger's level and use its handler.
         self.reuse_port = reuse_port
-        super().__init__((host, port), _Handler)
+        socketserver.TCPServer.__init__(self, (host, port), _Handler)
         self.juggler = juggler
         self.host = host
         self.port = self.socket.getsockname()[1]
+        self.key = self.cert = None  # TLS is ours (Server.ssl_context), not the base class'
+        self.clients: list[Any] = []
+        self._deny_clients = False
 
     def server_bind(self) -> None:
         if self.reuse_port:

@@ -72,7 +72,6 @@ def test_wheel_is_built_through_pep_517_and_ships_py_typed_and_the_license(tmp_p
     assert "License: BSD-3-Clause" in meta
     for version in SUPPORTED:
         assert f"Classifier: Programming Language :: Python :: {version}\n" in meta
-    assert "websocket-server" not in meta  # the server stands on socketserver and its own websocket layer
     requires = [line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Requires-Dist: ")]
     # `pip install . && juggler demo` (the README's first command) needs the embedded redis
     assert "fakeredis[lua]>=2.41" in requires
