@@ -1,5 +1,7 @@
-"""pytest fixtures for code that uses juggler (a ``pytest11`` plugin: installed with juggler,
-active in every pytest run; ``-p no:juggler`` turns it off). See docs/testing.rst.
+"""pytest fixtures for code that uses juggler. A test suite loads them with
+``pytest_plugins = ["juggler.pytest_plugin"]`` in its top-level ``conftest.py`` (or
+``pytest -p juggler.pytest_plugin``); installing juggler does not load them into every pytest
+run. See docs/testing.rst.
 
 - ``juggler_redis``: a redis client. By default a fakeredis of its own, empty, per test; with
   ``--juggler-redis URL`` (or ``JUGGLER_TEST_REDIS_URL``) a real redis, from which the keys of
