@@ -12,6 +12,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -35,6 +36,7 @@ from .test_cli import env, juggler, procs  # noqa: F401  (procs: the CLI's proce
 from .test_pytest_plugin import run_user_tests
 
 SERVICE = "juggler-test"
+DATA = Path(__file__).parent / "data"
 
 
 # -- the URL ---------------------------------------------------------------------------------
@@ -122,8 +124,11 @@ class SentinelSet:
     over to the replica.
     """
 
-    def __init__(self, directory: Path, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+    def __init__(self, directory: Path, down_after_ms: int = 1000, failover_timeout_ms: int = 3000,
+                 tls: bool = False) -> None:  # fmt: skip
         self.directory = directory
+        #: Every process speaks TLS only (tests/data's certificate), to clients and each other.
+        self.tls = tls
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.redis: dict[int, RedisProcess] = {}
@@ -132,15 +137,34 @@ class SentinelSet:
 
     @property
     def url(self) -> str:
-        return f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in self.sentinel_ports)}/{SERVICE}/0"
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        if self.tls:
+            return f"rediss+sentinel://{hosts}/{SERVICE}/0?ssl_cert_reqs=none"
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def _tls_settings(self, port: int) -> list[str]:
+        """The settings that make a redis-server or sentinel speak TLS only, on ``port``."""
+        if not self.tls:
+            return [f"port {port}"]
+        return ["port 0", f"tls-port {port}", f"tls-cert-file {DATA / 'localhost.crt'}",
+                f"tls-key-file {DATA / 'localhost.key'}", f"tls-ca-cert-file {DATA / 'localhost.crt'}",
+                "tls-auth-clients no", "tls-replication yes"]  # fmt: skip
+
+    def _redis_flags(self, port: int) -> tuple[str, ...]:
+        # A replica's first sync starts at once, not after the 5 s that redis waits by default for
+        # more replicas to share it; and any RDB file goes to the set's directory.
+        flags: list[str] = ["--repl-diskless-sync-delay", "0", "--dir", str(self.directory)]
+        for line in self._tls_settings(port)[1:] if self.tls else ():
+            flags += ["--" + line.split()[0], line.split()[1]]
+        return (*flags, "--port", "0") if self.tls else tuple(flags)
 
     def start(self) -> "SentinelSet":
         try:
-            # (a full sync writes an RDB file to the master's and the replica's directory)
-            where = ("--dir", str(self.directory))
-            master = start_redis_server(extra=where)
+            ports = [free_port(), free_port()]
+            master = start_redis_server(ports[0], extra=self._redis_flags(ports[0]))
             self.redis[master.port] = master
-            replica = start_redis_server(extra=(*where, "--replicaof", "127.0.0.1", str(master.port)))
+            replica = start_redis_server(ports[1], extra=(*self._redis_flags(ports[1]), "--replicaof", "127.0.0.1",
+                                                          str(master.port)))  # fmt: skip
             self.redis[replica.port] = replica
             ids = {port: secrets.token_hex(20) for port in self.sentinel_ports}
             for port in self.sentinel_ports:
@@ -155,7 +179,7 @@ class SentinelSet:
         conf = self.directory / f"sentinel-{port}.conf"  # sentinel rewrites it: a file of its own
         others = [f"sentinel known-sentinel {SERVICE} 127.0.0.1 {p} {i}" for p, i in ids.items() if p != port]
         conf.write_text("\n".join([
-            f"port {port}", "bind 127.0.0.1", f"dir {self.directory}", f"sentinel myid {ids[port]}",
+            *self._tls_settings(port), "bind 127.0.0.1", f"dir {self.directory}", f"sentinel myid {ids[port]}",
             f"sentinel monitor {SERVICE} 127.0.0.1 {master} 2",
             f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}",
             f"sentinel failover-timeout {SERVICE} {self.failover_timeout_ms}",
@@ -173,7 +197,13 @@ class SentinelSet:
         threading.Thread(target=lambda: [None for _ in proc.stdout], name="redis-log-drain", daemon=True).start()
 
     def sentinel(self, port: Optional[int] = None) -> redis.Redis:
-        return redis.Redis(port=port or self.sentinel_ports[0], socket_timeout=T(5), decode_responses=True)
+        return self.client(port or self.sentinel_ports[0], decode_responses=True)
+
+    def client(self, port: int, **kw: Any) -> redis.Redis:
+        """A plain client of the sentinel or redis on ``port`` (TLS with a TLS set)."""
+        if self.tls:
+            kw.update(ssl=True, ssl_cert_reqs="none")
+        return redis.Redis(port=port, socket_timeout=T(5), **kw)
 
     def master_port(self) -> int:
         with self.sentinel() as s:
@@ -245,12 +275,12 @@ class SentinelSet:
         self.redis.clear()
 
 
-def start_sentinel_set(directory: Path) -> SentinelSet:
+def start_sentinel_set(directory: Path, tls: bool = False) -> SentinelSet:
     if shutil.which("redis-server") is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed, and CI must run the Redis Sentinel tests")
         pytest.skip("redis-server is not installed")
-    return SentinelSet(directory).start()
+    return SentinelSet(directory, tls=tls).start()
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +323,7 @@ def test_every_connection_juggler_makes_goes_to_the_master_and_follows_a_failove
         # later), which closes its clients' connections (CLIENT KILL TYPE normal): until then
         # the connections already open stay on it, as with any Sentinel client. Close them
         # now, as that will.
-        with redis.Redis(port=old) as former:
+        with sentinels.client(old) as former:
             former.client_kill_filter(_type="normal", skipme=True)
         check_connections(broker, new)
     finally:
@@ -362,7 +392,7 @@ def test_the_command_line_says_when_no_sentinel_knows_the_service(sentinels):
 @pytest.mark.realredis
 def test_the_pytest_plugin_takes_a_sentinel_url(sentinels, tmp_path):
     run_user_tests(tmp_path, "--juggler-redis", sentinels.url)
-    master = redis.Redis(port=sentinels.master_port())
+    master = sentinels.client(sentinels.master_port())
     try:
         # the user's tests ran on the master the sentinels name, and cleaned it
         assert master.info("commandstats").get("cmdstat_publish", {}).get("calls", 0) >= 1
@@ -380,6 +410,31 @@ def test_client_from_url_and_close_client_close_the_sentinel_connections_too(sen
     assert any(c._sock is not None for c in made)  # it asked a sentinel
     close_client(client)
     assert all(c._sock is None for c in made)
+
+
+@pytest.mark.realredis
+def test_rediss_sentinel_speaks_tls_to_the_sentinels_and_the_master(tmp_path):
+    tls = start_sentinel_set(tmp_path, tls=True)
+    broker = RedisBroker.from_url(tls.url)
+    try:
+        assert broker.ping()
+        conn = resp.connect(broker.client)
+        assert conn is not None and isinstance(conn._sock, ssl.SSLSocket)  # the fast path, over TLS
+        conn.close()
+        payload = CallPayload(new_uuid(), new_uuid(), "tls.echo", {"x": 1})
+        broker.store_call(payload, T(10))
+        popper = broker.call_popper(["tls.echo"])
+        try:
+            assert isinstance(popper._conn._sock, ssl.SSLSocket) and popper._conn.port == tls.master_port()
+            [popped] = popper.pop(1)
+            assert popped.payload == payload
+        finally:
+            popper.close()
+        manager = broker.client.connection_pool.sentinel_manager
+        assert all(s.connection_pool.connection_class is redis.SSLConnection for s in manager.sentinels)
+    finally:
+        broker.close()
+        tls.stop()
 
 
 # -- kill -9 the master under traffic --------------------------------------------------------
