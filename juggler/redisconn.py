@@ -16,7 +16,7 @@ import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 from urllib.parse import parse_qsl, unquote
 
 import redis
@@ -40,6 +40,7 @@ __all__ = [
     "is_cluster",
     "SENTINEL_SCHEMES",
     "SENTINEL_PORT",
+    "SENTINEL_TIMEOUT",
     "SentinelURL",
     "is_sentinel_url",
     "parse_sentinel_url",
@@ -158,6 +159,11 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
 #: A sentinel's port when its URL names a host alone.
 SENTINEL_PORT = 26379
+
+#: How long a sentinel may take to accept a connection, and to answer, when the client's
+#: options give no ``socket_connect_timeout`` (seconds): a sentinel that does not answer is
+#: passed over for the next one.
+SENTINEL_TIMEOUT = 5.0
 
 # The options a sentinel URL's query may carry besides redis-py's own (db, socket_timeout, ...):
 # how to authenticate to the sentinels, and the service name (the convention allows it there).
@@ -328,12 +334,12 @@ def sentinel_client(url: str, **options: Any) -> redis.Redis:
     Every new connection asks the sentinels where the master is (``SENTINEL MASTERS``, one
     round trip to the first sentinel that answers), so after a failover connections go to
     the new master. The sentinels are asked with the connect timeout
-    (``socket_connect_timeout``) for connecting and reading alike, and never retried (the
-    next sentinel is asked instead).
+    (``socket_connect_timeout``, else :data:`SENTINEL_TIMEOUT`) for connecting and reading
+    alike, and never retried (the next sentinel is asked instead).
     """
     parsed = parse_sentinel_url(url)
     options = {**options, **parsed.options, "db": parsed.db}
-    quick = options.get("socket_connect_timeout")
+    quick = options.get("socket_connect_timeout") or SENTINEL_TIMEOUT
     sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": quick, "socket_timeout": quick,
                                        **parsed.sentinel_options}  # fmt: skip
     if parsed.tls:

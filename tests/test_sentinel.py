@@ -402,6 +402,26 @@ def test_the_pytest_plugin_takes_a_sentinel_url(sentinels, tmp_path):
 
 
 @pytest.mark.realredis
+def test_a_sentinel_that_does_not_answer_is_passed_over_and_kept(sentinels):
+    dead = free_port()
+    url = sentinels.url.replace("redis+sentinel://", f"redis+sentinel://127.0.0.1:{dead},")
+    broker = RedisBroker.from_url(url)
+    try:
+        threads = [threading.Thread(target=broker.ping, name=f"test-ping-{i}") for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T(10))
+        assert broker.ping()
+        manager = broker.client.connection_pool.sentinel_manager
+        ports = [s.connection_pool.connection_kwargs["port"] for s in manager.sentinels]
+        # the one that answered goes first; none is lost or doubled by threads reordering at once
+        assert ports[0] != dead and sorted(ports) == sorted([dead, *sentinels.sentinel_ports])
+    finally:
+        broker.close()
+
+
+@pytest.mark.realredis
 def test_client_from_url_and_close_client_close_the_sentinel_connections_too(sentinels):
     client = client_from_url(sentinels.url)
     assert client.ping()
