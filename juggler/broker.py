@@ -45,8 +45,10 @@ from .redisconn import (
     close_client,
     is_cluster,
     is_fakeredis,
+    is_sentinel_url,
     make_fake_db,
     one_connection_client,
+    sentinel_client,
 )
 from .rpc import Popped, RpcSide
 
@@ -205,6 +207,13 @@ class RedisBroker(RpcSide, PubSubSide):
         node pools (see the class docstring); ``max_connections`` does not apply.
         ``cluster=None`` asks the server at ``url`` (``INFO cluster``), so it too raises
         :class:`BrokerError` when redis cannot be reached.
+
+        ``redis+sentinel://[[username]:password@]host[:port][,host[:port]...]/service_name[/db]``
+        (``rediss+sentinel://`` for TLS): the master that these sentinels monitor as
+        ``service_name``, found by redis-py's ``Sentinel`` at each new connection, so that
+        after a failover the connections go to the new master (see
+        :func:`~juggler.redisconn.parse_sentinel_url`). Its pool is capped and blocking as
+        above; ``cluster=True`` does not apply. A malformed URL raises :class:`ValueError`.
         """
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
@@ -215,8 +224,11 @@ class RedisBroker(RpcSide, PubSubSide):
             "retry": Retry(ExponentialBackoff(cap=0.1, base=0.05), 2),
         }
         options.update(redis_options)
+        sentinel = is_sentinel_url(url)
+        if sentinel and cluster:
+            raise ValueError("a redis+sentinel:// URL names a master behind Sentinel, not a Redis Cluster")
         if cluster is None:
-            cluster = is_cluster(url, options)
+            cluster = not sentinel and is_cluster(url, options)
         if cluster:
             if max_connections is not None:
                 raise ValueError("max_connections does not apply to a Redis Cluster: its node pools are not capped")
@@ -226,7 +238,10 @@ class RedisBroker(RpcSide, PubSubSide):
                 raise BrokerError(f"cannot reach redis cluster at {url}: {exc}") from exc
         else:
             options = {"max_connections": 64 if max_connections is None else max_connections, "timeout": 5.0, **options}
-            client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, **options))
+            if sentinel:
+                client = sentinel_client(url, **options)
+            else:
+                client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, **options))
         broker = cls(client, call_cap=call_cap, result_cap=result_cap, max_args_size=max_args_size)
         broker._owns_client = True
         return broker

@@ -115,6 +115,9 @@ class CallPopper:
                 finally:
                     pool.release(shared)
             self._conn = pool.connection_class(**kwargs)
+            # connect() before the first command: it is where a Sentinel-managed connection
+            # asks for the master (send_command alone would dial its default, localhost:6379)
+            self._conn.connect()
             self._conn.send_command("CLIENT", "ID")
             self.client_id = int(self._conn.read_response())
         except REDIS_FAILURES as exc:
