@@ -27,7 +27,7 @@ import math
 import socket
 import threading
 from collections import deque
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import redis
 import redis.exceptions
@@ -74,6 +74,10 @@ class PubSubConn(Protocol):
     def subscribe(self, channel: str, pattern: bool) -> None: ...
 
     def unsubscribe(self, channel: str, pattern: bool) -> None: ...
+
+    def connect(self) -> None: ...
+
+    def restore(self, keys: Iterable[tuple[bool, str]], done: Callable[[], None]) -> None: ...
 
     def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]: ...
 
@@ -290,6 +294,7 @@ class RedisBroker(RpcSide, PubSubSide):
             own.close()
         if self._fast is not None:
             self._fast.close()
+        self._close_publishing()
         if self._owns_client:
             close_client(self.client)
 
