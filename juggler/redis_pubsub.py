@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import resp
 from .exceptions import BrokerError
@@ -101,6 +103,7 @@ class PubSubSide:
                 for name in ("socket_timeout", "socket_connect_timeout"):
                     given = kwargs.get(name)
                     kwargs[name] = self.publish_timeout if given is None else min(given, self.publish_timeout)
+                kwargs["retry"] = Retry(NoBackoff(), 0)  # (a connect retried would take longer)
                 # a client that is never used itself: its settings are what the pool's
                 # connections are made with
                 settings = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
