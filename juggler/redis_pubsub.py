@@ -126,7 +126,11 @@ class PubSubSide:
         are not used, since a topology refresh marks their connections for reconnecting (a
         pub-sub connection would silently re-subscribe, losing events published in between).
         If that node fails, :meth:`RedisPubSub.get_event` raises :class:`BrokerError`, as on a
-        standalone redis.
+        standalone redis, and the next connection goes to the next primary.
+
+        Connecting (and redis-py's handshake on connect) waits at most ``confirm_timeout``
+        for redis, so a redis that stalls cannot hold a SUB or a reconnect for ever; once
+        connected, the connection waits with no timeout.
         """
         if self.cluster:
             cluster = self.client
@@ -135,6 +139,8 @@ class PubSubSide:
             client = one_connection_client(cluster.get_redis_connection(node), blocking=True)
         else:
             client = one_connection_client(self.client, blocking=True)
+        # (the pool is this connection's own: RedisPubSub lifts the timeout once connected)
+        client.connection_pool.connection_kwargs["socket_timeout"] = confirm_timeout
         return RedisPubSub(client.pubsub(), confirm_timeout, owner=client)
 
 
@@ -211,6 +217,7 @@ class RedisPubSub:
                     self._waiting.setdefault(key, deque()).append(waiter)
                 try:
                     command(channel)
+                    self._connected()
                 except REDIS_FAILURES:
                     # Not sent (redis-py keeps its own state unchanged too): undo, so that
                     # the same request can succeed on this connection once redis is back.
@@ -244,9 +251,21 @@ class RedisPubSub:
         try:
             with self._send_lock:
                 self._pubsub.ping()
+                self._connected()
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
         self._sent.set()
+
+    def _connected(self) -> None:
+        """(Under _send_lock, once a command went out.) Connected, past redis-py's handshake,
+        which waited at most the connect's timeout: from now on reads wait with none (the
+        reader blocks until an event comes)."""
+        conn = self._pubsub.connection
+        if conn is not None and conn.socket_timeout is not None:
+            conn.socket_timeout = None
+            settimeout = getattr(getattr(conn, "_sock", None), "settimeout", None)  # (not fakeredis')
+            if settimeout is not None:
+                settimeout(None)
 
     def restore(self, keys: Iterable[tuple[bool, str]], done: Callable[[], None]) -> None:
         """Subscribe to every ``(pattern, channel)`` of ``keys`` in two commands (SUBSCRIBE
@@ -269,6 +288,7 @@ class RedisPubSub:
                     self._pubsub.subscribe(*channels)
                 if patterns:
                     self._pubsub.psubscribe(*patterns)
+                self._connected()
             except REDIS_FAILURES as exc:
                 raise broker_error(exc) from exc
         self._sent.set()

@@ -174,6 +174,39 @@ def test_a_stall_closes_nothing_and_events_flow_after_it():
         stop_redis_server(rp)
 
 
+def test_the_first_sub_on_a_stalled_redis_ends_by_its_timeout():
+    """The server's first SUB connects its pub-sub connection: on a stalled redis, redis-py's
+    handshake waits at most the confirmation timeout (not for ever, holding every SUB and
+    UNSB and the shutdown), and the SUB is NACKed."""
+    rp = start_redis_server()
+    broker = RedisBroker.from_url(rp.url)
+    server = Server(broker).start()
+    try:
+        with Client.connect(server.url, connect_timeout=T(5), ack_timeout=T(30)) as c:
+            os.kill(rp.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(NackError) as info:
+                    c.sub("first")
+                assert info.value.code == 500
+                assert time.monotonic() - started < server.hub.confirm_timeout + 1
+            finally:
+                os.kill(rp.proc.pid, signal.SIGCONT)
+            deadline = time.monotonic() + T(5)
+            while True:  # at most a turn of the backoff after the stall
+                try:
+                    sub = c.sub("first")
+                    break
+                except NackError:
+                    assert time.monotonic() < deadline
+            c.pub("first", "after")
+            assert sub.get(T(5)).args == "after"
+    finally:
+        server.shutdown()
+        broker.close()
+        stop_redis_server(rp)
+
+
 def test_client_pause_closes_nothing():
     """CLIENT PAUSE (as a failover does): a PUB is NACKed within a second and nothing is closed;
     events flow once the pause ends."""
