@@ -470,15 +470,23 @@ class Server:
         self._tcp = _TCPServer(self, host, port, reuse_port)
         self.host, self.port = self._tcp.server_address[:2]
         self.timer = Timer("juggler-server-timer", self.logger)
-        #: What this server sees of redis (one log line when it goes, one when it is back).
+        #: How this server sees its redis (:class:`~juggler.health.RedisHealth`): its results
+        #: listeners report to it, take their reconnect turns from it, and log the outage once.
         self.redis_health = RedisHealth(f"server {self.host}:{self.port}", logger=self.logger)
+        #: The same for the pub-sub redis: :attr:`redis_health` itself when pub-sub uses the
+        #: same broker, else one of its own (a pub-sub redis down must not fail the calls).
+        self.pubsub_health = (
+            self.redis_health
+            if self.pubsub_broker is self.broker
+            else RedisHealth(f"server {self.host}:{self.port} pub-sub", logger=self.logger)
+        )
         self.hub = PubSubHub(
             self.pubsub_broker,
             # a subscribe waits for redis behind whatever the hub's reader is handing out
             confirm_timeout=max(5.0, write_timeout),
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
-            health=self.redis_health if self.pubsub_broker is self.broker else None,
+            health=self.pubsub_health,
         )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
         self._health_lock = threading.Condition()

@@ -515,3 +515,53 @@ def test_the_hub_closes_while_it_waits_to_reconnect():
     started = time.monotonic()
     hub.close()  # joins the reader, which waits for its turn
     assert time.monotonic() - started < 1.0
+
+
+def test_the_cluster_node_of_the_pubsub_connection_restarts(tmp_path):
+    """On a Redis Cluster the server's pub-sub connection is on one primary: that node stops
+    and comes back. No subscribed websocket is closed, the hub moves to a primary that
+    serves (the next in turn), and every subscription gets events again, before and after the
+    node's return."""
+    from .conftest import start_redis_cluster
+
+    cluster = start_redis_cluster(str(tmp_path))
+    broker = None
+    clients: list[Client] = []
+    try:
+        broker = RedisBroker.from_url(cluster.url, cluster=True)
+        with Server(broker) as server:
+            clients = [Client.connect(server.url, connect_timeout=T(5)) for _ in range(6)]
+            subs = [c.sub("cluster.news") if i % 2 else c.sub("cluster.*", pattern=True) for i, c in enumerate(clients)]
+            # the node to stop: the one the server's pub-sub connection is on
+            victim = server.hub._ps._owner.connection_pool.connection_kwargs["port"]
+            cluster.stop_node(victim)
+            wait_until(lambda: server.hub.restores >= 1, T(10), "the hub moves to another primary")
+            publisher = clients[0]
+
+            def events_flow(tag: str) -> None:
+                deadline = time.monotonic() + T(10)
+                while True:  # PUBLISH goes to the node of the channel's slot: it may be the one down
+                    try:
+                        publisher.pub("cluster.news", tag)
+                        break
+                    except NackError:
+                        assert time.monotonic() < deadline, "PUB never went through"
+                        time.sleep(0.05)
+                for sub in subs:
+                    while (evnt := sub.get(T(10))).args != tag:
+                        pass  # an earlier PUB NACKed may still have been delivered
+
+            moved_to = server.hub._ps._owner.connection_pool.connection_kwargs["port"]
+            assert moved_to != victim
+            if broker.client.get_node_from_key("cluster.news").port != victim:
+                events_flow("while the node is down")
+            cluster.start_node(victim)
+            events_flow("after the node is back")
+            assert not any(c.closed for c in clients)
+            assert len(server.connections) == len(clients)
+    finally:
+        for c in clients:
+            c.close()
+        if broker is not None:
+            broker.close()
+        cluster.stop()
