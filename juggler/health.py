@@ -15,11 +15,7 @@ down:
   (:data:`BACKOFF_BASE` doubling up to :data:`BACKOFF_CAP`): one attempt per turn, whatever the
   number of listeners, so a redis that is down sees a handful of connects per second from a
   server, not one storm per websocket. When an attempt succeeds, every waiting listener goes at
-  once;
-- a request that must be answered soon (a SUB or PUB of a websocket) waits for a turn with
-  :meth:`~RedisHealth.request_turn`, for at most :data:`BACKOFF_CAP` (when redis is back, the
-  turn's attempt succeeds and every waiting request goes); a request that got no turn is refused
-  (NACK ``redis unavailable``) without trying redis.
+  once.
 """
 
 from __future__ import annotations
@@ -141,6 +137,22 @@ class RedisHealth:
                     return True
                 self._cond.wait(self._next_turn - now)
 
+    def wake(self) -> None:
+        """Wake every :meth:`wait_turn`, to look at its ``stop`` again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Make every :meth:`wait_turn`, now and later, return ``False``. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _turn_wait(self) -> float:
+        # "equal jitter": half the delay, plus up to as much again at random, so that servers
+        # that saw redis go at the same moment do not come back in step
+        return self._delay / 2 + self._jitter() * self._delay / 2
+
     def request_turn(self, timeout: float) -> bool:
         """For a request that must be answered soon (a websocket's SUB or PUB): ``True`` at
         once while redis is up. While it is down, wait up to ``timeout`` seconds for a turn
@@ -166,19 +178,3 @@ class RedisHealth:
                 if now >= deadline:
                     return False
                 self._cond.wait(min(self._next_turn, deadline) - now)
-
-    def wake(self) -> None:
-        """Wake every :meth:`wait_turn`, to look at its ``stop`` again."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Make every :meth:`wait_turn`, now and later, return ``False``. Idempotent."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def _turn_wait(self) -> float:
-        # "equal jitter": half the delay, plus up to as much again at random, so that servers
-        # that saw redis go at the same moment do not come back in step
-        return self._delay / 2 + self._jitter() * self._delay / 2
