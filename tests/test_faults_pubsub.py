@@ -99,6 +99,7 @@ def test_fifty_subscribers_survive_a_redis_restart():
         time.sleep(1.0)  # the span measured: the server's connects in it, with 50 subscribers
         attempts = refuser.count - counted_from
         refuser.close()
+        print(f"server connects while redis was down: {attempts} in 1 s")
         assert attempts <= 8, attempts  # a handful a second, not one per subscriber
 
         rp = start_redis_server(port)
