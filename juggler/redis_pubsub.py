@@ -101,8 +101,9 @@ class PubSubSide:
                 pool = self.client.connection_pool
                 kwargs = dict(pool.connection_kwargs)
                 for name in ("socket_timeout", "socket_connect_timeout"):
-                    given = kwargs.get(name)
-                    kwargs[name] = self.publish_timeout if given is None else min(given, self.publish_timeout)
+                    if name in kwargs or name == "socket_timeout":  # (not every class takes both)
+                        given = kwargs.get(name)
+                        kwargs[name] = self.publish_timeout if given is None else min(given, self.publish_timeout)
                 kwargs["retry"] = Retry(NoBackoff(), 0)  # (a connect retried would take longer)
                 # a client that is never used itself: its settings are what the pool's
                 # connections are made with
