@@ -164,6 +164,8 @@ class PubSubHub:
             members = self._subs.get(key)
             if not members:
                 return False
+            if sub in members:  # subscribed already (and restored with the rest)
+                return True
             if self._down:  # held, but not in redis now
                 raise BrokerError(UNAVAILABLE)
             members.add(sub)

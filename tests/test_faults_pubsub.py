@@ -482,6 +482,7 @@ def test_the_hub_restores_what_is_held_and_only_that():
         for channel in ("z", "x"):  # a new channel, and one held by another connection
             with pytest.raises(BrokerError, match="redis unavailable"):
                 hub.subscribe(c, channel, False)
+        hub.subscribe(a, "x", False)  # again: it holds it already (to be restored)
         with pytest.raises(BrokerError, match="redis unavailable"):
             hub.unsubscribe(b, "y", False)  # NACKed, but gone all the same
         with pytest.raises(BrokerError, match="redis unavailable"):
