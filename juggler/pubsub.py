@@ -16,15 +16,17 @@ Guarantees, as with a redis connection of one's own:
 - a connection subscribed to a channel and to a pattern matching it gets the event twice, once
   through each (as redis sends it).
 
-When redis goes away (the pub-sub connection fails), no connection is told and none is closed:
-the subscriptions stay as they are, and the hub's thread reconnects, its attempts spaced by the
+When redis goes away (the pub-sub connection fails), no connection is told (juggler.0 has no
+message for it; the hub logs it at DEBUG, the process' health once at ERROR) and none is
+closed: the subscriptions stay as they are, and the hub's thread reconnects, its attempts spaced by the
 process' shared backoff (:class:`~juggler.health.RedisHealth`; the server's, or one of the
 hub's own). Once connected, it subscribes again, in one SUBSCRIBE and one PSUBSCRIBE, to every
 channel and pattern that connections hold, and events flow again with no client action. Events
 published while the hub was not subscribed are lost. Until redis has confirmed that restore:
 
 - a SUB fails (:class:`BrokerError` ``redis unavailable``, a NACK 500) at once, whether or not
-  another connection holds the same channel, and is not restored later;
+  another connection holds the same channel, and is not restored later (a SUB of what the
+  connection holds already is ACKed);
 - an UNSB takes the subscription away all the same (no event of it follows, and it is not
   restored), and fails while the hub has no connection;
 - a connection that closes gives its subscriptions back: they are not restored.
