@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from typing import Any, Optional, Protocol
 
 from .broker import Broker, BrokerError, PubSubConn, PubSubEvent
@@ -146,12 +147,17 @@ class PubSubHub:
         key = (pattern, channel)
         if self._join(sub, key):
             return
-        with self._control:
+        # One deadline for all of it: behind a SUBSCRIBE that redis is slow to confirm (it
+        # stalls), then for its own confirmation.
+        deadline = time.monotonic() + self.confirm_timeout
+        if not self._control.acquire(timeout=self.confirm_timeout):
+            raise BrokerError(f"redis unavailable: no answer to the server's subscriptions in {self.confirm_timeout:g} s")
+        try:
             if self._join(sub, key):  # subscribed by another connection meanwhile
                 return
             ps = self._connection()
             try:
-                ps.subscribe(channel, pattern)
+                ps.subscribe(channel, pattern, timeout=max(0.0, deadline - time.monotonic()))
             except BrokerError as exc:
                 self._undo(ps, key)
                 self._failed_request(exc)
@@ -159,6 +165,8 @@ class PubSubHub:
             with self._lock:
                 self._subs[key] = {sub}
                 self._by_sub.setdefault(sub, set()).add(key)
+        finally:
+            self._control.release()
         self.health.succeeded()
 
     def _join(self, sub: Subscriber, key: SubKey) -> bool:
@@ -178,7 +186,7 @@ class PubSubHub:
         """A SUBSCRIBE that failed or was not confirmed in time may still take effect in redis:
         take it back, best effort, so redis does not stream events nobody wants."""
         try:
-            ps.unsubscribe(key[1], key[0])
+            ps.unsubscribe(key[1], key[0], timeout=0)  # (the SUB's NACK does not wait for it)
         except BrokerError as exc:
             self.logger.debug("could not take back an unconfirmed subscription %r: %s", key, exc)
 

@@ -184,19 +184,23 @@ class RedisPubSub:
         self._restoring = 0  # restore()'s confirmations still to come
         self._on_restored: Optional[Callable[[], None]] = None
 
-    def subscribe(self, channel: str, pattern: bool) -> None:
+    def subscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None:
+        """Subscribe, and wait for redis' confirmation up to ``timeout`` seconds (``None``:
+        :attr:`confirm_timeout`); :class:`BrokerError` if it does not come."""
         if pattern:
-            self._confirm("psubscribe", channel, self._pubsub.psubscribe)
+            self._confirm("psubscribe", channel, self._pubsub.psubscribe, timeout)
         else:
-            self._confirm("subscribe", channel, self._pubsub.subscribe)
+            self._confirm("subscribe", channel, self._pubsub.subscribe, timeout)
 
-    def unsubscribe(self, channel: str, pattern: bool) -> None:
+    def unsubscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None:
+        """As :meth:`subscribe` (``timeout=0``: send it, and do not wait)."""
         if pattern:
-            self._confirm("punsubscribe", channel, self._pubsub.punsubscribe)
+            self._confirm("punsubscribe", channel, self._pubsub.punsubscribe, timeout)
         else:
-            self._confirm("unsubscribe", channel, self._pubsub.unsubscribe)
+            self._confirm("unsubscribe", channel, self._pubsub.unsubscribe, timeout)
 
-    def _confirm(self, kind: str, channel: str, command: Any) -> None:
+    def _confirm(self, kind: str, channel: str, command: Any, timeout: Optional[float] = None) -> None:
+        timeout = self.confirm_timeout if timeout is None else timeout
         key = (kind, channel)
         active = ("p" if kind.startswith("p") else "", channel)
         with self._cond:
@@ -236,12 +240,10 @@ class RedisPubSub:
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
         with self._cond:
-            if not self._cond.wait_for(lambda: waiter.done or self._broken is not None, self.confirm_timeout):
+            if not self._cond.wait_for(lambda: waiter.done or self._broken is not None, timeout):
                 # It stays in line: its confirmation, when it comes, is taken for it (and not
                 # for a later request of the same channel).
-                raise BrokerError(
-                    f"redis unavailable: redis did not confirm {kind} {channel!r} within {self.confirm_timeout} s"
-                )
+                raise BrokerError(f"redis unavailable: redis did not confirm {kind} {channel!r} within {timeout:g} s")
             if not waiter.done:  # the connection failed: no confirmation will come
                 raise BrokerError(str(self._broken))
 

@@ -217,6 +217,47 @@ def test_the_first_sub_on_a_stalled_redis_ends_by_its_timeout():
         stop_redis_server(rp)
 
 
+def test_subs_on_a_stalled_redis_end_by_one_confirmation_timeout():
+    """Two SUBs of new channels while redis stalls longer than the confirmation timeout: the
+    first is NACKed at its timeout (without waiting again to take its SUBSCRIBE back), the
+    second, queued behind it, by the same deadline of its own (not twice that)."""
+    rp = start_redis_server()
+    broker = RedisBroker.from_url(rp.url)
+    server = Server(broker, write_timeout=1.0).start()  # confirm_timeout: 5 s, the least
+    confirm = server.hub.confirm_timeout
+    try:
+        with Client.connect(server.url, connect_timeout=T(5)) as a, Client.connect(server.url, connect_timeout=T(5)) as b:
+            a.sub("warm")  # the hub's connection is up
+            os.kill(rp.proc.pid, signal.SIGSTOP)
+            resume = threading.Timer(confirm + 2, os.kill, (rp.proc.pid, signal.SIGCONT))
+            resume.start()
+            answered: dict[str, float] = {}
+
+            def sub(client: Client, channel: str) -> None:
+                started = time.monotonic()
+                try:
+                    client.sub(channel)
+                except NackError as exc:
+                    assert exc.code == 500
+                answered[channel] = time.monotonic() - started
+
+            try:
+                threads = [threading.Thread(target=sub, args=(c, ch), name=f"sub-{ch}") for c, ch in ((a, "one"), (b, "two"))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(T(30))
+            finally:
+                resume.join()
+            assert set(answered) == {"one", "two"}
+            assert all(took < confirm + 1 for took in answered.values()), answered
+            assert not a.closed and not b.closed
+    finally:
+        server.shutdown()
+        broker.close()
+        stop_redis_server(rp)
+
+
 def test_client_pause_closes_nothing():
     """CLIENT PAUSE (as a failover does): a PUB is NACKed within a second and nothing is closed;
     events flow once the pause ends."""
@@ -397,14 +438,14 @@ class _FakePubSub:
         self.restored: list = []
         self.closed = False
 
-    def subscribe(self, channel, pattern):
+    def subscribe(self, channel, pattern, timeout=None):
         if self.broker.down:
             from juggler import BrokerError
 
             raise BrokerError("redis unavailable: refused")
         self.broker.log.append(("subscribe", pattern, channel))
 
-    def unsubscribe(self, channel, pattern):
+    def unsubscribe(self, channel, pattern, timeout=None):
         self.broker.log.append(("unsubscribe", pattern, channel))
 
     def connect(self):
