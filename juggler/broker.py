@@ -27,7 +27,7 @@ import math
 import socket
 import threading
 from collections import deque
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import redis
 import redis.exceptions
@@ -73,9 +73,13 @@ logger = logging.getLogger("juggler.broker")
 class PubSubConn(Protocol):
     """One redis pub-sub connection's subscriptions."""
 
-    def subscribe(self, channel: str, pattern: bool) -> None: ...
+    def subscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None: ...
 
-    def unsubscribe(self, channel: str, pattern: bool) -> None: ...
+    def unsubscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None: ...
+
+    def connect(self) -> None: ...
+
+    def restore(self, keys: Iterable[tuple[bool, str]], done: Callable[[], None]) -> None: ...
 
     def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]: ...
 
@@ -305,6 +309,7 @@ class RedisBroker(RpcSide, PubSubSide):
             own.close()
         if self._fast is not None:
             self._fast.close()
+        self._close_publishing()
         if self._owns_client:
             close_client(self.client)
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .broker import Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
-from .message import CLIENT_TYPES, CallPayload, Evnt, Message, MessageType, Res, decode, new_uuid
+from .message import CLIENT_TYPES, CallPayload, EventPayload, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
@@ -400,6 +400,11 @@ class Conn(FrameLoop):
         """Unsubscribe this connection; no event of the subscription follows."""
         self._svc.hub.unsubscribe(self, channel, pattern)
 
+    def publish(self, channel: str, payload: EventPayload) -> None:
+        """Publish an event through the server's hub (:class:`BrokerError` at once while redis
+        is known to be down)."""
+        self._svc.hub.publish(channel, payload)
+
     def subscriptions(self) -> set[SubKey]:
         """This connection's subscriptions, as ``(pattern, channel)`` pairs."""
         return self._svc.hub.subscriptions(self)
@@ -432,11 +437,6 @@ class Conn(FrameLoop):
             self.handle(evnt.sharing(event.evnt_payload))
         finally:
             _local.nonblocking = False
-
-    def pubsub_failed(self, exc: BrokerError) -> None:
-        """The server's redis pub-sub connection failed (the hub logged it): close with 1011."""
-        if self.close(CLOSE_INTERNAL_ERROR, "pub-sub listener failed: redis unavailable"):
-            self.logger.info("closed connection %s: its subscriptions were lost: %s", self.uuid, exc)
 
     # -- calls --
 

@@ -76,6 +76,9 @@ class RedisHealth:
         self.outages = 0
         #: How many reconnect attempts :meth:`wait_turn` let through while redis was down.
         self.attempts = 0
+        #: How many reconnects :meth:`wait_turn` let through, while redis was down or after it
+        #: came back (the ``juggler_redis_reconnects_total`` metric).
+        self.reconnects = 0
 
     @property
     def up(self) -> bool:
@@ -122,6 +125,7 @@ class RedisHealth:
                 if self._closed or (stop is not None and stop.is_set()):
                     return False
                 if self._up:
+                    self.reconnects += 1
                     return True
                 now = self._clock()
                 if now >= self._next_turn:
@@ -129,6 +133,7 @@ class RedisHealth:
                     self._delay = min(self._delay * 2, self.cap)
                     self._next_turn = now + self._turn_wait()
                     self.attempts += 1
+                    self.reconnects += 1
                     return True
                 self._cond.wait(self._next_turn - now)
 
@@ -147,3 +152,29 @@ class RedisHealth:
         # "equal jitter": half the delay, plus up to as much again at random, so that servers
         # that saw redis go at the same moment do not come back in step
         return self._delay / 2 + self._jitter() * self._delay / 2
+
+    def request_turn(self, timeout: float) -> bool:
+        """For a request that must be answered soon (a websocket's SUB or PUB): ``True`` at
+        once while redis is up. While it is down, wait up to ``timeout`` seconds for a turn
+        of the backoff (the request's own attempt is then the turn's: ``True``) or for someone
+        else's attempt to succeed (``True``); ``False`` when neither came, or after
+        :meth:`close`: refuse the request without trying redis. Not a reconnect: it counts in
+        :attr:`attempts` only."""
+        if self._up:  # (the common case, without the lock)
+            return not self._closed
+        with self._cond:
+            deadline = self._clock() + timeout
+            while True:
+                if self._closed:
+                    return False
+                if self._up:
+                    return True
+                now = self._clock()
+                if now >= self._next_turn:
+                    self._delay = min(self._delay * 2, self.cap)
+                    self._next_turn = now + self._turn_wait()
+                    self.attempts += 1
+                    return True
+                if now >= deadline:
+                    return False
+                self._cond.wait(min(self._next_turn, deadline) - now)

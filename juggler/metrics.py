@@ -111,6 +111,16 @@ class _CalleeCollector:
         workers = GaugeMetricFamily("juggler_callee_workers", "Worker threads of the pool.", labels=labels)
         workers.add_metric(name, self.callee.workers)
         yield workers
+        # the same two as a server's, for what the callee's process sees of redis
+        health = self.callee.health
+        up = GaugeMetricFamily("juggler_redis_up", "Whether redis answers (1) or not (0), as this process sees it.", labels=labels)
+        up.add_metric(name, 1 if health.up else 0)
+        yield up
+        reconnects = CounterMetricFamily(
+            "juggler_redis_reconnects", "Reconnects to redis let through by the shared backoff.", labels=labels
+        )
+        reconnects.add_metric(name, health.reconnects)
+        yield reconnects
 
 
 class CalleeMetrics:

@@ -163,7 +163,7 @@ def process_msg(conn: "Conn", msg: Message) -> None:
             # its ACK keeps its place ahead of the EVNT the PUB causes, if this connection is
             # subscribed to the channel too
             with conn.ordered():
-                conn.pubsub_broker.publish(msg.channel, EventPayload(msg.uuid, msg.args))
+                conn.publish(msg.channel, EventPayload(msg.uuid, msg.args))
                 conn.send(Ack.to(msg))
             return
         elif isinstance(msg, Sub):

@@ -34,6 +34,7 @@ from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
+from .health import RedisHealth
 from .pubsub import PubSubHub
 from .timer import Timer
 from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
@@ -471,12 +472,23 @@ class Server:
         self._tcp = _TCPServer(self, host, port, reuse_port)
         self.host, self.port = self._tcp.server_address[:2]
         self.timer = Timer("juggler-server-timer", self.logger)
+        #: How this server sees its redis (:class:`~juggler.health.RedisHealth`): its results
+        #: listeners report to it, take their reconnect turns from it, and log the outage once.
+        self.redis_health = RedisHealth(f"server {self.host}:{self.port}", logger=self.logger)
+        #: The same for the pub-sub redis: :attr:`redis_health` itself when pub-sub uses the
+        #: same broker, else one of its own (a pub-sub redis down must not fail the calls).
+        self.pubsub_health = (
+            self.redis_health
+            if self.pubsub_broker is self.broker
+            else RedisHealth(f"server {self.host}:{self.port} pub-sub", logger=self.logger)
+        )
         self.hub = PubSubHub(
             self.pubsub_broker,
             # a subscribe waits for redis behind whatever the hub's reader is handing out
             confirm_timeout=max(5.0, write_timeout),
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
+            health=self.pubsub_health,
         )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
         self._health_lock = threading.Condition()

@@ -8,6 +8,8 @@ import pytest
 
 from juggler.health import RedisHealth
 
+from .conftest import T
+
 
 def test_an_outage_is_logged_once_going_and_once_back(caplog):
     changes = []
@@ -95,3 +97,30 @@ def test_a_bad_backoff_is_refused():
         RedisHealth(base=0, cap=1)
     with pytest.raises(ValueError):
         RedisHealth(base=2, cap=1)
+
+
+def test_a_wait_with_a_timeout_takes_a_due_turn_or_gives_up():
+    now = [100.0]
+    health = RedisHealth(base=1.0, cap=1.0, clock=lambda: now[0], jitter=lambda: 0.0)
+    assert health.request_turn(0)  # up: always
+    health.failed(ConnectionError("down"))
+    assert not health.request_turn(0)  # the first turn comes after base/2 = 0.5 s
+    now[0] += 0.5
+    assert health.request_turn(0)
+    assert not health.request_turn(0)  # taken: the next one is 0.5 s later
+    assert health.attempts == 1
+    health.succeeded()
+    assert health.request_turn(0)
+    health.close()
+    assert not health.request_turn(0)
+
+
+def test_a_request_waits_at_most_its_timeout_for_a_turn():
+    health = RedisHealth(base=5.0, cap=5.0)
+    health.failed(ConnectionError("down"))
+    start = time.monotonic()
+    assert not health.request_turn(0.1)
+    assert 0.09 <= time.monotonic() - start < 1.0
+    # and a success during the wait lets it go at once
+    threading.Timer(0.05, health.succeeded).start()
+    assert health.request_turn(T(5))
