@@ -95,7 +95,7 @@ OPTIONAL_FLAGS = ("--max-connections", "--log-level", "--host", "--grace")
 T_PUB, T_SUB, T_NACK, T_ACK, T_RES, T_EVNT = 2, 3, 7, 8, 9, 10  # message types
 CALL = '{"meta":{"type":1,"uuid":"%s"},"payload":{"uri":"test.echo","timeout":%d,"args":"x"}}'
 SUB = '{"meta":{"type":3,"uuid":"%s"},"payload":{"channel":"faults.%d","pattern":false}}'
-PUB = '{"meta":{"type":2,"uuid":"%s"},"payload":{"channel":"faults.%d","args":{"seq":%d}}}'
+PUB = '{"meta":{"type":2,"uuid":"%s"},"payload":{"channel":"faults.%d","args":{"seq":%d,"t":%.6f}}}'
 REOPEN_FIRST, REOPEN_CAP = 0.2, 2.0  # a closed websocket's reopen backoff (s)
 SUB_RETRY = 0.5  # a NACKed SUB is sent again after this (s)
 TICK = 0.01  # the driver's select timeout (s)
@@ -112,7 +112,7 @@ class Ws:
     """One websocket of a driver and what it saw, across the connections that replace it."""
 
     __slots__ = ("role", "index", "sock", "parser", "out", "opens", "backoff", "reopen_at", "opening", "call",
-                 "deadline", "next_call", "sub_uuid", "sub_retry_at", "times", "last_seq", "ooo")  # fmt: skip
+                 "deadline", "next_call", "sub_uuid", "sub_retry_at", "times", "pub_times", "last_seq", "ooo")  # fmt: skip
 
     def __init__(self, role: str, index: int) -> None:
         self.role, self.index = role, index
@@ -129,6 +129,7 @@ class Ws:
         self.sub_uuid: Optional[str] = None  # the subscriber's SUB awaiting its ACK
         self.sub_retry_at: Optional[float] = None
         self.times = array("d")  # a subscriber's event arrivals (monotonic)
+        self.pub_times = array("d")  # and when each of those events was sent by the publisher
         self.last_seq = -1
         self.ooo = 0  # events that came twice or out of order
 
@@ -159,7 +160,8 @@ class Driver:
         self.pubs_lost = 0
         self.pub_start = 0.0
         self.pubs: dict[str, float] = {}  # PUB uuid -> when sent
-        self.pub_acked = array("d")  # send times of the PUBs ACKed
+        self.pub_times = array("d")  # when each PUB was sent
+        self.pub_acked = array("d")  # how long each ACKed PUB waited for its ACK
         self.pub_nacks: Counter[str] = Counter()
         self.sub_nacks: Counter[str] = Counter()
         self.pings = 0
@@ -258,7 +260,8 @@ class Driver:
         while self.pub_seq < due and w.sock is not None:
             u = str(uuid.uuid4())
             self.pubs[u] = now
-            self.write(w, c.encode_frame(c.OP_TEXT, (PUB % (u, self.pub_seq % self.a.channels, self.pub_seq)).encode()))
+            self.pub_times.append(now)
+            self.write(w, c.encode_frame(c.OP_TEXT, (PUB % (u, self.pub_seq % self.a.channels, self.pub_seq, now)).encode()))
             self.pub_seq += 1
             self.pub_sent += 1
 
@@ -292,6 +295,7 @@ class Driver:
         p = msg["payload"]
         if t == T_EVNT:
             w.times.append(now)
+            w.pub_times.append(p["args"]["t"])
             seq = p["args"]["seq"]
             if seq <= w.last_seq:
                 w.ooo += 1
@@ -303,7 +307,7 @@ class Driver:
             if ft == T_SUB and p.get("for") == w.sub_uuid:
                 w.sub_uuid = None
             elif ft == T_PUB and p.get("for") in self.pubs:
-                self.pub_acked.append(self.pubs.pop(p["for"]))
+                self.pub_acked.append(now - self.pubs.pop(p["for"]))
             return
         if t == T_NACK and ft == T_SUB:
             if p.get("for") == w.sub_uuid:
@@ -430,20 +434,22 @@ class Driver:
             windows.append((f["back"], faults[i + 1]["down"] if i + 1 < len(faults) else t_end, f["down"]))
         out: dict[str, Any] = {"windows": []}
         subs = [w for w in self.ws if w.role == SUBSCRIBER]
-        acked = sorted(self.pub_acked)  # by send time (the ACKs of a reopened publisher may pass older ones)
         for start, end, down in windows:
             k = bisect.bisect_left(self.res_times, start)
             first_res = self.res_times[k] - start if k < len(self.res_times) and self.res_times[k] < end else None
-            per_sub = []  # (events in the window, first one's delay, on a connection opened before the fault)
+            # Per subscriber, the events published in the window (an event published before the
+            # fault that comes after the return proves nothing): (how many, when the first came
+            # after the return, on a connection opened before the fault).
+            per_sub = []
             for w in subs:
-                lo, hi = bisect.bisect_left(w.times, start), bisect.bisect_left(w.times, end)
+                lo, hi = bisect.bisect_left(w.pub_times, start), bisect.bisect_left(w.pub_times, end)
                 if hi > lo:
                     first = w.times[lo]
                     opened = w.opens[bisect.bisect_right(w.opens, first) - 1]
                     per_sub.append((hi - lo, first - start, opened <= down))
                 else:
                     per_sub.append((0, None, False))
-            published = bisect.bisect_left(acked, end) - bisect.bisect_left(acked, start)
+            published = bisect.bisect_left(self.pub_times, end) - bisect.bisect_left(self.pub_times, start)
             out["windows"].append({"first_res": first_res, "subs": per_sub, "published": published})
         out.update(
             sent=self.sent,
@@ -454,6 +460,7 @@ class Driver:
             reopens=self.reopens,
             open_failures=dict(self.open_failures),
             pub_acks=len(self.pub_acked),
+            pub_ack_waits=sorted(self.pub_acked),
             pub_sent=self.pub_sent,
             pub_unanswered=len(self.pubs) + self.pubs_lost,
             latest_second=self.latest_second,
@@ -708,6 +715,7 @@ def run_soak(tree: str, a: argparse.Namespace, logdir: str, log: Callable[..., N
         r["opened"], r["open failures"] = opened, dict(failures)
         log(f"  {opened} websockets open (+ the publisher){f', failures {dict(failures)}' if failures else ''}")
         t_warm = time.monotonic()
+        cpu0 = {name: c.cpu_seconds(pid) for name, pid in stack.pids().items()}
         for _, pipe in workers:
             pipe.send(("start",))
         time.sleep(a.warmup)
@@ -737,6 +745,8 @@ def run_soak(tree: str, a: argparse.Namespace, logdir: str, log: Callable[..., N
         r["loaded after"] = readings(stack)
         r["redis clients by command, loaded after"] = redis_client_kinds(stack.redis_port)
         t_end = time.monotonic()
+        r["cpu % of a core"] = {name: round(100 * (c.cpu_seconds(pid) - cpu0[name]) / (t_end - t_warm))
+                                for name, pid in stack.pids().items()}  # fmt: skip
         for _, pipe in workers:
             pipe.send(("stop",))
         time.sleep(a.call_timeout + a.grace + 0.5)  # every call in flight ends by then
@@ -781,6 +791,8 @@ def merge(r: dict[str, Any], results: list[dict[str, Any]], a: argparse.Namespac
     r["outcomes"] = dict(outcomes.most_common())
     r["second outcomes"] = dict(second)
     r["latest second outcome"] = max(x["latest_second"] for x in results)
+    waits = sorted(v for x in results for v in x.pop("pub_ack_waits"))
+    r["PUB ACK wait s (p50, p99, max)"] = [round(c.percentile(waits, p), 3) for p in (50, 99, 100)]
     for key in ("reopens", "pub_sent", "pub_acks", "pub_unanswered", "ooo", "events", "pings"):
         r[key] = sum(x[key] for x in results)
     r["driver cpu seconds"] = [round(x["cpu"], 1) for x in results]
@@ -846,7 +858,7 @@ def format_report(r: dict[str, Any], a: argparse.Namespace) -> str:
     lines = [f"{r['rev']}  ({r['tree']})" + (f"  (this tree lacks: {', '.join(r['notes'])})" if r["notes"] else ""),
              f"{r['opened']} of {a.websockets} websockets opened ({r['callers']} calling, {r['subscribers']} subscribed"
              f" to {a.channels} channels) + 1 publisher; {r['traffic seconds']:.0f} s of traffic", "",
-             f"{'fault':<12}{'at s':>7}{'back after':>11}{'closed':>8}{'1st RES s':>10}{'published':>10}"
+             f"{'fault':<12}{'at s':>7}{'back after':>11}{'closed':>8}{'1st RES s':>10}{'PUBs sent':>10}"
              f"{'subs w/ events: kept + reopened':>33}{'fewest':>7}{'median':>7}{'longest wait s':>15}"
              "  calls without a RES (and second outcomes)"]  # fmt: skip
     rows = [("before", None, r["before faults"])] + [(f"{i + 1} {f['kind']}", f, f) for i, f in enumerate(r["faults"])]
@@ -864,6 +876,7 @@ def format_report(r: dict[str, Any], a: argparse.Namespace) -> str:
         lines.append("  second outcomes: " + ", ".join(f"{k} {v}" for k, v in r["second outcomes"].items())
                      + f"; the latest {r['latest second outcome']:.2f} s after the client's timer")
     lines.append(f"events: {r['events']} delivered, {r['ooo']} twice or out of order; PUBs sent {r['pub_sent']}, ACKed {r['pub_acks']}"
+                 + f" (waited p50/p99/max {'/'.join(map(str, r['PUB ACK wait s (p50, p99, max)']))} s)"
                  + (f", unanswered at the end {r['pub_unanswered']}" if r["pub_unanswered"] else "")
                  + (f", NACKed {r['pub_nacks']}" if r["pub_nacks"] else "") + (f"; SUB NACKs {r['sub_nacks']}" if r["sub_nacks"] else ""))  # fmt: skip
     if r["closes"]:
@@ -871,7 +884,8 @@ def format_report(r: dict[str, Any], a: argparse.Namespace) -> str:
                      f" of {r['opened']}, the publisher {r['publisher closed']} times: "
                      + "; ".join(f"{v} x {k}" for k, v in r["closes"].items()))  # fmt: skip
         lines.append(f"  reopened by the drivers: {r['reopens']} times" + (f" (failed: {r['open_failures']})" if r["open_failures"] else ""))
-    lines.append(f"driver CPU s: {r['driver cpu seconds']}, server pings answered {r['pings']}")
+    lines.append(f"CPU over the traffic (% of a core): {r['cpu % of a core']}; the drivers' CPU s: {r['driver cpu seconds']};"
+                 f" server pings answered {r['pings']}")  # fmt: skip
     stages = ("idle before", "loaded before", "loaded after", "idle after")
     lines += ["", f"{'reading':<28}" + "".join(f"{s:>15}" for s in stages) + "  at the end, at most"]
     for key in r["idle before"]:
