@@ -19,7 +19,10 @@ import) open ``--websockets`` N websockets:
   first RES measures the server, not the callers' timers (the report says when it does not);
 - the others each SUB one of ``--channels`` (10) channels (``faults.K``), and one more websocket
   (the publisher, not one of the N) PUBs numbered events round-robin over them at ``--rate``
-  (200) events/s.
+  (200) events/s, but with no more than ``--pubs-in-flight`` (20) unanswered: a PUB due beyond
+  that is skipped (and counted), so a server that falls behind builds no backlog that would
+  deliver, after a fault, events published before it. An event counts in the window of the
+  fault it was published after.
 
 After ``--warmup`` s it takes the baseline readings, then spreads the faults evenly over
 ``--duration`` s: ``--restarts`` (5) times redis is killed (SIGKILL), stays down ``--down`` s and
@@ -158,6 +161,7 @@ class Driver:
         self.pub_seq = 0
         self.pub_sent = 0
         self.pubs_lost = 0
+        self.pub_due = 0  # PUBs --rate asked for, over the traffic
         self.pub_start = 0.0
         self.pubs: dict[str, float] = {}  # PUB uuid -> when sent
         self.pub_times = array("d")  # when each PUB was sent
@@ -255,9 +259,14 @@ class Driver:
             self.marks.append((time.monotonic(), MARKS[kind.split(" ")[0]]))
 
     def publish(self, w: Ws, now: float) -> None:
+        """The PUBs due at ``--rate``, but never more than ``--pubs-in-flight`` unanswered: those
+        over it are skipped (the report counts them), so that a server that falls behind holds
+        no backlog that would make the events after a return stale."""
         due = int((now - self.pub_start) * self.a.rate)
-        self.pub_seq = max(self.pub_seq, due - 20)  # what a closed publisher missed is skipped, not sent in a burst
         while self.pub_seq < due and w.sock is not None:
+            if len(self.pubs) >= self.a.pubs_in_flight:
+                self.pub_seq = due
+                return
             u = str(uuid.uuid4())
             self.pubs[u] = now
             self.pub_times.append(now)
@@ -392,6 +401,7 @@ class Driver:
                             self.sending, self.pub_start = True, time.monotonic()
                         elif order[0] == "stop":
                             self.sending = False
+                            self.pub_due = int((time.monotonic() - self.pub_start) * self.a.rate)
                         elif order[0] == "finish":
                             self.sel.unregister(pipe)
                             pipe.send(("result", self.result(*order[1:])))
@@ -462,6 +472,7 @@ class Driver:
             pub_acks=len(self.pub_acked),
             pub_ack_waits=sorted(self.pub_acked),
             pub_sent=self.pub_sent,
+            pub_due=self.pub_due,
             pub_unanswered=len(self.pubs) + self.pubs_lost,
             latest_second=self.latest_second,
             pub_nacks=dict(self.pub_nacks),
@@ -793,7 +804,7 @@ def merge(r: dict[str, Any], results: list[dict[str, Any]], a: argparse.Namespac
     r["latest second outcome"] = max(x["latest_second"] for x in results)
     waits = sorted(v for x in results for v in x.pop("pub_ack_waits"))
     r["PUB ACK wait s (p50, p99, max)"] = [round(c.percentile(waits, p), 3) for p in (50, 99, 100)]
-    for key in ("reopens", "pub_sent", "pub_acks", "pub_unanswered", "ooo", "events", "pings"):
+    for key in ("reopens", "pub_due", "pub_sent", "pub_acks", "pub_unanswered", "ooo", "events", "pings"):
         r[key] = sum(x[key] for x in results)
     r["driver cpu seconds"] = [round(x["cpu"], 1) for x in results]
     closes = sorted(cl for x in results for cl in x["closes"])
@@ -875,7 +886,8 @@ def format_report(r: dict[str, Any], a: argparse.Namespace) -> str:
     if r["second outcomes"]:
         lines.append("  second outcomes: " + ", ".join(f"{k} {v}" for k, v in r["second outcomes"].items())
                      + f"; the latest {r['latest second outcome']:.2f} s after the client's timer")
-    lines.append(f"events: {r['events']} delivered, {r['ooo']} twice or out of order; PUBs sent {r['pub_sent']}, ACKed {r['pub_acks']}"
+    lines.append(f"events: {r['events']} delivered, {r['ooo']} twice or out of order; PUBs sent {r['pub_sent']} of {r['pub_due']} due"
+                 f" (the others skipped: {a.pubs_in_flight} unanswered, or no publisher), ACKed {r['pub_acks']}"
                  + f" (waited p50/p99/max {'/'.join(map(str, r['PUB ACK wait s (p50, p99, max)']))} s)"
                  + (f", unanswered at the end {r['pub_unanswered']}" if r["pub_unanswered"] else "")
                  + (f", NACKed {r['pub_nacks']}" if r["pub_nacks"] else "") + (f"; SUB NACKs {r['sub_nacks']}" if r["sub_nacks"] else ""))  # fmt: skip
@@ -910,6 +922,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--callers", type=int, help="of them, how many call (default a fifth)")
     ap.add_argument("--channels", type=int, default=10, help="channels the others subscribe to, one each (default 10)")
     ap.add_argument("--rate", type=float, default=200.0, help="events published per second, over all channels (default 200)")
+    ap.add_argument("--pubs-in-flight", type=int, default=20, help="PUBs unanswered at once, at the most (default 20)")
     ap.add_argument("--callees", type=int, default=2, help="callee processes (default 2)")
     ap.add_argument("--restarts", type=int, default=5, help="times redis is killed and started again (default 5)")
     ap.add_argument("--down", type=float, default=1.0, help="seconds redis stays down at each restart (default 1)")
