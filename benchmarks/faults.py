@@ -19,10 +19,10 @@ import) open ``--websockets`` N websockets:
   first RES measures the server, not the callers' timers (the report says when it does not);
 - the others each SUB one of ``--channels`` (10) channels (``faults.K``), and one more websocket
   (the publisher, not one of the N) PUBs numbered events round-robin over them at ``--rate``
-  (200) events/s, but with no more than ``--pubs-in-flight`` (20) unanswered: a PUB due beyond
-  that is skipped (and counted), so a server that falls behind builds no backlog that would
-  deliver, after a fault, events published before it. An event counts in the window of the
-  fault it was published after.
+  (200) events/s, but with no more than ``--pubs-in-flight`` (a second's worth) unanswered: a
+  PUB due beyond that is skipped (and counted), so a server that falls behind builds no backlog
+  in which the events published after a return would wait. An event counts in the window of
+  the fault it was published after.
 
 After ``--warmup`` s it takes the baseline readings, then spreads the faults evenly over
 ``--duration`` s: ``--restarts`` (5) times redis is killed (SIGKILL), stays down ``--down`` s and
@@ -922,7 +922,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--callers", type=int, help="of them, how many call (default a fifth)")
     ap.add_argument("--channels", type=int, default=10, help="channels the others subscribe to, one each (default 10)")
     ap.add_argument("--rate", type=float, default=200.0, help="events published per second, over all channels (default 200)")
-    ap.add_argument("--pubs-in-flight", type=int, default=20, help="PUBs unanswered at once, at the most (default 20)")
+    ap.add_argument("--pubs-in-flight", type=int, help="PUBs unanswered at once, at the most (default: a second's worth of --rate)")
     ap.add_argument("--callees", type=int, default=2, help="callee processes (default 2)")
     ap.add_argument("--restarts", type=int, default=5, help="times redis is killed and started again (default 5)")
     ap.add_argument("--down", type=float, default=1.0, help="seconds redis stays down at each restart (default 1)")
@@ -944,6 +944,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error("--websockets at least 2; --channels, --callees, --load-processes at least 1; --rate above 0")
     if a.callers is not None and not 0 < a.callers < a.websockets:
         ap.error("--callers must be between 0 and --websockets, both excluded")
+    if a.pubs_in_flight is None:
+        a.pubs_in_flight = max(1, int(a.rate))
     if not fault_plan(a):
         ap.error("no faults: give --restarts or --stall")
     return a
