@@ -153,6 +153,7 @@ class Driver:
         self.latest_second = 0.0  # the latest second outcome, in s past the client's deadline
         self.second: Counter[str] = Counter()  # "res after expired", ...
         self.marks: list[tuple[float, str]] = []  # (when, MARKS[outcome]) of the calls that got no RES, and second outcomes
+        self.late: list[tuple[float, float]] = []  # (when, how long after the client's timer) of the second outcomes
         self.sent = 0
         self.res_times = array("d")
         self.closes: list[tuple[float, str, int, str]] = []  # (when, role, index, why)
@@ -344,6 +345,7 @@ class Driver:
                 first, deadline = self.ended.get(p.get("for"), ("no call of ours", now))
                 self.second[f"{kind.split(' ')[0]} after {first}"] += 1
                 self.marks.append((now, "2nd"))
+                self.late.append((now, now - deadline))
                 self.latest_second = max(self.latest_second, now - deadline)
 
     def readable(self, w: Ws, now: float) -> None:
@@ -467,6 +469,7 @@ class Driver:
             second=dict(self.second),
             closes=self.closes,
             marks=self.marks,
+            late=self.late,
             reopens=self.reopens,
             open_failures=dict(self.open_failures),
             pub_acks=len(self.pub_acked),
@@ -809,6 +812,7 @@ def merge(r: dict[str, Any], results: list[dict[str, Any]], a: argparse.Namespac
     r["driver cpu seconds"] = [round(x["cpu"], 1) for x in results]
     closes = sorted(cl for x in results for cl in x["closes"])
     marks = [m for x in results for m in x["marks"]]
+    late = [m for x in results for m in x["late"]]
     r["closes"] = dict(Counter(f"{role}: {why}" for _, role, _, why in closes).most_common())
     r["closed websockets"] = sum(1 for _, role, _, _ in closes if role != PUBLISHER)
     r["distinct websockets closed"] = len({(role, i) for _, role, i, _ in closes if role != PUBLISHER})
@@ -831,6 +835,7 @@ def merge(r: dict[str, Any], results: list[dict[str, Any]], a: argparse.Namespac
             "longest wait for an event": max((s[1] for s in with_events), default=None),
             "closed": sum(1 for t, role, _, _ in closes if lo <= t < bounds[i] and role != PUBLISHER),
             "calls": dict(Counter(kind for t, kind in marks if lo <= t < bounds[i])),
+            "latest second outcome": max((s for t, s in late if lo <= t < bounds[i]), default=None),
         })  # fmt: skip
     r["before faults"] = windows[0]
     for f, w in zip(faults, windows[1:]):
@@ -878,7 +883,9 @@ def format_report(r: dict[str, Any], a: argparse.Namespace) -> str:
         lines.append(f"{name:<12}{_s(f and f['down'], '.1f'):>7}{_s(f and f['back'] - f['down']):>11}{w['closed']:>8}"
                      f"{_s(w['first_res'], '.3f'):>10}{w['published']:>10}{subs:>33}{w['fewest events']:>7}"
                      f"{w['median events']:>7g}{_s(w['longest wait for an event'], '.3f'):>15}  "
-                     + (" ".join(f"{k} {v}" for k, v in sorted(w["calls"].items())) or "-"))  # fmt: skip
+                     + (" ".join(f"{k} {v}" for k, v in sorted(w["calls"].items())) or "-")
+                     + (f" (the latest {w['latest second outcome']:.2f} s after the client's timer)"
+                        if w["latest second outcome"] is not None else ""))  # fmt: skip
     if a.call_timeout + a.grace >= min(a.down, a.stall or a.down):
         lines.append(f"(an outage is no longer than a call's timeout + grace, {a.call_timeout + a.grace:g} s: the time to the"
                      " first RES includes the callers' wait for their lost calls to expire)")  # fmt: skip
