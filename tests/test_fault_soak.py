@@ -69,6 +69,10 @@ def test_no_websocket_is_closed_because_redis_went_away(soak):
     assert report["checks"]["websockets closed by the server"] == (0, True), show()
 
 
+# With faults-calls and faults-pubsub merged (as of dc0d508 and 75e0903) this one still fails:
+# after the stall, RES come for calls whose client timer had run out, and a few for calls that
+# had got NACK 500 (likely: a call or result whose store redis ran when it resumed, with a TTL
+# counted from then).
 @NEEDS_OUTAGE_WORK
 def test_every_call_ends_exactly_once(soak):
     report, show = soak
