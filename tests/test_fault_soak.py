@@ -79,7 +79,6 @@ def test_every_call_ends_exactly_once(soak):
     assert report["checks"]["calls without exactly one outcome"] == (0, True), show()
 
 
-@NEEDS_OUTAGE_WORK
 def test_every_subscriber_gets_events_again_with_no_client_action(soak):
     report, show = soak
     assert report["checks"]["kept-open subscribers with no event after a return"] == (0, True), show()
