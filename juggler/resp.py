@@ -113,7 +113,7 @@ class RespConnection:
     def _fail(self, exc: BaseException) -> redis.exceptions.RedisError:
         self.broken = True
         if isinstance(exc, (socket.timeout, BlockingIOError)):  # (SO_RCVTIMEO, SO_SNDTIMEO)
-            return redis.exceptions.TimeoutError(f"Timeout reading from socket: {exc}")
+            return redis.exceptions.TimeoutError(f"Timeout talking to redis: {exc}")
         return redis.exceptions.ConnectionError(f"Error while talking to redis: {exc}")
 
     def _wrong(self, what: str) -> redis.exceptions.ConnectionError:
