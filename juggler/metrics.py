@@ -57,6 +57,11 @@ class _ServerCollector:
             ("juggler_oversized_messages", "oversized_messages", "Messages over write_limit (RES sent as an error)."),
         ):
             yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
+        healths = s.redis_healths()
+        yield GaugeMetricFamily("juggler_redis_up", "1 while the server sees its redis (each of them) up, 0 while "
+                                "its listeners reconnect.", value=int(all(h.up for h in healths)))  # fmt: skip
+        yield CounterMetricFamily("juggler_redis_reconnects", "Reconnects of the server's redis listeners after "
+                                  "redis failed them.", value=sum(h.reconnects for h in healths))  # fmt: skip
         conns = s.connections
         yield GaugeMetricFamily("juggler_connections_active", "Open websocket connections.", value=len(conns))
         yield GaugeMetricFamily(

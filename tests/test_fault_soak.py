@@ -63,7 +63,6 @@ def test_calls_succeed_again_soon_after_each_return(soak):
     assert ok, show()
 
 
-@NEEDS_OUTAGE_WORK
 def test_no_websocket_is_closed_because_redis_went_away(soak):
     report, show = soak
     assert report["checks"]["websockets closed by the server"] == (0, True), show()

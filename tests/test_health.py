@@ -124,3 +124,58 @@ def test_a_request_waits_at_most_its_timeout_for_a_turn():
     # and a success during the wait lets it go at once
     threading.Timer(0.05, health.succeeded).start()
     assert health.request_turn(T(5))
+
+
+def test_a_request_tries_once_per_turn_while_redis_is_down():
+    now = [0.0]
+    health = RedisHealth(base=0.1, cap=0.4, clock=lambda: now[0], jitter=lambda: 1.0)
+    assert health.try_turn()  # up: always
+    health.failed(ConnectionError("down"))
+    assert not health.try_turn()  # its first turn comes 0.1 s later
+    now[0] = 0.1
+    assert health.try_turn() and not health.try_turn()  # one request per turn
+    now[0] = 0.29
+    assert not health.try_turn()
+    now[0] = 0.31
+    assert health.try_turn()
+    assert health.attempts == 2 and health.reconnects == 0
+    health.succeeded()
+    assert health.try_turn() and health.try_turn()
+
+
+def test_reconnects_counts_every_turn_a_listener_takes():
+    health = RedisHealth(base=0.01, cap=0.01)
+    assert health.wait_turn()  # up: at once, and counted
+    health.failed(ConnectionError("down"))
+    assert health.wait_turn()
+    assert (health.reconnects, health.attempts) == (2, 1)
+
+
+def test_one_probe_at_a_time_and_it_sees_an_outage_found_meanwhile():
+    health = RedisHealth()
+    inside = threading.Event()
+    release = threading.Event()
+    seen = []
+
+    def first():
+        with health.probe() as up:
+            seen.append(("first", up))
+            inside.set()
+            release.wait(5)
+            health.failed(ConnectionError("refused"))
+
+    def second():
+        with health.probe() as up:
+            seen.append(("second", up))
+
+    t1 = threading.Thread(target=first, name="test-probe-1")
+    t1.start()
+    assert inside.wait(5)
+    t2 = threading.Thread(target=second, name="test-probe-2")
+    t2.start()
+    t2.join(0.1)
+    assert t2.is_alive()  # waits for the first probe's outcome
+    release.set()
+    t1.join(5)
+    t2.join(5)
+    assert seen == [("first", True), ("second", False)]
