@@ -423,12 +423,15 @@ def measure(impl: str, tree: Optional[str], scenario: str, args: argparse.Namesp
         if scenario in ("fanout", "big"):
             time.sleep(1.0)  # the initial state reaches every client
             cpu0 = c.cpu_seconds(server.pid)
+            dcpu0 = sum(c.cpu_seconds(d.pid) for d in drivers)
+            t0 = time.monotonic()
             server.send("go")
             done = server.reply(args.duration + 120)
             for d in drivers:
                 d.send("converge", seq=done["final_seq"], hash=done["final"], timeout=args.converge_timeout)
             results = [d.reply(args.converge_timeout + 60) for d in drivers]
             cpu = c.cpu_seconds(server.pid) - cpu0
+            out["clients_cpu_pct"] = 100 * (sum(c.cpu_seconds(d.pid) for d in drivers) - dcpu0) / (time.monotonic() - t0)
             lat = sorted(x for r in results for x in r["latencies"])
             out.update(made=done["made"], of=done["of"], converged=sum(r["converged"] for r in results),
                        closed=sum(r["closed"] for r in results), cpu=cpu,
@@ -477,7 +480,8 @@ def fmt_row(scenario: str, m: dict[str, Any]) -> str:
         return (f"made {m['made']:4d}/{m['of']:<4d} converged {m['converged']:4d}/{m['clients']:<4d} "
                 f"cpu {m['cpu']:6.2f} s  per change {m['cpu_per_change'] * 1e3:8.2f} ms  "
                 f"per change x client {m['cpu_per_change_client'] * 1e6:7.2f} us  "
-                f"latency p50 {m['lat_p50'] * 1e3:6.0f} ms p99 {m['lat_p99'] * 1e3:6.0f} ms")  # fmt: skip
+                f"latency p50 {m['lat_p50'] * 1e3:6.0f} ms p99 {m['lat_p99'] * 1e3:6.0f} ms  "
+                f"clients' CPU {m['clients_cpu_pct']:4.0f} %  DATA {m['deliveries']}")  # fmt: skip
     if scenario == "idle":
         return (f"connected {m['connected']:5d}  threads {m['threads']:5d} ({m['threads_per_conn']:.2f}/conn)  "
                 f"RSS/conn {m['rss_per_conn'] / 1024:6.1f} KB  idle CPU {m['idle_cpu_pct']:5.2f} %")  # fmt: skip
