@@ -17,7 +17,11 @@ fanout
     time of the change) and hands it to every connection (``conn.set_local_data(state)``).
     Reports the changes made (the application's loop is paced, not skipped: a loop held back
     makes fewer), whether every client converged to the final state (a hash of it), server CPU
-    per change x client, and the change-to-client latency of every state a client saw.
+    per change x client, and the change-to-client latency: for each change and each client,
+    the time from the change until the client had it (in its own DATA, or coalesced into a
+    later one). Also the age of each state a client saw when it saw it, the DATA messages the
+    clients got, and the CPU the client processes used (% of one core): when they cannot keep
+    up, the latency is theirs, not the server's.
 big
     The same with a 1 MB state (``--big-kb``), ``--big-clients`` (50) clients and one change a
     second: server CPU per change.
@@ -161,6 +165,7 @@ def run_changes(app: App, set_all: Callable[[dict[str, Any]], None]) -> Any:
     t0 = time.monotonic()
     end = t0 + a.duration
     made = 0
+    times = []
     for seq in range(1, total + 1):
         due = t0 + seq / a.rate
         now = time.monotonic()
@@ -168,10 +173,12 @@ def run_changes(app: App, set_all: Callable[[dict[str, Any]], None]) -> Any:
             yield due - now
         if time.monotonic() > end + 0.5 / a.rate:
             break
-        set_all(app.state.change(seq))
+        state = app.state.change(seq)
+        set_all(state)
+        times.append(state["t"])
         made += 1
     return {"made": made, "of": total, "elapsed": time.monotonic() - t0, "final": canon_hash(app.state.value),
-            "final_seq": app.state.value["seq"]}  # fmt: skip
+            "final_seq": app.state.value["seq"], "times": times}  # fmt: skip
 
 
 def server_ours(args: argparse.Namespace) -> None:
@@ -260,7 +267,8 @@ def driver(args: argparse.Namespace) -> None:
         stdin_lines(lambda cmd: loop.call_soon_threadsafe(cmds.put_nowait, cmd))
         conns: list[Any] = []
         last_seq: list[Optional[int]] = []
-        latencies: list[float] = []
+        arrivals: list[list[tuple[float, int]]] = []  # per client: (when, seq) of each state seen
+        ages: list[float] = []  # of each state a client saw, when it saw it
         failures: dict[str, int] = {}
         sem = asyncio.Semaphore(50)
 
@@ -271,7 +279,9 @@ def driver(args: argparse.Namespace) -> None:
                 if seq is not None and seq != last_seq[i]:
                     last_seq[i] = seq
                     if seq > 0:
-                        latencies.append(time.monotonic() - data["t"])
+                        now = time.monotonic()
+                        ages.append(now - data["t"])
+                        arrivals[i].append((now, seq))
 
             return changed
 
@@ -284,6 +294,7 @@ def driver(args: argparse.Namespace) -> None:
                     failures[key] = failures.get(key, 0) + 1
                     return
                 last_seq.append(None)
+                arrivals.append([])
                 conns.append(conn)
                 conn.register_change_cb(watcher(len(conns) - 1, conn))
 
@@ -296,7 +307,19 @@ def driver(args: argparse.Namespace) -> None:
             while time.monotonic() < deadline and not all(s == target for s in last_seq):
                 await asyncio.sleep(0.05)
             ok = sum(1 for conn in conns if conn.is_open and canon_hash(conn.remote_data) == cmd["hash"])
-            return {"converged": ok, "clients": len(conns), "latencies": latencies,
+            # change-to-client latency: for each change and client, until the client had it (or
+            # a later state: a change coalesced into a later patch reaches the client with it)
+            times = cmd["times"]
+            latencies = []
+            for events in arrivals:
+                j = 0
+                for k, t in enumerate(times, 1):
+                    while j < len(events) and events[j][1] < k:
+                        j += 1
+                    if j == len(events):
+                        break  # never reached it (counted by "converged")
+                    latencies.append(round(events[j][0] - t, 4))
+            return {"converged": ok, "clients": len(conns), "latencies": latencies, "ages": [round(a, 4) for a in ages],
                     "closed": sum(1 for conn in conns if not conn.is_open)}  # fmt: skip
 
         async def sets(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -428,17 +451,19 @@ def measure(impl: str, tree: Optional[str], scenario: str, args: argparse.Namesp
             server.send("go")
             done = server.reply(args.duration + 120)
             for d in drivers:
-                d.send("converge", seq=done["final_seq"], hash=done["final"], timeout=args.converge_timeout)
+                d.send("converge", seq=done["final_seq"], hash=done["final"], times=done["times"],
+                       timeout=args.converge_timeout)
             results = [d.reply(args.converge_timeout + 60) for d in drivers]
             cpu = c.cpu_seconds(server.pid) - cpu0
             out["clients_cpu_pct"] = 100 * (sum(c.cpu_seconds(d.pid) for d in drivers) - dcpu0) / (time.monotonic() - t0)
             lat = sorted(x for r in results for x in r["latencies"])
+            ages = sorted(x for r in results for x in r["ages"])
             out.update(made=done["made"], of=done["of"], converged=sum(r["converged"] for r in results),
                        closed=sum(r["closed"] for r in results), cpu=cpu,
                        cpu_per_change=cpu / max(1, done["made"]),
                        cpu_per_change_client=cpu / max(1, done["made"] * out["connected"]),
                        lat_p50=c.percentile(lat, 50), lat_p99=c.percentile(lat, 99), lat_max=lat[-1] if lat else 0.0,
-                       deliveries=len(lat))  # fmt: skip
+                       age_p50=c.percentile(ages, 50), age_p99=c.percentile(ages, 99), deliveries=len(ages))  # fmt: skip
         elif scenario == "idle":
             time.sleep(2.0)
             st = c.proc_status(server.pid)
@@ -481,7 +506,8 @@ def fmt_row(scenario: str, m: dict[str, Any]) -> str:
                 f"cpu {m['cpu']:6.2f} s  per change {m['cpu_per_change'] * 1e3:8.2f} ms  "
                 f"per change x client {m['cpu_per_change_client'] * 1e6:7.2f} us  "
                 f"latency p50 {m['lat_p50'] * 1e3:6.0f} ms p99 {m['lat_p99'] * 1e3:6.0f} ms  "
-                f"clients' CPU {m['clients_cpu_pct']:4.0f} %  DATA {m['deliveries']}")  # fmt: skip
+                f"(age of states seen p99 {m['age_p99'] * 1e3:6.0f} ms)  clients' CPU {m['clients_cpu_pct']:4.0f} %  "
+                f"DATA {m['deliveries']}")  # fmt: skip
     if scenario == "idle":
         return (f"connected {m['connected']:5d}  threads {m['threads']:5d} ({m['threads_per_conn']:.2f}/conn)  "
                 f"RSS/conn {m['rss_per_conn'] / 1024:6.1f} KB  idle CPU {m['idle_cpu_pct']:5.2f} %")  # fmt: skip

@@ -12,7 +12,9 @@ frames and who owns the threads around them. It runs on two threads, named
   patches, between the data last sent and the current local data, so they go out in the
   order they were made and never block whoever changed the data. It gets them from a
   :class:`PatchCache` (a server's connections share one), so connections that go from the same
-  data to the same data send one patch, computed and encoded once.
+  data to the same data send one patch, computed and encoded once. When the autoflush delay
+  ends and the socket is free, the timer thread sends the patch itself (see
+  ``Connection._autoflush_due``).
 
 Timed things (the autoflush delay, keepalive pings, the idle timeout, the close deadline) are
 entries in a :class:`~juggler.timer.Timer`: the server's, shared by its connections, or one a
