@@ -145,20 +145,24 @@ class App:
 
         conn.register_change_cb(changed)
 
-    def alive(self) -> list[Any]:
+    def set_all(self, state: dict[str, Any]) -> None:
+        """Hand ``state`` to every connection (both servers' closed connections raise a
+        ConnectionError: juggler's ConnectionClosed is one)."""
         with self.lock:
-            return list(self.conns)
-
-    def forget(self, conn: Any) -> None:
-        with self.lock:
-            if conn in self.conns:
-                self.conns.remove(conn)
+            conns = list(self.conns)
+        for conn in conns:
+            try:
+                conn.set_local_data(state)
+            except ConnectionError:
+                with self.lock:
+                    self.conns.remove(conn)
 
     def status(self) -> dict[str, Any]:
-        return {"conns": len(self.alive()), "received": sum(self.received)}
+        with self.lock:
+            return {"conns": len(self.conns), "received": sum(self.received)}
 
 
-def run_changes(app: App, set_all: Callable[[dict[str, Any]], None]) -> Any:
+def run_changes(app: App) -> Any:
     """The paced loop, as a generator of sleeps (so the same code runs on a thread and in asyncio)."""
     a = app.args
     total = int(a.rate * a.duration)
@@ -171,48 +175,47 @@ def run_changes(app: App, set_all: Callable[[dict[str, Any]], None]) -> Any:
         now = time.monotonic()
         if due > now:
             yield due - now
-        if time.monotonic() > end + 0.5 / a.rate:
+        if time.monotonic() > end + 0.1:  # late by more than scheduling jitter: held back
             break
         state = app.state.change(seq)
-        set_all(state)
+        app.set_all(state)
         times.append(state["t"])
         made += 1
     return {"made": made, "of": total, "elapsed": time.monotonic() - t0, "final": canon_hash(app.state.value),
             "final_seq": app.state.value["seq"], "times": times}  # fmt: skip
 
 
+async def serve_commands(app: App) -> None:
+    """Answer the harness (go, status, quit) on an asyncio loop, and run the application's
+    loop of changes when told: on the loop's thread, which is where hat-juggler's server
+    wants its calls (ours takes them from any thread)."""
+    loop = asyncio.get_running_loop()
+    cmds: "asyncio.Queue[dict[str, Any]]" = asyncio.Queue()
+    stdin_lines(lambda cmd: loop.call_soon_threadsafe(cmds.put_nowait, cmd))
+    emit({"ready": True, "pid": os.getpid()})
+    while True:
+        cmd = await cmds.get()
+        if cmd["cmd"] == "go":
+            gen = run_changes(app)
+            try:
+                while True:
+                    await asyncio.sleep(next(gen))
+            except StopIteration as stop:
+                emit(stop.value)
+        elif cmd["cmd"] == "status":
+            emit(app.status())
+        elif cmd["cmd"] == "quit":
+            return
+
+
 def server_ours(args: argparse.Namespace) -> None:
     from juggler import statesync
-    from juggler.exceptions import ConnectionClosed
 
     app = App(args)
     server = statesync.listen("127.0.0.1", args.port, app.on_connection, autoflush_delay=args.autoflush,
                               max_connections=args.max_connections)  # fmt: skip
-    cmds: "queue.Queue[dict[str, Any]]" = queue.Queue()
-    stdin_lines(cmds.put)
-    emit({"ready": True, "pid": os.getpid()})
-
-    def set_all(state: dict[str, Any]) -> None:
-        for conn in app.alive():
-            try:
-                conn.set_local_data(state)
-            except ConnectionClosed:
-                app.forget(conn)
-
     try:
-        while True:
-            cmd = cmds.get()
-            if cmd["cmd"] == "go":
-                gen = run_changes(app, set_all)
-                try:
-                    while True:
-                        time.sleep(next(gen))
-                except StopIteration as stop:
-                    emit(stop.value)
-            elif cmd["cmd"] == "status":
-                emit(app.status())
-            elif cmd["cmd"] == "quit":
-                return
+        asyncio.run(serve_commands(app))
     finally:
         server.close()
 
@@ -221,34 +224,10 @@ def server_hat(args: argparse.Namespace) -> None:
     import hat.juggler as hj
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         app = App(args)
-        cmds: "asyncio.Queue[dict[str, Any]]" = asyncio.Queue()
         server = await hj.listen("127.0.0.1", args.port, app.on_connection, autoflush_delay=args.autoflush)
-        stdin_lines(lambda cmd: loop.call_soon_threadsafe(cmds.put_nowait, cmd))
-        emit({"ready": True, "pid": os.getpid()})
-
-        def set_all(state: dict[str, Any]) -> None:
-            for conn in app.alive():
-                try:
-                    conn.set_local_data(state)
-                except ConnectionError:
-                    app.forget(conn)
-
         try:
-            while True:
-                cmd = await cmds.get()
-                if cmd["cmd"] == "go":
-                    gen = run_changes(app, set_all)
-                    try:
-                        while True:
-                            await asyncio.sleep(next(gen))
-                    except StopIteration as stop:
-                        emit(stop.value)
-                elif cmd["cmd"] == "status":
-                    emit(app.status())
-                elif cmd["cmd"] == "quit":
-                    return
+            await serve_commands(app)
         finally:
             await server.async_close()
 

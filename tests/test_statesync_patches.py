@@ -15,6 +15,7 @@ from juggler import statesync
 
 from .conftest import T
 from .statesync_util import HatLoop, Watch, WireTap, get, same
+from .test_statesync import serve  # noqa: F401  (a fixture)
 
 
 class App:
@@ -42,25 +43,15 @@ class App:
 
 
 @pytest.fixture
-def servers():
-    made, clients = [], []
+def servers(serve):
+    """``servers(app, **listen_kw)``: a server for ``app``; ``servers.connect(url)`` a client.
+    Every one is closed at teardown (by test_statesync's ``serve``)."""
 
     def start(app: App, **kw):
-        server = statesync.listen("127.0.0.1", 0, app.on_connection, **kw)
-        made.append(server)
-        return server
+        return serve(app.on_connection, **kw)
 
-    def connect(url, **kw):
-        conn = statesync.connect(url, connect_timeout=T(10), **kw)
-        clients.append(conn)
-        return conn
-
-    start.connect = connect
-    yield start
-    for c in clients:
-        c.close()
-    for s in made:
-        s.close()
+    start.connect = serve.connect
+    return start
 
 
 def changed(state: dict, key: str, value) -> dict:
