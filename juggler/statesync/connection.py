@@ -646,8 +646,8 @@ class Connection(FrameLoop):
         except OSError as exc:
             self._write_failed(exc)
             return
-        if n < len(frame):
-            self._queue.put_first(frame[n:])  # the rest of the frame, first: for the writer
+        if n < len(frame):  # the rest of the frame (all of it on TLS), first in line for the writer
+            self._queue.put_first(frame[n:] if n else frame)
 
     def _data_frame(self, data: Any) -> Optional[bytes]:
         """The DATA frame that brings the peer from the last data sent to ``data``; ``None``
