@@ -413,7 +413,7 @@ def measure(impl: str, tree: Optional[str], scenario: str, args: argparse.Namesp
     try:
         server.reply(30)
         base = c.proc_status(server.pid)
-        ndrivers = max(1, min(args.drivers, -(-clients // args.per_driver)))
+        ndrivers = max(1, min(max(args.drivers, -(-clients // args.per_driver)), clients))
         for d in range(ndrivers):
             share = clients // ndrivers + (1 if d < clients % ndrivers else 0)
             drivers.append(Child(f"driver{d}", role_argv("driver", url=f"ws://127.0.0.1:{port}/ws", clients=share,
@@ -512,8 +512,8 @@ def main() -> int:
     ap.add_argument("--c2s-clients", type=int, default=100, help="c2s: clients (default 100)")
     ap.add_argument("--c2s-rate", type=float, default=10.0, help="c2s: sets per second per client (default 10)")
     ap.add_argument("--autoflush", type=float, default=0.2, help="autoflush_delay of the servers and clients (default 0.2)")
-    ap.add_argument("--drivers", type=int, default=4, help="client processes at most (default 4)")
-    ap.add_argument("--per-driver", type=int, default=125, help="clients per driver process, at most (default 125)")
+    ap.add_argument("--drivers", type=int, default=4, help="client processes (default 4; more if --per-driver says so)")
+    ap.add_argument("--per-driver", type=int, default=125, help="clients per client process, at most (default 125)")
     ap.add_argument("--open-timeout", type=float, default=120.0, help="seconds to open every client (default 120)")
     ap.add_argument("--converge-timeout", type=float, default=60.0, help="seconds for clients to converge (default 60)")
     ap.add_argument("--impls", default="ours,hat", help="what to measure: ours, hat (default ours,hat)")
