@@ -263,6 +263,7 @@ class Server:
         finally:
             self._handshake_ended(id(io))
         reader.deadline = None  # from now on, reads wait for as long as the peer is silent
+        del request  # its headers would stay alive in this frame for as long as the connection
         conn = Connection(io, reader, client=False, settings=self.settings, timer=self.timer,
                           autoflush_delay=self.autoflush_delay, remote_addr=addr, logger=self.logger,
                           patches=self.patches)  # fmt: skip
