@@ -615,6 +615,8 @@ def test_bad_arguments():
         statesync.listen("127.0.0.1", 0, print, static_dir="/no/such/dir")
     with pytest.raises(ValueError, match="write_queue_size"):
         statesync.listen("127.0.0.1", 0, print, write_queue_size=0)
+    with pytest.raises(ValueError, match="patch_cache_size"):
+        statesync.listen("127.0.0.1", 0, print, patch_cache_size=0)
 
 
 def test_wss_with_certfile_and_keyfile(serve, tmp_path):
