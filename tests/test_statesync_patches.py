@@ -263,3 +263,23 @@ def test_hat_clients_and_ours_on_the_same_shared_patches(servers):
         for c in theirs:
             hat.run(c.async_close())
         hat.close()
+
+
+@pytest.mark.parametrize("size, computed", [(16, 2), (1, 3)])
+def test_a_patch_pushed_out_of_the_cache_is_made_again(servers, size, computed):
+    app = App()
+    server = servers(app, autoflush_delay=None, patch_cache_size=size)
+    a = servers.connect(server.url)
+    sa = get(app.arrived)
+    b = servers.connect(server.url)
+    sb = get(app.arrived)
+    s1 = {"n": 1, "items": list(range(100))}
+    s2 = {**s1, "n": 2}
+    app.publish(s1)
+    sa.flush_local_data()  # None -> s1
+    sa.set_local_data(s2)
+    sa.flush_local_data()  # s1 -> s2: with room for one patch only, None -> s1 goes
+    sb.flush_local_data()  # None -> s1 again: from the cache, or made again
+    Watch(a).equals(s2)
+    Watch(b).equals(s1)
+    assert server.patches.computed == computed
