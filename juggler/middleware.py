@@ -209,9 +209,13 @@ def _call_stored(conn: "Conn", msg: Call, error: Optional[BrokerError], probe: b
 
 def _nack_broker(conn: "Conn", msg: Request, exc: BrokerError) -> None:
     # a refusal for the client's fault (413) at INFO: a client cannot flood the log with
-    # WARNINGs; nor can an outage, logged once by the server's RedisHealth: DEBUG meanwhile
+    # WARNINGs; nor can an outage, logged once by the server's RedisHealth: DEBUG meanwhile,
+    # and INFO for the requests that fail as it begins, before the health knows (redis
+    # unavailable: its one line follows, if redis is gone)
     level = logging.WARNING if exc.nack_code >= 500 else logging.INFO
     if not conn.redis_up():
         level = logging.DEBUG
+    elif level == logging.WARNING and str(exc).startswith("redis unavailable"):
+        level = logging.INFO
     conn.logger.log(level, "connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
     conn.send(Nack.to(msg, exc.nack_code, str(exc)))

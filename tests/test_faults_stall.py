@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from juggler import Callee, CallExpired, Client, NackError, RedisBroker, Server
+from juggler.message import EventPayload
 
 from .conftest import T, echo, stalled_redis, start_redis_server, stop_redis_server
 
@@ -199,3 +201,66 @@ def test_a_call_stored_ahead_nacked_because_redis_stalled_and_stored_after_it_ge
     assert stats(server).get("write_RES", 0) == res_before + 1, "a RES went after the call's NACK"
     assert stats(server).get("expired_results") == 1
     assert c.received["RES"] == 2 and not c.closed
+
+
+# -- one log line when redis goes, one when it is back (issue 20) ---------------------------------
+
+
+def test_a_listener_connect_that_raced_an_outage_does_not_say_redis_is_back(redis_server, monkeypatch):
+    """A results listener connects while redis looks up; another listener finds redis gone
+    before that connect returns. The connect proves nothing (the kernel of a stopped redis
+    accepts it): it must not mark redis back ("redis is back (after 0.0 s)" 25 ms after
+    "unavailable", as the soak saw). A connect made after the failure was recorded, whose
+    EXISTS redis answers, does."""
+    from juggler import resp
+    from juggler.health import RedisHealth
+
+    health = RedisHealth("server test")
+    broker = RedisBroker.from_url(redis_server.url)
+    listener = broker.dedicated("juggler:results:{test}")
+    listener.health = health
+    real_connect = resp.connect
+
+    def connect_while_another_finds_redis_gone(*args: Any, **kwargs: Any) -> Any:
+        made = real_connect(*args, **kwargs)
+        health.failed(ConnectionError("another listener lost redis"))
+        return made
+
+    try:
+        monkeypatch.setattr(resp, "connect", connect_while_another_finds_redis_gone)
+        listener._own_connection()
+        assert not health.up, "a connect begun before the failure said redis is back"
+        monkeypatch.setattr(resp, "connect", real_connect)
+        listener._own_connection(fresh=True)  # begun after it, with its EXISTS answered
+        assert health.up and health.outages == 1
+    finally:
+        listener.close()
+        broker.close()
+
+
+def test_an_event_read_after_redis_was_marked_down_does_not_say_it_is_back(redis_server):
+    """The pub-sub hub's reader gets an event after redis was marked down: it may have waited
+    in the socket's buffer while redis stalled, so it is no evidence; a request that begins
+    after the failure and is answered (here a PUB, which takes a turn) is."""
+    import redis as redis_py
+
+    broker = RedisBroker.from_url(redis_server.url)
+    publisher = redis_py.Redis.from_url(redis_server.url)
+    try:
+        with Server(broker) as server, Client.connect(server.url, connect_timeout=T(5)) as c:
+            sub = c.sub("stall.news")
+            server.redis_health.failed(ConnectionError("a listener lost redis"))
+            publisher.publish("stall.news", EventPayload(str(uuid.uuid4()), 1).to_json())
+            assert sub.get(T(5)).args == 1
+            assert not server.redis_health.up, "an event said redis is back"
+            deadline = time.monotonic() + T(5)
+            while True:  # a PUB takes a turn of the backoff (at most 0.5 s), or is NACKed at once
+                try:
+                    c.pub("stall.news", 2)
+                    break
+                except NackError:
+                    assert time.monotonic() < deadline, "no PUB got a turn"
+            assert server.redis_health.up and server.redis_health.outages == 1
+    finally:
+        publisher.close()
+        broker.close()
