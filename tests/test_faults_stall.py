@@ -103,6 +103,18 @@ def past_the_servers_deadline(conn: Any, msg_uuid: str) -> None:
     time.sleep(max(0.0, conn._calls[msg_uuid] - time.monotonic()) + 0.05)
 
 
+def dropped_not_sent(server: Server, res_before: int, after: str) -> None:
+    """Wait for the results listener to take the late result off redis (no event announces
+    it), and check that it was dropped, not sent ``after`` the call ended."""
+    def taken() -> bool:
+        now = stats(server)
+        return now.get("expired_results", 0) + now.get("write_RES", 0) > res_before
+
+    wait_until("the listener took the result", taken, T(10))
+    assert stats(server).get("write_RES", 0) == res_before, f"a RES went after the call's {after}"
+    assert stats(server).get("expired_results") == 1
+
+
 def test_a_call_that_redis_stores_only_after_a_stall_gets_no_res_past_its_deadline(stall_stack):
     """The CALL is stored through the idle results listener (no wait on the reader) while redis
     is stopped; the stall outlasts the call's timeout. When redis resumes it stores the call
@@ -122,9 +134,7 @@ def test_a_call_that_redis_stores_only_after_a_stall_gets_no_res_past_its_deadli
     # redis resumes: the call is stored now, run, and its result brought to the listener
     assert callee.stats.wait_for(lambda s: s.calls >= 2, T(10)), "the callee did not run the late call"
     assert callee.stats.expired == 0  # (redis' count: alive; the case this test is about)
-    wait_until("the listener took the result", lambda: stats(server).get("expired_results", 0) + stats(server).get("write_RES", 0) > res_before, T(10))  # fmt: skip
-    assert stats(server).get("write_RES", 0) == res_before, "a RES went after the call's deadline"
-    assert stats(server).get("expired_results") == 1
+    dropped_not_sent(server, res_before, "deadline")
     assert c.call("test.echo", "after", timeout=T(5)) == "after"
     assert c.received["RES"] == 2 and not c.closed
 
@@ -146,9 +156,7 @@ def test_a_result_that_redis_stores_only_after_a_stall_gets_no_res_past_its_dead
         past_the_servers_deadline(conn, msg_uuid)
     assert callee.stats.wait_for(lambda s: s.calls >= 2, T(10))
     assert callee.stats.expired == 0  # (the callee stored the result: the case this test is about)
-    wait_until("the listener took the result", lambda: stats(server).get("expired_results", 0) + stats(server).get("write_RES", 0) > res_before, T(10))  # fmt: skip
-    assert stats(server).get("write_RES", 0) == res_before, "a RES went after the call's deadline"
-    assert stats(server).get("expired_results") == 1
+    dropped_not_sent(server, res_before, "deadline")
     assert c.call("test.echo", "after", timeout=T(5)) == "after"
     assert c.received["RES"] == 2 and not c.closed
 
@@ -169,9 +177,7 @@ def test_a_call_nacked_because_redis_stalled_and_stored_after_it_gets_no_res(sta
             fut.result(T(5))
         assert info.value.code == 500 and info.value.message.startswith("redis unavailable")
     assert callee.stats.wait_for(lambda s: s.calls >= 2, T(10)), "redis did not store the NACKed call after all"
-    wait_until("the listener took the result", lambda: stats(server).get("expired_results", 0) + stats(server).get("write_RES", 0) > res_before, T(10))  # fmt: skip
-    assert stats(server).get("write_RES", 0) == res_before, "a RES went after the call's NACK"
-    assert stats(server).get("expired_results") == 1
+    dropped_not_sent(server, res_before, "NACK")
     gate.open()
     assert running.result(T(5)) == "running"
     assert c.received["RES"] == 2 and not c.closed
