@@ -248,13 +248,14 @@ class Callee:
                 if popper is None:
                     if self._stop.is_set() or (failures and not self._turn(failures)):
                         break
+                    since = health.epoch  # (what its outcome proves: see RedisHealth)
                     try:
                         popper = self.broker.call_popper(uris)
                     except BrokerError as exc:
-                        health.failed(exc)
+                        health.failed(exc, since)
                         failures += 1
                         continue
-                    health.succeeded()
+                    health.succeeded(since)
                     failures = 0
                     with self._lock:
                         self._poppers.add(popper)
@@ -262,6 +263,7 @@ class Callee:
                 if not (n or results):
                     break  # stopping, with nothing left to store
                 batch, results = results, []
+                since = health.epoch
                 try:
                     if n and not full:
                         # store the results and wait for the next call, in one write
@@ -275,7 +277,7 @@ class Callee:
                     popper.close()
                     popper = None
                     if not self._stop.is_set():  # (not woken on purpose)
-                        health.failed(exc)
+                        health.failed(exc, since)
                     failures = 1
                     continue
                 if n == 0:
@@ -350,13 +352,14 @@ class Callee:
         while not self._stop.is_set():
             if failures and not self._turn(failures):
                 break
+            since = self.health.epoch
             try:
                 popped = self.broker.pop_call(uris, self.block)
             except BrokerError as exc:
-                self.health.failed(exc)
+                self.health.failed(exc, since)
                 failures += 1
                 continue
-            self.health.succeeded()
+            self.health.succeeded(since)
             failures = 0
             if popped is not None:
                 try:
