@@ -18,6 +18,7 @@ from .broker import Broker, Popped
 from .exceptions import BrokerError
 from .health import BACKOFF_BASE, BACKOFF_CAP, RedisHealth
 from .message import ResultPayload, error_result
+from .redisconn import unavailable
 
 __all__ = ["Callee", "CalleeStats"]
 
@@ -341,8 +342,8 @@ class Callee:
     def _stored(self, results: list[tuple[ResultPayload, float, str]], errors: list[Optional[BrokerError]]) -> None:
         failed = [(payload, exc) for (payload, _, _), exc in zip(results, errors) if exc is not None]
         if failed:  # one line for the batch: its callers get their expiry
-            self.logger.error(
-                "callee %s: could not store %d result(s) (%s): %s", self.name, len(failed),
+            self.logger.log(
+                _lost_level(failed[0][1]), "callee %s: could not store %d result(s) (%s): %s", self.name, len(failed),
                 ", ".join(f"{p.uri} {p.msg_uuid}" for p, _ in failed), failed[0][1],
             )  # fmt: skip
         self.stats._add(calls=len(results))  # counted once its result is stored or dropped
@@ -381,4 +382,12 @@ class Callee:
         try:
             self.broker.store_result(payload, remaining)
         except BrokerError as exc:
-            self.logger.error("callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+            self.logger.log(_lost_level(exc), "callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+
+
+def _lost_level(exc: BrokerError) -> int:
+    """The level of the line about results that could not be stored: INFO when redis could not
+    be reached (the outage has its one ERROR line, from the callee's
+    :class:`~juggler.health.RedisHealth`, and these callers get their expiry), ERROR when redis
+    refused them (a result list over its capacity, an error reply)."""
+    return logging.INFO if unavailable(exc) else logging.ERROR

@@ -51,6 +51,7 @@ from typing import Any, Optional, Protocol
 from .broker import Broker, BrokerError, PubSubConn, PubSubEvent
 from .health import RedisHealth
 from .message import EventPayload
+from .redisconn import unavailable
 
 __all__ = ["PubSubHub", "Subscriber", "SubKey"]
 
@@ -66,11 +67,6 @@ class Subscriber(Protocol):
 
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
         """Queue ``event`` (of subscription ``key``) for the client; must not block."""
-
-
-def _unavailable(exc: BrokerError) -> bool:
-    """Whether ``exc`` says redis could not be reached (not e.g. an error reply)."""
-    return str(exc).startswith("redis unavailable")
 
 
 class PubSubHub:
@@ -266,7 +262,7 @@ class PubSubHub:
         return n
 
     def _failed_request(self, exc: BrokerError, since: int) -> None:
-        if _unavailable(exc):
+        if unavailable(exc):
             self.health.failed(exc, since)
 
     # -- the redis connection and its reader --
@@ -293,7 +289,6 @@ class PubSubHub:
         return ps
 
     def _read(self, ps: PubSubConn) -> None:
-        health = self.health
         while True:
             try:
                 event = ps.get_event(None)
