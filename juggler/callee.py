@@ -249,7 +249,8 @@ class Callee:
                     if self._stop.is_set() or (failures and not self._turn(failures)):
                         break
                     try:
-                        popper = self.broker.call_popper(uris)
+                        # (on a cluster, after a failure: its slot's node may have changed)
+                        popper = self.broker.call_popper(uris, refresh=failures > 0)
                     except BrokerError as exc:
                         health.failed(exc)
                         failures += 1
@@ -273,7 +274,10 @@ class Callee:
                     with self._lock:
                         self._poppers.discard(popper)
                     popper.close()
-                    popper = None
+                    moved, popper = popper.moved, None
+                    if moved:  # its slot moved (MOVED, ASK): redis answers, go to its node now
+                        failures = 0
+                        continue
                     if not self._stop.is_set():  # (not woken on purpose)
                         health.failed(exc)
                     failures = 1
