@@ -221,3 +221,46 @@ def _served(traffic: Traffic, uris: list[str]) -> bool:
         done = {d for p, k, d in traffic.outcomes if p == phase and k == "result"}
     return set(uris) <= done
 
+
+
+def test_a_results_list_whose_slot_moves_follows_it_and_closes_nothing(make_redis_cluster):
+    """The slot of a websocket's results list moves to another master (CLUSTER SETSLOT, as a
+    resharding does) while its listener waits on it: the node answers MOVED, and the listener
+    follows its slot to the new node instead of closing the websocket with 1011 (``results
+    listener failed: redis error``, before). Its calls go on, and the node's view stays up."""
+    cluster = make_redis_cluster(node_timeout_ms=5000)
+    broker = RedisBroker.from_url(cluster.url, cluster=True)
+    callee = Callee(broker, workers=2, block=0.05)
+    callee.register("svc.echo", echo)
+    try:
+        with Server(broker) as server, callee, Client.connect(server.url, connect_timeout=T(5)) as c:
+            assert c.call("svc.echo", 1, timeout=T(5)) == 1  # (its listener waits in BRPOP)
+            (conn,) = server.connections
+            key = results_key(conn.uuid)
+            slot = broker.client.keyslot(key)
+            source = node_of(broker, key)
+            target = next(p for p in cluster.ports if p != source)
+            ids = {}
+            for port in cluster.ports:
+                r = redis.Redis(port=port)
+                ids[port] = r.execute_command("CLUSTER MYID")
+                r.close()
+            # the slot is empty (the listener's list has nothing in it): no key to migrate
+            for port, how in ((target, "IMPORTING"), (source, "MIGRATING")):
+                r = redis.Redis(port=port)
+                r.execute_command("CLUSTER SETSLOT", slot, how, ids[source if how == "IMPORTING" else target])
+                r.close()
+            for port in (target, source, *[p for p in cluster.ports if p not in (source, target)]):
+                r = redis.Redis(port=port)
+                r.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+                r.close()
+            # the listener's BRPOP gets MOVED (redis redirects a blocked client whose slot left)
+            wait_until(lambda: conn._results.client.connection_pool.connection_kwargs["port"] == target, T(10),
+                       "the listener follows its slot")  # fmt: skip
+            for i in range(5):
+                assert c.call("svc.echo", i, timeout=T(5)) == i
+            assert not c.closed
+            assert metric(server, "juggler_redis_up") == 1
+    finally:
+        callee.stop()
+        broker.close()
