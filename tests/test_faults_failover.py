@@ -147,11 +147,7 @@ def test_a_master_killed_under_traffic_fails_over_and_closes_no_websocket(make_r
                 traffic.phase = "outage"
                 wait_until(lambda: promoted(cluster, victim, replica), T(20), "the replica promoted")
                 promoted_at = time.monotonic()
-                traffic.phase = "after"
-                recovered = since(promoted_at, anchors, victim_uris[0])
-                served = since(promoted_at, [], "", lambda: _served(traffic, victim_uris))
-                publisher.delivered("after the crash", T(10))
-                events = time.monotonic() - promoted_at
+                recovered, served, events = recovery(traffic, "after", promoted_at, anchors, victim_uris, publisher)
                 print(f"\nkill -9: promotion seen {promoted_at - killed_at:.2f} s after the kill; after it, a RES "
                       f"on each of the {len(anchors)} websockets whose results list was on the failed master "
                       f"within {recovered:.2f} s, every one of its URIs served within {served:.2f} s, events "
@@ -174,16 +170,17 @@ def test_a_master_killed_under_traffic_fails_over_and_closes_no_websocket(make_r
                     r.close()
                 wait_until(lambda: promoted(cluster, replica, victim), T(20), "CLUSTER FAILOVER done")
                 switched_at = time.monotonic()
-                traffic.phase = "after manual"
-                recovered = since(switched_at, anchors, victim_uris[1])
-                served = since(switched_at, [], "", lambda: _served(traffic, victim_uris))
-                publisher.delivered("after the manual failover", T(10))
-                events = time.monotonic() - switched_at
+                recovered, served, events = recovery(traffic, "after manual", switched_at, anchors, victim_uris,
+                                                     publisher)  # fmt: skip
                 print(f"CLUSTER FAILOVER: after the switch was seen, a RES on each of those websockets within "
                       f"{recovered:.2f} s, every URI of that master served within {served:.2f} s, events "
                       f"within {events:.2f} s")
                 assert recovered < T(2)
-            kinds = traffic.check()  # no websocket closed, each call ended once, NACKs 500 within 1 s
+            # no websocket closed, each call ended once; NACKs 500 within 2 s: while the failed
+            # master is not replaced yet every node answers CLUSTERDOWN, on which redis-py's
+            # cluster client sleeps 0.25 s and refreshes its slot map before it raises (up to
+            # 1.04 s seen with the whole suite running; at most 0.52-0.77 s alone)
+            kinds = traffic.check(nack_within=2.0)
             assert kinds["result"] >= 200
             assert not any(c.closed for c in kept), [(c.close_code, c.close_reason) for c in kept if c.closed]
             # (the server ends the connections the traffic closed in its own time)
@@ -196,14 +193,19 @@ def test_a_master_killed_under_traffic_fails_over_and_closes_no_websocket(make_r
         broker.close()
 
 
-def since(started: float, clients: list[Client], uri: str, served: Any = None) -> float:
-    """The seconds from ``started`` until each of ``clients`` got a result for ``uri`` (or
-    until ``served()``)."""
-    for client in clients:
-        wait_until(lambda: _calls(client, uri), T(10), "a websocket calls again")
-    if served is not None:
-        wait_until(served, T(20), "the URIs serve again")
-    return time.monotonic() - started
+def recovery(traffic: Traffic, phase: str, started: float, anchors: list[Client], uris: list[str],
+             publisher: Publisher) -> tuple[float, float, float]:  # fmt: skip
+    """After a failover seen at ``started`` (the traffic now in ``phase``), the seconds until
+    each of ``anchors`` got a result again, until the traffic had a result on each of
+    ``uris``, and until every subscription had an event published then."""
+    traffic.phase = phase
+    for client in anchors:
+        wait_until(lambda: _calls(client, uris[0]), T(10), "a websocket calls again")
+    recovered = time.monotonic() - started
+    wait_until(lambda: _served(traffic, uris), T(20), "the URIs serve again")
+    served = time.monotonic() - started
+    publisher.delivered(phase, T(10))
+    return recovered, served, time.monotonic() - started
 
 
 def _calls(client: Client, uri: str) -> bool:
