@@ -13,7 +13,9 @@ A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<ro
   ``BRPOP`` with no timeout on the connection's results list, on a redis connection of its own.
   When redis fails it, it reports to the server's :class:`~juggler.health.RedisHealth`, takes
   its turn in the backoff that all of the server's listeners share, and connects again: the
-  websocket stays open (its calls stored and unanswered get their NACK).
+  websocket stays open (its calls stored and unanswered get their NACK). On a Redis Cluster it
+  first finds its key's node again (a failover, a ``MOVED`` reply: see
+  :meth:`~juggler.broker.RedisBroker.follow_slot`), and takes turns in that node's backoff.
 
 Pub-sub has no thread per connection: the server's :class:`~juggler.pubsub.PubSubHub` reads
 redis once and hands each event to the subscribed connections (:meth:`Conn.deliver`), which
