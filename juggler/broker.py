@@ -193,6 +193,9 @@ class RedisBroker(RpcSide, PubSubSide):
         self.reply_timeout: Optional[float] = None
         self._cluster_node = False  # a dedicated broker on one node of a cluster
         self._parent: Optional[RedisBroker] = None  # (then) the cluster's broker it was made from
+        #: A listener on a cluster node: its last failure was a reply of its node (``MOVED``,
+        #: ``ASK``, ``UNBLOCKED``): redis answers, the key's slot is elsewhere or moving.
+        self.moved = False
         self._node = ""  # (then) its node, "host:port"
         self._refresh_lock = threading.Lock()  # a cluster's broker: one slot map refresh at a time
         self._refreshed_at = -math.inf  # when the last one ended
@@ -414,11 +417,13 @@ class RedisBroker(RpcSide, PubSubSide):
         return node is not None and node.name != self._node
 
     def _moved_error(self, exc: BaseException) -> Optional[BrokerError]:
-        """A listener on a cluster node whose command got ``MOVED`` or ``ASK``: the slot map
-        is told (:meth:`redirected`), and the error is redis unavailable (the listener
-        connects again, to the key's node), not a refusal that would end it."""
+        """A listener on a cluster node whose command got ``MOVED`` or ``ASK`` (the slot map is
+        told: :meth:`redirected`), or ``UNBLOCKED`` (its node became a replica): the error is
+        redis unavailable (the listener connects again, to the key's node), not a refusal that
+        would end it, and :attr:`moved` says the node answered. ``None`` for another error."""
         parent = self._parent
-        if parent is None or not parent.redirected(exc):
+        self.moved = parent is not None and (parent.redirected(exc) or str(exc).startswith("UNBLOCKED"))
+        if not self.moved:
             return None
         return BrokerError(f"redis unavailable: redis node {self._node} no longer serves {self._key} ({exc})")
 

@@ -275,7 +275,7 @@ class Callee:
                         self._poppers.discard(popper)
                     popper.close()
                     moved, popper = popper.moved, None
-                    if moved:  # its slot moved (MOVED, ASK): redis answers, go to its node now
+                    if moved:  # its slot moved (MOVED, ASK, UNBLOCKED): redis answers, go to its node
                         failures = 0
                         continue
                     if not self._stop.is_set():  # (not woken on purpose)

@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .broker import Broker, PubSubEvent, RedisBroker, results_key
+from .broker import SLOT_REFRESH_INTERVAL, Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
 from .redisconn import timed_out
@@ -935,6 +935,8 @@ class Conn(FrameLoop):
         follow = broker.follow_slot if isinstance(broker, RedisBroker) else None
         stopping = self._results_stopping
         look = exc is not None  # (look up the key's node: refreshing the slot map after a failure)
+        # its node answered MOVED, ASK or UNBLOCKED: not down (see RedisBroker.moved)
+        answered = exc is not None and getattr(broker, "moved", False)
         while True:
             health = self._listener_health
             followed = look and follow is not None and follow(exc is not None)
@@ -948,7 +950,12 @@ class Conn(FrameLoop):
             # (after a move it could not follow, it waits for its turn: no loop on the move)
             stuck = look and exc is None and not followed
             until: Any = stopping if follow is None or stuck else _UntilMoved(stopping, broker)
-            if exc is not None:
+            if exc is not None and answered:
+                # a node that answers and serves the key's slot still, by the map (a slot
+                # migrating, a map not refreshed yet): try again after a pause, not a turn
+                if stopping.wait(SLOT_REFRESH_INTERVAL):
+                    return False
+            elif exc is not None:
                 health.failed(exc)
             elif not look and health.up:
                 return True  # (the first connect, redis up: no turn to take)

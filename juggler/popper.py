@@ -84,11 +84,12 @@ class CallPopper:
     client's slot map (refreshed first with ``refresh``: a worker whose node failed finds the
     promoted replica), and checks that the node serves the slot (a node that answers
     ``MOVED`` puts its new node in the map, and the connection goes there). When a command
-    later gets ``MOVED`` or ``ASK`` (the slot moved; see :meth:`RedisBroker.redirected`),
-    :attr:`moved` is set: the next popper goes to the slot's node, at once.
+    later gets ``MOVED``, ``ASK`` (the slot moved; see :meth:`RedisBroker.redirected`) or
+    ``UNBLOCKED``, :attr:`moved` is set: the next popper goes to the slot's node, at once.
     """
 
-    #: The last failure was a ``MOVED`` or ``ASK`` reply: redis answers, the slot moved.
+    #: The last failure was a ``MOVED``, ``ASK`` or ``UNBLOCKED`` reply: redis answers, the
+    #: slot moved (or its node became a replica).
     moved = False
 
     def __init__(self, broker: "RedisBroker", uris: Sequence[str], refresh: bool = False) -> None:
@@ -210,8 +211,8 @@ class CallPopper:
         finally:
             with self._lock:
                 self._blocked = False
-        if isinstance(item, Exception):
-            self.moved = self._broker.redirected(item)
+        if isinstance(item, Exception):  # (UNBLOCKED: its node became a replica)
+            self.moved = self._broker.redirected(item) or str(item).startswith("UNBLOCKED")
             raise broker_error(item)
         if item is None:  # unblocked
             return []
