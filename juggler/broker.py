@@ -17,6 +17,12 @@ The client may be a ``redis.Redis`` or a ``redis.cluster.RedisCluster``: on Redi
 command and script touches keys of one slot (the hash tag is the URI or the connection's
 uuid), a callee pops its URIs one slot group at a time (:meth:`RedisBroker.call_groups`), and
 pub-sub runs on plain connections to one node each (``PUBLISH`` reaches every node).
+
+The blocking listeners (a websocket's results listener, a callee worker, the pub-sub
+connection) run on plain connections to one node. When their node fails or answers ``MOVED``
+(a failover promoted a replica, a slot migrated), they find their key's node again in the
+cluster client's slot map, refreshed (:meth:`RedisBroker.refresh_slots`) or corrected by the
+``MOVED`` reply itself (:meth:`RedisBroker.redirected`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
@@ -73,6 +80,11 @@ logger = logging.getLogger("juggler.broker")
 #: How long a listener's connection may take to connect and to answer its handshake when the
 #: client says nothing (its ``socket_connect_timeout``), in seconds.
 CONNECT_TIMEOUT = 5.0
+
+#: On a Redis Cluster, the least time between two refreshes of the cluster client's slot map
+#: that juggler's listeners ask for (:meth:`RedisBroker.refresh_slots`), in seconds: a failover
+#: is found by the first refresh after the promotion, whatever the number of listeners.
+SLOT_REFRESH_INTERVAL = 0.2
 
 #: How long a send on a results listener's connection may wait for redis to take the bytes
 #: (a redis that stalls with its buffers full), in seconds: past it the connection counts as
@@ -180,6 +192,13 @@ class RedisBroker(RpcSide, PubSubSide):
         #: may wait in a BRPOP for ever): its owner watches :meth:`unanswered_since`.
         self.reply_timeout: Optional[float] = None
         self._cluster_node = False  # a dedicated broker on one node of a cluster
+        self._parent: Optional[RedisBroker] = None  # (then) the cluster's broker it was made from
+        #: A listener on a cluster node: its last failure was a reply of its node (``MOVED``,
+        #: ``ASK``, ``UNBLOCKED``): redis answers, the key's slot is elsewhere or moving.
+        self.moved = False
+        self._node = ""  # (then) its node, "host:port"
+        self._refresh_lock = threading.Lock()  # a cluster's broker: one slot map refresh at a time
+        self._refreshed_at = -math.inf  # when the last one ended
         self._tls = False  # its connections are TLS (one SSL object: one thread at a time)
         #: A results listener's view of its connection's calls in flight: ``msg_uuid`` to
         #: ``time.monotonic()`` deadline (see :meth:`pop_result`); ``None``: not known.
@@ -282,8 +301,10 @@ class RedisBroker(RpcSide, PubSubSide):
         The listener's connection has no socket timeout (a blocking read waits for as long as
         it must, with TCP keepalive to notice a dead peer) and no retries (a read woken on
         purpose, see :meth:`interrupt`, must not be sent again). On a cluster it is a plain
-        connection to the node that serves ``key``.
+        connection to the node that serves ``key``; when that node fails or moves the key's
+        slot, :meth:`follow_slot` finds its new node.
         """
+        node = None
         if self.cluster:
             cluster = self.client
             node = cluster.get_node_from_key(key) if key is not None else cluster.get_default_node()
@@ -295,11 +316,116 @@ class RedisBroker(RpcSide, PubSubSide):
         other._dedicated = True
         other._key = key
         other._cluster_node = self.cluster  # (a call's keys may live on another node)
+        if node is not None:
+            other._parent = self
+            other._node = node.name
         pool = getattr(base, "connection_pool", None)
         if pool is not None:
             other.reply_timeout = pool.connection_kwargs.get("socket_timeout")
             other._tls = issubclass(pool.connection_class, redis.connection.SSLConnection)
         return other
+
+    # -- Redis Cluster: finding a key's node again --
+
+    def refresh_slots(self) -> None:
+        """Refresh this cluster broker's view of the cluster (the client's slot map: redis-py's
+        ``nodes_manager.initialize()``), for a listener whose node failed: after a failover it
+        names the promoted replica. At most once per :data:`SLOT_REFRESH_INTERVAL`, by one
+        thread at a time: a caller that finds one running, or done within the interval, goes
+        on with the map as it is (a refresh may wait for a node that stalls, up to the client's
+        socket timeout). A refresh that fails leaves the map as it was (logged at debug
+        level). Nothing on a standalone redis."""
+        if not self.cluster or time.monotonic() - self._refreshed_at < SLOT_REFRESH_INTERVAL:
+            return
+        if not self._refresh_lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self._refreshed_at < SLOT_REFRESH_INTERVAL:
+                return
+            try:
+                self.client.nodes_manager.initialize()
+            except REDIS_FAILURES as exc:
+                logger.debug("refreshing the redis cluster's slot map failed: %s", exc)
+            self._refreshed_at = time.monotonic()
+        finally:
+            self._refresh_lock.release()
+
+    def redirected(self, error: BaseException) -> bool:
+        """Whether ``error`` (an error reply of a cluster node, as redis-py's or the fast
+        path's exception) is ``MOVED`` or ``ASK``: the key's slot is served by another node
+        now, or is migrating. ``MOVED`` names the slot's node: the slot map takes it at once;
+        ``ASK`` asks for a refresh (:meth:`refresh_slots`). On a cluster's broker."""
+        if isinstance(error, redis.exceptions.AskError):  # (MovedError is one)
+            kind = "MOVED" if isinstance(error, redis.exceptions.MovedError) else "ASK"
+            where = f"{error.slot_id} {error.host}:{error.port}"
+        elif isinstance(error, redis.exceptions.ResponseError):
+            kind, _, where = str(error).partition(" ")
+            if kind not in ("MOVED", "ASK"):
+                return False
+        else:
+            return False
+        if not self.cluster:
+            return True
+        manager = self.client.nodes_manager
+        try:
+            if kind == "MOVED" and hasattr(manager, "move_slot"):
+                manager.move_slot(redis.exceptions.MovedError(where))
+                return True
+        except (ValueError, *REDIS_FAILURES) as exc:  # (a reply that is not "SLOT HOST:PORT")
+            logger.debug("could not take %s %s into the slot map: %s", kind, where, exc)
+        self.refresh_slots()
+        return True
+
+    def follow_slot(self, refresh: bool = True) -> bool:
+        """A listener on one node of a cluster (:meth:`dedicated`), whose node failed or
+        answered ``MOVED``: look up the node that serves its key now, in the cluster client's
+        slot map (refreshed first with ``refresh``, see :meth:`refresh_slots`); when it is
+        another one, the listener's connection goes there from now on (the current one is
+        closed, as after a failure). Whether the node changed. On the listener's thread."""
+        parent, key = self._parent, self._key
+        if parent is None or key is None:
+            return False
+        if refresh:
+            parent.refresh_slots()
+        try:
+            node = parent.client.get_node_from_key(key)
+            if node is None or node.name == self._node:
+                return False
+            client = one_connection_client(parent.client.get_redis_connection(node), blocking=True)
+        except REDIS_FAILURES as exc:  # (a slot no node serves in the map, for now)
+            logger.debug("looking up the redis cluster node of %s failed: %s", key, exc)
+            return False
+        with self._own_lock:
+            own = self._own
+            old, self.client = self.client, client
+            self._node = node.name
+        if own is not None:
+            self._lose_own(own, BrokerError(f"redis unavailable: {key} is now on redis node {node.name}"))
+        close_client(old)
+        return True
+
+    def slot_moved(self) -> bool:
+        """Whether the cluster client's slot map, as it is now, puts this (dedicated) broker's
+        key on another node than its own: :meth:`follow_slot` would move it."""
+        parent, key = self._parent, self._key
+        if parent is None or key is None:
+            return False
+        try:
+            node = parent.client.get_node_from_key(key)
+        except REDIS_FAILURES:
+            return False
+        return node is not None and node.name != self._node
+
+    def _moved_error(self, exc: BaseException) -> Optional[BrokerError]:
+        """A listener on a cluster node whose command got ``MOVED`` or ``ASK`` (the slot map is
+        told: :meth:`redirected`), or ``UNBLOCKED`` (its node became a replica): the error is
+        redis unavailable (the listener connects again, to the key's node), not a refusal that
+        would end it, and :attr:`moved` says the node answered. ``None`` for another error."""
+        parent = self._parent
+        self.moved = parent is not None and (parent.redirected(exc) or str(exc).startswith("UNBLOCKED"))
+        if not self.moved:
+            return None
+        return BrokerError(f"redis unavailable: redis node {self._node} no longer serves {self._key} ({exc})")
 
     def interrupt(self, why: str = "") -> None:
         """Wake a blocking read of this (dedicated) broker from another thread, by shutting its
@@ -360,11 +486,12 @@ class RedisBroker(RpcSide, PubSubSide):
             groups.setdefault(call_slot(uri), []).append(uri)
         return list(groups.values())
 
-    def call_popper(self, uris: Sequence[str]) -> "CallPopper":
+    def call_popper(self, uris: Sequence[str], refresh: bool = False) -> "CallPopper":
         """A :class:`CallPopper` for one callee worker serving ``uris`` (one of
         :meth:`call_groups`); ``close()`` it when done. Raises :class:`BrokerError` when redis
-        cannot be reached."""
-        return CallPopper(self, uris)
+        cannot be reached. ``refresh``: on a cluster, the worker's node failed: refresh the
+        slot map first (:meth:`refresh_slots`)."""
+        return CallPopper(self, uris, refresh)
 
     # -- RPC --
 

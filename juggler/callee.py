@@ -251,7 +251,8 @@ class Callee:
                         break
                     since = health.epoch  # (what its outcome proves: see RedisHealth)
                     try:
-                        popper = self.broker.call_popper(uris)
+                        # (on a cluster, after a failure: its slot's node may have changed)
+                        popper = self.broker.call_popper(uris, refresh=failures > 0)
                     except BrokerError as exc:
                         health.failed(exc, since)
                         failures += 1
@@ -276,7 +277,10 @@ class Callee:
                     with self._lock:
                         self._poppers.discard(popper)
                     popper.close()
-                    popper = None
+                    moved, popper = popper.moved, None
+                    if moved:  # its slot moved (MOVED, ASK, UNBLOCKED): redis answers, go to its node
+                        failures = 0
+                        continue
                     if not self._stop.is_set():  # (not woken on purpose)
                         health.failed(exc, since)
                     failures = 1

@@ -13,7 +13,9 @@ A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<ro
   ``BRPOP`` with no timeout on the connection's results list, on a redis connection of its own.
   When redis fails it, it reports to the server's :class:`~juggler.health.RedisHealth`, takes
   its turn in the backoff that all of the server's listeners share, and connects again: the
-  websocket stays open (its calls stored and unanswered get their NACK).
+  websocket stays open (its calls stored and unanswered get their NACK). On a Redis Cluster it
+  first finds its key's node again (a failover, a ``MOVED`` reply: see
+  :meth:`~juggler.broker.RedisBroker.follow_slot`), and takes turns in that node's backoff.
 
 Pub-sub has no thread per connection: the server's :class:`~juggler.pubsub.PubSubHub` reads
 redis once and hands each event to the subscribed connections (:meth:`Conn.deliver`), which
@@ -39,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .broker import Broker, PubSubEvent, RedisBroker, results_key
+from .broker import SLOT_REFRESH_INTERVAL, Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
 from .redisconn import timed_out
@@ -126,6 +128,21 @@ class ConnServices:
     #: called on the reader thread once the connection is over and its resources released
     on_closed: Callable[["Conn"], None]
     logger: logging.Logger
+
+
+class _UntilMoved:
+    """What a results listener on a Redis Cluster waits for its turn with (the ``stop`` of
+    :meth:`RedisHealth.wait_turn`): its own end, or its key's node moved in the slot map (a
+    failover found by another listener), after which it looks again."""
+
+    __slots__ = ("stopping", "broker")
+
+    def __init__(self, stopping: threading.Event, broker: RedisBroker) -> None:
+        self.stopping = stopping
+        self.broker = broker
+
+    def is_set(self) -> bool:
+        return self.stopping.is_set() or self.broker.slot_moved()
 
 
 class WriteQueue:
@@ -882,14 +899,14 @@ class Conn(FrameLoop):
     def _results_loop(self) -> None:
         broker = self._results
         assert broker is not None
-        health = self._listener_health
         # started while redis is down (the CALL that started it gets its NACK): its first
         # connect takes a turn like a reconnect. (So the server finds redis back even when the
         # listeners that saw it go are gone with their connections.)
-        if not health.up and not health.wait_turn(self._results_stopping):
+        if not self._results_turn(broker, None):
             return
         while True:
-            since = health.epoch  # (a failure of a read that began before redis was seen back is old news)
+            # (a failure of a read that began before redis was seen back is old news)
+            since = self._listener_health.epoch
             try:
                 popped = broker.pop_result(self.uuid, None)
             except Exception as exc:
@@ -901,9 +918,8 @@ class Conn(FrameLoop):
                 # redis went away (its calls stored and unanswered got their NACK): say so
                 # once per server, and connect again in turn; results stored meanwhile wait in
                 # their list for the next BRPOP
-                health.failed(exc, since)
                 self.logger.debug("connection %s: results listener lost redis: %s", self.uuid, exc)
-                if not health.wait_turn(self._results_stopping):
+                if not self._results_turn(broker, exc, since):
                     return
                 continue
             if self._results_stop:
@@ -926,6 +942,51 @@ class Conn(FrameLoop):
             object.__setattr__(res, "_popped", time.monotonic())
             with self.ack_lock:
                 self.send(res)
+
+    def _results_turn(self, broker: Broker, exc: Optional[BrokerError], since: Optional[int] = None) -> bool:
+        """Before the results listener connects: the first time (``exc`` is ``None``), or
+        again after redis failed it with ``exc``. On a Redis Cluster it first finds its key's
+        node again (a failover, a ``MOVED`` reply, may have moved it:
+        :meth:`RedisBroker.follow_slot`), and takes that node's view
+        (:attr:`_listener_health`). ``exc`` is reported to the node that still serves the key
+        (redis down: said once per server and node; ``since``: the epoch of that node's view
+        when the failed read began, see :meth:`RedisHealth.failed`), then the listener waits for its turn in
+        that node's backoff, while it is down; when another listener finds the key's node
+        moved meanwhile, it looks again rather than wait for turns of a node that is gone.
+        ``False``: the listener stops."""
+        follow = broker.follow_slot if isinstance(broker, RedisBroker) else None
+        stopping = self._results_stopping
+        look = exc is not None  # (look up the key's node: refreshing the slot map after a failure)
+        # its node answered MOVED, ASK or UNBLOCKED: not down (see RedisBroker.moved)
+        answered = exc is not None and getattr(broker, "moved", False)
+        while True:
+            health = self._listener_health
+            followed = look and follow is not None and follow(exc is not None)
+            if followed:
+                # its key is on another node now (the one it left was found down, or answered
+                # MOVED): that node's view; the others waiting for the node it left look again
+                health.wake()
+                health = self._listener_health = self._svc.listener_health(broker)
+                broker.health = health  # type: ignore[attr-defined]
+                exc = None
+            # (after a move it could not follow, it waits for its turn: no loop on the move)
+            stuck = look and exc is None and not followed
+            until: Any = stopping if follow is None or stuck else _UntilMoved(stopping, broker)
+            if exc is not None and answered:
+                # a node that answers and serves the key's slot still, by the map (a slot
+                # migrating, a map not refreshed yet): try again after a pause, not a turn
+                if stopping.wait(SLOT_REFRESH_INTERVAL):
+                    return False
+            elif exc is not None:
+                health.failed(exc, since)
+            elif not look and health.up:
+                return True  # (the first connect, redis up: no turn to take)
+            exc = None
+            if health.wait_turn(until):
+                return True
+            if self._results_stop or until is stopping:
+                return False
+            look = True  # its key's node moved while it waited
 
     def _listener_failed(self, role: str, exc: Exception) -> None:
         """A redis listener cannot go on (redis refused its command, or a bug; not redis gone

@@ -59,7 +59,7 @@ class _ServerCollector:
             yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
         healths = s.redis_healths()
         yield GaugeMetricFamily("juggler_redis_up", "1 while the server sees its redis (each of them) up, 0 while "
-                                "its listeners reconnect.", value=int(all(h.up for h in healths)))  # fmt: skip
+                                "its listeners reconnect.", value=int(s.redis_up()))  # fmt: skip
         yield CounterMetricFamily("juggler_redis_reconnects", "Reconnects of the server's redis listeners after "
                                   "redis failed them.", value=sum(h.reconnects for h in healths))  # fmt: skip
         conns = s.connections

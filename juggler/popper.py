@@ -11,6 +11,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import gilsend, resp
 from .exceptions import BrokerError
@@ -76,19 +78,39 @@ class CallPopper:
     per-command bookkeeping: a worker is their only user, and a failed command must not be
     re-sent behind its back (a re-sent BRPOP would block again after :meth:`wake`). Any
     failure raises :class:`BrokerError`; the connection is then unusable: close it and make
-    a new one. On a cluster the connection goes to the primary of the URIs' slot.
+    a new one.
+
+    On a cluster the connection goes to the primary of the URIs' slot, by the cluster
+    client's slot map (refreshed first with ``refresh``: a worker whose node failed finds the
+    promoted replica), and checks that the node serves the slot (a node that answers
+    ``MOVED`` puts its new node in the map, and the connection goes there). When a command
+    later gets ``MOVED``, ``ASK`` (the slot moved; see :meth:`RedisBroker.redirected`) or
+    ``UNBLOCKED``, :attr:`moved` is set: the next popper goes to the slot's node, at once.
     """
 
-    def __init__(self, broker: "RedisBroker", uris: Sequence[str]) -> None:
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+    #: The last failure was a ``MOVED``, ``ASK`` or ``UNBLOCKED`` reply: redis answers, the
+    #: slot moved (or its node became a replica).
+    moved = False
 
+    def __init__(self, broker: "RedisBroker", uris: Sequence[str], refresh: bool = False) -> None:
         self._broker = broker
         self.uris = list(uris)
         if not self.uris:
             raise ValueError("no URI to pop calls for")
         self._keys = [calls_key(u) for u in self.uris]
         self._result_cap = broker.result_cap
+        if broker.cluster and refresh:
+            broker.refresh_slots()
+        for redirects in range(2):  # (a node that answers MOVED: once more, to the one it names)
+            try:
+                self._connect(broker)
+                return
+            except BrokerError:
+                if not (self.moved and redirects == 0):
+                    raise
+            self.moved = False
+
+    def _connect(self, broker: "RedisBroker") -> None:
         client = broker.client
         try:
             if broker.cluster:
@@ -120,8 +142,15 @@ class CallPopper:
             self._conn.connect()
             self._conn.send_command("CLIENT", "ID")
             self.client_id = int(self._conn.read_response())
+            if broker.cluster:  # the node serves the slot, and the cluster is up
+                self._conn.send_command("EXISTS", self._keys[0])
+                self._conn.read_response()
         except REDIS_FAILURES as exc:
             self._close_quietly()
+            if broker.cluster:
+                self.moved = broker.redirected(exc)
+                if not self.moved and not isinstance(exc, redis.exceptions.ResponseError):
+                    broker.refresh_slots()  # (its node is down: the next popper looks again)
             raise broker_error(exc) from exc
         self._lock = threading.Lock()
         # a plain TCP or unix socket with no Python timeout (SSL and stand-ins go through
@@ -182,9 +211,8 @@ class CallPopper:
         finally:
             with self._lock:
                 self._blocked = False
-        if isinstance(item, Exception):
-            if isinstance(item, (redis.exceptions.MovedError, redis.exceptions.AskError)):
-                self._refresh_topology()
+        if isinstance(item, Exception):  # (UNBLOCKED: its node became a replica)
+            self.moved = self._broker.redirected(item) or str(item).startswith("UNBLOCKED")
             raise broker_error(item)
         if item is None:  # unblocked
             return []
@@ -282,15 +310,6 @@ class CallPopper:
                 pass
         self._close_quietly()
 
-    def _refresh_topology(self) -> None:
-        """After MOVED: the slot moved to another node; learn the cluster's new layout so that
-        the next connection goes to the right node."""
-        if self._broker.cluster:
-            try:
-                self._broker.client.nodes_manager.initialize()
-            except REDIS_FAILURES as exc:
-                logger.debug("refreshing the cluster topology failed: %s", exc)
-
     def _close_quietly(self) -> None:
         conn = getattr(self, "_conn", None)
         if conn is not None:
@@ -318,8 +337,7 @@ class CallPopper:
         out: list[Any] = []
         for command, reply in zip(commands, replies):
             if isinstance(reply, redis.exceptions.ResponseError):
-                if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
-                    self._refresh_topology()
+                self.moved = self._broker.redirected(reply) or self.moved
                 out.append(broker_error(reply))
             elif command[1] == self._pop_sha:
                 out.append(self._popped(reply))

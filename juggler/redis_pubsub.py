@@ -72,6 +72,7 @@ class PubSubSide:
     _pubsub_turn: itertools.count
     cluster: bool
     client: Any
+    refresh_slots: Callable[[], None]
     #: :data:`PUBLISH_TIMEOUT`, for this broker (on the fast path: a plain redis with hiredis;
     #: elsewhere a PUBLISH waits as long as the client's socket timeout).
     publish_timeout: float = PUBLISH_TIMEOUT
@@ -127,16 +128,20 @@ class PubSubSide:
         are not used, since a topology refresh marks their connections for reconnecting (a
         pub-sub connection would silently re-subscribe, losing events published in between).
         If that node fails, :meth:`RedisPubSub.get_event` raises :class:`BrokerError`, as on a
-        standalone redis, and the next connection goes to the next primary.
+        standalone redis, and the next connection goes to the next primary, in the slot map
+        refreshed first (after a failover it has the promoted replica, not the failed master).
 
         Connecting (and redis-py's handshake on connect) waits at most ``confirm_timeout``
         for redis, so a redis that stalls cannot hold a SUB or a reconnect for ever; once
         connected, the connection waits with no timeout.
         """
         if self.cluster:
+            turn = next(self._pubsub_turn)
+            if turn:  # (a connection before this one may have failed with its node)
+                self.refresh_slots()
             cluster = self.client
             nodes = cluster.get_primaries() or cluster.get_nodes()
-            node = nodes[next(self._pubsub_turn) % len(nodes)]
+            node = nodes[turn % len(nodes)]
             client = one_connection_client(cluster.get_redis_connection(node), blocking=True)
         else:
             client = one_connection_client(self.client, blocking=True)

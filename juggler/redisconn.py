@@ -65,8 +65,10 @@ REDIS_FAILURES = REDIS_ERRORS + (OSError, ValueError, AttributeError)
 
 
 # Error replies of a redis that cannot serve now but will (loading its data after a restart, a
-# cluster whose node has just come back): redis unavailable, not a refusal of the command.
-_NOT_NOW = ("LOADING", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN")
+# cluster whose node has just come back), or that is no longer the master (a failover made it a
+# replica: its blocked clients get UNBLOCKED, its writers READONLY): redis unavailable, not a
+# refusal of the command.
+_NOT_NOW = ("LOADING", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "UNBLOCKED", "READONLY")
 
 
 def broker_error(exc: BaseException) -> BrokerError:

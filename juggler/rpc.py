@@ -109,6 +109,7 @@ class RpcSide:
     _cluster_node: bool
     _tls: bool
     call_deadlines: Optional[Mapping[str, float]]
+    _moved_error: Callable[[BaseException], Optional[BrokerError]]
     call_cap: int
     result_cap: int
     max_args_size: int
@@ -344,7 +345,7 @@ class RpcSide:
                         self._brpop_sent = False
                     return None
         except REDIS_FAILURES as exc:
-            error = broker_error(exc)
+            error = self._moved_error(exc) or broker_error(exc)  # (MOVED: see RedisBroker.follow_slot)
             why = self._interrupt_why or self._abandon_why
             if why:
                 error = BrokerError(f"redis unavailable: {why}")
@@ -460,7 +461,7 @@ class RpcSide:
                 raise redis.exceptions.ConnectionError(f"Protocol error from redis: a BRPOP reply was due, not {item!r:.60}")
             return item[1]
         except REDIS_FAILURES as exc:
-            raise broker_error(exc) from exc
+            raise (self._moved_error(exc) or broker_error(exc)) from exc
 
     def _take(self, timeout_key: str) -> float:
         try:

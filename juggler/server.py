@@ -562,6 +562,19 @@ class Server:
             healths.append(self.pubsub_health)
         return healths
 
+    def redis_up(self) -> bool:
+        """Whether this server sees all of its redis up (``juggler_redis_up``): its redis, its
+        pub-sub redis, and on a Redis Cluster the nodes that serve slots now, by the cluster
+        client's slot map. (A master that a failover replaced serves none: its listeners
+        moved to the promoted replica, and the view they left of it counts no more.)"""
+        with self._lock:
+            nodes = dict(self._node_healths)
+        healths = [self.redis_health, self.pubsub_health]
+        if nodes:  # (a cluster's broker: its client's map, read with no I/O)
+            serving = {node.name for node in self.broker.client.get_primaries()}  # type: ignore[attr-defined]
+            healths += [health for name, health in nodes.items() if name in serving]
+        return all(health.up for health in healths)
+
     @property
     def url(self) -> str:
         """The websocket URL clients connect to, e.g. ``ws://127.0.0.1:PORT/ws``."""

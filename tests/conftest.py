@@ -253,17 +253,20 @@ def free_cluster_port() -> int:
 
 
 class RedisClusterProcess:
-    """A Redis Cluster of ``redis-server`` processes on loopback, one master per node.
+    """A Redis Cluster of ``redis-server`` processes on loopback: ``ports`` are its nodes,
+    ``replicas`` per master (0: every node a master).
 
     ``url`` is the first node's URL (any node will do to discover the rest); ``stop_node`` and
     ``start_node`` take one node down and bring it back on the same port with the same
-    cluster config file, so it rejoins with its slots.
+    cluster config file, so it rejoins (with its slots, or as a replica if its replica was
+    promoted meanwhile); ``kill_node`` is a crash (SIGKILL).
     """
 
-    def __init__(self, directory: str, ports: list[int], node_timeout_ms: int) -> None:
+    def __init__(self, directory: str, ports: list[int], node_timeout_ms: int, replicas: int = 0) -> None:
         self.directory = directory
         self.ports = ports
         self.node_timeout_ms = node_timeout_ms
+        self.replicas = replicas
         self.procs: dict[int, subprocess.Popen] = {}
         self.url = f"redis://127.0.0.1:{ports[0]}/0"
 
@@ -294,17 +297,47 @@ class RedisClusterProcess:
             proc.kill()
             proc.wait()
 
+    def kill_node(self, port: int) -> None:
+        """SIGKILL: the node goes at once, as in a crash (its replica, if any, is promoted
+        after ``cluster-node-timeout``)."""
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait()
+
+    def masters(self) -> dict[int, list[int]]:
+        """Each master's port and its replicas' ports, as the first live node sees them (a
+        node marked failed is left out)."""
+        port = next(iter(self.procs))
+        r = redis.Redis(port=port, socket_connect_timeout=1)
+        try:
+            nodes = r.cluster("nodes")
+        finally:
+            r.close()
+        ids = {info["node_id"]: int(addr.split("@")[0].rsplit(":", 1)[1]) for addr, info in nodes.items()}
+        out: dict[int, list[int]] = {}
+        for addr, info in nodes.items():
+            if "fail" in info["flags"] or not info["connected"] and "myself" not in info["flags"]:
+                continue
+            if "master" in info["flags"]:
+                out.setdefault(ids[info["node_id"]], [])
+        for addr, info in nodes.items():
+            if "slave" in info["flags"] and "fail" not in info["flags"] and ids.get(info["master_id"]) in out:
+                out[ids[info["master_id"]]].append(ids[info["node_id"]])
+        return out
+
     def wait_ok(self, timeout: float) -> None:
-        """Poll CLUSTER INFO on every node until each says cluster_state:ok (readiness
-        polling: there is no event to wait on)."""
+        """Poll every running node until each says cluster_state:ok, and each replica's link
+        to its master is up (readiness polling: there is no event to wait on)."""
         deadline = time.monotonic() + timeout
-        pending = set(self.ports)
+        pending = set(self.procs)
         while pending:
             for port in sorted(pending):
                 r = redis.Redis(port=port, socket_connect_timeout=1)
                 try:
                     if r.cluster("info").get("cluster_state") == "ok":
-                        pending.discard(port)
+                        info = r.info("replication")
+                        if info.get("role") == "master" or info.get("master_link_status") == "up":
+                            pending.discard(port)
                 except redis.RedisError:
                     pass
                 finally:
@@ -319,14 +352,25 @@ class RedisClusterProcess:
             self.stop_node(port)
 
 
-def start_redis_cluster(directory: str, masters: int = 3, node_timeout_ms: int = 15000) -> RedisClusterProcess:
-    cluster = RedisClusterProcess(directory, [free_cluster_port() for _ in range(masters)], node_timeout_ms)
+def start_redis_cluster(directory: str, masters: int = 3, node_timeout_ms: int = 15000,
+                        replicas: int = 0) -> RedisClusterProcess:  # fmt: skip
+    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each (a failover, a
+    replica promoted, takes about ``node_timeout_ms`` plus a second or two: give a small one
+    to a test that kills a master), started and ready: every node ok, every replica synced."""
+    os.makedirs(directory, exist_ok=True)
+    ports: list[int] = []
+    while len(ports) < masters * (1 + replicas):
+        port = free_cluster_port()
+        if port not in ports:  # (a port freed may be handed out again)
+            ports.append(port)
+    cluster = RedisClusterProcess(directory, ports, node_timeout_ms, replicas)
     try:
         for port in cluster.ports:
             cluster.start_node(port)
         # "yes" on stdin rather than --cluster-yes, which older redis-cli versions lack
         out = subprocess.run(
-            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in cluster.ports], "--cluster-replicas", "0"],
+            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in cluster.ports],
+             "--cluster-replicas", str(replicas)],
             input="yes\n", capture_output=True, text=True, timeout=T(60),
         )  # fmt: skip
         if out.returncode != 0 or "All 16384 slots covered" not in out.stdout:
@@ -338,20 +382,43 @@ def start_redis_cluster(directory: str, masters: int = 3, node_timeout_ms: int =
     return cluster
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory):
-    """A 3-master Redis Cluster for the whole session. Without redis-server or redis-cli the
-    cluster tests skip, except under CI, where they fail; if it cannot start, they fail."""
+def need_cluster_binaries() -> None:
+    """Without redis-server or redis-cli the cluster tests skip, except under CI, where they
+    fail."""
     missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"{' and '.join(missing)} not installed, and CI must run the Redis Cluster tests")
         pytest.skip(f"{' and '.join(missing)} not installed")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A 3-master Redis Cluster for the whole session (see :func:`need_cluster_binaries`); if it
+    cannot start, its tests fail."""
+    need_cluster_binaries()
     started = time.monotonic()
     cluster = start_redis_cluster(str(tmp_path_factory.mktemp("redis-cluster")))
     _cluster_startups.append(time.monotonic() - started)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def make_redis_cluster(tmp_path):
+    """``make(**kw)``: a Redis Cluster of the test's own (:func:`start_redis_cluster`'s
+    arguments), for a test that stops or kills its nodes; stopped at teardown."""
+    need_cluster_binaries()
+    made: list[RedisClusterProcess] = []
+
+    def make(**kw: Any) -> RedisClusterProcess:
+        cluster = start_redis_cluster(str(tmp_path / f"cluster-{len(made)}"), **kw)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()
 
 
 _cluster_startups: list[float] = []
