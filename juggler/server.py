@@ -9,15 +9,12 @@ subprotocol, frames are read with fragmentation and a read limit, written with
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import enum
 import fnmatch
 import functools
 import json
 import logging
-import os
-import resource
 import socket
 import socketserver
 import ssl
@@ -35,6 +32,7 @@ from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
 from .pubsub import PubSubHub
 from .timer import Timer
+from .tuning import default_max_connections
 from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
@@ -63,9 +61,6 @@ __all__ = [
     "ALLOWED_MESSAGES_PARAM",
     "parse_allowed_messages",
     "process_msg",
-    "default_max_connections",
-    "raise_open_file_limit",
-    "size_futex_hash",
 ]
 
 SUBPROTOCOL = "juggler.0"
@@ -308,9 +303,10 @@ class _TCPServer(websocket_server.WebsocketServer):
 class Server:
     """A juggler server.
 
-    It runs a thread or two per connection; a process serving many connections should call
-    ``sys.setswitchinterval(1.0)`` first, as ``juggler server`` does (see the deployment
-    docs: the GIL switch interval).
+    It runs two or three threads per connection, and changes no setting of the whole process:
+    a program serving many connections may tune its process first with one call,
+    :func:`juggler.tuning.tune_process`, as ``juggler server`` does (small thread stacks, the
+    GIL switch interval, the futex table, one CPU, the open-file limit).
 
     :param broker: the broker for RPC (calls and results).
     :param pubsub_broker: the broker for pub-sub; ``None`` means ``broker``.
@@ -331,7 +327,8 @@ class Server:
     :param certfile, keyfile: serve TLS (``wss://``) with this certificate chain and key; or
         pass an ``ssl_context``.
     :param max_connections: open websockets at most; a handshake over it gets HTTP 503 (0: no
-        limit; ``None``: what this machine can hold, see :func:`default_max_connections`).
+        limit; ``None``: what this machine can hold, see
+        :func:`~juggler.tuning.default_max_connections`).
     :param read_limit: largest message (after reassembly) in bytes; over it: close 1009.
     :param write_limit: largest message written, in bytes: a RES over it is replaced by an
         error result (so its call still ends), an ACK or NACK is sent without its ``uri`` or
@@ -549,15 +546,12 @@ class Server:
     # -- lifecycle --
 
     def start(self) -> "Server":
-        """Serve in a background thread (``juggler-server-accept``); returns at once. First
-        sizes the process' futex table for ``max_connections`` (:func:`size_futex_hash`)."""
+        """Serve in a background thread (``juggler-server-accept``); returns at once."""
         with self._lock:
             if self._stopping:
                 raise RuntimeError("server was shut down")
             if self._accept_thread is not None:
                 return self
-            slots = size_futex_hash(self.max_connections or default_max_connections())
-            self.logger.debug("futex hash slots: %s", "the kernel's own" if slots is None else slots)
             self.timer.start()
             if self._http is not None:
                 self._http.start()
@@ -671,7 +665,7 @@ class Server:
             self._refuse_overloaded(tcp, request)
             return
         try:
-            _start_small(t)
+            t.start()
         except RuntimeError as exc:  # e.g. "can't start new thread": out of threads
             with self._lock:
                 self._conn_threads.discard(t)
@@ -881,134 +875,12 @@ HEAD_LIMIT = 16384
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
 
-#: The stack size of a connection's threads. Python code needs little C stack, and the deepest
-#: C recursion on these threads (decoding and encoding JSON nested up to the recursion limit)
-#: fits with room to spare; glibc's default of 8 MiB would reserve 160 GiB of address space for
-#: 20,000 threads. Only the touched pages count against memory either way.
-THREAD_STACK_SIZE = 512 * 1024
-
-_stack_lock = threading.Lock()
-
-
-def _start_small(thread: threading.Thread) -> None:
-    """Start ``thread`` with a stack of :data:`THREAD_STACK_SIZE` bytes."""
-    with _stack_lock:
-        before = threading.stack_size(THREAD_STACK_SIZE)
-        try:
-            thread.start()
-        finally:
-            threading.stack_size(before)
-
 
 def _shut(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-# What one connection may hold at most: its socket, its results redis connection (if it CALLs)
-# and its reader, writer and results threads.
-_FDS_PER_CONN = 2
-_THREADS_PER_CONN = 3
-_RESERVED_FDS = 128  # for redis pools, the listening socket, logs, the pub-sub connection
-_RESERVED_THREADS = 64
-
-
-def _read_int(path: str) -> Optional[int]:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def default_max_connections() -> int:
-    """How many connections this process can hold: bounded by its open-file limit (soft limit:
-    see :func:`raise_open_file_limit`) and by the machine's thread limits (``kernel.pid_max``,
-    ``kernel.threads-max``, and ``vm.max_map_count``, since every thread stack is two mappings).
-    At least 1."""
-    bounds = []
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY:
-            bounds.append((soft - _RESERVED_FDS) // _FDS_PER_CONN)
-    except (OSError, ValueError):
-        pass
-    for path, per_thread in (
-        ("/proc/sys/kernel/pid_max", 1),
-        ("/proc/sys/kernel/threads-max", 1),
-        ("/proc/sys/vm/max_map_count", 2),
-    ):
-        limit = _read_int(path)
-        if limit is not None:
-            bounds.append((limit // per_thread - _RESERVED_THREADS) // _THREADS_PER_CONN)
-    return max(1, min(bounds)) if bounds else 10000
-
-
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise this process' open-file soft limit to its hard limit; returns ``(before, after)``.
-    (The CLI does this at start; a library leaves process limits to its host.)"""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            return soft, soft
-    return soft, hard
-
-
-#: ``prctl`` options of Linux 6.16 and later: the size of a process' own futex hash table.
-_PR_FUTEX_HASH = 78
-_PR_FUTEX_HASH_SET_SLOTS = 1
-_PR_FUTEX_HASH_GET_SLOTS = 2
-#: The most futex hash slots :func:`size_futex_hash` asks for (64 bytes each: 4 MiB).
-MAX_FUTEX_HASH_SLOTS = 1 << 16
-
-
-def libc_prctl() -> Optional[Callable[..., int]]:
-    """The C library's ``prctl(option, arg2, arg3, arg4, arg5)`` (Linux), ``-1`` and ``errno``
-    on failure; ``None`` where there is none."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-def size_futex_hash(connections: int) -> Optional[int]:
-    """Give this process a futex hash table with a slot per thread that ``connections``
-    connections may have (the next power of two, up to ``MAX_FUTEX_HASH_SLOTS``, 65,536); returns
-    the slots it has after (0: the kernel's global table), or ``None`` where the kernel has no
-    such setting (before Linux 6.16, not Linux).
-
-    Every lock a thread sleeps on (a Python lock, a condition, the GIL) is a futex, and the
-    kernel finds a futex's sleepers by walking one slot's list. Since Linux 6.16 a threaded
-    process gets a table of its own, sized by the number of CPUs, not of threads: 16 slots on
-    a 2-CPU machine. With 20,000 connection threads asleep, each wake-up then walked a list
-    of over a thousand sleepers, and closing 10,000 websockets at once spent most of its time
-    there. :meth:`Server.start` does this for its ``max_connections``: a setting of the whole
-    process, which only ever grows here, so several servers in one process share the
-    largest."""
-    prctl = libc_prctl()
-    if prctl is None:
-        return None
-    threads = _THREADS_PER_CONN * max(0, connections) + _RESERVED_THREADS
-    # never fewer than the kernel's own choice (4 per CPU, which setting one stops it making)
-    threads = max(threads, 4 * (os.cpu_count() or 1))
-    slots = 2
-    while slots < min(threads, MAX_FUTEX_HASH_SLOTS):
-        slots *= 2
-    have = prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
-    if have < 0:
-        return None  # no private futex hash on this kernel
-    if have >= slots:
-        return have  # (0 is not "enough": a process gets its small table at its first thread)
-    if prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) < 0:
-        return have
-    return prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
