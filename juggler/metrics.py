@@ -220,18 +220,27 @@ class HttpEndpoints:
             except OSError:
                 return
             if not self._slots.acquire(blocking=False):
-                try:
-                    request.settimeout(0)
-                    request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                except OSError:
-                    pass
-                server.shutdown_request(request)
+                self._refuse(request)
                 continue
             with self._lock:
                 self._count += 1
                 t = threading.Thread(target=self._serve, args=(request, address), name=f"{self.name}-{self._count}")
                 self._threads.add(t)
-            t.start()
+            try:
+                t.start()
+            except (RuntimeError, MemoryError):  # out of threads: this request is refused
+                with self._lock:
+                    self._threads.discard(t)
+                self._slots.release()
+                self._refuse(request)
+
+    def _refuse(self, request: Any) -> None:
+        try:
+            request.settimeout(0)
+            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except OSError:
+            pass
+        self._server.shutdown_request(request)
 
     def _serve(self, request: Any, address: Any) -> None:
         try:

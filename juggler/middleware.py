@@ -26,6 +26,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Callable, Optional
 
+from .conn import CLOSE_TRY_AGAIN_LATER
 from .exceptions import BrokerError
 from .message import (
     CLIENT_TYPES,
@@ -144,7 +145,11 @@ def process_msg(conn: "Conn", msg: Message) -> None:
             most = conn.settings.max_calls_in_flight
             conn.send(Nack.to(msg, 429, f"too many calls in flight: at most {most} per connection"))
             return
-        conn.listen_for_results()
+        if not conn.listen_for_results():  # closing, or out of threads: no result could reach it
+            conn.call_ended(msg.uuid)
+            conn.send(Nack.to(msg, 503, "server out of threads"))
+            conn.close(CLOSE_TRY_AGAIN_LATER, "server out of threads")
+            return
         payload = CallPayload(conn.uuid, msg.uuid, msg.uri, msg.args)
         try:
             if conn.store_call_ahead(payload, timeout, functools.partial(_call_stored, conn, msg)):

@@ -15,6 +15,7 @@ import fnmatch
 import functools
 import json
 import logging
+import math
 import socket
 import socketserver
 import ssl
@@ -201,9 +202,11 @@ class _Handler(websocket_server.WebSocketHandler):
 
     def _open(self, jserver: "Server", io: SocketIO, request: HandshakeRequest, reader: SocketReader,
               allowed: frozenset[MessageType], protocol: Optional[str]) -> Optional[Conn]:  # fmt: skip
-        """Finish the handshake: the connection to run, or ``None`` (refused, or the client went
-        away). Unless it returns a connection, it gives back the connection slot and the
-        connection's redis resources, and a connection the hook accepted is announced CLOSED."""
+        """Finish the handshake: the connection to run (already closing if the 101 could not be
+        written: its run tears it down), or ``None`` (refused: by the hook, at the connection
+        limit, or for want of a thread for its writer). Unless it returns a connection, it
+        gives back the connection slot and the connection's redis resources, and a connection
+        the hook accepted is announced CLOSED."""
         try:
             conn = Conn(jserver._services, io, self.client_address, request, allowed, reader)
         except BaseException:
@@ -214,11 +217,17 @@ class _Handler(websocket_server.WebSocketHandler):
             accepted = self._accepted(jserver, io, conn, request)
             if not accepted:
                 return None
+            try:
+                conn.start()  # its writer, before the 101: a process out of threads refuses with 503
+            except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
+                jserver._out_of_threads(self.client_address, exc)
+                self._refuse(io, _Refused(503, "Service Unavailable", OUT_OF_THREADS), request)
+                return None
+            handed_over = True  # from here on, conn.run() tears it all down
             if not self._switch_protocols(io, request, protocol):
                 conn.close(CLOSE_ABNORMAL, "connection lost during the handshake")
-                return None
-            conn.start()
-            handed_over = True  # from here on, conn.run() tears it all down
+                io.shutdown()  # its reader ends at once, and its teardown joins the writer
+                return conn
             if not jserver._conn_opened(conn):
                 # Shutdown began between the 101 and registering the connection, so
                 # shutdown() did not see it: it closes like the others, with 1001 and the
@@ -462,6 +471,8 @@ class Server:
         self._slots = 0
         self._accept_thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._thread_failures = 0  # connections refused for want of a thread (see _out_of_threads)
+        self._thread_failure_logged = -math.inf
         self._shutdown_done = threading.Event()
         self._tcp = _TCPServer(self, host, port, reuse_port)
         self.host, self.port = self._tcp.server_address[:2]
@@ -628,7 +639,11 @@ class Server:
                 self.logger.error("accept failed: %s", exc)
                 self._shutdown_done.wait(0.1)
                 continue
-            self._spawn_conn_thread(request, client_address)
+            try:
+                self._spawn_conn_thread(request, client_address)
+            except Exception:  # (MemoryError, say): that connection is lost, not the accept loop
+                self.logger.exception("cannot serve %s", client_address)
+                _close_quietly(request)
 
     def _spawn_conn_thread(self, request: socket.socket, client_address: Any) -> None:
         tcp = self._tcp
@@ -666,13 +681,27 @@ class Server:
             return
         try:
             t.start()
-        except RuntimeError as exc:  # e.g. "can't start new thread": out of threads
+        except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
             with self._lock:
                 self._conn_threads.discard(t)
-            self.logger.error("cannot start a thread for %s: %s", client_address, exc)
-            self._refuse_overloaded(tcp, request)
+            self._out_of_threads(client_address, exc)
+            self._refuse_overloaded(tcp, request, OUT_OF_THREADS)
 
-    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket) -> None:
+    def _out_of_threads(self, client_address: Any, exc: BaseException) -> None:
+        """A connection is refused (503) because no thread could be started for it: logged
+        at ERROR once, then at most every :data:`OUT_OF_THREADS_LOG_INTERVAL` seconds with the
+        count of refusals since (a process out of threads refuses every connection)."""
+        now = time.monotonic()
+        with self._lock:
+            self._thread_failures += 1
+            if now < self._thread_failure_logged + OUT_OF_THREADS_LOG_INTERVAL:
+                return
+            count, self._thread_failures = self._thread_failures, 0
+            self._thread_failure_logged = now
+        self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the last "
+                          "report); see kernel.pid_max, vm.max_map_count and memory", client_address, exc, count)  # fmt: skip
+
+    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket, reason: str = "server at its connection limit") -> None:
         if self.ssl_context is not None:
             # No TLS handshake on the accept thread: a plain-text 503 would only read as
             # garbage to a TLS client. It gets the connection closed instead.
@@ -681,7 +710,7 @@ class Server:
             self.stats.incr("refused_503")
             try:
                 request.settimeout(0)  # never block the accept thread on a client
-                request.send(http_response(503, "Service Unavailable", {}, "server at its connection limit\n"))
+                request.send(http_response(503, "Service Unavailable", {}, reason + "\n"))
             except OSError:
                 pass
         tcp.shutdown_request(request)
@@ -874,6 +903,19 @@ HEALTH_CACHE_SECONDS = 1.0
 HEAD_LIMIT = 16384
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
+
+#: The reason of the HTTP 503 a connection gets when the process cannot start a thread for it
+#: (``kernel.pid_max``, ``kernel.threads-max``, ``vm.max_map_count`` or memory).
+OUT_OF_THREADS = "server out of threads"
+#: Seconds between two ERROR lines about connections refused for want of a thread.
+OUT_OF_THREADS_LOG_INTERVAL = 10.0
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _shut(sock: socket.socket) -> None:
