@@ -70,6 +70,14 @@ ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
 #: with a websocket); when both come, a connection may send what both allow.
 ALLOWED_MESSAGES_PARAM = "juggler-allowed-messages"
 
+#: The reason of the HTTP 503 a connection gets at ``max_connections``.
+AT_LIMIT = "server at its connection limit"
+#: The reason of the HTTP 503 a connection gets when the process cannot start a thread for it
+#: (``kernel.pid_max``, ``kernel.threads-max``, ``vm.max_map_count`` or memory).
+OUT_OF_THREADS = "server out of threads"
+#: Seconds between two ERROR lines about connections refused for want of a thread.
+OUT_OF_THREADS_LOG_INTERVAL = 10.0
+
 _REQUEST_TYPES = {
     "call": MessageType.CALL,
     "pub": MessageType.PUB,
@@ -698,10 +706,11 @@ class Server:
                 return
             count, self._thread_failures = self._thread_failures, 0
             self._thread_failure_logged = now
-        self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the last "
-                          "report); see kernel.pid_max, vm.max_map_count and memory", client_address, exc, count)  # fmt: skip
+        self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the "
+                          "last report); see kernel.pid_max, vm.max_map_count and memory",
+                          client_address, exc, count)  # fmt: skip
 
-    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket, reason: str = "server at its connection limit") -> None:
+    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket, reason: str = AT_LIMIT) -> None:
         if self.ssl_context is not None:
             # No TLS handshake on the accept thread: a plain-text 503 would only read as
             # garbage to a TLS client. It gets the connection closed instead.
@@ -787,7 +796,7 @@ class Server:
             # exceed max_connections. A handshake that does not open gives it back
             # (_release_slot); an open connection gives it back when it closes.
             if self.max_connections and self._slots >= self.max_connections:
-                raise _Refused(503, "Service Unavailable", "server at its connection limit")
+                raise _Refused(503, "Service Unavailable", AT_LIMIT)
             self._slots += 1
         return allowed, protocol
 
@@ -903,12 +912,6 @@ HEALTH_CACHE_SECONDS = 1.0
 HEAD_LIMIT = 16384
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
-
-#: The reason of the HTTP 503 a connection gets when the process cannot start a thread for it
-#: (``kernel.pid_max``, ``kernel.threads-max``, ``vm.max_map_count`` or memory).
-OUT_OF_THREADS = "server out of threads"
-#: Seconds between two ERROR lines about connections refused for want of a thread.
-OUT_OF_THREADS_LOG_INTERVAL = 10.0
 
 
 def _close_quietly(sock: socket.socket) -> None:
