@@ -2,21 +2,25 @@
 
 Subcommands: ``demo``, ``server``, ``callee``, ``client``, ``load``, ``statesync-demo``. See ``juggler --help`` and
 docs/cli.rst. Exit status: 0 on success and after a graceful stop, 2 for a usage or
-configuration error, 1 for other failures (and the one-shot client's own codes, see
-:mod:`juggler.shell`).
+configuration error, 1 for other failures, 130 when Ctrl-C interrupts a command that does not
+stop gracefully on it (the one-shot client, see :mod:`juggler.shell` for its own codes), and
+141 when the reader of stdout went away (``juggler ... | head``), quietly, as Unix tools do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import time
+import traceback
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
@@ -151,8 +155,16 @@ def _make_server(broker: Any, cfg: dict[str, Any], **kwargs: Any) -> Any:
     try:
         return Server(broker, **_server_kwargs(cfg), **kwargs)
     except OSError as exc:  # the port is taken, or the certificate cannot be read
-        where = f"{cfg['host']}:{cfg['port']}"
-        raise _Fail(f"cannot serve on {where}: {exc.strerror or exc}") from None
+        raise _Fail(_cannot_serve(cfg, exc)) from None
+
+
+def _cannot_serve(cfg: dict[str, Any], exc: OSError) -> str:
+    where = f"{cfg['host']}:{cfg['port']}"
+    if exc.errno != errno.EADDRINUSE:
+        return f"cannot serve on {where}: {exc.strerror or exc}"
+    # demo, server and statesync-demo all default to 9000: the second one started meets this
+    return (f"cannot serve on {where}: {os.strerror(exc.errno)} (juggler demo, server and statesync-demo all "
+            "default to port 9000): choose another with --port PORT, or --port 0 for any free one")
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -270,6 +282,13 @@ def _load_target(spec: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise _Usage(f"cannot import {module_name!r}: {exc}") from None
+    except SyntaxError as exc:
+        raise _Usage(f"cannot import {module_name!r}: {type(exc).__name__}: {exc.msg} ({exc.filename}, line "
+                     f"{exc.lineno})") from None  # fmt: skip
+    except Exception as exc:  # the module raised as it ran: say where, in one line
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        raise _Usage(f"cannot import {module_name!r}: {type(exc).__name__}: {exc} ({where.filename}, line "
+                     f"{where.lineno})") from None  # fmt: skip
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -501,7 +520,7 @@ def cmd_statesync_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     try:
         server = serve_demo(cfg["host"], cfg["port"], ws_path=cfg["path"], certfile=cfg.get("certfile"), keyfile=cfg.get("keyfile"))
     except OSError as exc:  # the port is taken, or the certificate cannot be read
-        raise _Fail(f"cannot serve on {cfg['host']}:{cfg['port']}: {exc.strerror or exc}") from None
+        raise _Fail(_cannot_serve(cfg, exc)) from None
     _print(
         "juggler statesync-demo: a counter shared by every open page, synced with JSON Patch (DATA)",
         f"page:      {server.http_url}",
@@ -532,6 +551,33 @@ _DESCRIPTIONS = {
 #: Settings a command cannot do without, though other commands have a default for them.
 _REQUIRED = {("callee", "redis")}
 
+#: What a setting means to one command, where the shared text of juggler.config would mix
+#: several commands' meanings.
+_COMMAND_HELP = {
+    ("server", "redis"): "redis URL for RPC (and pub-sub, unless --pubsub-redis): a standalone redis or any "
+    "node of a Redis Cluster; none: an embedded in-memory redis, whose URL it prints",
+    ("callee", "redis"): "the redis URL of the servers whose calls it serves: a standalone redis or any node "
+    "of a Redis Cluster",
+    ("callee", "processes"): "callee processes to run, each with its own redis connections and --workers "
+    "threads (with --metrics-port P, process i serves its metrics on P + i)",
+    ("load", "processes"): "load processes to run, each driving its share of the connections (one merged "
+    "report)",
+}
+
+#: The sections of ``juggler server --help``, in order; each setting in one of them. The other
+#: commands have few settings, all under "options".
+_SERVER_GROUPS: dict[str, tuple[str, ...]] = {
+    "listening": ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "reuse_port"),
+    "redis": ("redis", "pubsub_redis", "call_cap", "result_cap"),
+    "limits": ("max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
+               "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
+               "max_subscriptions", "max_calls_in_flight", "max_args_size"),
+    "TLS": ("certfile", "keyfile"),
+    "HTTP": ("http_endpoints", "serve_client", "metrics_listen", "slow_threshold"),
+    "tuning": ("cpu", "switch_interval"),
+    "logging": ("log_messages", "log_level"),
+}  # fmt: skip
+
 
 def _default_help(command: str, name: str, default: Any) -> str:
     return "required" if (command, name) in _REQUIRED else f"default {default}"
@@ -552,19 +598,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"juggler {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command, names in COMMANDS.items():
-        p = subs.add_parser(command, help=_first_sentence(_DESCRIPTIONS[command]), description=_DESCRIPTIONS[command])
+        extra: dict[str, Any] = {}
+        if command == "client":
+            from .shell import ONE_SHOT_HELP
+
+            extra = {"epilog": ONE_SHOT_HELP, "formatter_class": argparse.RawDescriptionHelpFormatter,
+                     "usage": "juggler client [OPTIONS] URL [COMMAND ...]"}  # fmt: skip
+        elif command == "server":
+            extra = {"usage": "juggler server [OPTIONS]  (the options by section below)"}
+        p = subs.add_parser(command, help=_first_sentence(_DESCRIPTIONS[command]), description=_DESCRIPTIONS[command],
+                            **extra)  # fmt: skip
+        groups = {title: p.add_argument_group(title) for title in _SERVER_GROUPS} if command == "server" else {}
+        group_of = {name: groups[title] for title, members in _SERVER_GROUPS.items() for name in members if groups}
         for name in names:
             s = SETTINGS[name]
+            where = group_of.get(name, p)
             default = "none" if s.default is None else s.default
-            help_text = f"{s.help} (env {s.env_var}; {_default_help(command, name, default)})"
+            text = _COMMAND_HELP.get((command, name), s.help)
+            help_text = f"{text} (env {s.env_var}; {_default_help(command, name, default)})"
             if s.parse.__name__ == "_bool" and s.default:
-                p.add_argument("--no-" + s.flag[2:], dest=name, action="store_const", const=False, default=None,
-                               help=f"do not {s.help} (env {s.env_var}=false)")  # fmt: skip
+                where.add_argument("--no-" + s.flag[2:], dest=name, action="store_const", const=False, default=None,
+                                   help=f"do not {text} (env {s.env_var}=false)")  # fmt: skip
             elif s.parse.__name__ == "_bool":
-                p.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+                where.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=help_text)
             else:
                 alias = [_LOAD_ALIASES[name]] if command == "load" and name in _LOAD_ALIASES else []
-                p.add_argument(s.flag, *alias, dest=name, default=None, metavar=s.metavar or None, help=help_text)
+                where.add_argument(s.flag, *alias, dest=name, default=None, metavar=s.metavar or None, help=help_text)
         p.add_argument("--config", metavar="FILE", help="TOML config file (env JUGGLER_CONFIG)")
         p.add_argument("--print-config", action="store_true", help="print the merged settings and exit")
         if command == "callee":
@@ -599,7 +658,39 @@ _RUN = {"demo": cmd_demo, "server": cmd_server, "callee": cmd_callee, "client": 
         "statesync-demo": cmd_statesync_demo}  # fmt: skip
 
 
+#: The exit status when the reader of stdout went away (128 + SIGPIPE, what a shell reports for a
+#: tool that SIGPIPE stopped).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    from .shell import EXIT_INTERRUPTED
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # a command that does not stop gracefully on Ctrl-C (StopSignal)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a socket's, not stdout's: a bug to see
+        # `juggler ... | head`: stop quietly, as Unix tools do. What Python still holds for
+        # stdout would fail again at exit, with a message: send it nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll(), or no real stdout
+        return False
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for juggler callee --processes

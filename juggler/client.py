@@ -404,8 +404,10 @@ class Client:
         Extra keyword arguments go to ``websocket.create_connection`` (e.g. ``sslopt``).
         A ``url`` that is not a websocket URL raises :class:`ValueError` (see :func:`check_url`).
 
-        ``reconnect=True``: when the connection is lost (not by :meth:`close`), the client
-        dials ``url`` again, with the same headers, until it succeeds or :meth:`close` is
+        ``reconnect=True``: the first connect is retried too, with the same backoff, until
+        ``connect_timeout`` has passed in all (so a service may start before its server); a
+        refusal another try will not change (HTTP 400, 401, 403, 404, 405, 426) raises at once.
+        When the connection is lost (not by :meth:`close`), the client dials ``url`` again, with the same headers, until it succeeds or :meth:`close` is
         called: after 0.05 to 0.1 s, then twice as long each time (each delay drawn between
         half and all of it, so that many clients do not come back at once), up to
         ``max_reconnect_delay`` seconds. Calls and requests pending at the loss end with
@@ -426,12 +428,15 @@ class Client:
         if allowed_messages is not None:
             value = allowed_messages if isinstance(allowed_messages, str) else ",".join(allowed_messages)
             headers["Juggler-Allowed-Messages"] = value
-        ws = open_websocket(url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
         redial = None
         if reconnect:
+            ws = _dial_until(url, headers, connect_timeout, max_reconnect_delay,
+                             logger or logging.getLogger("juggler.client"), ws_options)  # fmt: skip
             # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
             redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)
+        else:
+            ws = open_websocket(url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
         return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger, outbox_size=outbox_size,
                    read_limit=read_limit, sub_queue_size=sub_queue_size, sub_overflow=sub_overflow,
                    _reconnect=redial)  # fmt: skip
@@ -915,6 +920,29 @@ def open_websocket(
         raise HandshakeError(f"websocket handshake failed: {exc}") from None
     ws.settimeout(None)  # the reader blocks; closing shuts the socket down
     return ws
+
+
+#: Handshake refusals that another try will not change (as juggler.js has them): the first
+#: connect of a reconnecting client does not retry them.
+FINAL_REFUSALS = frozenset({400, 401, 403, 404, 405, 426})
+
+
+def _dial_until(url: str, headers: dict[str, str], timeout: float, max_delay: float, logger: logging.Logger,
+                ws_options: dict[str, Any]) -> websocket.WebSocket:  # fmt: skip
+    """The first connect of ``Client.connect(reconnect=True)``: dial, backing off as a
+    reconnect does, until ``timeout`` seconds have passed; then the last error is raised."""
+    deadline = time.monotonic() + timeout
+    for attempt, delay in enumerate(backoff_delays(0.1, max_delay), 1):
+        try:
+            return open_websocket(url, [SUBPROTOCOL], headers, max(0.001, deadline - time.monotonic()), **ws_options)
+        except (HandshakeError, OSError) as exc:
+            left = deadline - time.monotonic()
+            if isinstance(exc, HandshakeError) and exc.status in FINAL_REFUSALS or left <= 0:
+                raise
+            logger.info("client: connecting to %s failed (attempt %d): %s; trying again for %.1f s",
+                        url, attempt, exc, left)  # fmt: skip
+        time.sleep(min(delay, left))  # nothing to wake it: no client exists yet to close
+    raise AssertionError("unreachable")  # pragma: no cover - backoff_delays never ends
 
 
 class _Reconnect:

@@ -121,8 +121,14 @@ def _str(value: Any) -> str:
 
 def _redis_url(value: Any) -> str:
     url = _str(value)
+    if re.match(r"^rediss?\+sentinel://", url, re.IGNORECASE):
+        from .redisconn import parse_sentinel_url
+
+        parse_sentinel_url(url)  # a ValueError names what is wrong with it
+        return url
     if not re.match(r"^(redis|rediss|unix)://", url):
-        raise ValueError(f"{url!r} is not a redis URL (redis://host:port/db, rediss://..., unix://...)")
+        raise ValueError(f"{url!r} is not a redis URL (redis://host:port/db, rediss://..., unix://..., "
+                         "redis+sentinel://host:port[,host:port...]/service_name[/db])")
     return url
 
 
@@ -198,7 +204,8 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
         _s("redis", _redis_url, None, "redis URL for RPC (and pub-sub, unless --pubsub-redis): a "
-           "standalone redis or any node of a Redis Cluster; juggler server without one runs an embedded "
+           "standalone redis, any node of a Redis Cluster, or a master behind Redis Sentinel "
+           "(redis+sentinel://host:port[,host:port...]/service_name[/db]); juggler server without one runs an embedded "
            "in-memory redis, juggler callee requires one", env="JUGGLER_REDIS_URL", metavar="URL"),
         _s("pubsub_redis", _redis_url, None, "a separate redis URL for pub-sub (standalone or any cluster node)",
            env="JUGGLER_PUBSUB_REDIS_URL", metavar="URL"),

@@ -1,9 +1,12 @@
-"""pytest fixtures for code that uses juggler (a ``pytest11`` plugin: installed with juggler,
-active in every pytest run; ``-p no:juggler`` turns it off). See docs/testing.rst.
+"""pytest fixtures for code that uses juggler. A test suite loads them with
+``pytest_plugins = ["juggler.pytest_plugin"]`` in its top-level ``conftest.py`` (or
+``pytest -p juggler.pytest_plugin``); installing juggler does not load them into every pytest
+run. See docs/testing.rst.
 
 - ``juggler_redis``: a redis client. By default a fakeredis of its own, empty, per test; with
-  ``--juggler-redis URL`` (or ``JUGGLER_TEST_REDIS_URL``) a real redis, from which the keys of
-  juggler's layout (``juggler:*``) are deleted before and after each test.
+  ``--juggler-redis URL`` (or ``JUGGLER_TEST_REDIS_URL``) a real redis (``redis://``,
+  ``rediss://``, ``unix://``, or ``redis+sentinel://``: the master behind Sentinel), from which
+  the keys of juggler's layout (``juggler:*``) are deleted before and after each test.
 - ``juggler_broker``: a :class:`~juggler.RedisBroker` on it.
 - ``juggler_server``: a started :class:`~juggler.Server` on 127.0.0.1, port 0 (``.url``).
 - ``juggler_callee``: a callee pool on the broker; ``juggler_callee.register(uri, fn)`` serves
@@ -55,9 +58,9 @@ def juggler_redis(request: Any) -> Iterator[Any]:
         yield client
         client.close()
         return
-    import redis
+    from .redisconn import client_from_url, close_client
 
-    client = redis.Redis.from_url(url)
+    client = client_from_url(url)  # (redis+sentinel:// too: the master its sentinels name)
     _delete_juggler_keys(client)
     try:
         yield client
@@ -65,7 +68,7 @@ def juggler_redis(request: Any) -> Iterator[Any]:
         try:
             _delete_juggler_keys(client)
         finally:
-            client.close()
+            close_client(client)
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
 """The juggler server: websocket connections in, redis out.
 
-Built on ``websocket-server``'s TCP server and request handler, extended where juggler needs
-more than it has (see :mod:`juggler.transport`, :mod:`juggler.frames` and
-:mod:`juggler.handshake`): the handshake checks the path and negotiates the ``juggler.0``
-subprotocol, frames are read with fragmentation and a read limit, written with
-``sendall``, and connections are closed with proper close codes.
+Built on ``websocket-server``'s TCP server and request handler (the listening socket, a
+request handler per connection), extended where juggler needs more than it has (see
+:mod:`juggler.transport`, :mod:`juggler.frames` and :mod:`juggler.handshake`): the handshake
+checks the path and negotiates the ``juggler.0`` subprotocol, frames are read with
+fragmentation and a read limit, written with ``sendall``, and connections are closed with
+proper close codes.
 """
 
 from __future__ import annotations
@@ -288,7 +289,8 @@ class _Handler(websocket_server.WebSocketHandler):
 
 class _TCPServer(websocket_server.WebsocketServer):
     """websocket-server's server socket, with our handler. Its accept loop is
-    :meth:`Server._accept_loop`, which blocks in ``accept()`` rather than polling."""
+    :meth:`Server._accept_loop`, which blocks in ``accept()`` rather than polling, and starts a
+    thread per connection (joined by :meth:`Server.shutdown`)."""
 
     daemon_threads = False
     block_on_close = False  # we join connection threads ourselves, see Server.shutdown
@@ -771,8 +773,9 @@ class Server:
     def _check_handshake(self, req: HandshakeRequest) -> tuple[frozenset[MessageType], Optional[str]]:
         if req.method != "GET":
             raise _Refused(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
-        if req.path.split("?", 1)[0] != self.path:
-            raise _Refused(404, "Not Found", f"no websocket endpoint at {req.path}")
+        path = req.path.split("?", 1)[0]
+        if path != self.path:
+            raise _Refused(404, "Not Found", f"no websocket endpoint at {path}")
         check_upgrade(req)
         origin = req.headers.get("origin")
         if self.allowed_origins is not None and origin is not None:

@@ -2,12 +2,13 @@
 
 One-shot exit status (for scripts)::
 
-    0  success (call: the result is printed as JSON on stdout)
-    1  the callee returned an error result (its type and message on stderr)
-    2  usage error (unknown command, args that are not JSON, not a websocket URL)
-    3  the server answered NACK
-    4  the call expired
-    5  could not connect, or the connection closed
+    0    success (call: the result is printed as JSON on stdout)
+    1    the callee returned an error result (its type and message on stderr)
+    2    usage error (unknown command, args that are not JSON, not a websocket URL)
+    3    the server answered NACK
+    4    the call expired
+    5    could not connect, or the connection closed
+    130  interrupted (Ctrl-C, SIGINT)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .client import Client, Subscription
 from .config import parse_duration
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, RemoteError
 
-__all__ = ["run_client", "Shell", "EXIT_OK", "EXIT_REMOTE_ERROR", "EXIT_USAGE", "EXIT_NACK", "EXIT_EXPIRED", "EXIT_CONNECTION"]
+__all__ = ["run_client", "Shell", "ONE_SHOT_HELP", "EXIT_OK", "EXIT_REMOTE_ERROR", "EXIT_USAGE", "EXIT_NACK",
+           "EXIT_EXPIRED", "EXIT_CONNECTION", "EXIT_INTERRUPTED"]  # fmt: skip
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1
@@ -34,6 +36,27 @@ EXIT_USAGE = 2
 EXIT_NACK = 3
 EXIT_EXPIRED = 4
 EXIT_CONNECTION = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command Ctrl-C stopped
+
+#: The end of ``juggler client --help``: the one-shot commands and their exit status.
+ONE_SHOT_HELP = f"""\
+one-shot commands (without one: the interactive shell, where 'help' lists its commands):
+  call URI [JSON]        call URI with JSON args; prints the result as JSON
+  pub CHANNEL [JSON]     publish JSON args on CHANNEL
+  sub CHANNEL [COUNT]    print each event on CHANNEL as a JSON line, COUNT of them
+                         (default: until Ctrl-C or the connection closes)
+  psub PATTERN [COUNT]   the same for a pattern subscription
+options go before the URL (JSON args such as -1 are never taken for options):
+  juggler client --timeout 2s ws://127.0.0.1:9000/ws call math.add '[1, 2]'
+
+exit status:
+  {EXIT_OK}    success
+  {EXIT_REMOTE_ERROR}    the callee returned an error result
+  {EXIT_USAGE}    usage error (unknown command, args that are not JSON, not a websocket URL)
+  {EXIT_NACK}    the server answered NACK
+  {EXIT_EXPIRED}    the call expired
+  {EXIT_CONNECTION}    could not connect, or the connection closed
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 HELP = """\
 commands (prefix one with @N to run it on connection N):
@@ -99,6 +122,11 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def closed_text(client: Client) -> str:
+    """How a closed connection ended: ``1001 server shutting down``, or ``1006`` alone."""
+    return f"{client.close_code} {client.close_reason}".rstrip()
+
+
 class Shell:
     """The interactive shell: reads commands from ``stdin``, prints to ``out`` as things arrive."""
 
@@ -123,6 +151,9 @@ class Shell:
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[int, str, float]] = {}
         self._subs: dict[tuple[int, str, bool], tuple[Subscription, threading.Thread]] = {}
+        # a thread per connection that says when the connection is lost; joined by close()
+        self._watchers: dict[int, threading.Thread] = {}
+        self._closed_here: set[int] = set()  # connections 'close' closed: no "lost" line
         self._at_prompt = False  # the main thread waits in input() after printing PROMPT
 
     def say(self, text: str) -> None:
@@ -152,6 +183,16 @@ class Shell:
         self.conns[n] = client
         self.current = n
         self.say(f"[{n}] connected to {url}")
+        watcher = threading.Thread(target=self._watch, args=(n, client), name=f"juggler-shell-watch-{n}")
+        self._watchers[n] = watcher
+        with _ctrl_c_to_this_thread():
+            watcher.start()
+
+    def _watch(self, n: int, client: Client) -> None:
+        """Say when connection ``n`` is lost (not by 'close' or 'exit')."""
+        client.wait_closed()
+        if n not in self._closed_here:
+            self.say(f"[{n}] connection lost: {closed_text(client)}")
 
     def _conn(self, n: Optional[int]) -> tuple[int, Client]:
         n = self.current if n is None else n
@@ -159,7 +200,7 @@ class Shell:
             raise _Usage("no such connection (see 'list', or 'connect')")
         client = self.conns[n]
         if client.closed:
-            raise _Usage(f"connection {n} is closed ({client.close_code} {client.close_reason})")
+            raise _Usage(f"connection {n} is closed ({closed_text(client)})")
         return n, client
 
     def call(self, n: Optional[int], rest: str) -> None:
@@ -168,8 +209,9 @@ class Shell:
             raise _Usage("call URI [JSON]")
         uri, args = parts[0], _json_args(parts[1] if len(parts) > 1 else "")
         n, client = self._conn(n)
+        timeout = self.timeout  # this call's, whatever 'timeout' says later
         start = time.perf_counter()
-        fut = client.call_async(uri, args, timeout=self.timeout)
+        fut = client.call_async(uri, args, timeout=timeout)
         short = next(self._numbers)
         self.say(f"[{n}] CALL {uri} #{short}")
 
@@ -182,7 +224,7 @@ class Shell:
             except NackError as exc:
                 self.say(f"[{n}] NACK {uri} #{short}: {exc.code} {exc.message}")
             except CallExpired:
-                self.say(f"[{n}] EXP  {uri} #{short}: expired after {self.timeout:g} s")
+                self.say(f"[{n}] EXP  {uri} #{short}: expired after {timeout:g} s")
             except ConnectionClosed as exc:
                 self.say(f"[{n}] CLOSED {uri} #{short}: {exc}")
 
@@ -238,7 +280,7 @@ class Shell:
             self.say("no connections")
         for n, c in self.conns.items():
             mark = "*" if n == self.current else " "
-            state = f"closed ({c.close_code} {c.close_reason})" if c.closed else "open"
+            state = f"closed ({closed_text(c)})" if c.closed else "open"
             subs = [("pattern " if p else "") + ch for (m, ch, p) in self._subs if m == n]
             pending = c.pending_calls
             self.say(f"{mark}[{n}] {state}; calls in flight: {pending}; subscriptions: {', '.join(subs) or 'none'}")
@@ -248,18 +290,21 @@ class Shell:
         client = self.conns.get(n) if n is not None else None
         if client is None:
             raise _Usage("no such connection")
-        client.close()
-        self._join_subs(n)
+        self._close(n, client)
         self.say(f"[{n}] closed")
 
-    def _join_subs(self, n: int) -> None:
+    def _close(self, n: int, client: Client) -> None:
+        self._closed_here.add(n)
+        client.close()
         for key in [k for k in self._subs if k[0] == n]:
             self._subs.pop(key)[1].join()
+        watcher = self._watchers.pop(n, None)
+        if watcher is not None:
+            watcher.join()
 
     def close_all(self) -> None:
         for n, client in self.conns.items():
-            client.close()
-            self._join_subs(n)
+            self._close(n, client)
 
     # -- the loop --
 
@@ -419,12 +464,14 @@ def one_shot(
     count = None
     try:
         if cmd in ("sub", "psub"):
-            count = int(tail) if tail.strip() else None
+            count = _count(cmd, tail)
             args = None
         else:
             args = _json_args(tail)
-    except (_Usage, ValueError) as exc:
-        print(f"juggler client: {exc}", file=sys.stderr)
+    except _Usage as exc:
+        options = [w for w in words[1:] if w.startswith("--")]
+        where = f"; options go before the URL: juggler client {options[0]} ... URL {cmd} ..." if options else ""
+        print(f"juggler client: {exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     try:
         client = Client.connect(url, allowed_messages=allowed, headers=headers)
@@ -444,8 +491,9 @@ def one_shot(
             seen = 0
             while count is None or seen < count:
                 ev = sub.get()
-                if ev is None:
-                    break
+                if ev is None:  # the connection closed (nothing here unsubscribes)
+                    print(f"juggler client: connection closed ({closed_text(client)})", file=sys.stderr)
+                    return EXIT_CONNECTION
                 print(_dumps({"channel": ev.channel, "pattern": ev.pattern, "args": ev.args}), flush=True)
                 seen += 1
         return EXIT_OK
@@ -462,9 +510,23 @@ def one_shot(
         print(f"juggler client: {exc}", file=sys.stderr)
         return EXIT_CONNECTION
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED
     finally:
         client.close()
+
+
+def _count(cmd: str, text: str) -> Optional[int]:
+    """The COUNT of ``sub CHANNEL [COUNT]``; ``None``: no end."""
+    if not text.strip():
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise _Usage(f"{cmd} {'PATTERN' if cmd == 'psub' else 'CHANNEL'} [COUNT]: COUNT is a whole number "
+                     f"of events, at least 1, not {text.strip()!r}")  # fmt: skip
+    return count
 
 
 def run_client(

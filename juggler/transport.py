@@ -1,8 +1,7 @@
 """Socket I/O for websockets, shared by the server and the client.
 
 ``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
-has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
-the pieces our :class:`~juggler.server.Server` uses instead: :class:`SocketIO`, which keeps a
+has no read limit and writes with ``socket.send`` (which may write part of a frame). These are the pieces our :class:`~juggler.server.Server` uses instead: :class:`SocketIO`, which keeps a
 TLS connection's reads and writes apart and bounds writes; :class:`SocketReader`, a buffered
 reader that blocks with no timeout and is stopped by shutting its socket down (so nothing
 polls, and no read timeout can corrupt a half-read frame); and :class:`FrameReader`, which

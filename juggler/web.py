@@ -7,7 +7,8 @@
   origin loads a module script in CORS mode.
 - ``GET /``: the demo page, when ``Server(demo_page=True)`` (what ``juggler demo`` runs).
 - ``GET <path>?juggler-refusal=ID``: why the handshake that carried ``?juggler-handshake=ID``
-  was refused, as ``{"status": 403, "reason": "..."}``. A browser cannot read the HTTP status
+  was refused, as ``{"status": 403, "reason": "..."}``, on any path (juggler.js asks at the
+  path it tried to open, so a handshake at a wrong path, refused with 404, is explained too). A browser cannot read the HTTP status
   of a refused websocket (its close event says 1006 and nothing else); juggler.js asks this
   after a failed handshake. The server keeps the last :data:`REFUSALS_KEPT` refusals for
   :data:`REFUSAL_TTL` seconds, only those of handshakes that carried an id.
@@ -138,8 +139,7 @@ def _valid_id(value: str) -> bool:
 class WebRoutes:
     """The plain HTTP a server answers for browsers (see the module's documentation).
 
-    :param ws_path: the server's websocket path (the refusal lookup is there, and the demo
-        page connects to it).
+    :param ws_path: the server's websocket path (the demo page connects to it).
     :param serve_client: serve ``/juggler.js`` and ``/juggler.d.ts``.
     :param demo_page: serve the demo page at ``/``.
     """
@@ -168,7 +168,7 @@ class WebRoutes:
         if "websocket" in (t.lower() for t in request.tokens("upgrade")):
             return None
         path = request.path.partition("?")[0]
-        ids = request.query(REFUSAL_PARAM) if path == self.ws_path else []
+        ids = request.query(REFUSAL_PARAM)
         if ids:
             response = self._refusal(ids[0])
         else:

@@ -8,18 +8,20 @@ another Chromium binary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import threading
+from types import SimpleNamespace
 
 import pytest
 
 from juggler import Client, ConnState, RefuseConnection, Res, Server, chain
 
 from .conftest import T, free_port, make_redis_client
-from .test_cli import Proc
+from .test_cli import ROOT, Proc
 
 CHROMIUM = os.environ.get("JUGGLER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -432,19 +434,32 @@ def test_reconnect_gives_up_when_the_server_refuses_for_good(make_stack, pages):
     assert out[1:] == ["closed", False, 403, 0]
 
 
-def test_demo_page_end_to_end(browser):
+@contextlib.contextmanager
+def demo_page(browser, width: int):
+    """``juggler demo`` and a browser context ``width`` px wide; yields the process, its
+    websocket URL, a page open on the demo page and the errors that page logs."""
     demo = Proc("demo", "--port", "0", "--log-level", "warning")
-    context = browser.new_context(viewport={"width": 1360, "height": 860})
+    context = browser.new_context(viewport={"width": width, "height": 860})
     context.set_default_timeout(T(20) * 1000)
     errors: list[str] = []
     try:
         url = demo.expect(r"^browser: +(http://\S+)").group(1)
+        ws_url = demo.expect(r"^websocket: +(ws://\S+)").group(1)
         demo.expect(r"^stop:")
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto(url)
         page.wait_for_selector("#status.open")
+        yield SimpleNamespace(demo=demo, url=url, ws_url=ws_url, page=page, context=context, errors=errors)
+    finally:
+        context.close()
+        demo.close()
+
+
+def test_demo_page_end_to_end(browser):
+    with demo_page(browser, 1360) as d:
+        demo, url, page, context, errors = d.demo, d.url, d.page, d.context, d.errors
 
         page.click("#call-btn")  # test.reverse "hello"
         page.wait_for_selector("#call-result.ok")
@@ -486,6 +501,87 @@ def test_demo_page_end_to_end(browser):
         assert not errors, errors
         assert demo.stop(signal.SIGTERM) == 0
         page.wait_for_selector("#status.reconnecting")  # (its failed tries are logged as errors)
+
+
+def docs_example_page() -> str:
+    """The example page of docs/browser.rst."""
+    text = (ROOT / "docs" / "browser.rst").read_text().split(".. code-block:: html\n", 1)[1]
+    lines = []
+    for line in text.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).strip() + "\n"
+
+
+def test_the_docs_example_page_works_served_by_another_server(make_stack, browser, tmp_path):
+    """docs/browser.rst's page, served by a plain HTTP server as it says, with the juggler
+    server's address (a free port here, 9000 in the docs) in its two URLs."""
+    import functools
+    import http.server
+
+    stack = make_stack()
+    page_text = docs_example_page()
+    assert page_text.count("127.0.0.1:9000") == 2
+    (tmp_path / "example.html").write_text(page_text.replace("127.0.0.1:9000", f"127.0.0.1:{stack.server.port}"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    pages_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serving = threading.Thread(target=pages_server.serve_forever, name="test-pages-server")
+    serving.start()
+    context = browser.new_context()
+    context.set_default_timeout(T(20) * 1000)
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"http://127.0.0.1:{pages_server.server_address[1]}/example.html")
+        page.wait_for_function("document.getElementById('out').textContent.includes('done')")
+        out = page.inner_text("#out").splitlines()
     finally:
         context.close()
-        demo.close()
+        pages_server.shutdown()
+        serving.join()
+        pages_server.server_close()
+    assert not errors, errors
+    assert out[0] == "olleh"
+    assert 'news.today news.* {"title":"juggler"}' in out
+    assert any(line.startswith("expired: ") for line in out), out
+    assert out[-1] == "done"
+
+
+def test_demo_page_at_420_px_keeps_typed_args_and_explains_a_wrong_path(browser):
+    """Issue 22: at 420 px the header fits; choosing a URI replaces only the args the page filled
+    in itself; a wrong websocket path says what the server answered (404), not that the
+    handshake failed before the server checked it."""
+    with demo_page(browser, 420) as d:
+        page, ws_url, errors = d.page, d.ws_url, d.errors
+
+        overflow = page.evaluate("""() => {
+            const right = (el) => el.getBoundingClientRect().right;
+            return { page: document.documentElement.scrollWidth, header: document.querySelector('header').scrollWidth,
+                     children: [...document.querySelectorAll('header > *')].map(right) };
+        }""")
+        assert overflow["page"] <= 420 and overflow["header"] <= 420, overflow
+        assert all(r <= 420 for r in overflow["children"]), overflow
+
+        def choose(uri: str) -> None:
+            page.fill("#call-uri", uri)
+            page.dispatch_event("#call-uri", "change")
+
+        choose("test.delay")  # the page's own example args: replaced by the new URI's
+        assert page.input_value("#call-args") == "250"
+        page.fill("#call-args", "1200")  # the user's own: kept
+        choose("test.echo")
+        assert page.input_value("#call-args") == "1200"
+        page.fill("#call-args", "")  # nothing: filled in
+        choose("test.reverse")
+        assert page.input_value("#call-args") == '"hello"'
+
+        page.fill("#url", ws_url.replace("/ws", "/wrong"))
+        page.click("#connect-btn")
+        page.wait_for_selector("#status.closed")
+        message = page.inner_text("#log td.what:has-text('HandshakeError')")
+        assert message == f"HandshakeError: {ws_url.replace('/ws', '/wrong')} refused the websocket: 404 no websocket " \
+                          "endpoint at /wrong", message
+        # the browser logs the refused handshake itself; nothing else went wrong
+        assert [e for e in errors if "/wrong?juggler-handshake=" not in e] == [], errors

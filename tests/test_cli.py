@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -90,8 +91,9 @@ class Proc:
             self.p.wait()
         for t in self._readers:
             t.join()
-        self.p.stdout.close()
-        self.p.stderr.close()
+        for pipe in (self.p.stdin, self.p.stdout, self.p.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture
@@ -208,8 +210,75 @@ def test_callee_usage_errors(args, message):
 def test_callee_help_says_redis_is_required():
     out = juggler("callee", "--help")
     text = " ".join(out.stdout.split())  # argparse wraps lines
-    assert "juggler callee requires one (env JUGGLER_REDIS_URL; required)" in text
+    assert "the redis URL of the servers whose calls it serves: a standalone redis or any node of a Redis " \
+           "Cluster (env JUGGLER_REDIS_URL; required)" in text
     assert "default none" not in text.split("--redis URL")[1].split("--workers")[0]
+
+
+def test_each_command_help_speaks_of_that_command_only():
+    callee = " ".join(juggler("callee", "--help").stdout.split())
+    assert "embedded" not in callee and "pub-sub" not in callee  # the server's meaning of --redis
+    assert "callee processes to run" in callee and "merged report" not in callee
+    load = " ".join(juggler("load", "--help").stdout.split())
+    assert "load processes to run, each driving its share of the connections" in load
+    assert "--workers" not in load and "callee" not in load
+    server = " ".join(juggler("server", "--help").stdout.split())
+    assert "none: an embedded in-memory redis, whose URL it prints" in server
+
+
+def test_server_help_is_in_sections():
+    from juggler.cli import _SERVER_GROUPS, build_parser
+    from juggler.config import COMMANDS, SETTINGS
+
+    out = juggler("server", "--help").stdout
+    titles = re.findall(r"^(\S[^:\n]*):$", out, flags=re.M)
+    assert titles == ["options", *_SERVER_GROUPS]
+    grouped = [name for members in _SERVER_GROUPS.values() for name in members]
+    ungrouped = [name for name in COMMANDS["server"] if name not in grouped]
+    assert not ungrouped, f"put these server settings in a section of juggler.cli._SERVER_GROUPS: {ungrouped}"
+    assert len(grouped) == len(set(grouped)) and set(grouped) <= set(COMMANDS["server"])
+    # under "options": only --help, --config and --print-config
+    head = out.split("\noptions:\n")[1].split("\n\n")[0]
+    assert re.findall(r"^  (-\S+)", head, flags=re.M) == ["-h,", "--config", "--print-config"]
+    assert SETTINGS["cpu"].flag in out.split("\ntuning:\n")[1]
+    assert build_parser() is not None
+
+
+def test_client_help_shows_the_one_shot_commands_and_the_exit_status():
+    out = juggler("client", "--help").stdout
+    assert "usage: juggler client [OPTIONS] URL [COMMAND ...]" in out
+    for line in ("call URI [JSON]", "pub CHANNEL [JSON]", "sub CHANNEL [COUNT]", "psub PATTERN [COUNT]",
+                 "options go before the URL", "juggler client --timeout 2s ws://127.0.0.1:9000/ws call math.add",
+                 "  5    could not connect, or the connection closed", "  130  interrupted (Ctrl-C)"):  # fmt: skip
+        assert line in out, line
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def add(a, b:\n    return a + b\n", r"SyntaxError: .* \(\S+/broken\.py, line 1\)"),
+        ("functions = {}\nundefined_name\n", r"NameError: name 'undefined_name' is not defined \(\S+/broken\.py, line 2\)"),
+    ],
+)
+def test_a_callee_module_that_fails_to_import_is_one_line_and_status_2(tmp_path, source, message):
+    (tmp_path / "broken.py").write_text(source)
+    out = juggler("callee", "--redis", "redis://127.0.0.1:1/0", "broken:functions", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert re.fullmatch(r"juggler callee: cannot import 'broken': " + message + "\n", out.stderr), out.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "server", "statesync-demo"])
+def test_a_port_in_use_suggests_another(command):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = juggler(command, "--port", str(port), "--log-level", "warning")
+    assert out.returncode == 1
+    assert f"juggler {command}: cannot serve on 127.0.0.1:{port}: Address already in use (juggler demo, server " \
+           "and statesync-demo all default to port 9000): choose another with --port PORT, or --port 0 for any " \
+           "free one\n" in out.stderr
 
 
 def test_top_level_help_keeps_each_summary_whole():

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from juggler import BrokerError, CallExpired, Client, NackError, RedisBroker, Res, Server, chain
-from juggler.broker import STORE_SCRIPT, call_timeout_key, calls_key
+from juggler.layout import STORE_SCRIPT, call_timeout_key, calls_key
 from juggler.message import CallPayload, EventPayload, new_uuid
 
 from .conftest import T

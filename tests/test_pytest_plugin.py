@@ -1,5 +1,6 @@
 """juggler's pytest plugin (juggler/pytest_plugin.py): its fixtures, used here as a user's test
-suite uses them, and a user's test file run by a plain ``pytest`` in a subprocess."""
+suite uses them, and a user's test file run by a plain ``pytest`` in a subprocess, with the
+plugin loaded as docs/testing.rst says (and not loaded where a suite does not ask for it)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,12 @@ def test_redis(juggler_redis, juggler_broker):
     juggler_redis.set("juggler:left-by-a-test", 1)  # deleted after the test
 '''
 
-# Not part of the user's file: it records the threads alive once the session is over.
+#: The user's conftest.py, as docs/testing.rst gives it.
+USER_CONFTEST = '''
+pytest_plugins = ["juggler.pytest_plugin"]
+'''
+
+# Not part of the user's files: it records the threads alive once the session is over.
 WITNESS = '''
 import json, os, threading
 
@@ -103,9 +109,9 @@ def pytest_unconfigure(config):
 '''
 
 
-def run_user_tests(tmp_path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+def run_user_tests(tmp_path, *args: str, conftest: str = USER_CONFTEST, **extra_env: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
-    (tmp_path / "conftest.py").write_text(textwrap.dedent(WITNESS))
+    (tmp_path / "conftest.py").write_text(textwrap.dedent(conftest) + textwrap.dedent(WITNESS))
     threads_file = tmp_path / "threads.json"
     e = env(THREADS_FILE=str(threads_file), **extra_env)  # env() drops the JUGGLER_* of this run
     out = subprocess.run(
@@ -119,16 +125,33 @@ def run_user_tests(tmp_path, *args: str, **extra_env: str) -> subprocess.Complet
     return out
 
 
-def test_plugin_is_installed_as_a_pytest11_entry_point():
+def test_plugin_is_no_pytest11_entry_point():
+    """Installing juggler does not load its plugin into every pytest run (docs/testing.rst)."""
     from importlib.metadata import entry_points
 
-    assert [(ep.name, ep.value) for ep in entry_points(group="pytest11") if ep.name == "juggler"] == [
-        ("juggler", "juggler.pytest_plugin")
-    ]
+    assert [ep for ep in entry_points(group="pytest11") if ep.value.startswith("juggler")] == []
 
 
 def test_a_user_test_file_passes_with_a_plain_pytest_run_and_leaves_no_thread(tmp_path):
     run_user_tests(tmp_path)
+
+
+def test_the_plugin_loads_with_dash_p_too(tmp_path):
+    run_user_tests(tmp_path, "-p", "juggler.pytest_plugin", conftest="")
+
+
+def test_a_suite_that_does_not_ask_for_the_plugin_does_not_import_juggler(tmp_path):
+    (tmp_path / "test_other.py").write_text(textwrap.dedent('''
+        import sys
+
+
+        def test_juggler_stays_out(request):
+            assert "juggler" not in sys.modules
+            assert not request.config.pluginmanager.has_plugin("juggler.pytest_plugin")
+    '''))  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_other.py"],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=T(60))  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.realredis
@@ -152,7 +175,11 @@ def test_a_real_redis_from_the_option_or_the_environment_is_cleaned_after(tmp_pa
         r.close()
 
 
-def test_plugin_option_is_in_pytest_help(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pytest", "--help"], cwd=tmp_path, env=env(), capture_output=True,
-                         text=True, timeout=T(60))  # fmt: skip
-    assert "--juggler-redis=URL" in out.stdout
+def test_plugin_option_is_in_pytest_help_where_the_suite_loads_it(tmp_path):
+    def help_text() -> str:
+        return subprocess.run([sys.executable, "-m", "pytest", "--help"], cwd=tmp_path, env=env(),
+                              capture_output=True, text=True, timeout=T(60)).stdout  # fmt: skip
+
+    assert "--juggler-redis" not in help_text()
+    (tmp_path / "conftest.py").write_text(USER_CONFTEST)
+    assert "--juggler-redis=URL" in help_text()

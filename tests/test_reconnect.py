@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import pytest
 
-from juggler import Callee, Client, ConnectionClosed, Nack, NackError, RedisBroker, Server, Sub, chain, recover
+from juggler import Callee, Client, ConnectionClosed, HandshakeError, Nack, NackError, RedisBroker, Server, Sub, chain, recover
 from juggler.client import backoff_delays
 
 from .conftest import T, free_port
@@ -49,6 +50,7 @@ def servers(broker):
         started.append(s)
         return s
 
+    start.port = port
     yield start
     for s in started:
         s.shutdown()
@@ -180,3 +182,71 @@ def test_backoff_doubles_up_to_the_cap_with_jitter():
 def test_bad_reconnect_delay_is_refused():
     with pytest.raises(ValueError, match="max_reconnect_delay"):
         Client.connect("ws://127.0.0.1:1/ws", reconnect=True, max_reconnect_delay=0)
+
+
+# -- the first connect (issue 22) ----------------------------------------------------------------
+
+
+class Attempts(logging.Handler):
+    """Counts the failed first-connect attempts logged; ``failed`` is set at the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.failed = threading.Event()
+
+    def emit(self, record) -> None:
+        if "failed (attempt" in record.getMessage():
+            self.count += 1
+            self.failed.set()
+
+
+@pytest.fixture
+def attempts():
+    logger = logging.getLogger("test.first-connect")
+    handler = Attempts()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield logger, handler
+    logger.removeHandler(handler)
+
+
+def test_a_reconnecting_client_waits_for_a_server_not_up_yet(servers, attempts):
+    logger, seen = attempts
+    url = f"ws://127.0.0.1:{servers.port}/ws"
+    started: list[Server] = []
+
+    def start_late() -> None:
+        if seen.failed.wait(T(20)):  # the client has tried once, and failed: now start it
+            started.append(servers())
+
+    t = threading.Thread(target=start_late, name="test-start-late")
+    t.start()
+    try:
+        with Client.connect(url, reconnect=True, connect_timeout=T(20), logger=logger) as client:
+            assert client.connected and seen.count >= 1
+    finally:
+        t.join()
+    assert started
+
+
+def test_a_reconnecting_client_gives_up_after_connect_timeout(attempts):
+    logger, seen = attempts
+    begin = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        Client.connect(f"ws://127.0.0.1:{free_port()}/ws", reconnect=True, connect_timeout=0.5, logger=logger)
+    assert 0.5 <= time.monotonic() - begin < T(5)
+    assert seen.count >= 2  # it tried again
+
+
+def test_a_reconnecting_client_does_not_retry_a_final_refusal(servers, attempts):
+    logger, seen = attempts
+    server = servers()
+    with pytest.raises(HandshakeError) as info:
+        Client.connect(server.url.replace("/ws", "/nowhere"), reconnect=True, connect_timeout=T(20), logger=logger)
+    assert info.value.status == 404 and seen.count == 0
+
+
+def test_without_reconnect_the_first_connect_fails_at_once():
+    with pytest.raises(ConnectionRefusedError):
+        Client.connect(f"ws://127.0.0.1:{free_port()}/ws", connect_timeout=T(20))

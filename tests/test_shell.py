@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -212,3 +216,124 @@ def test_repeated_headers_are_joined_as_http_does():
 
     assert parse_headers(["A: 1", "b:2", "A:  3 "]) == {"A": "1, 3", "b": "2"}
     assert parse_headers(["X-Empty:"]) == {"X-Empty": ""}
+
+
+# -- exit status, pipes, the shell's lines (issue 22) ---------------------------------------------
+
+
+@pytest.fixture
+def watched(juggler_broker, juggler_callee):
+    """A server whose SUBs set ``subscribed`` once processed, and a callee whose ``test.block``
+    sets ``called`` and blocks until the test ends."""
+    from juggler import Server, Sub, chain, recover
+
+    subscribed, called, release = threading.Event(), threading.Event(), threading.Event()
+
+    def track(next_handler):
+        def handle(conn, msg):
+            next_handler(conn, msg)
+            if isinstance(msg, Sub):
+                subscribed.set()
+
+        return handle
+
+    def block(args):
+        called.set()
+        release.wait(T(30))
+
+    juggler_callee.register("test.block", block)
+    server = Server(juggler_broker, host="127.0.0.1", port=0, handler=chain(recover(), track)).start()
+    try:
+        yield SimpleNamespace(server=server, url=server.url, subscribed=subscribed, called=called)
+    finally:
+        release.set()
+        server.shutdown()
+
+
+def test_one_shot_call_interrupted_by_ctrl_c_exits_130(watched, procs):
+    p = procs("client", watched.url, "call", "test.block", "null")
+    assert watched.called.wait(T(20))
+    assert p.stop(signal.SIGINT) == 130
+
+
+def test_one_shot_sub_interrupted_by_ctrl_c_exits_130(watched, procs):
+    p = procs("client", watched.url, "sub", "news")
+    assert watched.subscribed.wait(T(20))
+    assert p.stop(signal.SIGINT) == 130
+
+
+def test_one_shot_sub_exits_5_when_the_server_goes_away(watched, procs):
+    p = procs("client", watched.url, "sub", "news")
+    assert watched.subscribed.wait(T(20))
+    watched.server.shutdown()
+    assert p.p.wait(T(20)) == 5
+    p.expect(r"^juggler client: connection closed \(1001 server shutting down\)$", stream="err")
+
+
+def test_one_shot_sub_into_a_pipe_its_reader_closed_exits_quietly(watched):
+    """``juggler client URL sub CH | head -1``: no BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "juggler", "client", watched.url, "sub", "news"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())  # fmt: skip
+    try:
+        assert watched.subscribed.wait(T(20))
+        with Client.connect(watched.url) as c:
+            c.pub("news", 1)
+            assert json.loads(p.stdout.readline())["args"] == 1  # what head -1 reads
+            p.stdout.close()  # head exits
+            c.pub("news", 2)
+            assert p.wait(T(20)) == 141
+        assert p.stderr.read() == ""
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+
+
+@pytest.mark.parametrize("command", ["server", "client"])
+def test_print_config_into_a_closed_pipe_exits_quietly(command):
+    args = ["--print-config"] + (["ws://127.0.0.1:1/ws"] if command == "client" else [])
+    p = subprocess.Popen([sys.executable, "-m", "juggler", command, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env())  # fmt: skip
+    p.stdout.close()  # closed before the child, still starting Python, writes
+    err = p.stderr.read()
+    p.stderr.close()
+    assert (p.wait(T(30)), err) == (141, "")
+
+
+def test_options_after_the_args_are_a_usage_error_that_says_where_options_go():
+    out = juggler("client", "ws://127.0.0.1:1/ws", "call", "math.add", "[1,2]", "--timeout", "2s")
+    assert out.returncode == 2
+    assert "args must be JSON" in out.stderr
+    assert "options go before the URL: juggler client --timeout ... URL call ..." in out.stderr
+    bad_count = juggler("client", "ws://127.0.0.1:1/ws", "sub", "news", "x")
+    assert bad_count.returncode == 2 and "COUNT is a whole number of events, at least 1, not 'x'" in bad_count.stderr
+
+
+def test_shell_expiry_says_the_calls_own_timeout_and_a_lost_connection_is_said(watched, procs):
+    p = procs("client", watched.url, stdin=subprocess.PIPE)
+    p.expect(r"^\[1\] connected to ")
+
+    def send(line: str) -> None:
+        p.p.stdin.write(line + "\n")
+        p.p.stdin.flush()
+
+    send("timeout 300ms")
+    send("call nobody.home 1")
+    p.expect(r"^\[1\] CALL nobody\.home #1$")
+    send("timeout 5s")
+    send("wait")
+    p.expect(r"^\[1\] EXP  nobody\.home #1: expired after 0\.3 s$")  # the call's timeout, not 5 s
+    watched.server.shutdown()
+    p.expect(r"^\[1\] connection lost: 1001 server shutting down$")
+    send("list")
+    p.expect(r"^\*\[1\] closed \(1001 server shutting down\); ")
+    send("exit")
+    assert p.p.wait(T(20)) == 0
+
+
+def test_a_close_without_a_reason_has_no_stray_space():
+    from juggler.shell import closed_text
+
+    assert closed_text(SimpleNamespace(close_code=1000, close_reason="")) == "1000"
+    assert closed_text(SimpleNamespace(close_code=1001, close_reason="bye")) == "1001 bye"

@@ -10,10 +10,14 @@ import pytest
 
 from juggler import statesync
 
-from .conftest import T, free_port
+from .conftest import T, free_port, import_or_skip
 from .statesync_util import HatLoop, HatPeer, OurPeer, WireTap, get, same
 
-hj = pytest.importorskip("hat.juggler", reason="hat-juggler is a test dependency (pip install '.[test]')")
+hj = import_or_skip(
+    "hat.juggler",
+    "hat-juggler is not installed: pip install '.[test]' installs it on Python 3.9 to 3.11 "
+    "(it has no wheels for later versions)",
+)
 
 
 def boom(*args):

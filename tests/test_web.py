@@ -138,6 +138,14 @@ def test_a_refused_handshake_can_be_explained_by_its_id(make_server):
             handshake(server, f"?token=good&juggler-handshake={hid}", suppress_origin=True)
         assert refusal(server, hid)[2] == {"status": 503, "reason": "server at its connection limit"}
 
+    # a wrong path: its 404 is explained at that path, without the id in the reason
+    hid = str(uuid.uuid4())
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        websocket.create_connection(server.url.replace(server.path, "/wrong") + f"?juggler-handshake={hid}",
+                                    subprotocols=["juggler.0"], timeout=T(10), suppress_origin=True)  # fmt: skip
+    status, _, body = get(server, f"/wrong?juggler-refusal={hid}")
+    assert (status, json.loads(body)) == (200, {"status": 404, "reason": "no websocket endpoint at /wrong"})
+
     # an id nobody used, and a handshake that was not refused
     assert refusal(server, str(uuid.uuid4()))[0] == 404
     hid = str(uuid.uuid4())

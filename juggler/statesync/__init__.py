@@ -13,12 +13,13 @@ Synchronous and threaded, on the websocket layer of the juggler server::
 
     server = statesync.listen("127.0.0.1", 0, lambda conn: conn.set_local_data({"count": 0}))
     conn = statesync.connect(server.url)
+    statesync.wait_remote_data(conn, timeout=5)  # {"count": 0}
     ...
     conn.close(); server.close()
 """
 
 from ..exceptions import CallExpired, ConnectionClosed, HandshakeError, JugglerTimeout, ProtocolError, RemoteError
-from .client import connect
+from .client import connect, wait_remote_data
 from .connection import ChangeHandle, Connection, Settings
 from .rpc import RpcConnection
 from .server import Server, listen
@@ -26,6 +27,7 @@ from .server import Server, listen
 __all__ = [
     "listen",
     "connect",
+    "wait_remote_data",
     "Server",
     "Connection",
     "Settings",

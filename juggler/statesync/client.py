@@ -1,17 +1,20 @@
-"""Connecting to a state-sync server (hat-juggler's ``connect``)."""
+"""Connecting to a state-sync server (hat-juggler's ``connect``), and waiting for the peer's
+data (:func:`wait_remote_data`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+import weakref
+from typing import Any, Callable, Optional
 
 from ..client import open_websocket
+from ..exceptions import ConnectionClosed, JugglerTimeout
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader
 from .connection import Connection, Settings, check_autoflush_delay
 
-__all__ = ["connect"]
+__all__ = ["connect", "wait_remote_data"]
 
 
 def connect(
@@ -56,3 +59,67 @@ def connect(
     )
     reader.start()
     return conn
+
+
+def wait_remote_data(
+    conn: Connection, until: Optional[Callable[[Any], Any]] = None, timeout: Optional[float] = None
+) -> Any:
+    """Block until ``conn.remote_data`` is what ``until(data)`` accepts (default: any data, not
+    ``None``, which it is until the peer's first ``DATA``) and return it, waiting up to
+    ``timeout`` seconds (``None``: for as long as it takes).
+
+    Raises :class:`~juggler.exceptions.JugglerTimeout` (a :class:`TimeoutError`) when
+    ``timeout`` passes first, :class:`~juggler.exceptions.ConnectionClosed` when the
+    connection is over first. Any connection will do, a client's or one a server was given;
+    ``until`` runs on the calling thread and on the connection's reader thread, so it should
+    be quick.
+    """
+    test = until or (lambda data: data is not None)
+    watch = _RemoteWatch.of(conn)
+    if conn.closed:
+        # Closing: a close hook registered now may miss the teardown that runs them (it takes
+        # them all before the connection is over), so wait for the end itself; data that comes
+        # meanwhile is there then.
+        in_time = test(conn.remote_data) or conn.wait_closed(timeout)
+        data = conn.remote_data
+    else:  # open when the hook was registered: it runs, and wakes us, once the connection is over
+        with watch.cond:
+            in_time = watch.cond.wait_for(lambda: test(conn.remote_data) or watch.over, timeout)
+            data = conn.remote_data
+    if test(data):
+        return data
+    if not in_time:
+        raise JugglerTimeout(f"no such remote data within {timeout} s: {data!r}")
+    raise ConnectionClosed(conn.close_code or 1006, conn.close_reason)
+
+
+class _RemoteWatch:
+    """Wakes the threads waiting in :func:`wait_remote_data` on one connection: at each change
+    of its remote data, and once it is over. One per connection (a change callback and a close
+    hook of its own), made at the first wait and gone with the connection."""
+
+    _all: "weakref.WeakKeyDictionary[Connection, _RemoteWatch]" = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.over = False
+
+    @classmethod
+    def of(cls, conn: Connection) -> "_RemoteWatch":
+        with cls._lock:
+            watch = cls._all.get(conn)
+            if watch is None:
+                watch = cls._all[conn] = cls()
+                conn.register_change_cb(watch._changed)
+                conn.add_close_hook(watch._ended)  # at once if it is over already
+        return watch
+
+    def _changed(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _ended(self) -> None:
+        with self.cond:
+            self.over = True
+            self.cond.notify_all()

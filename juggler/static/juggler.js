@@ -201,6 +201,11 @@ async function explainRefusal(url, id, timeout) {
     const reason = typeof body.reason === "string" ? body.reason : "";
     return new HandshakeError(`${shown} refused the websocket: ${body.status} ${reason}`.trim(), body.status, reason);
   }
+  if (body === null && !res.ok) {  // an HTTP server answered, but not as a juggler server does
+    return new HandshakeError(
+      `cannot open ${shown}: the server there answered HTTP ${res.status} without saying why the websocket ` +
+        "failed (not a juggler server, or one older than this client)", 0);
+  }
   return new HandshakeError(
     `cannot open ${shown}: the websocket handshake failed before the server checked it ` +
       "(a proxy or a TLS error, the server's accept queue at its limit, or not a juggler server)", 0);

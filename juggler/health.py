@@ -1,0 +1,149 @@
+"""Whether redis answers, as one server or callee process sees it, and the backoff that all of
+its reconnects share.
+
+Every redis listener of a process (a websocket's results listener, the pub-sub hub's reader, a
+callee worker) reports what it sees to the process' one :class:`RedisHealth`:
+:meth:`~RedisHealth.failed` when redis fails it, :meth:`~RedisHealth.succeeded` when a command
+went through. The first failure marks redis down and is logged once (``redis unavailable``);
+the first success after it marks redis up and is logged once (``redis is back``). While redis is
+down:
+
+- requests need not wait for redis to fail them: :attr:`~RedisHealth.up` says so at once (a
+  request may still try, e.g. when it has its own short deadline);
+- a listener that wants to reconnect calls :meth:`~RedisHealth.wait_turn` first. The attempts of
+  all the process' listeners are spaced out by one capped exponential backoff with jitter
+  (:data:`BACKOFF_BASE` doubling up to :data:`BACKOFF_CAP`): one attempt per turn, whatever the
+  number of listeners, so a redis that is down sees a handful of connects per second from a
+  server, not one storm per websocket. When an attempt succeeds, every waiting listener goes at
+  once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Callable, Optional
+
+__all__ = ["RedisHealth", "BACKOFF_BASE", "BACKOFF_CAP"]
+
+#: The first wait between two reconnect attempts while redis is down, in seconds.
+BACKOFF_BASE = 0.05
+
+#: The longest wait between two reconnect attempts while redis is down, in seconds: redis is
+#: seen back within this (plus a connect) after it returns.
+BACKOFF_CAP = 0.5
+
+
+class RedisHealth:
+    """Redis' state as one process sees it; see the module's documentation.
+
+    :param name: who sees it, in the log lines (e.g. ``"server 127.0.0.1:9000"``).
+    :param logger: where the two log lines go.
+    :param base: :data:`BACKOFF_BASE`.
+    :param cap: :data:`BACKOFF_CAP`.
+    :param on_change: called with the new state (``True``: up) once per change, outside the lock.
+    """
+
+    def __init__(
+        self,
+        name: str = "juggler",
+        *,
+        logger: Optional[logging.Logger] = None,
+        base: float = BACKOFF_BASE,
+        cap: float = BACKOFF_CAP,
+        on_change: Optional[Callable[[bool], None]] = None,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if not 0 < base <= cap:
+            raise ValueError("the backoff needs 0 < base <= cap")
+        self.name = name
+        self.logger = logger or logging.getLogger("juggler.broker")
+        self.base = base
+        self.cap = cap
+        self.on_change = on_change
+        self._clock = clock
+        self._jitter = jitter
+        self._cond = threading.Condition()
+        self._up = True
+        self._down_since: Optional[float] = None
+        self._delay = base  # the wait before the next turn, doubled after each failed one
+        self._next_turn = 0.0  # when the next attempt may go (while down)
+        self._closed = False
+        #: How many times redis was seen to go away.
+        self.outages = 0
+        #: How many reconnect attempts :meth:`wait_turn` let through while redis was down.
+        self.attempts = 0
+
+    @property
+    def up(self) -> bool:
+        """Whether redis answered the last time anyone asked (``True`` before anyone did)."""
+        return self._up
+
+    def failed(self, exc: BaseException) -> None:
+        """Redis failed a command or a connect: the first failure marks it down (logged once)."""
+        with self._cond:
+            if not self._up:
+                return
+            self._up = False
+            self._down_since = self._clock()
+            self._delay = self.base
+            self._next_turn = self._down_since + self._turn_wait()
+            self.outages += 1
+        self.logger.error("%s: redis unavailable (%s); reconnecting with backoff", self.name, exc)
+        if self.on_change is not None:
+            self.on_change(False)
+
+    def succeeded(self) -> None:
+        """Redis answered: the first success after a failure marks it up (logged once) and
+        lets every waiting listener go."""
+        if self._up:  # (the common case, without the lock)
+            return
+        with self._cond:
+            if self._up:
+                return
+            self._up = True
+            down_for = self._clock() - (self._down_since or self._clock())
+            self._down_since = None
+            self._cond.notify_all()
+        self.logger.warning("%s: redis is back (after %.1f s)", self.name, down_for)
+        if self.on_change is not None:
+            self.on_change(True)
+
+    def wait_turn(self, stop: Optional[threading.Event] = None) -> bool:
+        """Block until this caller may try to reach redis: at once while redis is up; while it
+        is down, until this caller's turn in the shared backoff or until someone else's
+        attempt succeeded. ``False`` when :meth:`close` was called or ``stop`` is set (the
+        caller gives up); ``stop`` is looked at on each wake-up: set it, then :meth:`wake`."""
+        with self._cond:
+            while True:
+                if self._closed or (stop is not None and stop.is_set()):
+                    return False
+                if self._up:
+                    return True
+                now = self._clock()
+                if now >= self._next_turn:
+                    # this caller's turn: the next one comes after a longer wait
+                    self._delay = min(self._delay * 2, self.cap)
+                    self._next_turn = now + self._turn_wait()
+                    self.attempts += 1
+                    return True
+                self._cond.wait(self._next_turn - now)
+
+    def wake(self) -> None:
+        """Wake every :meth:`wait_turn`, to look at its ``stop`` again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Make every :meth:`wait_turn`, now and later, return ``False``. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _turn_wait(self) -> float:
+        # "equal jitter": half the delay, plus up to as much again at random, so that servers
+        # that saw redis go at the same moment do not come back in step
+        return self._delay / 2 + self._jitter() * self._delay / 2

@@ -1,0 +1,253 @@
+"""The pub-sub side of the redis broker: publishing, and a redis pub-sub connection's
+subscriptions and events (:class:`RedisPubSub`). The server's one pub-sub connection is shared
+by all its websockets through :class:`juggler.pubsub.PubSubHub`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .exceptions import BrokerError
+from .frames import OP_TEXT, frame_header
+from .message import EventPayload, Evnt, encode_payload
+from .redisconn import REDIS_FAILURES, broker_error, close_client, one_connection_client, text
+
+__all__ = ["PubSubEvent", "PubSubSide", "RedisPubSub"]
+
+logger = logging.getLogger("juggler.broker")
+
+@dataclass(frozen=True)
+class PubSubEvent:
+    """An event read from a pub-sub connection."""
+
+    channel: str
+    pattern: str
+    payload: EventPayload
+
+    @functools.cached_property
+    def evnt_payload(self) -> str:
+        """The JSON of the EVNT payload every subscriber of this event gets: made once (see
+        :meth:`~juggler.message.Evnt.sharing`)."""
+        return encode_payload(Evnt(self.payload.msg_uuid, self.channel, self.payload.args, self.pattern, uuid=""))
+
+    @functools.cached_property
+    def evnt_frame(self) -> tuple[bytes, bytes, int]:
+        """``(head, tail, size)``: the websocket frame of this event's EVNT is ``head``, the
+        message's 36-character UUID, then ``tail``; ``size`` is the EVNT's JSON length. The
+        same bytes as :func:`~juggler.message.encode` and
+        :func:`~juggler.frames.encode_frame` make, built once for every subscriber."""
+        before = b'{"meta":{"type":10,"uuid":"'
+        after = b'"},"payload":' + self.evnt_payload.encode("utf-8") + b"}"
+        size = len(before) + 36 + len(after)
+        return frame_header(OP_TEXT, size) + before, after, size
+
+
+class PubSubSide:
+    """:class:`~juggler.broker.RedisBroker`'s publishing and pub-sub connections (a mix-in)."""
+
+    # (set by RedisBroker.__init__)
+    _fast: Any
+    _pubsub_turn: itertools.count
+    cluster: bool
+    client: Any
+
+    def publish(self, channel: str, payload: EventPayload) -> int:
+        """Publish an event; returns the number of redis subscribers that got it."""
+        data = payload.to_json()
+        try:
+            if self._fast is not None:
+                return int(self._command("PUBLISH", channel, data))
+            return int(self._once(channel, "PUBLISH", channel, data))
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+
+    def pubsub(self, confirm_timeout: float = 5.0) -> "RedisPubSub":
+        """A new pub-sub connection, on a redis connection of its own (made on first subscribe).
+
+        Someone must be reading its events (:meth:`RedisPubSub.get_event`, as a server
+        connection's pub-sub thread does) for its subscribe calls to be confirmed.
+
+        On a cluster the connection goes to the primaries in turn, as a plain connection:
+        ``PUBLISH`` reaches the subscribers of every node, and the cluster client's own pools
+        are not used, since a topology refresh marks their connections for reconnecting (a
+        pub-sub connection would silently re-subscribe, losing events published in between).
+        If that node fails, :meth:`RedisPubSub.get_event` raises :class:`BrokerError`, as on a
+        standalone redis.
+        """
+        if self.cluster:
+            cluster = self.client
+            nodes = cluster.get_primaries() or cluster.get_nodes()
+            node = nodes[next(self._pubsub_turn) % len(nodes)]
+            client = one_connection_client(cluster.get_redis_connection(node), blocking=True)
+        else:
+            client = one_connection_client(self.client, blocking=True)
+        return RedisPubSub(client.pubsub(), confirm_timeout, owner=client)
+
+
+class _Waiter:
+    """A pub-sub request waiting for redis' confirmation."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+class RedisPubSub:
+    """A :class:`PubSubConn` over a redis-py ``PubSub``.
+
+    ``subscribe``/``unsubscribe`` are called from one thread while another waits in
+    ``get_event`` (as redis-py's own ``run_in_thread`` does). They return only once redis has
+    confirmed them, which the ``get_event`` thread reads: so after a SUB's ACK, a PUB from
+    anywhere reaches the subscriber, and after an UNSB's ACK no event of it follows.
+    """
+
+    def __init__(self, pubsub: Any, confirm_timeout: float = 5.0, owner: Any = None) -> None:
+        self._pubsub = pubsub
+        self._owner = owner  # the one-connection client it runs on, closed with it
+        self.confirm_timeout = confirm_timeout
+        self._cond = threading.Condition()
+        # The requests sent and not confirmed yet, per (kind, channel), in the order they went
+        # out: redis confirms them in that order. A key with none left is deleted, so this
+        # holds nothing for the channels a connection once subscribed to.
+        self._waiting: dict[tuple[str, str], deque[_Waiter]] = {}
+        self._active: set[tuple[str, str]] = set()  # ("p" or "", channel) subscribed now
+        self._send_lock = threading.Lock()  # one command at a time on the connection
+        self._sent = threading.Event()  # a command went out: the connection exists
+        self._stopped = False
+
+    def subscribe(self, channel: str, pattern: bool) -> None:
+        if pattern:
+            self._confirm("psubscribe", channel, self._pubsub.psubscribe)
+        else:
+            self._confirm("subscribe", channel, self._pubsub.subscribe)
+
+    def unsubscribe(self, channel: str, pattern: bool) -> None:
+        if pattern:
+            self._confirm("punsubscribe", channel, self._pubsub.punsubscribe)
+        else:
+            self._confirm("unsubscribe", channel, self._pubsub.unsubscribe)
+
+    def _confirm(self, kind: str, channel: str, command: Any) -> None:
+        key = (kind, channel)
+        active = ("p" if kind.startswith("p") else "", channel)
+        with self._cond:
+            was_active = active in self._active
+            if kind.endswith("unsubscribe"):
+                if not was_active:
+                    # Not subscribed: nothing to undo. (redis-py does not even read the reply
+                    # of a pub-sub with no subscriptions, so there would be no confirmation.)
+                    return
+                self._active.discard(active)
+            else:
+                self._active.add(active)
+            waiter = _Waiter()
+        try:
+            with self._send_lock:
+                with self._cond:  # in line before it is sent, in the order it is sent
+                    self._waiting.setdefault(key, deque()).append(waiter)
+                try:
+                    command(channel)
+                except REDIS_FAILURES:
+                    # Not sent (redis-py keeps its own state unchanged too): undo, so that
+                    # the same request can succeed on this connection once redis is back.
+                    # The connection it failed on is gone (redis-py drops it, and connects
+                    # again on the next command), and with it the confirmations of earlier
+                    # requests that timed out and still wait in line for them: they never
+                    # come, and a later request of the same channel would take the next one
+                    # in their place. So the lines are emptied, before another request can
+                    # go out on the new connection.
+                    with self._cond:
+                        self._waiting.clear()
+                        (self._active.add if was_active else self._active.discard)(active)
+                    raise
+                self._sent.set()
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+        with self._cond:
+            if not self._cond.wait_for(lambda: waiter.done, self.confirm_timeout):
+                # It stays in line: its confirmation, when it comes, is taken for it (and not
+                # for a later request of the same channel).
+                raise BrokerError(f"redis did not confirm {kind} {channel!r} within {self.confirm_timeout} s")
+
+    def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]:
+        """Wait up to ``timeout`` seconds (``None``: with no timeout, until an event comes or
+        :meth:`wake` is called) for an event; ``None`` if none came.
+
+        Reads (and signals) subscription confirmations on the way. Raises
+        :class:`BrokerError` when the redis connection fails, and :class:`ValueError` (with the
+        channel) for an event whose payload is not a juggler event payload.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._stopped:
+                return None
+            try:
+                if deadline is None:
+                    if not self._sent.is_set():
+                        self._sent.wait()  # no connection before the first command
+                        continue
+                    msg = self._pubsub.handle_message(self._pubsub.parse_response(block=True))
+                else:
+                    msg = self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            except REDIS_FAILURES as exc:
+                if self._stopped:
+                    return None
+                raise broker_error(exc) from exc
+            if msg is not None:
+                kind = msg.get("type")
+                if kind in ("message", "pmessage"):
+                    break
+                if kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe") and msg.get("channel"):
+                    key = (kind, text(msg["channel"]))
+                    with self._cond:
+                        # A confirmation nobody waits for is dropped: redis-py re-subscribes by
+                        # itself after a reconnect, and those confirmations must not stand in
+                        # for a later request's.
+                        line = self._waiting.get(key)
+                        if line:
+                            line.popleft().done = True
+                            if not line:
+                                del self._waiting[key]
+                            self._cond.notify_all()
+                    continue
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+        channel = text(msg["channel"])
+        pattern = text(msg["pattern"]) if kind == "pmessage" and msg.get("pattern") else ""
+        try:
+            payload = EventPayload.from_json(msg["data"])
+        except ValueError as exc:
+            raise ValueError(f"channel {channel!r}: {exc}") from None
+        return PubSubEvent(channel, pattern, payload)
+
+    def wake(self) -> None:
+        """Make a :meth:`get_event` blocked in another thread return ``None``, now and from
+        then on (a PING makes redis answer, which wakes the read). Never raises."""
+        self._stopped = True
+        self._sent.set()
+        conn = self._pubsub.connection
+        if conn is None:
+            return
+        try:
+            with self._send_lock:
+                # straight on the connection: PubSub.execute_command may read replies itself
+                # (its health-check clean-up), racing the reader for them
+                conn.send_command("PING")
+        except REDIS_FAILURES as exc:  # the read fails too, and sees it was stopped
+            logger.debug("waking a pub-sub reader: %s", exc)
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+            if self._owner is not None:
+                close_client(self._owner)
+        except REDIS_FAILURES as exc:  # closing a broken connection
+            logger.debug("closing pub-sub connection: %s", exc)

@@ -1,0 +1,404 @@
+"""The RPC side of the redis broker: storing calls and results, and the results listener.
+
+:class:`RpcSide` holds :class:`~juggler.broker.RedisBroker`'s methods for calls and results;
+the broker's connections (its pool of fast-path connections, a listener's own connection)
+belong to :class:`~juggler.broker.RedisBroker` itself. Keys and scripts: :mod:`juggler.layout`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import redis
+import redis.exceptions
+
+from . import resp
+from .exceptions import BrokerError, CapacityExceeded, PayloadTooLarge
+from .layout import (
+    CONSUME,
+    STORE,
+    WAKE_MARKER,
+    call_timeout_key,
+    calls_key,
+    ms,
+    result_timeout_key,
+    results_key,
+)
+from .message import CallPayload, ResultPayload
+from .redisconn import REDIS_FAILURES, broker_error
+
+__all__ = ["Popped", "RpcSide", "RESULT_SURE_MARGIN", "AWAIT_GRACE"]
+
+logger = logging.getLogger("juggler.broker")
+
+@dataclass(frozen=True)
+class Popped:
+    """A call or result taken off its list, with the seconds it has left (<= 0: expired)."""
+
+    payload: Union[CallPayload, ResultPayload]
+    remaining: float
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining <= 0
+
+
+#: How much time a call must have left, by its connection's own count, for its result to be
+#: handed over before redis has answered the script that takes the result's timeout key
+#: (:meth:`RedisBroker.pop_result`). The key expires with the call, at or after that count.
+RESULT_SURE_MARGIN = 0.05
+
+#: How long after a call's deadline (by its connection's count) a results listener that
+#: stores its connection's calls (:meth:`RedisBroker.follow_calls`) keeps a BRPOP waiting for
+#: its result: redis expires the call a little after that count, which is taken first.
+AWAIT_GRACE = 1.0
+
+# what a listener's own connection waits for (RedisBroker._expect), beside a callback for a
+# call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read
+_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL = "brpop", "skip", "ttl"
+
+def _result_payload(popped: Optional[bytes]) -> Optional[ResultPayload]:
+    """The result a results list gave, or ``None``: nothing came, a wake-up marker, or a
+    payload that cannot be decoded (logged, and dropped)."""
+    if popped is None or popped == WAKE_MARKER:
+        return None
+    try:
+        return ResultPayload.from_json(popped)
+    except ValueError as exc:
+        logger.warning("dropping undecodable result payload: %s", exc)
+        return None
+
+
+def _check_skipped(reply: Any, conn_uuid: str) -> None:
+    """The reply of the timeout-key script of a result handed over before it came (see
+    :meth:`RedisBroker.pop_result`): an error, or a key that was already gone (evicted by
+    ``maxmemory``, lost in a failover), is worth a line in the log."""
+    if isinstance(reply, Exception):
+        logger.warning("connection %s: taking a result's timeout key failed: %s", conn_uuid, reply)
+    elif isinstance(reply, int) and reply <= 0:
+        logger.info("connection %s: a result was handed over whose timeout key redis no longer had", conn_uuid)
+
+
+
+class RpcSide:
+    """:class:`~juggler.broker.RedisBroker`'s calls and results (a mix-in: the state it uses is
+    made by the broker's ``__init__``)."""
+
+    # (set by RedisBroker.__init__)
+    _fast: Optional[resp.RespPool]
+    _dedicated: bool
+    _ahead: bool
+    _interrupted: bool
+    _interrupt_why: str
+    _reconnected: float
+    _expect: deque[Any]
+    _brpop_sent: bool
+    _own_lock: Any
+    _cluster_node: bool
+    _tls: bool
+    call_deadlines: Optional[Mapping[str, float]]
+    call_cap: int
+    result_cap: int
+    max_args_size: int
+    client: Any
+
+    def store_call(self, payload: CallPayload, timeout: float) -> None:
+        """Queue a call for its URI's callees; it expires after ``timeout`` seconds.
+        :class:`~juggler.exceptions.PayloadTooLarge` when its args are over ``max_args_size``."""
+        data = self._call_data(payload)
+        self._run_store(call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri), timeout, data, self.call_cap)
+
+    def _call_data(self, payload: CallPayload) -> bytes:
+        """The call's payload as stored; :class:`PayloadTooLarge` past ``max_args_size``."""
+        data = payload.to_json().encode("utf-8")  # bytes: the command would encode it anyway
+        most = self.max_args_size
+        if most and len(data) > most:
+            # The args may be over: they are the payload less the rest of it and ',"args":'
+            # (8 bytes). Measured only for a payload that long: no cost for the others.
+            rest = CallPayload(payload.conn_uuid, payload.msg_uuid, payload.uri).to_json()
+            size = len(data) - len(rest.encode("utf-8")) - 8
+            if size > most:
+                raise PayloadTooLarge(f"call args of {size} bytes, over the server's maximum of {most}")
+        return data
+
+    def follow_calls(self, deadlines: Mapping[str, float]) -> bool:
+        """Make this results listener (a :meth:`dedicated` broker) its connection's way to
+        store calls too, where it can (the fast path: not fakeredis, not a cluster, not TLS,
+        whose connection one thread at a time may use); whether it can.
+
+        ``deadlines`` is the connection's count of its calls in flight (``msg_uuid`` to
+        ``time.monotonic()`` deadline; see :attr:`call_deadlines`), kept by the caller, who
+        takes a call out once :meth:`pop_result` has handed its result over. From
+        then on :meth:`pop_result` keeps a BRPOP waiting only while a call there may still
+        bring a result (until :data:`AWAIT_GRACE` after its deadline), and otherwise waits
+        for what :meth:`store_call_ahead` sends; a result for a call it was not told of waits
+        in the list until the next call's BRPOP takes it.
+        """
+        if not self._dedicated or self._fast is None or self._cluster_node or self._tls:
+            return False
+        self.call_deadlines = deadlines
+        self._ahead = True
+        return True
+
+    def store_call_ahead(self, payload: CallPayload, timeout: float, done: Callable[[Optional[BrokerError]], None]) -> bool:
+        """Store a call on this listener's connection, with the BRPOP for its result in the
+        same write, without waiting for redis: the listener's thread reads redis' answer
+        inside :meth:`pop_result` and calls ``done(None)`` once the call is stored, or
+        ``done(error)`` (a :class:`BrokerError`) if it was not; the call's result can only
+        come after that, on the same connection. One write, and no wait on the calling thread.
+
+        ``False`` (nothing sent) when it cannot: not :meth:`follow_calls`, the connection is
+        not made yet or broken, or a BRPOP already waits on it (redis would run the call's
+        script only once that BRPOP returned): store it with :meth:`store_call` instead.
+        :class:`PayloadTooLarge` as :meth:`store_call`.
+
+        If the connection fails first (or its owner, seeing :meth:`unanswered_since` older
+        than :attr:`reply_timeout`, calls :meth:`interrupt`), ``done`` gets the error and
+        :meth:`pop_result` raises it.
+        """
+        if not self._ahead:
+            return False
+        data = self._call_data(payload)
+        # (EVAL, not EVALSHA: a NOSCRIPT could not be answered with the BRPOP behind it)
+        store = ("EVAL", STORE.source, 2, call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri),
+                 ms(timeout), data, self.call_cap)  # fmt: skip
+        with self._own_lock:
+            own = self._own
+            if self._brpop_sent or own is None or own.broken:
+                return False
+            try:
+                own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
+            except REDIS_FAILURES:
+                return False  # (broken now: the listener's read fails too, and says so)
+            self._expect.extend(((done, time.monotonic()), _AWAIT_BRPOP))
+            self._brpop_sent = True
+        return True
+
+    def unanswered_since(self) -> Optional[float]:
+        """When (``time.monotonic()``) the oldest call stored ahead that redis has not
+        answered yet was sent; ``None``: none waits. For a watchdog: the listener itself waits
+        for redis with no timeout (see :attr:`reply_timeout`)."""
+        with self._own_lock:
+            return next((kind[1] for kind in self._expect if type(kind) is tuple), None)
+
+    def _awaiting(self, other_than: str) -> bool:
+        """Whether a result may still come: always, unless :meth:`follow_calls`; then whether
+        a call of :attr:`call_deadlines` (other than ``other_than``) may still bring one."""
+        deadlines = self.call_deadlines
+        if not self._ahead or deadlines is None:
+            return True
+        after = time.monotonic() - AWAIT_GRACE
+        for msg_uuid, deadline in list(deadlines.items()):  # (a copy: the reader adds meanwhile)
+            if deadline > after and msg_uuid != other_than:
+                return True
+        return False
+
+    def store_result(self, payload: ResultPayload, timeout: float) -> None:
+        """Queue a result for its connection; it expires after ``timeout`` seconds."""
+        self._run_store(
+            result_timeout_key(payload.conn_uuid, payload.msg_uuid),
+            results_key(payload.conn_uuid),
+            timeout,
+            payload.to_json(),
+            self.result_cap,
+        )
+
+    def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: Union[str, bytes], cap: int) -> None:
+        args = [ms(timeout), data, cap]
+        try:
+            self._eval(STORE, [timeout_key, list_key], args)
+        except REDIS_FAILURES as exc:
+            error = broker_error(exc)
+            if isinstance(error, CapacityExceeded):
+                raise error from None
+            raise error from exc
+
+    def pop_call(self, uris: Sequence[str], block: float) -> Optional[Popped]:
+        """Wait up to ``block`` seconds for a call to any of ``uris``; ``None`` if none came.
+
+        An undecodable payload is logged and dropped (``None`` is returned).
+        """
+        popped = self._brpop([calls_key(u) for u in uris], block)
+        if popped is None:
+            return None
+        try:
+            payload = CallPayload.from_json(popped)
+        except ValueError as exc:
+            logger.warning("dropping undecodable call payload: %s", exc)
+            return None
+        return Popped(payload, self._take(call_timeout_key(payload.uri, payload.msg_uuid)))
+
+    def pop_result(self, conn_uuid: str, block: Optional[float]) -> Optional[Popped]:
+        """Wait up to ``block`` seconds (``None``: until one comes or :meth:`wake_results`)
+        for a result for ``conn_uuid``; ``None`` if none came."""
+        if block is None and self._dedicated and self._fast is not None:
+            return self._pop_result_ahead(conn_uuid)
+        payload = _result_payload(self._brpop([results_key(conn_uuid)], block))
+        if payload is None:
+            return None
+        return Popped(payload, self._take(result_timeout_key(conn_uuid, payload.msg_uuid)))
+
+    def _pop_result_ahead(self, conn_uuid: str) -> Optional[Popped]:
+        """:meth:`pop_result` with no timeout, on a listener's own connection: the script that
+        takes a result's timeout key goes in one write with the next BRPOP, so each result
+        costs one write to redis, not two. (EVAL, not EVALSHA: a NOSCRIPT could not be
+        answered on a connection that is blocked in the BRPOP behind it.)
+
+        When :attr:`call_deadlines` says the result's call has more than
+        :data:`RESULT_SURE_MARGIN` seconds left, its timeout key cannot have expired (the
+        callee stores the result to expire with the call, which was stored after its deadline
+        was noted), so the result is returned at once and the script's reply is dropped on
+        the next turn: the listener waits for redis once per result, for the BRPOP.
+
+        After :meth:`follow_calls`, the replies to the calls stored ahead come here too, in
+        their order, and go to their callbacks."""
+        key = results_key(conn_uuid)
+        own: Optional[resp.RespConnection] = None
+        try:
+            own = self._own_connection()
+            while True:
+                with self._own_lock:
+                    if not self._brpop_sent and self._awaiting(""):
+                        own.send([("BRPOP", key, 0)])
+                        self._expect.append(_AWAIT_BRPOP)
+                        self._brpop_sent = True
+                    idle = not self._expect
+                try:
+                    reply = own.read_reply()
+                except redis.exceptions.ConnectionError:
+                    with self._own_lock:  # (own is broken now: nothing more is sent on it)
+                        idle = idle and not self._expect  # a call may have been sent meanwhile
+                    if not idle or not self._may_reconnect():
+                        raise
+                    # redis closed it while nothing was asked (its idle-client timeout, a
+                    # proxy's): nothing is lost, take a new one
+                    own = self._own_connection(fresh=True)
+                    continue
+                with self._own_lock:
+                    if not self._expect:
+                        raise redis.exceptions.ConnectionError(f"a reply nobody asked for: {reply!r:.100}")
+                    kind = self._expect.popleft()
+                if kind is _AWAIT_SKIP:
+                    _check_skipped(reply, conn_uuid)
+                elif type(kind) is tuple:  # a call stored ahead: (its callback, when it was sent)
+                    kind[0](broker_error(reply) if isinstance(reply, Exception) else None)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    # (_brpop_sent stays set until the next one is decided: nothing may be sent
+                    # on the connection meanwhile, so the script's reply comes first)
+                    payload = _result_payload(None if reply is None else reply[1])
+                    if payload is not None:
+                        return self._consume_ahead(own, key, payload)
+                    with self._own_lock:
+                        self._brpop_sent = False
+                    return None
+        except REDIS_FAILURES as exc:
+            if own is not None:
+                own.close()  # what it still has in flight must not answer a later command
+            error = broker_error(exc)
+            if self._interrupt_why:
+                error = BrokerError(f"redis unavailable: {self._interrupt_why}")
+            with self._own_lock:
+                left, self._expect = self._expect, deque()
+                self._brpop_sent = False
+            for kind in left:  # the calls whose store is unanswered: each gets its NACK
+                if type(kind) is tuple:
+                    kind[0](error)
+            raise error from exc
+
+    def _may_reconnect(self) -> bool:
+        """Whether a listener whose idle connection redis closed may take a new one: at most
+        once a second, so that a redis that keeps closing it is a failure, not a loop."""
+        now = time.monotonic()
+        if now - self._reconnected < 1.0 or self._interrupted:
+            return False
+        self._reconnected = now
+        return True
+
+    def _consume_ahead(self, own: resp.RespConnection, key: str, payload: ResultPayload) -> Popped:
+        """Take the timeout key of a result just popped, with the next BRPOP in the same
+        write while a result may still come; the result, handed over before redis answers
+        when its call is sure to have time left (see :meth:`_pop_result_ahead`)."""
+        deadlines = self.call_deadlines
+        deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
+        left = deadline - time.monotonic() if deadline is not None else 0.0
+        sure = left > RESULT_SURE_MARGIN
+        consume = ("EVAL", CONSUME.source, 1, result_timeout_key(payload.conn_uuid, payload.msg_uuid))
+        with self._own_lock:
+            if self._awaiting(payload.msg_uuid):
+                own.send([consume, ("BRPOP", key, 0)])
+                self._expect.extend((_AWAIT_SKIP if sure else _AWAIT_TTL, _AWAIT_BRPOP))
+            else:
+                own.send([consume])
+                self._expect.append(_AWAIT_SKIP if sure else _AWAIT_TTL)
+                self._brpop_sent = False
+        if sure:
+            return Popped(payload, left)
+        reply = own.read_reply()
+        with self._own_lock:
+            self._expect.popleft()  # (_AWAIT_TTL: the first reply awaited after a BRPOP's)
+        if isinstance(reply, Exception):
+            raise reply
+        ttl_ms = int(reply)
+        return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
+
+    def wake_results(self, conn_uuid: str) -> None:
+        """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``).
+
+        When the shared pool has no connection to spare (many connections closing at once), a
+        connection of its own carries the marker."""
+        key = results_key(conn_uuid)
+        try:
+            self._push_wake(key)
+            return
+        except REDIS_FAILURES as exc:
+            first = exc
+        own = self.dedicated(key)
+        try:
+            own._push_wake(key)
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from first
+        finally:
+            own.close()
+
+    def _push_wake(self, key: str) -> None:
+        if self._fast is not None:
+            self._command("RPUSH", key, WAKE_MARKER)
+        else:
+            self.client.rpush(key, WAKE_MARKER)
+
+    def discard_results(self, conn_uuid: str) -> None:
+        """Delete a closed connection's result list (results that arrive later expire)."""
+        try:
+            if self._fast is not None:
+                self._command("DEL", results_key(conn_uuid))
+            else:
+                self.client.delete(results_key(conn_uuid))
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+
+    def _brpop(self, keys: list[str], block: Optional[float]) -> Optional[bytes]:
+        try:
+            # BRPOP's timeout 0 means "forever": that is what block=None asks for.
+            timeout = 0 if block is None else max(block, 0.01)
+            if self._fast is not None:
+                item = self._command("BRPOP", *keys, timeout)
+            else:
+                item = self.client.brpop(keys, timeout=timeout)
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+        if item is None:
+            return None
+        return item[1]
+
+    def _take(self, timeout_key: str) -> float:
+        try:
+            ttl_ms = int(self._eval(CONSUME, [timeout_key], []))
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+        return ttl_ms / 1000.0 if ttl_ms > 0 else 0.0
