@@ -389,6 +389,18 @@ def encode_frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
     return header + mask + _xor(payload, mask)
 
 
+def send_or_queue(sock: socket.socket, queued: bytes, frame: bytes) -> bytes:
+    """Send ``frame`` on the non-blocking ``sock``, after what is ``queued`` for it (then it only
+    joins the queue): what is left to send once the socket is writable. OSError goes through."""
+    if queued:
+        return queued + frame
+    try:
+        k = sock.send(frame)
+    except BlockingIOError:
+        k = 0
+    return frame[k:]
+
+
 def close_frame(code: int = 1000, reason: str = "") -> bytes:
     return encode_frame(OP_CLOSE, struct.pack(">H", code) + reason.encode("utf-8")[:120])
 
@@ -454,6 +466,15 @@ class FrameParser:
 
 def close_code(payload: bytes) -> int:
     return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+
+
+def answer_close(sock: socket.socket, payload: bytes) -> int:
+    """Answer the peer's close frame (``payload``) with one of the same code (1000 for none),
+    if the socket still takes it; returns the peer's code."""
+    code = close_code(payload)
+    with contextlib.suppress(OSError):
+        sock.send(close_frame(code if code not in (1005, 1006) else 1000))
+    return code
 
 
 def errname(exc: BaseException) -> str:

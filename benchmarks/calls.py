@@ -117,17 +117,12 @@ def driver(n: int, port: int, path: str, uri: str, args_json: str, call_timeout:
             write(cn, frame)
 
         def write(cn: _Conn, frame: bytes) -> None:
-            if cn.out:
-                cn.out += frame
-                return
+            waiting = bool(cn.out)
             try:
-                k = cn.sock.send(frame)
-            except BlockingIOError:
-                k = 0
+                cn.out = c.send_or_queue(cn.sock, cn.out, frame)
             except OSError:
                 return close(cn)
-            if k < len(frame):
-                cn.out = frame[k:]
+            if cn.out and not waiting:
                 sel.modify(cn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, cn)
 
         def close(cn: _Conn) -> None:

@@ -129,17 +129,12 @@ class Subscribers:
     # socket plumbing
 
     def _send(self, sub: Sub, data: bytes) -> None:
-        if sub.out:
-            sub.out += data
-            return
+        waiting = bool(sub.out)
         try:
-            k = sub.sock.send(data)
-        except BlockingIOError:
-            k = 0
+            sub.out = c.send_or_queue(sub.sock, sub.out, data)
         except OSError as exc:
             return self._lost(sub, f"send: {c.errname(exc)}")
-        if k < len(data):
-            sub.out = data[k:]
+        if sub.out and not waiting:
             if not sub.stalled or sub.state != SUBSCRIBED:
                 self.sel.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
 
@@ -237,10 +232,7 @@ class Subscribers:
                 self.pings += 1
                 self._send(sub, c.encode_frame(c.OP_PONG, payload))
             elif opcode == c.OP_CLOSE:
-                code = c.close_code(payload)
-                sub.close_code = code
-                with contextlib.suppress(OSError):
-                    sub.sock.send(c.close_frame(code if code not in (1005, 1006) else 1000))
+                code = sub.close_code = c.answer_close(sub.sock, payload)
                 return self._lost(sub, f"closed by the server: {code}")
             if sub.state == CLOSED:
                 return

@@ -27,7 +27,7 @@ import math
 import socket
 import threading
 from collections import deque
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import redis
 import redis.exceptions
@@ -35,6 +35,7 @@ from redis.cluster import RedisCluster
 
 from . import resp
 from .exceptions import BrokerError
+from .health import RedisHealth
 from .layout import call_slot, call_timeout_key, calls_key, result_timeout_key, results_key
 from .message import CallPayload, EventPayload, ResultPayload
 from .popper import CallPopper
@@ -69,13 +70,26 @@ __all__ = [
 
 logger = logging.getLogger("juggler.broker")
 
+#: How long a listener's connection may take to connect and to answer its handshake when the
+#: client says nothing (its ``socket_connect_timeout``), in seconds.
+CONNECT_TIMEOUT = 5.0
+
+#: How long a send on a results listener's connection may wait for redis to take the bytes
+#: (a redis that stalls with its buffers full), in seconds: past it the connection counts as
+#: failed, its unanswered calls get their NACK and the listener takes a new one.
+SEND_TIMEOUT = 0.75
+
 
 class PubSubConn(Protocol):
     """One redis pub-sub connection's subscriptions."""
 
-    def subscribe(self, channel: str, pattern: bool) -> None: ...
+    def subscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None: ...
 
-    def unsubscribe(self, channel: str, pattern: bool) -> None: ...
+    def unsubscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None: ...
+
+    def connect(self) -> None: ...
+
+    def restore(self, keys: Iterable[tuple[bool, str]], done: Callable[[], None]) -> None: ...
 
     def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]: ...
 
@@ -171,7 +185,20 @@ class RedisBroker(RpcSide, PubSubSide):
         #: ``time.monotonic()`` deadline (see :meth:`pop_result`); ``None``: not known.
         self.call_deadlines: Optional[Mapping[str, float]] = None
         self._own: Optional[resp.RespConnection] = None
+        # Guards _own, _expect, _brpop_sent and the fields below, never held while waiting on
+        # a socket (the server's timer takes it: see unanswered_since, interrupt, abandon).
         self._own_lock = threading.Lock()
+        # The reader is sending a call stored ahead on _own (outside the lock): the listener
+        # does not close that connection meanwhile, it leaves it here for the sender to close
+        # (a raw descriptor must never be used after its socket may have been closed).
+        self._sending = False
+        self._close_after_send: Optional[resp.RespConnection] = None
+        self._abandon_why = ""  # abandon(): why the connection was given up
+        self._key: Optional[str] = None  # a dedicated broker's key (dedicated())
+        #: The process' :class:`~juggler.health.RedisHealth` a results listener reports to (set
+        #: by its owner): a connection made again after a failure is reported as redis back,
+        #: once redis answered a PING on it. ``None``: nobody to tell.
+        self.health: Optional[RedisHealth] = None
 
     def __repr__(self) -> str:
         return (f"RedisBroker({self.client!r}, call_cap={self.call_cap}, result_cap={self.result_cap}, "
@@ -266,6 +293,7 @@ class RedisBroker(RpcSide, PubSubSide):
         other = RedisBroker(one_connection_client(base, blocking=True), self.call_cap, self.result_cap, self.max_args_size)
         other._owns_client = True
         other._dedicated = True
+        other._key = key
         other._cluster_node = self.cluster  # (a call's keys may live on another node)
         pool = getattr(base, "connection_pool", None)
         if pool is not None:
@@ -279,12 +307,11 @@ class RedisBroker(RpcSide, PubSubSide):
         and so does any later one on the fast path. How a listener that :meth:`follow_calls`
         is stopped (it may wait with no BRPOP for :meth:`wake_results` to answer); for the
         others, a fallback for when :meth:`wake_results` cannot reach redis."""
-        with self._own_lock:
+        with self._own_lock:  # (a shutdown does not wait; under the lock, no close races it)
             self._interrupted = True
             self._interrupt_why = why
-            own = self._own
-        if own is not None:
-            own.interrupt()
+            if self._own is not None:
+                self._own.interrupt()
         pool = getattr(self.client, "connection_pool", None)
         if pool is None:
             return
@@ -296,6 +323,17 @@ class RedisBroker(RpcSide, PubSubSide):
                 except Exception:  # (fakeredis' stand-in socket raises ValueError mid-read)
                     pass
 
+    def abandon(self, why: str) -> None:
+        """Give up on this (dedicated) broker's connection, from another thread, without
+        stopping its listener: a read blocked on it fails with :class:`BrokerError`
+        ``redis unavailable: <why>``, so do the calls stored ahead that redis has not answered
+        yet, and the listener's next :meth:`pop_result` takes a new connection. For a
+        watchdog that saw redis not answer in time (:meth:`unanswered_since`). Never waits."""
+        with self._own_lock:
+            if self._own is not None:
+                self._abandon_why = why
+                self._own.interrupt()
+
     def close(self) -> None:
         """Close the client if this broker made it (:meth:`from_url`, :meth:`dedicated`), and
         the fast path's connections."""
@@ -305,6 +343,7 @@ class RedisBroker(RpcSide, PubSubSide):
             own.close()
         if self._fast is not None:
             self._fast.close()
+        self._close_publishing()
         if self._owns_client:
             close_client(self.client)
 
@@ -329,14 +368,14 @@ class RedisBroker(RpcSide, PubSubSide):
 
     # -- RPC --
 
-    def _on_fast(self, use: Callable[[resp.RespConnection], Any]) -> Any:
+    def _on_fast(self, use: Callable[[resp.RespConnection], Any], within: Optional[float] = None) -> Any:
         """``use(connection)`` on the fast path: the dedicated connection, or one from the
-        pool."""
+        pool (``within``: see :meth:`resp.RespPool.get`)."""
         if self._dedicated:
             # (replies a results listener left in flight would answer this command: start over)
             return use(self._own_connection(fresh=bool(self._expect)))
         assert self._fast is not None
-        conn = self._fast.get()
+        conn = self._fast.get(within)
         try:
             return use(conn)
         finally:
@@ -344,37 +383,81 @@ class RedisBroker(RpcSide, PubSubSide):
 
     def _own_connection(self, fresh: bool = False) -> resp.RespConnection:
         """A dedicated broker's connection: a new one when there is none, it broke, or
-        ``fresh`` (the old one is closed)."""
+        ``fresh`` (the old one is closed, and what it still awaited fails).
+
+        The new connection's handshake may wait for redis no longer than the connect timeout
+        (a redis that stalls must not hold a listener that its owner wants to stop); after
+        it, reads wait for as long as they must, and sends at most :data:`SEND_TIMEOUT`. While
+        :attr:`health` says redis is down, redis must first answer a command on its key there
+        (``EXISTS``: a redis still loading its data, a cluster node still down, answer an error),
+        and then it is reported back."""
         with self._own_lock:
             own = self._own
-        if own is not None and not own.broken and not fresh:
-            return own
+            if own is not None and not own.broken and not fresh:
+                return own
         if own is not None:
-            own.close()
-        own = resp.connect(self.client)
-        assert own is not None
+            self._lose_own(own, BrokerError("redis unavailable: its connection was replaced"))
+        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
+        made = resp.connect(self.client, socket_timeout=kwargs.get("socket_connect_timeout") or CONNECT_TIMEOUT)
+        assert made is not None
+        health = self.health
+        try:
+            if health is not None and not health.up:
+                made.command(*(("EXISTS", self._key) if self._key is not None else ("PING",)))
+            made.set_timeouts(None, SEND_TIMEOUT)
+        except BaseException:
+            made.close()
+            raise
         with self._own_lock:
             if self._interrupted:  # (interrupted while it connected: nothing to wake it later)
-                own.close()
+                made.close()
                 raise redis.exceptions.ConnectionError("the listener was interrupted")
-            self._own = own
+            self._own = made
             self._expect.clear()
             self._brpop_sent = False
-        return own
+        if health is not None:
+            health.succeeded()
+        return made
+
+    def _lose_own(self, own: Optional[resp.RespConnection], error: BrokerError) -> None:
+        """Drop the listener's connection ``own`` (on the listener's thread): what it still
+        awaited is given up, each call stored ahead and unanswered gets ``error``; it is
+        closed now, or by the reader once that is done sending on it."""
+        with self._own_lock:
+            if own is not None and self._own is own:
+                self._own = None
+            left, self._expect = self._expect, deque()
+            self._brpop_sent = False
+            self._abandon_why = ""
+            if own is not None and self._sending:
+                own.interrupt()  # (a shutdown: its descriptor stays open for the sender)
+                self._close_after_send, own = own, None
+        if own is not None:
+            own.close()
+        for kind in left:  # the calls whose store is unanswered: each gets its NACK
+            if type(kind) is tuple:
+                kind[0](error)
 
     def _command(self, *args: Any) -> Any:
         """One command on the fast path."""
         return self._on_fast(lambda conn: conn.command(*args))
 
-    def _eval(self, script: resp.Script, keys: list[str], args: list[Any]) -> Any:
+    def _eval(self, script: resp.Script, keys: list[str], args: list[Any], within: Optional[float] = None,
+              integer: bool = False) -> Any:  # fmt: skip
         """Run a Lua script, sent once (EVALSHA, then EVAL on NOSCRIPT): on the fast path, or
-        with :meth:`_once`."""
+        with :meth:`_once`. ``within``: its reply awaited that long at most, on the fast path
+        (:meth:`resp.RespConnection.command_within`); ``integer``: the reply must be one."""
         if self._fast is None:
             try:
-                return self._once(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+                reply = self._once(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
-                return self._once(keys[0], "EVAL", script.source, len(keys), *keys, *args)
-        return self._on_fast(lambda conn: conn.evalsha(script, keys, args))
+                reply = self._once(keys[0], "EVAL", script.source, len(keys), *keys, *args)
+            if integer and type(reply) is not int:
+                raise redis.exceptions.ConnectionError(f"Protocol error from redis: an integer was due, not {reply!r:.60}")
+            return reply
+        if integer:
+            return self._on_fast(lambda conn: conn.integer(conn.evalsha(script, keys, args, within)), within)
+        return self._on_fast(lambda conn: conn.evalsha(script, keys, args, within), within)
 
     def _once(self, key: str, *command: Any) -> Any:
         """Run ``command`` on the redis of ``key``, sent once: redis-py's retries would send it

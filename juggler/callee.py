@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from .broker import Broker, Popped
 from .exceptions import BrokerError
+from .health import BACKOFF_BASE, BACKOFF_CAP, RedisHealth
 from .message import ResultPayload, error_result
 
 __all__ = ["Callee", "CalleeStats"]
@@ -64,8 +65,16 @@ class Callee:
     one at a time, so slow calls do not queue behind each other while other workers are free.
     With any other :class:`~juggler.broker.Broker`, a worker pops one call at a time and
     ``block`` is how long (seconds) one pop waits before checking for :meth:`stop`.
-    When redis is unreachable, workers retry with exponential backoff from ``0.1`` s up to
-    ``max_backoff`` seconds.
+
+    When redis goes away, the workers' connections fail together: the callee's
+    :class:`~juggler.health.RedisHealth` (``health``, one per process: by default the callee's
+    own) logs one line (ERROR ``callee NAME: redis unavailable``), and the workers reconnect
+    through its shared backoff, one attempt at a time, spaced by a capped exponential backoff
+    with jitter from 0.05 s up to ``max_backoff`` seconds (a handful of connects per second
+    while redis is down, whatever the number of workers). The first connect that succeeds logs
+    one line (WARNING ``callee NAME: redis is back``) and lets every worker go. A call popped
+    before the outage is not popped again: it runs, and if its result cannot be stored (redis
+    is still down) that is logged, and the caller gets its expiry.
 
     A function gets the call's decoded ``args`` and returns any JSON value. If it raises, the
     caller gets ``{"error": {"message": str(exc), "type": "IndexError"}}`` (the exception's
@@ -85,10 +94,11 @@ class Callee:
         workers: int = 8,
         *,
         block: float = 1.0,
-        max_backoff: float = 5.0,
+        max_backoff: float = BACKOFF_CAP,
         batch: int = 16,
         name: str = "juggler-callee",
         logger: Optional[logging.Logger] = None,
+        health: Optional[RedisHealth] = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -96,6 +106,8 @@ class Callee:
             raise ValueError(f"batch must be at least 1, got {batch}")
         if not block > 0:
             raise ValueError(f"block must be a positive number of seconds, got {block!r}")
+        if not max_backoff > 0:
+            raise ValueError(f"max_backoff must be a positive number of seconds, got {max_backoff!r}")
         self.broker = broker
         self.workers = workers
         self.block = block
@@ -103,6 +115,10 @@ class Callee:
         self.batch = batch
         self.name = name
         self.logger = logger or logging.getLogger("juggler.callee")
+        #: What this callee's process sees of redis: its workers' reconnects share its backoff.
+        self.health = health or RedisHealth(
+            f"callee {name}", logger=self.logger, base=min(BACKOFF_BASE, max_backoff), cap=max_backoff
+        )
         self.stats = CalleeStats()
         self._functions: dict[str, Function] = {}
         self._lock = threading.Lock()
@@ -171,6 +187,7 @@ class Callee:
         With ``timeout``, wait at most that long; returns whether every worker ended.
         """
         self._stop.set()
+        self.health.wake()  # workers waiting for their turn to reconnect
         deadline = None if timeout is None else time.monotonic() + timeout
         others = [t for t in self._threads if t is not threading.current_thread()]
         # A worker registers its popper before it looks at _stop, so every worker that could
@@ -208,15 +225,19 @@ class Callee:
         else:
             self._work_polling(uris)
 
-    def _backoff(self, backoff: float, exc: BaseException) -> float:
-        backoff = min(self.max_backoff, backoff * 2 or 0.1)
-        if backoff == 0.1:
-            self.logger.error("callee %s: %s; retrying", self.name, exc)
-        self._stop.wait(backoff)
-        return backoff
+    def _turn(self, failures: int) -> bool:
+        """Wait until a worker whose connection failed ``failures`` times in a row may try
+        redis again: its turn in the shared backoff (:meth:`RedisHealth.wait_turn`). ``False``
+        once stopping. A worker that fails while redis answers the others (a cluster node that
+        is down) backs off on its own too, since the shared backoff does not wait then."""
+        health = self.health
+        if failures and health.up and self._stop.wait(min(health.cap, health.base * 2**failures)):
+            return False
+        return health.wait_turn(self._stop)
 
     def _work_batched(self, uris: list[str]) -> None:
-        backoff = 0.0
+        health = self.health
+        failures = 0  # this worker's failed connections in a row
         popper: Any = None
         results: list[tuple[ResultPayload, float, str]] = []  # run, to be stored
         calls: list[Popped] = []
@@ -225,13 +246,16 @@ class Callee:
         try:
             while True:
                 if popper is None:
-                    if self._stop.is_set():
+                    if self._stop.is_set() or (failures and not self._turn(failures)):
                         break
                     try:
                         popper = self.broker.call_popper(uris)
                     except BrokerError as exc:
-                        backoff = self._backoff(backoff, exc)
+                        health.failed(exc)
+                        failures += 1
                         continue
+                    health.succeeded()
+                    failures = 0
                     with self._lock:
                         self._poppers.add(popper)
                 n = 0 if self._stop.is_set() else 1 if slow else self.batch
@@ -250,13 +274,12 @@ class Callee:
                         self._poppers.discard(popper)
                     popper.close()
                     popper = None
-                    backoff = self._backoff(backoff, exc)
+                    if not self._stop.is_set():  # (not woken on purpose)
+                        health.failed(exc)
+                    failures = 1
                     continue
                 if n == 0:
                     break
-                if backoff:
-                    self.logger.info("callee %s: redis is back", self.name)
-                    backoff = 0.0
                 full = bool(calls) and len(calls) >= n
                 if calls:
                     popped_at = time.monotonic()
@@ -314,25 +337,27 @@ class Callee:
         return payload, remaining, data
 
     def _stored(self, results: list[tuple[ResultPayload, float, str]], errors: list[Optional[BrokerError]]) -> None:
-        for (payload, _, _), exc in zip(results, errors):
-            if exc is not None:
-                self.logger.error("callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+        failed = [(payload, exc) for (payload, _, _), exc in zip(results, errors) if exc is not None]
+        if failed:  # one line for the batch: its callers get their expiry
+            self.logger.error(
+                "callee %s: could not store %d result(s) (%s): %s", self.name, len(failed),
+                ", ".join(f"{p.uri} {p.msg_uuid}" for p, _ in failed), failed[0][1],
+            )  # fmt: skip
         self.stats._add(calls=len(results))  # counted once its result is stored or dropped
 
     def _work_polling(self, uris: list[str]) -> None:
-        backoff = 0.0
+        failures = 0
         while not self._stop.is_set():
+            if failures and not self._turn(failures):
+                break
             try:
                 popped = self.broker.pop_call(uris, self.block)
             except BrokerError as exc:
-                backoff = min(self.max_backoff, backoff * 2 or 0.1)
-                if backoff == 0.1:
-                    self.logger.error("callee %s: %s; retrying", self.name, exc)
-                self._stop.wait(backoff)
+                self.health.failed(exc)
+                failures += 1
                 continue
-            if backoff:
-                self.logger.info("callee %s: redis is back", self.name)
-                backoff = 0.0
+            self.health.succeeded()
+            failures = 0
             if popped is not None:
                 try:
                     self._run(popped)

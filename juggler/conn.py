@@ -11,6 +11,9 @@ A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<ro
   wakes for a backlog;
 - the results thread, started by the first CALL (never for a connection that does not CALL):
   ``BRPOP`` with no timeout on the connection's results list, on a redis connection of its own.
+  When redis fails it, it reports to the server's :class:`~juggler.health.RedisHealth`, takes
+  its turn in the backoff that all of the server's listeners share, and connects again: the
+  websocket stays open (its calls stored and unanswered get their NACK).
 
 Pub-sub has no thread per connection: the server's :class:`~juggler.pubsub.PubSubHub` reads
 redis once and hands each event to the subscribed connections (:meth:`Conn.deliver`), which
@@ -21,8 +24,8 @@ bytes or the end of the stream (reader), a message or the close marker in the qu
 a result or a wake-up marker pushed onto the results list (results). Keepalive pings, the idle
 timeout and the close deadline are entries in the server's :class:`~juggler.timer.Timer`.
 
-Whoever closes a connection (the peer, a protocol error, a redis failure, the server's
-shutdown) calls :meth:`Conn.close`; the reader notices and tears everything down.
+Whoever closes a connection (the peer, a protocol error, the server's shutdown) calls
+:meth:`Conn.close`; the reader notices and tears everything down.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from .broker import Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
-from .message import CLIENT_TYPES, CallPayload, Evnt, Message, MessageType, Res, decode, new_uuid
+from .health import RedisHealth
+from .redisconn import timed_out
+from .message import CLIENT_TYPES, CallPayload, EventPayload, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
@@ -97,6 +102,12 @@ class ConnServices:
     pubsub_broker: Broker
     hub: PubSubHub
     timer: Timer
+    #: the server's view of its (RPC) redis: the results listeners report to it and take their
+    #: reconnect turns from it; a CALL is NACKed at once while it says redis is down
+    health: RedisHealth
+    #: ``listener_health(results_broker)``: the one a results listener reports to: ``health``,
+    #: or on a Redis Cluster the server's view of the listener's node
+    listener_health: Callable[[Broker], RedisHealth]
     #: ``handler(conn, msg)``: what runs each message read or sent (see juggler.middleware)
     handler: Callable[["Conn", Message], None]
     #: ``encode(conn, msg)``: the bytes to write for ``msg``, or ``None`` to drop it
@@ -289,6 +300,12 @@ class Conn(FrameLoop):
         self._results: Optional[Broker] = None
         self._results_thread: Optional[threading.Thread] = None
         self._results_stop = False
+        self._results_stopping = threading.Event()  # (the same, for RedisHealth.wait_turn)
+        self._health = services.health
+        self._listener_health = services.health  # (its node's, on a cluster: listen_for_results)
+        # a CALL fails fast while the health says redis is down; not on a Redis Cluster, where
+        # one node down leaves the others' URIs working
+        self._fail_fast = not getattr(services.broker, "cluster", False)
         self._ahead = False  # calls stored through the results listener (store_call_ahead)
         self._store_watch: Optional[TimerHandle] = None  # (_watch_stores)
         self._watch_lock = threading.Lock()
@@ -401,6 +418,11 @@ class Conn(FrameLoop):
         """Unsubscribe this connection; no event of the subscription follows."""
         self._svc.hub.unsubscribe(self, channel, pattern)
 
+    def publish(self, channel: str, payload: EventPayload) -> None:
+        """Publish an event through the server's hub (:class:`BrokerError` at once while redis
+        is known to be down)."""
+        self._svc.hub.publish(channel, payload)
+
     def subscriptions(self) -> set[SubKey]:
         """This connection's subscriptions, as ``(pattern, channel)`` pairs."""
         return self._svc.hub.subscriptions(self)
@@ -434,12 +456,38 @@ class Conn(FrameLoop):
         finally:
             _local.nonblocking = False
 
-    def pubsub_failed(self, exc: BrokerError) -> None:
-        """The server's redis pub-sub connection failed (the hub logged it): close with 1011."""
-        if self.close(CLOSE_INTERNAL_ERROR, "pub-sub listener failed: redis unavailable"):
-            self.logger.info("closed connection %s: its subscriptions were lost: %s", self.uuid, exc)
-
     # -- calls --
+
+    def redis_up(self) -> bool:
+        """Whether the server sees its redis up (see :meth:`check_redis`)."""
+        return self._health.up
+
+    def check_redis(self) -> bool:
+        """:class:`BrokerError` (``redis unavailable``) at once, without trying redis, while
+        the server knows its redis is down (its :class:`~juggler.health.RedisHealth`), but for
+        one request per turn of the backoff (:meth:`~juggler.health.RedisHealth.try_turn`),
+        which tries: a request need not wait for a connect to fail, and a redis that is down
+        sees no connect per request. Whether this request tries while redis is down (then
+        :meth:`redis_answered` or :meth:`redis_failed` must follow). Not on a Redis Cluster,
+        where one node down leaves the others' URIs working."""
+        health = self._health
+        if health.up or not self._fail_fast:
+            return False
+        if not health.try_turn():
+            raise BrokerError("redis unavailable: the server is reconnecting")
+        return True
+
+    def redis_answered(self) -> None:
+        """A request went through redis: if the server saw it down, it is back."""
+        self._health.succeeded()
+
+    def redis_failed(self, exc: BrokerError) -> None:
+        """A request failed: if redis did not answer in time, the server's view of redis says
+        it is down (logged once per outage), and its next requests fail fast rather than each
+        wait as long. (A refused or closed connection fails fast anyway, and the results
+        listeners find out whether redis is down.)"""
+        if self._fail_fast and timed_out(exc):
+            self._health.failed(exc)
 
     def listen_for_results(self) -> bool:
         """Start the results listener, if it does not run yet (before the first CALL is
@@ -454,7 +502,9 @@ class Conn(FrameLoop):
             if self.closed:
                 return False
             self._results = results = self.broker.dedicated(results_key(self.uuid))
+            self._listener_health = self._svc.listener_health(results)
             if isinstance(results, RedisBroker):  # it may hand a result over sooner
+                results.health = self._listener_health
                 results.call_deadlines = self._calls
                 # and, knowing which calls are in flight, store them (store_call_ahead)
                 self._ahead = bool(self.settings.max_calls_in_flight) and results.follow_calls(self._calls)
@@ -464,7 +514,7 @@ class Conn(FrameLoop):
             try:
                 t.start()
             except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
-                self._results, self._ahead = None, False
+                self._results, self._ahead, self._listener_health = None, False, self._svc.health
                 error = exc
             else:
                 self._results_thread = t
@@ -504,9 +554,10 @@ class Conn(FrameLoop):
     def _watch_stores(self) -> None:
         """Check, on the server's timer, that redis answers the calls stored ahead within the
         broker's ``reply_timeout``: the listener waits for that answer with no timeout of its
-        own. Past it, redis counts as failed: the listener is interrupted, those calls get
-        their NACK and the connection is closed with 1011. One chain of checks at a time,
-        while stores are unanswered."""
+        own. Past it, redis counts as failed: the listener's connection is given up
+        (:meth:`RedisBroker.abandon`, which never waits), those calls get their NACK and the
+        listener connects again. One chain of checks at a time, while stores are
+        unanswered."""
         with self._watch_lock:
             self._watch_stores_locked()
 
@@ -521,8 +572,8 @@ class Conn(FrameLoop):
             return  # the next store ahead starts a new watch
         late = time.monotonic() - since - limit
         if late >= 0:
-            self.logger.warning("connection %s: redis has not answered a CALL's store in %g s", self.uuid, limit)
-            results.interrupt(f"no answer in {limit:g} s")  # type: ignore[call-arg]
+            self.logger.debug("connection %s: redis has not answered a CALL's store in %g s", self.uuid, limit)
+            results.abandon(f"no answer in {limit:g} s")  # type: ignore[attr-defined]
             return
         self._store_watch = self._svc.timer.call_later(-late, self._watch_stores)
 
@@ -645,7 +696,7 @@ class Conn(FrameLoop):
         finally:
             try:
                 self.release()
-                if self._results is not None:
+                if self._results is not None and self._listener_health.up:  # (down: its results expire)
                     self.broker.discard_results(self.uuid)
             except BrokerError as exc:
                 self.logger.warning("connection %s: could not delete its result list: %s", self.uuid, exc)
@@ -662,7 +713,11 @@ class Conn(FrameLoop):
         if thread is None or results is None:
             return
         self._results_stop = True
-        if self._ahead:  # it may wait with no BRPOP, for what the reader sends: a marker cannot wake it
+        self._results_stopping.set()
+        health = self._listener_health
+        if not health.up:  # it may be waiting for its turn to reconnect
+            health.wake()
+        if self._ahead or not health.up:  # it may wait with no BRPOP, for what the reader sends: a marker cannot wake it
             results.interrupt()
         else:
             try:
@@ -829,13 +884,29 @@ class Conn(FrameLoop):
     def _results_loop(self) -> None:
         broker = self._results
         assert broker is not None
+        health = self._listener_health
+        # started while redis is down (the CALL that started it gets its NACK): its first
+        # connect takes a turn like a reconnect. (So the server finds redis back even when the
+        # listeners that saw it go are gone with their connections.)
+        if not health.up and not health.wait_turn(self._results_stopping):
+            return
         while True:
             try:
                 popped = broker.pop_result(self.uuid, None)
             except Exception as exc:
-                if not self._results_stop:
-                    self._listener_failed("results", exc)
-                return
+                if self._results_stop:
+                    return
+                if not (isinstance(exc, BrokerError) and str(exc).startswith("redis unavailable")):
+                    self._listener_failed("results", exc)  # (redis' refusal, or a bug)
+                    return
+                # redis went away (its calls stored and unanswered got their NACK): say so
+                # once per server, and connect again in turn; results stored meanwhile wait in
+                # their list for the next BRPOP
+                health.failed(exc)
+                self.logger.debug("connection %s: results listener lost redis: %s", self.uuid, exc)
+                if not health.wait_turn(self._results_stopping):
+                    return
+                continue
             if self._results_stop:
                 return
             if popped is None:
@@ -854,13 +925,14 @@ class Conn(FrameLoop):
                 self.send(res)
 
     def _listener_failed(self, role: str, exc: Exception) -> None:
-        """A redis listener cannot go on: close the connection with 1011, logged once. (A
-        connection without its listener could only let its calls expire.)"""
+        """A redis listener cannot go on (redis refused its command, or a bug; not redis gone
+        away, which it waits out): close the connection with 1011, logged once. (A connection
+        without its listener could only let its calls expire.)"""
         if self.closed:
             return  # closing anyway: the error is the close
         if isinstance(exc, BrokerError):
             self.logger.error("connection %s: %s listener failed: %s", self.uuid, role, exc)
-            self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: redis unavailable")
+            self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: redis error")
         else:  # a bug
             self.logger.error("connection %s: %s listener crashed", self.uuid, role, exc_info=exc)
             self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: internal error")

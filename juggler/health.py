@@ -9,22 +9,30 @@ the first success after it marks redis up and is logged once (``redis is back``)
 down:
 
 - requests need not wait for redis to fail them: :attr:`~RedisHealth.up` says so at once (a
-  request may still try, e.g. when it has its own short deadline);
+  request may still try, e.g. when it has its own short deadline: :meth:`~RedisHealth.try_turn`
+  lets one through per turn of the backoff, so that requests find redis back even when no
+  listener is reconnecting);
 - a listener that wants to reconnect calls :meth:`~RedisHealth.wait_turn` first. The attempts of
   all the process' listeners are spaced out by one capped exponential backoff with jitter
   (:data:`BACKOFF_BASE` doubling up to :data:`BACKOFF_CAP`): one attempt per turn, whatever the
   number of listeners, so a redis that is down sees a handful of connects per second from a
   server, not one storm per websocket. When an attempt succeeds, every waiting listener goes at
   once.
+
+A listener whose connection redis closed while it looked up (an idle client's timeout, or the
+first sign of an outage) may find out with an attempt of its own, inside :meth:`~RedisHealth.probe`:
+one listener at a time, so that when redis has just died, one connect finds it out and the
+others take their turns in the backoff, rather than all trying at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 __all__ = ["RedisHealth", "BACKOFF_BASE", "BACKOFF_CAP"]
 
@@ -72,10 +80,14 @@ class RedisHealth:
         self._delay = base  # the wait before the next turn, doubled after each failed one
         self._next_turn = 0.0  # when the next attempt may go (while down)
         self._closed = False
+        self._probe_lock = threading.Lock()  # (probe)
         #: How many times redis was seen to go away.
         self.outages = 0
         #: How many reconnect attempts :meth:`wait_turn` let through while redis was down.
         self.attempts = 0
+        #: How many reconnects :meth:`wait_turn` let through, while redis was down or after it
+        #: came back (the ``juggler_redis_reconnects_total`` metric).
+        self.reconnects = 0
 
     @property
     def up(self) -> bool:
@@ -122,6 +134,7 @@ class RedisHealth:
                 if self._closed or (stop is not None and stop.is_set()):
                     return False
                 if self._up:
+                    self.reconnects += 1
                     return True
                 now = self._clock()
                 if now >= self._next_turn:
@@ -129,8 +142,35 @@ class RedisHealth:
                     self._delay = min(self._delay * 2, self.cap)
                     self._next_turn = now + self._turn_wait()
                     self.attempts += 1
+                    self.reconnects += 1
                     return True
                 self._cond.wait(self._next_turn - now)
+
+    def try_turn(self) -> bool:
+        """:meth:`wait_turn` without the wait, for a request: whether it may try redis now
+        (redis up, or down and a turn is due: the one after it comes later, as for
+        :meth:`wait_turn`); ``False``: fail at once. Report the outcome either way."""
+        if self._up:
+            return True
+        with self._cond:
+            if self._up:
+                return True
+            now = self._clock()
+            if self._closed or now < self._next_turn:
+                return False
+            self._delay = min(self._delay * 2, self.cap)
+            self._next_turn = now + self._turn_wait()
+            self.attempts += 1
+            return True
+
+    @contextlib.contextmanager
+    def probe(self) -> Iterator[bool]:
+        """For a listener whose connection was closed while redis looked up: one such listener
+        at a time, it finds out whether redis answers with an attempt of its own. Yields whether
+        to try now (redis still looks up); ``False``: redis was found down meanwhile, take a turn
+        with :meth:`wait_turn` instead. Report the attempt's outcome inside the block."""
+        with self._probe_lock:
+            yield self._up
 
     def wake(self) -> None:
         """Wake every :meth:`wait_turn`, to look at its ``stop`` again."""
@@ -147,3 +187,29 @@ class RedisHealth:
         # "equal jitter": half the delay, plus up to as much again at random, so that servers
         # that saw redis go at the same moment do not come back in step
         return self._delay / 2 + self._jitter() * self._delay / 2
+
+    def request_turn(self, timeout: float) -> bool:
+        """For a request that must be answered soon (a websocket's SUB or PUB): ``True`` at
+        once while redis is up. While it is down, wait up to ``timeout`` seconds for a turn
+        of the backoff (the request's own attempt is then the turn's: ``True``) or for someone
+        else's attempt to succeed (``True``); ``False`` when neither came, or after
+        :meth:`close`: refuse the request without trying redis. Not a reconnect: it counts in
+        :attr:`attempts` only."""
+        if self._up:  # (the common case, without the lock)
+            return not self._closed
+        with self._cond:
+            deadline = self._clock() + timeout
+            while True:
+                if self._closed:
+                    return False
+                if self._up:
+                    return True
+                now = self._clock()
+                if now >= self._next_turn:
+                    self._delay = min(self._delay * 2, self.cap)
+                    self._next_turn = now + self._turn_wait()
+                    self.attempts += 1
+                    return True
+                if now >= deadline:
+                    return False
+                self._cond.wait(min(self._next_turn, deadline) - now)

@@ -73,6 +73,11 @@ class _ServerCollector:
             ("juggler_oversized_messages", "oversized_messages", "Messages over write_limit (RES sent as an error)."),
         ):
             yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
+        healths = s.redis_healths()
+        yield GaugeMetricFamily("juggler_redis_up", "1 while the server sees its redis (each of them) up, 0 while "
+                                "its listeners reconnect.", value=int(all(h.up for h in healths)))  # fmt: skip
+        yield CounterMetricFamily("juggler_redis_reconnects", "Reconnects of the server's redis listeners after "
+                                  "redis failed them.", value=sum(h.reconnects for h in healths))  # fmt: skip
         conns = s.connections
         yield GaugeMetricFamily("juggler_connections_active", "Open websocket connections.", value=len(conns))
         yield GaugeMetricFamily(
@@ -127,6 +132,16 @@ class _CalleeCollector:
         workers = GaugeMetricFamily("juggler_callee_workers", "Worker threads of the pool.", labels=labels)
         workers.add_metric(name, self.callee.workers)
         yield workers
+        # the same two as a server's, for what the callee's process sees of redis
+        health = self.callee.health
+        up = GaugeMetricFamily("juggler_redis_up", "Whether redis answers (1) or not (0), as this process sees it.", labels=labels)
+        up.add_metric(name, 1 if health.up else 0)
+        yield up
+        reconnects = CounterMetricFamily(
+            "juggler_redis_reconnects", "Reconnects to redis let through by the shared backoff.", labels=labels
+        )
+        reconnects.add_metric(name, health.reconnects)
+        yield reconnects
 
 
 class CalleeMetrics:

@@ -145,18 +145,23 @@ def process_msg(conn: "Conn", msg: Message) -> None:
             most = conn.settings.max_calls_in_flight
             conn.send(Nack.to(msg, 429, f"too many calls in flight: at most {most} per connection"))
             return
-        if not conn.listen_for_results():  # closing, or out of threads: no result could reach it
-            conn.call_ended(msg.uuid)
-            conn.send(Nack.to(msg, 503, "server out of threads"))
-            conn.close(CLOSE_TRY_AGAIN_LATER, "server out of threads")
-            return
         payload = CallPayload(conn.uuid, msg.uuid, msg.uri, msg.args)
         try:
-            if conn.store_call_ahead(payload, timeout, functools.partial(_call_stored, conn, msg)):
+            # (started first: while the server knows redis is down, its listeners find out
+            # when it is back, and the CALL gets NACK 500 at once)
+            if not conn.listen_for_results():  # closing, or out of threads: no result could reach it
+                conn.call_ended(msg.uuid)
+                conn.send(Nack.to(msg, 503, "server out of threads"))
+                conn.close(CLOSE_TRY_AGAIN_LATER, "server out of threads")
+                return
+            probe = conn.check_redis()
+            if conn.store_call_ahead(payload, timeout, functools.partial(_call_stored, conn, msg, probe=probe)):
                 return  # its ACK (or NACK) comes from the results listener, once redis answered
             with conn.ack_lock:
                 conn.broker.store_call(payload, timeout)
                 conn.send(Ack.to(msg))
+            if probe:
+                conn.redis_answered()
         except BrokerError as exc:
             _call_stored(conn, msg, exc)
         return
@@ -168,7 +173,7 @@ def process_msg(conn: "Conn", msg: Message) -> None:
             # its ACK keeps its place ahead of the EVNT the PUB causes, if this connection is
             # subscribed to the channel too
             with conn.ordered():
-                conn.pubsub_broker.publish(msg.channel, EventPayload(msg.uuid, msg.args))
+                conn.publish(msg.channel, EventPayload(msg.uuid, msg.args))
                 conn.send(Ack.to(msg))
             return
         elif isinstance(msg, Sub):
@@ -190,17 +195,24 @@ def process_msg(conn: "Conn", msg: Message) -> None:
     conn.send(Ack.to(msg))
 
 
-def _call_stored(conn: "Conn", msg: Call, error: Optional[BrokerError]) -> None:
-    """A CALL was stored (ACK), or not (NACK, and it is no longer in flight)."""
+def _call_stored(conn: "Conn", msg: Call, error: Optional[BrokerError], probe: bool = False) -> None:
+    """A CALL was stored (ACK), or not (NACK, and it is no longer in flight); ``probe``: it
+    tried redis while the server saw it down (see ``Conn.check_redis``)."""
     if error is None:
+        if probe:
+            conn.redis_answered()
         conn.send(Ack.to(msg))
         return
+    conn.redis_failed(error)
     conn.call_ended(msg.uuid)
     _nack_broker(conn, msg, error)
 
 
 def _nack_broker(conn: "Conn", msg: Request, exc: BrokerError) -> None:
-    # a refusal for the client's fault (413) at INFO: a client cannot flood the log with WARNINGs
+    # a refusal for the client's fault (413) at INFO: a client cannot flood the log with
+    # WARNINGs; nor can an outage, logged once by the server's RedisHealth: DEBUG meanwhile
     level = logging.WARNING if exc.nack_code >= 500 else logging.INFO
+    if not conn.redis_up():
+        level = logging.DEBUG
     conn.logger.log(level, "connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
     conn.send(Nack.to(msg, exc.nack_code, str(exc)))

@@ -16,22 +16,49 @@ Guarantees, as with a redis connection of one's own:
 - a connection subscribed to a channel and to a pattern matching it gets the event twice, once
   through each (as redis sends it).
 
-When the redis pub-sub connection fails, every connection with a subscription is told
-(:meth:`Subscriber.pubsub_failed`) and the hub starts afresh on the next SUB.
+When redis goes away (the pub-sub connection fails), no connection is told (juggler.0 has no
+message for it; the hub logs it at DEBUG, the process' health once at ERROR) and none is
+closed: the subscriptions stay as they are, and the hub's thread reconnects, its attempts spaced by the
+process' shared backoff (:class:`~juggler.health.RedisHealth`; the server's, or one of the
+hub's own). Once connected, it subscribes again, in one SUBSCRIBE and one PSUBSCRIBE, to every
+channel and pattern that connections hold, and events flow again with no client action. Events
+published while the hub was not subscribed are lost. Until redis has confirmed that restore:
+
+- a SUB fails (:class:`BrokerError` ``redis unavailable``, a NACK 500) at once, whether or not
+  another connection holds the same channel, and is not restored later (a SUB of what the
+  connection holds already is ACKed);
+- an UNSB takes the subscription away all the same (no event of it follows, and it is not
+  restored), and fails while the hub has no connection;
+- a connection that closes gives its subscriptions back: they are not restored.
+
+A SUB or PUB that needs redis while the process' :class:`~juggler.health.RedisHealth` says it is
+down waits for a turn of the shared backoff (at most its cap, half a second): the one that gets
+it tries redis, and when that succeeds every waiting request goes; the others fail without
+trying. So while redis is down they are answered within a second, and once it is back they
+succeed again within one turn. A redis that stalls does not fail the connection: a SUB
+waits for its confirmation up to ``confirm_timeout``, a PUB up to the broker's publish timeout,
+then fails and marks redis down; events flow again when the stall ends.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from typing import Any, Optional, Protocol
 
 from .broker import Broker, BrokerError, PubSubConn, PubSubEvent
+from .health import RedisHealth
+from .message import EventPayload
 
 __all__ = ["PubSubHub", "Subscriber", "SubKey"]
 
 #: ``(pattern, channel)``: a subscription as redis knows it.
 SubKey = tuple[bool, str]
+
+#: What a SUB or UNSB is answered with while the hub's connection is down (NACK 500).
+UNAVAILABLE = "redis unavailable: the server's pub-sub connection is reconnecting"
 
 
 class Subscriber(Protocol):
@@ -40,8 +67,10 @@ class Subscriber(Protocol):
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
         """Queue ``event`` (of subscription ``key``) for the client; must not block."""
 
-    def pubsub_failed(self, exc: BrokerError) -> None:
-        """The redis pub-sub connection failed: the subscriptions are gone."""
+
+def _unavailable(exc: BrokerError) -> bool:
+    """Whether ``exc`` says redis could not be reached (not e.g. an error reply)."""
+    return str(exc).startswith("redis unavailable")
 
 
 class PubSubHub:
@@ -52,6 +81,8 @@ class PubSubHub:
     :param confirm_timeout: how long a SUB or UNSB waits for redis' confirmation.
     :param on_bad_event: called (on the hub's thread) for an event whose payload is not a
         juggler event; it is dropped.
+    :param health: the process' view of this redis (the server's, when ``broker`` is the
+        server's RPC broker too); ``None``: one of the hub's own.
     """
 
     def __init__(
@@ -62,32 +93,48 @@ class PubSubHub:
         name: str = "juggler-server-pubsub",
         logger: Optional[logging.Logger] = None,
         on_bad_event: Any = None,
+        health: Optional[RedisHealth] = None,
     ) -> None:
         self.broker = broker
         self.confirm_timeout = confirm_timeout
         self.name = name
         self.logger = logger or logging.getLogger("juggler.server")
         self.on_bad_event = on_bad_event
-        # _lock guards the maps below; it is held while an event is handed out, so that an
-        # unsubscribe that returned cannot be followed by an event of it.
+        self.health = health if health is not None else RedisHealth(f"{name} (pub-sub redis)", logger=self.logger)
+        # _lock guards the maps and the state below; it is held while an event is handed out,
+        # so that an unsubscribe that returned cannot be followed by an event of it.
         self._lock = threading.Lock()
-        self._subs: dict[SubKey, set[Subscriber]] = {}  # subscribed in redis, with members
+        # every subscription held by a connection, with its members: subscribed in redis, or
+        # to be subscribed again once redis is back (reference counts stay through an outage)
+        self._subs: dict[SubKey, set[Subscriber]] = {}
         self._by_sub: dict[Subscriber, set[SubKey]] = {}
-        # _control serializes what changes redis' subscriptions (first SUB, last UNSB), so a
-        # SUBSCRIBE and an UNSUBSCRIBE of one channel can never cross.
+        # _control serializes what changes redis' subscriptions (first SUB, last UNSB, the
+        # restore after a reconnect), so a SUBSCRIBE and an UNSUBSCRIBE of one channel can
+        # never cross. It is never held while connecting.
         self._control = threading.Lock()
-        self._ps: Optional[PubSubConn] = None
+        self._ps: Optional[PubSubConn] = None  # the connection requests go to; None while down
+        self._down = False  # lost, and not restored yet: SUBs fail at once
         self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()  # close(): the reader's reconnects give up
         self._closed = False
+        #: How many times the hub's connection failed, and how many times it was restored.
+        self.failures = 0
+        self.restores = 0
 
     # -- subscriptions --
 
     def subscriptions(self, sub: Optional[Subscriber] = None) -> set[SubKey]:
-        """The subscriptions of ``sub``, or every subscription the server holds in redis."""
+        """The subscriptions of ``sub``, or every subscription the server holds (in redis, or
+        to restore once redis is back)."""
         with self._lock:
             if sub is None:
                 return {k for k, members in self._subs.items() if members}
             return set(self._by_sub.get(sub, ()))
+
+    @property
+    def connected(self) -> bool:
+        """Whether the hub has a redis connection with every subscription on it (or none yet)."""
+        return not self._down
 
     def count(self, sub: Subscriber) -> int:
         """How many subscriptions ``sub`` holds."""
@@ -100,24 +147,37 @@ class PubSubHub:
         key = (pattern, channel)
         if self._join(sub, key):
             return
-        with self._control:
+        # One deadline for all of it: behind a SUBSCRIBE that redis is slow to confirm (it
+        # stalls), then for its own confirmation.
+        deadline = time.monotonic() + self.confirm_timeout
+        if not self._control.acquire(timeout=self.confirm_timeout):
+            raise BrokerError(f"redis unavailable: no answer to the server's subscriptions in {self.confirm_timeout:g} s")
+        try:
             if self._join(sub, key):  # subscribed by another connection meanwhile
                 return
             ps = self._connection()
             try:
-                ps.subscribe(channel, pattern)
-            except BrokerError:
+                ps.subscribe(channel, pattern, timeout=max(0.0, deadline - time.monotonic()))
+            except BrokerError as exc:
                 self._undo(ps, key)
+                self._failed_request(exc)
                 raise
             with self._lock:
                 self._subs[key] = {sub}
                 self._by_sub.setdefault(sub, set()).add(key)
+        finally:
+            self._control.release()
+        self.health.succeeded()
 
     def _join(self, sub: Subscriber, key: SubKey) -> bool:
         with self._lock:
             members = self._subs.get(key)
             if not members:
                 return False
+            if sub in members:  # subscribed already (and restored with the rest)
+                return True
+            if self._down:  # held, but not in redis now
+                raise BrokerError(UNAVAILABLE)
             members.add(sub)
             self._by_sub.setdefault(sub, set()).add(key)
             return True
@@ -126,14 +186,15 @@ class PubSubHub:
         """A SUBSCRIBE that failed or was not confirmed in time may still take effect in redis:
         take it back, best effort, so redis does not stream events nobody wants."""
         try:
-            ps.unsubscribe(key[1], key[0])
+            ps.unsubscribe(key[1], key[0], timeout=0)  # (the SUB's NACK does not wait for it)
         except BrokerError as exc:
             self.logger.debug("could not take back an unconfirmed subscription %r: %s", key, exc)
 
     def unsubscribe(self, sub: Subscriber, channel: str, pattern: bool) -> None:
         """Unsubscribe ``sub`` (nothing happens if it is not subscribed). Once this returns,
         no event of the subscription reaches ``sub``. Raises :class:`BrokerError` if redis
-        cannot be told, but ``sub`` is unsubscribed all the same."""
+        cannot be told, or the hub is reconnecting, but ``sub`` is unsubscribed all the same
+        (and the subscription is not restored)."""
         key = (pattern, channel)
         with self._lock:
             members = self._subs.get(key)
@@ -141,9 +202,12 @@ class PubSubHub:
                 return
             members.discard(sub)
             self._forget(sub, key)
-            if members:
-                return
-        self._release(key)
+            last = not members
+            reconnecting = self._ps is None and self._down
+        if last:
+            self._release(key)
+        if reconnecting:
+            raise BrokerError(UNAVAILABLE)
 
     def drop(self, sub: Subscriber) -> None:
         """Unsubscribe ``sub`` from everything (its connection closed). Never raises."""
@@ -171,7 +235,8 @@ class PubSubHub:
                 del self._by_sub[sub]
 
     def _release(self, key: SubKey) -> None:
-        """UNSUBSCRIBE ``key`` in redis if no connection holds it any more."""
+        """UNSUBSCRIBE ``key`` in redis if no connection holds it any more (while the hub is
+        reconnecting, only forget it: it is not restored)."""
         with self._control:
             with self._lock:
                 if self._subs.get(key):  # subscribed again meanwhile
@@ -181,15 +246,44 @@ class PubSubHub:
             if ps is not None:
                 ps.unsubscribe(key[1], key[0])
 
+    # -- publishing --
+
+    def publish(self, channel: str, payload: EventPayload) -> int:
+        """Publish through the broker, unless redis is known to be down (then
+        :class:`BrokerError` at once, but when a turn of the shared backoff is due); what it
+        sees of redis goes to :attr:`health`. The number of redis subscribers that got it."""
+        health = self.health
+        if not health.request_turn(health.cap):
+            raise BrokerError("redis unavailable (reconnecting)")
+        try:
+            n = self.broker.publish(channel, payload)
+        except BrokerError as exc:
+            if _unavailable(exc):
+                health.failed(exc)
+            raise
+        health.succeeded()
+        return n
+
+    def _failed_request(self, exc: BrokerError) -> None:
+        if _unavailable(exc):
+            self.health.failed(exc)
+
     # -- the redis connection and its reader --
 
     def _connection(self) -> PubSubConn:
+        """The connection a SUBSCRIBE goes to: the reader's, or (the first time) a new one and
+        its reader. Raises :class:`BrokerError` while redis is down."""
         assert self._control.locked()
         with self._lock:
             if self._closed:
                 raise BrokerError("server shutting down")
-            if self._ps is not None:
-                return self._ps
+            if self._down:
+                raise BrokerError(UNAVAILABLE)
+            ps = self._ps
+        if not self.health.request_turn(self.health.cap):  # known to be down: do not wait for it to fail
+            raise BrokerError("redis unavailable (reconnecting)")
+        if ps is not None:
+            return ps
         ps = self.broker.pubsub(self.confirm_timeout)
         thread = threading.Thread(target=self._read, args=(ps,), name=self.name)
         with self._lock:
@@ -204,6 +298,7 @@ class PubSubHub:
         return ps
 
     def _read(self, ps: PubSubConn) -> None:
+        health = self.health
         while True:
             try:
                 event = ps.get_event(None)
@@ -213,14 +308,21 @@ class PubSubHub:
                     self.on_bad_event()
                 continue
             except BrokerError as exc:
-                self._failed(ps, exc)
-                return
-            except Exception as exc:  # a bug: the subscriptions cannot be served any more
+                next_ps = self._reconnect(ps, exc)
+                if next_ps is None:
+                    return
+                ps = next_ps
+                continue
+            except Exception as exc:  # a bug: start afresh on a new connection
                 self.logger.error("pub-sub reader crashed", exc_info=exc)
-                self._failed(ps, BrokerError(f"pub-sub reader crashed: {exc}"))
-                return
+                next_ps = self._reconnect(ps, BrokerError(f"pub-sub reader crashed: {exc}"))
+                if next_ps is None:
+                    return
+                ps = next_ps
+                continue
             if event is None:  # woken by close()
                 return
+            health.succeeded()  # (a stall that someone took for an outage is over)
             try:
                 event.evnt_frame  # made once for all: an event JSON cannot carry fails here
             except (TypeError, ValueError) as exc:  # NaN, a lone surrogate (foreign publishers)
@@ -238,20 +340,65 @@ class PubSubHub:
                         except Exception:  # a bug must not end every subscription of the server
                             self.logger.exception("pub-sub: delivering an event on %r failed", event.channel)
 
-    def _failed(self, ps: PubSubConn, exc: BrokerError) -> None:
-        with self._control:
+    def _reconnect(self, ps: PubSubConn, exc: BrokerError) -> Optional[PubSubConn]:
+        """(The reader, when ``ps`` failed.) Connect again, with the shared backoff, and
+        restore every subscription held; the new connection, or ``None`` once closed."""
+        with self._control:  # (a SUB waiting on ps was woken by its failure)
             with self._lock:
-                if self._ps is not ps:
-                    return
-                self._ps = self._thread = None
-                subs = list(self._by_sub)
-                self._subs.clear()
-                self._by_sub.clear()
-            if not self._closed:
-                self.logger.error("pub-sub connection to redis failed: %s", exc)
-            _close_quietly(ps, self.logger)
-        for sub in subs:
-            sub.pubsub_failed(exc)
+                if self._closed:
+                    return None  # close() closes ps
+                self._ps = None
+                self._down = True
+                self.failures += 1
+                held = sum(1 for members in self._subs.values() if members)
+        _close_quietly(ps, self.logger)
+        # the process' one log line for the outage is the health's
+        self.logger.debug("pub-sub connection to redis failed (%s): %d subscriptions to restore", exc, held)
+        self.health.failed(exc)
+        health = self.health
+        tries = 0
+        while True:
+            if tries and health.up:
+                # redis answers others, not this connection (a cluster node that is down, an
+                # error reply): a backoff of its own, since wait_turn would not wait
+                if self._stop.wait(min(health.cap, health.base * 2**tries)):
+                    return None
+            if not health.wait_turn(self._stop):
+                return None
+            tries += 1
+            new = self.broker.pubsub(self.confirm_timeout)
+            try:
+                new.connect()  # (not under _control: a SUB or UNSB does not wait for it)
+            except BrokerError as exc:
+                _close_quietly(new, self.logger)
+                health.failed(exc)
+                continue
+            with self._control:
+                with self._lock:
+                    if self._closed:
+                        _close_quietly(new, self.logger)
+                        return None
+                    self._ps = new
+                    keys = [k for k, members in self._subs.items() if members]
+                try:
+                    new.restore(keys, functools.partial(self._restored, new, len(keys)))
+                except BrokerError as exc:
+                    with self._lock:
+                        self._ps = None
+                    _close_quietly(new, self.logger)
+                    health.failed(exc)
+                    continue
+            return new
+
+    def _restored(self, ps: PubSubConn, n: int) -> None:
+        """(The reader.) Redis confirmed every subscription the reconnect restored."""
+        with self._lock:
+            if self._ps is not ps:
+                return
+            self._down = False
+            self.restores += 1
+        self.health.succeeded()
+        self.logger.debug("pub-sub connection to redis restored, with %d subscriptions", n)
 
     def close(self) -> None:
         """Stop the reader, join it and close the redis connection. Idempotent."""
@@ -262,12 +409,14 @@ class PubSubHub:
                 self._ps = self._thread = None
                 self._subs.clear()
                 self._by_sub.clear()
-        if ps is None:
-            return
-        ps.wake()
+        self._stop.set()
+        self.health.wake()  # a reader waiting for its turn to reconnect
+        if ps is not None:
+            ps.wake()
         if thread is not None:
             thread.join()
-        _close_quietly(ps, self.logger)
+        if ps is not None:
+            _close_quietly(ps, self.logger)
 
 
 def _close_quietly(ps: PubSubConn, logger: logging.Logger) -> None:

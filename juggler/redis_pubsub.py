@@ -12,8 +12,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import resp
 from .exceptions import BrokerError
 from .frames import OP_TEXT, frame_header
 from .message import EventPayload, Evnt, encode_payload
@@ -49,6 +54,16 @@ class PubSubEvent:
         return frame_header(OP_TEXT, size) + before, after, size
 
 
+#: How long a ``PUBLISH`` waits for redis (to connect, and for its reply), in seconds, before
+#: it fails with ``redis unavailable``: a redis that stalls fails a PUB in this time, not in the
+#: client's socket timeout (30 s with :meth:`~juggler.broker.RedisBroker.from_url`). With the
+#: wait for a turn of the backoff (:class:`~juggler.pubsub.PubSubHub`), a PUB is answered
+#: within a second while redis is down or stalls.
+PUBLISH_TIMEOUT = 0.5
+
+_publish_pool_lock = threading.Lock()  # (making a broker's publish pool, once)
+
+
 class PubSubSide:
     """:class:`~juggler.broker.RedisBroker`'s publishing and pub-sub connections (a mix-in)."""
 
@@ -57,16 +72,49 @@ class PubSubSide:
     _pubsub_turn: itertools.count
     cluster: bool
     client: Any
+    #: :data:`PUBLISH_TIMEOUT`, for this broker (on the fast path: a plain redis with hiredis;
+    #: elsewhere a PUBLISH waits as long as the client's socket timeout).
+    publish_timeout: float = PUBLISH_TIMEOUT
+    _publishing: Any = None  # the fast path's connections for PUBLISH, made on the first one
 
     def publish(self, channel: str, payload: EventPayload) -> int:
-        """Publish an event; returns the number of redis subscribers that got it."""
+        """Publish an event; returns the number of redis subscribers that got it. Raises
+        :class:`BrokerError`, within :attr:`publish_timeout` on the fast path."""
         data = payload.to_json()
         try:
             if self._fast is not None:
-                return int(self._command("PUBLISH", channel, data))
+                pool = self._publishing or self._publish_pool()
+                conn = pool.get()
+                try:
+                    return int(conn.command("PUBLISH", channel, data))
+                finally:
+                    pool.put(conn)
             return int(self._once(channel, "PUBLISH", channel, data))
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
+
+    def _publish_pool(self) -> resp.RespPool:
+        """Fast-path connections like the shared ones, but whose connects and reads give up
+        after :attr:`publish_timeout` (a connection that timed out is closed, not reused)."""
+        with _publish_pool_lock:
+            if self._publishing is None:
+                pool = self.client.connection_pool
+                kwargs = dict(pool.connection_kwargs)
+                for name in ("socket_timeout", "socket_connect_timeout"):
+                    if name in kwargs or name == "socket_timeout":  # (not every class takes both)
+                        given = kwargs.get(name)
+                        kwargs[name] = self.publish_timeout if given is None else min(given, self.publish_timeout)
+                kwargs["retry"] = Retry(NoBackoff(), 0)  # (a connect retried would take longer)
+                # a client that is never used itself: its settings are what the pool's
+                # connections are made with
+                settings = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+                self._publishing = resp.RespPool(settings, max_idle=16)
+            return self._publishing
+
+    def _close_publishing(self) -> None:
+        pool, self._publishing = self._publishing, None
+        if pool is not None:
+            pool.close()
 
     def pubsub(self, confirm_timeout: float = 5.0) -> "RedisPubSub":
         """A new pub-sub connection, on a redis connection of its own (made on first subscribe).
@@ -79,7 +127,11 @@ class PubSubSide:
         are not used, since a topology refresh marks their connections for reconnecting (a
         pub-sub connection would silently re-subscribe, losing events published in between).
         If that node fails, :meth:`RedisPubSub.get_event` raises :class:`BrokerError`, as on a
-        standalone redis.
+        standalone redis, and the next connection goes to the next primary.
+
+        Connecting (and redis-py's handshake on connect) waits at most ``confirm_timeout``
+        for redis, so a redis that stalls cannot hold a SUB or a reconnect for ever; once
+        connected, the connection waits with no timeout.
         """
         if self.cluster:
             cluster = self.client
@@ -88,16 +140,20 @@ class PubSubSide:
             client = one_connection_client(cluster.get_redis_connection(node), blocking=True)
         else:
             client = one_connection_client(self.client, blocking=True)
+        # (the pool is this connection's own: RedisPubSub lifts the timeout once connected)
+        client.connection_pool.connection_kwargs["socket_timeout"] = confirm_timeout
         return RedisPubSub(client.pubsub(), confirm_timeout, owner=client)
 
 
 class _Waiter:
-    """A pub-sub request waiting for redis' confirmation."""
+    """A pub-sub request waiting for redis' confirmation (``restore``: one of a
+    :meth:`RedisPubSub.restore`'s, which nobody waits for)."""
 
-    __slots__ = ("done",)
+    __slots__ = ("done", "restore")
 
-    def __init__(self) -> None:
+    def __init__(self, restore: bool = False) -> None:
         self.done = False
+        self.restore = restore
 
 
 class RedisPubSub:
@@ -122,23 +178,34 @@ class RedisPubSub:
         self._send_lock = threading.Lock()  # one command at a time on the connection
         self._sent = threading.Event()  # a command went out: the connection exists
         self._stopped = False
+        # Set (under _cond) when get_event saw the connection fail: for good, since redis-py
+        # would reconnect behind our back and re-subscribe by itself. Requests fail at once.
+        self._broken: Optional[BrokerError] = None
+        self._restoring = 0  # restore()'s confirmations still to come
+        self._on_restored: Optional[Callable[[], None]] = None
 
-    def subscribe(self, channel: str, pattern: bool) -> None:
+    def subscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None:
+        """Subscribe, and wait for redis' confirmation up to ``timeout`` seconds (``None``:
+        :attr:`confirm_timeout`); :class:`BrokerError` if it does not come."""
         if pattern:
-            self._confirm("psubscribe", channel, self._pubsub.psubscribe)
+            self._confirm("psubscribe", channel, self._pubsub.psubscribe, timeout)
         else:
-            self._confirm("subscribe", channel, self._pubsub.subscribe)
+            self._confirm("subscribe", channel, self._pubsub.subscribe, timeout)
 
-    def unsubscribe(self, channel: str, pattern: bool) -> None:
+    def unsubscribe(self, channel: str, pattern: bool, timeout: Optional[float] = None) -> None:
+        """As :meth:`subscribe` (``timeout=0``: send it, and do not wait)."""
         if pattern:
-            self._confirm("punsubscribe", channel, self._pubsub.punsubscribe)
+            self._confirm("punsubscribe", channel, self._pubsub.punsubscribe, timeout)
         else:
-            self._confirm("unsubscribe", channel, self._pubsub.unsubscribe)
+            self._confirm("unsubscribe", channel, self._pubsub.unsubscribe, timeout)
 
-    def _confirm(self, kind: str, channel: str, command: Any) -> None:
+    def _confirm(self, kind: str, channel: str, command: Any, timeout: Optional[float] = None) -> None:
+        timeout = self.confirm_timeout if timeout is None else timeout
         key = (kind, channel)
         active = ("p" if kind.startswith("p") else "", channel)
         with self._cond:
+            if self._broken is not None:
+                raise BrokerError(str(self._broken))
             was_active = active in self._active
             if kind.endswith("unsubscribe"):
                 if not was_active:
@@ -155,6 +222,7 @@ class RedisPubSub:
                     self._waiting.setdefault(key, deque()).append(waiter)
                 try:
                     command(channel)
+                    self._connected()
                 except REDIS_FAILURES:
                     # Not sent (redis-py keeps its own state unchanged too): undo, so that
                     # the same request can succeed on this connection once redis is back.
@@ -172,10 +240,63 @@ class RedisPubSub:
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
         with self._cond:
-            if not self._cond.wait_for(lambda: waiter.done, self.confirm_timeout):
+            if not self._cond.wait_for(lambda: waiter.done or self._broken is not None, timeout):
                 # It stays in line: its confirmation, when it comes, is taken for it (and not
                 # for a later request of the same channel).
-                raise BrokerError(f"redis did not confirm {kind} {channel!r} within {self.confirm_timeout} s")
+                raise BrokerError(f"redis unavailable: redis did not confirm {kind} {channel!r} within {timeout:g} s")
+            if not waiter.done:  # the connection failed: no confirmation will come
+                raise BrokerError(str(self._broken))
+
+    def connect(self) -> None:
+        """Make the connection now, with a PING (its PONG is skipped by :meth:`get_event`):
+        so that a reconnect can connect without holding up anyone, then :meth:`restore`.
+        Raises :class:`BrokerError`."""
+        try:
+            with self._send_lock:
+                self._pubsub.ping()
+                self._connected()
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+        self._sent.set()
+
+    def _connected(self) -> None:
+        """(Under _send_lock, once a command went out.) Connected, past redis-py's handshake,
+        which waited at most the connect's timeout: from now on reads wait with none (the
+        reader blocks until an event comes)."""
+        conn = self._pubsub.connection
+        if conn is not None and conn.socket_timeout is not None:
+            conn.socket_timeout = None
+            settimeout = getattr(getattr(conn, "_sock", None), "settimeout", None)  # (not fakeredis')
+            if settimeout is not None:
+                settimeout(None)
+
+    def restore(self, keys: Iterable[tuple[bool, str]], done: Callable[[], None]) -> None:
+        """Subscribe to every ``(pattern, channel)`` of ``keys`` in two commands (SUBSCRIBE
+        and PSUBSCRIBE), without waiting: ``done()`` is called once redis confirmed them all,
+        on the thread in :meth:`get_event` (at once when ``keys`` is empty). Requests made
+        meanwhile wait in line behind them. Raises :class:`BrokerError` if they cannot be
+        sent (the connection is then of no use)."""
+        channels = [c for p, c in keys if not p]
+        patterns = [c for p, c in keys if p]
+        with self._send_lock:
+            with self._cond:
+                for kind, names in (("subscribe", channels), ("psubscribe", patterns)):
+                    for name in names:
+                        self._waiting.setdefault((kind, name), deque()).append(_Waiter(restore=True))
+                        self._active.add(("p" if kind == "psubscribe" else "", name))
+                self._restoring = len(channels) + len(patterns)
+                self._on_restored = done if self._restoring else None
+            try:
+                if channels:
+                    self._pubsub.subscribe(*channels)
+                if patterns:
+                    self._pubsub.psubscribe(*patterns)
+                self._connected()
+            except REDIS_FAILURES as exc:
+                raise broker_error(exc) from exc
+        self._sent.set()
+        if not (channels or patterns):
+            done()
 
     def get_event(self, timeout: Optional[float]) -> Optional[PubSubEvent]:
         """Wait up to ``timeout`` seconds (``None``: with no timeout, until an event comes or
@@ -200,23 +321,35 @@ class RedisPubSub:
             except REDIS_FAILURES as exc:
                 if self._stopped:
                     return None
-                raise broker_error(exc) from exc
+                error = broker_error(exc)
+                with self._cond:  # the requests waiting for a confirmation fail now
+                    self._broken = error
+                    self._cond.notify_all()
+                raise error from exc
             if msg is not None:
                 kind = msg.get("type")
                 if kind in ("message", "pmessage"):
                     break
                 if kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe") and msg.get("channel"):
                     key = (kind, text(msg["channel"]))
+                    restored = None
                     with self._cond:
                         # A confirmation nobody waits for is dropped: redis-py re-subscribes by
                         # itself after a reconnect, and those confirmations must not stand in
                         # for a later request's.
                         line = self._waiting.get(key)
                         if line:
-                            line.popleft().done = True
+                            waiter = line.popleft()
+                            waiter.done = True
                             if not line:
                                 del self._waiting[key]
+                            if waiter.restore:
+                                self._restoring -= 1
+                                if not self._restoring:
+                                    restored, self._on_restored = self._on_restored, None
                             self._cond.notify_all()
+                    if restored is not None:
+                        restored()
                     continue
             if deadline is not None and time.monotonic() >= deadline:
                 return None

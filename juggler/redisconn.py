@@ -32,6 +32,7 @@ __all__ = [
     "REDIS_ERRORS",
     "REDIS_FAILURES",
     "broker_error",
+    "timed_out",
     "text",
     "is_fakeredis",
     "make_fake_db",
@@ -62,8 +63,15 @@ REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterExcept
 REDIS_FAILURES = REDIS_ERRORS + (OSError, ValueError, AttributeError)
 
 
+# Error replies of a redis that cannot serve now but will (loading its data after a restart, a
+# cluster whose node has just come back): redis unavailable, not a refusal of the command.
+_NOT_NOW = ("LOADING", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN")
+
+
 def broker_error(exc: BaseException) -> BrokerError:
     """The :class:`BrokerError` for an exception raised by a redis-py call."""
+    if isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(_NOT_NOW):
+        return BrokerError(f"redis unavailable: {exc}")
     if isinstance(exc, redis.exceptions.ResponseError) and not isinstance(exc, redis.exceptions.ClusterDownError):
         if CAPACITY_ERROR in str(exc):
             return CapacityExceeded(CAPACITY_ERROR)
@@ -76,6 +84,14 @@ def broker_error(exc: BaseException) -> BrokerError:
         logger.warning("the redis client failed unexpectedly (taken as redis unavailable)", exc_info=exc)
         return BrokerError(f"redis unavailable: connection broken ({type(exc).__name__}: {exc})")
     return BrokerError(f"redis unavailable: {exc}")
+
+def timed_out(error: BaseException) -> bool:
+    """Whether ``error`` (a :class:`BrokerError` raised from a redis-py one) is redis not
+    answering in time, rather than refusing or closing a connection: what is worth failing
+    fast for, since each request would wait as long again."""
+    cause = error.__cause__
+    return isinstance(cause, (redis.exceptions.TimeoutError, TimeoutError))
+
 
 def text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -12,7 +12,11 @@ through a :class:`RespConnection` where they can:
   not RESP3, not the cluster client, which routes by slot: those keep redis-py's path), and only
   when ``hiredis`` is installed;
 - errors are redis-py's exceptions (``ResponseError`` for an error reply, ``ConnectionError``
-  and ``TimeoutError`` for the socket), so callers handle both paths alike;
+  and ``TimeoutError`` for the socket), so callers handle both paths alike; a reply that
+  cannot be parsed, or one of the wrong type (:meth:`RespConnection.integer`,
+  :meth:`RespConnection.popped`), means the connection is out of step with redis: it is marked
+  broken (never used again: a :class:`RespPool` closes it) and the error is a
+  ``ConnectionError``;
 - nothing is retried: a command that may have run is never sent twice.
 """
 
@@ -24,11 +28,14 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Any, Optional, Sequence
 
 import redis
 import redis.connection
 import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import gilsend
 
@@ -40,6 +47,7 @@ except ImportError:  # pragma: no cover - hiredis is a dependency
 __all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect"]
 
 _pack_command = getattr(hiredis, "pack_command", None)
+_NO_RETRY = Retry(NoBackoff(), 0)
 _REAL_CONNECTIONS = (redis.connection.Connection, redis.connection.UnixDomainSocketConnection)
 
 
@@ -62,10 +70,12 @@ def pack(args: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
-def _timeval(seconds: float) -> bytes:
+def _timeval(seconds: float, none: bool = False) -> bytes:
+    """A ``struct timeval`` for ``SO_RCVTIMEO``/``SO_SNDTIMEO``; zero means no limit there, so
+    0 becomes a microsecond, unless ``none`` (no limit) is meant."""
     whole = int(seconds)
     micros = int(round((seconds - whole) * 1e6))
-    return struct.pack("ll", whole, micros if whole or micros else 1)
+    return struct.pack("ll", whole, micros if whole or micros or none else 1)
 
 
 class Script:
@@ -97,22 +107,36 @@ class RespConnection:
         self._sock = sock
         self._reader = hiredis.Reader()
         self._ready_buf: Optional[ctypes.Array[ctypes.c_char]] = None  # (read_reply)
+        self._sent_at = 0.0  # (command_within)
         self.broken = False
 
     def _fail(self, exc: BaseException) -> redis.exceptions.RedisError:
         self.broken = True
         if isinstance(exc, (socket.timeout, BlockingIOError)):  # (SO_RCVTIMEO, SO_SNDTIMEO)
-            return redis.exceptions.TimeoutError(f"Timeout reading from socket: {exc}")
+            return redis.exceptions.TimeoutError(f"Timeout talking to redis: {exc}")
         return redis.exceptions.ConnectionError(f"Error while talking to redis: {exc}")
 
-    def _read(self) -> Any:
+    def _wrong(self, what: str) -> redis.exceptions.ConnectionError:
+        """A reply that cannot be what was asked: the connection is out of step with redis
+        (or the peer is not redis), and is never used again."""
+        self.broken = True
+        return redis.exceptions.ConnectionError(f"Protocol error from redis: {what}")
+
+    def _read(self, deadline: Optional[float] = None) -> Any:
+        """The next reply; with ``deadline`` (``time.monotonic()``), a ``TimeoutError`` (the
+        connection broken) if it has not come by then."""
         reader = self._reader
         while True:
-            reply = reader.gets()
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                raise self._wrong(str(exc)) from exc
             if reply is not False:
                 if isinstance(reply, hiredis.ReplyError):
                     raise redis.exceptions.ResponseError(str(reply))
                 return reply
+            if deadline is not None:
+                self._wait_readable(deadline)
             try:
                 data = self._sock.recv(65536)
             except OSError as exc:
@@ -121,6 +145,18 @@ class RespConnection:
                 self.broken = True
                 raise redis.exceptions.ConnectionError("Connection closed by server.")
             reader.feed(data)
+
+    def _wait_readable(self, deadline: float) -> None:
+        left = max(deadline - time.monotonic(), 0.0)
+        try:
+            poller = select.poll()  # (not select(): descriptors past 1024)
+            poller.register(self._sock, select.POLLIN)
+            ready = poller.poll(left * 1000.0)
+        except (OSError, ValueError) as exc:
+            raise self._fail(exc) from exc
+        if not ready:
+            self.broken = True  # (its reply may still come: nothing else may be read here)
+            raise redis.exceptions.TimeoutError(f"no answer in {deadline - self._sent_at:.2g} s")
 
     def _send(self, data: bytes) -> None:
         try:
@@ -132,6 +168,38 @@ class RespConnection:
         """Run one command; its reply (bytes, int, list, None)."""
         self._send(pack(args))
         return self._read()
+
+    def command_within(self, seconds: Optional[float], *args: Any) -> Any:
+        """:meth:`command`, its reply awaited ``seconds`` at most (``None``: the socket's
+        own timeout): a ``TimeoutError`` after, the connection broken. (For the commands of a
+        thread that must not wait long, e.g. a websocket's reader storing a CALL on a redis
+        that stalls; a select() before the read, so not for the others.)"""
+        if seconds is None:
+            return self.command(*args)
+        self._sent_at = time.monotonic()
+        self._send(pack(args))
+        return self._read(self._sent_at + seconds)
+
+    def integer(self, reply: Any) -> int:
+        """``reply``, which must be an integer reply: else the connection is broken and the
+        error a ``ConnectionError`` (see the module)."""
+        if type(reply) is int:
+            return reply
+        raise self._wrong(f"an integer was due, not {reply!r:.60}")
+
+    def popped(self, reply: Any) -> Optional[bytes]:
+        """The item of a ``BRPOP``'s ``reply`` (``None``: it timed out), which must be a pair
+        of bulk strings: else as :meth:`integer`."""
+        if reply is None:
+            return None
+        if type(reply) is list and len(reply) == 2 and type(reply[1]) is bytes:
+            return reply[1]
+        raise self._wrong(f"a BRPOP reply was due, not {reply!r:.60}")
+
+    def set_timeouts(self, read: Optional[float], send: Optional[float]) -> None:
+        """The kernel's timeouts for a wait to read and to send (``None``: no limit)."""
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(read or 0.0, none=True))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send or 0.0, none=True))
 
     def send(self, commands: Sequence[Sequence[Any]]) -> None:
         """Send ``commands`` in one write without reading their replies (:meth:`read_reply`
@@ -169,13 +237,15 @@ class RespConnection:
         self.send(commands)
         return [self._reply() for _ in commands]
 
-    def evalsha(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    def evalsha(self, script: Script, keys: Sequence[Any], args: Sequence[Any], within: Optional[float] = None) -> Any:
+        """Run ``script`` (EVALSHA, then EVAL on NOSCRIPT); ``within``: as
+        :meth:`command_within`, for each of the two."""
         try:
-            return self.command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return self.command_within(within, "EVALSHA", script.sha, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return self.command("EVAL", script.source, len(keys), *keys, *args)
+        return self.command_within(within, "EVAL", script.source, len(keys), *keys, *args)
 
     def alive(self) -> bool:
         """Whether the connection still looks usable (redis has not closed it while it sat
@@ -249,12 +319,21 @@ class RespPool:
     def applies(client: Any) -> bool:
         return applies(client)
 
-    def get(self) -> RespConnection:
+    def get(self, within: Optional[float] = None) -> RespConnection:
+        """An idle connection, or a new one; ``within``: a new one's handshake may take that
+        long at most, and a refused connect is not tried again (for a thread that must not
+        wait long on a redis that stalls or is down), its timeouts the client's after it."""
         while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                made = connect(self.client)
+                if within is None:
+                    made = connect(self.client)
+                else:
+                    made = connect(self.client, socket_timeout=within, retry=_NO_RETRY)
+                    if made is not None:
+                        timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+                        made.set_timeouts(timeout, timeout)
                 if made is None:  # pragma: no cover - applies() said it would
                     raise redis.exceptions.ConnectionError("the fast path does not apply to this client")
                 return made

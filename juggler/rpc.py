@@ -31,7 +31,7 @@ from .layout import (
 from .message import CallPayload, ResultPayload
 from .redisconn import REDIS_FAILURES, broker_error
 
-__all__ = ["Popped", "RpcSide", "RESULT_SURE_MARGIN", "AWAIT_GRACE"]
+__all__ = ["Popped", "RpcSide", "RESULT_SURE_MARGIN", "AWAIT_GRACE", "STORE_WAIT"]
 
 logger = logging.getLogger("juggler.broker")
 
@@ -51,6 +51,9 @@ class Popped:
 #: handed over before redis has answered the script that takes the result's timeout key
 #: (:meth:`RedisBroker.pop_result`). The key expires with the call, at or after that count.
 RESULT_SURE_MARGIN = 0.05
+
+#: How long :meth:`RedisBroker.store_call` waits for redis' answer at most, in seconds.
+STORE_WAIT = 0.75
 
 #: How long after a call's deadline (by its connection's count) a results listener that
 #: stores its connection's calls (:meth:`RedisBroker.follow_calls`) keeps a BRPOP waiting for
@@ -98,6 +101,11 @@ class RpcSide:
     _expect: deque[Any]
     _brpop_sent: bool
     _own_lock: Any
+    _own: Optional[resp.RespConnection]
+    _sending: bool
+    _close_after_send: Optional[resp.RespConnection]
+    _abandon_why: str
+    health: Any
     _cluster_node: bool
     _tls: bool
     call_deadlines: Optional[Mapping[str, float]]
@@ -108,9 +116,15 @@ class RpcSide:
 
     def store_call(self, payload: CallPayload, timeout: float) -> None:
         """Queue a call for its URI's callees; it expires after ``timeout`` seconds.
-        :class:`~juggler.exceptions.PayloadTooLarge` when its args are over ``max_args_size``."""
+        :class:`~juggler.exceptions.PayloadTooLarge` when its args are over ``max_args_size``.
+
+        On the fast path, redis' answer is awaited :data:`STORE_WAIT` at most (or ``timeout``
+        when shorter): the thread storing it is a websocket's reader, which a redis that
+        stalls must not hold. Past it the call gets :class:`BrokerError` (it may still be
+        stored once redis wakes up, as any call whose reply was lost)."""
         data = self._call_data(payload)
-        self._run_store(call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri), timeout, data, self.call_cap)
+        self._run_store(call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri), timeout, data,
+                        self.call_cap, min(timeout, STORE_WAIT))  # fmt: skip
 
     def _call_data(self, payload: CallPayload) -> bytes:
         """The call's payload as stored; :class:`PayloadTooLarge` past ``max_args_size``."""
@@ -157,8 +171,11 @@ class RpcSide:
         :class:`PayloadTooLarge` as :meth:`store_call`.
 
         If the connection fails first (or its owner, seeing :meth:`unanswered_since` older
-        than :attr:`reply_timeout`, calls :meth:`interrupt`), ``done`` gets the error and
-        :meth:`pop_result` raises it.
+        than :attr:`reply_timeout`, calls :meth:`abandon`), ``done`` gets the error and
+        :meth:`pop_result` raises it. The send waits for redis to take the bytes no longer than
+        the connection's send timeout (:data:`~juggler.broker.SEND_TIMEOUT`): past it, ``done``
+        gets the error (on this thread) and the listener's connection is given up. It is made
+        with no lock held that another thread needs.
         """
         if not self._ahead:
             return False
@@ -170,12 +187,38 @@ class RpcSide:
             own = self._own
             if self._brpop_sent or own is None or own.broken:
                 return False
-            try:
-                own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
-            except REDIS_FAILURES:
-                return False  # (broken now: the listener's read fails too, and says so)
-            self._expect.extend(((done, time.monotonic()), _AWAIT_BRPOP))
+            # the replies awaited, in the order of the bytes: no other thread sends on the
+            # connection until the BRPOP's reply came (see _brpop_sent)
+            entry = (done, time.monotonic())
+            self._expect.extend((entry, _AWAIT_BRPOP))
             self._brpop_sent = True
+            self._sending = True
+        failed: Optional[BaseException] = None
+        try:
+            own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
+        except REDIS_FAILURES as exc:
+            failed = exc
+        with self._own_lock:
+            self._sending = False
+            closing, self._close_after_send = self._close_after_send, None
+            mine = False
+            if failed is not None:
+                # broken now: the listener's read fails too, and what it awaits with it; this
+                # call's NACK comes from here unless the listener has already sent it
+                expect = self._expect
+                for i, kind in enumerate(expect):
+                    if kind is entry:
+                        del expect[i]
+                        mine = True
+                        break
+                if self._own is own:
+                    self._abandon_why = f"sending a call: {failed}"
+                    own.interrupt()
+        if closing is not None:
+            closing.close()  # (the listener lost it while this thread sent on it)
+        if mine:
+            assert failed is not None
+            done(broker_error(failed))
         return True
 
     def unanswered_since(self) -> Optional[float]:
@@ -207,10 +250,11 @@ class RpcSide:
             self.result_cap,
         )
 
-    def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: Union[str, bytes], cap: int) -> None:
+    def _run_store(self, timeout_key: str, list_key: str, timeout: float, data: Union[str, bytes], cap: int,
+                   within: Optional[float] = None) -> None:  # fmt: skip
         args = [ms(timeout), data, cap]
         try:
-            self._eval(STORE, [timeout_key, list_key], args)
+            self._eval(STORE, [timeout_key, list_key], args, within)
         except REDIS_FAILURES as exc:
             error = broker_error(exc)
             if isinstance(error, CapacityExceeded):
@@ -262,11 +306,13 @@ class RpcSide:
             own = self._own_connection()
             while True:
                 with self._own_lock:
-                    if not self._brpop_sent and self._awaiting(""):
-                        own.send([("BRPOP", key, 0)])
+                    brpop = not self._brpop_sent and self._awaiting("")
+                    if brpop:
                         self._expect.append(_AWAIT_BRPOP)
                         self._brpop_sent = True
                     idle = not self._expect
+                if brpop:  # (sent with no lock held: redis may be slow to take it)
+                    own.send([("BRPOP", key, 0)])
                 try:
                     reply = own.read_reply()
                 except redis.exceptions.ConnectionError:
@@ -276,7 +322,7 @@ class RpcSide:
                         raise
                     # redis closed it while nothing was asked (its idle-client timeout, a
                     # proxy's): nothing is lost, take a new one
-                    own = self._own_connection(fresh=True)
+                    own = self._reconnect_idle(own)
                     continue
                 with self._own_lock:
                     if not self._expect:
@@ -291,25 +337,38 @@ class RpcSide:
                 else:
                     # (_brpop_sent stays set until the next one is decided: nothing may be sent
                     # on the connection meanwhile, so the script's reply comes first)
-                    payload = _result_payload(None if reply is None else reply[1])
+                    payload = _result_payload(own.popped(reply))
                     if payload is not None:
                         return self._consume_ahead(own, key, payload)
                     with self._own_lock:
                         self._brpop_sent = False
                     return None
         except REDIS_FAILURES as exc:
-            if own is not None:
-                own.close()  # what it still has in flight must not answer a later command
             error = broker_error(exc)
-            if self._interrupt_why:
-                error = BrokerError(f"redis unavailable: {self._interrupt_why}")
-            with self._own_lock:
-                left, self._expect = self._expect, deque()
-                self._brpop_sent = False
-            for kind in left:  # the calls whose store is unanswered: each gets its NACK
-                if type(kind) is tuple:
-                    kind[0](error)
+            why = self._interrupt_why or self._abandon_why
+            if why:
+                error = BrokerError(f"redis unavailable: {why}")
+            # what it still has in flight must not answer a later command: closed, and the
+            # calls stored ahead unanswered get their NACK
+            self._lose_own(own, error)
             raise error from exc
+
+    def _reconnect_idle(self, own: resp.RespConnection) -> resp.RespConnection:
+        """A new connection for a listener whose idle one redis closed: at once, if redis
+        looks up (:attr:`health`; one such listener at a time finds out, see
+        :meth:`~juggler.health.RedisHealth.probe`); else it fails, and the listener takes its
+        turn in the backoff."""
+        health = self.health
+        if health is None:
+            return self._own_connection(fresh=True)
+        with health.probe() as up:
+            if not up:
+                raise redis.exceptions.ConnectionError("Connection closed by server, and redis is down.")
+            try:
+                return self._own_connection(fresh=True)
+            except REDIS_FAILURES as exc:
+                health.failed(broker_error(exc))
+                raise
 
     def _may_reconnect(self) -> bool:
         """Whether a listener whose idle connection redis closed may take a new one: at most
@@ -330,12 +389,17 @@ class RpcSide:
         sure = left > RESULT_SURE_MARGIN
         consume = ("EVAL", CONSUME.source, 1, result_timeout_key(payload.conn_uuid, payload.msg_uuid))
         with self._own_lock:
-            if self._awaiting(payload.msg_uuid):
-                own.send([consume, ("BRPOP", key, 0)])
+            again = self._awaiting(payload.msg_uuid)
+            if again:
                 self._expect.extend((_AWAIT_SKIP if sure else _AWAIT_TTL, _AWAIT_BRPOP))
             else:
-                own.send([consume])
                 self._expect.append(_AWAIT_SKIP if sure else _AWAIT_TTL)
+        # (sent with no lock held; _brpop_sent is still set, so no other thread sends meanwhile)
+        if again:
+            own.send([consume, ("BRPOP", key, 0)])
+        else:
+            own.send([consume])
+            with self._own_lock:
                 self._brpop_sent = False
         if sure:
             return Popped(payload, left)
@@ -344,7 +408,7 @@ class RpcSide:
             self._expect.popleft()  # (_AWAIT_TTL: the first reply awaited after a BRPOP's)
         if isinstance(reply, Exception):
             raise reply
-        ttl_ms = int(reply)
+        ttl_ms = own.integer(reply)
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
 
     def wake_results(self, conn_uuid: str) -> None:
@@ -367,16 +431,16 @@ class RpcSide:
             own.close()
 
     def _push_wake(self, key: str) -> None:
-        if self._fast is not None:
-            self._command("RPUSH", key, WAKE_MARKER)
+        if self._fast is not None:  # (on a websocket's reader: a redis that stalls must not hold it)
+            self._on_fast(lambda conn: conn.command_within(STORE_WAIT, "RPUSH", key, WAKE_MARKER), STORE_WAIT)
         else:
             self.client.rpush(key, WAKE_MARKER)
 
     def discard_results(self, conn_uuid: str) -> None:
         """Delete a closed connection's result list (results that arrive later expire)."""
         try:
-            if self._fast is not None:
-                self._command("DEL", results_key(conn_uuid))
+            if self._fast is not None:  # (as _push_wake)
+                self._on_fast(lambda conn: conn.command_within(STORE_WAIT, "DEL", results_key(conn_uuid)), STORE_WAIT)
             else:
                 self.client.delete(results_key(conn_uuid))
         except REDIS_FAILURES as exc:
@@ -387,18 +451,19 @@ class RpcSide:
             # BRPOP's timeout 0 means "forever": that is what block=None asks for.
             timeout = 0 if block is None else max(block, 0.01)
             if self._fast is not None:
-                item = self._command("BRPOP", *keys, timeout)
-            else:
-                item = self.client.brpop(keys, timeout=timeout)
+                return self._on_fast(lambda conn: conn.popped(conn.command("BRPOP", *keys, timeout)))
+            item = self.client.brpop(keys, timeout=timeout)
+            if item is None:
+                return None
+            if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], bytes)):
+                raise redis.exceptions.ConnectionError(f"Protocol error from redis: a BRPOP reply was due, not {item!r:.60}")
+            return item[1]
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
-        if item is None:
-            return None
-        return item[1]
 
     def _take(self, timeout_key: str) -> float:
         try:
-            ttl_ms = int(self._eval(CONSUME, [timeout_key], []))
+            ttl_ms = self._eval(CONSUME, [timeout_key], [], integer=True)
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
         return ttl_ms / 1000.0 if ttl_ms > 0 else 0.0

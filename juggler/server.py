@@ -32,6 +32,7 @@ from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
+from .health import RedisHealth
 from .pubsub import PubSubHub
 from .timer import Timer
 from .tuning import default_max_connections
@@ -487,12 +488,25 @@ class Server:
         self._tcp = _TCPServer(self, host, port, reuse_port)
         self.host, self.port = self._tcp.server_address[:2]
         self.timer = Timer("juggler-server-timer", self.logger)
+        #: How this server sees its redis (:class:`~juggler.health.RedisHealth`): its results
+        #: listeners report to it, take their reconnect turns from it, and log the outage once.
+        self.redis_health = RedisHealth(f"server {self.host}:{self.port}", logger=self.logger)
+        #: The same for the pub-sub redis: :attr:`redis_health` itself when pub-sub uses the
+        #: same broker, else one of its own (a pub-sub redis down must not fail the calls).
+        self.pubsub_health = (
+            self.redis_health
+            if self.pubsub_broker is self.broker
+            else RedisHealth(f"server {self.host}:{self.port} pub-sub", logger=self.logger)
+        )
+        # on a Redis Cluster, the results listeners' view of each node (node_health)
+        self._node_healths: dict[str, RedisHealth] = {}
         self.hub = PubSubHub(
             self.pubsub_broker,
             # a subscribe waits for redis behind whatever the hub's reader is handing out
             confirm_timeout=max(5.0, write_timeout),
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
+            health=self.pubsub_health,
         )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
         self._health_lock = threading.Condition()
@@ -524,6 +538,8 @@ class Server:
             pubsub_broker=self.pubsub_broker,
             hub=self.hub,
             timer=self.timer,
+            health=self.redis_health,
+            listener_health=self.node_health,
             handler=lambda conn, msg: self.handler(conn, msg),  # the attribute may be replaced
             encode=self.encode,
             event_write_limit=self._event_write_limit,
@@ -536,6 +552,31 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<juggler.Server {self.url}>"
+
+    def node_health(self, results: Any) -> RedisHealth:
+        """The :class:`~juggler.health.RedisHealth` a results listener on the dedicated broker
+        ``results`` reports to: :attr:`redis_health`, or on a Redis Cluster one per node (one
+        node down is not the cluster down: its listeners take turns, and log, on their own)."""
+        if not getattr(self.broker, "cluster", False):
+            return self.redis_health
+        kwargs = getattr(getattr(getattr(results, "client", None), "connection_pool", None), "connection_kwargs", {})
+        node = f"{kwargs.get('host')}:{kwargs.get('port')}"
+        with self._lock:
+            health = self._node_healths.get(node)
+            if health is None:
+                name = f"server {self.host}:{self.port} (redis node {node})"
+                health = self._node_healths[node] = RedisHealth(name, logger=self.logger)
+            return health
+
+    def redis_healths(self) -> list[RedisHealth]:
+        """Every :class:`~juggler.health.RedisHealth` of this server: its redis', its pub-sub
+        redis' (when another), its cluster nodes'."""
+        with self._lock:
+            nodes = list(self._node_healths.values())
+        healths = [self.redis_health] + nodes
+        if self.pubsub_health is not self.redis_health:
+            healths.append(self.pubsub_health)
+        return healths
 
     @property
     def url(self) -> str:
@@ -614,6 +655,9 @@ class Server:
                 stop()
             for conn in self.connections:
                 conn.close(CLOSE_GOING_AWAY, "server shutting down")
+            # listeners waiting for their turn to reconnect give up (their connections close)
+            for health in self.redis_healths():
+                health.close()
             # Each connection ends within its close_timeout: its close deadline shuts the
             # socket of a peer that does not answer.
             with self._lock:

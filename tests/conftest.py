@@ -13,9 +13,11 @@ Timeouts are multiplied by ``JUGGLER_TEST_TIMEOUT_SCALE`` (default 1) for slow m
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -102,6 +104,22 @@ def stop_redis_server(rp: RedisProcess) -> None:
     except subprocess.TimeoutExpired:
         rp.proc.kill()
         rp.proc.wait()
+
+
+def kill_redis_server(rp: RedisProcess) -> None:
+    """SIGKILL: redis goes at once, with what it held (the way a crash or an OOM kill does)."""
+    rp.proc.kill()
+    rp.proc.wait()
+
+
+@contextlib.contextmanager
+def stalled_redis(rp: RedisProcess):
+    """Redis stopped (SIGSTOP) for the block: connected clients wait, nothing is refused."""
+    rp.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        rp.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")

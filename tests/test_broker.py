@@ -515,9 +515,9 @@ def test_a_listener_that_follows_its_calls_stores_them_and_brings_their_results(
         _until(lambda: not listener._expect, "the script's reply read")  # (then it waits for us)
 
         # redis closes the idle connection (its idle-client timeout): the listener takes a new one
+        old = listener._own  # (before the kill: the new one may come at once)
         real.client_kill_filter(_id=int(next(c["id"] for c in real.client_list() if c["cmd"] == "eval" and
-                                             c["addr"].endswith(f":{listener._own._sock.getsockname()[1]}"))))
-        old = listener._own
+                                             c["addr"].endswith(f":{old._sock.getsockname()[1]}"))))
         _until(lambda: listener._own is not old and listener._own is not None and not listener._own.broken,
                "a new connection")
         assert got.empty()  # nothing came of it
@@ -600,3 +600,97 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
         t.join(T(5))
         listener.close()
         broker.close()
+
+
+def test_a_listener_never_closes_the_socket_the_reader_is_sending_on(monkeypatch):
+    """The reader stores calls ahead on the listener's connection (with raw sends on its
+    descriptor) while the listener drops that connection (here: redis cuts it on the script
+    that takes a result's timeout key, once the listener has let the reader send again): the
+    socket must not be closed while a send on it may be under way, or its descriptor, reused
+    by a new socket, would carry the call's bytes to another peer. Stressed under a tiny switch
+    interval, the window of each raw send widened; no byte may reach a socket opened meanwhile
+    (another peer's, or the listener's next connection before its handshake)."""
+    import random
+    import socket
+    import sys
+
+    from juggler import gilsend
+
+    from .scripted_redis import CUT, ScriptedRedis
+
+    real_send = gilsend.send_nowait
+
+    def slow_send(fd, data):  # the window between taking the descriptor and sending on it
+        time.sleep(random.random() * 0.001)
+        return real_send(fd, data)
+
+    monkeypatch.setattr(gilsend, "send_nowait", slow_send)
+    conn = new_uuid()
+    result = ResultPayload(conn, new_uuid(), "u", "r").to_json().encode()
+    key = results_key(conn).encode()
+    brpop_reply = b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(result), result)
+
+    def answer(command):
+        name = command[0].upper()
+        if name == b"BRPOP":
+            return brpop_reply
+        if name in (b"EVAL", b"EVALSHA"):  # the store (2 keys), or the timeout key's script
+            return b":1\r\n" if command[2] == b"2" else CUT
+        return b"-ERR unexpected\r\n"
+
+    stray: list = []
+    stop = threading.Event()
+    with ScriptedRedis(answer) as fake:
+        client = redis.Redis.from_url(fake.url)
+        broker = RedisBroker(client)
+        listener = broker.dedicated(results_key(conn))
+        assert listener.follow_calls({})  # (no deadlines known: each result's key is read)
+        stored: list = []
+
+        def listen():
+            while not stop.is_set():
+                try:
+                    listener.pop_result(conn, None)
+                except BrokerError:
+                    pass
+
+        def store():
+            while not stop.is_set():
+                listener.store_call_ahead(CallPayload(conn, new_uuid(), "u", "x" * 200), 5, stored.append)
+
+        def victims():  # new sockets, which may get the number of a descriptor just closed
+            pairs: list = []
+            while not stop.is_set() or pairs:
+                if not stop.is_set():
+                    pairs.append(socket.socketpair())
+                    if len(pairs) < 8:
+                        continue
+                for s in pairs.pop(0):
+                    s.setblocking(False)
+                    try:
+                        stray.append(s.recv(4096))
+                    except BlockingIOError:
+                        pass
+                    s.close()
+
+        threads = [threading.Thread(target=f, name=f"juggler-test-{f.__name__}") for f in (listen, store, victims)]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            for t in threads:
+                t.start()
+            time.sleep(T(3))  # (the stress lasts that long)
+        finally:
+            stop.set()
+            sys.setswitchinterval(interval)
+            listener.interrupt()
+            for t in threads:
+                t.join(T(10))
+            listener.close()
+            broker.close()
+            client.close()
+        assert not any(t.is_alive() for t in threads)
+        assert fake.accepted > 20  # (the connection was dropped and made again many times)
+        assert not fake.early, fake.early[:3]
+    assert not [data for data in stray if data], stray[:3]
+    assert stored.count(None) > 20  # calls stored, and answered once each

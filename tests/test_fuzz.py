@@ -840,6 +840,8 @@ class Harness:
         # The server's pub-sub reader (a thread, a redis connection) is the server's, made by
         # its first SUB: make it now, so that it is there before any example, like the pool.
         self.control.sub("fuzz.control")
+        # The same for the connection a PUBLISH goes out on (the broker's own for PUBLISH).
+        self.control.pub("fuzz.warmup", None)
         self.examples = 0
         self._pause = threading.Event()  # never set: a bounded pause between redis polls
         self.check_control()

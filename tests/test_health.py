@@ -8,6 +8,8 @@ import pytest
 
 from juggler.health import RedisHealth
 
+from .conftest import T
+
 
 def test_an_outage_is_logged_once_going_and_once_back(caplog):
     changes = []
@@ -95,3 +97,85 @@ def test_a_bad_backoff_is_refused():
         RedisHealth(base=0, cap=1)
     with pytest.raises(ValueError):
         RedisHealth(base=2, cap=1)
+
+
+def test_a_wait_with_a_timeout_takes_a_due_turn_or_gives_up():
+    now = [100.0]
+    health = RedisHealth(base=1.0, cap=1.0, clock=lambda: now[0], jitter=lambda: 0.0)
+    assert health.request_turn(0)  # up: always
+    health.failed(ConnectionError("down"))
+    assert not health.request_turn(0)  # the first turn comes after base/2 = 0.5 s
+    now[0] += 0.5
+    assert health.request_turn(0)
+    assert not health.request_turn(0)  # taken: the next one is 0.5 s later
+    assert health.attempts == 1
+    health.succeeded()
+    assert health.request_turn(0)
+    health.close()
+    assert not health.request_turn(0)
+
+
+def test_a_request_waits_at_most_its_timeout_for_a_turn():
+    health = RedisHealth(base=5.0, cap=5.0)
+    health.failed(ConnectionError("down"))
+    start = time.monotonic()
+    assert not health.request_turn(0.1)
+    assert 0.09 <= time.monotonic() - start < 1.0
+    # and a success during the wait lets it go at once
+    threading.Timer(0.05, health.succeeded).start()
+    assert health.request_turn(T(5))
+
+
+def test_a_request_tries_once_per_turn_while_redis_is_down():
+    now = [0.0]
+    health = RedisHealth(base=0.1, cap=0.4, clock=lambda: now[0], jitter=lambda: 1.0)
+    assert health.try_turn()  # up: always
+    health.failed(ConnectionError("down"))
+    assert not health.try_turn()  # its first turn comes 0.1 s later
+    now[0] = 0.1
+    assert health.try_turn() and not health.try_turn()  # one request per turn
+    now[0] = 0.29
+    assert not health.try_turn()
+    now[0] = 0.31
+    assert health.try_turn()
+    assert health.attempts == 2 and health.reconnects == 0
+    health.succeeded()
+    assert health.try_turn() and health.try_turn()
+
+
+def test_reconnects_counts_every_turn_a_listener_takes():
+    health = RedisHealth(base=0.01, cap=0.01)
+    assert health.wait_turn()  # up: at once, and counted
+    health.failed(ConnectionError("down"))
+    assert health.wait_turn()
+    assert (health.reconnects, health.attempts) == (2, 1)
+
+
+def test_one_probe_at_a_time_and_it_sees_an_outage_found_meanwhile():
+    health = RedisHealth()
+    inside = threading.Event()
+    release = threading.Event()
+    seen = []
+
+    def first():
+        with health.probe() as up:
+            seen.append(("first", up))
+            inside.set()
+            release.wait(5)
+            health.failed(ConnectionError("refused"))
+
+    def second():
+        with health.probe() as up:
+            seen.append(("second", up))
+
+    t1 = threading.Thread(target=first, name="test-probe-1")
+    t1.start()
+    assert inside.wait(5)
+    t2 = threading.Thread(target=second, name="test-probe-2")
+    t2.start()
+    t2.join(0.1)
+    assert t2.is_alive()  # waits for the first probe's outcome
+    release.set()
+    t1.join(5)
+    t2.join(5)
+    assert seen == [("first", True), ("second", False)]

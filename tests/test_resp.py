@@ -189,3 +189,60 @@ def test_the_fast_path_speaks_tls_to_a_tls_redis():
     finally:
         broker.close()
         stop_redis_server(rp)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"?what\r\n", id="malformed"),  # hiredis.ProtocolError
+        pytest.param(b"$-1\r\n", id="nil-for-an-integer"),
+        pytest.param(b"*1\r\n:1\r\n", id="array-for-an-integer"),
+    ],
+)
+def test_a_bad_reply_breaks_its_connection_and_is_a_broker_error(bad):
+    """A reply that cannot be parsed, or one of the wrong type, is the redis connection error
+    callers handle (BrokerError ``redis unavailable``), and its connection never goes back to
+    the pool: the next command gets a new one, and works."""
+    from juggler import BrokerError
+
+    from .scripted_redis import ScriptedRedis
+
+    replies = [bad, b":5000\r\n"]  # the CONSUME script: first a bad reply, then a TTL
+
+    def answer(command):
+        if command[0].upper() in (b"EVALSHA", b"EVAL"):
+            return replies.pop(0)
+        return b"-ERR unexpected\r\n"
+
+    with ScriptedRedis(answer) as fake:
+        client = redis.Redis.from_url(fake.url)
+        broker = RedisBroker(client)
+        try:
+            with pytest.raises(BrokerError, match="redis unavailable: Protocol error from redis"):
+                broker._take("juggler:results:timeout:{c}:m")  # (what pop_result does for a result)
+            assert broker._take("juggler:results:timeout:{c}:m") == 5.0
+            assert fake.accepted == 2  # the broken connection was closed, not pooled
+        finally:
+            broker.close()
+            client.close()
+
+
+def test_a_bad_brpop_reply_is_a_broker_error_on_the_listener_too():
+    from juggler import BrokerError
+
+    from .scripted_redis import ScriptedRedis
+
+    with ScriptedRedis(lambda command: b":7\r\n") as fake:  # an integer where a pair is due
+        client = redis.Redis.from_url(fake.url)
+        broker = RedisBroker(client)
+        listener = broker.dedicated("juggler:results:{c}")
+        try:
+            with pytest.raises(BrokerError, match="redis unavailable: Protocol error from redis"):
+                listener.pop_result("c", 0.1)  # a timed BRPOP
+            with pytest.raises(BrokerError, match="redis unavailable: Protocol error from redis"):
+                listener.pop_result("c", None)  # the listener's own connection
+            assert listener._own is None  # dropped, not used again
+        finally:
+            listener.close()
+            broker.close()
+            client.close()

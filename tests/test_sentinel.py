@@ -655,7 +655,6 @@ def test_a_killed_master_fails_over_under_traffic_and_every_call_ends_once(failo
 
 
 @pytest.mark.realredis
-@pytest.mark.xfail(strict=True, reason="needs the redis-outage work of issue 20 (faults-calls, faults-pubsub)")
 def test_a_killed_master_fails_over_under_traffic_and_closes_no_websocket(failover_run):
     run = failover_run
     closes = [ws.close for lane in run.lanes for ws in lane if ws.close is not None]

@@ -18,7 +18,7 @@ import websocket
 from juggler import statesync
 
 from .conftest import T
-from .statesync_util import Watch, WireTap, get
+from .statesync_util import Watch, WireTap, get, same
 
 DATA = Path(__file__).parent / "data"
 
@@ -121,20 +121,37 @@ def test_the_issue_example(serve):
     server.close()
 
 
-def test_local_data_is_a_copy_and_must_be_json(serve):
+def test_local_data_is_taken_as_it_is_and_must_be_json(serve, caplog):
     _, peer, conn = pair(serve, client_kw={"autoflush_delay": 0})
     data = {"a": [1]}
     conn.set_local_data(data)
-    data["a"].append(2)  # changing the caller's object later changes nothing
-    assert conn.local_data == {"a": [1]}
+    assert conn.local_data is data  # not copied: the caller must not change it any more
+    Watch(peer).equals({"a": [1]})
+    # what is not JSON itself is refused at once
     with pytest.raises(TypeError, match="not JSON"):
-        conn.set_local_data({"a": {1, 2}})
+        conn.set_local_data({1, 2})
     with pytest.raises(ValueError, match="JSON"):
         conn.set_local_data(float("nan"))
+    with pytest.raises(TypeError, match="not JSON"):
+        conn.set_local_data(object())
     with pytest.raises(TypeError):
         conn.send(object())
-    Watch(peer).equals({"a": [1]})
-    assert conn.local_data == {"a": [1]}
+    assert conn.local_data is data
+    # what is inside is checked when it is sent: logged, not sent, and flush says why
+    with caplog.at_level(logging.ERROR, logger="juggler.statesync"):
+        conn.set_local_data({"a": [1], "b": {1, 2}})
+        with pytest.raises(TypeError, match="not JSON"):
+            conn.flush_local_data()
+        conn.set_local_data({"a": [float("inf")]})
+        with pytest.raises(ValueError, match="not JSON"):
+            conn.flush_local_data()
+    assert [r.getMessage() for r in caplog.records if r.name == "juggler.statesync"] == [
+        "statesync: local data not sent: data is not JSON: Object of type set is not JSON serializable",
+        "statesync: local data not sent: data is not JSON: Out of range float values are not JSON compliant",
+    ]
+    assert same(peer.remote_data, {"a": [1]})  # the peer keeps what it had
+    conn.set_local_data({"a": [1, 2]})  # and the next change that is JSON goes from there
+    Watch(peer).equals({"a": [1, 2]})
 
 
 def test_autoflush_none_sends_only_on_flush(serve):
@@ -598,6 +615,8 @@ def test_bad_arguments():
         statesync.listen("127.0.0.1", 0, print, static_dir="/no/such/dir")
     with pytest.raises(ValueError, match="write_queue_size"):
         statesync.listen("127.0.0.1", 0, print, write_queue_size=0)
+    with pytest.raises(ValueError, match="patch_cache_size"):
+        statesync.listen("127.0.0.1", 0, print, patch_cache_size=0)
 
 
 def test_wss_with_certfile_and_keyfile(serve, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import jsonpatch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,3 +163,129 @@ def test_rpc_messages_of_the_wrong_shape(payload, reason):
     with pytest.raises(ProtocolError, match=reason) as info:
         protocol.parse_rpc(payload)
     assert info.value.close_code == 1007
+
+
+# -- our diff and apply against jsonpatch (what hat-juggler's peers use) -------------------------
+
+
+def over_the_wire(value):
+    return json.loads(json.dumps(value))
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, json_values)
+def test_our_diff_applied_by_jsonpatch_gives_the_target(src, dst):
+    patch = protocol.diff(src, dst)
+    assert {op["op"] for op in patch} <= {"add", "remove", "replace"}
+    # what a hat-juggler peer does with it: decode the message, jsonpatch.apply_patch
+    message = protocol.encode_patch(src, dst)
+    assert (message is None) == (patch == []) == same(src, dst)
+    if message is not None:
+        received = json.loads(message)["payload"]
+        assert same(jsonpatch.apply_patch(over_the_wire(src), received), dst)
+
+
+@st.composite
+def shared_edits(draw):
+    """A value and a new one built from it as the docs ask: new containers along the paths
+    of a few edits, every other part the old value's own objects."""
+    src = draw(json_values)
+
+    def edit(value):
+        if isinstance(value, dict) and value and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(value)))
+            return {**value, key: edit(value[key])}
+        if isinstance(value, list) and value and draw(st.booleans()):
+            i = draw(st.integers(0, len(value) - 1))
+            how = draw(st.sampled_from(["into", "insert", "remove"]))
+            if how == "into":
+                return value[:i] + [edit(value[i])] + value[i + 1 :]
+            if how == "insert":
+                return value[:i] + [draw(json_values)] + value[i:]
+            return value[:i] + value[i + 1 :]
+        if isinstance(value, dict) and draw(st.booleans()):
+            return {**value, draw(keys): draw(json_values)}
+        return draw(json_values)
+
+    dst = src
+    for _ in range(draw(st.integers(1, 3))):
+        dst = edit(dst)
+    return src, dst
+
+
+@settings(max_examples=300, deadline=None)
+@given(shared_edits())
+def test_our_diff_of_values_that_share_parts(pair):
+    src, dst = pair
+    before = over_the_wire(src)
+    patch = protocol.diff(src, dst)
+    assert same(jsonpatch.apply_patch(over_the_wire(src), over_the_wire(patch)), dst)
+    assert same(protocol.apply(over_the_wire(src), over_the_wire(patch)), dst)
+    assert same(src, before)  # diff changes nothing
+
+
+def test_a_small_change_to_a_big_shared_state_is_a_small_patch():
+    items = {f"k{i}": {"name": f"item {i}", "tags": list(range(i % 7))} for i in range(10000)}
+    src = {"items": items, "count": 0}
+    dst = {**src, "items": {**items, "k5": {"name": "five"}}, "count": 1}
+    assert protocol.diff(src, dst) == [
+        {"op": "remove", "path": "/items/k5/tags"},
+        {"op": "replace", "path": "/items/k5/name", "value": "five"},
+        {"op": "replace", "path": "/count", "value": 1},
+    ]
+    # the same value built anew: equal, whatever it costs to find out
+    assert protocol.diff(dst, over_the_wire(dst)) == []
+    # 1, 1.0 and True differ on the wire; 0.0 and -0.0 too
+    assert protocol.diff({"a": [1]}, {"a": [True]}) == [{"op": "replace", "path": "/a/0", "value": True}]
+    assert protocol.diff([1], [1.0]) == [{"op": "replace", "path": "/0", "value": 1.0}]
+    assert protocol.diff({"a": 0.0}, {"a": -0.0}) == [{"op": "replace", "path": "/a", "value": -0.0}]
+
+
+def test_what_is_not_json_fails_when_the_patch_is_encoded():
+    protocol.check_data({"a": {1, 2}})  # O(1): only the value's own type
+    for value, error in (({1, 2}, TypeError), (float("nan"), ValueError), (object(), TypeError)):
+        with pytest.raises(error, match="JSON"):
+            protocol.check_data(value)
+    with pytest.raises(TypeError, match="not JSON: .*set"):
+        protocol.encode_patch(None, {"a": {1, 2}})
+    with pytest.raises(TypeError, match="not JSON: object key 1 is not a string"):
+        protocol.encode_patch({"a": 1}, {1: 2})
+    with pytest.raises(ValueError, match="not JSON"):
+        protocol.encode_patch({"a": 1}, {"a": float("inf")})
+
+
+paths = st.sampled_from(["", "/a", "/b", "/0", "/1", "/-", "/01", "/a/0", "/a/-", "/a/b", "/0/a", "/~1", "/~0a", "/~2",
+                         "a", "/a/0/b", "/a~1b"])  # fmt: skip
+operations = st.fixed_dictionaries(
+    {"op": st.sampled_from(["add", "remove", "replace", "move", "copy", "test", "nope"]), "path": paths},
+    optional={"value": json_values, "from": paths},
+)
+
+
+def jsonpatch_outcome(doc, patch):
+    try:
+        return True, jsonpatch.apply_patch(doc, patch, in_place=False)
+    except Exception:
+        return False, None
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_values | st.dictionaries(st.sampled_from(["a", "b", "/", "~"]), json_values, max_size=3), st.lists(operations, max_size=4))
+def test_our_apply_does_what_jsonpatch_does(doc, patch):
+    before = over_the_wire(doc)
+    ok, expected = jsonpatch_outcome(over_the_wire(doc), over_the_wire(patch))
+    if ok:
+        assert same(protocol.apply(doc, patch), expected)
+    else:
+        with pytest.raises(ProtocolError) as exc:
+            protocol.apply(doc, patch)
+        assert exc.value.close_code == 1007
+    assert same(doc, before)  # all or nothing: doc itself never changes
+
+
+def test_apply_shares_what_the_patch_does_not_touch():
+    doc = {"a": {"x": [1, 2]}, "b": {"y": 1}}
+    new = protocol.apply(doc, [{"op": "add", "path": "/a/x/-", "value": 3}])
+    assert new == {"a": {"x": [1, 2, 3]}, "b": {"y": 1}}
+    assert doc == {"a": {"x": [1, 2]}, "b": {"y": 1}}
+    assert new["b"] is doc["b"]

@@ -8,9 +8,13 @@ frames and who owns the threads around them. It runs on two threads, named
   calls the change callbacks, queues ``MESSAGE`` payloads for :meth:`Connection.receive`,
   answers ``PING``. It owns the connection: when it ends, it stops and joins the writer. On a
   server it is the thread of the TCP connection; a client starts its own.
-- the writer: drains a bounded queue of frames onto the socket. It also computes the ``DATA``
+- the writer: drains a bounded queue of frames onto the socket. It also gets the ``DATA``
   patches, between the data last sent and the current local data, so they go out in the
-  order they were made and never block whoever changed the data.
+  order they were made and never block whoever changed the data. It gets them from a
+  :class:`PatchCache` (a server's connections share one), so connections that go from the same
+  data to the same data send one patch, computed and encoded once. When the autoflush delay
+  ends and the socket is free, the timer thread sends the patch itself (see
+  ``Connection._autoflush_due``).
 
 Timed things (the autoflush delay, keepalive pings, the idle timeout, the close deadline) are
 entries in a :class:`~juggler.timer.Timer`: the server's, shared by its connections, or one a
@@ -24,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -35,7 +39,7 @@ from ..timer import Keepalive, Timer, TimerHandle
 from ..transport import FrameLoop, FrameReader, SocketIO, SocketReader
 from . import protocol
 
-__all__ = ["Connection", "Settings", "ChangeHandle"]
+__all__ = ["Connection", "Settings", "ChangeHandle", "PatchCache"]
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -139,15 +143,94 @@ class _Inbox:
             self._cond.notify_all()
 
 
+class _Patch:
+    """One entry of a :class:`PatchCache`: the way from ``src`` to ``dst``, once ``ready``:
+    ``data`` (the DATA frame or message; ``None`` when they are equal as JSON) or ``error``
+    (``dst`` is not JSON)."""
+
+    __slots__ = ("src", "dst", "data", "error", "ready")
+
+    def __init__(self, src: Any, dst: Any) -> None:
+        self.src, self.dst = src, dst  # held: their id()s, the key, stay theirs
+        self.data: Optional[bytes] = None
+        self.error: Optional[Exception] = None
+        self.ready = threading.Event()
+
+
+class PatchCache:
+    """The ``DATA`` patches between two local data objects, each computed and encoded once
+    however many connections send it: a server's connections share one, a client connection
+    has its own. Keyed by the identity of the two objects (which the entry holds, so that an
+    id cannot be reused while it is kept); the ``size`` entries last used are kept. A thread
+    that asks for a patch another thread is computing waits for it.
+
+    With ``frames`` the entries are whole unmasked text frames, ready to send (a server's);
+    else the messages, to be framed and masked by each sender (a client's)."""
+
+    def __init__(self, size: int = 16, *, frames: bool, logger: Optional[logging.Logger] = None) -> None:
+        if size <= 0:
+            raise ValueError(f"patch_cache_size must be positive, got {size!r}")
+        self.size = size
+        self.frames = frames
+        self.logger = logger or logging.getLogger("juggler.statesync")
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, int], _Patch] = OrderedDict()
+        #: patches computed (cache misses): one per distinct change, however many connections
+        self.computed = 0
+
+    def get(self, src: Any, dst: Any) -> _Patch:
+        """The entry from ``src`` to ``dst``, ready (computed on this thread if nobody has)."""
+        key = (id(src), id(dst))
+        with self._lock:
+            entry = self._entries.get(key)
+            mine = entry is None
+            if mine:
+                entry = self._entries[key] = _Patch(src, dst)
+                self.computed += 1
+                if len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(key)
+        assert entry is not None and entry.src is src and entry.dst is dst
+        if not mine:
+            entry.ready.wait()  # the computing thread sets it whatever happens
+            return entry
+        try:
+            message = protocol.encode_patch(src, dst)
+            if message is not None and self.frames:
+                message = encode_frame(OP_TEXT, message, None)
+            entry.data = message
+        except (TypeError, ValueError) as exc:
+            entry.error = exc
+            # the application's fault, logged once for all the connections that would send it
+            self.logger.error("statesync: local data not sent: %s", exc)
+        except BaseException as exc:  # a bug: every sender of it closes with 1011
+            entry.error = exc
+            raise
+        finally:
+            entry.ready.set()
+        return entry
+
+
+class _NotJSON(Exception):
+    """The local data to send is not JSON: nothing sent, the peer keeps the data it has."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Flush:
     """A flush_local_data() waiting in the write queue: ``done`` is set once the patch it
-    asked for is written (or the connection failed: ``failed``)."""
+    asked for is written (or the connection failed: ``failed``; or the local data was not
+    JSON: ``error``)."""
 
-    __slots__ = ("done", "failed")
+    __slots__ = ("done", "failed", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.failed = False
+        self.error: Optional[Exception] = None
 
 
 class _Snapshot:
@@ -187,6 +270,7 @@ class Connection(FrameLoop):
         remote_addr: Any = None,
         logger: Optional[logging.Logger] = None,
         release: Optional[Callable[[], None]] = None,
+        patches: Optional[PatchCache] = None,
     ) -> None:
         self.id = next(_ids)
         self.remote_addr = remote_addr
@@ -217,6 +301,9 @@ class Connection(FrameLoop):
         self._remote: Any = None  # the reader's
         self._synced: Any = None  # the writer's: the local data the peer has
         self._autoflush: Optional[TimerHandle] = None
+        self._patches = patches if patches is not None else PatchCache(2, frames=not client, logger=self.logger)
+        if self._patches.frames == client:
+            raise ValueError("a client connection needs a PatchCache of messages, a server one of frames")
 
         self._close_lock = threading.Lock()
         self._closing_since: Optional[float] = None
@@ -240,8 +327,8 @@ class Connection(FrameLoop):
 
     @property
     def local_data(self) -> Any:
-        """The local data last set (a copy of what was given); ``None`` at first. Treat it as
-        read-only."""
+        """The local data last set (the very object given); ``None`` at first. Read-only (see
+        :meth:`set_local_data`)."""
         return self._local
 
     @property
@@ -255,24 +342,33 @@ class Connection(FrameLoop):
         ``autoflush_delay`` seconds (``0``: at once, as a ``DATA`` of its own; ``None``: at the
         next :meth:`flush_local_data`). Changes within the delay go out as one patch.
 
-        :class:`TypeError` or :class:`ValueError` when ``data`` is not JSON;
+        ``data`` is taken as it is, not copied (O(1), whatever its size): from now on it, and
+        every list and dict inside it, must not change. To change the data, build a new value,
+        which may share the parts that did not change with the old one (the patch is then
+        made from the changed parts only). A value changed in place after it was handed over
+        may reach the peer, or not, or break later patches (see docs/statesync.rst).
+
+        :class:`TypeError` or :class:`ValueError` when ``data`` itself is not JSON (a set,
+        NaN); what is inside is checked when it is sent: a change that is not JSON is logged
+        (ERROR) and not sent, and :meth:`flush_local_data` raises its error.
         :class:`~juggler.exceptions.ConnectionClosed` when the connection is closed.
         """
-        snap = protocol.snapshot(data)
+        protocol.check_data(data)
         self._check_open()
         delay = self.autoflush_delay
         with self._data_lock:
-            self._local = snap
+            self._local = data
             if delay == 0:
                 # under the lock: the snapshots reach the queue in the order they were set
-                self._put(_Snapshot(snap))
+                self._put(_Snapshot(data))
             elif delay is not None and self._autoflush is None:
                 self._autoflush = self._timer.call_later(delay, self._autoflush_due)
 
     def flush_local_data(self) -> None:
         """Send what changed in the local data now, and block until it is written to the
         socket (at once when nothing changed). :class:`~juggler.exceptions.ConnectionClosed`
-        when the connection closes first."""
+        when the connection closes first; :class:`TypeError` or :class:`ValueError` when the
+        local data is not JSON (nothing was sent: the peer keeps the data it had)."""
         self._check_open()
         flush = _Flush()
         with self._lock:
@@ -285,6 +381,8 @@ class Connection(FrameLoop):
                 self._flushes.discard(flush)
         if flush.failed:
             raise self._closed_error()
+        if flush.error is not None:
+            raise type(flush.error)(str(flush.error))
 
     def register_change_cb(self, cb: Callable[[], None]) -> ChangeHandle:
         """Call ``cb()`` after each change of :attr:`remote_data`, on the reader thread (so it
@@ -516,20 +614,56 @@ class Connection(FrameLoop):
         raise self._closed_error()
 
     def _autoflush_due(self) -> None:
-        # on the timer thread: never wait here; at most one marker is queued at a time
-        self._queue.put_first(_AUTOFLUSH, last=True)
+        """On the timer thread, never waiting for the peer. When the socket is free (nothing
+        queued, nobody writing) the DATA goes out from here, what the socket does not take at
+        once left to the writer: so one thread sends a change to every connection whose delay
+        ends at once, without waking a writer thread per connection (at 500 connections those
+        wake-ups, each a GIL hand-over, were most of the server's CPU and of the latency on a
+        busy machine). Otherwise the writer sends it after what is queued; at most one
+        marker is queued at a time."""
+        if self._queue.claim():
+            try:
+                self._flush_now()
+            finally:
+                self._queue.release()
+        else:
+            self._queue.put_first(_AUTOFLUSH, last=True)
+
+    def _flush_now(self) -> None:
+        """Send what changed without waiting (with the socket claimed)."""
+        try:
+            frame = self._current_data_frame()
+        except _NotJSON:  # logged by the PatchCache
+            return
+        except Exception:  # a bug in making a patch must not leave the peer out of sync
+            self.logger.exception("statesync connection %d: cannot make a DATA patch", self.id)
+            self._start_close(CLOSE_INTERNAL_ERROR, "internal error")
+            return
+        if frame is None:
+            return
+        try:
+            n = self._io.send_nowait(frame)
+        except OSError as exc:
+            self._write_failed(exc)
+            return
+        if n < len(frame):  # the rest of the frame (all of it on TLS), first in line for the writer
+            self._queue.put_first(frame[n:] if n else frame)
 
     def _data_frame(self, data: Any) -> Optional[bytes]:
         """The DATA frame that brings the peer from the last data sent to ``data``; ``None``
-        when nothing changed (the writer's)."""
+        when nothing changed (the writer's). :class:`_NotJSON` when ``data`` is not JSON."""
         if data is self._synced:
             return None
-        patch = protocol.diff(self._synced, data)
+        patch = self._patches.get(self._synced, data)
+        if patch.error is not None:
+            if isinstance(patch.error, (TypeError, ValueError)):
+                raise _NotJSON(patch.error)
+            raise patch.error  # a bug, raised on the thread that computed it: 1011 here too
         self._synced = data
-        if not patch:
+        if patch.data is None:
             return None
         self.data_sent += 1
-        return self._frame(protocol.encode(protocol.DATA, patch))
+        return self._frame(patch.data) if self._mask else patch.data
 
     def _current_data_frame(self) -> Optional[bytes]:
         with self._data_lock:
@@ -552,12 +686,17 @@ class Connection(FrameLoop):
                     if isinstance(item, bytes):
                         out.append(item)
                         continue
-                    if isinstance(item, _Snapshot):
-                        frame = self._data_frame(item.data)
-                    else:  # _AUTOFLUSH or a _Flush
-                        frame = self._current_data_frame()
+                    try:
+                        if isinstance(item, _Snapshot):
+                            frame = self._data_frame(item.data)
+                        else:  # _AUTOFLUSH or a _Flush
+                            if isinstance(item, _Flush):
+                                flushes.append(item)
+                            frame = self._current_data_frame()
+                    except _NotJSON as exc:  # logged by the PatchCache, once for all connections
                         if isinstance(item, _Flush):
-                            flushes.append(item)
+                            item.error = exc.error
+                        continue
                     if frame is not None:
                         out.append(frame)
             except Exception:  # a bug in making a patch must not leave the peer out of sync
@@ -590,12 +729,17 @@ class Connection(FrameLoop):
                 self._peer_gone = True
                 self._fail(CLOSE_POLICY, f"peer too slow: a write took over {self.settings.write_timeout:g} s")
         except OSError as exc:
-            if not self.closed:
-                self.logger.info("statesync connection %d: write failed: %s", self.id, exc)
-                self._peer_gone = True
-                self._start_close(CLOSE_ABNORMAL, "write failed")
+            self._write_failed(exc)
+            return False
         self._io.shutdown()
         return False
+
+    def _write_failed(self, exc: OSError) -> None:
+        if not self.closed:
+            self.logger.info("statesync connection %d: write failed: %s", self.id, exc)
+            self._peer_gone = True
+            self._start_close(CLOSE_ABNORMAL, "write failed")
+        self._io.shutdown()
 
 
 def run_inside(conn: Connection, fn: Callable[..., Any], *args: Any) -> Any:

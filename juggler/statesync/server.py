@@ -28,7 +28,7 @@ from ..exceptions import ProtocolError
 from ..handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader, Stopped
-from .connection import CLOSE_GOING_AWAY, Connection, Settings, check_autoflush_delay
+from .connection import CLOSE_GOING_AWAY, Connection, PatchCache, Settings, check_autoflush_delay
 
 __all__ = ["Server", "listen"]
 
@@ -61,6 +61,7 @@ class Server:
         autoflush_delay: Optional[float] = 0.2,
         max_connections: int = 1024,
         handshake_timeout: float = 10.0,
+        patch_cache_size: int = 16,
         logger: Optional[logging.Logger] = None,
         **settings: Any,
     ) -> None:
@@ -85,6 +86,8 @@ class Server:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.logger = logger or logging.getLogger("juggler.statesync")
+        #: the DATA patches the connections send, each made once (see the PatchCache)
+        self.patches = PatchCache(patch_cache_size, frames=True, logger=self.logger)
         self.ssl_context: Optional[ssl.SSLContext] = None
         if certfile is not None:
             self.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -260,8 +263,10 @@ class Server:
         finally:
             self._handshake_ended(id(io))
         reader.deadline = None  # from now on, reads wait for as long as the peer is silent
+        del request  # its headers would stay alive in this frame for as long as the connection
         conn = Connection(io, reader, client=False, settings=self.settings, timer=self.timer,
-                          autoflush_delay=self.autoflush_delay, remote_addr=addr, logger=self.logger)  # fmt: skip
+                          autoflush_delay=self.autoflush_delay, remote_addr=addr, logger=self.logger,
+                          patches=self.patches)  # fmt: skip
         with self._lock:
             if self._stopping:
                 conn._start_close(CLOSE_GOING_AWAY, "server shutting down")
@@ -362,8 +367,10 @@ def listen(
     ``index_path`` (``None``: no redirect). With ``certfile`` and ``keyfile`` (PEM) it serves
     ``https``/``wss``. ``autoflush_delay`` is every connection's (see
     :meth:`Connection.set_local_data`). Other keyword arguments: ``max_connections`` (1024;
-    0: no limit; over it: HTTP 503), ``handshake_timeout`` (10 s), ``logger``, and the limits
-    of :class:`~juggler.statesync.connection.Settings`.
+    0: no limit; over it: HTTP 503), ``handshake_timeout`` (10 s), ``patch_cache_size`` (16:
+    the patches kept for connections that go from the same data to the same data, see
+    :class:`~juggler.statesync.connection.PatchCache`), ``logger``, and the limits of
+    :class:`~juggler.statesync.connection.Settings`.
     """
     return Server(host, port, on_connection, ws_path=ws_path, static_dir=static_dir, index_path=index_path,
                   certfile=certfile, keyfile=keyfile, autoflush_delay=autoflush_delay, **kwargs).start()  # fmt: skip
