@@ -196,8 +196,8 @@ class RedisBroker(RpcSide, PubSubSide):
         self._abandon_why = ""  # abandon(): why the connection was given up
         self._key: Optional[str] = None  # a dedicated broker's key (dedicated())
         #: The process' :class:`~juggler.health.RedisHealth` a results listener reports to (set
-        #: by its owner): a connection made again after a failure is reported as redis back,
-        #: once redis answered a PING on it. ``None``: nobody to tell.
+        #: by its owner): a connection made while it says redis is down is reported as redis
+        #: back once redis answered a command on it. ``None``: nobody to tell.
         self.health: Optional[RedisHealth] = None
 
     def __repr__(self) -> str:
@@ -397,12 +397,15 @@ class RedisBroker(RpcSide, PubSubSide):
                 return own
         if own is not None:
             self._lose_own(own, BrokerError("redis unavailable: its connection was replaced"))
+        health = self.health
+        # (taken before the connect: a connect alone proves nothing, the kernel of a stopped
+        # redis accepts it; its EXISTS, sent after the failure was recorded, does)
+        since = health.epoch if health is not None and not health.up else None
         kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
         made = resp.connect(self.client, socket_timeout=kwargs.get("socket_connect_timeout") or CONNECT_TIMEOUT)
         assert made is not None
-        health = self.health
         try:
-            if health is not None and not health.up:
+            if since is not None:
                 made.command(*(("EXISTS", self._key) if self._key is not None else ("PING",)))
             made.set_timeouts(None, SEND_TIMEOUT)
         except BaseException:
@@ -415,8 +418,8 @@ class RedisBroker(RpcSide, PubSubSide):
             self._own = made
             self._expect.clear()
             self._brpop_sent = False
-        if health is not None:
-            health.succeeded()
+        if health is not None and since is not None:
+            health.succeeded(since)
         return made
 
     def _lose_own(self, own: Optional[resp.RespConnection], error: BrokerError) -> None:

@@ -18,6 +18,7 @@ from .broker import Broker, Popped
 from .exceptions import BrokerError
 from .health import BACKOFF_BASE, BACKOFF_CAP, RedisHealth
 from .message import ResultPayload, error_result
+from .redisconn import unavailable
 
 __all__ = ["Callee", "CalleeStats"]
 
@@ -248,13 +249,14 @@ class Callee:
                 if popper is None:
                     if self._stop.is_set() or (failures and not self._turn(failures)):
                         break
+                    since = health.epoch  # (what its outcome proves: see RedisHealth)
                     try:
                         popper = self.broker.call_popper(uris)
                     except BrokerError as exc:
-                        health.failed(exc)
+                        health.failed(exc, since)
                         failures += 1
                         continue
-                    health.succeeded()
+                    health.succeeded(since)
                     failures = 0
                     with self._lock:
                         self._poppers.add(popper)
@@ -262,6 +264,7 @@ class Callee:
                 if not (n or results):
                     break  # stopping, with nothing left to store
                 batch, results = results, []
+                since = health.epoch
                 try:
                     if n and not full:
                         # store the results and wait for the next call, in one write
@@ -275,7 +278,7 @@ class Callee:
                     popper.close()
                     popper = None
                     if not self._stop.is_set():  # (not woken on purpose)
-                        health.failed(exc)
+                        health.failed(exc, since)
                     failures = 1
                     continue
                 if n == 0:
@@ -339,8 +342,8 @@ class Callee:
     def _stored(self, results: list[tuple[ResultPayload, float, str]], errors: list[Optional[BrokerError]]) -> None:
         failed = [(payload, exc) for (payload, _, _), exc in zip(results, errors) if exc is not None]
         if failed:  # one line for the batch: its callers get their expiry
-            self.logger.error(
-                "callee %s: could not store %d result(s) (%s): %s", self.name, len(failed),
+            self.logger.log(
+                _lost_level(failed[0][1]), "callee %s: could not store %d result(s) (%s): %s", self.name, len(failed),
                 ", ".join(f"{p.uri} {p.msg_uuid}" for p, _ in failed), failed[0][1],
             )  # fmt: skip
         self.stats._add(calls=len(results))  # counted once its result is stored or dropped
@@ -350,13 +353,14 @@ class Callee:
         while not self._stop.is_set():
             if failures and not self._turn(failures):
                 break
+            since = self.health.epoch
             try:
                 popped = self.broker.pop_call(uris, self.block)
             except BrokerError as exc:
-                self.health.failed(exc)
+                self.health.failed(exc, since)
                 failures += 1
                 continue
-            self.health.succeeded()
+            self.health.succeeded(since)
             failures = 0
             if popped is not None:
                 try:
@@ -378,4 +382,12 @@ class Callee:
         try:
             self.broker.store_result(payload, remaining)
         except BrokerError as exc:
-            self.logger.error("callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+            self.logger.log(_lost_level(exc), "callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+
+
+def _lost_level(exc: BrokerError) -> int:
+    """The level of the line about results that could not be stored: INFO when redis could not
+    be reached (the outage has its one ERROR line, from the callee's
+    :class:`~juggler.health.RedisHealth`, and these callers get their expiry), ERROR when redis
+    refused them (a result list over its capacity, an error reply)."""
+    return logging.INFO if unavailable(exc) else logging.ERROR

@@ -75,6 +75,9 @@ _READ_KEY = {t: f"read_{t.name}" for t in MessageType}
 _WRITE_KEY = {t: f"write_{t.name}" for t in MessageType}
 _local = threading.local()  # .nonblocking: this thread's writes must not wait (the hub's)
 _WRITE_BATCH = 64  # messages the writer takes off its queue for one socket write, at most
+# with no max_calls_in_flight, a connection's count of its calls in flight drops those whose
+# deadline passed when it reaches this size (then twice the size left): its bound
+_CALLS_COUNT_AT = 1024
 
 
 @dataclass(frozen=True)
@@ -290,10 +293,14 @@ class Conn(FrameLoop):
         self._slot: Optional[_Slot] = None  # or keeping a place in the queue
         self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
         self._out_msgs: list[Message] = []  # the messages among them, counted once written
-        # Calls in flight (only with max_calls_in_flight): msg uuid -> deadline (monotonic);
-        # a call leaves when its result is taken off redis or its deadline passes.
+        # Calls in flight: msg uuid -> deadline (monotonic, this connection's own count); a
+        # call leaves when its result is taken off redis, its store is NACKed, or (found at
+        # the next count) its deadline passes. Only a call still here, before its deadline,
+        # gets a RES (_results_loop): a store or result that a stalled redis ran late must
+        # not bring one after the call expired or was NACKed.
         self._calls: dict[str, float] = {}
         self._calls_next_deadline = math.inf  # none of _calls ends before this
+        self._calls_count_at = _CALLS_COUNT_AT  # (no max_calls_in_flight) drop ended calls at this size
         self._keepalive: Optional[Keepalive] = None
         self._close_deadline: Optional[TimerHandle] = None
         # The results listener, started by the first CALL (listen_for_results).
@@ -462,6 +469,11 @@ class Conn(FrameLoop):
         """Whether the server sees its redis up (see :meth:`check_redis`)."""
         return self._health.up
 
+    def redis_epoch(self) -> int:
+        """The server's view of redis' :attr:`~juggler.health.RedisHealth.epoch`, taken by a
+        request before it tries redis, for :meth:`redis_answered` and :meth:`redis_failed`."""
+        return self._health.epoch
+
     def check_redis(self) -> bool:
         """:class:`BrokerError` (``redis unavailable``) at once, without trying redis, while
         the server knows its redis is down (its :class:`~juggler.health.RedisHealth`), but for
@@ -477,17 +489,18 @@ class Conn(FrameLoop):
             raise BrokerError("redis unavailable: the server is reconnecting")
         return True
 
-    def redis_answered(self) -> None:
-        """A request went through redis: if the server saw it down, it is back."""
-        self._health.succeeded()
+    def redis_answered(self, since: Optional[int] = None) -> None:
+        """A request went through redis: if the server saw it down, it is back (``since``: the
+        :meth:`redis_epoch` when the request began; see :meth:`~juggler.health.RedisHealth.succeeded`)."""
+        self._health.succeeded(since)
 
-    def redis_failed(self, exc: BrokerError) -> None:
+    def redis_failed(self, exc: BrokerError, since: Optional[int] = None) -> None:
         """A request failed: if redis did not answer in time, the server's view of redis says
         it is down (logged once per outage), and its next requests fail fast rather than each
         wait as long. (A refused or closed connection fails fast anyway, and the results
-        listeners find out whether redis is down.)"""
+        listeners find out whether redis is down.) ``since``: as for :meth:`redis_answered`."""
         if self._fail_fast and timed_out(exc):
-            self._health.failed(exc)
+            self._health.failed(exc, since)
 
     def listen_for_results(self) -> bool:
         """Start the results listener, if it does not run yet (before the first CALL is
@@ -581,11 +594,13 @@ class Conn(FrameLoop):
         """Count a call in flight until its result comes or ``timeout`` seconds pass; ``False``
         (not counted) when ``max_calls_in_flight`` are already. On the reader thread."""
         most = self.settings.max_calls_in_flight
-        if not most:
-            return True
         calls = self._calls
         now = time.monotonic()
-        if len(calls) >= most and (now < self._calls_next_deadline or not self._drop_ended_calls(now)):
+        if not most:  # no limit: the count only says which calls may still get a RES
+            if len(calls) >= self._calls_count_at:
+                self._drop_ended_calls(now)
+                self._calls_count_at = max(_CALLS_COUNT_AT, 2 * len(calls))  # (amortized)
+        elif len(calls) >= most and (now < self._calls_next_deadline or not self._drop_ended_calls(now)):
             return False
         deadline = now + timeout
         calls[msg_uuid] = deadline
@@ -594,8 +609,8 @@ class Conn(FrameLoop):
         return True
 
     def call_ended(self, msg_uuid: str) -> None:
-        """A call counted by :meth:`call_started` is over (its result came, or it was not
-        stored)."""
+        """A call counted by :meth:`call_started` is over (it was not stored: NACKed): no RES
+        may follow, even if a redis that stalled stores it after all."""
         self._calls.pop(msg_uuid, None)
 
     def _drop_ended_calls(self, now: float) -> bool:
@@ -891,6 +906,7 @@ class Conn(FrameLoop):
         if not health.up and not health.wait_turn(self._results_stopping):
             return
         while True:
+            since = health.epoch  # (a failure of a read that began before redis was seen back is old news)
             try:
                 popped = broker.pop_result(self.uuid, None)
             except Exception as exc:
@@ -902,7 +918,7 @@ class Conn(FrameLoop):
                 # redis went away (its calls stored and unanswered got their NACK): say so
                 # once per server, and connect again in turn; results stored meanwhile wait in
                 # their list for the next BRPOP
-                health.failed(exc)
+                health.failed(exc, since)
                 self.logger.debug("connection %s: results listener lost redis: %s", self.uuid, exc)
                 if not health.wait_turn(self._results_stopping):
                     return
@@ -912,9 +928,13 @@ class Conn(FrameLoop):
             if popped is None:
                 continue
             p = popped.payload
-            self._calls.pop(p.msg_uuid, None)
-            if popped.expired:
-                self.logger.debug("connection %s: dropping expired result for %s", self.uuid, p.msg_uuid)
+            # by this connection's own count: a call NACKed, or past its deadline, ended
+            # already (its client's timer ran out): no RES, whatever redis' TTL says (a
+            # redis that stalled runs a store late, and counts its TTL from then)
+            deadline = self._calls.pop(p.msg_uuid, None)
+            if popped.expired or deadline is None or deadline <= time.monotonic():
+                why = "expired" if popped.expired or deadline is not None else "not in flight (NACKed, or expired)"
+                self.logger.debug("connection %s: dropping the result for %s: %s", self.uuid, p.msg_uuid, why)
                 self._svc.incr("expired_results")
                 continue
             res = Res(for_uuid=p.msg_uuid, uri=p.uri, args=p.args)

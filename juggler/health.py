@@ -19,6 +19,14 @@ down:
   server, not one storm per websocket. When an attempt succeeds, every waiting listener goes at
   once.
 
+What counts as evidence: a reply read after redis was marked down may have been sent before
+(it waited in a socket buffer while redis stalled), and a request that failed after redis was
+seen back may have started before. So a listener or request takes :attr:`~RedisHealth.epoch`
+when it begins (before it connects, or before it sends), and reports with ``since=`` that
+token: a report counts only if redis' state has not changed since the request began (a success
+on a connection made, or a command sent, after the failure was recorded; a failure of a
+request that began after redis was last seen back). Without ``since``, a report always counts.
+
 A listener whose connection redis closed while it looked up (an idle client's timeout, or the
 first sign of an outage) may find out with an attempt of its own, inside :meth:`~RedisHealth.probe`:
 one listener at a time, so that when redis has just died, one connect finds it out and the
@@ -80,6 +88,7 @@ class RedisHealth:
         self._delay = base  # the wait before the next turn, doubled after each failed one
         self._next_turn = 0.0  # when the next attempt may go (while down)
         self._closed = False
+        self._epoch = 0  # (epoch) how many times the state changed
         self._probe_lock = threading.Lock()  # (probe)
         #: How many times redis was seen to go away.
         self.outages = 0
@@ -94,12 +103,21 @@ class RedisHealth:
         """Whether redis answered the last time anyone asked (``True`` before anyone did)."""
         return self._up
 
-    def failed(self, exc: BaseException) -> None:
-        """Redis failed a command or a connect: the first failure marks it down (logged once)."""
+    @property
+    def epoch(self) -> int:
+        """A token for a request about to try redis, to report its outcome with
+        (``since=``): it changes each time redis is marked down or up."""
+        return self._epoch
+
+    def failed(self, exc: BaseException, since: Optional[int] = None) -> None:
+        """Redis failed a command or a connect: the first failure marks it down (logged once).
+        ``since``: the :attr:`epoch` when the request began; a request that began before redis
+        was last seen back does not count (its failure is old news)."""
         with self._cond:
-            if not self._up:
+            if not self._up or (since is not None and since != self._epoch):
                 return
             self._up = False
+            self._epoch += 1
             self._down_since = self._clock()
             self._delay = self.base
             self._next_turn = self._down_since + self._turn_wait()
@@ -108,15 +126,18 @@ class RedisHealth:
         if self.on_change is not None:
             self.on_change(False)
 
-    def succeeded(self) -> None:
+    def succeeded(self, since: Optional[int] = None) -> None:
         """Redis answered: the first success after a failure marks it up (logged once) and
-        lets every waiting listener go."""
+        lets every waiting listener go. ``since``: the :attr:`epoch` when the request began
+        (before its connect, or its command); a request that began before the latest failure
+        was recorded proves nothing (its reply may have been sent before redis stalled)."""
         if self._up:  # (the common case, without the lock)
             return
         with self._cond:
-            if self._up:
+            if self._up or (since is not None and since != self._epoch):
                 return
             self._up = True
+            self._epoch += 1
             down_for = self._clock() - (self._down_since or self._clock())
             self._down_since = None
             self._cond.notify_all()

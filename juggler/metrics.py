@@ -67,7 +67,7 @@ class _ServerCollector:
         yield from (read, written, closes, refused)
         for name, key, help_text in (
             ("juggler_connections", "connections_total", "Websocket connections accepted."),
-            ("juggler_expired_results", "expired_results", "Results dropped because their call had expired."),
+            ("juggler_expired_results", "expired_results", "Results dropped because their call had expired (by redis' count or the connection's) or was NACKed."),
             ("juggler_failed_event_decodes", "failed_event_decodes", "Pub-sub payloads that were not juggler events."),
             ("juggler_slow_messages", "slow_messages", "Requests whose processing took longer than slow_threshold."),
             ("juggler_oversized_messages", "oversized_messages", "Messages over write_limit (RES sent as an error)."),

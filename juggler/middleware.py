@@ -146,6 +146,7 @@ def process_msg(conn: "Conn", msg: Message) -> None:
             conn.send(Nack.to(msg, 429, f"too many calls in flight: at most {most} per connection"))
             return
         payload = CallPayload(conn.uuid, msg.uuid, msg.uri, msg.args)
+        since = conn.redis_epoch()  # (what the outcome proves depends on when it began)
         try:
             # (started first: while the server knows redis is down, its listeners find out
             # when it is back, and the CALL gets NACK 500 at once)
@@ -155,15 +156,16 @@ def process_msg(conn: "Conn", msg: Message) -> None:
                 conn.close(CLOSE_TRY_AGAIN_LATER, "server out of threads")
                 return
             probe = conn.check_redis()
-            if conn.store_call_ahead(payload, timeout, functools.partial(_call_stored, conn, msg, probe=probe)):
+            stored = functools.partial(_call_stored, conn, msg, probe=probe, since=since)
+            if conn.store_call_ahead(payload, timeout, stored):
                 return  # its ACK (or NACK) comes from the results listener, once redis answered
             with conn.ack_lock:
                 conn.broker.store_call(payload, timeout)
                 conn.send(Ack.to(msg))
             if probe:
-                conn.redis_answered()
+                conn.redis_answered(since)
         except BrokerError as exc:
-            _call_stored(conn, msg, exc)
+            _call_stored(conn, msg, exc, since=since)
         return
     if not msg.channel:
         conn.send(Nack.to(msg, 400, f"{msg.type.name} has no channel"))
@@ -195,24 +197,30 @@ def process_msg(conn: "Conn", msg: Message) -> None:
     conn.send(Ack.to(msg))
 
 
-def _call_stored(conn: "Conn", msg: Call, error: Optional[BrokerError], probe: bool = False) -> None:
-    """A CALL was stored (ACK), or not (NACK, and it is no longer in flight); ``probe``: it
-    tried redis while the server saw it down (see ``Conn.check_redis``)."""
+def _call_stored(conn: "Conn", msg: Call, error: Optional[BrokerError], probe: bool = False,
+                 since: Optional[int] = None) -> None:  # fmt: skip
+    """A CALL was stored (ACK), or not (NACK, and it is no longer in flight: no RES may
+    follow); ``probe``: it tried redis while the server saw it down (see ``Conn.check_redis``);
+    ``since``: ``Conn.redis_epoch()`` before it tried."""
     if error is None:
         if probe:
-            conn.redis_answered()
+            conn.redis_answered(since)
         conn.send(Ack.to(msg))
         return
-    conn.redis_failed(error)
+    conn.redis_failed(error, since)
     conn.call_ended(msg.uuid)
     _nack_broker(conn, msg, error)
 
 
 def _nack_broker(conn: "Conn", msg: Request, exc: BrokerError) -> None:
     # a refusal for the client's fault (413) at INFO: a client cannot flood the log with
-    # WARNINGs; nor can an outage, logged once by the server's RedisHealth: DEBUG meanwhile
+    # WARNINGs; nor can an outage, logged once by the server's RedisHealth: DEBUG meanwhile,
+    # and INFO for the requests that fail as it begins, before the health knows (redis
+    # unavailable: its one line follows, if redis is gone)
     level = logging.WARNING if exc.nack_code >= 500 else logging.INFO
     if not conn.redis_up():
         level = logging.DEBUG
+    elif level == logging.WARNING and str(exc).startswith("redis unavailable"):
+        level = logging.INFO
     conn.logger.log(level, "connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
     conn.send(Nack.to(msg, exc.nack_code, str(exc)))

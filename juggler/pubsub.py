@@ -51,6 +51,7 @@ from typing import Any, Optional, Protocol
 from .broker import Broker, BrokerError, PubSubConn, PubSubEvent
 from .health import RedisHealth
 from .message import EventPayload
+from .redisconn import unavailable
 
 __all__ = ["PubSubHub", "Subscriber", "SubKey"]
 
@@ -66,11 +67,6 @@ class Subscriber(Protocol):
 
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
         """Queue ``event`` (of subscription ``key``) for the client; must not block."""
-
-
-def _unavailable(exc: BrokerError) -> bool:
-    """Whether ``exc`` says redis could not be reached (not e.g. an error reply)."""
-    return str(exc).startswith("redis unavailable")
 
 
 class PubSubHub:
@@ -150,6 +146,7 @@ class PubSubHub:
         # One deadline for all of it: behind a SUBSCRIBE that redis is slow to confirm (it
         # stalls), then for its own confirmation.
         deadline = time.monotonic() + self.confirm_timeout
+        since = self.health.epoch  # (taken before it tries redis: see RedisHealth)
         if not self._control.acquire(timeout=self.confirm_timeout):
             raise BrokerError(f"redis unavailable: no answer to the server's subscriptions in {self.confirm_timeout:g} s")
         try:
@@ -160,14 +157,14 @@ class PubSubHub:
                 ps.subscribe(channel, pattern, timeout=max(0.0, deadline - time.monotonic()))
             except BrokerError as exc:
                 self._undo(ps, key)
-                self._failed_request(exc)
+                self._failed_request(exc, since)
                 raise
             with self._lock:
                 self._subs[key] = {sub}
                 self._by_sub.setdefault(sub, set()).add(key)
         finally:
             self._control.release()
-        self.health.succeeded()
+        self.health.succeeded(since)  # (redis confirmed a SUBSCRIBE sent since)
 
     def _join(self, sub: Subscriber, key: SubKey) -> bool:
         with self._lock:
@@ -253,20 +250,20 @@ class PubSubHub:
         :class:`BrokerError` at once, but when a turn of the shared backoff is due); what it
         sees of redis goes to :attr:`health`. The number of redis subscribers that got it."""
         health = self.health
+        since = health.epoch
         if not health.request_turn(health.cap):
             raise BrokerError("redis unavailable (reconnecting)")
         try:
             n = self.broker.publish(channel, payload)
         except BrokerError as exc:
-            if _unavailable(exc):
-                health.failed(exc)
+            self._failed_request(exc, since)
             raise
-        health.succeeded()
+        health.succeeded(since)
         return n
 
-    def _failed_request(self, exc: BrokerError) -> None:
-        if _unavailable(exc):
-            self.health.failed(exc)
+    def _failed_request(self, exc: BrokerError, since: int) -> None:
+        if unavailable(exc):
+            self.health.failed(exc, since)
 
     # -- the redis connection and its reader --
 
@@ -298,7 +295,6 @@ class PubSubHub:
         return ps
 
     def _read(self, ps: PubSubConn) -> None:
-        health = self.health
         while True:
             try:
                 event = ps.get_event(None)
@@ -322,7 +318,9 @@ class PubSubHub:
                 continue
             if event is None:  # woken by close()
                 return
-            health.succeeded()  # (a stall that someone took for an outage is over)
+            # (an event is no sign that redis is back when it was marked down: it may have
+            # waited in the socket's buffer while redis stalled. The requests and listeners
+            # that try redis in turn find out.)
             try:
                 event.evnt_frame  # made once for all: an event JSON cannot carry fails here
             except (TypeError, ValueError) as exc:  # NaN, a lone surrogate (foreign publishers)
@@ -366,12 +364,13 @@ class PubSubHub:
             if not health.wait_turn(self._stop):
                 return None
             tries += 1
+            since = health.epoch
             new = self.broker.pubsub(self.confirm_timeout)
             try:
                 new.connect()  # (not under _control: a SUB or UNSB does not wait for it)
             except BrokerError as exc:
                 _close_quietly(new, self.logger)
-                health.failed(exc)
+                health.failed(exc, since)
                 continue
             with self._control:
                 with self._lock:
@@ -381,23 +380,25 @@ class PubSubHub:
                     self._ps = new
                     keys = [k for k, members in self._subs.items() if members]
                 try:
-                    new.restore(keys, functools.partial(self._restored, new, len(keys)))
+                    new.restore(keys, functools.partial(self._restored, new, len(keys), since))
                 except BrokerError as exc:
                     with self._lock:
                         self._ps = None
                     _close_quietly(new, self.logger)
-                    health.failed(exc)
+                    health.failed(exc, since)
                     continue
             return new
 
-    def _restored(self, ps: PubSubConn, n: int) -> None:
-        """(The reader.) Redis confirmed every subscription the reconnect restored."""
+    def _restored(self, ps: PubSubConn, n: int, since: int) -> None:
+        """(The reader.) Redis confirmed every subscription the reconnect restored, on a
+        connection made at ``since`` (:attr:`RedisHealth.epoch`)."""
         with self._lock:
             if self._ps is not ps:
                 return
             self._down = False
             self.restores += 1
-        self.health.succeeded()
+        if n:  # (with none to restore, nothing was awaited: the PING's answer is not read yet)
+            self.health.succeeded(since)
         self.logger.debug("pub-sub connection to redis restored, with %d subscriptions", n)
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "close_client",
     "one_connection_client",
     "is_cluster",
+    "unavailable",
     "SENTINEL_SCHEMES",
     "SENTINEL_PORT",
     "SENTINEL_TIMEOUT",
@@ -84,6 +85,12 @@ def broker_error(exc: BaseException) -> BrokerError:
         logger.warning("the redis client failed unexpectedly (taken as redis unavailable)", exc_info=exc)
         return BrokerError(f"redis unavailable: connection broken ({type(exc).__name__}: {exc})")
     return BrokerError(f"redis unavailable: {exc}")
+
+def unavailable(error: BaseException) -> bool:
+    """Whether ``error`` (a :class:`BrokerError`) says redis could not be reached, rather than
+    that it refused a command (an error reply, a list over its capacity)."""
+    return str(error).startswith("redis unavailable")
+
 
 def timed_out(error: BaseException) -> bool:
     """Whether ``error`` (a :class:`BrokerError` raised from a redis-py one) is redis not

@@ -364,10 +364,11 @@ class RpcSide:
         with health.probe() as up:
             if not up:
                 raise redis.exceptions.ConnectionError("Connection closed by server, and redis is down.")
+            since = health.epoch
             try:
                 return self._own_connection(fresh=True)
             except REDIS_FAILURES as exc:
-                health.failed(broker_error(exc))
+                health.failed(broker_error(exc), since)
                 raise
 
     def _may_reconnect(self) -> bool:

@@ -409,3 +409,21 @@ def test_batched_pops_with_several_uris_and_a_stray_payload(broker, redis_client
 def test_batch_must_be_positive(broker):
     with pytest.raises(ValueError):
         Callee(broker, batch=0)
+
+
+def test_results_lost_to_an_outage_are_not_a_second_error_line(caplog):
+    """The outage has its one ERROR line (the callee's RedisHealth); results that could not be
+    stored because redis could not be reached are an INFO line, those redis refused an ERROR."""
+    import logging
+
+    import fakeredis
+
+    from juggler import BrokerError, CapacityExceeded
+
+    callee = Callee(RedisBroker(fakeredis.FakeRedis()), workers=1)
+    result = (ResultPayload("c", "m", "test.echo", 1), 1.0, "{}")
+    with caplog.at_level(logging.INFO, logger="juggler.callee"):
+        callee._stored([result], [BrokerError("redis unavailable: Connection refused")])
+        callee._stored([result], [CapacityExceeded("list capacity exceeded")])
+    levels = [(r.levelno, "could not store 1 result(s)" in r.getMessage()) for r in caplog.records]
+    assert levels == [(logging.INFO, True), (logging.ERROR, True)]

@@ -116,6 +116,26 @@ def test_server_drops_expired_results(stack):
     assert stats.get("write_RES") == 2  # "first" and "fresh", not the expired one
 
 
+@pytest.mark.parametrize("max_calls_in_flight", [1000, 0])
+def test_server_drops_a_live_result_for_a_call_not_in_flight(make_stack, max_calls_in_flight):
+    """A result redis still holds alive (its timeout key has time left) for a call the
+    connection does not have in flight (NACKed, expired by its own count, or never made):
+    no RES (issue 20: a redis that stalled stores late, and counts its TTL from then). With
+    or without a limit on calls in flight, which is what the connection counts them for."""
+    stack = make_stack(max_calls_in_flight=max_calls_in_flight)
+    c = stack.client()
+    assert c.call("test.echo", "first", timeout=T(5)) == "first"  # the server has registered it
+    conn = stack.server.connections[0]
+    stack.broker.store_result(ResultPayload(conn.uuid, juggler.message.new_uuid(), "x", 1), T(30))
+    assert c.call("test.echo", "fresh", timeout=T(5)) == "fresh"
+    written_so_far(c)
+    stats = stack.server.stats.snapshot()
+    assert stats.get("expired_results") == 1
+    assert stats.get("write_RES") == 2  # "first" and "fresh", not the one not in flight
+    assert c.received["RES"] == 2
+    assert not conn._calls  # (each call left the count when its result came)
+
+
 def test_many_concurrent_calls_from_many_clients(stack):
     clients = [stack.client() for _ in range(8)]
     futures = {}

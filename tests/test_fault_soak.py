@@ -2,11 +2,6 @@
 closed loop, 40 subscribed to 10 channels, events published at 50/s) while redis is killed and
 started again twice and stopped (SIGSTOP) once for a second. The soak runs once for the module;
 each test checks one of its gates.
-
-The gates that need the redis-outage work of issue 20 (no websocket closed when redis goes,
-subscriptions restored by the server) are marked xfail(strict): on a tree without that work
-they fail, as expected; once it is in, they pass, and strict turns that into a failure until the
-marker is removed.
 """
 
 from __future__ import annotations
@@ -26,10 +21,6 @@ FAULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "faults.py"
 # reconnect, or whose reconnect backoff grows past its cap (0.5 s), or that lets a call wait
 # for its 1-s deadline before the next one can succeed, fails it. The benchmark holds 1 s.
 FIRST_RES_BOUND = 2.0 * SCALE
-
-NEEDS_OUTAGE_WORK = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="needs the redis-outage work of issue 20 (faults-calls, faults-pubsub)"
-)
 
 pytestmark = [pytest.mark.realredis, pytest.mark.timeout(180)]
 
@@ -68,11 +59,9 @@ def test_no_websocket_is_closed_because_redis_went_away(soak):
     assert report["checks"]["websockets closed by the server"] == (0, True), show()
 
 
-# With faults-calls and faults-pubsub merged (as of dc0d508 and 75e0903) this one still fails:
-# after the stall, RES come for calls whose client timer had run out, and a few for calls that
-# had got NACK 500 (likely: a call or result whose store redis ran when it resumed, with a TTL
-# counted from then).
-@NEEDS_OUTAGE_WORK
+# (A call or result whose store a stalled redis runs when it resumes has its TTL counted from
+# then: the server sends no RES past the call's deadline by its connection's own count, nor for
+# a call it NACKed; see tests/test_faults_stall.py.)
 def test_every_call_ends_exactly_once(soak):
     report, show = soak
     assert report["checks"]["calls without exactly one outcome"] == (0, True), show()

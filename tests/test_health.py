@@ -179,3 +179,36 @@ def test_one_probe_at_a_time_and_it_sees_an_outage_found_meanwhile():
     t1.join(5)
     t2.join(5)
     assert seen == [("first", True), ("second", False)]
+
+
+def test_a_success_or_failure_of_a_request_older_than_the_last_change_does_not_flap(caplog):
+    """What the soak saw at an outage (3 "unavailable" and 2 "back after 0.0 s" in 25 ms):
+    replies to requests sent before redis was marked down (read from a socket buffer after it)
+    made it "back", and failures of requests that began before it was seen back made it go
+    again. With the epoch each request took when it began, those reports do not count: one
+    line when redis goes, one when a request that began after that proves it back."""
+    changes = []
+    health = RedisHealth("server x", on_change=changes.append)
+    with caplog.at_level(logging.WARNING, logger="juggler.broker"):
+        before = [health.epoch for _ in range(3)]  # three requests sent while redis looked up
+        health.failed(ConnectionError("stalled"), before[0])  # the first to find out
+        health.succeeded(before[1])  # a reply sent before the stall: no evidence
+        assert not health.up
+        health.failed(TimeoutError("late"), before[2])  # (already down: nothing new)
+        during = health.epoch  # a request that begins while redis is down...
+        health.succeeded(during)  # ...and is answered: redis is back
+        assert health.up
+        health.failed(ConnectionError("old connection"), before[2])  # began before the return: old news
+        health.failed(ConnectionError("old connection"), during)  # the same
+        assert health.up
+        health.succeeded(during)  # (up already: nothing)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "redis unavailable (stalled)" in lines[0] and "redis is back" in lines[1]
+    assert changes == [False, True] and health.outages == 1
+    # a failure of a request that began after the return is a new outage; one without a
+    # token always counts
+    health.failed(ConnectionError("down again"), health.epoch)
+    assert not health.up and health.outages == 2
+    health.succeeded()
+    assert health.up
