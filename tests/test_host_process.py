@@ -87,8 +87,12 @@ class HostThreads:
             threading.Thread(target=self._spawn, name="host-spawner"),
         ]
 
+    # Both pause a moment each turn (stop.wait): a thread that never blocks would hold the GIL
+    # for whole switch intervals, and the server's threads, back from each socket call, would
+    # queue behind it (on a busy machine, 300 handshakes then took over a minute).
+
     def _record(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.wait(0.0002):
             seen = process_settings()
             if not self.settings_seen or seen != self.settings_seen[-1]:
                 self.settings_seen.append(seen)
@@ -96,7 +100,7 @@ class HostThreads:
                 self.stack_sizes_seen.add(threading.stack_size())
 
     def _spawn(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.wait(0.0001):
             t = threading.Thread(target=self._measure, name="host-worker")
             t.start()
             t.join()
