@@ -176,7 +176,7 @@ def cmd_demo(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .embedded import EmbeddedRedis
 
     stop = StopSignal().install()
-    _set_switch_interval(cfg)
+    _tune(cfg, "none")  # (its callee runs in the process too: left free)
     embedded = EmbeddedRedis().start()
     try:
         broker = RedisBroker(embedded.client())
@@ -213,9 +213,7 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     from .embedded import EmbeddedRedis
 
     stop = StopSignal().install()
-    _set_switch_interval(cfg)
-    _pin_cpu(cfg)
-    _check_capacity(cfg)
+    _tune(cfg, cfg["cpu"])
     embedded = None
     if not cfg["redis"]:
         embedded = EmbeddedRedis().start()
@@ -242,35 +240,27 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_switch_interval(cfg: dict[str, Any]) -> None:
-    """A server's threads spend their time blocked in I/O and hold the GIL for microseconds;
-    but every thread waiting for the GIL wakes each switch interval to ask for it. With
-    thousands of connections waking at once (a mass close, a burst of calls) CPython's 5 ms
-    default makes that herd of wake-ups take the CPU: a longer interval keeps it small."""
-    sys.setswitchinterval(cfg["switch_interval"])
-    log.debug("GIL switch interval: %s s", cfg["switch_interval"])
+def _tune(cfg: dict[str, Any], cpu: Any) -> None:
+    """Tune the process (it is ours) before any thread starts, as :mod:`juggler.tuning`
+    describes: small thread stacks, the GIL switch interval, one CPU, the open-file limit and
+    the futex table; then say when the limits cap ``max_connections``."""
+    from .tuning import tune_process
 
-
-def _pin_cpu(cfg: dict[str, Any]) -> None:
-    """Keep the server on one CPU (see :mod:`juggler.affinity`), before it starts threads."""
-    from .affinity import pin
-
+    wanted = cfg.get("max_connections")
     try:
-        pin(cfg["cpu"])
+        tuned = tune_process(wanted, cpu=cpu, switch_interval=cfg["switch_interval"])
     except ValueError as exc:
         raise _Fail(f"--cpu: {exc}") from None
-
-
-def _check_capacity(cfg: dict[str, Any]) -> None:
-    """Raise the open-file soft limit to the hard limit, and say when the limits cap
-    ``max_connections``."""
-    from .server import default_max_connections, raise_open_file_limit
-
-    before, after = raise_open_file_limit()
+    slots = tuned.futex_hash_slots
+    log.info("process tuned: thread stacks of %d KiB, GIL switch interval %s s, futex hash slots %s",
+             (tuned.stack_size or 0) // 1024, tuned.switch_interval,
+             "(none on this kernel)" if slots is None else slots)  # fmt: skip
+    before, after = tuned.open_files
     if after != before:
         log.info("open-file limit raised from %d to %d (the hard limit)", before, after)
-    capacity = default_max_connections()
-    wanted = cfg.get("max_connections")
+    capacity = tuned.capacity
+    if "max_connections" not in cfg:
+        return
     if wanted is None:
         log.info("max connections: %d (what this process can hold; --max-connections to change it)", capacity)
     elif wanted == 0 or wanted > capacity:
@@ -382,7 +372,7 @@ def _stop_with_parent(parent: int) -> None:
     """A callee process of ``--processes``: when its parent dies (even by SIGKILL, which it
     cannot pass on), the kernel sends it SIGTERM, a graceful stop, so that no child outlives
     it. Linux only."""
-    from .server import libc_prctl
+    from .tuning import libc_prctl
 
     prctl = libc_prctl()
     if prctl is None:

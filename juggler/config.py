@@ -97,7 +97,7 @@ def _float(minimum: float) -> Callable[[Any], float]:
 
 
 def _cpu(value: Any) -> Any:
-    from .affinity import parse_cpu
+    from .tuning import parse_cpu
 
     return parse_cpu(value)
 

@@ -63,6 +63,7 @@ CLOSE_ABNORMAL = 1006
 CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 
 #: Connection threads are daemon threads, and their owner joins them all the same (the reader
 #: joins the writer and results threads; Server.shutdown() joins the readers). Python keeps a
@@ -518,14 +519,18 @@ class Conn(FrameLoop):
         if self._fail_fast and timed_out(exc):
             self._health.failed(exc, since)
 
-    def listen_for_results(self) -> None:
+    def listen_for_results(self) -> bool:
         """Start the results listener, if it does not run yet (before the first CALL is
-        stored)."""
+        stored); whether it runs. ``False`` when the connection is closing, or when no thread
+        could be started for it (the process is out of threads: logged, and its redis
+        connection given back); the CALL then gets its NACK, and the connection is closed."""
         if self._results_thread is not None:
-            return
+            return True
         with self._close_lock:
-            if self._results_thread is not None or self.closed:
-                return
+            if self._results_thread is not None:
+                return True
+            if self.closed:
+                return False
             self._results = results = self.broker.dedicated(results_key(self.uuid))
             self._listener_health = self._svc.listener_health(results)
             if isinstance(results, RedisBroker):  # it may hand a result over sooner
@@ -536,8 +541,20 @@ class Conn(FrameLoop):
             t = threading.Thread(
                 target=self._results_loop, name=f"juggler-conn-{self.id}-results", daemon=CONN_THREAD_DAEMON
             )
-            t.start()
-            self._results_thread = t
+            try:
+                t.start()
+            except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
+                self._results, self._ahead, self._listener_health = None, False, self._svc.health
+                error = exc
+            else:
+                self._results_thread = t
+                return True
+        self.logger.error("connection %s: cannot start its results listener: %s", self.uuid, error)
+        try:
+            results.close()
+        except Exception:
+            self.logger.exception("connection %s: could not close its results redis connection", self.uuid)
+        return False
 
     def store_call_ahead(self, payload: CallPayload, timeout: float, done: Callable[[Optional[BrokerError]], None]) -> bool:
         """Store a call through the results listener's own redis connection, where it can:

@@ -11,14 +11,30 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sized
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callee import Callee
-    from .server import Server
+
+
+class _Snapshot(Protocol):
+    def snapshot(self) -> dict[str, int]: ...
+
+
+class MeteredServer(Protocol):
+    """What :class:`ServerMetrics` reads of a server (:class:`~juggler.Server` has it): this
+    module does not import the server's, which imports it."""
+
+    @property
+    def stats(self) -> _Snapshot: ...
+
+    @property
+    def connections(self) -> Sized: ...
+
+    def connection_thread_count(self) -> int: ...
 
 __all__ = ["ServerMetrics", "CalleeMetrics", "HttpEndpoints", "CONTENT_TYPE"]
 
@@ -28,7 +44,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class _ServerCollector:
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: MeteredServer) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Any]:
@@ -74,7 +90,7 @@ class _ServerCollector:
 class ServerMetrics:
     """The metrics of one server."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: MeteredServer) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.call_ack = Histogram(
             "juggler_call_ack_seconds",
@@ -219,18 +235,27 @@ class HttpEndpoints:
             except OSError:
                 return
             if not self._slots.acquire(blocking=False):
-                try:
-                    request.settimeout(0)
-                    request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                except OSError:
-                    pass
-                server.shutdown_request(request)
+                self._refuse(request)
                 continue
             with self._lock:
                 self._count += 1
                 t = threading.Thread(target=self._serve, args=(request, address), name=f"{self.name}-{self._count}")
                 self._threads.add(t)
-            t.start()
+            try:
+                t.start()
+            except (RuntimeError, MemoryError):  # out of threads: this request is refused
+                with self._lock:
+                    self._threads.discard(t)
+                self._slots.release()
+                self._refuse(request)
+
+    def _refuse(self, request: Any) -> None:
+        try:
+            request.settimeout(0)
+            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except OSError:
+            pass
+        self._server.shutdown_request(request)
 
     def _serve(self, request: Any, address: Any) -> None:
         try:

@@ -26,6 +26,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Callable, Optional
 
+from .conn import CLOSE_TRY_AGAIN_LATER
 from .exceptions import BrokerError
 from .message import (
     CLIENT_TYPES,
@@ -149,7 +150,11 @@ def process_msg(conn: "Conn", msg: Message) -> None:
         try:
             # (started first: while the server knows redis is down, its listeners find out
             # when it is back, and the CALL gets NACK 500 at once)
-            conn.listen_for_results()
+            if not conn.listen_for_results():  # closing, or out of threads: no result could reach it
+                conn.call_ended(msg.uuid)
+                conn.send(Nack.to(msg, 503, "server out of threads"))
+                conn.close(CLOSE_TRY_AGAIN_LATER, "server out of threads")
+                return
             probe = conn.check_redis()
             stored = functools.partial(_call_stored, conn, msg, probe=probe, since=since)
             if conn.store_call_ahead(payload, timeout, stored):

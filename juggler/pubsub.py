@@ -285,7 +285,13 @@ class PubSubHub:
         thread = threading.Thread(target=self._read, args=(ps,), name=self.name)
         with self._lock:
             self._ps, self._thread = ps, thread
-        thread.start()
+        try:
+            thread.start()
+        except (RuntimeError, MemoryError) as exc:  # out of threads: this SUB fails, the next one tries again
+            with self._lock:
+                self._ps = self._thread = None
+            ps.close()
+            raise BrokerError(f"cannot start the pub-sub reader: {exc}") from exc
         return ps
 
     def _read(self, ps: PubSubConn) -> None:

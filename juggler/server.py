@@ -10,15 +10,13 @@ proper close codes.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import enum
 import fnmatch
 import functools
 import json
 import logging
-import os
-import resource
+import math
 import socket
 import socketserver
 import ssl
@@ -37,6 +35,7 @@ from .middleware import Handler, process_msg, writes_events_as_sent
 from .health import RedisHealth
 from .pubsub import PubSubHub
 from .timer import Timer
+from .tuning import default_max_connections
 from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
@@ -65,9 +64,6 @@ __all__ = [
     "ALLOWED_MESSAGES_PARAM",
     "parse_allowed_messages",
     "process_msg",
-    "default_max_connections",
-    "raise_open_file_limit",
-    "size_futex_hash",
 ]
 
 SUBPROTOCOL = "juggler.0"
@@ -75,6 +71,14 @@ ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
 #: The same list as a query parameter of the handshake, for browsers (they cannot send headers
 #: with a websocket); when both come, a connection may send what both allow.
 ALLOWED_MESSAGES_PARAM = "juggler-allowed-messages"
+
+#: The reason of the HTTP 503 a connection gets at ``max_connections``.
+AT_LIMIT = "server at its connection limit"
+#: The reason of the HTTP 503 a connection gets when the process cannot start a thread for it
+#: (``kernel.pid_max``, ``kernel.threads-max``, ``vm.max_map_count`` or memory).
+OUT_OF_THREADS = "server out of threads"
+#: Seconds between two ERROR lines about connections refused for want of a thread.
+OUT_OF_THREADS_LOG_INTERVAL = 10.0
 
 _REQUEST_TYPES = {
     "call": MessageType.CALL,
@@ -208,9 +212,11 @@ class _Handler(websocket_server.WebSocketHandler):
 
     def _open(self, jserver: "Server", io: SocketIO, request: HandshakeRequest, reader: SocketReader,
               allowed: frozenset[MessageType], protocol: Optional[str]) -> Optional[Conn]:  # fmt: skip
-        """Finish the handshake: the connection to run, or ``None`` (refused, or the client went
-        away). Unless it returns a connection, it gives back the connection slot and the
-        connection's redis resources, and a connection the hook accepted is announced CLOSED."""
+        """Finish the handshake: the connection to run (already closing if the 101 could not be
+        written: its run tears it down), or ``None`` (refused: by the hook, at the connection
+        limit, or for want of a thread for its writer). Unless it returns a connection, it
+        gives back the connection slot and the connection's redis resources, and a connection
+        the hook accepted is announced CLOSED."""
         try:
             conn = Conn(jserver._services, io, self.client_address, request, allowed, reader)
         except BaseException:
@@ -221,11 +227,17 @@ class _Handler(websocket_server.WebSocketHandler):
             accepted = self._accepted(jserver, io, conn, request)
             if not accepted:
                 return None
+            try:
+                conn.start()  # its writer, before the 101: a process out of threads refuses with 503
+            except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
+                jserver._out_of_threads(self.client_address, exc)
+                self._refuse(io, _Refused(503, "Service Unavailable", OUT_OF_THREADS), request)
+                return None
+            handed_over = True  # from here on, conn.run() tears it all down
             if not self._switch_protocols(io, request, protocol):
                 conn.close(CLOSE_ABNORMAL, "connection lost during the handshake")
-                return None
-            conn.start()
-            handed_over = True  # from here on, conn.run() tears it all down
+                io.shutdown()  # its reader ends at once, and its teardown joins the writer
+                return conn
             if not jserver._conn_opened(conn):
                 # Shutdown began between the 101 and registering the connection, so
                 # shutdown() did not see it: it closes like the others, with 1001 and the
@@ -311,9 +323,10 @@ class _TCPServer(websocket_server.WebsocketServer):
 class Server:
     """A juggler server.
 
-    It runs a thread or two per connection; a process serving many connections should call
-    ``sys.setswitchinterval(1.0)`` first, as ``juggler server`` does (see the deployment
-    docs: the GIL switch interval).
+    It runs two or three threads per connection, and changes no setting of the whole process:
+    a program serving many connections may tune its process first with one call,
+    :func:`juggler.tuning.tune_process`, as ``juggler server`` does (small thread stacks, the
+    GIL switch interval, the futex table, one CPU, the open-file limit).
 
     :param broker: the broker for RPC (calls and results).
     :param pubsub_broker: the broker for pub-sub; ``None`` means ``broker``.
@@ -334,7 +347,8 @@ class Server:
     :param certfile, keyfile: serve TLS (``wss://``) with this certificate chain and key; or
         pass an ``ssl_context``.
     :param max_connections: open websockets at most; a handshake over it gets HTTP 503 (0: no
-        limit; ``None``: what this machine can hold, see :func:`default_max_connections`).
+        limit; ``None``: what this machine can hold, see
+        :func:`~juggler.tuning.default_max_connections`).
     :param read_limit: largest message (after reassembly) in bytes; over it: close 1009.
     :param write_limit: largest message written, in bytes: a RES over it is replaced by an
         error result (so its call still ends), an ACK or NACK is sent without its ``uri`` or
@@ -468,6 +482,8 @@ class Server:
         self._slots = 0
         self._accept_thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._thread_failures = 0  # connections refused for want of a thread (see _out_of_threads)
+        self._thread_failure_logged = -math.inf
         self._shutdown_done = threading.Event()
         self._tcp = _TCPServer(self, host, port, reuse_port)
         self.host, self.port = self._tcp.server_address[:2]
@@ -605,15 +621,12 @@ class Server:
     # -- lifecycle --
 
     def start(self) -> "Server":
-        """Serve in a background thread (``juggler-server-accept``); returns at once. First
-        sizes the process' futex table for ``max_connections`` (:func:`size_futex_hash`)."""
+        """Serve in a background thread (``juggler-server-accept``); returns at once."""
         with self._lock:
             if self._stopping:
                 raise RuntimeError("server was shut down")
             if self._accept_thread is not None:
                 return self
-            slots = size_futex_hash(self.max_connections or default_max_connections())
-            self.logger.debug("futex hash slots: %s", "the kernel's own" if slots is None else slots)
             self.timer.start()
             if self._http is not None:
                 self._http.start()
@@ -693,7 +706,11 @@ class Server:
                 self.logger.error("accept failed: %s", exc)
                 self._shutdown_done.wait(0.1)
                 continue
-            self._spawn_conn_thread(request, client_address)
+            try:
+                self._spawn_conn_thread(request, client_address)
+            except Exception:  # (MemoryError, say): that connection is lost, not the accept loop
+                self.logger.exception("cannot serve %s", client_address)
+                _close_quietly(request)
 
     def _spawn_conn_thread(self, request: socket.socket, client_address: Any) -> None:
         tcp = self._tcp
@@ -730,14 +747,29 @@ class Server:
             self._refuse_overloaded(tcp, request)
             return
         try:
-            _start_small(t)
-        except RuntimeError as exc:  # e.g. "can't start new thread": out of threads
+            t.start()
+        except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
             with self._lock:
                 self._conn_threads.discard(t)
-            self.logger.error("cannot start a thread for %s: %s", client_address, exc)
-            self._refuse_overloaded(tcp, request)
+            self._out_of_threads(client_address, exc)
+            self._refuse_overloaded(tcp, request, OUT_OF_THREADS)
 
-    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket) -> None:
+    def _out_of_threads(self, client_address: Any, exc: BaseException) -> None:
+        """A connection is refused (503) because no thread could be started for it: logged
+        at ERROR once, then at most every :data:`OUT_OF_THREADS_LOG_INTERVAL` seconds with the
+        count of refusals since (a process out of threads refuses every connection)."""
+        now = time.monotonic()
+        with self._lock:
+            self._thread_failures += 1
+            if now < self._thread_failure_logged + OUT_OF_THREADS_LOG_INTERVAL:
+                return
+            count, self._thread_failures = self._thread_failures, 0
+            self._thread_failure_logged = now
+        self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the "
+                          "last report); see kernel.pid_max, vm.max_map_count and memory",
+                          client_address, exc, count)  # fmt: skip
+
+    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket, reason: str = AT_LIMIT) -> None:
         if self.ssl_context is not None:
             # No TLS handshake on the accept thread: a plain-text 503 would only read as
             # garbage to a TLS client. It gets the connection closed instead.
@@ -746,7 +778,7 @@ class Server:
             self.stats.incr("refused_503")
             try:
                 request.settimeout(0)  # never block the accept thread on a client
-                request.send(http_response(503, "Service Unavailable", {}, "server at its connection limit\n"))
+                request.send(http_response(503, "Service Unavailable", {}, reason + "\n"))
             except OSError:
                 pass
         tcp.shutdown_request(request)
@@ -824,7 +856,7 @@ class Server:
             # exceed max_connections. A handshake that does not open gives it back
             # (_release_slot); an open connection gives it back when it closes.
             if self.max_connections and self._slots >= self.max_connections:
-                raise _Refused(503, "Service Unavailable", "server at its connection limit")
+                raise _Refused(503, "Service Unavailable", AT_LIMIT)
             self._slots += 1
         return allowed, protocol
 
@@ -941,23 +973,12 @@ HEAD_LIMIT = 16384
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
 
-#: The stack size of a connection's threads. Python code needs little C stack, and the deepest
-#: C recursion on these threads (decoding and encoding JSON nested up to the recursion limit)
-#: fits with room to spare; glibc's default of 8 MiB would reserve 160 GiB of address space for
-#: 20,000 threads. Only the touched pages count against memory either way.
-THREAD_STACK_SIZE = 512 * 1024
 
-_stack_lock = threading.Lock()
-
-
-def _start_small(thread: threading.Thread) -> None:
-    """Start ``thread`` with a stack of :data:`THREAD_STACK_SIZE` bytes."""
-    with _stack_lock:
-        before = threading.stack_size(THREAD_STACK_SIZE)
-        try:
-            thread.start()
-        finally:
-            threading.stack_size(before)
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _shut(sock: socket.socket) -> None:
@@ -965,110 +986,6 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-# What one connection may hold at most: its socket, its results redis connection (if it CALLs)
-# and its reader, writer and results threads.
-_FDS_PER_CONN = 2
-_THREADS_PER_CONN = 3
-_RESERVED_FDS = 128  # for redis pools, the listening socket, logs, the pub-sub connection
-_RESERVED_THREADS = 64
-
-
-def _read_int(path: str) -> Optional[int]:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def default_max_connections() -> int:
-    """How many connections this process can hold: bounded by its open-file limit (soft limit:
-    see :func:`raise_open_file_limit`) and by the machine's thread limits (``kernel.pid_max``,
-    ``kernel.threads-max``, and ``vm.max_map_count``, since every thread stack is two mappings).
-    At least 1."""
-    bounds = []
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY:
-            bounds.append((soft - _RESERVED_FDS) // _FDS_PER_CONN)
-    except (OSError, ValueError):
-        pass
-    for path, per_thread in (
-        ("/proc/sys/kernel/pid_max", 1),
-        ("/proc/sys/kernel/threads-max", 1),
-        ("/proc/sys/vm/max_map_count", 2),
-    ):
-        limit = _read_int(path)
-        if limit is not None:
-            bounds.append((limit // per_thread - _RESERVED_THREADS) // _THREADS_PER_CONN)
-    return max(1, min(bounds)) if bounds else 10000
-
-
-def raise_open_file_limit() -> tuple[int, int]:
-    """Raise this process' open-file soft limit to its hard limit; returns ``(before, after)``.
-    (The CLI does this at start; a library leaves process limits to its host.)"""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            return soft, soft
-    return soft, hard
-
-
-#: ``prctl`` options of Linux 6.16 and later: the size of a process' own futex hash table.
-_PR_FUTEX_HASH = 78
-_PR_FUTEX_HASH_SET_SLOTS = 1
-_PR_FUTEX_HASH_GET_SLOTS = 2
-#: The most futex hash slots :func:`size_futex_hash` asks for (64 bytes each: 4 MiB).
-MAX_FUTEX_HASH_SLOTS = 1 << 16
-
-
-def libc_prctl() -> Optional[Callable[..., int]]:
-    """The C library's ``prctl(option, arg2, arg3, arg4, arg5)`` (Linux), ``-1`` and ``errno``
-    on failure; ``None`` where there is none."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-def size_futex_hash(connections: int) -> Optional[int]:
-    """Give this process a futex hash table with a slot per thread that ``connections``
-    connections may have (the next power of two, up to ``MAX_FUTEX_HASH_SLOTS``, 65,536); returns
-    the slots it has after (0: the kernel's global table), or ``None`` where the kernel has no
-    such setting (before Linux 6.16, not Linux).
-
-    Every lock a thread sleeps on (a Python lock, a condition, the GIL) is a futex, and the
-    kernel finds a futex's sleepers by walking one slot's list. Since Linux 6.16 a threaded
-    process gets a table of its own, sized by the number of CPUs, not of threads: 16 slots on
-    a 2-CPU machine. With 20,000 connection threads asleep, each wake-up then walked a list
-    of over a thousand sleepers, and closing 10,000 websockets at once spent most of its time
-    there. :meth:`Server.start` does this for its ``max_connections``: a setting of the whole
-    process, which only ever grows here, so several servers in one process share the
-    largest."""
-    prctl = libc_prctl()
-    if prctl is None:
-        return None
-    threads = _THREADS_PER_CONN * max(0, connections) + _RESERVED_THREADS
-    # never fewer than the kernel's own choice (4 per CPU, which setting one stops it making)
-    threads = max(threads, 4 * (os.cpu_count() or 1))
-    slots = 2
-    while slots < min(threads, MAX_FUTEX_HASH_SLOTS):
-        slots *= 2
-    have = prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
-    if have < 0:
-        return None  # no private futex hash on this kernel
-    if have >= slots:
-        return have  # (0 is not "enough": a process gets its small table at its first thread)
-    if prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) < 0:
-        return have
-    return prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

@@ -797,6 +797,6 @@ def test_callee_processes_stop_when_their_parent_is_killed(procs, redis_server):
 ])  # fmt: skip
 def test_server_and_demo_set_the_gil_switch_interval(procs, command, flags, expected):
     proc = procs(command, "--port", "0", *flags, "--log-level", "debug")
-    proc.expect(r"GIL switch interval: %s s" % re.escape(expected), stream="err")
+    proc.expect(r"process tuned: .*GIL switch interval %s s" % re.escape(expected), stream="err")
     proc.expect(r"websocket: ws://")
     assert proc.stop() == 0

@@ -268,30 +268,3 @@ def test_shutdown_with_many_idle_connections_is_prompt(redis_client):
     finally:
         for s in socks:
             s.close()
-
-
-def _futex_hash_slots() -> int:
-    """This process' futex hash slots, as the kernel says (-1: no such setting)."""
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    return prctl(78, 2, 0, 0, 0)  # PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS
-
-
-def test_a_server_sizes_the_futex_hash_for_its_threads():
-    # Linux 6.16+ gives a threaded process 16 futex hash slots on 2 CPUs, whatever its thread
-    # count; 10,000 connections closing at once then spent their time walking those lists.
-    from juggler.server import MAX_FUTEX_HASH_SLOTS, size_futex_hash
-
-    if _futex_hash_slots() < 0:
-        assert size_futex_hash(5000) is None  # an older kernel: nothing to do, nothing done
-        return
-    server = Server(RedisBroker(fakeredis.FakeRedis()), max_connections=5000).start()
-    try:
-        have = _futex_hash_slots()
-        assert have >= 16384 and have & (have - 1) == 0, have  # 3 threads * 5000 + reserve
-        assert size_futex_hash(10) == have  # it only grows
-        assert size_futex_hash(10**9) == _futex_hash_slots() == MAX_FUTEX_HASH_SLOTS
-    finally:
-        server.shutdown()

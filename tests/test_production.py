@@ -736,7 +736,7 @@ def test_reuse_port_lets_two_servers_share_a_port(redis_client):
 
 
 def test_max_connections_defaults_to_what_the_process_can_hold(redis_client):
-    from juggler.server import default_max_connections
+    from juggler.tuning import default_max_connections
 
     with Server(RedisBroker(redis_client)) as server:
         assert server.max_connections == default_max_connections() > 0
