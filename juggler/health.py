@@ -158,11 +158,7 @@ class RedisHealth:
                     self.reconnects += 1
                     return True
                 now = self._clock()
-                if now >= self._next_turn:
-                    # this caller's turn: the next one comes after a longer wait
-                    self._delay = min(self._delay * 2, self.cap)
-                    self._next_turn = now + self._turn_wait()
-                    self.attempts += 1
+                if self._take_turn(now):
                     self.reconnects += 1
                     return True
                 self._cond.wait(self._next_turn - now)
@@ -176,13 +172,7 @@ class RedisHealth:
         with self._cond:
             if self._up:
                 return True
-            now = self._clock()
-            if self._closed or now < self._next_turn:
-                return False
-            self._delay = min(self._delay * 2, self.cap)
-            self._next_turn = now + self._turn_wait()
-            self.attempts += 1
-            return True
+            return not self._closed and self._take_turn(self._clock())
 
     @contextlib.contextmanager
     def probe(self) -> Iterator[bool]:
@@ -203,6 +193,16 @@ class RedisHealth:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def _take_turn(self, now: float) -> bool:
+        """(Under ``_cond``.) Whether a turn of the backoff is due at ``now``; if so it is
+        taken (counted in :attr:`attempts`), and the next one comes after a longer wait."""
+        if now < self._next_turn:
+            return False
+        self._delay = min(self._delay * 2, self.cap)
+        self._next_turn = now + self._turn_wait()
+        self.attempts += 1
+        return True
 
     def _turn_wait(self) -> float:
         # "equal jitter": half the delay, plus up to as much again at random, so that servers
@@ -226,10 +226,7 @@ class RedisHealth:
                 if self._up:
                     return True
                 now = self._clock()
-                if now >= self._next_turn:
-                    self._delay = min(self._delay * 2, self.cap)
-                    self._next_turn = now + self._turn_wait()
-                    self.attempts += 1
+                if self._take_turn(now):
                     return True
                 if now >= deadline:
                     return False
