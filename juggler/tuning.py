@@ -288,8 +288,18 @@ def _forget_claims_in_child() -> None:
         claim.close()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_claims_in_child)
+_fork_hook = False  # _forget_claims_in_child is registered (with the first claim, not on import)
+
+
+def _hold(claim: socket.socket) -> None:
+    """Keep ``claim`` for the life of this process, not of its forked children. The fork hook
+    that closes claims in a child is registered with the first claim: importing this module
+    (as :mod:`juggler.server` does) registers nothing in the host process."""
+    global _fork_hook
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forget_claims_in_child)
+        _fork_hook = True
+    _claims.append(claim)
 
 
 def parse_cpu(value: Any) -> CpuChoice:
@@ -381,7 +391,7 @@ def _claim(allowed: list[int], at_least: int = 2) -> Optional[int]:
         except OSError:
             claim.close()
             continue
-        _claims.append(claim)
+        _hold(claim)
         return cpu
     return None
 
