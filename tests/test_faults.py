@@ -335,16 +335,21 @@ def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
 
 class RefusingRedis:
     """Stands on a redis' port while it is down and counts the connections made to it, each
-    closed at once (a client sees its handshake fail, as with a redis that is going down)."""
+    closed at once (a client sees its handshake fail, as with a redis that is going down):
+    what a server's or a callee's reconnects cost a redis that is down."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
         self.sock.listen(128)
-        self.accepted: list[float] = []
+        self.accepted: list[float] = []  # when each connection came (time.monotonic())
         self._thread = threading.Thread(target=self._run, name="test-refusing-redis")
         self._thread.start()
+
+    @property
+    def count(self) -> int:
+        return len(self.accepted)
 
     def _run(self) -> None:
         while True:
@@ -356,8 +361,12 @@ class RefusingRedis:
             conn.close()
 
     def close(self) -> None:
+        """Idempotent."""
+        if self.sock.fileno() == -1:
+            return
         self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
         self.sock.close()
+        self._thread.join()
         self._thread.join(T(5))
 
 

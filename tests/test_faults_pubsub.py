@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -21,6 +20,7 @@ from juggler import Callee, Client, NackError, RedisBroker, Server
 from juggler.message import EventPayload
 
 from .conftest import T, echo, start_redis_server, stop_redis_server
+from .test_faults import RefusingRedis
 
 
 def kill(rp) -> None:
@@ -86,7 +86,7 @@ def test_fifty_subscribers_survive_a_redis_restart():
         assert before[0]["only.leaving"] == 1 and before[1] == 5
 
         kill(rp)
-        refuser = Refuser(port)  # (holds the port while redis is down, and counts connects)
+        refuser = RefusingRedis(port)  # (holds the port while redis is down, and counts connects)
         wait_until(lambda: not server.hub.connected, T(5), "the hub sees redis go")
         other = clients[2]
         nack_within(1.0, lambda: other.pub("news.1", "lost"))
@@ -289,37 +289,6 @@ def test_client_pause_closes_nothing():
         stop_redis_server(rp)
 
 
-class Refuser:
-    """Holds a port while redis is down: accepts every connection and closes it at once,
-    counting them (what a callee's reconnects cost a redis that is down)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
-        self.count = 0
-        self._thread = threading.Thread(target=self._run, name="refuser")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.count += 1
-            conn.close()
-
-    def close(self) -> None:
-        """Idempotent."""
-        if self.sock.fileno() == -1:
-            return
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join()
-
-
 def test_a_callee_logs_one_line_going_and_one_back_and_reconnects_sparingly(caplog):
     rp = start_redis_server()
     port = rp.port
@@ -333,7 +302,7 @@ def test_a_callee_logs_one_line_going_and_one_back_and_reconnects_sparingly(capl
             with Client.connect(server.url, connect_timeout=T(5)) as c:
                 assert c.call("test.echo", 1, timeout=T(5)) == 1
             kill(rp)
-            refuser = Refuser(port)
+            refuser = RefusingRedis(port)
             wait_until(lambda: not callee.health.up, T(5), "the callee sees redis go")
             counted_from = refuser.count
             time.sleep(2.0)  # the span measured: the connects of 8 workers in it
