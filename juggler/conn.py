@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Optional
 from .broker import SLOT_REFRESH_INTERVAL, Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
-from .redisconn import timed_out
+from .redisconn import timed_out, unavailable
 from .message import CLIENT_TYPES, CallPayload, EventPayload, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
@@ -929,7 +929,7 @@ class Conn(FrameLoop):
             except Exception as exc:
                 if self._results_stop:
                     return
-                if not (isinstance(exc, BrokerError) and str(exc).startswith("redis unavailable")):
+                if not (isinstance(exc, BrokerError) and unavailable(exc)):
                     self._listener_failed("results", exc)  # (redis' refusal, or a bug)
                     return
                 # redis went away (its calls stored and unanswered got their NACK): say so

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from .conn import CLOSE_TRY_AGAIN_LATER
 from .exceptions import BrokerError
+from .redisconn import unavailable
 from .message import (
     CLIENT_TYPES,
     SERVER_TYPES,
@@ -220,7 +221,7 @@ def _nack_broker(conn: "Conn", msg: Request, exc: BrokerError) -> None:
     level = logging.WARNING if exc.nack_code >= 500 else logging.INFO
     if not conn.redis_up():
         level = logging.DEBUG
-    elif level == logging.WARNING and str(exc).startswith("redis unavailable"):
+    elif level == logging.WARNING and unavailable(exc):
         level = logging.INFO
     conn.logger.log(level, "connection %s: %s %s failed: %s", conn.uuid, msg.type.name, msg.uuid, exc)
     conn.send(Nack.to(msg, exc.nack_code, str(exc)))
