@@ -266,6 +266,50 @@ def _tokens(path: Any) -> list[str]:
     return tokens
 
 
+def _own(parent: Any, key: Any, mine: dict[int, Any]) -> Any:
+    """``parent[key]``, a container copied for this patch (once: ``mine`` keeps the copies)."""
+    node = parent[key]
+    if id(node) not in mine:
+        if type(node) is dict:
+            node = dict(node)
+        elif type(node) is list:
+            node = node.copy()
+        else:
+            raise _Unusual
+        parent[key] = node
+        mine[id(node)] = node
+    return node
+
+
+def _key(node: Any, token: str, last: bool, kind: str) -> Any:
+    """The key of ``token`` in ``node`` (a dict or list), if it resolves as it should: every
+    token but the last must exist; the last one of an ``add`` may be a list's end."""
+    if type(node) is dict:
+        if not last and token not in node:
+            raise _Unusual
+        return token
+    appending = last and kind == "add"
+    if appending and token == "-":
+        return len(node)
+    if _INDEX.fullmatch(token) and (int(token) < len(node) or (appending and int(token) == len(node))):
+        return int(token)
+    raise _Unusual
+
+
+def _apply_op(parent: Any, key: Any, kind: str, op: dict[str, Any]) -> None:
+    """Do one add, remove or replace at ``parent[key]`` (copies of this patch's own)."""
+    if kind == "add" and type(parent) is list:
+        parent.insert(key, op["value"])
+    elif kind == "add":
+        parent[key] = op["value"]
+    elif type(parent) is dict and key not in parent:
+        raise _Unusual
+    elif kind == "remove":
+        del parent[key]
+    else:
+        parent[key] = op["value"]
+
+
 def _apply(doc: Any, patch: list[dict[str, Any]]) -> Any:
     holder = [doc]
     mine: dict[int, Any] = {id(holder): holder}  # containers copied for this patch, kept alive
@@ -274,47 +318,18 @@ def _apply(doc: Any, patch: list[dict[str, Any]]) -> Any:
         if kind not in ("add", "remove", "replace") or (kind != "remove" and "value" not in op):
             raise _Unusual
         tokens = _tokens(op.get("path"))
+        if not tokens:  # the whole document
+            if kind == "remove":
+                raise _Unusual
+            holder[0] = op["value"]
+            continue
         parent: Any = holder
         key: Any = 0
         last = len(tokens) - 1
         for i, token in enumerate(tokens):
-            node = parent[key]
-            if id(node) not in mine:
-                if type(node) is dict:
-                    node = dict(node)
-                elif type(node) is list:
-                    node = node.copy()
-                else:
-                    raise _Unusual
-                parent[key] = node
-                mine[id(node)] = node
-            if type(node) is dict:
-                if i < last and token not in node:
-                    raise _Unusual
-                key = token
-            else:
-                appending = i == last and kind == "add"
-                if appending and token == "-":
-                    key = len(node)
-                elif _INDEX.fullmatch(token) and (int(token) < len(node) or (appending and int(token) == len(node))):
-                    key = int(token)
-                else:
-                    raise _Unusual
-            parent = node
-        if not tokens:
-            if kind == "remove":
-                raise _Unusual
-            holder[0] = op["value"]
-        elif kind == "add" and type(parent) is list:
-            parent.insert(key, op["value"])
-        elif kind == "add":
-            parent[key] = op["value"]
-        elif type(parent) is dict and key not in parent:
-            raise _Unusual
-        elif kind == "remove":
-            del parent[key]
-        else:
-            parent[key] = op["value"]
+            parent = _own(parent, key, mine)
+            key = _key(parent, token, i == last, kind)
+        _apply_op(parent, key, kind, op)
     return holder[0]
 
 
