@@ -14,7 +14,8 @@ frames and who owns the threads around them. It runs on two threads, named
   :class:`PatchCache` (a server's connections share one), so connections that go from the same
   data to the same data send one patch, computed and encoded once. When the autoflush delay
   ends and the socket is free, the timer thread sends the patch itself (see
-  ``Connection._autoflush_due``).
+  ``Connection._flush_due``), then a PING: the next autoflush DATA waits for its PONG
+  (flow control: a peer that lags gets fewer, fresher patches; ``Connection._answered``).
 
 Timed things (the autoflush delay, keepalive pings, the idle timeout, the close deadline) are
 entries in a :class:`~juggler.timer.Timer`: the server's, shared by its connections, or one a
@@ -76,6 +77,9 @@ class Settings:
     idle_timeout: float = 60.0
     #: seconds to wait for the peer's close frame once closing starts
     close_timeout: float = 2.0
+    #: flow control: an autoflush DATA waits (its changes coalescing) until the peer answered
+    #: the ``PING`` sent after the previous one, at most this many seconds (0: no flow control)
+    flow_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("read_limit", "write_queue_size", "receive_queue_size"):
@@ -84,7 +88,7 @@ class Settings:
         for name in ("write_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
-        for name in ("ping_interval", "idle_timeout"):
+        for name in ("ping_interval", "idle_timeout", "flow_timeout"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 seconds (0: off), got {getattr(self, name)!r}")
 
@@ -175,6 +179,9 @@ class _Snapshot:
 
 
 _AUTOFLUSH = object()  # write queue marker: send what changed since the last DATA
+_PING = protocol.encode(protocol.PING, {})  # flow control's probe, after an autoflush DATA
+_PING_FRAME = encode_frame(OP_TEXT, _PING, None)  # a server's (unmasked)
+_PROBE_INTERVAL = 1.0  # seconds between PINGs to a peer that keeps up
 _CLOSE = object()  # write queue marker: send the close frame and stop
 
 
@@ -233,6 +240,10 @@ class Connection(FrameLoop):
         self._remote: Any = None  # the reader's
         self._synced: Any = None  # the writer's: the local data the peer has
         self._autoflush: Optional[TimerHandle] = None
+        self._unanswered = 0  # flow control: our PINGs the peer has not answered yet
+        self._probe_at = float("-inf")  # when the last of them went out
+        self._held = False  # an autoflush came due meanwhile: its DATA waits for the PONG
+        self._lagging = False  # the last PONG took longer than the autoflush delay
         self._patches = patches if patches is not None else PatchCache(2, frames=not client, logger=self.logger)
         if self._patches.frames == client:
             raise ValueError("a client connection needs a PatchCache of messages, a server one of frames")
@@ -519,7 +530,8 @@ class Connection(FrameLoop):
             self._inbox.put(msg.payload)
         elif msg.type == protocol.PING:
             self._put(self._frame(protocol.encode(protocol.PONG, {})))
-        # PONG: nothing to do
+        else:  # PONG
+            self._answered()
 
     def _answer_close(self, code: int, reason: str) -> None:
         self._start_close(code, reason)
@@ -546,13 +558,40 @@ class Connection(FrameLoop):
         raise self._closed_error()
 
     def _autoflush_due(self) -> None:
-        """On the timer thread, never waiting for the peer. When the socket is free (nothing
-        queued, nobody writing) the DATA goes out from here, what the socket does not take at
-        once left to the writer: so one thread sends a change to every connection whose delay
-        ends at once, without waking a writer thread per connection (at 500 connections those
-        wake-ups, each a GIL hand-over, were most of the server's CPU and of the latency on a
-        busy machine). Otherwise the writer sends it after what is queued; at most one
-        marker is queued at a time."""
+        """On the timer thread, when the autoflush delay ends (or the wait for a PONG does):
+        the DATA goes out now, unless flow control holds it (see :meth:`_answered`)."""
+        with self._data_lock:
+            if self._unanswered and not self.closed:
+                until = self._probe_at + self.settings.flow_timeout
+                if time.monotonic() < until:
+                    self._held = True
+                    self._autoflush = self._timer.call_at(until, self._autoflush_due)
+                    return
+            self._held = False
+        self._flush_due()
+
+    def _answered(self) -> None:
+        """A PONG (reader thread): the peer handled what came before our PING. A held DATA
+        goes now: one patch, from what the peer had to the newest data, when it is ready for
+        it, instead of a backlog of stale ones piling up in the buffers ahead of it."""
+        with self._data_lock:
+            if self._unanswered:
+                self._unanswered -= 1
+                self._lagging = time.monotonic() - self._probe_at > (self.autoflush_delay or 0.0)
+            if self._unanswered or not self._held:
+                return
+            self._held = False
+            if self._autoflush is not None:
+                self._autoflush.cancel()  # the flow_timeout; not None: no new delay meanwhile
+        self._flush_due()
+
+    def _flush_due(self) -> None:
+        """Send the autoflush DATA, never waiting. With the socket free (nothing queued,
+        nobody writing) from this thread (the timer's; the reader's on a PONG), the rest of
+        what the socket does not take left to the writer: so one thread sends a change to all
+        the connections due at once, without waking a writer per connection (at 500, those
+        GIL hand-overs were most of the server's CPU). Else the writer sends it after what is
+        queued; at most one marker is queued at a time."""
         if self._queue.claim():
             try:
                 self._flush_now()
@@ -560,6 +599,18 @@ class Connection(FrameLoop):
                 self._queue.release()
         else:
             self._queue.put_first(_AUTOFLUSH, last=True)
+
+    def _probe(self) -> bytes:
+        """The PING that follows an autoflush DATA, counted unanswered until its PONG: after
+        every DATA to a peer that lags, else once in ``_PROBE_INTERVAL`` (a PONG costs the
+        server a reader wake-up); ``b""`` when none is due."""
+        with self._data_lock:
+            now = time.monotonic()
+            if not (self._lagging or self._unanswered or now - self._probe_at >= _PROBE_INTERVAL):
+                return b""
+            self._unanswered += 1
+            self._probe_at = now
+        return self._frame(_PING) if self._mask else _PING_FRAME
 
     def _flush_now(self) -> None:
         """Send what changed without waiting (with the socket claimed)."""
@@ -573,6 +624,8 @@ class Connection(FrameLoop):
             return
         if frame is None:
             return
+        if self.settings.flow_timeout:
+            frame += self._probe()
         try:
             n = self._io.send_nowait(frame)
         except OSError as exc:
@@ -602,6 +655,7 @@ class Connection(FrameLoop):
             if self._autoflush is not None:
                 self._autoflush.cancel()
                 self._autoflush = None
+            self._held = False
             data = self._local
         return self._data_frame(data)
 
@@ -609,48 +663,46 @@ class Connection(FrameLoop):
         out: list[bytes] = []
         flushes: list[_Flush] = []
         while True:
-            closing = False
             try:
-                for item in self._queue.get_batch(_WRITE_BATCH):
-                    if item is _CLOSE:
-                        closing = True
-                        break
-                    if isinstance(item, bytes):
-                        out.append(item)
-                        continue
-                    try:
-                        if isinstance(item, _Snapshot):
-                            frame = self._data_frame(item.data)
-                        else:  # _AUTOFLUSH or a _Flush
-                            if isinstance(item, _Flush):
-                                flushes.append(item)
-                            frame = self._current_data_frame()
-                    except _NotJSON as exc:  # logged by the PatchCache, once for all connections
-                        if isinstance(item, _Flush):
-                            item.error = exc.error
-                        continue
-                    if frame is not None:
-                        out.append(frame)
+                closing = self._frames_of(self._queue.get_batch(_WRITE_BATCH), out, flushes)
             except Exception:  # a bug in making a patch must not leave the peer out of sync
                 self.logger.exception("statesync connection %d: cannot make a DATA patch", self.id)
                 self._start_close(CLOSE_INTERNAL_ERROR, "internal error")
                 closing = True
             if closing and not self._peer_gone:
                 out.append(encode_close(self.close_code or CLOSE_NORMAL, self.close_reason, self._mask(4) if self._mask else None))
-            if out:
-                sent = self._send(b"".join(out))
-                out.clear()
-                if not sent:
-                    for f in flushes:
-                        f.failed = True
-                        f.done.set()
-                    return
+            sent = not out or self._send(b"".join(out))
+            out.clear()
             for f in flushes:
+                f.failed = not sent
                 f.done.set()
             flushes.clear()
-            if closing:
+            if closing or not sent:
                 return
             self._queue.release()
+
+    def _frames_of(self, items: list[Any], out: list[bytes], flushes: list[_Flush]) -> bool:
+        """The frames of a batch of queued items, onto ``out`` (the writer's); whether the
+        batch ends with the close."""
+        for item in items:
+            if item is _CLOSE:
+                return True
+            if isinstance(item, bytes):
+                out.append(item)
+                continue
+            if isinstance(item, _Flush):
+                flushes.append(item)
+            try:  # a _Snapshot, or what changed since the last DATA (_AUTOFLUSH, a _Flush)
+                frame = self._data_frame(item.data) if isinstance(item, _Snapshot) else self._current_data_frame()
+            except _NotJSON as exc:  # logged by the PatchCache, once for all connections
+                if isinstance(item, _Flush):
+                    item.error = exc.error
+                continue
+            if frame is not None:
+                out.append(frame)
+                if item is _AUTOFLUSH and self.settings.flow_timeout and not self.closed:
+                    out.append(self._probe())  # (not after the DATA close() sends)
+        return False
 
     def _send(self, data: bytes) -> bool:
         try:
