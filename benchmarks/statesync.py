@@ -20,8 +20,10 @@ fanout
     per change x client, and the change-to-client latency: for each change and each client,
     the time from the change until the client had it (in its own DATA, or coalesced into a
     later one). Also the age of each state a client saw when it saw it, the DATA messages the
-    clients got, and the CPU the client processes used (% of one core): when they cannot keep
-    up, the latency is theirs, not the server's.
+    clients got, the patches our server made (one per distinct pair of states: shared by
+    connections at the same state, one each for connections that flow control held at their
+    own), and the CPU the client processes used (% of one core): when they cannot keep up, the
+    latency is theirs, not the server's. ``--flow-timeout 0`` turns our flow control off.
 big
     The same with a 1 MB state (``--big-kb``), ``--big-clients`` (50) clients and one change a
     second: server CPU per change.
@@ -130,6 +132,7 @@ class App:
         self.state = State(args.state_bytes) if args.state_bytes else None
         self.conns: list[Any] = []
         self.received: list[int] = []  # DATA received, per connection (counted by its change callback)
+        self.patches: Any = None  # our server's PatchCache (hat-juggler diffs per connection)
         self.lock = threading.Lock()
 
     def on_connection(self, conn: Any) -> None:
@@ -159,7 +162,8 @@ class App:
 
     def status(self) -> dict[str, Any]:
         with self.lock:
-            return {"conns": len(self.conns), "received": sum(self.received)}
+            return {"conns": len(self.conns), "received": sum(self.received),
+                    "patches": None if self.patches is None else self.patches.computed}  # fmt: skip
 
 
 def run_changes(app: App) -> Any:
@@ -212,8 +216,10 @@ def server_ours(args: argparse.Namespace) -> None:
     from juggler import statesync
 
     app = App(args)
+    flow = {} if args.flow_timeout is None else {"flow_timeout": args.flow_timeout}
     server = statesync.listen("127.0.0.1", args.port, app.on_connection, autoflush_delay=args.autoflush,
-                              max_connections=args.max_connections)  # fmt: skip
+                              max_connections=args.max_connections, **flow)  # fmt: skip
+    app.patches = getattr(server, "patches", None)
     try:
         asyncio.run(serve_commands(app))
     finally:
@@ -405,9 +411,10 @@ def measure(impl: str, tree: Optional[str], scenario: str, args: argparse.Namesp
         clients, size, rate = args.idle, 0, 0.0
     else:
         clients, size, rate = args.c2s_clients, 0, 0.0
+    flow = {"flow_timeout": args.flow_timeout} if impl == "ours" and args.flow_timeout is not None else {}
     server = Child(f"server-{impl}", role_argv("server", impl="hat" if impl == "hat" else "ours", port=port,
                    state_bytes=size, rate=rate or 1, duration=args.duration, autoflush=args.autoflush,
-                   max_connections=clients + 100), env, logdir)  # fmt: skip
+                   max_connections=clients + 100, **flow), env, logdir)  # fmt: skip
     drivers: list[Child] = []
     out: dict[str, Any] = {"impl": impl, "scenario": scenario, "clients": clients}
     try:
@@ -424,6 +431,8 @@ def measure(impl: str, tree: Optional[str], scenario: str, args: argparse.Namesp
             out["connect_failures"] = [r["failures"] for r in ready]
         if scenario in ("fanout", "big"):
             time.sleep(1.0)  # the initial state reaches every client
+            server.send("status")
+            patches0 = server.reply(30)["patches"]
             cpu0 = c.cpu_seconds(server.pid)
             dcpu0 = sum(c.cpu_seconds(d.pid) for d in drivers)
             t0 = time.monotonic()
@@ -434,6 +443,9 @@ def measure(impl: str, tree: Optional[str], scenario: str, args: argparse.Namesp
                        timeout=args.converge_timeout)
             results = [d.reply(args.converge_timeout + 60) for d in drivers]
             cpu = c.cpu_seconds(server.pid) - cpu0
+            server.send("status")
+            patches = server.reply(30)["patches"]
+            out["patches"] = None if patches is None else patches - patches0
             out["clients_cpu_pct"] = 100 * (sum(c.cpu_seconds(d.pid) for d in drivers) - dcpu0) / (time.monotonic() - t0)
             lat = sorted(x for r in results for x in r["latencies"])
             ages = sorted(x for r in results for x in r["ages"])
@@ -486,7 +498,7 @@ def fmt_row(scenario: str, m: dict[str, Any]) -> str:
                 f"per change x client {m['cpu_per_change_client'] * 1e6:7.2f} us  "
                 f"latency p50 {m['lat_p50'] * 1e3:6.0f} ms p99 {m['lat_p99'] * 1e3:6.0f} ms  "
                 f"(age of states seen p99 {m['age_p99'] * 1e3:6.0f} ms)  clients' CPU {m['clients_cpu_pct']:4.0f} %  "
-                f"DATA {m['deliveries']}")  # fmt: skip
+                f"DATA {m['deliveries']}" + ("" if m.get("patches") is None else f"  patches made {m['patches']}"))  # fmt: skip
     if scenario == "idle":
         return (f"connected {m['connected']:5d}  threads {m['threads']:5d} ({m['threads_per_conn']:.2f}/conn)  "
                 f"RSS/conn {m['rss_per_conn'] / 1024:6.1f} KB  idle CPU {m['idle_cpu_pct']:5.2f} %")  # fmt: skip
@@ -516,6 +528,7 @@ def main() -> int:
     ap.add_argument("--per-driver", type=int, default=125, help="clients per client process, at most (default 125)")
     ap.add_argument("--open-timeout", type=float, default=120.0, help="seconds to open every client (default 120)")
     ap.add_argument("--converge-timeout", type=float, default=60.0, help="seconds for clients to converge (default 60)")
+    ap.add_argument("--flow-timeout", type=float, help="flow_timeout of our server (not --against's; default: the library's; 0: off)")
     ap.add_argument("--impls", default="ours,hat", help="what to measure: ours, hat (default ours,hat)")
     ap.add_argument("--against", metavar="REV", help="also measure our server at this git revision (before)")
     ap.add_argument("--runs", type=int, default=1, help="rounds of measurements (default 1)")
