@@ -341,7 +341,7 @@ class Client:
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout
         self.close_timeout = close_timeout
-        self.logger = logger or logging.getLogger("juggler.client")
+        self.logger = logger or logging.getLogger(__name__)
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self.id = next(_counter)
@@ -431,7 +431,7 @@ class Client:
         redial = None
         if reconnect:
             ws = _dial_until(url, headers, connect_timeout, max_reconnect_delay,
-                             logger or logging.getLogger("juggler.client"), ws_options)  # fmt: skip
+                             logger or logging.getLogger(__name__), ws_options)  # fmt: skip
             # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
             redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)

@@ -94,7 +94,7 @@ class PubSubHub:
         self.broker = broker
         self.confirm_timeout = confirm_timeout
         self.name = name
-        self.logger = logger or logging.getLogger("juggler.server")
+        self.logger = logger or logging.getLogger(__name__)
         self.on_bad_event = on_bad_event
         self.health = health if health is not None else RedisHealth(f"{name} (pub-sub redis)", logger=self.logger)
         # _lock guards the maps and the state below; it is held while an event is handed out,

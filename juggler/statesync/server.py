@@ -85,7 +85,7 @@ class Server:
         self.index_path = index_path
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
-        self.logger = logger or logging.getLogger("juggler.statesync")
+        self.logger = logger or logging.getLogger(__name__)
         #: the DATA patches the connections send, each made once (see the PatchCache)
         self.patches = PatchCache(patch_cache_size, frames=True, logger=self.logger)
         self.ssl_context: Optional[ssl.SSLContext] = None
