@@ -24,8 +24,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from ..exceptions import ProtocolError
-from ..handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
+from ..exceptions import ProtocolError, Refusal
+from ..handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader, Stopped
 from .connection import CLOSE_GOING_AWAY, Connection, PatchCache, Settings, check_autoflush_delay
