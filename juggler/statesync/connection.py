@@ -215,7 +215,7 @@ class Connection(FrameLoop):
         self.remote_addr = remote_addr
         self.settings = settings
         self.autoflush_delay = check_autoflush_delay(autoflush_delay)
-        self.logger = logger or logging.getLogger("juggler.statesync")
+        self.logger = logger or logging.getLogger(__name__)
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self._client = client
