@@ -50,6 +50,7 @@ from typing import Any, Optional, Protocol
 
 from .broker import Broker, BrokerError, PubSubConn, PubSubEvent
 from .health import RedisHealth
+from .history import History
 from .message import EventPayload
 from .redisconn import unavailable
 
@@ -79,6 +80,8 @@ class PubSubHub:
         juggler event; it is dropped.
     :param health: the process' view of this redis (the server's, when ``broker`` is the
         server's RPC broker too); ``None``: one of the hub's own.
+    :param history: the channels whose events a PUB also keeps for recovery (see
+        :mod:`juggler.history`); ``None``: none.
     """
 
     def __init__(
@@ -90,8 +93,11 @@ class PubSubHub:
         logger: Optional[logging.Logger] = None,
         on_bad_event: Any = None,
         health: Optional[RedisHealth] = None,
+        history: Optional[History] = None,
     ) -> None:
         self.broker = broker
+        #: the channels whose events are kept for recovery (:mod:`juggler.history`), or None
+        self.history = history
         self.confirm_timeout = confirm_timeout
         self.name = name
         self.logger = logger or logging.getLogger("juggler.server")
@@ -253,8 +259,12 @@ class PubSubHub:
         since = health.epoch
         if not health.request_turn(health.cap):
             raise BrokerError("redis unavailable (reconnecting)")
+        rule = self.history.rule(channel) if self.history is not None else None
         try:
-            n = self.broker.publish(channel, payload)
+            if rule is None:
+                n = self.broker.publish(channel, payload)
+            else:
+                n = self.broker.publish_history(channel, payload, rule)[0]
         except BrokerError as exc:
             self._failed_request(exc, since)
             raise
