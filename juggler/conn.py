@@ -337,6 +337,7 @@ class Conn(FrameLoop):
         self._read_at = 0.0  # when the message being handled was read (reader thread)
         self._ack_deferred = False  # and its ACK will come from the results thread
         self._held: Optional[dict[SubKey, Held]] = None  # subscriptions recovering history
+        self._held_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Conn {self.id} {self.uuid} {self.remote_addr}>"
@@ -463,12 +464,15 @@ class Conn(FrameLoop):
         return self._svc.hub.history
 
     def hold_events(self, key: SubKey, held: Held) -> None:
-        """(The reader, recovering a subscription's history.) Until :meth:`release_events`,
-        its live events go to ``held`` unless it is done."""
-        self._held = {**(self._held or {}), key: held}
+        """(The reader, recovering a subscription's history.) Its live events go through
+        ``held`` until one passes it (:attr:`~juggler.history.Held.passed`)."""
+        with self._held_lock:
+            self._held = {**(self._held or {}), key: held}
 
-    def release_events(self, key: SubKey) -> None:
-        self._held = {k: v for k, v in (self._held or {}).items() if k != key} or None
+    def release_events(self, key: SubKey, held: Held) -> None:
+        with self._held_lock:
+            if self._held is not None and self._held.get(key) is held:
+                self._held = {k: v for k, v in self._held.items() if k != key} or None
 
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
         """Send an event (on the server's pub-sub thread), through the handler, without
@@ -477,8 +481,12 @@ class Conn(FrameLoop):
         if self.closed:
             return
         held = self._held
-        if held is not None and key in held and held[key].hold(event):
-            return
+        if held is not None and key in held:
+            h = held[key]
+            if h.hold(event):
+                return
+            if h.passed:
+                self.release_events(key, h)
         limit = self._svc.event_write_limit()
         if limit is not None:
             # The handler would only write it: write the event's frame, made once for all

@@ -226,27 +226,48 @@ def _offset_key(offset: str) -> tuple[int, int]:
 
 
 class Held:
-    """The live events of one subscription that arrive while its history is read and written
-    (the server's pub-sub thread holds them here instead of writing them)."""
+    """The live events of one subscription while its history is read and written, and the
+    seam after: the server's pub-sub thread holds them here, then (once the history is
+    written) drops those the history held already. Events the pub-sub thread had not read
+    yet when the history was read come after the recovery is over: they are dropped too,
+    until the first event past the history goes through (then :attr:`passed`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.overflowed = False
+        #: An event past the history went through: nothing more to drop.
+        self.passed = False
+        self._floor: Optional[tuple[str, tuple[int, int]]] = None  # (epoch, offset) of the history read
         self._events: list[Any] = []
         self._done = False
         self._lock = threading.Lock()
 
     def hold(self, event: Any) -> bool:
-        """(The pub-sub thread.) Keep ``event``; ``False`` once the recovery is over (then
-        the caller writes it)."""
+        """(The pub-sub thread.) Keep ``event``, or drop it as written from the history
+        already: ``True``; ``False``: the caller writes it."""
         with self._lock:
-            if self._done:
-                return False
-            if len(self._events) >= self.limit:
-                self.overflowed = True
-            else:
-                self._events.append(event)
+            if not self._done:
+                if len(self._events) >= self.limit:
+                    self.overflowed = True
+                else:
+                    self._events.append(event)
+                return True
+        return self.behind(event)
+
+    def read(self, position: Position) -> None:
+        """The history was read up to ``position``."""
+        self._floor = (position.epoch, _offset_key(position.offset))
+
+    def behind(self, event: Any) -> bool:
+        """Whether ``event`` was in the history read (then it was written from there)."""
+        p = event.payload
+        if self.passed or not p.offset or self._floor is None:
+            return False
+        epoch, top = self._floor
+        if p.epoch == epoch and _offset_key(p.offset) <= top:
             return True
+        self.passed = True
+        return False
 
     def take(self) -> list[Any]:
         """The events held so far; when there are none, the recovery is over."""
@@ -276,16 +297,18 @@ def subscribe(conn: "Conn", msg: Sub) -> None:
     conn.hold_events(key, held)
     try:
         read = _subscribe_and_read(conn, msg, rule)
-        conn.send(Ack(msg, recovered=read.recovered if msg.since else None, position=read.position))
-        if msg.since is not None and not read.recovered:
-            logger.info("connection %s: SUB %s: cannot recover %r from offset %s of epoch %s (now %s of %s)",
-                        conn.uuid, msg.uuid, msg.channel, msg.since.offset, msg.since.epoch, read.position.offset,
-                        read.position.epoch)  # fmt: skip
-        for payload in read.events:
-            conn.handle(_evnt(msg.channel, payload))
-        _write_held(conn, msg.channel, held, read.position)
-    finally:
-        conn.release_events(key)
+    except BaseException:
+        conn.release_events(key, held)
+        raise
+    held.read(read.position)
+    conn.send(Ack(msg, recovered=read.recovered if msg.since else None, position=read.position))
+    if msg.since is not None and not read.recovered:
+        logger.info("connection %s: SUB %s: cannot recover %r from offset %s of epoch %s (now %s of %s)",
+                    conn.uuid, msg.uuid, msg.channel, msg.since.offset, msg.since.epoch, read.position.offset,
+                    read.position.epoch)  # fmt: skip
+    for payload in read.events:
+        conn.handle(_evnt(msg.channel, payload))
+    _write_held(conn, held)  # (the pub-sub thread lets `held` go once an event passes it)
 
 
 def _subscribe_and_read(conn: "Conn", msg: Sub, rule: HistoryRule) -> HistoryRead:
@@ -300,10 +323,9 @@ def _subscribe_and_read(conn: "Conn", msg: Sub, rule: HistoryRule) -> HistoryRea
         raise
 
 
-def _write_held(conn: "Conn", channel: str, held: Held, position: Position) -> None:
-    """Write the held events that came after ``position`` (the others were in the history),
-    until none is left; then the pub-sub thread writes them again."""
-    top = _offset_key(position.offset)
+def _write_held(conn: "Conn", held: Held) -> None:
+    """Write the held events that came after the history read (the others were in it), until
+    none is left; then the pub-sub thread writes them again."""
     while True:
         events = held.take()
         if held.overflowed:
@@ -312,10 +334,8 @@ def _write_held(conn: "Conn", channel: str, held: Held, position: Position) -> N
         if not events:
             return
         for event in events:
-            p = event.payload
-            if p.offset and p.epoch == position.epoch and _offset_key(p.offset) <= top:
-                continue  # written from the history already
-            conn.handle(event.evnt().sharing(event.evnt_payload))
+            if not held.behind(event):
+                conn.handle(event.evnt().sharing(event.evnt_payload))
 
 
 def _evnt(channel: str, p: EventPayload) -> Evnt:
