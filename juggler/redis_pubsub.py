@@ -100,8 +100,8 @@ class PubSubSide:
         """Publish an event on a channel with history (:func:`juggler.history.publish_event`):
         the number of redis subscribers that got it, and its position. Raises
         :class:`BrokerError`."""
-        try:
-            return publish_event(self._eval, channel, payload, rule)
+        try:  # (its reply awaited within publish_timeout on the fast path, as a PUBLISH's)
+            return publish_event(functools.partial(self._eval, within=self.publish_timeout), channel, payload, rule)
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
 

@@ -320,3 +320,17 @@ def test_go_mixes_a_go_server_reads_our_events_and_publishes_around_history(raw,
     ack = a.recv_raw()["payload"]
     assert {k: ack[k] for k in ("for", "for_type", "channel")} == {"for": msg.uuid, "for_type": 3, "channel": "chat.go"}
     assert set(ack) == {"for", "for_type", "channel", "offset", "epoch"}
+
+
+def test_history_in_the_config_file_and_the_environment(tmp_path):
+    from juggler.config import ConfigError, load
+
+    path = tmp_path / "juggler.toml"
+    path.write_text('[server]\nhistory = ["chat.*=200,300s", "news"]\n')
+    values, sources = load("server", {}, env={}, config_path=str(path))
+    assert values["history"] == ["chat.*=200,300s", "news=100,300s"] and "file" in sources["history"]
+    values, _ = load("server", {}, env={"JUGGLER_HISTORY": "a=1;b=2,1m"})
+    assert values["history"] == ["a=1,300s", "b=2,60s"]
+    path.write_text('[server]\nhistory = ["chat.*=0"]\n')
+    with pytest.raises(ConfigError, match="history"):
+        load("server", {}, env={}, config_path=str(path))
