@@ -288,11 +288,13 @@ def subscribe(conn: "Conn", msg: Sub) -> None:
     that came after them. Raises :class:`BrokerError` before anything is sent (then nothing
     is subscribed)."""
     rule = rule_for(conn, msg)
-    if rule is None:  # a pattern, or a channel without history: nothing to recover from
+    key = (msg.pattern, msg.channel)
+    if rule is None or key in conn.subscriptions():
+        # a pattern or a channel without history: nothing to recover from; held already: its
+        # events reach the connection as they did (and a replay would repeat them)
         conn.subscribe(msg.channel, msg.pattern)
-        conn.send(Ack(msg, recovered=False))
+        conn.send(Ack(msg, recovered=False if msg.since is not None else None))
         return
-    key = (False, msg.channel)
     held = Held(rule.size + conn.settings.write_queue_size)
     conn.hold_events(key, held)
     try:
@@ -312,6 +314,7 @@ def subscribe(conn: "Conn", msg: Sub) -> None:
 
 
 def _subscribe_and_read(conn: "Conn", msg: Sub, rule: HistoryRule) -> HistoryRead:
+    """Subscribe, then read the history; on a failure to read, unsubscribe again."""
     conn.subscribe(msg.channel, False)  # live first: what is published from now on is held
     try:
         return conn.pubsub_broker.read_history(msg.channel, rule, msg.since)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import threading
 import time
 
@@ -315,9 +316,10 @@ def test_go_mixes_a_go_server_reads_our_events_and_publishes_around_history(raw,
     frame = a.recv_raw()
     assert frame["payload"] == {"for": "3c1c3fce-05c6-4fd6-9ef4-a7d5bb1b8c4e", "channel": "chat.go", "args": 5}
     # a Go client's SUB (no since) of such a channel: the reference's ACK plus offset and epoch
+    go_client = raw()
     msg = Sub("chat.go")
-    a.send(msg)
-    ack = a.recv_raw()["payload"]
+    go_client.send(msg)
+    ack = go_client.recv_raw()["payload"]
     assert {k: ack[k] for k in ("for", "for_type", "channel")} == {"for": msg.uuid, "for_type": 3, "channel": "chat.go"}
     assert set(ack) == {"for", "for_type", "channel", "offset", "epoch"}
 
@@ -334,3 +336,46 @@ def test_history_in_the_config_file_and_the_environment(tmp_path):
     path.write_text('[server]\nhistory = ["chat.*=0"]\n')
     with pytest.raises(ConfigError, match="history"):
         load("server", {}, env={}, config_path=str(path))
+
+
+def test_a_second_sub_of_a_held_channel_changes_nothing(raw):
+    a = raw()
+    first = _sub(a, "chat.twice")
+    _pub(a, "chat.twice", 1)
+    assert a.recv().args == 1
+    again = _sub(a, "chat.twice")
+    assert again.position is None and again.recovered is None
+    assert _sub(a, "chat.twice", since=first.position).recovered is False  # no replay: it has them
+    _pub(a, "chat.twice", 2)
+    assert a.recv().args == 2
+
+
+def test_events_published_while_the_server_reconnects_to_redis_are_replayed(server, raw, real):
+    """The server's own pub-sub connection drops (CLIENT KILL): once it is back, the events of
+    channels with history published meanwhile reach the connections that held them, once."""
+    a = raw()
+    _sub(a, "chat.hub")
+    _pub(a, "chat.hub", 0)
+    assert a.recv().args == 0
+    real.client_kill_filter(_type="pubsub")
+    for i in range(1, 6):  # while the hub reconnects (its backoff waits a turn first)
+        juggler.publish(real, "chat.hub", i)
+    assert [a.recv().args for _ in range(5)] == [1, 2, 3, 4, 5]
+    juggler.publish(real, "chat.hub", 6)
+    assert a.recv().args == 6
+
+
+def test_a_connection_whose_events_the_server_cannot_replay_is_closed(server, raw, real):
+    a = raw()
+    _sub(a, "chat.lost")
+    _pub(a, "chat.lost", 0)
+    a.recv()
+    real.client_kill_filter(_type="pubsub")
+    juggler.publish(real, "chat.lost", 1)
+    real.delete(history_key("chat.lost"), epoch_key("chat.lost"))  # and the history is lost
+    while True:
+        opcode, frame = a.ws.recv_data_frame(True)
+        if opcode == 0x8:
+            break
+    assert struct.unpack(">H", frame.data[:2])[0] == 1012
+    assert b"events lost" in frame.data
