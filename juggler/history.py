@@ -228,15 +228,16 @@ class HistoryReaders:
     """A broker's history reads (:func:`read_history`): at most ``connections`` at once, each
     on one of at most that many redis connections of their own (kept open between reads), so
     that a burst of SUBs does not open a connection for each. A read that finds none free
-    within ``wait`` seconds raises :class:`BrokerError`. Where the fast path does not apply
-    (fakeredis, a cluster), the reads go through ``run`` (the client's own pools), at most
-    ``connections`` at once."""
+    within ``wait`` seconds raises :class:`BrokerError` (``None``: :data:`READ_CONNECTIONS`,
+    :data:`READ_WAIT`). Where the fast path does not apply (fakeredis, a cluster), the reads
+    go through ``run`` (the client's own pools), at most ``connections`` at once."""
 
-    def __init__(self, client: Any, fast: bool, connections: int = READ_CONNECTIONS, wait: float = READ_WAIT) -> None:
+    def __init__(self, client: Any, fast: bool, connections: Optional[int] = None, wait: Optional[float] = None) -> None:
+        connections = READ_CONNECTIONS if connections is None else connections
         if connections < 1:
             raise ValueError(f"history readers need at least one connection, got {connections!r}")
         self.connections = connections
-        self.wait = wait
+        self.wait = READ_WAIT if wait is None else wait
         self._turns = threading.BoundedSemaphore(connections)
         self._pool = resp.RespPool(client, max_idle=connections) if fast else None
 
