@@ -22,7 +22,9 @@ Bounds: SIZE from 1 to :data:`MAX_SIZE` (default :data:`DEFAULT_SIZE`), TTL up t
 connection's write queue and its write timeout; the events held during a recovery are at most
 SIZE plus the connection's write queue size (past it the connection is closed, 1008). Redis
 keeps about SIZE events per channel (``MAXLEN ~`` trims whole stream nodes, 100 entries by
-default).
+default). A broker reads histories on at most :data:`READ_CONNECTIONS` redis connections of their
+own (:class:`HistoryReaders`), however many SUBs come at once; a SUB that finds none free within
+:data:`READ_WAIT` seconds gets a NACK (500), and nothing is subscribed.
 
 :func:`publish` publishes from any backend, with no websocket, through the same script.
 """
@@ -57,6 +59,9 @@ __all__ = [
     "HistoryRule",
     "History",
     "HistoryRead",
+    "HistoryReaders",
+    "READ_CONNECTIONS",
+    "READ_WAIT",
     "Held",
     "publish",
     "publish_event",
@@ -72,6 +77,11 @@ MAX_SIZE = 10_000
 #: Seconds a history lives after its last event when a rule gives no TTL, and the most.
 DEFAULT_TTL = 300.0
 MAX_TTL = 7 * 24 * 3600.0
+
+#: The most redis connections a broker reads histories on (:class:`HistoryReaders`), and how
+#: long a SUB waits for one of them at most, in seconds, before its NACK.
+READ_CONNECTIONS = 4
+READ_WAIT = 2.0
 
 #: ``run(script, keys, args)``: a Lua script's reply (a broker's, or a redis-py client's).
 Eval = Callable[[resp.Script, list, list], Any]
@@ -212,6 +222,45 @@ def read_history(run: Eval, channel: str, rule: HistoryRule, since: Optional[Pos
         p = EventPayload.from_json(reply[i + 1])
         events.append(EventPayload(p.msg_uuid, p.args, text(reply[i]), epoch))
     return HistoryRead(Position(top, epoch), bool(reply[2]), tuple(events))
+
+
+class HistoryReaders:
+    """A broker's history reads (:func:`read_history`): at most ``connections`` at once, each
+    on one of at most that many redis connections of their own (kept open between reads), so
+    that a burst of SUBs does not open a connection for each. A read that finds none free
+    within ``wait`` seconds raises :class:`BrokerError` (``None``: :data:`READ_CONNECTIONS`,
+    :data:`READ_WAIT`). Where the fast path does not apply (fakeredis, a cluster), the reads
+    go through ``run`` (the client's own pools), at most ``connections`` at once."""
+
+    def __init__(self, client: Any, fast: bool, connections: Optional[int] = None, wait: Optional[float] = None) -> None:
+        connections = READ_CONNECTIONS if connections is None else connections
+        if connections < 1:
+            raise ValueError(f"history readers need at least one connection, got {connections!r}")
+        self.connections = connections
+        self.wait = READ_WAIT if wait is None else wait
+        self._turns = threading.BoundedSemaphore(connections)
+        self._pool = resp.RespPool(client, max_idle=connections) if fast else None
+
+    def read(self, run: Eval, channel: str, rule: HistoryRule, since: Optional[Position]) -> HistoryRead:
+        """:func:`read_history` on one of the connections (``run`` where there are none)."""
+        if not self._turns.acquire(timeout=self.wait):
+            busy = f"{self.connections} history reads under way, none ended within {self.wait:g} s"
+            raise BrokerError(f"history busy: {busy}")
+        try:
+            pool = self._pool
+            if pool is None:
+                return read_history(run, channel, rule, since)
+            conn = pool.get()
+            try:
+                return read_history(conn.evalsha, channel, rule, since)
+            finally:
+                pool.put(conn)  # (closed instead when it broke)
+        finally:
+            self._turns.release()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
 
 def _offset_key(offset: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from . import resp
 from .exceptions import BrokerError
-from .history import HistoryRead, HistoryRule, publish_event, read_history
+from .history import HistoryRead, HistoryReaders, HistoryRule, publish_event
 from .message import EventPayload, Evnt, Position, encode_payload, evnt_frame
 from .redisconn import REDIS_FAILURES, broker_error, close_client, one_connection_client, text
 
@@ -79,6 +79,7 @@ class PubSubSide:
     #: elsewhere a PUBLISH waits as long as the client's socket timeout).
     publish_timeout: float = PUBLISH_TIMEOUT
     _publishing: Any = None  # the fast path's connections for PUBLISH, made on the first one
+    _history_readers: Optional[HistoryReaders] = None  # made on the first history read
 
     def publish(self, channel: str, payload: EventPayload) -> int:
         """Publish an event; returns the number of redis subscribers that got it. Raises
@@ -107,8 +108,8 @@ class PubSubSide:
 
     def read_history(self, channel: str, rule: HistoryRule, since: Optional[Position]) -> HistoryRead:
         """:func:`juggler.history.read_history`; raises :class:`BrokerError`."""
-        try:
-            return read_history(self._eval, channel, rule, since)
+        try:  # (on at most READ_CONNECTIONS connections: see HistoryReaders)
+            return (self._history_readers or self._make_history_readers()).read(self._eval, channel, rule, since)
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
 
@@ -130,10 +131,19 @@ class PubSubSide:
                 self._publishing = resp.RespPool(settings, max_idle=16)
             return self._publishing
 
+    def _make_history_readers(self) -> HistoryReaders:
+        with _publish_pool_lock:
+            if self._history_readers is None:
+                self._history_readers = HistoryReaders(self.client, self._fast is not None)
+            return self._history_readers
+
     def _close_publishing(self) -> None:
         pool, self._publishing = self._publishing, None
         if pool is not None:
             pool.close()
+        readers, self._history_readers = self._history_readers, None
+        if readers is not None:
+            readers.close()
 
     def pubsub(self, confirm_timeout: float = 5.0) -> "RedisPubSub":
         """A new pub-sub connection, on a redis connection of its own (made on first subscribe).

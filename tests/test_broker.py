@@ -190,7 +190,16 @@ def test_a_listener_hands_a_result_over_before_redis_answers_when_its_call_has_t
                 broker.wake_results(conn)
                 assert listener.pop_result(conn, None) is None
             elif item == "reconnect":
-                listener._own.close()  # as if redis had dropped it
+                # the listener drops its connection, with the script's reply and a BRPOP in
+                # flight: redis may not have read them yet, and a BRPOP it reads after the
+                # close, in the same turn as the next RPUSH, still takes that result (and
+                # writes it to a dead socket). A listener drops a connection so only when redis
+                # stalls (abandon) or it stops; here redis drops it too, at once, so that the
+                # result below can only go to the new connection.
+                old = listener._own
+                address = "%s:%d" % old._sock.getsockname()[:2]
+                old.close()
+                real.client_kill_filter(_id=None, addr=address, skipme=True)
             else:
                 real.rpush(results_key(conn), item)
                 assert listener.pop_result(conn, None) is None
@@ -679,7 +688,12 @@ def test_a_listener_never_closes_the_socket_the_reader_is_sending_on(monkeypatch
         try:
             for t in threads:
                 t.start()
-            time.sleep(T(3))  # (the stress lasts that long)
+            # the stress lasts 3 s, and then until the connection was dropped and made again
+            # (and calls answered) more than 20 times: on a loaded machine 3 s may not be enough
+            started = time.monotonic()
+            while time.monotonic() - started < T(60) and not (
+                    time.monotonic() - started >= T(3) and fake.accepted > 20 and stored.count(None) > 20):
+                stop.wait(0.1)
         finally:
             stop.set()
             sys.setswitchinterval(interval)

@@ -12,7 +12,7 @@ import pytest
 import juggler
 from juggler import RedisBroker, Server
 from juggler.client import open_websocket
-from juggler.history import DEFAULT_SIZE, MAX_SIZE, History, HistoryRule, Held
+from juggler.history import DEFAULT_SIZE, MAX_SIZE, READ_CONNECTIONS, History, HistoryRule, Held
 from juggler.layout import epoch_key, history_key
 from juggler.message import EventPayload, Position, Pub, Sub, Unsb, decode, encode
 
@@ -379,3 +379,64 @@ def test_a_connection_whose_events_the_server_cannot_replay_is_closed(server, ra
             break
     assert struct.unpack(">H", frame.data[:2])[0] == 1012
     assert b"events lost" in frame.data
+
+
+def test_a_burst_of_subs_reads_history_on_a_bounded_number_of_redis_connections(raw, real, monkeypatch):
+    # 200 SUBs with since, from 40 websockets at once: their history reads share at most
+    # READ_CONNECTIONS redis connections, not one each (each websocket's reader reads its own).
+    # (Each SUB waits for its turn as long as it must here: on a loaded machine 40 readers
+    # may take longer than READ_WAIT to get theirs; that wait is the next test's.)
+    monkeypatch.setattr(juggler.history, "READ_WAIT", T(30))
+    channels = [f"chat.burst{i}" for i in range(5)]
+    a = raw()
+    firsts = []
+    for channel in channels:
+        _sub(a, channel)
+        _pub(a, channel, 0)
+        firsts.append(a.recv().position)
+        _pub(a, channel, 1)
+        a.recv()
+    subs = [raw() for _ in range(40)]
+    mine = real.client_id()
+
+    def connections() -> int:
+        return sum(1 for c in real.client_list() if int(c["id"]) != mine)
+
+    before = connections()
+    for s in subs:
+        for channel, since in zip(channels, firsts):
+            s.send(Sub(channel, since=since))
+    for s in subs:
+        got = [s.recv() for _ in range(2 * len(channels))]  # each ACK, then the event after `since`
+        acks = [m for m in got if m.type.name == "ACK"]
+        assert len(acks) == len(channels) and all(m.recovered is True for m in acks), got
+        assert sorted((m.channel, m.args) for m in got if m.type.name == "EVNT") == [(c, 1) for c in channels]
+    assert connections() - before <= READ_CONNECTIONS
+
+
+def test_a_history_read_that_finds_no_connection_free_in_time_fails_and_gives_its_turn_back():
+    from juggler.exceptions import BrokerError
+    from juggler.history import HistoryReaders
+
+    readers = HistoryReaders(None, fast=False, connections=1, wait=T(0.2))
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(script, keys, args):  # a read that redis is slow to answer
+        entered.set()
+        assert release.wait(T(10))
+        return [b"e", b"0-0", 0]
+
+    rule = HistoryRule("x")
+    first = threading.Thread(target=readers.read, args=(slow, "x", rule, None), name="juggler-test-read")
+    first.start()
+    try:
+        assert entered.wait(T(5))
+        with pytest.raises(BrokerError, match="history busy"):  # (a SUB gets its NACK)
+            readers.read(slow, "x", rule, None)
+    finally:
+        release.set()
+        first.join(T(5))
+    assert not first.is_alive()
+    read = readers.read(lambda s, k, a: [b"e", b"3-0", 0], "x", rule, None)  # its turn is back
+    assert read.position == Position("3-0", "e") and not read.recovered
+    readers.close()
