@@ -8,9 +8,12 @@ through a :class:`RespConnection` where they can:
 
 - the connection is made by redis-py (its ``Connection.connect()``: host or unix socket, TLS,
   AUTH, SELECT, client name are what the application's client says), then spoken to here;
-- it applies to a plain ``redis.Redis`` client with a real socket and RESP2 (not fakeredis,
-  not RESP3, not the cluster client, which routes by slot: those keep redis-py's path), and only
-  when ``hiredis`` is installed;
+- it applies to a plain ``redis.Redis`` client with a real socket (not fakeredis, not the
+  cluster client, which routes by slot, not a client made with ``protocol=3``: those keep
+  redis-py's path), and only when ``hiredis`` is installed;
+- its connections speak RESP2 (redis-py makes them with ``protocol=2``): redis-py 8 asks for
+  RESP3 (``HELLO 3``) when the client names no protocol, and RESP3 replies differ in shape
+  (maps, sets, booleans, doubles) from what the callers here read;
 - errors are redis-py's exceptions (``ResponseError`` for an error reply, ``ConnectionError``
   and ``TimeoutError`` for the socket), so callers handle both paths alike; a reply that
   cannot be parsed, or one of the wrong type (:meth:`RespConnection.integer`,
@@ -287,12 +290,12 @@ def applies(client: Any) -> bool:
 
 def connect(client: Any, **overrides: Any) -> Optional[RespConnection]:
     """A new :class:`RespConnection` with the settings of redis-py ``client``'s pool (and
-    ``overrides``, e.g. ``socket_timeout=None``); ``None`` where the fast path does not
-    apply (see the module). Raises redis-py's errors when redis cannot be reached."""
+    ``overrides``, e.g. ``socket_timeout=None``), speaking RESP2; ``None`` where the fast
+    path does not apply (see the module). Raises redis-py's errors when redis cannot be reached."""
     if not applies(client):
         return None
     pool = client.connection_pool
-    conn = pool.connection_class(**{**pool.connection_kwargs, **overrides})
+    conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, **overrides})
     conn.connect()
     if not isinstance(conn._sock, socket.socket):  # pragma: no cover - a stand-in socket
         conn.disconnect()
