@@ -37,17 +37,25 @@ class CalleeStats:
         self.errors = 0
         self.busy = 0
         self._changed = threading.Condition(self._lock)
+        self._waiting = 0  # threads in wait_for: a change wakes them, else it notifies no one
 
-    def _add(self, **deltas: int) -> None:
+    def _add(self, calls: int = 0, expired: int = 0, errors: int = 0, busy: int = 0) -> None:
         with self._lock:
-            for name, n in deltas.items():
-                setattr(self, name, getattr(self, name) + n)
-            self._changed.notify_all()
+            self.calls += calls
+            self.expired += expired
+            self.errors += errors
+            self.busy += busy
+            if self._waiting:
+                self._changed.notify_all()
 
     def wait_for(self, predicate: Callable[["CalleeStats"], bool], timeout: Optional[float] = None) -> bool:
         """Block until ``predicate(stats)`` holds (re-checked on every change); its last value."""
         with self._lock:
-            return self._changed.wait_for(lambda: predicate(self), timeout)
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(lambda: predicate(self), timeout)
+            finally:
+                self._waiting -= 1
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -237,78 +245,16 @@ class Callee:
         return health.wait_turn(self._stop)
 
     def _work_batched(self, uris: list[str]) -> None:
-        health = self.health
-        failures = 0  # this worker's failed connections in a row
-        popper: Any = None
-        results: list[tuple[ResultPayload, float, str]] = []  # run, to be stored
-        calls: list[Popped] = []
-        slow = False  # the last calls took over 1 ms each: take one at a time
-        full = False  # the last batch was as large as asked for
+        worker = _BatchWorker(self, uris)
         try:
-            while True:
-                if popper is None:
-                    if self._stop.is_set() or (failures and not self._turn(failures)):
-                        break
-                    since = health.epoch  # (what its outcome proves: see RedisHealth)
-                    try:
-                        # (on a cluster, after a failure: its slot's node may have changed)
-                        popper = self.broker.call_popper(uris, refresh=failures > 0)
-                    except BrokerError as exc:
-                        health.failed(exc, since)
-                        failures += 1
-                        continue
-                    health.succeeded(since)
-                    failures = 0
-                    with self._lock:
-                        self._poppers.add(popper)
-                n = 0 if self._stop.is_set() else 1 if slow else self.batch
-                if not (n or results):
-                    break  # stopping, with nothing left to store
-                batch, results = results, []
-                since = health.epoch
-                try:
-                    if n and not full:
-                        # store the results and wait for the next call, in one write
-                        calls = popper.pop(n, batch, partial(self._stored, batch))
-                    else:
-                        # the last batch was full (more calls are likely waiting), or stopping
-                        calls = popper.exchange(batch, n, partial(self._stored, batch))
-                except BrokerError as exc:
-                    with self._lock:
-                        self._poppers.discard(popper)
-                    popper.close()
-                    moved, popper = popper.moved, None
-                    if moved:  # its slot moved (MOVED, ASK, UNBLOCKED): redis answers, go to its node
-                        failures = 0
-                        continue
-                    if not self._stop.is_set():  # (not woken on purpose)
-                        health.failed(exc, since)
-                    failures = 1
-                    continue
-                if n == 0:
-                    break
-                full = bool(calls) and len(calls) >= n
-                if calls:
-                    popped_at = time.monotonic()
-                    for popped in calls:
-                        try:
-                            stored = self._run_one(popped, popped_at)
-                        except Exception:  # a bug here must not cost the pool a worker
-                            self.logger.exception("callee %s: error handling call %s", self.name, popped.payload.msg_uuid)
-                            continue
-                        if stored is not None:
-                            results.append(stored)
-                    slow = time.monotonic() - popped_at > 0.001 * len(calls)
-                    calls = []
+            worker.run()
         finally:
-            if popper is not None:
-                with self._lock:
-                    self._poppers.discard(popper)
-                popper.close()
+            worker.drop_popper()
 
     def _run_one(self, popped: Popped, popped_at: float) -> Optional[tuple[ResultPayload, float, str]]:
         """Run one call taken at ``popped_at``; its result to store (payload, seconds left,
-        JSON), or ``None`` when there is none (expired, not ours: counted here)."""
+        JSON), or ``None`` when there is none (expired, not ours: counted here). The caller
+        counts the worker ``busy``."""
         call = popped.payload
         if popped.expired:
             self.logger.debug("skipping expired call %s to %s", call.msg_uuid, call.uri)
@@ -319,15 +265,12 @@ class Callee:
             self.logger.warning("callee %s: dropping call %s for unknown uri %r", self.name, call.msg_uuid, call.uri)
             return None
         self.logger.debug("running call %s to %s (%.3f s left)", call.msg_uuid, call.uri, popped.remaining)
-        self.stats._add(busy=1)
         try:
             result = fn(call.args)
         except (Exception, SystemExit) as exc:  # sys.exit() in a function must not end the worker
             self.logger.exception("callee %s: function for %s raised", self.name, call.uri)
             result = error_result(str(exc) or type(exc).__name__, type(exc).__name__)
             self.stats._add(errors=1)
-        finally:
-            self.stats._add(busy=-1)
         remaining = popped.remaining - (time.monotonic() - popped_at)
         if remaining <= 0:
             self.logger.debug("result of call %s to %s expired; dropped", call.msg_uuid, call.uri)
@@ -373,7 +316,11 @@ class Callee:
                     self.logger.exception("callee %s: error handling call %s", self.name, popped.payload.msg_uuid)
 
     def _run(self, popped: Popped) -> None:
-        stored = self._run_one(popped, time.monotonic())
+        self.stats._add(busy=1)
+        try:
+            stored = self._run_one(popped, time.monotonic())
+        finally:
+            self.stats._add(busy=-1)
         if stored is None:
             return
         payload, remaining, _ = stored
@@ -387,6 +334,107 @@ class Callee:
             self.broker.store_result(payload, remaining)
         except BrokerError as exc:
             self.logger.log(_lost_level(exc), "callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+
+
+class _BatchWorker:
+    """One worker of a :class:`Callee` on a :class:`~juggler.broker.RedisBroker` (see the
+    class): its popper (its own redis connection), the results it has yet to store, and how
+    many calls it asks for next."""
+
+    def __init__(self, callee: Callee, uris: list[str]) -> None:
+        self.callee = callee
+        self.uris = uris
+        self.popper: Any = None
+        self.failures = 0  # failed connections in a row
+        self.results: list[tuple[ResultPayload, float, str]] = []  # run, to be stored
+        self.slow = False  # the last calls took over 1 ms each: take one at a time
+        self.full = False  # the last batch was as large as asked for
+
+    def run(self) -> None:
+        callee = self.callee
+        while self._connected():
+            n = 0 if callee._stop.is_set() else 1 if self.slow else callee.batch
+            if not (n or self.results):
+                return  # stopping, with nothing left to store
+            calls = self._exchange(n)
+            if n == 0:
+                return  # stopping: the results are stored (or their loss logged)
+            if calls:
+                self._run_batch(calls)
+
+    def _connected(self) -> bool:
+        """Make a popper if there is none; ``False`` once stopping."""
+        callee, health = self.callee, self.callee.health
+        while self.popper is None:
+            if callee._stop.is_set() or (self.failures and not callee._turn(self.failures)):
+                return False
+            since = health.epoch  # (what its outcome proves: see RedisHealth)
+            try:
+                # (on a cluster, after a failure: its slot's node may have changed)
+                popper = callee.broker.call_popper(self.uris, refresh=self.failures > 0)
+            except BrokerError as exc:
+                health.failed(exc, since)
+                self.failures += 1
+                continue
+            health.succeeded(since)
+            self.failures = 0
+            with callee._lock:
+                callee._poppers.add(popper)
+            self.popper = popper
+        return True
+
+    def _exchange(self, n: int) -> list[Popped]:
+        """Store the results, take up to ``n`` calls (waiting for one unless the last batch
+        was full); ``[]`` when the popper failed (it is dropped) or was woken."""
+        batch, self.results = self.results, []
+        stored = partial(self.callee._stored, batch)
+        since = self.callee.health.epoch
+        try:
+            if n and not self.full:
+                # store the results and wait for the next call, in one write
+                calls = self.popper.pop(n, batch, stored)
+            else:
+                # the last batch was full (more calls are likely waiting), or stopping
+                calls = self.popper.exchange(batch, n, stored)
+        except BrokerError as exc:
+            self._failed(exc, since)
+            return []
+        self.full = bool(calls) and len(calls) >= n
+        return calls
+
+    def _failed(self, exc: BrokerError, since: int) -> None:
+        moved = self.popper.moved
+        self.drop_popper()
+        if moved:  # its slot moved (MOVED, ASK, UNBLOCKED): redis answers, go to its node
+            self.failures = 0
+            return
+        if not self.callee._stop.is_set():  # (not woken on purpose)
+            self.callee.health.failed(exc, since)
+        self.failures = 1
+
+    def _run_batch(self, calls: list[Popped]) -> None:
+        callee = self.callee
+        popped_at = time.monotonic()
+        callee.stats._add(busy=1)
+        try:
+            for popped in calls:
+                try:
+                    stored = callee._run_one(popped, popped_at)
+                except Exception:  # a bug here must not cost the pool a worker
+                    callee.logger.exception("callee %s: error handling call %s", callee.name, popped.payload.msg_uuid)
+                    continue
+                if stored is not None:
+                    self.results.append(stored)
+        finally:
+            callee.stats._add(busy=-1)
+        self.slow = time.monotonic() - popped_at > 0.001 * len(calls)
+
+    def drop_popper(self) -> None:
+        popper, self.popper = self.popper, None
+        if popper is not None:
+            with self.callee._lock:
+                self.callee._poppers.discard(popper)
+            popper.close()
 
 
 def _lost_level(exc: BrokerError) -> int:
