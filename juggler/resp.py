@@ -47,7 +47,7 @@ try:  # the C parser; without it the fast path is off
 except ImportError:  # pragma: no cover - hiredis is a dependency
     hiredis = None  # type: ignore[assignment]
 
-__all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect"]
+__all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect", "wrap"]
 
 _pack_command = getattr(hiredis, "pack_command", None)
 _NO_RETRY = Retry(NoBackoff(), 0)
@@ -299,6 +299,18 @@ def connect(client: Any, **overrides: Any) -> Optional[RespConnection]:
     conn.connect()
     if not isinstance(conn._sock, socket.socket):  # pragma: no cover - a stand-in socket
         conn.disconnect()
+        return None
+    return RespConnection(conn)
+
+
+def wrap(conn: Any) -> Optional[RespConnection]:
+    """A :class:`RespConnection` over redis-py connection ``conn``, connected, speaking RESP2
+    and with no reply left unread, or ``None`` where the fast path does not apply to it (not a
+    plain socket, RESP3, no ``hiredis``). It then owns ``conn``: its :meth:`~RespConnection.close`
+    disconnects it."""
+    if hiredis is None or str(getattr(conn, "protocol", None)) != "2":
+        return None
+    if type(getattr(conn, "_sock", None)) is not socket.socket:  # TLS, a stand-in
         return None
     return RespConnection(conn)
 
