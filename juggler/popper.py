@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import gilsend, resp
+from . import resp
 from .exceptions import BrokerError
 from .layout import (
     CONSUME_SCRIPT,
@@ -83,7 +83,10 @@ class CallPopper:
 
     The commands go straight to the connection, without redis-py's pool, retries and
     per-command bookkeeping: a worker is their only user, and a failed command must not be
-    re-sent behind its back (a re-sent BRPOP would block again after :meth:`wake`). Any
+    re-sent behind its back (a re-sent BRPOP would block again after :meth:`wake`). Once
+    redis-py has made the connection (with ``protocol=2``), it is spoken to through
+    :func:`juggler.resp.wrap` (hiredis' reader; a send and a reply already there keep the
+    GIL), fakeredis' through redis-py. Any
     failure raises :class:`BrokerError`; the connection is then unusable: close it and make
     a new one.
 
@@ -162,9 +165,9 @@ class CallPopper:
                     broker.refresh_slots()  # (its node is down: the next popper looks again)
             raise broker_error(exc) from exc
         self._lock = threading.Lock()
-        # a plain TCP or unix socket: its commands and replies go through juggler.resp (TLS
-        # and fakeredis through redis-py)
-        self._fast = resp.wrap(self._conn) if self._pipelined and gilsend.AVAILABLE else None
+        # a real connection (TCP, TLS, unix socket): its commands and replies go through
+        # juggler.resp (fakeredis through redis-py)
+        self._fast = resp.wrap(self._conn) if self._pipelined else None
         self._blocked = False  # a BRPOP is (about to be) sent and not answered yet
         self._woken = False
         self._store_sha = hashlib.sha1(STORE_SCRIPT.encode()).hexdigest()
@@ -360,7 +363,7 @@ class CallPopper:
     def _write(self, commands: list[tuple[Any, ...]]) -> None:
         try:
             if self._fast is not None:
-                self._fast.send(commands)  # (in a send that keeps the GIL: see juggler.gilsend)
+                self._fast.send(commands)  # (on a plain socket, a send that keeps the GIL)
             else:
                 conn = self._conn
                 conn.send_packed_command(conn.pack_commands(commands))

@@ -4,7 +4,8 @@ redis-py spends 50-80 µs of CPU on each command here (its retry wrapper, pool b
 health checks, observability hooks, command packing and a pure-Python parser); the same
 command packed here and parsed by ``hiredis`` costs about 11 µs. A call crosses redis six
 times (server, callee, server again), so the server's and the callee's per-call commands go
-through a :class:`RespConnection` where they can:
+through a :class:`RespConnection` where they can (a callee worker's connection is one too:
+:func:`wrap`, from :mod:`juggler.popper`):
 
 - the connection is made by redis-py (its ``Connection.connect()``: host or unix socket, TLS,
   AUTH, SELECT, client name are what the application's client says), then spoken to here;
@@ -304,13 +305,14 @@ def connect(client: Any, **overrides: Any) -> Optional[RespConnection]:
 
 
 def wrap(conn: Any) -> Optional[RespConnection]:
-    """A :class:`RespConnection` over redis-py connection ``conn``, connected, speaking RESP2
-    and with no reply left unread, or ``None`` where the fast path does not apply to it (not a
-    plain socket, RESP3, no ``hiredis``). It then owns ``conn``: its :meth:`~RespConnection.close`
-    disconnects it."""
+    """A :class:`RespConnection` over redis-py connection ``conn`` (connected, speaking RESP2,
+    no reply left unread), or ``None`` where the fast path does not apply to it (RESP3, a
+    stand-in socket, no ``hiredis``). It then owns ``conn``: its
+    :meth:`~RespConnection.close` disconnects it. (For a connection whose user routes by slot
+    itself, e.g. a callee worker's on a cluster node: MOVED and ASK are error replies here.)"""
     if hiredis is None or str(getattr(conn, "protocol", None)) != "2":
         return None
-    if type(getattr(conn, "_sock", None)) is not socket.socket:  # TLS, a stand-in
+    if not isinstance(getattr(conn, "_sock", None), socket.socket):  # pragma: no cover - a stand-in
         return None
     return RespConnection(conn)
 

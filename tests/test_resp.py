@@ -200,6 +200,13 @@ def test_the_fast_path_speaks_tls_to_a_tls_redis():
         payload = CallPayload(new_uuid(), new_uuid(), "tls.echo", {"x": 1})
         broker.store_call(payload, T(10))
         assert broker.pop_call(["tls.echo"], T(5)).payload == payload
+        popper = broker.call_popper(["tls.echo"])  # a callee worker's connection: the fast path too
+        try:
+            assert popper._fast is not None
+            broker.store_call(payload, T(10))
+            assert [p.payload for p in popper.exchange([], 4)] == [payload]
+        finally:
+            popper.close()
     finally:
         broker.close()
         stop_redis_server(rp)
