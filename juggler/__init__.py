@@ -13,6 +13,7 @@ from .exceptions import (
     BrokerError,
     CallExpired,
     CapacityExceeded,
+    ConfigError,
     ConnectionClosed,
     HandshakeError,
     JugglerError,
@@ -21,9 +22,11 @@ from .exceptions import (
     NackError,
     PayloadTooLarge,
     ProtocolError,
+    Refusal,
     RemoteError,
 )
-from .message import Ack, Call, Evnt, MessageType, Nack, Pub, Res, Sub, Unsb
+from .history import HistoryRule, publish
+from .message import Ack, Call, Evnt, MessageType, Nack, Position, Pub, Res, Sub, Unsb
 from .middleware import chain, log_messages, process_msg, recover
 from .server import ConnState, Server
 
@@ -51,16 +54,21 @@ __all__ = [
     "Nack",
     "Res",
     "Evnt",
+    "Position",
+    "HistoryRule",
+    "publish",
     "JugglerError",
     "ProtocolError",
     "BrokerError",
     "CapacityExceeded",
     "PayloadTooLarge",
     "HandshakeError",
+    "Refusal",
     "RefuseConnection",
     "ConnectionClosed",
     "NackError",
     "RemoteError",
+    "ConfigError",
     "JugglerTimeout",
     "CallExpired",
     "AckTimeout",

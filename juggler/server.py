@@ -23,20 +23,22 @@ import ssl
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from . import gilsend
 from .broker import Broker
 from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, ConnServices, ConnSettings
-from .exceptions import ProtocolError, RefuseConnection
+from .exceptions import ProtocolError, Refusal, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
 from .health import RedisHealth
+from .history import History, HistoryRule, record_history
 from .pubsub import PubSubHub
+from .redisconn import REDIS_FAILURES
 from .timer import Timer
 from .tuning import default_max_connections
-from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
+from .handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
 
@@ -143,9 +145,6 @@ class ConnState(enum.Enum):
 StateHook = Callable[[Conn, ConnState], None]
 
 
-_Refused = Refusal
-
-
 class _Handler(websocket_server.WebSocketHandler):
     """One TCP connection: TLS and the HTTP request, then :meth:`Conn.run` on this thread."""
 
@@ -190,7 +189,7 @@ class _Handler(websocket_server.WebSocketHandler):
             try:
                 head = reader.read_until(b"\r\n\r\n", HEAD_LIMIT)
             except ProtocolError as exc:
-                self._refuse(io, _Refused(431, "Request Header Fields Too Large", exc.reason))
+                self._refuse(io, Refusal(431, "Request Header Fields Too Large", exc.reason))
                 return
             request = HandshakeRequest.parse(head)
             if jserver._serve_web(io, request) or jserver._serve_http(io, request):
@@ -199,9 +198,9 @@ class _Handler(websocket_server.WebSocketHandler):
         except Stopped:
             return
         except ProtocolError as exc:
-            self._refuse(io, _Refused(400, "Bad Request", f"bad handshake: {exc.reason}"))
+            self._refuse(io, Refusal(400, "Bad Request", f"bad handshake: {exc.reason}"))
             return
-        except _Refused as exc:
+        except Refusal as exc:
             self._refuse(io, exc, request)
             return
         finally:
@@ -231,7 +230,7 @@ class _Handler(websocket_server.WebSocketHandler):
                 conn.start()  # its writer, before the 101: a process out of threads refuses with 503
             except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
                 jserver._out_of_threads(self.client_address, exc)
-                self._refuse(io, _Refused(503, "Service Unavailable", OUT_OF_THREADS), request)
+                self._refuse(io, Refusal(503, "Service Unavailable", OUT_OF_THREADS), request)
                 return None
             handed_over = True  # from here on, conn.run() tears it all down
             if not self._switch_protocols(io, request, protocol):
@@ -259,11 +258,11 @@ class _Handler(websocket_server.WebSocketHandler):
         try:
             jserver._notify(conn, ConnState.ACCEPTING)
         except RefuseConnection as exc:
-            self._refuse(io, _Refused(exc.status, exc.status_text, exc.reason), request)
+            self._refuse(io, Refusal(exc.status, exc.status_text, exc.reason), request)
             return False
         except Exception:
             jserver.logger.exception("on_state hook failed accepting %s", self.client_address)
-            self._refuse(io, _Refused(500, "Internal Server Error", "internal server error"), request)
+            self._refuse(io, Refusal(500, "Internal Server Error", "internal server error"), request)
             return False
         return True
 
@@ -276,7 +275,7 @@ class _Handler(websocket_server.WebSocketHandler):
             return False
         return True
 
-    def _refuse(self, io: SocketIO, exc: _Refused, request: Optional[HandshakeRequest] = None) -> None:
+    def _refuse(self, io: SocketIO, exc: Refusal, request: Optional[HandshakeRequest] = None) -> None:
         jserver: Server = self.server.juggler
         jserver.stats.incr(f"refused_{exc.status}")
         jserver.logger.info("refused handshake from %s: %d %s", self.client_address, exc.status, exc.text)
@@ -381,6 +380,11 @@ class Server:
     :param serve_client: serve the browser client, ``GET /juggler.js`` (and its types,
         ``/juggler.d.ts``), on the same port (see :mod:`juggler.web`).
     :param demo_page: serve the demo page at ``GET /`` (``juggler demo`` does).
+    :param history: keep the last events of the channels matching these rules for recovery
+        (``"PATTERN=SIZE,TTL"`` strings or :class:`~juggler.history.HistoryRule`, first match
+        wins; see :mod:`juggler.history`); ``None``: no channel has history, and pub-sub costs
+        redis what it costs without the feature. Recorded in redis on :meth:`start` for
+        :func:`juggler.publish`.
     :param logger: defaults to ``logging.getLogger("juggler.server")``.
     """
 
@@ -417,6 +421,7 @@ class Server:
         serve_client: bool = True,
         demo_page: bool = False,
         metrics_listen: Optional[str] = None,
+        history: Union[None, History, Sequence[Union[HistoryRule, str]]] = None,
         logger: Optional[logging.Logger] = None,
     ) -> None:
         for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
@@ -507,6 +512,7 @@ class Server:
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
             health=self.pubsub_health,
+            history=History.of(history),
         )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
         self._health_lock = threading.Condition()
@@ -633,9 +639,19 @@ class Server:
             self._accept_thread = threading.Thread(target=self._accept_loop, name="juggler-server-accept")
             self._accept_thread.start()
         self.logger.info("juggler server listening on %s", self.url)
+        if self.hub.history is not None:
+            self._record_history(self.hub.history)
         if self._http is not None:
             self.logger.info("health and metrics at %s/healthz and %s/metrics", self.metrics_url, self.metrics_url)
         return self
+
+    def _record_history(self, history: History) -> None:
+        try:
+            record_history(getattr(self.pubsub_broker, "client"), history)
+        except (REDIS_FAILURES + (AttributeError,)) as exc:
+            self.logger.warning("could not record the history rules in redis for publishers: %s", exc)
+        else:
+            self.logger.info("channel history: %s", ", ".join(str(r) for r in history.rules))
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown` is called from another thread (or a signal handler)."""
@@ -829,34 +845,34 @@ class Server:
 
     def _check_handshake(self, req: HandshakeRequest) -> tuple[frozenset[MessageType], Optional[str]]:
         if req.method != "GET":
-            raise _Refused(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
+            raise Refusal(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
         path = req.path.split("?", 1)[0]
         if path != self.path:
-            raise _Refused(404, "Not Found", f"no websocket endpoint at {path}")
+            raise Refusal(404, "Not Found", f"no websocket endpoint at {path}")
         check_upgrade(req)
         origin = req.headers.get("origin")
         if self.allowed_origins is not None and origin is not None:
             if not any(fnmatch.fnmatchcase(origin.lower(), pattern) for pattern in self.allowed_origins):
-                raise _Refused(403, "Forbidden", f"origin {origin} is not allowed")
+                raise Refusal(403, "Forbidden", f"origin {origin} is not allowed")
         offered = req.tokens("sec-websocket-protocol")
         if SUBPROTOCOL in offered:
             protocol: Optional[str] = SUBPROTOCOL
         elif not offered and self.allow_empty_subprotocol:
             protocol = None
         else:
-            raise _Refused(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
+            raise Refusal(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
         try:
             allowed = parse_allowed_messages(req.headers.get(ALLOWED_MESSAGES_HEADER.lower()))
             for value in req.query(ALLOWED_MESSAGES_PARAM):
                 allowed &= parse_allowed_messages(value)
         except ValueError as exc:
-            raise _Refused(400, "Bad Request", str(exc)) from None
+            raise Refusal(400, "Bad Request", str(exc)) from None
         with self._lock:
             # Take the slot now, so handshakes in flight (a slow on_state hook) cannot together
             # exceed max_connections. A handshake that does not open gives it back
             # (_release_slot); an open connection gives it back when it closes.
             if self.max_connections and self._slots >= self.max_connections:
-                raise _Refused(503, "Service Unavailable", AT_LIMIT)
+                raise Refusal(503, "Service Unavailable", AT_LIMIT)
             self._slots += 1
         return allowed, protocol
 
