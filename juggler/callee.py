@@ -76,7 +76,7 @@ class Callee:
     wait on redis at once and the others are parked, so that calls which come together are
     taken together (fewer wake-ups per call: about half the callee's CPU per call at a few
     thousand calls a second); a worker that takes calls and leaves none waiting wakes a
-    parked one, and the first slow call sends every worker back to waiting (see
+    parked one, and the first call over 10 ms sends every worker back to waiting (see
     ``_WaitSlots`` in the source for the price).
     With any other :class:`~juggler.broker.Broker`, a worker pops one call at a time and
     ``block`` is how long (seconds) one pop waits before checking for :meth:`stop`.
@@ -455,12 +455,13 @@ class _BatchWorker:
                     continue
                 if stored is not None:
                     self.results.append(stored)
-                if not slots.slow and time.monotonic() - popped_at > 0.001 * i:
+                if not slots.slow and time.monotonic() - popped_at > _SLOW * i:
                     slots.ran(slow=True)  # at once: the parked workers wait for the next calls
         finally:
             callee.stats._add(busy=-1)
-        self.slow = time.monotonic() - popped_at > 0.001 * len(calls)
-        slots.ran(slow=self.slow)
+        took = time.monotonic() - popped_at
+        self.slow = took > 0.001 * len(calls)
+        slots.ran(slow=took > _SLOW * len(calls))
 
     def drop_popper(self) -> None:
         popper, self.popper = self.popper, None
@@ -470,6 +471,13 @@ class _BatchWorker:
             popper.close()
 
 
+#: A call slower than this (wall clock) sends every parked worker back to waiting on redis
+#: (:class:`_WaitSlots`). Not the 1 ms past which a worker takes one call at a time: on a
+#: loaded machine a quick call often spends a millisecond waiting for the GIL or a CPU, and
+#: a worker that takes one call at a time takes none into its batch anyway.
+_SLOW = 0.010
+
+
 class _WaitSlots:
     """How many workers of one slot group may wait on redis (a ``BRPOP``) at once.
 
@@ -477,12 +485,12 @@ class _WaitSlots:
     as soon as it is stored. With all eight workers waiting, calls that come a few thousand a
     second go one per worker, and each costs its worker three wake-ups (the call, the pop
     script's reply, the reply to its result's store). So while the calls are quick (the last
-    batch took under a millisecond per call), only ``waiting`` workers wait (the
+    batches took under :data:`_SLOW` per call), only ``waiting`` workers wait (the
     :class:`Callee`'s, default 2) and the others are parked here: calls that come while
     none waits are taken together by the next (one pop script, one write of their results).
     When a worker takes calls and leaves no other waiting, it wakes a parked one to wait in
     its place, so new calls never wait in redis while a worker is free. A pool starts with
-    every worker waiting, and goes back to that as soon as a call takes over a millisecond
+    every worker waiting, and goes back to that as soon as a call takes over :data:`_SLOW`
     (the pool as it was before, where slow calls spread over the workers), until as many
     quick batches in a row as there are workers.
 

@@ -469,7 +469,7 @@ def test_quick_calls_park_all_but_two_workers_and_slow_ones_wake_them(broker):
     callee = Callee(broker, workers=6, block=30.0)
     callee.register("quick", lambda a: a)
     # (slow whichever comes last: the sleep is the work of a slow function, not a wait)
-    callee.register("meet", lambda a: barrier.wait(T(10)) >= 0 and (time.sleep(0.005) or True))
+    callee.register("meet", lambda a: barrier.wait(T(10)) >= 0 and (time.sleep(0.02) or True))
     with callee:
         for i in range(10):
             assert take_result(broker, send_call(broker, "quick", i)).payload.args == i
