@@ -37,17 +37,25 @@ class CalleeStats:
         self.errors = 0
         self.busy = 0
         self._changed = threading.Condition(self._lock)
+        self._waiting = 0  # threads in wait_for: a change wakes them, else it notifies no one
 
-    def _add(self, **deltas: int) -> None:
+    def _add(self, calls: int = 0, expired: int = 0, errors: int = 0, busy: int = 0) -> None:
         with self._lock:
-            for name, n in deltas.items():
-                setattr(self, name, getattr(self, name) + n)
-            self._changed.notify_all()
+            self.calls += calls
+            self.expired += expired
+            self.errors += errors
+            self.busy += busy
+            if self._waiting:
+                self._changed.notify_all()
 
     def wait_for(self, predicate: Callable[["CalleeStats"], bool], timeout: Optional[float] = None) -> bool:
         """Block until ``predicate(stats)`` holds (re-checked on every change); its last value."""
         with self._lock:
-            return self._changed.wait_for(lambda: predicate(self), timeout)
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(lambda: predicate(self), timeout)
+            finally:
+                self._waiting -= 1
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -64,6 +72,12 @@ class Callee:
     keys), runs them one after the other, and stores their results together with taking the
     next batch (one round trip). A worker whose calls took more than a millisecond each takes
     one at a time, so slow calls do not queue behind each other while other workers are free.
+    While the calls are quick, only ``waiting`` workers (default 2; ``None``: all of them)
+    wait on redis at once and the others are parked, so that calls which come together are
+    taken together (fewer wake-ups per call: about half the callee's CPU per call at a few
+    thousand calls a second); a worker that takes calls and leaves none waiting wakes a
+    parked one, and the first call over 10 ms sends every worker back to waiting (see
+    ``_WaitSlots`` in the source for the price).
     With any other :class:`~juggler.broker.Broker`, a worker pops one call at a time and
     ``block`` is how long (seconds) one pop waits before checking for :meth:`stop`.
 
@@ -97,6 +111,7 @@ class Callee:
         block: float = 1.0,
         max_backoff: float = BACKOFF_CAP,
         batch: int = 16,
+        waiting: Optional[int] = 2,
         name: str = "juggler-callee",
         logger: Optional[logging.Logger] = None,
         health: Optional[RedisHealth] = None,
@@ -105,6 +120,8 @@ class Callee:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
+        if waiting is not None and waiting < 1:
+            raise ValueError(f"waiting must be at least 1 (or None), got {waiting}")
         if not block > 0:
             raise ValueError(f"block must be a positive number of seconds, got {block!r}")
         if not max_backoff > 0:
@@ -114,6 +131,7 @@ class Callee:
         self.block = block
         self.max_backoff = max_backoff
         self.batch = batch
+        self.waiting = waiting
         self.name = name
         self.logger = logger or logging.getLogger(__name__)
         #: What this callee's process sees of redis: its workers' reconnects share its backoff.
@@ -127,6 +145,7 @@ class Callee:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._poppers: set[Any] = set()  # the workers' CallPoppers, woken by stop()
+        self._slots: list[_WaitSlots] = []  # one per slot group (see start)
 
     def __repr__(self) -> str:
         return f"<juggler.Callee {self.name} uris={sorted(self._functions)} workers={self.workers}>"
@@ -160,8 +179,11 @@ class Callee:
             uris = list(self._functions)
             groups = self.broker.call_groups(uris)
             self._started = True
-            for i in range(max(self.workers, len(groups))):
-                t = threading.Thread(target=self._work, args=(groups[i % len(groups)],), name=f"{self.name}-{i}")
+            threads = max(self.workers, len(groups))
+            self._slots = [_WaitSlots(len(range(g, threads, len(groups))), self.waiting) for g in range(len(groups))]
+            for i in range(threads):
+                g = i % len(groups)
+                t = threading.Thread(target=self._work, args=(groups[g], self._slots[g]), name=f"{self.name}-{i}")
                 self._threads.append(t)
             for t in self._threads:
                 t.start()
@@ -189,6 +211,8 @@ class Callee:
         """
         self._stop.set()
         self.health.wake()  # workers waiting for their turn to reconnect
+        for slots in self._slots:
+            slots.wake_all()  # workers parked while others wait on redis
         deadline = None if timeout is None else time.monotonic() + timeout
         others = [t for t in self._threads if t is not threading.current_thread()]
         # A worker registers its popper before it looks at _stop, so every worker that could
@@ -220,9 +244,9 @@ class Callee:
 
     # -- workers --
 
-    def _work(self, uris: list[str]) -> None:
+    def _work(self, uris: list[str], slots: "_WaitSlots") -> None:
         if hasattr(self.broker, "call_popper"):
-            self._work_batched(uris)
+            self._work_batched(uris, slots)
         else:
             self._work_polling(uris)
 
@@ -236,79 +260,17 @@ class Callee:
             return False
         return health.wait_turn(self._stop)
 
-    def _work_batched(self, uris: list[str]) -> None:
-        health = self.health
-        failures = 0  # this worker's failed connections in a row
-        popper: Any = None
-        results: list[tuple[ResultPayload, float, str]] = []  # run, to be stored
-        calls: list[Popped] = []
-        slow = False  # the last calls took over 1 ms each: take one at a time
-        full = False  # the last batch was as large as asked for
+    def _work_batched(self, uris: list[str], slots: "_WaitSlots") -> None:
+        worker = _BatchWorker(self, uris, slots)
         try:
-            while True:
-                if popper is None:
-                    if self._stop.is_set() or (failures and not self._turn(failures)):
-                        break
-                    since = health.epoch  # (what its outcome proves: see RedisHealth)
-                    try:
-                        # (on a cluster, after a failure: its slot's node may have changed)
-                        popper = self.broker.call_popper(uris, refresh=failures > 0)
-                    except BrokerError as exc:
-                        health.failed(exc, since)
-                        failures += 1
-                        continue
-                    health.succeeded(since)
-                    failures = 0
-                    with self._lock:
-                        self._poppers.add(popper)
-                n = 0 if self._stop.is_set() else 1 if slow else self.batch
-                if not (n or results):
-                    break  # stopping, with nothing left to store
-                batch, results = results, []
-                since = health.epoch
-                try:
-                    if n and not full:
-                        # store the results and wait for the next call, in one write
-                        calls = popper.pop(n, batch, partial(self._stored, batch))
-                    else:
-                        # the last batch was full (more calls are likely waiting), or stopping
-                        calls = popper.exchange(batch, n, partial(self._stored, batch))
-                except BrokerError as exc:
-                    with self._lock:
-                        self._poppers.discard(popper)
-                    popper.close()
-                    moved, popper = popper.moved, None
-                    if moved:  # its slot moved (MOVED, ASK, UNBLOCKED): redis answers, go to its node
-                        failures = 0
-                        continue
-                    if not self._stop.is_set():  # (not woken on purpose)
-                        health.failed(exc, since)
-                    failures = 1
-                    continue
-                if n == 0:
-                    break
-                full = bool(calls) and len(calls) >= n
-                if calls:
-                    popped_at = time.monotonic()
-                    for popped in calls:
-                        try:
-                            stored = self._run_one(popped, popped_at)
-                        except Exception:  # a bug here must not cost the pool a worker
-                            self.logger.exception("callee %s: error handling call %s", self.name, popped.payload.msg_uuid)
-                            continue
-                        if stored is not None:
-                            results.append(stored)
-                    slow = time.monotonic() - popped_at > 0.001 * len(calls)
-                    calls = []
+            worker.run()
         finally:
-            if popper is not None:
-                with self._lock:
-                    self._poppers.discard(popper)
-                popper.close()
+            worker.drop_popper()
 
     def _run_one(self, popped: Popped, popped_at: float) -> Optional[tuple[ResultPayload, float, str]]:
         """Run one call taken at ``popped_at``; its result to store (payload, seconds left,
-        JSON), or ``None`` when there is none (expired, not ours: counted here)."""
+        JSON), or ``None`` when there is none (expired, not ours: counted here). The caller
+        counts the worker ``busy``."""
         call = popped.payload
         if popped.expired:
             self.logger.debug("skipping expired call %s to %s", call.msg_uuid, call.uri)
@@ -319,15 +281,12 @@ class Callee:
             self.logger.warning("callee %s: dropping call %s for unknown uri %r", self.name, call.msg_uuid, call.uri)
             return None
         self.logger.debug("running call %s to %s (%.3f s left)", call.msg_uuid, call.uri, popped.remaining)
-        self.stats._add(busy=1)
         try:
             result = fn(call.args)
         except (Exception, SystemExit) as exc:  # sys.exit() in a function must not end the worker
             self.logger.exception("callee %s: function for %s raised", self.name, call.uri)
             result = error_result(str(exc) or type(exc).__name__, type(exc).__name__)
             self.stats._add(errors=1)
-        finally:
-            self.stats._add(busy=-1)
         remaining = popped.remaining - (time.monotonic() - popped_at)
         if remaining <= 0:
             self.logger.debug("result of call %s to %s expired; dropped", call.msg_uuid, call.uri)
@@ -373,7 +332,11 @@ class Callee:
                     self.logger.exception("callee %s: error handling call %s", self.name, popped.payload.msg_uuid)
 
     def _run(self, popped: Popped) -> None:
-        stored = self._run_one(popped, time.monotonic())
+        self.stats._add(busy=1)
+        try:
+            stored = self._run_one(popped, time.monotonic())
+        finally:
+            self.stats._add(busy=-1)
         if stored is None:
             return
         payload, remaining, _ = stored
@@ -387,6 +350,202 @@ class Callee:
             self.broker.store_result(payload, remaining)
         except BrokerError as exc:
             self.logger.log(_lost_level(exc), "callee %s: could not store result of %s: %s", self.name, payload.uri, exc)
+
+
+class _BatchWorker:
+    """One worker of a :class:`Callee` on a :class:`~juggler.broker.RedisBroker` (see the
+    class): its popper (its own redis connection), the results it has yet to store, and how
+    many calls it asks for next."""
+
+    def __init__(self, callee: Callee, uris: list[str], slots: "_WaitSlots") -> None:
+        self.callee = callee
+        self.uris = uris
+        self.slots = slots
+        self.popper: Any = None
+        self.failures = 0  # failed connections in a row
+        self.results: list[tuple[ResultPayload, float, str]] = []  # run, to be stored
+        self.slow = False  # the last calls took over 1 ms each: take one at a time
+        self.full = False  # the last batch was as large as asked for
+
+    def run(self) -> None:
+        callee = self.callee
+        while self._connected():
+            n = 0 if callee._stop.is_set() else 1 if self.slow else callee.batch
+            if not (n or self.results):
+                return  # stopping, with nothing left to store
+            calls = self._exchange(n)
+            if n == 0:
+                return  # stopping: the results are stored (or their loss logged)
+            if calls:
+                self._run_batch(calls)
+
+    def _connected(self) -> bool:
+        """Make a popper if there is none; ``False`` once stopping."""
+        callee, health = self.callee, self.callee.health
+        while self.popper is None:
+            if callee._stop.is_set() or (self.failures and not callee._turn(self.failures)):
+                return False
+            since = health.epoch  # (what its outcome proves: see RedisHealth)
+            try:
+                # (on a cluster, after a failure: its slot's node may have changed)
+                popper = callee.broker.call_popper(self.uris, refresh=self.failures > 0)
+            except BrokerError as exc:
+                health.failed(exc, since)
+                self.failures += 1
+                continue
+            health.succeeded(since)
+            self.failures = 0
+            with callee._lock:
+                callee._poppers.add(popper)
+            self.popper = popper
+        return True
+
+    def _exchange(self, n: int) -> list[Popped]:
+        """Store the results, take up to ``n`` calls (waiting for one unless the last batch
+        was full, or parked while others wait: see :class:`_WaitSlots`); ``[]`` when the
+        popper failed (it is dropped) or was woken."""
+        batch, self.results = self.results, []
+        stored = partial(self.callee._stored, batch)
+        since = self.callee.health.epoch
+        try:
+            calls = self._take(n, batch, stored)
+        except BrokerError as exc:
+            self._failed(exc, since)
+            return []
+        if calls is None:
+            return []  # stopping while parked
+        self.full = bool(calls) and len(calls) >= n
+        return calls
+
+    def _take(self, n: int, batch: list[tuple[ResultPayload, float, str]], stored: Any) -> Optional[list[Popped]]:
+        if n == 0 or self.full:
+            # stopping, or the last batch was full (more calls are likely waiting)
+            return self.popper.exchange(batch, n, stored)
+        if not self.slots.enter(None):  # enough workers wait on redis already
+            if batch:  # store the results and take what waits (parked next time if nothing)
+                return self.popper.exchange(batch, n, stored)
+            if not self.slots.enter(self.callee._stop):  # parked until one takes calls
+                return None
+        try:
+            # store the results and wait for the next call, in one write
+            return self.popper.pop(n, batch, stored)
+        finally:
+            self.slots.leave()
+
+    def _failed(self, exc: BrokerError, since: int) -> None:
+        moved = self.popper.moved
+        self.drop_popper()
+        if moved:  # its slot moved (MOVED, ASK, UNBLOCKED): redis answers, go to its node
+            self.failures = 0
+            return
+        if not self.callee._stop.is_set():  # (not woken on purpose)
+            self.callee.health.failed(exc, since)
+        self.failures = 1
+
+    def _run_batch(self, calls: list[Popped]) -> None:
+        callee, slots = self.callee, self.slots
+        popped_at = time.monotonic()
+        callee.stats._add(busy=1)
+        try:
+            for i, popped in enumerate(calls, 1):
+                try:
+                    stored = callee._run_one(popped, popped_at)
+                except Exception:  # a bug here must not cost the pool a worker
+                    callee.logger.exception("callee %s: error handling call %s", callee.name, popped.payload.msg_uuid)
+                    continue
+                if stored is not None:
+                    self.results.append(stored)
+                if not slots.slow and time.monotonic() - popped_at > _SLOW * i:
+                    slots.ran(slow=True)  # at once: the parked workers wait for the next calls
+        finally:
+            callee.stats._add(busy=-1)
+        took = time.monotonic() - popped_at
+        self.slow = took > 0.001 * len(calls)
+        slots.ran(slow=took > _SLOW * len(calls))
+
+    def drop_popper(self) -> None:
+        popper, self.popper = self.popper, None
+        if popper is not None:
+            with self.callee._lock:
+                self.callee._poppers.discard(popper)
+            popper.close()
+
+
+#: A call slower than this (wall clock) sends every parked worker back to waiting on redis
+#: (:class:`_WaitSlots`). Not the 1 ms past which a worker takes one call at a time: on a
+#: loaded machine a quick call often spends a millisecond waiting for the GIL or a CPU, and
+#: a worker that takes one call at a time takes none into its batch anyway.
+_SLOW = 0.010
+
+
+class _WaitSlots:
+    """How many workers of one slot group may wait on redis (a ``BRPOP``) at once.
+
+    Every worker that waits gets the next call alone: redis hands a call to a blocked client
+    as soon as it is stored. With all eight workers waiting, calls that come a few thousand a
+    second go one per worker, and each costs its worker three wake-ups (the call, the pop
+    script's reply, the reply to its result's store). So while the calls are quick (the last
+    batches took under :data:`_SLOW` per call), only ``waiting`` workers wait (the
+    :class:`Callee`'s, default 2) and the others are parked here: calls that come while
+    none waits are taken together by the next (one pop script, one write of their results).
+    When a worker takes calls and leaves no other waiting, it wakes a parked one to wait in
+    its place, so new calls never wait in redis while a worker is free. A pool starts with
+    every worker waiting, and goes back to that as soon as a call takes over :data:`_SLOW`
+    (the pool as it was before, where slow calls spread over the workers), until as many
+    quick batches in a row as there are workers.
+
+    The price: calls that come while the pool is in its quick mode and turn out slow can be
+    taken in one batch and run one after the other (as a batch of calls already waiting
+    always could), until the first of them has run."""
+
+    def __init__(self, workers: int, waiting: Optional[int]) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self.workers = workers
+        self.quick_cap = workers if waiting is None else waiting
+        self.waiting = 0  # workers in (or on their way to) a BRPOP
+        self.parked = 0
+        self.slow = True  # every worker waits (until quick batches prove the calls quick)
+        self.quick_runs = 0  # quick batches in a row while slow
+
+    def enter(self, stop: Optional[threading.Event]) -> bool:
+        """Count this worker among the waiting ones. With ``stop``, park until there is room
+        (``False``: stopping); without, ``False`` at once when there is none."""
+        with self._cond:
+            while self.waiting >= (self.workers if self.slow else self.quick_cap):
+                if stop is None or stop.is_set():
+                    return False
+                self.parked += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.parked -= 1
+            self.waiting += 1
+            return True
+
+    def leave(self) -> None:
+        """This worker waits no more (it took calls, or failed): when none waits now, a parked
+        worker comes to wait in its place."""
+        with self._cond:
+            self.waiting -= 1
+            if self.waiting == 0 and self.parked:
+                self._cond.notify()
+
+    def ran(self, slow: bool) -> None:
+        """A worker ran a batch, ``slow`` or not: a slow one lets every parked worker wait at
+        once; as many quick ones in a row as there are workers bring the quick mode back."""
+        with self._cond:
+            if slow:
+                self.quick_runs = 0
+                if not self.slow:
+                    self.slow = True
+                    self._cond.notify_all()
+            elif self.slow:
+                self.quick_runs += 1
+                self.slow = self.quick_runs < self.workers
+
+    def wake_all(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
 
 def _lost_level(exc: BrokerError) -> int:

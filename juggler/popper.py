@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import gilsend, resp
+from . import resp
 from .exceptions import BrokerError
 from .layout import (
     CONSUME_SCRIPT,
@@ -59,6 +59,13 @@ def _reply_error(reply: Any) -> Optional[BrokerError]:
     return None
 
 
+def _noscript(reply: Any) -> bool:
+    """Whether ``reply`` is redis' NOSCRIPT error (as redis-py's or the fast path's exception)."""
+    if isinstance(reply, redis.exceptions.NoScriptError):  # (redis-py takes the word off)
+        return True
+    return isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith("NOSCRIPT")
+
+
 def _report(stored: Stored, results: Sequence[Any], errors: list[Optional[BrokerError]]) -> None:
     if stored is not None and results:
         stored(errors)
@@ -76,7 +83,10 @@ class CallPopper:
 
     The commands go straight to the connection, without redis-py's pool, retries and
     per-command bookkeeping: a worker is their only user, and a failed command must not be
-    re-sent behind its back (a re-sent BRPOP would block again after :meth:`wake`). Any
+    re-sent behind its back (a re-sent BRPOP would block again after :meth:`wake`). Once
+    redis-py has made the connection (with ``protocol=2``), it is spoken to through
+    :func:`juggler.resp.wrap` (hiredis' reader; a send and a reply already there keep the
+    GIL), fakeredis' through redis-py. Any
     failure raises :class:`BrokerError`; the connection is then unusable: close it and make
     a new one.
 
@@ -136,6 +146,8 @@ class CallPopper:
                     kwargs["server"] = getattr(shared, "_server", None)
                 finally:
                     pool.release(shared)
+            if self._pipelined:  # (its own connection, read as RESP2 on the fast path)
+                kwargs["protocol"] = 2
             self._conn = pool.connection_class(**kwargs)
             # connect() before the first command: it is where a Sentinel-managed connection
             # asks for the master (send_command alone would dial its default, localhost:6379)
@@ -153,10 +165,9 @@ class CallPopper:
                     broker.refresh_slots()  # (its node is down: the next popper looks again)
             raise broker_error(exc) from exc
         self._lock = threading.Lock()
-        # a plain TCP or unix socket with no Python timeout (SSL and stand-ins go through
-        # redis-py)
-        sock = getattr(self._conn, "_sock", None)
-        self._plain_socket = gilsend.AVAILABLE and type(sock) is socket.socket and sock.gettimeout() is None
+        # a real connection (TCP, TLS, unix socket): its commands and replies go through
+        # juggler.resp (fakeredis through redis-py)
+        self._fast = resp.wrap(self._conn) if self._pipelined else None
         self._blocked = False  # a BRPOP is (about to be) sent and not answered yet
         self._woken = False
         self._store_sha = hashlib.sha1(STORE_SCRIPT.encode()).hexdigest()
@@ -326,7 +337,7 @@ class CallPopper:
         made :class:`Popped` lists, error replies :class:`BrokerError`. A script redis does
         not know (NOSCRIPT) is loaded and its command sent again."""
         replies = self._send(commands)
-        again = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+        again = [i for i, r in enumerate(replies) if _noscript(r)]
         if again:
             sent = self._send([("SCRIPT", "LOAD", s) for s in (STORE_SCRIPT, POP_CALLS_SCRIPT)] + [commands[i] for i in again])
             for err in sent[:2]:
@@ -350,19 +361,11 @@ class CallPopper:
         return [self._read() for _ in commands]
 
     def _write(self, commands: list[tuple[Any, ...]]) -> None:
-        conn = self._conn
         try:
-            sock = conn._sock
-            if self._plain_socket and sock is not None:
-                # what send_packed_command does, less its overhead, in a send that keeps
-                # the GIL when the socket takes it all (see juggler.gilsend)
-                data = b"".join(resp.pack(c) for c in commands)
-                try:
-                    gilsend.sendall(sock, data)
-                except BaseException:  # (as redis-py: a command half sent ends the connection)
-                    conn.disconnect()
-                    raise
+            if self._fast is not None:
+                self._fast.send(commands)  # (on a plain socket, a send that keeps the GIL)
             else:
+                conn = self._conn
                 conn.send_packed_command(conn.pack_commands(commands))
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
@@ -370,6 +373,8 @@ class CallPopper:
     def _read(self) -> Any:
         """The next reply; an error reply is returned (read in full: the next one follows)."""
         try:
+            if self._fast is not None:
+                return self._fast.read_reply()
             return self._conn.read_response()
         except redis.exceptions.ResponseError as exc:
             return exc
@@ -391,7 +396,7 @@ class CallPopper:
                     out.append(Popped(payload, math.inf))
                     continue
                 reply = self._send([("EVALSHA", self._consume_sha, 1, call_timeout_key(payload.uri, payload.msg_uuid))])[0]
-                if isinstance(reply, redis.exceptions.NoScriptError):
+                if _noscript(reply):
                     reply = self._send([("EVAL", CONSUME_SCRIPT, 1, call_timeout_key(payload.uri, payload.msg_uuid))])[0]
                 if isinstance(reply, Exception):
                     raise reply if isinstance(reply, BrokerError) else broker_error(reply)

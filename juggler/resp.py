@@ -4,13 +4,17 @@ redis-py spends 50-80 µs of CPU on each command here (its retry wrapper, pool b
 health checks, observability hooks, command packing and a pure-Python parser); the same
 command packed here and parsed by ``hiredis`` costs about 11 µs. A call crosses redis six
 times (server, callee, server again), so the server's and the callee's per-call commands go
-through a :class:`RespConnection` where they can:
+through a :class:`RespConnection` where they can (a callee worker's connection is one too:
+:func:`wrap`, from :mod:`juggler.popper`):
 
 - the connection is made by redis-py (its ``Connection.connect()``: host or unix socket, TLS,
   AUTH, SELECT, client name are what the application's client says), then spoken to here;
-- it applies to a plain ``redis.Redis`` client with a real socket and RESP2 (not fakeredis,
-  not RESP3, not the cluster client, which routes by slot: those keep redis-py's path), and only
-  when ``hiredis`` is installed;
+- it applies to a plain ``redis.Redis`` client with a real socket (not fakeredis, not the
+  cluster client, which routes by slot, not a client made with ``protocol=3``: those keep
+  redis-py's path), and only when ``hiredis`` is installed;
+- its connections speak RESP2 (redis-py makes them with ``protocol=2``): redis-py 8 asks for
+  RESP3 (``HELLO 3``) when the client names no protocol, and RESP3 replies differ in shape
+  (maps, sets, booleans, doubles) from what the callers here read;
 - errors are redis-py's exceptions (``ResponseError`` for an error reply, ``ConnectionError``
   and ``TimeoutError`` for the socket), so callers handle both paths alike; a reply that
   cannot be parsed, or one of the wrong type (:meth:`RespConnection.integer`,
@@ -44,7 +48,7 @@ try:  # the C parser; without it the fast path is off
 except ImportError:  # pragma: no cover - hiredis is a dependency
     hiredis = None  # type: ignore[assignment]
 
-__all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect"]
+__all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect", "wrap"]
 
 _pack_command = getattr(hiredis, "pack_command", None)
 _NO_RETRY = Retry(NoBackoff(), 0)
@@ -287,15 +291,28 @@ def applies(client: Any) -> bool:
 
 def connect(client: Any, **overrides: Any) -> Optional[RespConnection]:
     """A new :class:`RespConnection` with the settings of redis-py ``client``'s pool (and
-    ``overrides``, e.g. ``socket_timeout=None``); ``None`` where the fast path does not
-    apply (see the module). Raises redis-py's errors when redis cannot be reached."""
+    ``overrides``, e.g. ``socket_timeout=None``), speaking RESP2; ``None`` where the fast
+    path does not apply (see the module). Raises redis-py's errors when redis cannot be reached."""
     if not applies(client):
         return None
     pool = client.connection_pool
-    conn = pool.connection_class(**{**pool.connection_kwargs, **overrides})
+    conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, **overrides})
     conn.connect()
     if not isinstance(conn._sock, socket.socket):  # pragma: no cover - a stand-in socket
         conn.disconnect()
+        return None
+    return RespConnection(conn)
+
+
+def wrap(conn: Any) -> Optional[RespConnection]:
+    """A :class:`RespConnection` over redis-py connection ``conn`` (connected, speaking RESP2,
+    no reply left unread), or ``None`` where the fast path does not apply to it (RESP3, a
+    stand-in socket, no ``hiredis``). It then owns ``conn``: its
+    :meth:`~RespConnection.close` disconnects it. (For a connection whose user routes by slot
+    itself, e.g. a callee worker's on a cluster node: MOVED and ASK are error replies here.)"""
+    if hiredis is None or str(getattr(conn, "protocol", None)) != "2":
+        return None
+    if not isinstance(getattr(conn, "_sock", None), socket.socket):  # pragma: no cover - a stand-in
         return None
     return RespConnection(conn)
 

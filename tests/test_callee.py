@@ -427,3 +427,68 @@ def test_results_lost_to_an_outage_are_not_a_second_error_line(caplog):
         callee._stored([result], [CapacityExceeded("list capacity exceeded")])
     levels = [(r.levelno, "could not store 1 result(s)" in r.getMessage()) for r in caplog.records]
     assert levels == [(logging.INFO, True), (logging.ERROR, True)]
+
+
+def _settled(callee, waiting, parked):
+    """Whether the workers of ``callee`` (one slot group) come to ``waiting`` in a BRPOP and
+    ``parked``, within a few seconds."""
+    import time
+
+    slots = callee._slots[0]
+    deadline = time.monotonic() + T(5)
+    while (slots.waiting, slots.parked) != (waiting, parked) and time.monotonic() < deadline:
+        time.sleep(0.005)  # (the state of threads that only block: nothing to wait on)
+    assert (slots.waiting, slots.parked) == (waiting, parked), f"slow {slots.slow}, quick runs {slots.quick_runs}"
+    return True
+
+
+@pytest.mark.realredis
+def test_a_burst_of_slow_calls_on_a_new_pool_gets_every_worker(real):
+    """A pool starts with every worker waiting on redis: six calls stored at once, which
+    wait for each other, run on six workers at once (none is taken into another's batch:
+    redis hands each call to a blocked worker as it is stored; fakeredis wakes them all,
+    and the first may take several, as the test above avoids with ``batch=1``)."""
+    broker = RedisBroker(real)
+    barrier = threading.Barrier(6)
+    callee = Callee(broker, workers=6, block=30.0)
+    callee.register("meet", lambda a: barrier.wait(T(10)) >= 0)
+    with callee:
+        assert _settled(callee, 6, 0)
+        pending = [send_call(broker, "meet", i) for i in range(6)]
+        assert all(take_result(broker, p, T(15)).payload.args is True for p in pending)
+
+
+def test_quick_calls_park_all_but_two_workers_and_slow_ones_wake_them(broker):
+    """Once calls prove quick, two workers wait on redis and the others are parked (calls
+    that come together are taken together). A call that takes a worker and leaves none
+    waiting wakes a parked one, so six calls that come one after the other and wait for each
+    other still run on six workers at once; and once a call was slow, every worker waits."""
+    import time
+
+    barrier = threading.Barrier(6)
+    callee = Callee(broker, workers=6, block=30.0)
+    callee.register("quick", lambda a: a)
+    # (slow whichever comes last: the sleep is the work of a slow function, not a wait)
+    callee.register("meet", lambda a: barrier.wait(T(10)) >= 0 and (time.sleep(0.02) or True))
+    with callee:
+        for i in range(10):
+            assert take_result(broker, send_call(broker, "quick", i)).payload.args == i
+        assert _settled(callee, 2, 4)
+        pending = []
+        for i in range(5):
+            pending.append(send_call(broker, "meet", i))
+            assert callee.stats.wait_for(lambda s: s.busy == i + 1, T(5)), f"call {i} is not running"
+        pending.append(send_call(broker, "meet", 5))  # the sixth lets them all go
+        assert all(take_result(broker, p).payload.args is True for p in pending)
+        assert _settled(callee, 6, 0)
+
+
+def test_waiting_none_keeps_every_worker_waiting(broker):
+    callee = Callee(broker, workers=4, block=30.0, waiting=None)
+    callee.register("quick", lambda a: a)
+    with callee:
+        for i in range(10):
+            assert take_result(broker, send_call(broker, "quick", i)).payload.args == i
+        assert _settled(callee, 4, 0)
+    with pytest.raises(ValueError, match="waiting"):
+        Callee(broker, waiting=0)

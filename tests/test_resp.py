@@ -48,6 +48,20 @@ def test_commands_and_replies(real):
         conn.close()
 
 
+def test_the_fast_path_speaks_resp2_whatever_redis_py_would_ask_for(real):
+    """redis-py 8 asks for RESP3 when a client names no protocol; the fast path's replies are
+    read as RESP2 (a map would be a dict in RESP3, a list here)."""
+    assert "protocol" not in real.connection_pool.connection_kwargs  # (redis-py's default: 3)
+    conn = resp.connect(real)
+    assert conn is not None
+    try:
+        assert b" resp=2" in conn.command("CLIENT", "INFO")
+        conn.command("HSET", "h", "f", "v")
+        assert conn.command("HGETALL", "h") == [b"f", b"v"]
+    finally:
+        conn.close()
+
+
 def test_read_reply_returns_the_next_reply_whether_it_is_there_or_still_coming(real):
     conn = resp.connect(real)
     assert conn is not None
@@ -186,6 +200,13 @@ def test_the_fast_path_speaks_tls_to_a_tls_redis():
         payload = CallPayload(new_uuid(), new_uuid(), "tls.echo", {"x": 1})
         broker.store_call(payload, T(10))
         assert broker.pop_call(["tls.echo"], T(5)).payload == payload
+        popper = broker.call_popper(["tls.echo"])  # a callee worker's connection: the fast path too
+        try:
+            assert popper._fast is not None
+            broker.store_call(payload, T(10))
+            assert [p.payload for p in popper.exchange([], 4)] == [payload]
+        finally:
+            popper.close()
     finally:
         broker.close()
         stop_redis_server(rp)
