@@ -27,13 +27,14 @@ from typing import Any, Callable, Optional, Sequence
 
 from . import gilsend
 from .broker import Broker
-from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, ConnServices, ConnSettings
+from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, ConnServices
 from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
 from .health import RedisHealth
 from .pubsub import PubSubHub
+from .settings import ServerSettings, parse_host_port
 from .timer import Timer
 from .tuning import default_max_connections
 from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
@@ -164,7 +165,7 @@ class _Handler(websocket_server.WebSocketHandler):
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if jserver.ssl_context is not None:
-            sock.settimeout(jserver.handshake_timeout)
+            sock.settimeout(jserver.settings.handshake_timeout)
             raw = sock
             if not jserver._handshake_started(raw):
                 return
@@ -182,8 +183,8 @@ class _Handler(websocket_server.WebSocketHandler):
                 sock.close()
 
     def _serve(self, jserver: "Server", sock: socket.socket) -> None:
-        io = SocketIO(sock, jserver.write_timeout)  # from here on, every read and write goes through it
-        reader = SocketReader(io, deadline=time.monotonic() + jserver.handshake_timeout)
+        io = SocketIO(sock, jserver.settings.write_timeout)  # from here on, every read and write goes through it
+        reader = SocketReader(io, deadline=time.monotonic() + jserver.settings.handshake_timeout)
         if not jserver._handshake_started(io):
             return
         try:
@@ -330,57 +331,21 @@ class Server:
 
     :param broker: the broker for RPC (calls and results).
     :param pubsub_broker: the broker for pub-sub; ``None`` means ``broker``.
-    :param host: address to listen on.
-    :param port: port to listen on; 0 picks a free one (see :attr:`url`).
-    :param path: the websocket path; other paths get HTTP 404 (but ``/healthz`` and
-        ``/metrics``, see ``http_endpoints``).
     :param handler: what to do with each message read or sent (see :mod:`juggler.middleware`);
         ``None`` means :func:`~juggler.process_msg`.
     :param on_state: ``on_state(conn, state)`` is called with each :class:`ConnState` of each
         connection; raising :class:`~juggler.exceptions.RefuseConnection` at ACCEPTING refuses
         the handshake.
-    :param allow_empty_subprotocol: accept handshakes that offer no subprotocol at all (the
-        ones that offer others but not ``juggler.0`` are still refused).
-    :param allowed_origins: if given, a handshake whose ``Origin`` header matches none of these
-        (``fnmatch`` patterns such as ``https://*.example.com``) gets HTTP 403. Requests without
-        ``Origin`` (not from a browser) are not affected.
-    :param certfile, keyfile: serve TLS (``wss://``) with this certificate chain and key; or
-        pass an ``ssl_context``.
-    :param max_connections: open websockets at most; a handshake over it gets HTTP 503 (0: no
-        limit; ``None``: what this machine can hold, see
-        :func:`~juggler.tuning.default_max_connections`).
-    :param read_limit: largest message (after reassembly) in bytes; over it: close 1009.
-    :param write_limit: largest message written, in bytes: a RES over it is replaced by an
-        error result (so its call still ends), an ACK or NACK is sent without its ``uri`` or
-        ``channel``, an EVNT over it is dropped.
-    :param write_queue_size: messages queued per connection before ``send`` blocks.
-    :param write_timeout: seconds ``send`` waits on a full queue, and a socket write may take,
-        before the client is deemed too slow and disconnected (1008).
-    :param handshake_timeout: seconds a client has to complete TLS and the HTTP handshake.
-    :param ping_interval: ping a connection after this many seconds without a frame from it
-        (0: never).
-    :param idle_timeout: close a connection (1001) after this many seconds without any frame
-        from it, pongs included (0: never). With pings on, this closes the unresponsive ones.
-    :param close_timeout: seconds to wait for the peer's close frame, or for the writer to
-        flush, once closing starts.
-    :param reuse_port: set ``SO_REUSEPORT`` on the listening socket, so that several server
-        processes can listen on the same port (the kernel spreads connections among them).
-    :param max_call_timeout: the longest timeout (seconds) a CALL may ask for; over it: NACK
-        400. It bounds how long a call to a URI nobody serves stays in redis.
-    :param max_subscriptions: subscriptions one connection may hold; a SUB over it gets NACK
-        429 (0: no limit).
-    :param max_calls_in_flight: calls one connection may have in flight (stored, and neither
-        answered nor expired); a CALL over it gets NACK 429 (0: no limit). With the broker's
-        ``max_args_size`` and ``max_call_timeout`` it bounds what one connection keeps in redis.
-    :param slow_threshold: a request whose processing takes longer than this (seconds) is
-        counted as slow (``juggler_slow_messages_total``) and logged at DEBUG.
-    :param http_endpoints: serve ``GET /healthz`` and ``GET /metrics`` on the same port
-        (unless ``metrics_listen`` is given).
-    :param metrics_listen: ``"HOST:PORT"``: serve ``/healthz`` and ``/metrics`` there
-        instead, off the public port (port 0: any free one, see :attr:`metrics_url`).
-    :param serve_client: serve the browser client, ``GET /juggler.js`` (and its types,
-        ``/juggler.d.ts``), on the same port (see :mod:`juggler.web`).
-    :param demo_page: serve the demo page at ``GET /`` (``juggler demo`` does).
+    :param ssl_context: serve TLS (``wss://``) with this context (or give ``certfile`` and
+        ``keyfile``).
+    :param settings: a :class:`~juggler.settings.ServerSettings`; the keyword arguments below
+        replace its fields.
+    :param kwargs: any field of :class:`~juggler.settings.ServerSettings` (``host``, ``port``,
+        ``path``, ``max_connections``, ``read_limit``, ``write_timeout``, ...: each field's
+        text says its default and what it does). :class:`ValueError` names a bad value,
+        :class:`TypeError` an unknown name. Each is also an attribute of the server
+        (``server.read_limit``), but for ``host`` and ``port``, which are the address it
+        listens on.
     :param logger: defaults to ``logging.getLogger("juggler.server")``.
     """
 
@@ -389,87 +354,23 @@ class Server:
         broker: Broker,
         *,
         pubsub_broker: Optional[Broker] = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        path: str = "/ws",
         handler: Optional[Handler] = None,
         on_state: Optional[StateHook] = None,
-        allow_empty_subprotocol: bool = False,
-        allowed_origins: Optional[Sequence[str]] = None,
-        certfile: Optional[str] = None,
-        keyfile: Optional[str] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
-        max_connections: Optional[int] = None,
-        read_limit: int = 1 << 20,
-        write_limit: int = 1 << 20,
-        write_queue_size: int = 256,
-        write_timeout: float = 10.0,
-        handshake_timeout: float = 10.0,
-        ping_interval: float = 30.0,
-        idle_timeout: float = 60.0,
-        close_timeout: float = 2.0,
-        reuse_port: bool = False,
-        max_call_timeout: float = 600.0,
-        max_subscriptions: int = 100,
-        max_calls_in_flight: int = 1000,
-        slow_threshold: float = 0.1,
-        http_endpoints: bool = True,
-        serve_client: bool = True,
-        demo_page: bool = False,
-        metrics_listen: Optional[str] = None,
+        settings: Optional[ServerSettings] = None,
         logger: Optional[logging.Logger] = None,
+        **kwargs: Any,
     ) -> None:
-        for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
-            if count <= 0:
-                raise ValueError(f"{name} must be positive, got {count!r}")
-        if max_connections is None:
-            max_connections = default_max_connections()
-        for name, count in (("max_connections", max_connections), ("max_subscriptions", max_subscriptions),
-                            ("max_calls_in_flight", max_calls_in_flight)):  # fmt: skip
-            if count < 0:
-                raise ValueError(f"{name} must be >= 0 (0: no limit), got {count!r}")
-        for name, value in (
-            ("write_timeout", write_timeout),
-            ("handshake_timeout", handshake_timeout),
-            ("close_timeout", close_timeout),
-            ("max_call_timeout", max_call_timeout),
-            ("slow_threshold", slow_threshold),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name, value in (("ping_interval", ping_interval), ("idle_timeout", idle_timeout)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0 seconds (0: off), got {value!r}")
-        if not path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {path!r}")
-        if (certfile is None) != (keyfile is None) and ssl_context is None:
-            raise ValueError("certfile and keyfile go together")
-        if certfile is not None and ssl_context is None:
-            ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ssl_context.load_cert_chain(certfile, keyfile)
+        #: The server's :class:`~juggler.settings.ServerSettings` (also its connections').
+        self.settings = settings = _settings(settings, kwargs)
         self.broker = broker
         self.pubsub_broker = pubsub_broker if pubsub_broker is not None else broker
-        self.path = path
         self.handler: Handler = handler or process_msg
         self.on_state = on_state
-        self.allow_empty_subprotocol = allow_empty_subprotocol
-        self.allowed_origins = [o.lower() for o in allowed_origins] if allowed_origins is not None else None
-        self.ssl_context = ssl_context
-        self.max_connections = max_connections
-        self.read_limit = read_limit
-        self.write_limit = write_limit
-        self.write_queue_size = write_queue_size
-        self.write_timeout = write_timeout
-        self.handshake_timeout = handshake_timeout
-        self.ping_interval = ping_interval
-        self.idle_timeout = idle_timeout
-        self.close_timeout = close_timeout
-        self.max_call_timeout = max_call_timeout
-        self.max_subscriptions = max_subscriptions
-        self.max_calls_in_flight = max_calls_in_flight
-        self.slow_threshold = slow_threshold
-        self.http_endpoints = http_endpoints
-        self.web = WebRoutes(path, serve_client=serve_client, demo_page=demo_page)
+        origins = settings.allowed_origins
+        self.allowed_origins = [o.lower() for o in origins] if origins is not None else None
+        self.ssl_context = _tls_context(settings, ssl_context)
+        self.web = WebRoutes(settings.path, serve_client=settings.serve_client, demo_page=settings.demo_page)
         self.logger = logger or logging.getLogger("juggler.server")
         self.stats = Stats()
 
@@ -485,9 +386,26 @@ class Server:
         self._thread_failures = 0  # connections refused for want of a thread (see _out_of_threads)
         self._thread_failure_logged = -math.inf
         self._shutdown_done = threading.Event()
-        self._tcp = _TCPServer(self, host, port, reuse_port)
+        self._tcp = _TCPServer(self, settings.host, settings.port, settings.reuse_port)
         self.host, self.port = self._tcp.server_address[:2]
         self.timer = Timer("juggler-server-timer", self.logger)
+        self._init_redis_side()
+        self.metrics = ServerMetrics(self)  # last: registering it collects once
+        self._health_lock = threading.Condition()
+        self._health_answer: Optional[tuple[float, tuple[int, str, str]]] = None  # (when, answer)
+        self._health_checking = False  # a thread PINGs redis for the next answer
+        self._http = self._metrics_endpoints(settings.metrics_listen)
+        self._services = self._conn_services()
+
+    def __getattr__(self, name: str) -> Any:
+        # the settings as attributes (server.read_limit); only called for what is not found
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in _SETTING_NAMES:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _init_redis_side(self) -> None:
+        """The views of redis' health, and the pub-sub hub."""
         #: How this server sees its redis (:class:`~juggler.health.RedisHealth`): its results
         #: listeners report to it, take their reconnect turns from it, and log the outage once.
         self.redis_health = RedisHealth(f"server {self.host}:{self.port}", logger=self.logger)
@@ -503,36 +421,25 @@ class Server:
         self.hub = PubSubHub(
             self.pubsub_broker,
             # a subscribe waits for redis behind whatever the hub's reader is handing out
-            confirm_timeout=max(5.0, write_timeout),
+            confirm_timeout=max(5.0, self.settings.write_timeout),
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
             health=self.pubsub_health,
         )
-        self.metrics = ServerMetrics(self)  # last: registering it collects once
-        self._health_lock = threading.Condition()
-        self._health_answer: Optional[tuple[float, tuple[int, str, str]]] = None  # (when, answer)
-        self._health_checking = False  # a thread PINGs redis for the next answer
-        self._http: Optional[HttpEndpoints] = None
-        if metrics_listen is not None:
-            mhost, mport = parse_host_port(metrics_listen)
-            routes = {
-                "/healthz": lambda: self._encoded(self._health()),
-                "/metrics": lambda: (200, self.metrics.render(), CONTENT_TYPE),
-            }
-            self._http = HttpEndpoints(mhost, mport, routes, name="juggler-server-metrics")
-        self.settings = ConnSettings(
-            read_limit=read_limit,
-            write_queue_size=write_queue_size,
-            write_timeout=write_timeout,
-            ping_interval=ping_interval,
-            idle_timeout=idle_timeout,
-            close_timeout=close_timeout,
-            max_call_timeout=max_call_timeout,
-            slow_threshold=slow_threshold,
-            max_subscriptions=max_subscriptions,
-            max_calls_in_flight=max_calls_in_flight,
-        )
-        self._services = ConnServices(
+
+    def _metrics_endpoints(self, listen: Optional[str]) -> Optional[HttpEndpoints]:
+        """The endpoints of ``metrics_listen``, if given."""
+        if listen is None:
+            return None
+        host, port = parse_host_port(listen)
+        routes = {
+            "/healthz": lambda: self._encoded(self._health()),
+            "/metrics": lambda: (200, self.metrics.render(), CONTENT_TYPE),
+        }
+        return HttpEndpoints(host, port, routes, name="juggler-server-metrics")
+
+    def _conn_services(self) -> ConnServices:
+        return ConnServices(
             settings=self.settings,
             broker=self.broker,
             pubsub_broker=self.pubsub_broker,
@@ -596,7 +503,7 @@ class Server:
         """The websocket URL clients connect to, e.g. ``ws://127.0.0.1:PORT/ws``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         scheme = "wss" if self.ssl_context is not None else "ws"
-        return f"{scheme}://{host}:{self.port}{self.path}"
+        return f"{scheme}://{host}:{self.port}{self.settings.path}"
 
     @property
     def metrics_url(self) -> Optional[str]:
@@ -738,7 +645,8 @@ class Server:
                 return
             # Handshakes in progress are capped too, so a flood of idle TCP connections cannot
             # spawn threads without bound. They are refused here, on the accept thread, at once.
-            if self.max_connections and len(self._conn_threads) >= self.max_connections + _HANDSHAKE_HEADROOM:
+            most = self.settings.max_connections
+            if most and len(self._conn_threads) >= most + _HANDSHAKE_HEADROOM:
                 overloaded = True
             else:
                 overloaded = False
@@ -831,7 +739,7 @@ class Server:
         if req.method != "GET":
             raise _Refused(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
         path = req.path.split("?", 1)[0]
-        if path != self.path:
+        if path != self.settings.path:
             raise _Refused(404, "Not Found", f"no websocket endpoint at {path}")
         check_upgrade(req)
         origin = req.headers.get("origin")
@@ -841,7 +749,7 @@ class Server:
         offered = req.tokens("sec-websocket-protocol")
         if SUBPROTOCOL in offered:
             protocol: Optional[str] = SUBPROTOCOL
-        elif not offered and self.allow_empty_subprotocol:
+        elif not offered and self.settings.allow_empty_subprotocol:
             protocol = None
         else:
             raise _Refused(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
@@ -855,7 +763,8 @@ class Server:
             # Take the slot now, so handshakes in flight (a slow on_state hook) cannot together
             # exceed max_connections. A handshake that does not open gives it back
             # (_release_slot); an open connection gives it back when it closes.
-            if self.max_connections and self._slots >= self.max_connections:
+            most = self.settings.max_connections
+            if most and self._slots >= most:
                 raise _Refused(503, "Service Unavailable", AT_LIMIT)
             self._slots += 1
         return allowed, protocol
@@ -880,7 +789,7 @@ class Server:
     def _serve_http(self, io: SocketIO, req: HandshakeRequest) -> bool:
         """Answer ``GET /healthz`` and ``GET /metrics`` (not websocket upgrades); whether it did."""
         path = req.path.split("?", 1)[0]
-        if not self.http_endpoints or self._http is not None:  # off, or off the public port
+        if not self.settings.http_endpoints or self._http is not None:  # off, or off the public port
             return False
         if req.method not in ("GET", "HEAD") or path not in ("/healthz", "/metrics"):
             return False
@@ -943,19 +852,19 @@ class Server:
         """See ConnServices.event_write_limit: the write limit, unless the handler (which may
         be replaced) or a subclass's encode must see every EVNT."""
         if type(self).encode is Server.encode and writes_events_as_sent(self.handler):
-            return self.write_limit
+            return self.settings.write_limit
         return None
 
     def encode(self, conn: Conn, msg: Any) -> Optional[bytes]:
         """The bytes of a message about to be written to ``conn``; ``None`` to drop it (an
         EVNT over ``write_limit``)."""
         data = encode(msg).encode("utf-8")
-        if len(data) > self.write_limit:
+        if len(data) > self.settings.write_limit:
             self.stats.incr("oversized_messages")
             self.logger.warning("connection %s: %s for %s is %d bytes, over the write limit", conn.uuid,
                                 msg.type.name, getattr(msg, "for_uuid", msg.uuid), len(data))  # fmt: skip
             if isinstance(msg, Res):  # the call still ends: with an error result
-                msg = Res(msg.for_uuid, "", error_result(f"result larger than the server's write limit of {self.write_limit} bytes"))
+                msg = Res(msg.for_uuid, "", error_result(f"result larger than the server's write limit of {self.settings.write_limit} bytes"))
             elif isinstance(msg, (Ack, Nack)):  # every request is answered: without its long uri/channel
                 msg = dataclasses.replace(msg, uri="", channel="")
             else:  # an EVNT: dropped
@@ -988,15 +897,33 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
-def parse_host_port(value: str) -> tuple[str, int]:
-    """``("HOST", PORT)`` from ``"HOST:PORT"`` (``"[::1]:9100"`` for IPv6); :class:`ValueError`
-    naming the problem."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9100)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(ServerSettings))
+
+
+def _settings(settings: Optional[ServerSettings], kwargs: dict[str, Any]) -> ServerSettings:
+    """``settings`` (or the defaults) with ``kwargs`` replacing its fields, and
+    ``max_connections=None`` made what this process can hold."""
+    unknown = sorted(set(kwargs) - _SETTING_NAMES)
+    if unknown:
+        raise TypeError(f"Server() got unexpected keyword arguments: {', '.join(unknown)} (not settings of "
+                        "juggler.settings.ServerSettings)")  # fmt: skip
+    settings = dataclasses.replace(settings, **kwargs) if settings is not None else ServerSettings(**kwargs)
+    if settings.max_connections is None:
+        settings = dataclasses.replace(settings, max_connections=default_max_connections())
+    return settings
+
+
+def _tls_context(settings: ServerSettings, ssl_context: Optional[ssl.SSLContext]) -> Optional[ssl.SSLContext]:
+    """``ssl_context``, or one made of ``certfile`` and ``keyfile``."""
+    if ssl_context is not None:
+        return ssl_context
+    if (settings.certfile is None) != (settings.keyfile is None):
+        raise ValueError("certfile and keyfile go together")
+    if settings.certfile is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(settings.certfile, settings.keyfile)
+    return context
 
 
 def _ping(broker: Any) -> bool:
