@@ -1,11 +1,11 @@
 """The juggler server: websocket connections in, redis out.
 
-Built on ``websocket-server``'s TCP server and request handler (the listening socket, a
-request handler per connection), extended where juggler needs more than it has (see
-:mod:`juggler.transport`, :mod:`juggler.frames` and :mod:`juggler.handshake`): the handshake
-checks the path and negotiates the ``juggler.0`` subprotocol, frames are read with
-fragmentation and a read limit, written with ``sendall``, and connections are closed with
-proper close codes.
+Its connections come from a :class:`~juggler.listener.Listener` (the accept loop, a thread
+per TCP connection, their shutdown), each served by a request handler, ``websocket-server``'s,
+extended where juggler needs more than it has (see :mod:`juggler.transport`,
+:mod:`juggler.frames` and :mod:`juggler.handshake`): the handshake checks the path and
+negotiates the ``juggler.0`` subprotocol, frames are read with fragmentation and a read limit,
+written with ``sendall``, and connections are closed with proper close codes.
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ import fnmatch
 import functools
 import json
 import logging
-import math
 import socket
 import socketserver
 import ssl
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-from . import gilsend
 from .broker import Broker
-from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, ConnServices
+from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, Conn, ConnServices
 from .exceptions import ProtocolError, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
@@ -38,6 +36,7 @@ from .settings import ServerSettings, parse_host_port
 from .timer import Timer
 from .tuning import default_max_connections
 from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
+from .listener import AT_LIMIT, OUT_OF_THREADS, Listener
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
 
@@ -72,14 +71,6 @@ ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
 #: The same list as a query parameter of the handshake, for browsers (they cannot send headers
 #: with a websocket); when both come, a connection may send what both allow.
 ALLOWED_MESSAGES_PARAM = "juggler-allowed-messages"
-
-#: The reason of the HTTP 503 a connection gets at ``max_connections``.
-AT_LIMIT = "server at its connection limit"
-#: The reason of the HTTP 503 a connection gets when the process cannot start a thread for it
-#: (``kernel.pid_max``, ``kernel.threads-max``, ``vm.max_map_count`` or memory).
-OUT_OF_THREADS = "server out of threads"
-#: Seconds between two ERROR lines about connections refused for want of a thread.
-OUT_OF_THREADS_LOG_INTERVAL = 10.0
 
 _REQUEST_TYPES = {
     "call": MessageType.CALL,
@@ -152,6 +143,11 @@ class _Handler(websocket_server.WebSocketHandler):
 
     disable_nagle_algorithm = True
 
+    def __init__(self, request: socket.socket, client_address: Any, server: "Server") -> None:
+        # Not WebSocketHandler.__init__, which would wrap the socket in its own TLS: ours is
+        # Server.ssl_context, in handle().
+        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
+
     def setup(self) -> None:
         # No rfile/wfile: reads go through SocketReader, writes through sendall.
         self.connection = self.request
@@ -161,7 +157,7 @@ class _Handler(websocket_server.WebSocketHandler):
         pass
 
     def handle(self) -> None:
-        jserver: Server = self.server.juggler
+        jserver: Server = self.server
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if jserver.ssl_context is not None:
@@ -231,7 +227,7 @@ class _Handler(websocket_server.WebSocketHandler):
             try:
                 conn.start()  # its writer, before the 101: a process out of threads refuses with 503
             except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
-                jserver._out_of_threads(self.client_address, exc)
+                jserver._listener.out_of_threads(self.client_address, exc)
                 self._refuse(io, _Refused(503, "Service Unavailable", OUT_OF_THREADS), request)
                 return None
             handed_over = True  # from here on, conn.run() tears it all down
@@ -278,7 +274,7 @@ class _Handler(websocket_server.WebSocketHandler):
         return True
 
     def _refuse(self, io: SocketIO, exc: _Refused, request: Optional[HandshakeRequest] = None) -> None:
-        jserver: Server = self.server.juggler
+        jserver: Server = self.server
         jserver.stats.incr(f"refused_{exc.status}")
         jserver.logger.info("refused handshake from %s: %d %s", self.client_address, exc.status, exc.text)
         if request is not None:  # before the response: a browser asks for the reason once it has it
@@ -287,38 +283,6 @@ class _Handler(websocket_server.WebSocketHandler):
             io.sendall(http_response(exc.status, exc.reason, exc.headers, exc.text + "\n"))
         except OSError:
             pass
-
-
-class _TCPServer(websocket_server.WebsocketServer):
-    """websocket-server's server socket, with our handler. Its accept loop is
-    :meth:`Server._accept_loop`, which blocks in ``accept()`` rather than polling, and starts a
-    thread per connection (joined by :meth:`Server.shutdown`)."""
-
-    daemon_threads = False
-    block_on_close = False  # we join connection threads ourselves, see Server.shutdown
-    allow_reuse_address = True
-    request_queue_size = socket.SOMAXCONN  # socketserver's 5 makes bursts of connects wait
-
-    def __init__(self, juggler: "Server", host: str, port: int, reuse_port: bool = False) -> None:
-        # Not WebsocketServer.__init__: it would set its logger's level and use its handler.
-        self.reuse_port = reuse_port
-        socketserver.TCPServer.__init__(self, (host, port), _Handler)
-        self.juggler = juggler
-        self.host = host
-        self.port = self.socket.getsockname()[1]
-        self.key = self.cert = None  # TLS is ours (Server.ssl_context), not the base class'
-        self.clients: list[Any] = []
-        self._deny_clients = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            if not hasattr(socket, "SO_REUSEPORT"):
-                raise OSError("SO_REUSEPORT is not available on this system")
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        self.juggler.logger.exception("unexpected error serving %s", client_address)
 
 
 class Server:
@@ -375,19 +339,20 @@ class Server:
         self.stats = Stats()
 
         self._lock = threading.Lock()
-        self._conns: dict[str, Conn] = {}
-        self._conn_threads: set[threading.Thread] = set()
-        # sockets in their handshake, by id, with what wakes their reads (shutdown calls it)
-        self._handshakes: dict[int, Callable[[], None]] = {}
         # Handshakes past their checks plus open connections: what max_connections bounds.
         self._slots = 0
-        self._accept_thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._thread_failures = 0  # connections refused for want of a thread (see _out_of_threads)
-        self._thread_failure_logged = -math.inf
-        self._shutdown_done = threading.Event()
-        self._tcp = _TCPServer(self, settings.host, settings.port, settings.reuse_port)
-        self.host, self.port = self._tcp.server_address[:2]
+        most = settings.max_connections
+        # A thread per TCP connection: its handshake, then its websocket's reader. Handshakes
+        # in progress are capped too, so a flood of idle TCP connections cannot spawn threads
+        # without bound: they are refused on the accept thread, at once. The registered: the
+        # sockets in their handshake (shut down at shutdown) and the open connections (closed
+        # with 1001).
+        self._listener = Listener(settings.host, settings.port, self._serve_conn, name="juggler-server-accept",
+                                  conn_name="juggler-conn-{host}:{port}", logger=self.logger,
+                                  max_threads=most + _HANDSHAKE_HEADROOM if most else 0,
+                                  tls=self.ssl_context is not None, reuse_port=settings.reuse_port,
+                                  on_refused=lambda how: self.stats.incr(f"refused_{how}"))  # fmt: skip
+        self.host, self.port = self._listener.host, self._listener.port
         self.timer = Timer("juggler-server-timer", self.logger)
         self._init_redis_side()
         self.metrics = ServerMetrics(self)  # last: registering it collects once
@@ -516,29 +481,19 @@ class Server:
     @property
     def connections(self) -> list[Conn]:
         """The open connections (a snapshot)."""
-        with self._lock:
-            return list(self._conns.values())
+        return [m for m in self._listener.members() if isinstance(m, Conn)]
 
     def connection_thread_count(self) -> int:
         """Threads serving connections: one per TCP connection, plus each open connection's
-        writer, results and pub-sub threads."""
-        with self._lock:
-            return len(self._conn_threads) + sum(c.helper_thread_count() for c in self._conns.values())
+        writer and results threads."""
+        return self._listener.thread_count() + sum(c.helper_thread_count() for c in self.connections)
 
     # -- lifecycle --
 
     def start(self) -> "Server":
         """Serve in a background thread (``juggler-server-accept``); returns at once."""
-        with self._lock:
-            if self._stopping:
-                raise RuntimeError("server was shut down")
-            if self._accept_thread is not None:
-                return self
-            self.timer.start()
-            if self._http is not None:
-                self._http.start()
-            self._accept_thread = threading.Thread(target=self._accept_loop, name="juggler-server-accept")
-            self._accept_thread.start()
+        if not self._listener.start(before=self._start_threads):
+            return self
         self.logger.info("juggler server listening on %s", self.url)
         if self._http is not None:
             self.logger.info("health and metrics at %s/healthz and %s/metrics", self.metrics_url, self.metrics_url)
@@ -548,49 +503,32 @@ class Server:
         """Serve until :meth:`shutdown` is called from another thread (or a signal handler)."""
         self.start()
         try:
-            self._shutdown_done.wait()
+            self._listener.wait_closed()
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001 and join every thread. Idempotent."""
-        with self._lock:
-            first = not self._stopping
-            self._stopping = True
-            accept = self._accept_thread
-            handshakes = list(self._handshakes.values())
-        if not first:
-            self._shutdown_done.wait()
-            return
-        try:
-            try:
-                # wakes the accept() of the accept loop (Linux: it fails with EINVAL)
-                self._tcp.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            if accept is not None:
-                accept.join()
-            self._tcp.server_close()
-            for stop in handshakes:
-                stop()
-            for conn in self.connections:
-                conn.close(CLOSE_GOING_AWAY, "server shutting down")
-            # listeners waiting for their turn to reconnect give up (their connections close)
-            for health in self.redis_healths():
-                health.close()
-            # Each connection ends within its close_timeout: its close deadline shuts the
-            # socket of a peer that does not answer.
-            with self._lock:
-                threads = list(self._conn_threads)
-            for t in threads:
-                t.join()
-            self.hub.close()
-            self.timer.stop()
-            if self._http is not None:
-                self._http.close()
-        finally:
-            self._shutdown_done.set()
-        self.logger.info("juggler server on %s stopped", self.url)
+        # Each connection ends within its close_timeout: its close deadline shuts the socket
+        # of a peer that does not answer.
+        if self._listener.close(before_join=self._close_healths, after_join=self._stop_threads):
+            self.logger.info("juggler server on %s stopped", self.url)
+
+    def _start_threads(self) -> None:
+        self.timer.start()
+        if self._http is not None:
+            self._http.start()
+
+    def _stop_threads(self) -> None:
+        self.hub.close()
+        self.timer.stop()
+        if self._http is not None:
+            self._http.close()
+
+    def _close_healths(self) -> None:
+        # listeners waiting for their turn to reconnect give up (their connections close)
+        for health in self.redis_healths():
+            health.close()
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -600,116 +538,22 @@ class Server:
 
     # -- connection bookkeeping --
 
-    def _accept_loop(self) -> None:
-        listener = self._tcp.socket
-        while True:
-            try:
-                request, client_address = listener.accept()
-            except OSError as exc:
-                if self._stopping:
-                    return
-                # e.g. EMFILE, out of file descriptors: the pending connection stays in the
-                # backlog; wait a little (or for shutdown) instead of spinning on the error
-                self.logger.error("accept failed: %s", exc)
-                self._shutdown_done.wait(0.1)
-                continue
-            try:
-                self._spawn_conn_thread(request, client_address)
-            except Exception:  # (MemoryError, say): that connection is lost, not the accept loop
-                self.logger.exception("cannot serve %s", client_address)
-                _close_quietly(request)
-
-    def _spawn_conn_thread(self, request: socket.socket, client_address: Any) -> None:
-        tcp = self._tcp
-
-        def run() -> None:
-            try:
-                tcp.finish_request(request, client_address)
-            except Exception:
-                tcp.handle_error(request, client_address)
-            finally:
-                gilsend.shutdown_and_close(request)  # as tcp.shutdown_request, keeping the GIL
-                with self._lock:
-                    self._conn_threads.discard(threading.current_thread())
-
-        # A daemon thread, though Server.shutdown() joins it like every other: CPython keeps a
-        # lock per non-daemon thread and scans all of them whenever one ends, which made
-        # closing 10,000 connections take minutes (quadratic). Likewise a connection's writer
-        # and results threads (juggler.conn.CONN_THREAD_DAEMON).
-        t = threading.Thread(
-            target=run, name=f"juggler-conn-{client_address[0]}:{client_address[1]}", daemon=CONN_THREAD_DAEMON
-        )
-        with self._lock:
-            if self._stopping:
-                tcp.shutdown_request(request)
-                return
-            # Handshakes in progress are capped too, so a flood of idle TCP connections cannot
-            # spawn threads without bound. They are refused here, on the accept thread, at once.
-            most = self.settings.max_connections
-            if most and len(self._conn_threads) >= most + _HANDSHAKE_HEADROOM:
-                overloaded = True
-            else:
-                overloaded = False
-                self._conn_threads.add(t)
-        if overloaded:
-            self._refuse_overloaded(tcp, request)
-            return
-        try:
-            t.start()
-        except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
-            with self._lock:
-                self._conn_threads.discard(t)
-            self._out_of_threads(client_address, exc)
-            self._refuse_overloaded(tcp, request, OUT_OF_THREADS)
-
-    def _out_of_threads(self, client_address: Any, exc: BaseException) -> None:
-        """A connection is refused (503) because no thread could be started for it: logged
-        at ERROR once, then at most every :data:`OUT_OF_THREADS_LOG_INTERVAL` seconds with the
-        count of refusals since (a process out of threads refuses every connection)."""
-        now = time.monotonic()
-        with self._lock:
-            self._thread_failures += 1
-            if now < self._thread_failure_logged + OUT_OF_THREADS_LOG_INTERVAL:
-                return
-            count, self._thread_failures = self._thread_failures, 0
-            self._thread_failure_logged = now
-        self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the "
-                          "last report); see kernel.pid_max, vm.max_map_count and memory",
-                          client_address, exc, count)  # fmt: skip
-
-    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket, reason: str = AT_LIMIT) -> None:
-        if self.ssl_context is not None:
-            # No TLS handshake on the accept thread: a plain-text 503 would only read as
-            # garbage to a TLS client. It gets the connection closed instead.
-            self.stats.incr("refused_closed")
-        else:
-            self.stats.incr("refused_503")
-            try:
-                request.settimeout(0)  # never block the accept thread on a client
-                request.send(http_response(503, "Service Unavailable", {}, reason + "\n"))
-            except OSError:
-                pass
-        tcp.shutdown_request(request)
+    def _serve_conn(self, sock: socket.socket, client_address: Any) -> None:
+        """One TCP connection, on its thread (the listener closes its socket after)."""
+        _Handler(sock, client_address, self)
 
     def _handshake_started(self, sock: Any) -> bool:
         """Register a socket in its handshake, so that shutdown can wake its reads; ``False``
         if the server is stopping (then it is not registered)."""
         stop = sock.shutdown if isinstance(sock, SocketIO) else functools.partial(_shut, sock)
-        with self._lock:
-            if self._stopping:
-                return False
-            self._handshakes[id(sock)] = stop
-        return True
+        return self._listener.register(sock, stop)
 
     def _handshake_ended(self, sock: Any) -> None:
-        with self._lock:
-            self._handshakes.pop(id(sock), None)
+        self._listener.unregister(sock)
 
     def _conn_opened(self, conn: Conn) -> bool:
-        with self._lock:
-            if self._stopping:
-                return False
-            self._conns[conn.uuid] = conn
+        if not self._listener.register(conn, functools.partial(conn.close, CLOSE_GOING_AWAY, "server shutting down")):
+            return False
         threading.current_thread().name = f"juggler-conn-{conn.id}-reader"
         self.stats.incr("connections_total")
         self.logger.debug("connection %s opened from %s", conn.uuid, conn.remote_addr)
@@ -717,8 +561,8 @@ class Server:
         return True
 
     def _conn_closed(self, conn: Conn) -> None:
+        self._listener.unregister(conn)
         with self._lock:
-            self._conns.pop(conn.uuid, None)
             self._slots -= 1  # before CLOSED is announced: a hook may count on the free slot
         self.stats.incr(f"close_{conn.close_code}")
         self.logger.debug("connection %s closed: %s %s", conn.uuid, conn.close_code, conn.close_reason)
@@ -881,13 +725,6 @@ HEALTH_CACHE_SECONDS = 1.0
 HEAD_LIMIT = 16384
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
-
-
-def _close_quietly(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
 
 
 def _shut(sock: socket.socket) -> None:
