@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 from . import gilsend
 from .handshake import http_response
 
-__all__ = ["Listener", "AT_LIMIT", "OUT_OF_THREADS", "OUT_OF_THREADS_LOG_INTERVAL"]
+__all__ = ["Listener", "shut", "AT_LIMIT", "OUT_OF_THREADS", "OUT_OF_THREADS_LOG_INTERVAL"]
 
 #: The reason of the HTTP 503 a connection gets beyond the thread limit.
 AT_LIMIT = "server at its connection limit"
@@ -245,6 +245,15 @@ class Listener:
         self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the "
                           "last report); see kernel.pid_max, vm.max_map_count and memory",
                           address, exc, count)  # fmt: skip
+
+
+def shut(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways, waking a thread blocked on it (what a connection in its
+    handshake registers to be woken with); never raises."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sized
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .listener import Listener
+from .listener import Listener, shut
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callee import Callee
@@ -225,7 +225,7 @@ class HttpEndpoints:
 
     def _serve(self, sock: socket.socket, address: Any) -> None:
         """One request, on its thread (the listener closes the socket after)."""
-        if not self._listener.register(sock, functools.partial(_shut, sock)):  # close() shuts it: no wait
+        if not self._listener.register(sock, functools.partial(shut, sock)):  # close() shuts it: no wait
             return
         try:
             self._handler(sock, address, self)
@@ -238,10 +238,3 @@ class HttpEndpoints:
         """Stop accepting, end the requests under way (their sockets shut down) and join every
         thread. Idempotent."""
         self._listener.close()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

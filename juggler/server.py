@@ -36,7 +36,7 @@ from .settings import ServerSettings, parse_host_port
 from .timer import Timer
 from .tuning import default_max_connections
 from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
-from .listener import AT_LIMIT, OUT_OF_THREADS, Listener
+from .listener import AT_LIMIT, OUT_OF_THREADS, Listener, shut
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
 
@@ -545,7 +545,7 @@ class Server:
     def _handshake_started(self, sock: Any) -> bool:
         """Register a socket in its handshake, so that shutdown can wake its reads; ``False``
         if the server is stopping (then it is not registered)."""
-        stop = sock.shutdown if isinstance(sock, SocketIO) else functools.partial(_shut, sock)
+        stop = sock.shutdown if isinstance(sock, SocketIO) else functools.partial(shut, sock)
         return self._listener.register(sock, stop)
 
     def _handshake_ended(self, sock: Any) -> None:
@@ -726,12 +726,6 @@ HEAD_LIMIT = 16384
 
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
 
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 _SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(ServerSettings))

@@ -13,6 +13,7 @@ thread that runs ``on_connection``. :meth:`Server.close` stops and joins them al
 
 from __future__ import annotations
 
+import functools
 import logging
 import mimetypes
 import os
@@ -26,7 +27,7 @@ from typing import Any, Callable, Optional, Union
 
 from ..exceptions import ProtocolError
 from ..handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
-from ..listener import Listener
+from ..listener import Listener, shut
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader, Stopped
 from .connection import CLOSE_GOING_AWAY, Connection, PatchCache, Settings, check_autoflush_delay
@@ -145,7 +146,7 @@ class Server:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
             sock.settimeout(self.handshake_timeout)
-            if not self._listener.register(sock, lambda: _shut(sock)):
+            if not self._listener.register(sock, functools.partial(shut, sock)):
                 return
             try:
                 tls = self.ssl_context.wrap_socket(sock, server_side=True)
@@ -299,13 +300,6 @@ def _send_quietly(io: SocketIO, data: bytes) -> bool:
         return False
 
 
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 def _close(sock: socket.socket) -> None:
-    _shut(sock)
+    shut(sock)
     sock.close()
