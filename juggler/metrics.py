@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sized
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sized
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -182,11 +182,13 @@ class HttpEndpoints:
 
     Its accept thread is named ``name``; each request runs on a thread of its own
     (``name-N``), at most ``max_clients`` at once (one more gets 503 at once), and has
-    ``timeout`` seconds to send its request. :meth:`close` stops and joins them all.
+    ``timeout`` seconds to send its request. :meth:`close` stops and joins them all. Its
+errors (accept failing, no thread for a request) go to ``logger``, by default
+``juggler.metrics``.
     """
 
-    def __init__(self, host: str, port: int, routes: dict[str, Route], *, name: str,
-                 max_clients: int = 8, timeout: float = 5.0) -> None:  # fmt: skip
+    def __init__(self, host: str, port: int, routes: dict[str, Route], *, name: str, max_clients: int = 8,
+                 timeout: float = 5.0, logger: Optional[logging.Logger] = None) -> None:  # fmt: skip
         from http.server import BaseHTTPRequestHandler
 
         class _Handler(BaseHTTPRequestHandler):
@@ -216,7 +218,7 @@ class HttpEndpoints:
         self.name = name
         self._handler = _Handler
         self._listener = Listener(host, port, self._serve, name=name, conn_name=name + "-{n}",
-                                  logger=logging.getLogger(__name__), max_threads=max_clients)  # fmt: skip
+                                  logger=logger or logging.getLogger(__name__), max_threads=max_clients)  # fmt: skip
         self.host, self.port = self._listener.host, self._listener.port
 
     def start(self) -> "HttpEndpoints":

@@ -401,7 +401,7 @@ class Server:
             "/healthz": lambda: self._encoded(self._health()),
             "/metrics": lambda: (200, self.metrics.render(), CONTENT_TYPE),
         }
-        return HttpEndpoints(host, port, routes, name="juggler-server-metrics")
+        return HttpEndpoints(host, port, routes, name="juggler-server-metrics", logger=self.logger)
 
     def _conn_services(self) -> ConnServices:
         return ConnServices(
