@@ -183,31 +183,31 @@ class Listener:
                 sock.close()
 
     def _spawn(self, sock: socket.socket, address: Any) -> None:
-        with self._lock:
-            self._count += 1
-            n = self._count
-        # A daemon thread, though close() joins it like every other: CPython keeps a lock per
-        # non-daemon thread and scans all of them whenever one ends, which made closing
-        # 10,000 connections take minutes (quadratic).
-        t = threading.Thread(target=self._run, args=(sock, address), daemon=True,
-                             name=self._conn_name.format(host=address[0], port=address[1], n=n))  # fmt: skip
+        t = None
         with self._lock:
             closing = self._closing
             full = bool(self.max_threads) and len(self._threads) >= self.max_threads
             if not closing and not full:
+                self._count += 1
+                # A daemon thread, though close() joins it like every other: CPython keeps a
+                # lock per non-daemon thread and scans all of them whenever one ends, which
+                # made closing 10,000 connections take minutes (quadratic).
+                name = self._conn_name.format(host=address[0], port=address[1], n=self._count)
+                t = threading.Thread(target=self._run, args=(sock, address), name=name, daemon=True)
                 self._threads.add(t)
-        if closing:
-            gilsend.shutdown_and_close(sock)
-        elif full:
-            self._refuse(sock, AT_LIMIT)
-        else:
-            try:
-                t.start()
-            except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
-                with self._lock:
-                    self._threads.discard(t)
-                self.out_of_threads(address, exc)
-                self._refuse(sock, OUT_OF_THREADS)
+        if t is None:
+            if closing:
+                gilsend.shutdown_and_close(sock)
+            else:
+                self._refuse(sock, AT_LIMIT)
+            return
+        try:
+            t.start()
+        except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
+            with self._lock:
+                self._threads.discard(t)
+            self.out_of_threads(address, exc)
+            self._refuse(sock, OUT_OF_THREADS)
 
     def _run(self, sock: socket.socket, address: Any) -> None:
         try:
