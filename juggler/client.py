@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import websocket
 
+from .deadline import Deadline
 from .exceptions import (
     AckTimeout,
     CallExpired,
@@ -341,7 +342,7 @@ class Client:
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout
         self.close_timeout = close_timeout
-        self.logger = logger or logging.getLogger("juggler.client")
+        self.logger = logger or logging.getLogger(__name__)
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self.id = next(_counter)
@@ -431,7 +432,7 @@ class Client:
         redial = None
         if reconnect:
             ws = _dial_until(url, headers, connect_timeout, max_reconnect_delay,
-                             logger or logging.getLogger("juggler.client"), ws_options)  # fmt: skip
+                             logger or logging.getLogger(__name__), ws_options)  # fmt: skip
             # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
             redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)
@@ -557,13 +558,13 @@ class Client:
             if self._closed is not None or self._down is not None:
                 raise self._closed or self._down  # type: ignore[misc]
             self._acks[msg.uuid] = fut
-        deadline = time.monotonic() + self.ack_timeout
+        deadline = Deadline.after(self.ack_timeout)
         try:
             if not self._outbox.put((msg.uuid, data), self.ack_timeout):
                 if self._closed is not None:
                     raise self._closed
                 raise FutureTimeout
-            return fut.result(max(0.0, deadline - time.monotonic()))
+            return fut.result(deadline.remaining())
         except FutureTimeout:
             raise AckTimeout(f"no ACK for {msg.type.name} {msg.uuid} within {self.ack_timeout} s") from None
         finally:
@@ -931,12 +932,12 @@ def _dial_until(url: str, headers: dict[str, str], timeout: float, max_delay: fl
                 ws_options: dict[str, Any]) -> websocket.WebSocket:  # fmt: skip
     """The first connect of ``Client.connect(reconnect=True)``: dial, backing off as a
     reconnect does, until ``timeout`` seconds have passed; then the last error is raised."""
-    deadline = time.monotonic() + timeout
+    deadline = Deadline.after(timeout)
     for attempt, delay in enumerate(backoff_delays(0.1, max_delay), 1):
         try:
-            return open_websocket(url, [SUBPROTOCOL], headers, max(0.001, deadline - time.monotonic()), **ws_options)
+            return open_websocket(url, [SUBPROTOCOL], headers, max(0.001, deadline.remaining()), **ws_options)
         except (HandshakeError, OSError) as exc:
-            left = deadline - time.monotonic()
+            left = deadline.remaining()
             if isinstance(exc, HandshakeError) and exc.status in FINAL_REFUSALS or left <= 0:
                 raise
             logger.info("client: connecting to %s failed (attempt %d): %s; trying again for %.1f s",

@@ -30,14 +30,11 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .exceptions import ConfigError
 from .settings import ServerSettings, boolean, parse_duration, positive_duration, string, whole
 
 __all__ = ["ConfigError", "Setting", "SETTINGS", "SERVER_SETTINGS", "COMMANDS", "load", "parse_duration",
            "format_config"]  # fmt: skip
-
-
-class ConfigError(Exception):
-    """A setting has a bad value, or the config file is unreadable; the message names which."""
 
 
 def _float(minimum: float) -> Callable[[Any], float]:

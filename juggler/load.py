@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import websocket
 
 from .client import SUBPROTOCOL, Client
+from .deadline import Deadline
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
 from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
 from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
@@ -170,8 +171,8 @@ class _Connection:
         if not self.closed:
             try:
                 self._io.sendall(encode_close(1000, "", os.urandom(4)))
-                deadline = time.monotonic() + 2.0
-                while time.monotonic() < deadline:
+                deadline = Deadline.after(2.0)
+                while not deadline.expired():
                     frame = self._frame()
                     if frame is not None:
                         if frame[1] == OP_CLOSE:
