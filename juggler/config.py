@@ -97,6 +97,7 @@ class Setting:
     metavar: str = ""
     flag_name: str = ""  # the flag's name when it is not the setting's (--no-client: serve_client)
     group: str = ""  # its section of ``juggler server --help``
+    repeatable: bool = False  # the flag may be given several times (a list)
 
     @property
     def flag(self) -> str:
@@ -121,7 +122,8 @@ def _from_fields(settings_class: type) -> list[Setting]:
     """The settings of a dataclass' fields (see :func:`juggler.settings.setting`)."""
     return [
         Setting(f.name, f.metadata["parse"], f.metadata["cli_default"], f.metadata["help"], metavar=f.metadata["metavar"],
-                flag_name=f.metadata["flag_name"], group=f.metadata["group"])  # fmt: skip
+                flag_name=f.metadata["flag_name"], group=f.metadata["group"],
+                repeatable=f.metadata["repeatable"])  # fmt: skip
         for f in dataclasses.fields(settings_class)
         if f.metadata["cli"]
     ]
@@ -184,6 +186,7 @@ COMMANDS: dict[str, list[str]] = {
     "demo": ["host", "port", "path", "workers", "grace", "switch_interval", "log_level"],
     "server": sorted(["redis", "pubsub_redis", "call_cap", "result_cap", *SERVER_SETTINGS, "max_args_size", "cpu",
                       "switch_interval", "log_messages", "log_level"], key=lambda name: GROUPS.index(SETTINGS[name].group)),
+    "publish": ["redis", "history", "log_level"],
     "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],
     "load": ["connections", "processes", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],

@@ -44,8 +44,9 @@ from typing import Any, Callable, Iterator, Optional
 from .broker import SLOT_REFRESH_INTERVAL, Broker, PubSubEvent, RedisBroker, results_key
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
+from .history import Held, History
 from .redisconn import timed_out, unavailable
-from .message import CLIENT_TYPES, CallPayload, EventPayload, Evnt, Message, MessageType, Res, decode, new_uuid
+from .message import CLIENT_TYPES, CallPayload, EventPayload, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
@@ -320,6 +321,8 @@ class Conn(FrameLoop):
         self._watch_lock = threading.Lock()
         self._read_at = 0.0  # when the message being handled was read (reader thread)
         self._ack_deferred = False  # and its ACK will come from the results thread
+        self._held: Optional[dict[SubKey, Held]] = None  # subscriptions recovering history
+        self._held_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Conn {self.id} {self.uuid} {self.remote_addr}>"
@@ -440,12 +443,35 @@ class Conn(FrameLoop):
         """How many subscriptions this connection holds."""
         return self._svc.hub.count(self)
 
+    @property
+    def history(self) -> Optional[History]:
+        """The channels whose events the server keeps for recovery (:mod:`juggler.history`)."""
+        return self._svc.hub.history
+
+    def hold_events(self, key: SubKey, held: Held) -> None:
+        """(The reader, recovering a subscription's history.) Its live events go through
+        ``held`` until one passes it (:attr:`~juggler.history.Held.passed`)."""
+        with self._held_lock:
+            self._held = {**(self._held or {}), key: held}
+
+    def release_events(self, key: SubKey, held: Held) -> None:
+        with self._held_lock:
+            if self._held is not None and self._held.get(key) is held:
+                self._held = {k: v for k, v in self._held.items() if k != key} or None
+
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
         """Send an event (on the server's pub-sub thread), through the handler, without
         blocking: written at once when the socket takes it, else queued for the writer; a
         connection whose queue is full is closed (1008) rather than delaying the others."""
         if self.closed:
             return
+        held = self._held
+        if held is not None and key in held:
+            h = held[key]
+            if h.hold(event):
+                return
+            if h.passed:
+                self.release_events(key, h)
         limit = self._svc.event_write_limit()
         if limit is not None:
             # The handler would only write it: write the event's frame, made once for all
@@ -457,11 +483,9 @@ class Conn(FrameLoop):
                 if sent:
                     self._svc.incr(_WRITE_KEY[MessageType.EVNT])
                 return
-        p = event.payload
-        evnt = Evnt(for_uuid=p.msg_uuid, channel=event.channel, pattern=event.pattern, args=p.args)
         _local.nonblocking = True
         try:
-            self.handle(evnt.sharing(event.evnt_payload))
+            self.handle(event.evnt().sharing(event.evnt_payload))
         finally:
             _local.nonblocking = False
 

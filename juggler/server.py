@@ -31,8 +31,10 @@ from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
 from .health import RedisHealth
+from .history import History, record_history
 from .pubsub import PubSubHub
 from .settings import ServerSettings, parse_host_port
+from .redisconn import REDIS_FAILURES
 from .timer import Timer
 from .tuning import default_max_connections
 from .handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
@@ -387,6 +389,7 @@ class Server:
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
             health=self.pubsub_health,
+            history=History.of(self.settings.history),
         )
 
     def _metrics_endpoints(self, listen: Optional[str]) -> Optional[HttpEndpoints]:
@@ -492,9 +495,19 @@ class Server:
         if not self._listener.start(before=self._start_threads):
             return self
         self.logger.info("juggler server listening on %s", self.url)
+        if self.hub.history is not None:
+            self._record_history(self.hub.history)
         if self._http is not None:
             self.logger.info("health and metrics at %s/healthz and %s/metrics", self.metrics_url, self.metrics_url)
         return self
+
+    def _record_history(self, history: History) -> None:
+        try:
+            record_history(getattr(self.pubsub_broker, "client"), history)
+        except (REDIS_FAILURES + (AttributeError,)) as exc:
+            self.logger.warning("could not record the history rules in redis for publishers: %s", exc)
+        else:
+            self.logger.info("channel history: %s", ", ".join(str(r) for r in history.rules))
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown` is called from another thread (or a signal handler)."""

@@ -117,6 +117,29 @@ def _str_items(value: Any) -> list[Any]:
     return string(value).split(",")
 
 
+def history_rules(value: Any) -> Any:
+    """History rules (``PATTERN=SIZE,TTL``, see :mod:`juggler.history`), each checked: a list
+    (repeated flags, a TOML array; from Python, :class:`~juggler.history.HistoryRule` objects
+    too) or a string of rules separated by ``;`` or spaces (the environment); a
+    :class:`~juggler.history.History` is kept as it is."""
+    from .history import History, HistoryRule
+
+    if isinstance(value, History):
+        return value
+    if isinstance(value, HistoryRule):
+        return [str(value)]
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[;\s]+", string(value))
+    rules = []
+    for item in items:
+        if isinstance(item, HistoryRule):
+            item = str(item)
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not a history rule (PATTERN=SIZE,TTL)")
+        if item.strip():
+            rules.append(str(HistoryRule.parse(item)))
+    return rules
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     """``("HOST", PORT)`` from ``"HOST:PORT"`` (``"[::1]:9100"`` for IPv6); :class:`ValueError`
     naming the problem."""
@@ -144,15 +167,16 @@ def url_path(value: Any) -> str:
 
 
 def setting(default: Any, parse: Callable[[Any], Any], help: str, *, metavar: str = "", group: str = "",
-            flag_name: str = "", cli: bool = True, cli_default: Any = dataclasses.MISSING) -> Any:  # fmt: skip
+            flag_name: str = "", repeatable: bool = False, cli: bool = True,
+            cli_default: Any = dataclasses.MISSING) -> Any:  # fmt: skip
     """A settings field: its ``default`` (``None`` allowed only where it is the default),
     ``parse`` (checks a value and makes it from the command line's text; :class:`ValueError`
     for a bad one), and for the command line: the ``help`` line, the flag's ``metavar``, the
     ``group`` of ``juggler server --help`` it shows in, its ``flag_name`` when it is not the
-    field's name, ``cli=False`` to leave it off, and ``cli_default`` where the command's default
-    differs from the library's."""
+    field's name, ``repeatable`` for a flag given once per item of a list, ``cli=False`` to
+    leave it off, and ``cli_default`` where the command's default differs from the library's."""
     meta = {"parse": parse, "help": help, "metavar": metavar, "group": group, "flag_name": flag_name, "cli": cli,
-            "cli_default": default if cli_default is dataclasses.MISSING else cli_default}  # fmt: skip
+            "repeatable": repeatable, "cli_default": default if cli_default is dataclasses.MISSING else cli_default}  # fmt: skip
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -273,5 +297,16 @@ class ServerSettings(ConnSettings):
     metrics_listen: Optional[str] = setting(None, host_port, "serve GET /healthz and GET /metrics on this "
                                             "address instead, off the public port", metavar="HOST:PORT",
                                             group="HTTP")
+    #: Keep the last events of the channels matching these rules for recovery
+    #: (``"PATTERN=SIZE,TTL"`` strings or :class:`~juggler.history.HistoryRule`, or a
+    #: :class:`~juggler.history.History`; first match wins; see :mod:`juggler.history`);
+    #: ``None``: no channel has history, and pub-sub costs redis what it costs without the
+    #: feature. Recorded in redis on :meth:`Server.start <juggler.Server.start>` for
+    #: :func:`juggler.publish`.
+    history: Any = setting(None, history_rules, "keep the last SIZE events of each channel matching PATTERN (a "
+                           "redis glob), each history expiring TTL after its last event, so a client that reconnects "
+                           "recovers what it missed (repeatable; SIZE 1-10000, default 100; TTL up to 7 days, default "
+                           "300s; the environment separates rules with ';'); none: no channel keeps history",
+                           metavar="PATTERN=SIZE,TTL", group="redis", repeatable=True)
     #: Serve the demo page at ``GET /`` (``juggler demo`` does).
     demo_page: bool = setting(False, boolean, "serve the demo page at GET /", cli=False)
