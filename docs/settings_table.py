@@ -19,7 +19,7 @@ def render() -> str:
     header = ("flag", "environment", "file key", "default", "commands", "meaning")
     rows = []
     for name, s in SETTINGS.items():
-        negated = s.parse.__name__ == "_bool" and s.default
+        negated = s.switch and s.default
         flag = f"``--no-{s.flag[2:]}``" if negated else f"``{s.flag}``"
         default = "none" if s.default is None else str(s.default).lower() if isinstance(s.default, bool) else str(s.default)
         commands = ", ".join(c for c, names in COMMANDS.items() if name in names)

@@ -24,7 +24,7 @@ import traceback
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
-from .config import COMMANDS, SETTINGS, ConfigError, format_config, load
+from .config import COMMANDS, GROUPS, SERVER_SETTINGS, SETTINGS, ConfigError, format_config, load
 from .signals import StopSignal
 
 __all__ = ["main", "DEMO_FUNCTIONS"]
@@ -137,12 +137,7 @@ def _stop_callee(callee: Any, grace: float) -> None:
 def _server_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     from .middleware import chain, log_messages, recover
 
-    names = ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "certfile", "keyfile",
-             "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
-             "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
-             "max_subscriptions", "max_calls_in_flight", "slow_threshold", "http_endpoints", "serve_client",
-             "metrics_listen", "history")  # fmt: skip
-    kwargs = {n: cfg[n] for n in names if n in cfg}
+    kwargs = {n: cfg[n] for n in SERVER_SETTINGS if n in cfg}
     if cfg.get("certfile") and not cfg.get("keyfile") or cfg.get("keyfile") and not cfg.get("certfile"):
         raise _Usage("--certfile and --keyfile go together")
     kwargs["handler"] = chain(recover(), log_messages()) if cfg.get("log_messages") else chain(recover())
@@ -571,19 +566,13 @@ _COMMAND_HELP = {
     "report)",
 }
 
-#: The sections of ``juggler server --help``, in order; each setting in one of them. The other
-#: commands have few settings, all under "options".
+#: The sections of ``juggler server --help``, in order, each with its settings (a setting says
+#: which: :attr:`juggler.config.Setting.group`). The other commands have few settings, all under
+#: "options".
 _SERVER_GROUPS: dict[str, tuple[str, ...]] = {
-    "listening": ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "reuse_port"),
-    "redis": ("redis", "pubsub_redis", "call_cap", "result_cap", "history"),
-    "limits": ("max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
-               "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
-               "max_subscriptions", "max_calls_in_flight", "max_args_size"),
-    "TLS": ("certfile", "keyfile"),
-    "HTTP": ("http_endpoints", "serve_client", "metrics_listen", "slow_threshold"),
-    "tuning": ("cpu", "switch_interval"),
-    "logging": ("log_messages", "log_level"),
-}  # fmt: skip
+    title: tuple(name for name in COMMANDS["server"] if SETTINGS[name].group == title)
+    for title in GROUPS
+}
 
 
 def _default_help(command: str, name: str, default: Any) -> str:
@@ -601,12 +590,12 @@ def _add_setting(where: Any, command: str, name: str) -> None:
     default = "none" if s.default is None else s.default
     text = _COMMAND_HELP.get((command, name), s.help)
     help_text = f"{text} (env {s.env_var}; {_default_help(command, name, default)})"
-    if name == "history":  # (repeatable)
+    if s.repeatable:
         where.add_argument(s.flag, dest=name, action="append", default=None, metavar=s.metavar, help=help_text)
-    elif s.parse.__name__ == "_bool" and s.default:
+    elif s.switch and s.default:
         where.add_argument("--no-" + s.flag[2:], dest=name, action="store_const", const=False, default=None,
                            help=f"do not {text} (env {s.env_var}=false)")  # fmt: skip
-    elif s.parse.__name__ == "_bool":
+    elif s.switch:
         where.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=help_text)
     else:
         alias = [_LOAD_ALIASES[name]] if command == "load" and name in _LOAD_ALIASES else []

@@ -51,6 +51,7 @@ from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from .handshake import HandshakeRequest
+from .settings import ConnSettings
 from .transport import FrameLoop, FrameReader, SocketIO, SocketReader
 
 __all__ = ["Conn", "ConnSettings", "ConnServices", "WriteQueue"]
@@ -81,22 +82,6 @@ _WRITE_BATCH = 64  # messages the writer takes off its queue for one socket writ
 # with no max_calls_in_flight, a connection's count of its calls in flight drops those whose
 # deadline passed when it reaches this size (then twice the size left): its bound
 _CALLS_COUNT_AT = 1024
-
-
-@dataclass(frozen=True)
-class ConnSettings:
-    """The limits a connection works by (the server's settings of the same names)."""
-
-    read_limit: int = 1 << 20
-    write_queue_size: int = 256
-    write_timeout: float = 10.0
-    ping_interval: float = 30.0
-    idle_timeout: float = 60.0
-    close_timeout: float = 2.0
-    max_call_timeout: float = 600.0
-    slow_threshold: float = 0.1
-    max_subscriptions: int = 100
-    max_calls_in_flight: int = 1000
 
 
 @dataclass(frozen=True)

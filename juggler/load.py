@@ -541,59 +541,18 @@ def run_processes(
                     name=f"juggler-load-{i + 1}", daemon=True)  # fmt: skip
         for i, n in enumerate(shares(cfg["connections"], processes))
     ]
-    parts: dict[int, dict[str, Any]] = {}
-    ended: set[int] = set()  # reported a part, failed, or died
-    ready: set[int] = set()
-    ticks: dict[int, dict[str, int]] = {}
-    silent: dict[int, int] = {}
-    failure: Optional[_LoadFailed] = None
-    started = shown = 0.0
+    parent = _Parent(procs, show, stop, go, all_stop)
     try:
-        # Started with SIGINT and SIGTERM ignored (that survives the exec of spawn) until
-        # _worker handles them: a Ctrl-C while a process imports reaches it as all_stop.
-        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for p in procs:
-                p.start()
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        while len(ended) < processes:
+        _start_with_signals_ignored(procs)
+        while len(parent.ended) < processes:
             if stop.is_set():
                 all_stop.set()
             try:
                 msg = results.get(timeout=0.2)
             except queue.Empty:
-                for i, p in enumerate(procs):
-                    if i not in ended and p.exitcode is not None:
-                        silent[i] = silent.get(i, 0) + 1
-                        if silent[i] > 1:  # dead, and nothing of it is left in the queue
-                            ended.add(i)
-                            all_stop.set()
-                            if failure is None and not stop.is_set():
-                                failure = _LoadFailed(f"load process {i + 1} failed (exit status {p.exitcode})", 1)
+                parent.reap_dead()
                 continue
-            kind, i = msg[0], msg[1]
-            if kind == "ready":
-                ready.add(i)
-                if len(ready) == processes:
-                    started = time.monotonic()
-                    go.set()
-            elif kind == "tick":
-                ticks[i] = msg[2]
-                if show is not None and time.monotonic() - shown >= 0.9:
-                    shown = time.monotonic()
-                    total = {k: sum(t[k] for t in ticks.values()) for k in msg[2]}
-                    show.write(progress_line(shown - started, total))
-                    show.flush()
-            elif kind == "done":
-                parts[i] = msg[2]
-                ended.add(i)
-            elif kind == "error":
-                ended.add(i)
-                all_stop.set()
-                if failure is None:
-                    failure = _LoadFailed(msg[2], 5)
+            parent.handle(msg)
     finally:
         all_stop.set()
         for p in procs:
@@ -602,13 +561,83 @@ def run_processes(
                 p.terminate()
                 p.join()
         results.close()
-        if show is not None and ticks:
+        if show is not None and parent.ticks:
             show.write("\n")
-    if failure is not None:
-        raise failure
-    if not parts:
+    if parent.failure is not None:
+        raise parent.failure
+    if not parent.parts:
         raise _LoadFailed("stopped before any load process reported", 1)
-    return build_report(url, cfg["uri"], cfg["connections"], cfg["rate"], [parts[i] for i in sorted(parts)])
+    parts = [parent.parts[i] for i in sorted(parent.parts)]
+    return build_report(url, cfg["uri"], cfg["connections"], cfg["rate"], parts)
+
+
+def _start_with_signals_ignored(procs: list[Any]) -> None:
+    """Start the processes with SIGINT and SIGTERM ignored (that survives the exec of spawn)
+    until _worker handles them: a Ctrl-C while a process imports reaches it as all_stop."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+class _Parent:
+    """What :func:`run_processes` knows of its load processes, from their messages: who is
+    ready (all of them: ``go``), their progress, their parts of the report, who ended (reported
+    a part, failed, or died) and the first failure."""
+
+    def __init__(self, procs: list[Any], show: Optional[Any], stop: threading.Event, go: Any, all_stop: Any) -> None:
+        self.procs, self.show, self.stop, self.go, self.all_stop = procs, show, stop, go, all_stop
+        self.parts: dict[int, dict[str, Any]] = {}
+        self.ended: set[int] = set()
+        self.ready: set[int] = set()
+        self.ticks: dict[int, dict[str, int]] = {}
+        self.silent: dict[int, int] = {}
+        self.failure: Optional[_LoadFailed] = None
+        self.started = self.shown = 0.0
+
+    def handle(self, msg: tuple[Any, ...]) -> None:
+        kind, i = msg[0], msg[1]
+        if kind == "ready":
+            self.ready.add(i)
+            if len(self.ready) == len(self.procs):
+                self.started = time.monotonic()
+                self.go.set()
+        elif kind == "tick":
+            self._tick(i, msg[2])
+        elif kind == "done":
+            self.parts[i] = msg[2]
+            self.ended.add(i)
+        elif kind == "error":
+            self.ended.add(i)
+            self._fail(_LoadFailed(msg[2], 5))
+
+    def _tick(self, i: int, snap: dict[str, int]) -> None:
+        self.ticks[i] = snap
+        if self.show is not None and time.monotonic() - self.shown >= 0.9:
+            self.shown = time.monotonic()
+            total = {k: sum(t[k] for t in self.ticks.values()) for k in snap}
+            self.show.write(progress_line(self.shown - self.started, total))
+            self.show.flush()
+
+    def reap_dead(self) -> None:
+        """Nothing came for a while: a process that exited twice in a row without a word is
+        dead, and nothing of it is left in the queue."""
+        for i, p in enumerate(self.procs):
+            if i not in self.ended and p.exitcode is not None:
+                self.silent[i] = self.silent.get(i, 0) + 1
+                if self.silent[i] > 1:
+                    self.ended.add(i)
+                    failure = _LoadFailed(f"load process {i + 1} failed (exit status {p.exitcode})", 1)
+                    self._fail(None if self.stop.is_set() else failure)
+
+    def _fail(self, failure: Optional[_LoadFailed]) -> None:
+        """Stop them all; the first failure is the one reported."""
+        self.all_stop.set()
+        if self.failure is None:
+            self.failure = failure
 
 
 def run_load(url: str, cfg: dict[str, Any], as_json: bool = False, progress: bool = True) -> int:

@@ -3,18 +3,22 @@
 Each :class:`~juggler.Server` and :class:`~juggler.Callee` has a registry of its own (so that
 several in one process do not collide); counters are read from their thread-safe stats at
 scrape time, latencies are histograms. A server serves them at ``GET /metrics`` on its own
-port, or on its ``metrics_listen`` address (:class:`HttpEndpoints`); ``juggler callee
+port, or on its ``metrics_listen`` address (:class:`HttpEndpoints`, on a
+:class:`~juggler.listener.Listener`); ``juggler callee
 --metrics-port`` serves a callee's.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import socket
-import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sized
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sized
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .listener import Listener, shut
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callee import Callee
@@ -178,12 +182,14 @@ class HttpEndpoints:
 
     Its accept thread is named ``name``; each request runs on a thread of its own
     (``name-N``), at most ``max_clients`` at once (one more gets 503 at once), and has
-    ``timeout`` seconds to send its request. :meth:`close` stops and joins them all.
+    ``timeout`` seconds to send its request. :meth:`close` stops and joins them all. Its
+errors (accept failing, no thread for a request) go to ``logger``, by default
+``juggler.metrics``.
     """
 
-    def __init__(self, host: str, port: int, routes: dict[str, Route], *, name: str,
-                 max_clients: int = 8, timeout: float = 5.0) -> None:  # fmt: skip
-        from http.server import BaseHTTPRequestHandler, HTTPServer
+    def __init__(self, host: str, port: int, routes: dict[str, Route], *, name: str, max_clients: int = 8,
+                 timeout: float = 5.0, logger: Optional[logging.Logger] = None) -> None:  # fmt: skip
+        from http.server import BaseHTTPRequestHandler
 
         class _Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -210,78 +216,27 @@ class HttpEndpoints:
 
         _Handler.timeout = timeout  # a socket timeout for each request
         self.name = name
-        self._server = HTTPServer((host, port), _Handler)
-        self.host, self.port = self._server.server_address[:2]
-        self._slots = threading.BoundedSemaphore(max_clients)
-        self._lock = threading.Lock()
-        self._threads: set[threading.Thread] = set()
-        self._accept_thread: threading.Thread | None = None
-        self._count = 0
-        self._closed = False
+        self._handler = _Handler
+        self._listener = Listener(host, port, self._serve, name=name, conn_name=name + "-{n}",
+                                  logger=logger or logging.getLogger(__name__), max_threads=max_clients)  # fmt: skip
+        self.host, self.port = self._listener.host, self._listener.port
 
     def start(self) -> "HttpEndpoints":
-        with self._lock:
-            if self._accept_thread is None and not self._closed:
-                self._accept_thread = threading.Thread(target=self._accept, name=self.name)
-                self._accept_thread.start()
+        self._listener.start()
         return self
 
-    def _accept(self) -> None:
-        """Block in accept() (no poll) until :meth:`close` shuts the socket down."""
-        server = self._server
-        while True:
-            try:
-                request, address = server.get_request()
-            except OSError:
-                return
-            if not self._slots.acquire(blocking=False):
-                self._refuse(request)
-                continue
-            with self._lock:
-                self._count += 1
-                t = threading.Thread(target=self._serve, args=(request, address), name=f"{self.name}-{self._count}")
-                self._threads.add(t)
-            try:
-                t.start()
-            except (RuntimeError, MemoryError):  # out of threads: this request is refused
-                with self._lock:
-                    self._threads.discard(t)
-                self._slots.release()
-                self._refuse(request)
-
-    def _refuse(self, request: Any) -> None:
+    def _serve(self, sock: socket.socket, address: Any) -> None:
+        """One request, on its thread (the listener closes the socket after)."""
+        if not self._listener.register(sock, functools.partial(shut, sock)):  # close() shuts it: no wait
+            return
         try:
-            request.settimeout(0)
-            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        except OSError:
-            pass
-        self._server.shutdown_request(request)
-
-    def _serve(self, request: Any, address: Any) -> None:
-        try:
-            self._server.finish_request(request, address)
-        except Exception:  # a client that went away mid-answer
+            self._handler(sock, address, self)
+        except OSError:  # a client that went away mid-answer, or sent nothing in time
             pass
         finally:
-            self._server.shutdown_request(request)
-            self._slots.release()
-            with self._lock:
-                self._threads.discard(threading.current_thread())
+            self._listener.unregister(sock)
 
     def close(self) -> None:
-        """Stop accepting, and join every thread (a request ends within its timeout).
-        Idempotent."""
-        with self._lock:
-            self._closed = True
-            accept = self._accept_thread
-        try:
-            self._server.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
-        if accept is not None:
-            accept.join()
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            t.join()
-        self._server.server_close()
+        """Stop accepting, end the requests under way (their sockets shut down) and join every
+        thread. Idempotent."""
+        self._listener.close()

@@ -1,11 +1,11 @@
 """The juggler server: websocket connections in, redis out.
 
-Built on ``websocket-server``'s TCP server and request handler (the listening socket, a
-request handler per connection), extended where juggler needs more than it has (see
-:mod:`juggler.transport`, :mod:`juggler.frames` and :mod:`juggler.handshake`): the handshake
-checks the path and negotiates the ``juggler.0`` subprotocol, frames are read with
-fragmentation and a read limit, written with ``sendall``, and connections are closed with
-proper close codes.
+Its connections come from a :class:`~juggler.listener.Listener` (the accept loop, a thread
+per TCP connection, their shutdown), each served by a request handler, ``websocket-server``'s,
+extended where juggler needs more than it has (see :mod:`juggler.transport`,
+:mod:`juggler.frames` and :mod:`juggler.handshake`): the handshake checks the path and
+negotiates the ``juggler.0`` subprotocol, frames are read with fragmentation and a read limit,
+written with ``sendall``, and connections are closed with proper close codes.
 """
 
 from __future__ import annotations
@@ -16,29 +16,29 @@ import fnmatch
 import functools
 import json
 import logging
-import math
 import socket
 import socketserver
 import ssl
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional
 
-from . import gilsend
 from .broker import Broker
-from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, CONN_THREAD_DAEMON, Conn, ConnServices, ConnSettings
+from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, Conn, ConnServices
 from .exceptions import ProtocolError, Refusal, RefuseConnection
 from .message import Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
 from .health import RedisHealth
-from .history import History, HistoryRule, record_history
+from .history import History, record_history
 from .pubsub import PubSubHub
+from .settings import ServerSettings, parse_host_port
 from .redisconn import REDIS_FAILURES
 from .timer import Timer
 from .tuning import default_max_connections
 from .handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
+from .listener import AT_LIMIT, OUT_OF_THREADS, Listener, shut
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
 
@@ -73,14 +73,6 @@ ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
 #: The same list as a query parameter of the handshake, for browsers (they cannot send headers
 #: with a websocket); when both come, a connection may send what both allow.
 ALLOWED_MESSAGES_PARAM = "juggler-allowed-messages"
-
-#: The reason of the HTTP 503 a connection gets at ``max_connections``.
-AT_LIMIT = "server at its connection limit"
-#: The reason of the HTTP 503 a connection gets when the process cannot start a thread for it
-#: (``kernel.pid_max``, ``kernel.threads-max``, ``vm.max_map_count`` or memory).
-OUT_OF_THREADS = "server out of threads"
-#: Seconds between two ERROR lines about connections refused for want of a thread.
-OUT_OF_THREADS_LOG_INTERVAL = 10.0
 
 _REQUEST_TYPES = {
     "call": MessageType.CALL,
@@ -150,6 +142,11 @@ class _Handler(websocket_server.WebSocketHandler):
 
     disable_nagle_algorithm = True
 
+    def __init__(self, request: socket.socket, client_address: Any, server: "Server") -> None:
+        # Not WebSocketHandler.__init__, which would wrap the socket in its own TLS: ours is
+        # Server.ssl_context, in handle().
+        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
+
     def setup(self) -> None:
         # No rfile/wfile: reads go through SocketReader, writes through sendall.
         self.connection = self.request
@@ -159,11 +156,11 @@ class _Handler(websocket_server.WebSocketHandler):
         pass
 
     def handle(self) -> None:
-        jserver: Server = self.server.juggler
+        jserver: Server = self.server
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if jserver.ssl_context is not None:
-            sock.settimeout(jserver.handshake_timeout)
+            sock.settimeout(jserver.settings.handshake_timeout)
             raw = sock
             if not jserver._handshake_started(raw):
                 return
@@ -181,8 +178,8 @@ class _Handler(websocket_server.WebSocketHandler):
                 sock.close()
 
     def _serve(self, jserver: "Server", sock: socket.socket) -> None:
-        io = SocketIO(sock, jserver.write_timeout)  # from here on, every read and write goes through it
-        reader = SocketReader(io, deadline=time.monotonic() + jserver.handshake_timeout)
+        io = SocketIO(sock, jserver.settings.write_timeout)  # from here on, every read and write goes through it
+        reader = SocketReader(io, deadline=time.monotonic() + jserver.settings.handshake_timeout)
         if not jserver._handshake_started(io):
             return
         try:
@@ -229,7 +226,7 @@ class _Handler(websocket_server.WebSocketHandler):
             try:
                 conn.start()  # its writer, before the 101: a process out of threads refuses with 503
             except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
-                jserver._out_of_threads(self.client_address, exc)
+                jserver._listener.out_of_threads(self.client_address, exc)
                 self._refuse(io, Refusal(503, "Service Unavailable", OUT_OF_THREADS), request)
                 return None
             handed_over = True  # from here on, conn.run() tears it all down
@@ -276,7 +273,7 @@ class _Handler(websocket_server.WebSocketHandler):
         return True
 
     def _refuse(self, io: SocketIO, exc: Refusal, request: Optional[HandshakeRequest] = None) -> None:
-        jserver: Server = self.server.juggler
+        jserver: Server = self.server
         jserver.stats.incr(f"refused_{exc.status}")
         jserver.logger.info("refused handshake from %s: %d %s", self.client_address, exc.status, exc.text)
         if request is not None:  # before the response: a browser asks for the reason once it has it
@@ -285,38 +282,6 @@ class _Handler(websocket_server.WebSocketHandler):
             io.sendall(http_response(exc.status, exc.reason, exc.headers, exc.text + "\n"))
         except OSError:
             pass
-
-
-class _TCPServer(websocket_server.WebsocketServer):
-    """websocket-server's server socket, with our handler. Its accept loop is
-    :meth:`Server._accept_loop`, which blocks in ``accept()`` rather than polling, and starts a
-    thread per connection (joined by :meth:`Server.shutdown`)."""
-
-    daemon_threads = False
-    block_on_close = False  # we join connection threads ourselves, see Server.shutdown
-    allow_reuse_address = True
-    request_queue_size = socket.SOMAXCONN  # socketserver's 5 makes bursts of connects wait
-
-    def __init__(self, juggler: "Server", host: str, port: int, reuse_port: bool = False) -> None:
-        # Not WebsocketServer.__init__: it would set its logger's level and use its handler.
-        self.reuse_port = reuse_port
-        socketserver.TCPServer.__init__(self, (host, port), _Handler)
-        self.juggler = juggler
-        self.host = host
-        self.port = self.socket.getsockname()[1]
-        self.key = self.cert = None  # TLS is ours (Server.ssl_context), not the base class'
-        self.clients: list[Any] = []
-        self._deny_clients = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            if not hasattr(socket, "SO_REUSEPORT"):
-                raise OSError("SO_REUSEPORT is not available on this system")
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        self.juggler.logger.exception("unexpected error serving %s", client_address)
 
 
 class Server:
@@ -329,62 +294,21 @@ class Server:
 
     :param broker: the broker for RPC (calls and results).
     :param pubsub_broker: the broker for pub-sub; ``None`` means ``broker``.
-    :param host: address to listen on.
-    :param port: port to listen on; 0 picks a free one (see :attr:`url`).
-    :param path: the websocket path; other paths get HTTP 404 (but ``/healthz`` and
-        ``/metrics``, see ``http_endpoints``).
     :param handler: what to do with each message read or sent (see :mod:`juggler.middleware`);
         ``None`` means :func:`~juggler.process_msg`.
     :param on_state: ``on_state(conn, state)`` is called with each :class:`ConnState` of each
         connection; raising :class:`~juggler.exceptions.RefuseConnection` at ACCEPTING refuses
         the handshake.
-    :param allow_empty_subprotocol: accept handshakes that offer no subprotocol at all (the
-        ones that offer others but not ``juggler.0`` are still refused).
-    :param allowed_origins: if given, a handshake whose ``Origin`` header matches none of these
-        (``fnmatch`` patterns such as ``https://*.example.com``) gets HTTP 403. Requests without
-        ``Origin`` (not from a browser) are not affected.
-    :param certfile, keyfile: serve TLS (``wss://``) with this certificate chain and key; or
-        pass an ``ssl_context``.
-    :param max_connections: open websockets at most; a handshake over it gets HTTP 503 (0: no
-        limit; ``None``: what this machine can hold, see
-        :func:`~juggler.tuning.default_max_connections`).
-    :param read_limit: largest message (after reassembly) in bytes; over it: close 1009.
-    :param write_limit: largest message written, in bytes: a RES over it is replaced by an
-        error result (so its call still ends), an ACK or NACK is sent without its ``uri`` or
-        ``channel``, an EVNT over it is dropped.
-    :param write_queue_size: messages queued per connection before ``send`` blocks.
-    :param write_timeout: seconds ``send`` waits on a full queue, and a socket write may take,
-        before the client is deemed too slow and disconnected (1008).
-    :param handshake_timeout: seconds a client has to complete TLS and the HTTP handshake.
-    :param ping_interval: ping a connection after this many seconds without a frame from it
-        (0: never).
-    :param idle_timeout: close a connection (1001) after this many seconds without any frame
-        from it, pongs included (0: never). With pings on, this closes the unresponsive ones.
-    :param close_timeout: seconds to wait for the peer's close frame, or for the writer to
-        flush, once closing starts.
-    :param reuse_port: set ``SO_REUSEPORT`` on the listening socket, so that several server
-        processes can listen on the same port (the kernel spreads connections among them).
-    :param max_call_timeout: the longest timeout (seconds) a CALL may ask for; over it: NACK
-        400. It bounds how long a call to a URI nobody serves stays in redis.
-    :param max_subscriptions: subscriptions one connection may hold; a SUB over it gets NACK
-        429 (0: no limit).
-    :param max_calls_in_flight: calls one connection may have in flight (stored, and neither
-        answered nor expired); a CALL over it gets NACK 429 (0: no limit). With the broker's
-        ``max_args_size`` and ``max_call_timeout`` it bounds what one connection keeps in redis.
-    :param slow_threshold: a request whose processing takes longer than this (seconds) is
-        counted as slow (``juggler_slow_messages_total``) and logged at DEBUG.
-    :param http_endpoints: serve ``GET /healthz`` and ``GET /metrics`` on the same port
-        (unless ``metrics_listen`` is given).
-    :param metrics_listen: ``"HOST:PORT"``: serve ``/healthz`` and ``/metrics`` there
-        instead, off the public port (port 0: any free one, see :attr:`metrics_url`).
-    :param serve_client: serve the browser client, ``GET /juggler.js`` (and its types,
-        ``/juggler.d.ts``), on the same port (see :mod:`juggler.web`).
-    :param demo_page: serve the demo page at ``GET /`` (``juggler demo`` does).
-    :param history: keep the last events of the channels matching these rules for recovery
-        (``"PATTERN=SIZE,TTL"`` strings or :class:`~juggler.history.HistoryRule`, first match
-        wins; see :mod:`juggler.history`); ``None``: no channel has history, and pub-sub costs
-        redis what it costs without the feature. Recorded in redis on :meth:`start` for
-        :func:`juggler.publish`.
+    :param ssl_context: serve TLS (``wss://``) with this context (or give ``certfile`` and
+        ``keyfile``).
+    :param settings: a :class:`~juggler.settings.ServerSettings`; the keyword arguments below
+        replace its fields.
+    :param kwargs: any field of :class:`~juggler.settings.ServerSettings` (``host``, ``port``,
+        ``path``, ``max_connections``, ``read_limit``, ``write_timeout``, ...: each field's
+        text says its default and what it does). :class:`ValueError` names a bad value,
+        :class:`TypeError` an unknown name. Each is also an attribute of the server
+        (``server.read_limit``), but for ``host`` and ``port``, which are the address it
+        listens on.
     :param logger: defaults to ``logging.getLogger("juggler.server")``.
     """
 
@@ -393,106 +317,59 @@ class Server:
         broker: Broker,
         *,
         pubsub_broker: Optional[Broker] = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        path: str = "/ws",
         handler: Optional[Handler] = None,
         on_state: Optional[StateHook] = None,
-        allow_empty_subprotocol: bool = False,
-        allowed_origins: Optional[Sequence[str]] = None,
-        certfile: Optional[str] = None,
-        keyfile: Optional[str] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
-        max_connections: Optional[int] = None,
-        read_limit: int = 1 << 20,
-        write_limit: int = 1 << 20,
-        write_queue_size: int = 256,
-        write_timeout: float = 10.0,
-        handshake_timeout: float = 10.0,
-        ping_interval: float = 30.0,
-        idle_timeout: float = 60.0,
-        close_timeout: float = 2.0,
-        reuse_port: bool = False,
-        max_call_timeout: float = 600.0,
-        max_subscriptions: int = 100,
-        max_calls_in_flight: int = 1000,
-        slow_threshold: float = 0.1,
-        http_endpoints: bool = True,
-        serve_client: bool = True,
-        demo_page: bool = False,
-        metrics_listen: Optional[str] = None,
-        history: Union[None, History, Sequence[Union[HistoryRule, str]]] = None,
+        settings: Optional[ServerSettings] = None,
         logger: Optional[logging.Logger] = None,
+        **kwargs: Any,
     ) -> None:
-        for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
-            if count <= 0:
-                raise ValueError(f"{name} must be positive, got {count!r}")
-        if max_connections is None:
-            max_connections = default_max_connections()
-        for name, count in (("max_connections", max_connections), ("max_subscriptions", max_subscriptions),
-                            ("max_calls_in_flight", max_calls_in_flight)):  # fmt: skip
-            if count < 0:
-                raise ValueError(f"{name} must be >= 0 (0: no limit), got {count!r}")
-        for name, value in (
-            ("write_timeout", write_timeout),
-            ("handshake_timeout", handshake_timeout),
-            ("close_timeout", close_timeout),
-            ("max_call_timeout", max_call_timeout),
-            ("slow_threshold", slow_threshold),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name, value in (("ping_interval", ping_interval), ("idle_timeout", idle_timeout)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0 seconds (0: off), got {value!r}")
-        if not path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {path!r}")
-        if (certfile is None) != (keyfile is None) and ssl_context is None:
-            raise ValueError("certfile and keyfile go together")
-        if certfile is not None and ssl_context is None:
-            ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ssl_context.load_cert_chain(certfile, keyfile)
+        #: The server's :class:`~juggler.settings.ServerSettings` (also its connections').
+        self.settings = settings = _settings(settings, kwargs)
         self.broker = broker
         self.pubsub_broker = pubsub_broker if pubsub_broker is not None else broker
-        self.path = path
         self.handler: Handler = handler or process_msg
         self.on_state = on_state
-        self.allow_empty_subprotocol = allow_empty_subprotocol
-        self.allowed_origins = [o.lower() for o in allowed_origins] if allowed_origins is not None else None
-        self.ssl_context = ssl_context
-        self.max_connections = max_connections
-        self.read_limit = read_limit
-        self.write_limit = write_limit
-        self.write_queue_size = write_queue_size
-        self.write_timeout = write_timeout
-        self.handshake_timeout = handshake_timeout
-        self.ping_interval = ping_interval
-        self.idle_timeout = idle_timeout
-        self.close_timeout = close_timeout
-        self.max_call_timeout = max_call_timeout
-        self.max_subscriptions = max_subscriptions
-        self.max_calls_in_flight = max_calls_in_flight
-        self.slow_threshold = slow_threshold
-        self.http_endpoints = http_endpoints
-        self.web = WebRoutes(path, serve_client=serve_client, demo_page=demo_page)
+        origins = settings.allowed_origins
+        self.allowed_origins = [o.lower() for o in origins] if origins is not None else None
+        self.ssl_context = _tls_context(settings, ssl_context)
+        self.web = WebRoutes(settings.path, serve_client=settings.serve_client, demo_page=settings.demo_page)
         self.logger = logger or logging.getLogger("juggler.server")
         self.stats = Stats()
 
         self._lock = threading.Lock()
-        self._conns: dict[str, Conn] = {}
-        self._conn_threads: set[threading.Thread] = set()
-        # sockets in their handshake, by id, with what wakes their reads (shutdown calls it)
-        self._handshakes: dict[int, Callable[[], None]] = {}
         # Handshakes past their checks plus open connections: what max_connections bounds.
         self._slots = 0
-        self._accept_thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._thread_failures = 0  # connections refused for want of a thread (see _out_of_threads)
-        self._thread_failure_logged = -math.inf
-        self._shutdown_done = threading.Event()
-        self._tcp = _TCPServer(self, host, port, reuse_port)
-        self.host, self.port = self._tcp.server_address[:2]
+        most = settings.max_connections
+        # A thread per TCP connection: its handshake, then its websocket's reader. Handshakes
+        # in progress are capped too, so a flood of idle TCP connections cannot spawn threads
+        # without bound: they are refused on the accept thread, at once. The registered: the
+        # sockets in their handshake (shut down at shutdown) and the open connections (closed
+        # with 1001).
+        self._listener = Listener(settings.host, settings.port, self._serve_conn, name="juggler-server-accept",
+                                  conn_name="juggler-conn-{host}:{port}", logger=self.logger,
+                                  max_threads=most + _HANDSHAKE_HEADROOM if most else 0,
+                                  tls=self.ssl_context is not None, reuse_port=settings.reuse_port,
+                                  on_refused=lambda how: self.stats.incr(f"refused_{how}"))  # fmt: skip
+        self.host, self.port = self._listener.host, self._listener.port
         self.timer = Timer("juggler-server-timer", self.logger)
+        self._init_redis_side()
+        self.metrics = ServerMetrics(self)  # last: registering it collects once
+        self._health_lock = threading.Condition()
+        self._health_answer: Optional[tuple[float, tuple[int, str, str]]] = None  # (when, answer)
+        self._health_checking = False  # a thread PINGs redis for the next answer
+        self._http = self._metrics_endpoints(settings.metrics_listen)
+        self._services = self._conn_services()
+
+    def __getattr__(self, name: str) -> Any:
+        # the settings as attributes (server.read_limit); only called for what is not found
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in _SETTING_NAMES:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _init_redis_side(self) -> None:
+        """The views of redis' health, and the pub-sub hub."""
         #: How this server sees its redis (:class:`~juggler.health.RedisHealth`): its results
         #: listeners report to it, take their reconnect turns from it, and log the outage once.
         self.redis_health = RedisHealth(f"server {self.host}:{self.port}", logger=self.logger)
@@ -508,37 +385,26 @@ class Server:
         self.hub = PubSubHub(
             self.pubsub_broker,
             # a subscribe waits for redis behind whatever the hub's reader is handing out
-            confirm_timeout=max(5.0, write_timeout),
+            confirm_timeout=max(5.0, self.settings.write_timeout),
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
             health=self.pubsub_health,
-            history=History.of(history),
+            history=History.of(self.settings.history),
         )
-        self.metrics = ServerMetrics(self)  # last: registering it collects once
-        self._health_lock = threading.Condition()
-        self._health_answer: Optional[tuple[float, tuple[int, str, str]]] = None  # (when, answer)
-        self._health_checking = False  # a thread PINGs redis for the next answer
-        self._http: Optional[HttpEndpoints] = None
-        if metrics_listen is not None:
-            mhost, mport = parse_host_port(metrics_listen)
-            routes = {
-                "/healthz": lambda: self._encoded(self._health()),
-                "/metrics": lambda: (200, self.metrics.render(), CONTENT_TYPE),
-            }
-            self._http = HttpEndpoints(mhost, mport, routes, name="juggler-server-metrics")
-        self.settings = ConnSettings(
-            read_limit=read_limit,
-            write_queue_size=write_queue_size,
-            write_timeout=write_timeout,
-            ping_interval=ping_interval,
-            idle_timeout=idle_timeout,
-            close_timeout=close_timeout,
-            max_call_timeout=max_call_timeout,
-            slow_threshold=slow_threshold,
-            max_subscriptions=max_subscriptions,
-            max_calls_in_flight=max_calls_in_flight,
-        )
-        self._services = ConnServices(
+
+    def _metrics_endpoints(self, listen: Optional[str]) -> Optional[HttpEndpoints]:
+        """The endpoints of ``metrics_listen``, if given."""
+        if listen is None:
+            return None
+        host, port = parse_host_port(listen)
+        routes = {
+            "/healthz": lambda: self._encoded(self._health()),
+            "/metrics": lambda: (200, self.metrics.render(), CONTENT_TYPE),
+        }
+        return HttpEndpoints(host, port, routes, name="juggler-server-metrics", logger=self.logger)
+
+    def _conn_services(self) -> ConnServices:
+        return ConnServices(
             settings=self.settings,
             broker=self.broker,
             pubsub_broker=self.pubsub_broker,
@@ -602,7 +468,7 @@ class Server:
         """The websocket URL clients connect to, e.g. ``ws://127.0.0.1:PORT/ws``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         scheme = "wss" if self.ssl_context is not None else "ws"
-        return f"{scheme}://{host}:{self.port}{self.path}"
+        return f"{scheme}://{host}:{self.port}{self.settings.path}"
 
     @property
     def metrics_url(self) -> Optional[str]:
@@ -615,29 +481,19 @@ class Server:
     @property
     def connections(self) -> list[Conn]:
         """The open connections (a snapshot)."""
-        with self._lock:
-            return list(self._conns.values())
+        return [m for m in self._listener.members() if isinstance(m, Conn)]
 
     def connection_thread_count(self) -> int:
         """Threads serving connections: one per TCP connection, plus each open connection's
-        writer, results and pub-sub threads."""
-        with self._lock:
-            return len(self._conn_threads) + sum(c.helper_thread_count() for c in self._conns.values())
+        writer and results threads."""
+        return self._listener.thread_count() + sum(c.helper_thread_count() for c in self.connections)
 
     # -- lifecycle --
 
     def start(self) -> "Server":
         """Serve in a background thread (``juggler-server-accept``); returns at once."""
-        with self._lock:
-            if self._stopping:
-                raise RuntimeError("server was shut down")
-            if self._accept_thread is not None:
-                return self
-            self.timer.start()
-            if self._http is not None:
-                self._http.start()
-            self._accept_thread = threading.Thread(target=self._accept_loop, name="juggler-server-accept")
-            self._accept_thread.start()
+        if not self._listener.start(before=self._start_threads):
+            return self
         self.logger.info("juggler server listening on %s", self.url)
         if self.hub.history is not None:
             self._record_history(self.hub.history)
@@ -657,49 +513,32 @@ class Server:
         """Serve until :meth:`shutdown` is called from another thread (or a signal handler)."""
         self.start()
         try:
-            self._shutdown_done.wait()
+            self._listener.wait_closed()
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001 and join every thread. Idempotent."""
-        with self._lock:
-            first = not self._stopping
-            self._stopping = True
-            accept = self._accept_thread
-            handshakes = list(self._handshakes.values())
-        if not first:
-            self._shutdown_done.wait()
-            return
-        try:
-            try:
-                # wakes the accept() of the accept loop (Linux: it fails with EINVAL)
-                self._tcp.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            if accept is not None:
-                accept.join()
-            self._tcp.server_close()
-            for stop in handshakes:
-                stop()
-            for conn in self.connections:
-                conn.close(CLOSE_GOING_AWAY, "server shutting down")
-            # listeners waiting for their turn to reconnect give up (their connections close)
-            for health in self.redis_healths():
-                health.close()
-            # Each connection ends within its close_timeout: its close deadline shuts the
-            # socket of a peer that does not answer.
-            with self._lock:
-                threads = list(self._conn_threads)
-            for t in threads:
-                t.join()
-            self.hub.close()
-            self.timer.stop()
-            if self._http is not None:
-                self._http.close()
-        finally:
-            self._shutdown_done.set()
-        self.logger.info("juggler server on %s stopped", self.url)
+        # Each connection ends within its close_timeout: its close deadline shuts the socket
+        # of a peer that does not answer.
+        if self._listener.close(before_join=self._close_healths, after_join=self._stop_threads):
+            self.logger.info("juggler server on %s stopped", self.url)
+
+    def _start_threads(self) -> None:
+        self.timer.start()
+        if self._http is not None:
+            self._http.start()
+
+    def _stop_threads(self) -> None:
+        self.hub.close()
+        self.timer.stop()
+        if self._http is not None:
+            self._http.close()
+
+    def _close_healths(self) -> None:
+        # listeners waiting for their turn to reconnect give up (their connections close)
+        for health in self.redis_healths():
+            health.close()
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -709,115 +548,22 @@ class Server:
 
     # -- connection bookkeeping --
 
-    def _accept_loop(self) -> None:
-        listener = self._tcp.socket
-        while True:
-            try:
-                request, client_address = listener.accept()
-            except OSError as exc:
-                if self._stopping:
-                    return
-                # e.g. EMFILE, out of file descriptors: the pending connection stays in the
-                # backlog; wait a little (or for shutdown) instead of spinning on the error
-                self.logger.error("accept failed: %s", exc)
-                self._shutdown_done.wait(0.1)
-                continue
-            try:
-                self._spawn_conn_thread(request, client_address)
-            except Exception:  # (MemoryError, say): that connection is lost, not the accept loop
-                self.logger.exception("cannot serve %s", client_address)
-                _close_quietly(request)
-
-    def _spawn_conn_thread(self, request: socket.socket, client_address: Any) -> None:
-        tcp = self._tcp
-
-        def run() -> None:
-            try:
-                tcp.finish_request(request, client_address)
-            except Exception:
-                tcp.handle_error(request, client_address)
-            finally:
-                gilsend.shutdown_and_close(request)  # as tcp.shutdown_request, keeping the GIL
-                with self._lock:
-                    self._conn_threads.discard(threading.current_thread())
-
-        # A daemon thread, though Server.shutdown() joins it like every other: CPython keeps a
-        # lock per non-daemon thread and scans all of them whenever one ends, which made
-        # closing 10,000 connections take minutes (quadratic). Likewise a connection's writer
-        # and results threads (juggler.conn.CONN_THREAD_DAEMON).
-        t = threading.Thread(
-            target=run, name=f"juggler-conn-{client_address[0]}:{client_address[1]}", daemon=CONN_THREAD_DAEMON
-        )
-        with self._lock:
-            if self._stopping:
-                tcp.shutdown_request(request)
-                return
-            # Handshakes in progress are capped too, so a flood of idle TCP connections cannot
-            # spawn threads without bound. They are refused here, on the accept thread, at once.
-            if self.max_connections and len(self._conn_threads) >= self.max_connections + _HANDSHAKE_HEADROOM:
-                overloaded = True
-            else:
-                overloaded = False
-                self._conn_threads.add(t)
-        if overloaded:
-            self._refuse_overloaded(tcp, request)
-            return
-        try:
-            t.start()
-        except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
-            with self._lock:
-                self._conn_threads.discard(t)
-            self._out_of_threads(client_address, exc)
-            self._refuse_overloaded(tcp, request, OUT_OF_THREADS)
-
-    def _out_of_threads(self, client_address: Any, exc: BaseException) -> None:
-        """A connection is refused (503) because no thread could be started for it: logged
-        at ERROR once, then at most every :data:`OUT_OF_THREADS_LOG_INTERVAL` seconds with the
-        count of refusals since (a process out of threads refuses every connection)."""
-        now = time.monotonic()
-        with self._lock:
-            self._thread_failures += 1
-            if now < self._thread_failure_logged + OUT_OF_THREADS_LOG_INTERVAL:
-                return
-            count, self._thread_failures = self._thread_failures, 0
-            self._thread_failure_logged = now
-        self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the "
-                          "last report); see kernel.pid_max, vm.max_map_count and memory",
-                          client_address, exc, count)  # fmt: skip
-
-    def _refuse_overloaded(self, tcp: _TCPServer, request: socket.socket, reason: str = AT_LIMIT) -> None:
-        if self.ssl_context is not None:
-            # No TLS handshake on the accept thread: a plain-text 503 would only read as
-            # garbage to a TLS client. It gets the connection closed instead.
-            self.stats.incr("refused_closed")
-        else:
-            self.stats.incr("refused_503")
-            try:
-                request.settimeout(0)  # never block the accept thread on a client
-                request.send(http_response(503, "Service Unavailable", {}, reason + "\n"))
-            except OSError:
-                pass
-        tcp.shutdown_request(request)
+    def _serve_conn(self, sock: socket.socket, client_address: Any) -> None:
+        """One TCP connection, on its thread (the listener closes its socket after)."""
+        _Handler(sock, client_address, self)
 
     def _handshake_started(self, sock: Any) -> bool:
         """Register a socket in its handshake, so that shutdown can wake its reads; ``False``
         if the server is stopping (then it is not registered)."""
-        stop = sock.shutdown if isinstance(sock, SocketIO) else functools.partial(_shut, sock)
-        with self._lock:
-            if self._stopping:
-                return False
-            self._handshakes[id(sock)] = stop
-        return True
+        stop = sock.shutdown if isinstance(sock, SocketIO) else functools.partial(shut, sock)
+        return self._listener.register(sock, stop)
 
     def _handshake_ended(self, sock: Any) -> None:
-        with self._lock:
-            self._handshakes.pop(id(sock), None)
+        self._listener.unregister(sock)
 
     def _conn_opened(self, conn: Conn) -> bool:
-        with self._lock:
-            if self._stopping:
-                return False
-            self._conns[conn.uuid] = conn
+        if not self._listener.register(conn, functools.partial(conn.close, CLOSE_GOING_AWAY, "server shutting down")):
+            return False
         threading.current_thread().name = f"juggler-conn-{conn.id}-reader"
         self.stats.incr("connections_total")
         self.logger.debug("connection %s opened from %s", conn.uuid, conn.remote_addr)
@@ -825,8 +571,8 @@ class Server:
         return True
 
     def _conn_closed(self, conn: Conn) -> None:
+        self._listener.unregister(conn)
         with self._lock:
-            self._conns.pop(conn.uuid, None)
             self._slots -= 1  # before CLOSED is announced: a hook may count on the free slot
         self.stats.incr(f"close_{conn.close_code}")
         self.logger.debug("connection %s closed: %s %s", conn.uuid, conn.close_code, conn.close_reason)
@@ -847,7 +593,7 @@ class Server:
         if req.method != "GET":
             raise Refusal(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
         path = req.path.split("?", 1)[0]
-        if path != self.path:
+        if path != self.settings.path:
             raise Refusal(404, "Not Found", f"no websocket endpoint at {path}")
         check_upgrade(req)
         origin = req.headers.get("origin")
@@ -857,7 +603,7 @@ class Server:
         offered = req.tokens("sec-websocket-protocol")
         if SUBPROTOCOL in offered:
             protocol: Optional[str] = SUBPROTOCOL
-        elif not offered and self.allow_empty_subprotocol:
+        elif not offered and self.settings.allow_empty_subprotocol:
             protocol = None
         else:
             raise Refusal(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
@@ -871,7 +617,8 @@ class Server:
             # Take the slot now, so handshakes in flight (a slow on_state hook) cannot together
             # exceed max_connections. A handshake that does not open gives it back
             # (_release_slot); an open connection gives it back when it closes.
-            if self.max_connections and self._slots >= self.max_connections:
+            most = self.settings.max_connections
+            if most and self._slots >= most:
                 raise Refusal(503, "Service Unavailable", AT_LIMIT)
             self._slots += 1
         return allowed, protocol
@@ -896,7 +643,7 @@ class Server:
     def _serve_http(self, io: SocketIO, req: HandshakeRequest) -> bool:
         """Answer ``GET /healthz`` and ``GET /metrics`` (not websocket upgrades); whether it did."""
         path = req.path.split("?", 1)[0]
-        if not self.http_endpoints or self._http is not None:  # off, or off the public port
+        if not self.settings.http_endpoints or self._http is not None:  # off, or off the public port
             return False
         if req.method not in ("GET", "HEAD") or path not in ("/healthz", "/metrics"):
             return False
@@ -959,19 +706,19 @@ class Server:
         """See ConnServices.event_write_limit: the write limit, unless the handler (which may
         be replaced) or a subclass's encode must see every EVNT."""
         if type(self).encode is Server.encode and writes_events_as_sent(self.handler):
-            return self.write_limit
+            return self.settings.write_limit
         return None
 
     def encode(self, conn: Conn, msg: Any) -> Optional[bytes]:
         """The bytes of a message about to be written to ``conn``; ``None`` to drop it (an
         EVNT over ``write_limit``)."""
         data = encode(msg).encode("utf-8")
-        if len(data) > self.write_limit:
+        if len(data) > self.settings.write_limit:
             self.stats.incr("oversized_messages")
             self.logger.warning("connection %s: %s for %s is %d bytes, over the write limit", conn.uuid,
                                 msg.type.name, getattr(msg, "for_uuid", msg.uuid), len(data))  # fmt: skip
             if isinstance(msg, Res):  # the call still ends: with an error result
-                msg = Res(msg.for_uuid, "", error_result(f"result larger than the server's write limit of {self.write_limit} bytes"))
+                msg = Res(msg.for_uuid, "", error_result(f"result larger than the server's write limit of {self.settings.write_limit} bytes"))
             elif isinstance(msg, (Ack, Nack)):  # every request is answered: without its long uri/channel
                 msg = dataclasses.replace(msg, uri="", channel="")
             else:  # an EVNT: dropped
@@ -990,29 +737,34 @@ HEAD_LIMIT = 16384
 _HANDSHAKE_HEADROOM = 128  # TCP connections still in their handshake, beyond max_connections
 
 
-def _close_quietly(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
+
+_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(ServerSettings))
 
 
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+def _settings(settings: Optional[ServerSettings], kwargs: dict[str, Any]) -> ServerSettings:
+    """``settings`` (or the defaults) with ``kwargs`` replacing its fields, and
+    ``max_connections=None`` made what this process can hold."""
+    unknown = sorted(set(kwargs) - _SETTING_NAMES)
+    if unknown:
+        raise TypeError(f"Server() got unexpected keyword arguments: {', '.join(unknown)} (not settings of "
+                        "juggler.settings.ServerSettings)")  # fmt: skip
+    settings = dataclasses.replace(settings, **kwargs) if settings is not None else ServerSettings(**kwargs)
+    if settings.max_connections is None:
+        settings = dataclasses.replace(settings, max_connections=default_max_connections())
+    return settings
 
 
-def parse_host_port(value: str) -> tuple[str, int]:
-    """``("HOST", PORT)`` from ``"HOST:PORT"`` (``"[::1]:9100"`` for IPv6); :class:`ValueError`
-    naming the problem."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9100)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+def _tls_context(settings: ServerSettings, ssl_context: Optional[ssl.SSLContext]) -> Optional[ssl.SSLContext]:
+    """``ssl_context``, or one made of ``certfile`` and ``keyfile``."""
+    if ssl_context is not None:
+        return ssl_context
+    if (settings.certfile is None) != (settings.keyfile is None):
+        raise ValueError("certfile and keyfile go together")
+    if settings.certfile is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(settings.certfile, settings.keyfile)
+    return context
 
 
 def _ping(broker: Any) -> bool:

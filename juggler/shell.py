@@ -452,67 +452,87 @@ def one_shot(
     url: str, words: list[str], timeout: float, allowed: Optional[str], headers: Optional[dict[str, str]] = None
 ) -> int:
     """Run one command; print its result; return the exit status."""
-    cmd, rest = words[0].lower(), " ".join(words[1:])
-    if cmd not in ("call", "pub", "sub", "psub"):
-        print(f"juggler client: unknown command {cmd!r}: one-shot commands are call, pub, sub, psub", file=sys.stderr)
-        return EXIT_USAGE
-    parts = rest.split(None, 1)
-    if not parts:
-        print(f"juggler client: {cmd} needs a {'URI' if cmd == 'call' else 'channel'}", file=sys.stderr)
-        return EXIT_USAGE
-    target, tail = parts[0], parts[1] if len(parts) > 1 else ""
-    count = None
     try:
-        if cmd in ("sub", "psub"):
-            count = _count(cmd, tail)
-            args = None
-        else:
-            args = _json_args(tail)
-    except _Usage as exc:
-        options = [w for w in words[1:] if w.startswith("--")]
-        where = f"; options go before the URL: juggler client {options[0]} ... URL {cmd} ..." if options else ""
-        print(f"juggler client: {exc}{where}", file=sys.stderr)
-        return EXIT_USAGE
+        cmd, target, args, count = _one_shot_request(words)
+        client = _one_shot_client(url, allowed, headers)
+    except _Exit as exc:
+        return exc.report()
     try:
-        client = Client.connect(url, allowed_messages=allowed, headers=headers)
-    except ValueError as exc:  # not a websocket URL
-        print(f"juggler client: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (HandshakeError, OSError) as exc:
-        print(f"juggler client: cannot connect to {url}: {exc}", file=sys.stderr)
-        return EXIT_CONNECTION
-    try:
-        if cmd == "call":
-            print(_dumps(client.call(target, args, timeout=timeout)), flush=True)
-        elif cmd == "pub":
-            client.pub(target, args)
-        else:
-            sub = client.sub(target, pattern=cmd == "psub")
-            seen = 0
-            while count is None or seen < count:
-                ev = sub.get()
-                if ev is None:  # the connection closed (nothing here unsubscribes)
-                    print(f"juggler client: connection closed ({closed_text(client)})", file=sys.stderr)
-                    return EXIT_CONNECTION
-                print(_dumps({"channel": ev.channel, "pattern": ev.pattern, "args": ev.args}), flush=True)
-                seen += 1
-        return EXIT_OK
-    except RemoteError as exc:
-        print(f"juggler client: error result: {exc}", file=sys.stderr)
-        return EXIT_REMOTE_ERROR
-    except NackError as exc:
-        print(f"juggler client: {exc}", file=sys.stderr)
-        return EXIT_NACK
-    except CallExpired:
-        print(f"juggler client: call to {target} expired after {timeout:g} s", file=sys.stderr)
-        return EXIT_EXPIRED
-    except (ConnectionClosed, TimeoutError) as exc:
-        print(f"juggler client: {exc}", file=sys.stderr)
-        return EXIT_CONNECTION
+        return _run_one_shot(client, cmd, target, args, count, timeout)
+    except (RemoteError, NackError, CallExpired, ConnectionClosed, TimeoutError) as exc:
+        return _failed(exc, target, timeout).report()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
         client.close()
+
+
+class _Exit(Exception):
+    """A one-shot command ends with this exit status, and this line on stderr."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def report(self) -> int:
+        print(f"juggler client: {self}", file=sys.stderr)
+        return self.status
+
+
+def _one_shot_request(words: list[str]) -> tuple[str, str, Any, Optional[int]]:
+    """``(command, URI or channel, args, COUNT)`` from the words of a one-shot command."""
+    cmd, rest = words[0].lower(), " ".join(words[1:])
+    if cmd not in ("call", "pub", "sub", "psub"):
+        raise _Exit(EXIT_USAGE, f"unknown command {cmd!r}: one-shot commands are call, pub, sub, psub")
+    parts = rest.split(None, 1)
+    if not parts:
+        raise _Exit(EXIT_USAGE, f"{cmd} needs a {'URI' if cmd == 'call' else 'channel'}")
+    target, tail = parts[0], parts[1] if len(parts) > 1 else ""
+    try:
+        if cmd in ("sub", "psub"):
+            return cmd, target, None, _count(cmd, tail)
+        return cmd, target, _json_args(tail), None
+    except _Usage as exc:
+        options = [w for w in words[1:] if w.startswith("--")]
+        where = f"; options go before the URL: juggler client {options[0]} ... URL {cmd} ..." if options else ""
+        raise _Exit(EXIT_USAGE, f"{exc}{where}") from None
+
+
+def _one_shot_client(url: str, allowed: Optional[str], headers: Optional[dict[str, str]]) -> Client:
+    try:
+        return Client.connect(url, allowed_messages=allowed, headers=headers)
+    except ValueError as exc:  # not a websocket URL
+        raise _Exit(EXIT_USAGE, str(exc)) from None
+    except (HandshakeError, OSError) as exc:
+        raise _Exit(EXIT_CONNECTION, f"cannot connect to {url}: {exc}") from None
+
+
+def _run_one_shot(client: Client, cmd: str, target: str, args: Any, count: Optional[int], timeout: float) -> int:
+    if cmd == "call":
+        print(_dumps(client.call(target, args, timeout=timeout)), flush=True)
+    elif cmd == "pub":
+        client.pub(target, args)
+    else:
+        sub = client.sub(target, pattern=cmd == "psub")
+        seen = 0
+        while count is None or seen < count:
+            ev = sub.get()
+            if ev is None:  # the connection closed (nothing here unsubscribes)
+                return _Exit(EXIT_CONNECTION, f"connection closed ({closed_text(client)})").report()
+            print(_dumps({"channel": ev.channel, "pattern": ev.pattern, "args": ev.args}), flush=True)
+            seen += 1
+    return EXIT_OK
+
+
+def _failed(exc: Exception, target: str, timeout: float) -> _Exit:
+    """How a one-shot command that raised ``exc`` ends."""
+    if isinstance(exc, RemoteError):
+        return _Exit(EXIT_REMOTE_ERROR, f"error result: {exc}")
+    if isinstance(exc, NackError):
+        return _Exit(EXIT_NACK, str(exc))
+    if isinstance(exc, CallExpired):
+        return _Exit(EXIT_EXPIRED, f"call to {target} expired after {timeout:g} s")
+    return _Exit(EXIT_CONNECTION, str(exc))  # ConnectionClosed, TimeoutError
 
 
 def _count(cmd: str, text: str) -> Optional[int]:

@@ -275,7 +275,7 @@ def test_metrics_listen_refuses_a_flood_of_slow_scrapers_beyond_its_cap(redis_cl
         host, port = server._http.host, server._http.port
         idle = [socket.create_connection((host, port), timeout=T(10)) for _ in range(8)]
         try:
-            assert _eventually(lambda: len(server._http._threads) == 8)
+            assert _eventually(lambda: server._http._listener.thread_count() == 8)
             with socket.create_connection((host, port), timeout=T(10)) as extra:
                 assert extra.recv(100).startswith(b"HTTP/1.1 503")
         finally:

@@ -272,7 +272,7 @@ def test_connection_opened_during_shutdown_still_gets_going_away(make_stack):
             t.start()
             stopper.append(t)
             deadline = time.monotonic() + T(10)
-            while not stack.server._stopping:  # shutdown() sets it first thing, then blocks
+            while not stack.server._listener.closing:  # shutdown() sets it first thing, then blocks
                 assert time.monotonic() < deadline, "shutdown did not start"
                 time.sleep(0.001)
 

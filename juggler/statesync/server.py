@@ -5,14 +5,15 @@ It speaks HTTP/1.1 through the websocket layer the juggler server uses
 either a websocket (a :class:`~juggler.statesync.connection.Connection` served on that
 connection's thread) or a plain response and the end of the connection.
 
-Threads, named ``juggler-statesync-...``: the accept loop (blocks in ``accept()``), the
-server's timer, one thread per TCP connection (its reader, once it is a websocket), and per
-websocket a writer and a thread that runs ``on_connection``. :meth:`Server.close` stops and
-joins them all.
+Threads, named ``juggler-statesync-...``: the accept loop (blocks in ``accept()``) and one
+thread per TCP connection (its reader, once it is a websocket), both a
+:class:`~juggler.listener.Listener`'s; the server's timer; and per websocket a writer and a
+thread that runs ``on_connection``. :meth:`Server.close` stops and joins them all.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import mimetypes
 import os
@@ -26,6 +27,7 @@ from typing import Any, Callable, Optional, Union
 
 from ..exceptions import ProtocolError, Refusal
 from ..handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
+from ..listener import Listener, shut
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader, Stopped
 from .connection import CLOSE_GOING_AWAY, Connection, PatchCache, Settings, check_autoflush_delay
@@ -93,17 +95,13 @@ class Server:
             self.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.ssl_context.load_cert_chain(certfile, keyfile)
 
-        self._lock = threading.Lock()
-        self._threads: set[threading.Thread] = set()  # one per TCP connection
-        self._conns: set[Connection] = set()
-        self._handshakes: dict[int, Callable[[], None]] = {}  # what wakes a handshake's reads
-        self._stopping = False
-        self._closed = threading.Event()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family, backlog=socket.SOMAXCONN)
-        self.host, self.port = host, self._sock.getsockname()[1]
+        # a thread per TCP connection; registered: the sockets in their handshake (shut down
+        # at close) and the open connections (closed with 1001)
+        self._listener = Listener(host, port, self._serve_socket, name="juggler-statesync-accept",
+                                  conn_name="juggler-statesync-conn-{host}:{port}", logger=self.logger,
+                                  max_threads=max_connections, tls=self.ssl_context is not None)  # fmt: skip
+        self.host, self.port = host, self._listener.port
         self.timer = Timer("juggler-statesync-timer", self.logger)
-        self._accept_thread: Optional[threading.Thread] = None
 
     def __repr__(self) -> str:
         return f"<statesync.Server {self.url}>"
@@ -123,52 +121,18 @@ class Server:
     @property
     def connections(self) -> list[Connection]:
         """The open websocket connections (a snapshot)."""
-        with self._lock:
-            return list(self._conns)
+        return [m for m in self._listener.members() if isinstance(m, Connection)]
 
     def start(self) -> "Server":
         """Accept connections on a thread of its own; returns at once."""
-        with self._lock:
-            if self._stopping:
-                raise RuntimeError("server was closed")
-            if self._accept_thread is None:
-                self.timer.start()
-                self._accept_thread = threading.Thread(target=self._accept_loop, name="juggler-statesync-accept")
-                self._accept_thread.start()
-        self.logger.info("statesync server listening on %s", self.url)
+        if self._listener.start(before=self.timer.start):
+            self.logger.info("statesync server listening on %s", self.url)
         return self
 
     def close(self) -> None:
         """Stop accepting, close every connection with 1001 and join every thread. Idempotent."""
-        with self._lock:
-            first = not self._stopping
-            self._stopping = True
-            accept = self._accept_thread
-            handshakes = list(self._handshakes.values())
-            conns = list(self._conns)
-        if not first:
-            self._closed.wait()
-            return
-        try:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() (Linux: it fails with EINVAL)
-            except OSError:
-                pass
-            if accept is not None:
-                accept.join()
-            self._sock.close()
-            for stop in handshakes:
-                stop()
-            for conn in conns:
-                conn._start_close(CLOSE_GOING_AWAY, "server shutting down")
-            with self._lock:
-                threads = list(self._threads)
-            for t in threads:
-                t.join()
-            self.timer.stop()
-        finally:
-            self._closed.set()
-        self.logger.info("statesync server on %s stopped", self.url)
+        if self._listener.close(after_join=self.timer.stop):
+            self.logger.info("statesync server on %s stopped", self.url)
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -178,45 +142,11 @@ class Server:
 
     # -- connections --
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, addr = self._sock.accept()
-            except OSError as exc:
-                if self._stopping:
-                    return
-                self.logger.error("accept failed: %s", exc)  # e.g. out of file descriptors
-                self._closed.wait(0.1)  # not a spin on the error
-                continue
-            t = threading.Thread(target=self._serve, args=(sock, addr), name=f"juggler-statesync-conn-{addr[0]}:{addr[1]}",
-                                 daemon=True)  # fmt: skip  (joined by close() all the same)
-            with self._lock:
-                stopping = self._stopping
-                full = bool(self.max_connections) and len(self._threads) >= self.max_connections
-                if not stopping and not full:
-                    self._threads.add(t)
-            if stopping or full:
-                if full and self.ssl_context is None:
-                    _send_quietly(sock, http_response(503, "Service Unavailable", None, "server at its connection limit\n"))
-                _close(sock)
-                continue
-            t.start()
-
-    def _serve(self, sock: socket.socket, addr: Any) -> None:
-        try:
-            self._serve_socket(sock, addr)
-        except Exception:
-            self.logger.exception("statesync: unexpected error serving %s", addr)
-        finally:
-            _close(sock)
-            with self._lock:
-                self._threads.discard(threading.current_thread())
-
     def _serve_socket(self, sock: socket.socket, addr: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
             sock.settimeout(self.handshake_timeout)
-            if not self._handshake_started(id(sock), lambda: _shut(sock)):
+            if not self._listener.register(sock, functools.partial(shut, sock)):
                 return
             try:
                 tls = self.ssl_context.wrap_socket(sock, server_side=True)
@@ -224,7 +154,7 @@ class Server:
                 self.logger.info("TLS handshake with %s failed: %s", addr, exc)
                 return
             finally:
-                self._handshake_ended(id(sock))
+                self._listener.unregister(sock)
             try:
                 self._serve_http(tls, addr)
             finally:
@@ -235,7 +165,7 @@ class Server:
     def _serve_http(self, sock: socket.socket, addr: Any) -> None:
         io = SocketIO(sock, self.settings.write_timeout)
         reader = SocketReader(io, deadline=time.monotonic() + self.handshake_timeout)
-        if not self._handshake_started(id(io), io.shutdown):
+        if not self._listener.register(io, io.shutdown):
             return
         try:
             try:
@@ -261,24 +191,21 @@ class Server:
             if not _send_quietly(io, switching_protocols(request)):
                 return
         finally:
-            self._handshake_ended(id(io))
+            self._listener.unregister(io)
         reader.deadline = None  # from now on, reads wait for as long as the peer is silent
         del request  # its headers would stay alive in this frame for as long as the connection
         conn = Connection(io, reader, client=False, settings=self.settings, timer=self.timer,
                           autoflush_delay=self.autoflush_delay, remote_addr=addr, logger=self.logger,
                           patches=self.patches)  # fmt: skip
-        with self._lock:
-            if self._stopping:
-                conn._start_close(CLOSE_GOING_AWAY, "server shutting down")
-            self._conns.add(conn)
+        if not self._listener.register(conn, lambda: conn._start_close(CLOSE_GOING_AWAY, "server shutting down")):
+            conn._start_close(CLOSE_GOING_AWAY, "server shutting down")
         handler = threading.Thread(target=self._run_handler, args=(conn,), name=f"juggler-statesync-{conn.id}-handler",
                                    daemon=True)  # fmt: skip  (joined below all the same)
         handler.start()
         try:
             conn.run()
         finally:
-            with self._lock:
-                self._conns.discard(conn)
+            self._listener.unregister(conn)
             handler.join()
             self.logger.debug("statesync connection %d from %s closed: %s %s", conn.id, addr, conn.close_code, conn.close_reason)
 
@@ -289,17 +216,6 @@ class Server:
             if not conn.closed:
                 self.logger.exception("statesync: on_connection failed for connection %d", conn.id)
                 conn._start_close(1011, "internal server error")
-
-    def _handshake_started(self, key: int, stop: Callable[[], None]) -> bool:
-        with self._lock:
-            if self._stopping:
-                return False
-            self._handshakes[key] = stop
-        return True
-
-    def _handshake_ended(self, key: int) -> None:
-        with self._lock:
-            self._handshakes.pop(key, None)
 
     # -- plain HTTP --
 
@@ -376,25 +292,14 @@ def listen(
                   certfile=certfile, keyfile=keyfile, autoflush_delay=autoflush_delay, **kwargs).start()  # fmt: skip
 
 
-def _send_quietly(io: Union[SocketIO, socket.socket], data: bytes) -> bool:
+def _send_quietly(io: SocketIO, data: bytes) -> bool:
     try:
-        if isinstance(io, SocketIO):
-            io.sendall(data)
-        else:
-            io.settimeout(0)  # never block the accept thread on a client
-            io.send(data)
+        io.sendall(data)
         return True
     except OSError:
         return False
 
 
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 def _close(sock: socket.socket) -> None:
-    _shut(sock)
+    shut(sock)
     sock.close()
