@@ -28,9 +28,7 @@ import functools
 import heapq
 import itertools
 import logging
-import os
 import random
-import struct
 import threading
 import time
 import urllib.parse
@@ -52,6 +50,7 @@ from .exceptions import (
 )
 from .message import (
     DEFAULT_CALL_TIMEOUT,
+    SUBPROTOCOL,
     Ack,
     Call,
     Evnt,
@@ -66,12 +65,12 @@ from .message import (
     encode,
     result_error_message,
 )
-from .frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, valid_close_code
-from .transport import FrameReader, SocketIO, SocketReader, Stopped
+from .frames import OP_TEXT, CloseCode
+from .peer import CLOSE, FAIL, OP_PONG, SEND, Peer
+from .transport import SocketIO, SocketReader, Stopped
 
 __all__ = ["Client", "Subscription", "check_url", "open_websocket"]
 
-SUBPROTOCOL = "juggler.0"
 _END = object()  # writer queue: send the close frame, then stop
 _STOP = object()  # writer queue: stop without sending
 _counter = itertools.count(1)
@@ -336,7 +335,9 @@ class Client:
         # a TLS socket apart (websocket-client's recv and send would not).
         self._ws = ws
         self._io = SocketIO(ws.sock)
-        self._frames = FrameReader(SocketReader(self._io), limit=read_limit, masked=False)
+        self._socket_reader = SocketReader(self._io)
+        # the websocket protocol; a result that comes after our close frame is still taken
+        self._peer = Peer(client=True, limit=read_limit, read_after_close=True)
         self._close_sent = False
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout
@@ -360,7 +361,7 @@ class Client:
         self._outbox = _Outbox(outbox_size)
         # reconnecting (see _reader_run): how to dial again, None when off
         self._reconnect = _reconnect
-        self._ended = (1006, "connection lost")  # close code and reason of the last connection
+        self._ended = (CloseCode.ABNORMAL_CLOSURE, "connection lost")  # close code and reason of the last connection
         self._down: Optional[ConnectionClosed] = None  # lost, and not reconnected yet
         self._ready = threading.Event()  # connected, every subscription renewed (or closed)
         self._ready.set()
@@ -577,7 +578,7 @@ class Client:
                 return
             try:
                 if item is _END:
-                    self._send_close(1000)
+                    self._send_close(CloseCode.NORMAL_CLOSURE)
                     return
                 if self._close_sent:
                     return  # nothing may follow a close frame (the reader answered the server's)
@@ -586,7 +587,7 @@ class Client:
                     continue
                 if not self._pending(item[0]):
                     continue  # it ended before it could be sent: expired, or lost with a connection
-                self._io.sendall(encode_frame(OP_TEXT, item[1].encode("utf-8"), os.urandom(4)))
+                self._io.sendall(self._peer.frame(OP_TEXT, item[1].encode("utf-8")))
             except OSError as exc:
                 if not self._closing:
                     self.logger.debug("client %d: send failed: %s", self.id, exc)
@@ -653,48 +654,46 @@ class Client:
             if self._close_sent:
                 return
             self._close_sent = True
-        self._io.sendall(encode_close(code, "", os.urandom(4)))
+        self._io.sendall(self._peer.close_frame(code))
 
     def _read_loop(self) -> None:
-        code, reason = 1006, "connection lost"
+        code, reason = CloseCode.ABNORMAL_CLOSURE, "connection lost"
+        reader, peer = self._socket_reader, self._peer
         try:
             while True:
                 try:
-                    opcode, data = self._frames.read()
+                    data = reader.read_some()
                 except Stopped as exc:
                     if self._closing:
-                        code, reason = 1000, "client closed"
+                        code, reason = CloseCode.NORMAL_CLOSURE, "client closed"
                     else:
                         reason = f"connection lost: {exc}"
                     return
-                except ProtocolError as exc:
-                    if self._closing:
-                        code, reason = 1000, "client closed"
+                for kind, value in peer.receive_data(data):
+                    if kind == OP_TEXT:
+                        try:
+                            msg = decode(value)
+                        except ProtocolError as exc:
+                            self.logger.warning("client %d: ignoring invalid message from server: %s", self.id, exc)
+                            continue
+                        self.received[msg.type.name] += 1
+                        self._dispatch(msg)
+                    elif kind == SEND:  # a pong; never waits: with the outbox full, the server will ping again
+                        self._outbox.put(value, 0)
+                    elif kind == CLOSE:
+                        code, reason = value
+                        self._reply_close(value.answer)  # echo it, as RFC 6455 suggests
                         return
-                    self.logger.warning("client %d: server broke the websocket protocol: %s", self.id, exc.reason)
-                    code, reason = exc.close_code, f"protocol error: {exc.reason}"
-                    self._reply_close(exc.close_code)
-                    return
-                if opcode == OP_CLOSE:
-                    code, reason = _parse_close(data)
-                    self._reply_close(code if valid_close_code(code) else 1000)  # echo it, as RFC 6455 suggests
-                    return
-                if opcode == OP_PING:
-                    # never waits: with the outbox full, the server will ping again
-                    self._outbox.put(encode_frame(OP_PONG, data, os.urandom(4)), 0)
-                    continue
-                if opcode == OP_PONG:
-                    continue
-                if opcode != OP_TEXT:
-                    self.logger.warning("client %d: ignoring non-text frame (opcode %d)", self.id, opcode)
-                    continue
-                try:
-                    msg = decode(data)
-                except ProtocolError as exc:
-                    self.logger.warning("client %d: ignoring invalid message from server: %s", self.id, exc)
-                    continue
-                self.received[msg.type.name] += 1
-                self._dispatch(msg)
+                    elif kind == FAIL:
+                        if self._closing:
+                            code, reason = CloseCode.NORMAL_CLOSURE, "client closed"
+                            return
+                        self.logger.warning("client %d: server broke the websocket protocol: %s", self.id, value.reason)
+                        code, reason = value.close_code, f"protocol error: {value.reason}"
+                        self._reply_close(value.close_code)
+                        return
+                    elif kind != OP_PONG:
+                        self.logger.warning("client %d: ignoring non-text frame (opcode %d)", self.id, kind)
         finally:
             self._ended = (code, reason)
 
@@ -772,7 +771,8 @@ class Client:
     def _attach(self, ws: websocket.WebSocket) -> None:
         """Read and write ``ws`` from now on: a new writer thread for it."""
         io = SocketIO(ws.sock)
-        self._frames = FrameReader(SocketReader(io), limit=self._frames.limit, masked=False)
+        self._socket_reader = SocketReader(io)
+        self._peer = Peer(client=True, limit=self._peer.limit, read_after_close=True)
         self._ws, self._io = ws, io
         with self._close_lock:
             self._close_sent = False
@@ -833,7 +833,7 @@ class Client:
         for fut in acks:
             if not fut.done():
                 fut.set_exception(closed)
-        normal = self._closing or code in (1000, 1001)
+        normal = self._closing or code in (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY)
         for sub in subs:
             sub._finish(None if normal else closed)
         self._kill_socket()
@@ -976,9 +976,3 @@ def backoff_delays(first: float, cap: float, rng: Callable[[], float] = random.r
         yield delay * (0.5 + rng() / 2)
         delay = min(cap, delay * 2)
 
-
-def _parse_close(data: bytes) -> tuple[int, str]:
-    if len(data) >= 2:
-        (code,) = struct.unpack(">H", data[:2])
-        return code, data[2:].decode("utf-8", "replace")
-    return 1005, ""

@@ -48,22 +48,12 @@ from .redisconn import timed_out, unavailable
 from .message import CLIENT_TYPES, CallPayload, EventPayload, Evnt, Message, MessageType, Res, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
-from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from .frames import OP_PING, OP_TEXT, CloseCode, encode_frame
 from .handshake import HandshakeRequest
-from .transport import FrameLoop, FrameReader, SocketIO, SocketReader
+from .peer import CLOSE, FAIL, OP_BINARY, SEND, Peer
+from .transport import SocketIO, SocketReader, peer_events
 
 __all__ = ["Conn", "ConnSettings", "ConnServices", "WriteQueue"]
-
-# Close codes (RFC 6455 section 7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_ABNORMAL = 1006
-CLOSE_INVALID_DATA = 1007
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
 
 #: Connection threads are daemon threads, and their owner joins them all the same (the reader
 #: joins the writer and results threads; Server.shutdown() joins the readers). Python keeps a
@@ -255,7 +245,7 @@ class _Slot:
         self.done = threading.Event()
 
 
-class Conn(FrameLoop):
+class Conn:
     """A juggler connection on a :class:`~juggler.server.Server`.
 
     Attributes a handler may read: ``uuid`` (also the key of its results list),
@@ -296,7 +286,7 @@ class Conn(FrameLoop):
         self._svc = services
         self._io = io
         self._socket_reader = reader
-        self._frames = FrameReader(reader, self.settings.read_limit)
+        self._peer = Peer(limit=self.settings.read_limit)  # the websocket protocol, fed by the reader
         self._queue = WriteQueue(self.settings.write_queue_size)
         self._close_lock = threading.Lock()
         # Held from storing a CALL until its ACK is queued, and while queueing a RES: so a
@@ -360,11 +350,11 @@ class Conn(FrameLoop):
             if isinstance(exc, RecursionError) and msg.type in CLIENT_TYPES:
                 # JSON that decodes just under the recursion limit cannot be encoded again to
                 # store or publish it: the peer's message, refused as decode refuses deeper ones.
-                self._fail(CLOSE_INVALID_DATA, "message nested too deeply")
+                self._fail(CloseCode.INVALID_DATA, "message nested too deeply")
                 return
             if not self.closed:
                 self.logger.exception("connection %s: error handling %s %s", self.uuid, msg.type.name, msg.uuid)
-            self.close(CLOSE_INTERNAL_ERROR, "internal server error")
+            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
     def write(self, msg: Message) -> bool:
         """Write ``msg`` to the client, bypassing the handler; ``False`` if the connection is
@@ -399,7 +389,7 @@ class Conn(FrameLoop):
         if self._queue.put(msg, 0 if nonblocking else self.settings.write_timeout):
             return True
         # a client that does not read has lost what is queued: the close frame goes first
-        self._fail(CLOSE_POLICY, "client too slow: write queue full", discard=True)
+        self._fail(CloseCode.POLICY_VIOLATION, "client too slow: write queue full", discard=True)
         return False
 
     @contextlib.contextmanager
@@ -644,7 +634,7 @@ class Conn(FrameLoop):
 
     # -- closing --
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> bool:
         """Start closing: the close frame goes out after what is queued (the writer drains it,
         however full the queue), and the connection ends when the peer answers or
         ``close_timeout`` passes. Idempotent: only the first call counts, and returns
@@ -658,6 +648,7 @@ class Conn(FrameLoop):
             self._closing_since = time.monotonic()
             self.close_code = code
             self.close_reason = reason
+            self._peer.closing = True  # from now on, what the peer sends is dropped
         self._queue.close(_CLOSE, discard)
         # Past the deadline, shut the socket down: it wakes a reader still waiting for the
         # peer's close frame and a writer stuck on a peer that does not read.
@@ -698,8 +689,8 @@ class Conn(FrameLoop):
             s = self.settings
             self._keepalive = Keepalive(
                 self._svc.timer, self._socket_reader, s.ping_interval, s.idle_timeout,
-                ping=lambda: self._queue_frame(encode_frame(OP_PING, b"juggler")),
-                idle=lambda reason: self._fail(CLOSE_GOING_AWAY, reason),
+                ping=lambda: self._queue_frame(self._peer.frame(OP_PING, b"juggler")),
+                idle=lambda reason: self._fail(CloseCode.GOING_AWAY, reason),
                 closed=lambda: self.closed,
             ).start()  # fmt: skip
 
@@ -714,7 +705,7 @@ class Conn(FrameLoop):
     def _teardown(self) -> None:
         if not self.closed:
             self._peer_gone = True
-            self.close(CLOSE_ABNORMAL, "connection lost")
+            self.close(CloseCode.ABNORMAL_CLOSURE, "connection lost")
         try:
             if self._keepalive is not None:
                 self._keepalive.cancel()
@@ -764,21 +755,29 @@ class Conn(FrameLoop):
     def _read_loop(self) -> None:
         svc = self._svc
         slow = self.settings.slow_threshold
-        for opcode, data in self._data_frames():
-            if opcode == OP_BINARY:
-                self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
-                continue
-            assert opcode == OP_TEXT
+        peer = self._peer
+        for kind, value in peer_events(self._socket_reader, peer):
+            if kind != OP_TEXT or peer.closing:  # (closing: since a message read with this one)
+                if kind == SEND:  # a pong
+                    self._queue_frame(value)
+                elif kind == CLOSE:
+                    self.close(value.answer, value.reason)
+                    return
+                elif kind == FAIL:
+                    self._fail(value.close_code, value.reason)
+                elif kind == OP_BINARY:
+                    self._fail(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
+                continue  # (OP_PONG: nothing to do; and _fail, close are no-ops once closing)
             try:
-                msg = decode(data, CLIENT_TYPES)
+                msg = decode(value, CLIENT_TYPES)
                 if msg.type not in self.allowed:
-                    raise ProtocolError(f"{msg.type.name} is not allowed on this connection", CLOSE_POLICY)
+                    raise ProtocolError(f"{msg.type.name} is not allowed on this connection", CloseCode.POLICY_VIOLATION)
             except ProtocolError as exc:
                 self._fail(exc.close_code, exc.reason)
                 continue
             except Exception:  # a decoder bug must not kill the reader
                 self.logger.exception("connection %s: could not decode a message", self.uuid)
-                self._fail(CLOSE_INVALID_DATA, "invalid message")
+                self._fail(CloseCode.INVALID_DATA, "invalid message")
                 continue
             svc.incr(_READ_KEY[msg.type])
             self._read_at = started = time.monotonic()
@@ -792,12 +791,8 @@ class Conn(FrameLoop):
             if took > slow:
                 svc.incr("slow_messages")
                 self.logger.debug("connection %s: %s %s took %.3f s", self.uuid, msg.type.name, msg.uuid, took)
-
-    def _answer_close(self, code: int, reason: str) -> bool:
-        return self.close(code, reason)
-
-    def _send_pong(self, data: bytes) -> None:
-        self._queue_frame(encode_frame(OP_PONG, data))
+        # the stream ended: without our close frame first, the peer went away
+        self._peer_gone = self._peer_gone or not self.closed
 
     def _queue_frame(self, frame: bytes) -> None:
         """A ping or a pong: written at once if the socket is free and takes it, else queued
@@ -870,7 +865,7 @@ class Conn(FrameLoop):
         if not self.closed:
             self.logger.info("connection %s: write failed: %s", self.uuid, exc)
             self._peer_gone = True
-            self.close(CLOSE_ABNORMAL, "write failed")
+            self.close(CloseCode.ABNORMAL_CLOSURE, "write failed")
         self._io.shutdown()
 
     def _write_loop(self) -> None:
@@ -890,7 +885,7 @@ class Conn(FrameLoop):
                 else:
                     self._encode_into_batch(item)
             if closing and not self._peer_gone:
-                out.append(encode_close(self.close_code or CLOSE_NORMAL, self.close_reason))
+                out.append(self._peer.close_frame(self.close_code or CloseCode.NORMAL_CLOSURE, self.close_reason))
             if out:
                 sent = self._send(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
@@ -1013,7 +1008,7 @@ class Conn(FrameLoop):
             return  # closing anyway: the error is the close
         if isinstance(exc, BrokerError):
             self.logger.error("connection %s: %s listener failed: %s", self.uuid, role, exc)
-            self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: redis error")
+            self.close(CloseCode.INTERNAL_ERROR, f"{role} listener failed: redis error")
         else:  # a bug
             self.logger.error("connection %s: %s listener crashed", self.uuid, role, exc_info=exc)
-            self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: internal error")
+            self.close(CloseCode.INTERNAL_ERROR, f"{role} listener failed: internal error")

@@ -28,7 +28,8 @@ from ..exceptions import ProtocolError
 from ..handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader, Stopped
-from .connection import CLOSE_GOING_AWAY, Connection, PatchCache, Settings, check_autoflush_delay
+from ..frames import CloseCode
+from .connection import Connection, PatchCache, Settings, check_autoflush_delay
 
 __all__ = ["Server", "listen"]
 
@@ -160,7 +161,7 @@ class Server:
             for stop in handshakes:
                 stop()
             for conn in conns:
-                conn._start_close(CLOSE_GOING_AWAY, "server shutting down")
+                conn._start_close(CloseCode.GOING_AWAY, "server shutting down")
             with self._lock:
                 threads = list(self._threads)
             for t in threads:
@@ -269,7 +270,7 @@ class Server:
                           patches=self.patches)  # fmt: skip
         with self._lock:
             if self._stopping:
-                conn._start_close(CLOSE_GOING_AWAY, "server shutting down")
+                conn._start_close(CloseCode.GOING_AWAY, "server shutting down")
             self._conns.add(conn)
         handler = threading.Thread(target=self._run_handler, args=(conn,), name=f"juggler-statesync-{conn.id}-handler",
                                    daemon=True)  # fmt: skip  (joined below all the same)
@@ -288,7 +289,7 @@ class Server:
         except Exception:
             if not conn.closed:
                 self.logger.exception("statesync: on_connection failed for connection %d", conn.id)
-                conn._start_close(1011, "internal server error")
+                conn._start_close(CloseCode.INTERNAL_ERROR, "internal server error")
 
     def _handshake_started(self, key: int, stop: Callable[[], None]) -> bool:
         with self._lock:
