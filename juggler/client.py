@@ -28,10 +28,8 @@ import functools
 import heapq
 import itertools
 import logging
-import random
 import threading
 import time
-import urllib.parse
 from collections import Counter, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -65,11 +63,12 @@ from .message import (
     encode,
     result_error_message,
 )
+from .dial import Redial, backoff_delays, check_url, dial_until, open_websocket
 from .frames import OP_TEXT, CloseCode
 from .peer import CLOSE, FAIL, OP_PONG, SEND, Peer
 from .transport import SocketIO, SocketReader, Stopped
 
-__all__ = ["Client", "Subscription", "check_url", "open_websocket"]
+__all__ = ["Client", "Subscription"]
 
 _END = object()  # writer queue: send the close frame, then stop
 _STOP = object()  # writer queue: stop without sending
@@ -87,24 +86,6 @@ def _check_queue(size_name: str, size: int, overflow_name: str, overflow: str) -
         raise ValueError(f"{size_name} must be at least 1, got {size!r}")
     if overflow not in _OVERFLOWS:
         raise ValueError(f"{overflow_name} must be one of {', '.join(_OVERFLOWS)}, got {overflow!r}")
-
-
-def check_url(url: str) -> str:
-    """``url`` when it is a websocket URL (``ws://HOST[:PORT]/PATH`` or ``wss://...``);
-    otherwise :class:`ValueError`, with what is wrong and what the URL probably should be."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not one
-    except ValueError as exc:
-        raise ValueError(f"{url!r} is not a websocket URL: {exc}") from None
-    if parts.scheme in ("http", "https") and parts.hostname:
-        scheme = "wss" if parts.scheme == "https" else "ws"
-        raise ValueError(f"{url!r} is an HTTP URL: a juggler server's websocket URL starts with {scheme}://, "
-                         f"e.g. {scheme}://{parts.netloc}{parts.path or '/ws'}")  # fmt: skip
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        hint = f"ws://{url}/ws" if "//" not in url and ":" in url else "ws://127.0.0.1:9000/ws"
-        raise ValueError(f"{url!r} is not a websocket URL (ws://HOST:PORT/PATH or wss://...), e.g. {hint}")
-    return url
 
 
 class Subscription:
@@ -322,7 +303,7 @@ class Client:
         read_limit: int = READ_LIMIT,
         sub_queue_size: int = SUB_QUEUE_SIZE,
         sub_overflow: str = "drop_oldest",
-        _reconnect: Optional["_Reconnect"] = None,
+        _reconnect: Optional["Redial"] = None,
     ) -> None:
         for name, n in (("outbox_size", outbox_size), ("read_limit", read_limit)):
             if n < 1:
@@ -403,7 +384,7 @@ class Client:
         ``Juggler-Allowed-Messages`` header. Raises :class:`~juggler.exceptions.HandshakeError`
         when the server refuses the handshake, :class:`OSError` when it cannot be reached.
         Extra keyword arguments go to ``websocket.create_connection`` (e.g. ``sslopt``).
-        A ``url`` that is not a websocket URL raises :class:`ValueError` (see :func:`check_url`).
+        A ``url`` that is not a websocket URL raises :class:`ValueError` (see :func:`~juggler.dial.check_url`).
 
         ``reconnect=True``: the first connect is retried too, with the same backoff, until
         ``connect_timeout`` has passed in all (so a service may start before its server); a
@@ -431,11 +412,11 @@ class Client:
             headers["Juggler-Allowed-Messages"] = value
         redial = None
         if reconnect:
-            ws = _dial_until(url, headers, connect_timeout, max_reconnect_delay,
+            ws = dial_until(url, headers, connect_timeout, max_reconnect_delay,
                              logger or logging.getLogger("juggler.client"), ws_options)  # fmt: skip
             # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
-            redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)
+            redial = Redial(url, dial, max_reconnect_delay, on_reconnect)
         else:
             ws = open_websocket(url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
         return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger, outbox_size=outbox_size,
@@ -880,99 +861,3 @@ class Client:
         """Block until the server closes the connection; whether it did within ``timeout``."""
         self._reader.join(timeout)
         return not self._reader.is_alive()
-
-
-def open_websocket(
-    url: str,
-    subprotocols: Optional[list[str]] = None,
-    headers: Optional[dict[str, str]] = None,
-    connect_timeout: float = 10.0,
-    **ws_options: Any,
-) -> websocket.WebSocket:
-    """Connect to ``url`` and make the handshake with ``websocket-client``; the socket is left
-    blocking with no timeout, for :class:`~juggler.transport.SocketIO` to read and write.
-
-    Raises :class:`~juggler.exceptions.HandshakeError` when the server refuses the handshake,
-    :class:`OSError` when it cannot be reached. ``ws_options`` go to
-    ``websocket.create_connection`` (e.g. ``sslopt``).
-    """
-    # websocket-client invents an Origin header unless told not to: a script is no
-    # browser, so send one only when the caller gives it.
-    origin = None
-    header = []
-    for k, v in (headers or {}).items():
-        if k.lower() == "origin":
-            origin = v
-        else:
-            header.append(f"{k}: {v}")
-    if origin is not None:
-        ws_options.setdefault("origin", origin)
-    else:
-        ws_options.setdefault("suppress_origin", True)
-    if subprotocols:
-        ws_options["subprotocols"] = subprotocols
-    try:
-        ws = websocket.create_connection(url, timeout=connect_timeout, header=header, enable_multithread=True, **ws_options)
-    except websocket.WebSocketBadStatusException as exc:
-        body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
-        raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
-    except websocket.WebSocketException as exc:
-        raise HandshakeError(f"websocket handshake failed: {exc}") from None
-    ws.settimeout(None)  # the reader blocks; closing shuts the socket down
-    return ws
-
-
-#: Handshake refusals that another try will not change (as juggler.js has them): the first
-#: connect of a reconnecting client does not retry them.
-FINAL_REFUSALS = frozenset({400, 401, 403, 404, 405, 426})
-
-
-def _dial_until(url: str, headers: dict[str, str], timeout: float, max_delay: float, logger: logging.Logger,
-                ws_options: dict[str, Any]) -> websocket.WebSocket:  # fmt: skip
-    """The first connect of ``Client.connect(reconnect=True)``: dial, backing off as a
-    reconnect does, until ``timeout`` seconds have passed; then the last error is raised."""
-    deadline = time.monotonic() + timeout
-    for attempt, delay in enumerate(backoff_delays(0.1, max_delay), 1):
-        try:
-            return open_websocket(url, [SUBPROTOCOL], headers, max(0.001, deadline - time.monotonic()), **ws_options)
-        except (HandshakeError, OSError) as exc:
-            left = deadline - time.monotonic()
-            if isinstance(exc, HandshakeError) and exc.status in FINAL_REFUSALS or left <= 0:
-                raise
-            logger.info("client: connecting to %s failed (attempt %d): %s; trying again for %.1f s",
-                        url, attempt, exc, left)  # fmt: skip
-        time.sleep(min(delay, left))  # nothing to wake it: no client exists yet to close
-    raise AssertionError("unreachable")  # pragma: no cover - backoff_delays never ends
-
-
-class _Reconnect:
-    """What a reconnecting client needs: where and how to dial again, and whom to tell."""
-
-    def __init__(
-        self,
-        url: str,
-        dial: Callable[[], websocket.WebSocket],
-        max_delay: float,
-        hook: Optional[Callable[[Client, Optional[ConnectionClosed]], None]],
-    ) -> None:
-        self.url = url
-        self.dial = dial
-        self.max_delay = max_delay
-        self.hook = hook
-
-    def notify(self, client: Client, lost: Optional[ConnectionClosed]) -> None:
-        if self.hook is not None:
-            try:
-                self.hook(client, lost)
-            except Exception:  # the hook's bug must not stop the reconnecting
-                client.logger.exception("client %d: on_reconnect hook failed", client.id)
-
-
-def backoff_delays(first: float, cap: float, rng: Callable[[], float] = random.random) -> Iterator[float]:
-    """Capped exponential backoff with jitter: ``first``, doubling up to ``cap``, each delay
-    drawn between half and all of it (``rng()`` in [0, 1))."""
-    delay = min(first, cap)
-    while True:
-        yield delay * (0.5 + rng() / 2)
-        delay = min(cap, delay * 2)
-

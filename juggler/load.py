@@ -29,9 +29,8 @@ from array import array
 from collections import deque
 from typing import Any, Callable, Optional
 
-import websocket
-
 from .client import READ_LIMIT, Client
+from .dial import open_websocket
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
 from .message import SUBPROTOCOL, Ack, Call, Nack, Res, decode, encode, result_error_message
 from .frames import OP_TEXT, CloseCode
@@ -60,15 +59,7 @@ class _Connection:
     goes through a :class:`~juggler.peer.Peer`, as a :class:`Client`'s does."""
 
     def __init__(self, url: str, connect_timeout: float = 10.0) -> None:
-        try:  # as Client.connect does it
-            ws = websocket.create_connection(url, timeout=connect_timeout, subprotocols=[SUBPROTOCOL],
-                                             suppress_origin=True, enable_multithread=True)  # fmt: skip
-        except websocket.WebSocketBadStatusException as exc:
-            body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
-            raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
-        except websocket.WebSocketException as exc:
-            raise HandshakeError(f"websocket handshake failed: {exc}") from None
-        ws.settimeout(None)
+        ws = open_websocket(url, [SUBPROTOCOL], None, connect_timeout)  # as Client.connect does it
         self._ws = ws
         self._io = SocketIO(ws.sock)
         self._peer = Peer(client=True, limit=READ_LIMIT, read_after_close=True)

@@ -27,7 +27,9 @@ kind                value                  what the driver does
 
 The driver sets :attr:`Peer.closing` once it starts its own close (any thread may: it is one
 attribute) and builds its frames with :meth:`Peer.frame` and :meth:`Peer.close_frame`, which
-mask them on the client side. When and how the bytes go out (a queue, a writer thread, a write
+mask them on the client side. The events of one call are made at once: a driver that starts
+closing while it acts on one of them checks :attr:`Peer.closing` before acting on the
+messages after it, as the server's connections do. When and how the bytes go out (a queue, a writer thread, a write
 deadline) is the driver's: see :mod:`juggler.transport`.
 
 Each byte is looked at once: a frame that arrives whole in one read (the usual case) is

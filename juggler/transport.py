@@ -3,12 +3,13 @@
 ``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
 has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
 the pieces our :class:`~juggler.server.Server` uses instead: :class:`SocketIO`, which keeps a
-TLS connection's reads and writes apart and bounds writes; and :class:`SocketReader`, a
+TLS connection's reads and writes apart and bounds writes; :class:`SocketReader`, a
 buffered reader that blocks with no timeout and is stopped by shutting its socket down (so
-nothing polls, and no read timeout can corrupt a half-read frame). What is read goes to a
+nothing polls, and no read timeout can corrupt a half-read frame); and :class:`WriteQueue`,
+which orders what several threads write through one writer thread. What is read goes to a
 :class:`~juggler.peer.Peer`, the websocket protocol without I/O (:func:`peer_events` joins
 the two); the :class:`~juggler.client.Client` reads and writes its frames the same way, after
-``websocket-client`` has made the connection and the handshake.
+``websocket-client`` has made the connection and the handshake (:mod:`juggler.dial`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ssl
 import struct
 import threading
 import time
+from collections import deque
 from typing import Any, Iterator
 
 from . import gilsend
@@ -26,7 +28,7 @@ from .exceptions import JugglerError, ProtocolError
 from .frames import CloseCode
 from .peer import Peer
 
-__all__ = ["Stopped", "SocketIO", "SocketReader", "peer_events", "RECV_SIZE"]
+__all__ = ["Stopped", "SocketIO", "SocketReader", "WriteQueue", "peer_events", "RECV_SIZE"]
 
 #: The most bytes one read asks the socket for.
 RECV_SIZE = 262144
@@ -251,6 +253,103 @@ class SocketReader:
             if self._pos != start:  # _fill compacted the buffer
                 searched -= start
                 start = self._pos
+
+
+class WriteQueue:
+    """A bounded FIFO from any thread to one writer thread, and who may write to the socket.
+
+    :meth:`put` waits up to a timeout for room; :meth:`close` always gets its marker in (making
+    room if it must), and nothing is queued after it. :meth:`get_batch` blocks, with no timeout,
+    until something is queued and nobody else is writing; the writer then holds the socket until
+    :meth:`release`. A sender may instead :meth:`claim` the socket to write a message itself,
+    which it gets only when nothing is queued and nobody writes: so messages go out in the
+    order they were sent, whichever thread writes them.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Any] = deque()
+        self._lock = lock = threading.Lock()  # (taken bare where no wait or notify follows)
+        self._not_empty = threading.Condition(lock)
+        self._not_full = threading.Condition(lock)
+        self._closed = False
+        self._busy = False  # a thread is writing to the socket
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Any, timeout: float = 0.0) -> bool:
+        """Queue ``item``; ``False`` if the queue stayed full for ``timeout`` seconds, or is
+        closed."""
+        with self._not_full:
+            if len(self._items) >= self.maxsize:
+                if timeout <= 0 or not self._not_full.wait_for(
+                    lambda: len(self._items) < self.maxsize or self._closed, timeout
+                ):
+                    return False
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._not_empty.notify()
+            return True
+
+    def close(self, marker: Any, discard: bool = False) -> None:
+        """Queue ``marker`` last, whatever the bound, after what is queued (the writer drains
+        it first); with ``discard``, drop what is queued, but for bytes at its head: the rest
+        of a frame already begun on the socket (see :meth:`put_first`), which must be
+        finished or what follows would land inside it."""
+        with self._not_full:
+            if discard:
+                items = self._items
+                head = items[0] if items and isinstance(items[0], (bytes, bytearray, memoryview)) else None
+                items.clear()
+                if head is not None:
+                    items.append(head)
+            self._closed = True
+            self._items.append(marker)
+            self._not_empty.notify()
+            self._not_full.notify_all()
+
+    def get_batch(self, most: int) -> list[Any]:
+        """Up to ``most`` items, in order, and the socket (:meth:`release` it); blocks until
+        there is at least one and nobody else writes."""
+        with self._not_empty:
+            while not self._items or self._busy:
+                self._not_empty.wait()
+            items = self._items
+            batch = [items.popleft() for _ in range(min(most, len(items)))]
+            self._busy = True
+            self._not_full.notify_all()
+            return batch
+
+    def claim(self) -> bool:
+        """Take the socket to write one message now: only if nothing is queued, nobody
+        writes and the queue is open. :meth:`release` it after."""
+        with self._lock:
+            if self._items or self._busy or self._closed:
+                return False
+            self._busy = True
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._busy = False
+            if self._items:
+                self._not_empty.notify()
+
+    def put_first(self, item: Any, last: bool = False) -> bool:
+        """Queue ``item`` whatever the bound: first in line (the unwritten rest of a frame,
+        by the thread that claimed the socket), or with ``last`` at the end (a place kept for a thread
+        not done yet: see :meth:`juggler.Conn.ordered`). ``False`` if the queue is closed."""
+        with self._not_empty:
+            if self._closed:
+                return False
+            if last:
+                self._items.append(item)
+            else:
+                self._items.appendleft(item)
+            self._not_empty.notify()
+            return True
 
 
 def peer_events(reader: SocketReader, peer: Peer) -> Iterator[tuple[int, Any]]:

@@ -40,7 +40,7 @@ def test_a_discarding_close_keeps_the_rest_of_a_frame_begun_on_the_socket():
     the queue), then the queue fills and the connection is closed with 1008, dropping what
     is queued. The rest of that frame must still go before the close frame, or the close
     frame would be read as part of the EVNT's payload."""
-    from juggler.conn import WriteQueue
+    from juggler.transport import WriteQueue
 
     q = WriteQueue(2)
     assert q.claim()

@@ -8,7 +8,7 @@ import threading
 import weakref
 from typing import Any, Callable, Optional
 
-from ..client import open_websocket
+from ..dial import open_websocket
 from ..exceptions import ConnectionClosed, JugglerTimeout
 from ..frames import CloseCode
 from ..timer import Timer

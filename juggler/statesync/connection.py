@@ -32,12 +32,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from ..conn import WriteQueue
 from ..exceptions import ConnectionClosed, JugglerTimeout, ProtocolError
 from ..frames import OP_PING, OP_TEXT, CloseCode, encode_frame
 from ..peer import CLOSE, FAIL, OP_BINARY, SEND, Peer
 from ..timer import Keepalive, Timer, TimerHandle
-from ..transport import SocketIO, SocketReader, peer_events
+from ..transport import SocketIO, SocketReader, WriteQueue, peer_events
 from . import protocol
 
 __all__ = ["Connection", "Settings", "ChangeHandle", "PatchCache"]
