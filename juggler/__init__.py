@@ -13,6 +13,7 @@ from .exceptions import (
     BrokerError,
     CallExpired,
     CapacityExceeded,
+    ConfigError,
     ConnectionClosed,
     HandshakeError,
     JugglerError,
@@ -21,6 +22,7 @@ from .exceptions import (
     NackError,
     PayloadTooLarge,
     ProtocolError,
+    Refusal,
     RemoteError,
 )
 from .message import Ack, Call, Evnt, MessageType, Nack, Pub, Res, Sub, Unsb
@@ -57,10 +59,12 @@ __all__ = [
     "CapacityExceeded",
     "PayloadTooLarge",
     "HandshakeError",
+    "Refusal",
     "RefuseConnection",
     "ConnectionClosed",
     "NackError",
     "RemoteError",
+    "ConfigError",
     "JugglerTimeout",
     "CallExpired",
     "AckTimeout",

@@ -75,7 +75,7 @@ __all__ = [
     "CallPopper",
 ]
 
-logger = logging.getLogger("juggler.broker")
+logger = logging.getLogger(__name__)
 
 #: How long a listener's connection may take to connect and to answer its handshake when the
 #: client says nothing (its ``socket_connect_timeout``), in seconds.

@@ -115,7 +115,7 @@ class Callee:
         self.max_backoff = max_backoff
         self.batch = batch
         self.name = name
-        self.logger = logger or logging.getLogger("juggler.callee")
+        self.logger = logger or logging.getLogger(__name__)
         #: What this callee's process sees of redis: its workers' reconnects share its backoff.
         self.health = health or RedisHealth(
             f"callee {name}", logger=self.logger, base=min(BACKOFF_BASE, max_backoff), cap=max_backoff

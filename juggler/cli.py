@@ -29,7 +29,7 @@ from .signals import StopSignal
 
 __all__ = ["main", "DEMO_FUNCTIONS"]
 
-log = logging.getLogger("juggler.cli")
+log = logging.getLogger(__name__)
 
 
 # -- demo functions --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import websocket
 
+from .deadline import Deadline
 from .exceptions import (
     AckTimeout,
     CallExpired,
@@ -235,7 +236,7 @@ class Client:
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout
         self.close_timeout = close_timeout
-        self.logger = logger or logging.getLogger("juggler.client")
+        self.logger = logger or logging.getLogger(__name__)
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self.id = next(_counter)
@@ -325,7 +326,7 @@ class Client:
         redial = None
         if reconnect:
             ws = dial_until(url, headers, connect_timeout, max_reconnect_delay,
-                             logger or logging.getLogger("juggler.client"), ws_options)  # fmt: skip
+                             logger or logging.getLogger(__name__), ws_options)  # fmt: skip
             # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
             redial = Redial(url, dial, max_reconnect_delay, on_reconnect)
@@ -451,13 +452,13 @@ class Client:
             if self._closed is not None or self._down is not None:
                 raise self._closed or self._down  # type: ignore[misc]
             self._acks[msg.uuid] = fut
-        deadline = time.monotonic() + self.ack_timeout
+        deadline = Deadline.after(self.ack_timeout)
         try:
             if not self._outbox.put((msg.uuid, data), self.ack_timeout):
                 if self._closed is not None:
                     raise self._closed
                 raise FutureTimeout
-            return fut.result(max(0.0, deadline - time.monotonic()))
+            return fut.result(deadline.remaining())
         except FutureTimeout:
             raise AckTimeout(f"no ACK for {msg.type.name} {msg.uuid} within {self.ack_timeout} s") from None
         finally:

@@ -27,11 +27,9 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .exceptions import ConfigError
+
 __all__ = ["ConfigError", "Setting", "SETTINGS", "COMMANDS", "load", "parse_duration", "format_config"]
-
-
-class ConfigError(Exception):
-    """A setting has a bad value, or the config file is unreadable; the message names which."""
 
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1, "m": 60, "h": 3600}

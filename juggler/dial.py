@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import websocket
 
+from .deadline import Deadline
 from .exceptions import ConnectionClosed, HandshakeError
 from .message import SUBPROTOCOL
 
@@ -92,12 +93,12 @@ def dial_until(url: str, headers: dict[str, str], timeout: float, max_delay: flo
                 ws_options: dict[str, Any]) -> websocket.WebSocket:  # fmt: skip
     """The first connect of ``Client.connect(reconnect=True)``: dial, backing off as a
     reconnect does, until ``timeout`` seconds have passed; then the last error is raised."""
-    deadline = time.monotonic() + timeout
+    deadline = Deadline.after(timeout)
     for attempt, delay in enumerate(backoff_delays(0.1, max_delay), 1):
         try:
-            return open_websocket(url, [SUBPROTOCOL], headers, max(0.001, deadline - time.monotonic()), **ws_options)
+            return open_websocket(url, [SUBPROTOCOL], headers, max(0.001, deadline.remaining()), **ws_options)
         except (HandshakeError, OSError) as exc:
-            left = deadline - time.monotonic()
+            left = deadline.remaining()
             if isinstance(exc, HandshakeError) and exc.status in FINAL_REFUSALS or left <= 0:
                 raise
             logger.info("client: connecting to %s failed (attempt %d): %s; trying again for %.1f s",

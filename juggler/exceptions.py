@@ -8,12 +8,14 @@ Every exception juggler raises derives from :class:`JugglerError`::
     │   ├── CapacityExceeded   a call or result list is full ("list capacity exceeded")
     │   └── PayloadTooLarge    a call's args are over the broker's max_args_size (NACK 413)
     ├── HandshakeError         the server refused the websocket upgrade (also ConnectionError)
+    ├── Refusal                a server refuses a handshake: the HTTP error response to send
     ├── RefuseConnection       raised by a server's on_state hook to refuse a handshake
     ├── ConnectionClosed       the connection closed before the operation completed
     │                          (also ConnectionError)
     ├── NackError              the server answered a request with NACK (code, message)
     ├── RemoteError            the callee returned an error result (or a statesync
     │                          action failed)
+    ├── ConfigError            a setting has a bad value, or the config file is unreadable
     ├── JugglerTimeout         also TimeoutError
     │   ├── CallExpired        a call got no result before its timeout
     │   └── AckTimeout         a request got no ACK/NACK in time
@@ -23,7 +25,11 @@ Every exception juggler raises derives from :class:`JugglerError`::
 
 Errors say whose fault they are: :class:`ProtocolError` is the remote peer's, the server
 closes the connection with its ``close_code``; :class:`BrokerError` is redis', the server
-answers with a NACK carrying ``nack_code``.
+answers with a NACK carrying ``nack_code``. A :class:`Refusal` is the server's answer to a
+handshake it will not upgrade (the peer's request, or the server's policy: path, origin,
+connection limit, or an application's :class:`RefuseConnection`): it carries the HTTP response
+that the server sends. :class:`ConfigError` is the operator's: ``juggler`` commands exit with
+status 2 on it.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ __all__ = [
     "CapacityExceeded",
     "PayloadTooLarge",
     "HandshakeError",
+    "Refusal",
     "RefuseConnection",
     "ConnectionClosed",
     "NackError",
     "RemoteError",
+    "ConfigError",
     "JugglerTimeout",
     "CallExpired",
     "AckTimeout",
@@ -89,6 +97,17 @@ class HandshakeError(JugglerError, ConnectionError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Refusal(JugglerError):
+    """A handshake answered with an HTTP error: ``status``, its ``reason`` phrase, a plain-text
+    ``text`` for the body and extra response ``headers``. Raised by
+    :func:`juggler.handshake.check_upgrade` and a server's own handshake checks; the server
+    catches it and sends that response."""
+
+    def __init__(self, status: int, reason: str, text: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status, self.reason, self.text, self.headers = status, reason, text, headers or {}
 
 
 class RefuseConnection(JugglerError):
@@ -151,6 +170,10 @@ class RemoteError(JugglerError):
         super().__init__(f"{self.type}: {message}" if self.type and self.type != message else message)
         self.message = message
         self.result = result
+
+
+class ConfigError(JugglerError):
+    """A setting has a bad value, or the config file is unreadable; the message names which."""
 
 
 class JugglerTimeout(JugglerError, TimeoutError):

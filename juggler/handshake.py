@@ -10,11 +10,10 @@ import hashlib
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from .exceptions import ProtocolError
+from .exceptions import ProtocolError, Refusal
 
 __all__ = [
     "HandshakeRequest",
-    "Refusal",
     "valid_key",
     "accept_key",
     "check_upgrade",
@@ -75,15 +74,6 @@ class HandshakeRequest:
     def tokens(self, name: str) -> list[str]:
         """The comma-separated, trimmed, non-empty values of header ``name``."""
         return [t.strip() for t in self.headers.get(name, "").split(",") if t.strip()]
-
-
-class Refusal(Exception):
-    """A handshake answered with an HTTP error: ``status``, its ``reason`` phrase, a plain-text
-    ``text`` for the body and extra response ``headers``."""
-
-    def __init__(self, status: int, reason: str, text: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(text)
-        self.status, self.reason, self.text, self.headers = status, reason, text, headers or {}
 
 
 def check_upgrade(req: HandshakeRequest) -> None:

@@ -76,7 +76,7 @@ class RedisHealth:
         if not 0 < base <= cap:
             raise ValueError("the backoff needs 0 < base <= cap")
         self.name = name
-        self.logger = logger or logging.getLogger("juggler.broker")
+        self.logger = logger or logging.getLogger(__name__)
         self.base = base
         self.cap = cap
         self.on_change = on_change

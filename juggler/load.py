@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from .client import READ_LIMIT, Client
 from .dial import open_websocket
+from .deadline import Deadline
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
 from .message import SUBPROTOCOL, Ack, Call, Nack, Res, decode, encode, result_error_message
 from .frames import OP_TEXT, CloseCode
@@ -70,7 +71,7 @@ class _Connection:
     def call(self, data: bytes, msg_uuid: str, timeout: float) -> str:
         """Send one CALL (its JSON ``data``); its outcome: results, errors, nacks, expired or
         closed. A late RES of an earlier, expired call is skipped."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline.after(timeout)
         try:
             self._io.sendall(self._peer.frame(OP_TEXT, data))
             while True:
@@ -87,7 +88,7 @@ class _Connection:
             self._abort()
             return "closed"
 
-    def _next(self, deadline: float) -> Any:
+    def _next(self, deadline: Deadline) -> Any:
         """The next message from the server; ``None`` once ``deadline`` has passed.
         :class:`ConnectionClosed` when the server closed or broke the protocol."""
         while True:
@@ -112,10 +113,10 @@ class _Connection:
             if not self._receive(deadline):
                 return None
 
-    def _receive(self, deadline: float) -> bool:
+    def _receive(self, deadline: Deadline) -> bool:
         """Hand what the server sends next to the peer; ``False`` once ``deadline`` has passed."""
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline.remaining()
             if remaining <= 0:
                 return False
             if not self._io.wait_readable(min(1000, int(remaining * 1000) + 1)):
@@ -133,7 +134,7 @@ class _Connection:
         if not self.closed:
             try:
                 self._io.sendall(self._peer.close_frame(CloseCode.NORMAL_CLOSURE))
-                deadline = time.monotonic() + 2.0
+                deadline = Deadline.after(2.0)
                 while self._next(deadline) is not None:
                     pass  # (what comes before the server's close frame)
             except (ConnectionClosed, OSError):

@@ -106,8 +106,8 @@ def log_messages(logger: Optional[logging.Logger] = None, level: int = logging.I
 
 def recover(logger: Optional[logging.Logger] = None) -> Middleware:
     """Turn an exception raised further down the chain into a 1011 close of that connection
-    only, logged once with its traceback (``juggler.server``)."""
-    log = logger or logging.getLogger("juggler.server")
+    only, logged once with its traceback (``juggler.middleware``)."""
+    log = logger or logging.getLogger(__name__)
 
     def middleware(next_handler: Handler) -> Handler:
         def handle(conn: "Conn", msg: Message) -> None:

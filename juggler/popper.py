@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CallPopper"]
 
-logger = logging.getLogger("juggler.broker")
+logger = logging.getLogger(__name__)
 
 # TCP keepalive for a callee worker's connection, which blocks with no read timeout: a redis
 # host that vanished without closing the connection is noticed in about a minute.

@@ -45,10 +45,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 from typing import Any, Optional, Protocol
 
 from .broker import Broker, BrokerError, PubSubConn, PubSubEvent
+from .deadline import Deadline
 from .health import RedisHealth
 from .message import EventPayload
 from .redisconn import unavailable
@@ -94,7 +94,7 @@ class PubSubHub:
         self.broker = broker
         self.confirm_timeout = confirm_timeout
         self.name = name
-        self.logger = logger or logging.getLogger("juggler.server")
+        self.logger = logger or logging.getLogger(__name__)
         self.on_bad_event = on_bad_event
         self.health = health if health is not None else RedisHealth(f"{name} (pub-sub redis)", logger=self.logger)
         # _lock guards the maps and the state below; it is held while an event is handed out,
@@ -145,7 +145,7 @@ class PubSubHub:
             return
         # One deadline for all of it: behind a SUBSCRIBE that redis is slow to confirm (it
         # stalls), then for its own confirmation.
-        deadline = time.monotonic() + self.confirm_timeout
+        deadline = Deadline.after(self.confirm_timeout)
         since = self.health.epoch  # (taken before it tries redis: see RedisHealth)
         if not self._control.acquire(timeout=self.confirm_timeout):
             raise BrokerError(f"redis unavailable: no answer to the server's subscriptions in {self.confirm_timeout:g} s")
@@ -154,7 +154,7 @@ class PubSubHub:
                 return
             ps = self._connection()
             try:
-                ps.subscribe(channel, pattern, timeout=max(0.0, deadline - time.monotonic()))
+                ps.subscribe(channel, pattern, timeout=deadline.remaining())
             except BrokerError as exc:
                 self._undo(ps, key)
                 self._failed_request(exc, since)

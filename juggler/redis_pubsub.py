@@ -26,7 +26,7 @@ from .redisconn import REDIS_FAILURES, broker_error, close_client, one_connectio
 
 __all__ = ["PubSubEvent", "PubSubSide", "RedisPubSub"]
 
-logger = logging.getLogger("juggler.broker")
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PubSubEvent:

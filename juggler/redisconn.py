@@ -50,7 +50,7 @@ __all__ = [
     "client_from_url",
 ]
 
-logger = logging.getLogger("juggler.broker")
+logger = logging.getLogger(__name__)
 
 # What redis-py raises when redis fails: RedisClusterException (a node cannot be reached while
 # the topology is refreshed, keys in different slots) does not derive from RedisError.

@@ -33,7 +33,7 @@ from .redisconn import REDIS_FAILURES, broker_error
 
 __all__ = ["Popped", "RpcSide", "RESULT_SURE_MARGIN", "AWAIT_GRACE", "STORE_WAIT"]
 
-logger = logging.getLogger("juggler.broker")
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Popped:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 from . import gilsend
 from .broker import Broker
 from .conn import CONN_THREAD_DAEMON, Conn, ConnServices, ConnSettings
-from .exceptions import ProtocolError, RefuseConnection
+from .exceptions import ProtocolError, Refusal, RefuseConnection
 from .frames import CloseCode
 from .message import SUBPROTOCOL, Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
@@ -37,7 +37,7 @@ from .health import RedisHealth
 from .pubsub import PubSubHub
 from .timer import Timer
 from .tuning import default_max_connections
-from .handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
+from .handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
 from .transport import SocketIO, SocketReader, Stopped
 from .web import WebRoutes
 
@@ -143,9 +143,6 @@ class ConnState(enum.Enum):
 StateHook = Callable[[Conn, ConnState], None]
 
 
-_Refused = Refusal
-
-
 class _Handler(websocket_server.WebSocketHandler):
     """One TCP connection: TLS and the HTTP request, then :meth:`Conn.run` on this thread."""
 
@@ -190,7 +187,7 @@ class _Handler(websocket_server.WebSocketHandler):
             try:
                 head = reader.read_until(b"\r\n\r\n", HEAD_LIMIT)
             except ProtocolError as exc:
-                self._refuse(io, _Refused(431, "Request Header Fields Too Large", exc.reason))
+                self._refuse(io, Refusal(431, "Request Header Fields Too Large", exc.reason))
                 return
             request = HandshakeRequest.parse(head)
             if jserver._serve_web(io, request) or jserver._serve_http(io, request):
@@ -199,9 +196,9 @@ class _Handler(websocket_server.WebSocketHandler):
         except Stopped:
             return
         except ProtocolError as exc:
-            self._refuse(io, _Refused(400, "Bad Request", f"bad handshake: {exc.reason}"))
+            self._refuse(io, Refusal(400, "Bad Request", f"bad handshake: {exc.reason}"))
             return
-        except _Refused as exc:
+        except Refusal as exc:
             self._refuse(io, exc, request)
             return
         finally:
@@ -231,7 +228,7 @@ class _Handler(websocket_server.WebSocketHandler):
                 conn.start()  # its writer, before the 101: a process out of threads refuses with 503
             except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
                 jserver._out_of_threads(self.client_address, exc)
-                self._refuse(io, _Refused(503, "Service Unavailable", OUT_OF_THREADS), request)
+                self._refuse(io, Refusal(503, "Service Unavailable", OUT_OF_THREADS), request)
                 return None
             handed_over = True  # from here on, conn.run() tears it all down
             if not self._switch_protocols(io, request, protocol):
@@ -259,11 +256,11 @@ class _Handler(websocket_server.WebSocketHandler):
         try:
             jserver._notify(conn, ConnState.ACCEPTING)
         except RefuseConnection as exc:
-            self._refuse(io, _Refused(exc.status, exc.status_text, exc.reason), request)
+            self._refuse(io, Refusal(exc.status, exc.status_text, exc.reason), request)
             return False
         except Exception:
             jserver.logger.exception("on_state hook failed accepting %s", self.client_address)
-            self._refuse(io, _Refused(500, "Internal Server Error", "internal server error"), request)
+            self._refuse(io, Refusal(500, "Internal Server Error", "internal server error"), request)
             return False
         return True
 
@@ -276,7 +273,7 @@ class _Handler(websocket_server.WebSocketHandler):
             return False
         return True
 
-    def _refuse(self, io: SocketIO, exc: _Refused, request: Optional[HandshakeRequest] = None) -> None:
+    def _refuse(self, io: SocketIO, exc: Refusal, request: Optional[HandshakeRequest] = None) -> None:
         jserver: Server = self.server.juggler
         jserver.stats.incr(f"refused_{exc.status}")
         jserver.logger.info("refused handshake from %s: %d %s", self.client_address, exc.status, exc.text)
@@ -829,34 +826,34 @@ class Server:
 
     def _check_handshake(self, req: HandshakeRequest) -> tuple[frozenset[MessageType], Optional[str]]:
         if req.method != "GET":
-            raise _Refused(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
+            raise Refusal(405, "Method Not Allowed", "only GET can open a websocket", {"Allow": "GET"})
         path = req.path.split("?", 1)[0]
         if path != self.path:
-            raise _Refused(404, "Not Found", f"no websocket endpoint at {path}")
+            raise Refusal(404, "Not Found", f"no websocket endpoint at {path}")
         check_upgrade(req)
         origin = req.headers.get("origin")
         if self.allowed_origins is not None and origin is not None:
             if not any(fnmatch.fnmatchcase(origin.lower(), pattern) for pattern in self.allowed_origins):
-                raise _Refused(403, "Forbidden", f"origin {origin} is not allowed")
+                raise Refusal(403, "Forbidden", f"origin {origin} is not allowed")
         offered = req.tokens("sec-websocket-protocol")
         if SUBPROTOCOL in offered:
             protocol: Optional[str] = SUBPROTOCOL
         elif not offered and self.allow_empty_subprotocol:
             protocol = None
         else:
-            raise _Refused(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
+            raise Refusal(400, "Bad Request", f"the {SUBPROTOCOL} websocket subprotocol is required")
         try:
             allowed = parse_allowed_messages(req.headers.get(ALLOWED_MESSAGES_HEADER.lower()))
             for value in req.query(ALLOWED_MESSAGES_PARAM):
                 allowed &= parse_allowed_messages(value)
         except ValueError as exc:
-            raise _Refused(400, "Bad Request", str(exc)) from None
+            raise Refusal(400, "Bad Request", str(exc)) from None
         with self._lock:
             # Take the slot now, so handshakes in flight (a slow on_state hook) cannot together
             # exceed max_connections. A handshake that does not open gives it back
             # (_release_slot); an open connection gives it back when it closes.
             if self.max_connections and self._slots >= self.max_connections:
-                raise _Refused(503, "Service Unavailable", AT_LIMIT)
+                raise Refusal(503, "Service Unavailable", AT_LIMIT)
             self._slots += 1
         return allowed, protocol
 

@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["StopSignal"]
 
-log = logging.getLogger("juggler.cli")
+log = logging.getLogger(__name__)
 
 
 class StopSignal:

@@ -43,7 +43,7 @@ class Timer:
 
     def __init__(self, name: str = "juggler-timer", logger: Optional[logging.Logger] = None) -> None:
         self.name = name
-        self.logger = logger or logging.getLogger("juggler.server")
+        self.logger = logger or logging.getLogger(__name__)
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()

@@ -325,7 +325,7 @@ def test_exports_match_the_docs():
         "ConnState", "chain", "log_messages", "recover", "RefuseConnection",
         "MessageType", "Call", "Pub", "Sub", "Unsb", "Ack", "Nack", "Res", "Evnt",
         "JugglerError", "ProtocolError", "BrokerError", "CapacityExceeded", "PayloadTooLarge",
-        "HandshakeError",
+        "HandshakeError", "Refusal", "ConfigError",
         "ConnectionClosed", "NackError", "RemoteError", "JugglerTimeout", "CallExpired", "AckTimeout",
     }  # fmt: skip
     assert set(juggler.__all__) == documented

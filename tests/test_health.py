@@ -14,7 +14,7 @@ from .conftest import T
 def test_an_outage_is_logged_once_going_and_once_back(caplog):
     changes = []
     health = RedisHealth("server x", on_change=changes.append)
-    with caplog.at_level(logging.WARNING, logger="juggler.broker"):
+    with caplog.at_level(logging.WARNING, logger="juggler.health"):
         for _ in range(8):
             health.failed(ConnectionError("refused"))
         assert not health.up
@@ -189,7 +189,7 @@ def test_a_success_or_failure_of_a_request_older_than_the_last_change_does_not_f
     line when redis goes, one when a request that began after that proves it back."""
     changes = []
     health = RedisHealth("server x", on_change=changes.append)
-    with caplog.at_level(logging.WARNING, logger="juggler.broker"):
+    with caplog.at_level(logging.WARNING, logger="juggler.health"):
         before = [health.epoch for _ in range(3)]  # three requests sent while redis looked up
         health.failed(ConnectionError("stalled"), before[0])  # the first to find out
         health.succeeded(before[1])  # a reply sent before the stall: no evidence

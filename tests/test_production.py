@@ -175,7 +175,7 @@ def test_recover_closes_only_that_connection_with_1011_logged_once(make_stack, c
 
     stack = make_stack(handler=chain(recover(), explode))
     bad, good = stack.client(), stack.client()
-    with caplog.at_level(logging.ERROR, logger="juggler.server"):
+    with caplog.at_level(logging.ERROR, logger="juggler.middleware"):
         with pytest.raises(ConnectionClosed) as info:
             bad.call("boom", 1, timeout=T(5))
     assert info.value.code == 1011 and info.value.reason == "internal server error"
@@ -627,7 +627,7 @@ def test_deeply_nested_request_closes_1007_even_through_recover(make_stack, capl
     depth = sys.getrecursionlimit() - 20  # decodes, but cannot be encoded again to publish it
     ws = raw_ws(stack.server.url)
     try:
-        with caplog.at_level(logging.ERROR, logger="juggler.server"):
+        with caplog.at_level(logging.ERROR, logger="juggler.middleware"):
             ws.send('{"meta":{"type":2,"uuid":"797b5a8e-1b6d-4a4e-9a3b-0a6f1f0f7c11"},"payload":{"channel":"c","args":'
                     + "[" * depth + "]" * depth + "}}")  # fmt: skip
             code, reason = read_close(ws)

@@ -145,7 +145,7 @@ def test_local_data_is_taken_as_it_is_and_must_be_json(serve, caplog):
         conn.set_local_data({"a": [float("inf")]})
         with pytest.raises(ValueError, match="not JSON"):
             conn.flush_local_data()
-    assert [r.getMessage() for r in caplog.records if r.name == "juggler.statesync"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "juggler.statesync.client"] == [
         "statesync: local data not sent: data is not JSON: Object of type set is not JSON serializable",
         "statesync: local data not sent: data is not JSON: Out of range float values are not JSON compliant",
     ]

@@ -40,7 +40,7 @@ def connect(
     stops and joins them.
     """
     s = Settings(**settings)
-    logger = logger or logging.getLogger("juggler.statesync")
+    logger = logger or logging.getLogger(__name__)
     check_autoflush_delay(autoflush_delay)
     ws = open_websocket(url, None, headers, connect_timeout, **({"sslopt": sslopt} if sslopt else {}))
     io = SocketIO(ws.sock, s.write_timeout)

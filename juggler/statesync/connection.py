@@ -165,7 +165,7 @@ class PatchCache:
             raise ValueError(f"patch_cache_size must be positive, got {size!r}")
         self.size = size
         self.frames = frames
-        self.logger = logger or logging.getLogger("juggler.statesync")
+        self.logger = logger or logging.getLogger(__name__)
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[int, int], _Patch] = OrderedDict()
         #: patches computed (cache misses): one per distinct change, however many connections
@@ -269,7 +269,7 @@ class Connection:
         self.remote_addr = remote_addr
         self.settings = settings
         self.autoflush_delay = check_autoflush_delay(autoflush_delay)
-        self.logger = logger or logging.getLogger("juggler.statesync")
+        self.logger = logger or logging.getLogger(__name__)
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self._client = client

@@ -24,8 +24,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from ..exceptions import ProtocolError
-from ..handshake import HandshakeRequest, Refusal, check_upgrade, http_response, switching_protocols
+from ..exceptions import ProtocolError, Refusal
+from ..handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader, Stopped
 from ..frames import CloseCode
@@ -86,7 +86,7 @@ class Server:
         self.index_path = index_path
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
-        self.logger = logger or logging.getLogger("juggler.statesync")
+        self.logger = logger or logging.getLogger(__name__)
         #: the DATA patches the connections send, each made once (see the PatchCache)
         self.patches = PatchCache(patch_cache_size, frames=True, logger=self.logger)
         self.ssl_context: Optional[ssl.SSLContext] = None
