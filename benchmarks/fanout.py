@@ -40,6 +40,7 @@ Usage::
     python benchmarks/fanout.py -n 200,500 --against efa6e0d
     python benchmarks/fanout.py -n 1000 --stall 1
     python benchmarks/fanout.py -n 200 --events 2000 --rate 0 --json
+    python benchmarks/fanout.py -n 200 --history 'bench=100,300s' --against HEAD   # history on/off
 
 ``--server-cmd`` placeholders: {python} {redis} {port} {max_connections} (N + 100); it runs with
 the tree as working directory and on PYTHONPATH. Flags of the default command that a tree's
@@ -416,7 +417,7 @@ def subscriber_process(port: int, path: str, n: int, stall: int, events: int, ar
 class Stack:
     """A fresh redis-server and ``juggler server`` of one tree."""
 
-    def __init__(self, tree: str, n: int, args: argparse.Namespace, logdir: str) -> None:
+    def __init__(self, tree: str, n: int, args: argparse.Namespace, logdir: str, history: str = "") -> None:
         self.procs: list[c.Proc] = []
         try:
             self.redis, self.redis_url, self.redis_port = c.start_redis(logdir, maxclients=max(10000, 2 * n + 1000))
@@ -427,6 +428,8 @@ class Stack:
                 self.argv, self.notes = c.build_cmd(args.server_cmd, values)
             else:
                 self.argv, self.notes = c.build_cmd(DEFAULT_SERVER_CMD, values, _flags(tree), OPTIONAL_FLAGS)
+            if history:  # (side A only: B is the same run without it)
+                self.argv += ["--history", history]
             self.server = c.Proc("server", self.argv, logdir, env=c.tree_env(tree), cwd=tree)
             self.procs.append(self.server)
             m = self.server.wait_for(r"websocket: wss?://[^/\s]+(/\S*)", 30, port=self.port)
@@ -547,7 +550,7 @@ class Publisher:
 def measure(label: str, tree: str, n: int, args: argparse.Namespace, logdir: str) -> dict[str, Any]:
     r: dict[str, Any] = {"label": label, "subscribers": n, "events": args.events, "rate": args.rate, "stall": args.stall,
                          "subscribed": 0, "failures": {}, "problems": []}  # fmt: skip
-    stack = Stack(tree, n, args, logdir)
+    stack = Stack(tree, n, args, logdir, args.history if label == "A" else "")
     r["server_argv"], r["notes"] = stack.argv, stack.notes
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
@@ -702,6 +705,8 @@ def main() -> int:
     ap.add_argument("--open-timeout", type=float, default=120.0, help="seconds to open all subscribers (default 120)")
     ap.add_argument("--server-cmd", help="server command template: {python} {redis} {port} {max_connections}")
     ap.add_argument("--against", metavar="REV", help="also measure this git revision (B), interleaved with the current tree (A)")
+    ap.add_argument("--history", default="", metavar="RULE", help="run side A's server with --history RULE (e.g. "
+                    "'bench=100,300s'); with --against HEAD, history on (A) against off (B)")
     ap.add_argument("--runs", type=int, default=1, help="measurements per side and N (default 1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = ap.parse_args()

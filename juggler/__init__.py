@@ -25,7 +25,8 @@ from .exceptions import (
     Refusal,
     RemoteError,
 )
-from .message import Ack, Call, Evnt, MessageType, Nack, Pub, Res, Sub, Unsb
+from .history import HistoryRule, publish
+from .message import Ack, Call, Evnt, MessageType, Nack, Position, Pub, Res, Sub, Unsb
 from .middleware import chain, log_messages, process_msg, recover
 from .server import ConnState, Server
 
@@ -53,6 +54,9 @@ __all__ = [
     "Nack",
     "Res",
     "Evnt",
+    "Position",
+    "HistoryRule",
+    "publish",
     "JugglerError",
     "ProtocolError",
     "BrokerError",

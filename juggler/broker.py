@@ -44,7 +44,8 @@ from . import resp
 from .exceptions import BrokerError
 from .health import RedisHealth
 from .layout import call_slot, call_timeout_key, calls_key, result_timeout_key, results_key
-from .message import CallPayload, EventPayload, ResultPayload
+from .history import HistoryRead, HistoryRule
+from .message import CallPayload, EventPayload, Position, ResultPayload
 from .popper import CallPopper
 from .redis_pubsub import PubSubEvent, PubSubSide, RedisPubSub
 from .redisconn import (
@@ -126,6 +127,10 @@ class Broker(Protocol):
     def discard_results(self, conn_uuid: str) -> None: ...
 
     def publish(self, channel: str, payload: EventPayload) -> int: ...
+
+    def publish_history(self, channel: str, payload: EventPayload, rule: HistoryRule) -> tuple[int, Position]: ...
+
+    def read_history(self, channel: str, rule: HistoryRule, since: Optional[Position]) -> HistoryRead: ...
 
     def pubsub(self, confirm_timeout: float = 5.0) -> PubSubConn: ...
 

@@ -141,7 +141,7 @@ def _server_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
              "reuse_port", "max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
              "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
              "max_subscriptions", "max_calls_in_flight", "slow_threshold", "http_endpoints", "serve_client",
-             "metrics_listen")  # fmt: skip
+             "metrics_listen", "history")  # fmt: skip
     kwargs = {n: cfg[n] for n in names if n in cfg}
     if cfg.get("certfile") and not cfg.get("keyfile") or cfg.get("keyfile") and not cfg.get("certfile"):
         raise _Usage("--certfile and --keyfile go together")
@@ -543,13 +543,16 @@ _DESCRIPTIONS = {
     "client": "Connect to a server: an interactive shell, or one command such as "
     "'call URI JSON', 'pub CHANNEL JSON', 'sub CHANNEL'.",
     "load": "Load-test a server with calls and report throughput and latency.",
+    "publish": "Publish JSON on a channel from a backend, with no websocket: every server's subscribers get "
+    "it, and a channel with history keeps it (the history rules are --history, else the ones the servers "
+    "recorded in redis).",
     "statesync-demo": "Serve a page whose counter every open copy shares, kept in sync by the state-sync "
     "protocol (juggler.statesync, hat-juggler's).",
 }
 
 
 #: Settings a command cannot do without, though other commands have a default for them.
-_REQUIRED = {("callee", "redis")}
+_REQUIRED = {("callee", "redis"), ("publish", "redis")}
 
 #: What a setting means to one command, where the shared text of juggler.config would mix
 #: several commands' meanings.
@@ -558,6 +561,10 @@ _COMMAND_HELP = {
     "node of a Redis Cluster; none: an embedded in-memory redis, whose URL it prints",
     ("callee", "redis"): "the redis URL of the servers whose calls it serves: a standalone redis or any node "
     "of a Redis Cluster",
+    ("publish", "redis"): "the servers' pub-sub redis URL: a standalone redis, any node of a Redis Cluster, or a "
+    "master behind Redis Sentinel",
+    ("publish", "history"): "history rules, as juggler server takes them (repeatable); none: the ones the "
+    "servers recorded in redis",
     ("callee", "processes"): "callee processes to run, each with its own redis connections and --workers "
     "threads (with --metrics-port P, process i serves its metrics on P + i)",
     ("load", "processes"): "load processes to run, each driving its share of the connections (one merged "
@@ -568,7 +575,7 @@ _COMMAND_HELP = {
 #: commands have few settings, all under "options".
 _SERVER_GROUPS: dict[str, tuple[str, ...]] = {
     "listening": ("host", "port", "path", "allow_empty_subprotocol", "allowed_origins", "reuse_port"),
-    "redis": ("redis", "pubsub_redis", "call_cap", "result_cap"),
+    "redis": ("redis", "pubsub_redis", "call_cap", "result_cap", "history"),
     "limits": ("max_connections", "read_limit", "write_limit", "write_queue_size", "write_timeout",
                "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout", "max_call_timeout",
                "max_subscriptions", "max_calls_in_flight", "max_args_size"),
@@ -586,6 +593,24 @@ def _default_help(command: str, name: str, default: Any) -> str:
 def _first_sentence(text: str) -> str:
     """Up to the first full stop that ends a sentence (not the dot inside "test.echo")."""
     return re.split(r"\.(?:\s|$)", text, maxsplit=1)[0]
+
+
+def _add_setting(where: Any, command: str, name: str) -> None:
+    """The flag of setting ``name`` of ``command``, in a parser or an argument group."""
+    s = SETTINGS[name]
+    default = "none" if s.default is None else s.default
+    text = _COMMAND_HELP.get((command, name), s.help)
+    help_text = f"{text} (env {s.env_var}; {_default_help(command, name, default)})"
+    if name == "history":  # (repeatable)
+        where.add_argument(s.flag, dest=name, action="append", default=None, metavar=s.metavar, help=help_text)
+    elif s.parse.__name__ == "_bool" and s.default:
+        where.add_argument("--no-" + s.flag[2:], dest=name, action="store_const", const=False, default=None,
+                           help=f"do not {text} (env {s.env_var}=false)")  # fmt: skip
+    elif s.parse.__name__ == "_bool":
+        where.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+    else:
+        alias = [_LOAD_ALIASES[name]] if command == "load" and name in _LOAD_ALIASES else []
+        where.add_argument(s.flag, *alias, dest=name, default=None, metavar=s.metavar or None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -611,19 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         groups = {title: p.add_argument_group(title) for title in _SERVER_GROUPS} if command == "server" else {}
         group_of = {name: groups[title] for title, members in _SERVER_GROUPS.items() for name in members if groups}
         for name in names:
-            s = SETTINGS[name]
-            where = group_of.get(name, p)
-            default = "none" if s.default is None else s.default
-            text = _COMMAND_HELP.get((command, name), s.help)
-            help_text = f"{text} (env {s.env_var}; {_default_help(command, name, default)})"
-            if s.parse.__name__ == "_bool" and s.default:
-                where.add_argument("--no-" + s.flag[2:], dest=name, action="store_const", const=False, default=None,
-                                   help=f"do not {text} (env {s.env_var}=false)")  # fmt: skip
-            elif s.parse.__name__ == "_bool":
-                where.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=help_text)
-            else:
-                alias = [_LOAD_ALIASES[name]] if command == "load" and name in _LOAD_ALIASES else []
-                where.add_argument(s.flag, *alias, dest=name, default=None, metavar=s.metavar or None, help=help_text)
+            _add_setting(group_of.get(name, p), command, name)
         p.add_argument("--config", metavar="FILE", help="TOML config file (env JUGGLER_CONFIG)")
         p.add_argument("--print-config", action="store_true", help="print the merged settings and exit")
         if command == "callee":
@@ -639,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
                            help="send this header with the handshake, e.g. 'Authorization: Bearer TOKEN' "
                            "(repeatable)")  # fmt: skip
+        if command == "publish":
+            p.add_argument("channel", metavar="CHANNEL", help="the channel")
+            p.add_argument("json", metavar="JSON", help="the event's args, as JSON")
         if command == "load":
             p.add_argument("url", nargs="?", metavar="URL", help="the server's websocket URL")
             p.add_argument("-addr", "--addr", metavar="URL", help="the server's websocket URL, as the reference's "
@@ -654,8 +670,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_publish(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    import redis
+
+    from .history import publish
+
+    try:
+        data = json.loads(args.json)
+    except ValueError as exc:
+        raise _Usage(f"JSON is not valid JSON: {exc}") from None
+    if not cfg["redis"]:
+        raise _Usage("--redis URL (or JUGGLER_REDIS_URL) is required: the servers' pub-sub redis")
+    broker = _broker(cfg["redis"])  # (a standalone redis, a cluster, or behind Sentinel)
+    try:
+        offset = publish(broker.client, args.channel, data, history=cfg["history"])
+    except (redis.RedisError, ValueError) as exc:
+        raise _Fail(f"cannot publish on {args.channel!r}: {exc}") from None
+    finally:
+        broker.close()
+    _print(f"published on {args.channel}" + (f" at offset {offset}" if offset is not None else " (no history)"))
+    return 0
+
+
 _RUN = {"demo": cmd_demo, "server": cmd_server, "callee": cmd_callee, "client": cmd_client, "load": cmd_load,
-        "statesync-demo": cmd_statesync_demo}  # fmt: skip
+        "statesync-demo": cmd_statesync_demo, "publish": cmd_publish}  # fmt: skip
 
 
 #: The exit status when the reader of stdout went away (128 + SIGPIPE, what a shell reports for a

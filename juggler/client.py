@@ -12,7 +12,8 @@ is sent, so a result that arrives before ``send`` returns is never lost.
 
 With ``Client.connect(url, reconnect=True)`` a lost connection is replaced: the reader thread
 dials again with capped exponential backoff and jitter, then renews every live subscription
-(see :meth:`Client.connect`).
+(see :meth:`Client.connect`); a subscription of a channel with history recovers the events
+published meanwhile, or reports the gap (:mod:`juggler.resume`).
 
 Nothing grows without bound, whatever the server does: the writer's queue holds at most
 ``outbox_size`` messages (a caller waits for room, a call at most until its timeout; a call
@@ -66,6 +67,7 @@ from .message import (
 from .client_queues import Expiries, Outbox
 from .dial import Redial, backoff_delays, check_url, dial_until, open_websocket
 from .frames import OP_TEXT, CloseCode
+from .resume import Resume
 from .peer import CLOSE, FAIL, OP_PONG, SEND, Peer
 from .transport import SocketIO, SocketReader, Stopped
 
@@ -101,10 +103,15 @@ class Subscription:
     one more drops the oldest, counted in :attr:`dropped`; with ``"block"`` the client's reader
     waits for room, which holds up everything the server sends on this connection (and a
     server disconnects a client that stops reading for long).
+
+    On a channel with history (see :mod:`juggler.history`), a client with ``reconnect``
+    recovers the events published while it was reconnecting; when it cannot, the gap is
+    counted in :attr:`gaps`, logged (WARNING) and ``on_gap(subscription)`` is called, on the
+    client's reader thread (see :mod:`juggler.resume`).
     """
 
     def __init__(self, client: "Client", channel: str, pattern: bool, maxsize: int = SUB_QUEUE_SIZE,
-                 overflow: str = "drop_oldest") -> None:  # fmt: skip
+                 overflow: str = "drop_oldest", on_gap: Optional[Callable[["Subscription"], None]] = None) -> None:  # fmt: skip
         _check_queue("maxsize", maxsize, "overflow", overflow)
         self.client = client
         self.channel = channel
@@ -119,6 +126,13 @@ class Subscription:
         self._ended = False
         self._released = False  # a blocked reader gives up (the client is closing)
         self._leaving = 0  # UNSBs waiting for their ACK: a full "block" queue drops meanwhile
+        #: Its place in the channel's history (:class:`~juggler.resume.Resume`).
+        self.resume = Resume(on_gap)
+
+    @property
+    def gaps(self) -> int:
+        """Reconnects after which the events published meanwhile could not be recovered."""
+        return self.resume.gaps
 
     def __repr__(self) -> str:
         kind = "pattern" if self.pattern else "channel"
@@ -403,19 +417,20 @@ class Client:
         return self._request(Pub(channel=channel, args=args))
 
     def sub(self, channel: str, pattern: bool = False, *, queue_size: Optional[int] = None,
-            overflow: Optional[str] = None) -> Subscription:  # fmt: skip
+            overflow: Optional[str] = None, on_gap: Optional[Callable[[Subscription], None]] = None) -> Subscription:  # fmt: skip
         """Subscribe to ``channel`` (a redis glob pattern when ``pattern``); blocks until ACKed.
         ``queue_size`` and ``overflow`` override the client's ``sub_queue_size`` and
-        ``sub_overflow`` (see :class:`Subscription`)."""
+        ``sub_overflow``; ``on_gap`` is told of events lost across a reconnect (see
+        :class:`Subscription`)."""
         key = (channel, pattern)
         with self._lock:
             sub = self._subs.get(key)
             if sub is None:
                 sub = self._subs[key] = Subscription(
-                    self, channel, pattern, queue_size or self.sub_queue_size, overflow or self.sub_overflow
+                    self, channel, pattern, queue_size or self.sub_queue_size, overflow or self.sub_overflow, on_gap
                 )
         try:
-            self._request(Sub(channel=channel, pattern=pattern))
+            self._request(Sub(channel=channel, pattern=pattern), on_ack=sub.resume.started)
         except BaseException:
             with self._lock:
                 if self._subs.get(key) is sub:
@@ -445,9 +460,11 @@ class Client:
             sub._finish()
         return ack
 
-    def _request(self, msg: Request) -> Ack:
+    def _request(self, msg: Request, on_ack: Optional[Callable[[Ack], None]] = None) -> Ack:
         data = encode(msg)
         fut: Future = Future()
+        if on_ack is not None:  # (run by the reader, before it reads on)
+            fut.add_done_callback(lambda f: f.exception() is None and on_ack(f.result()))
         with self._lock:
             if self._closed is not None or self._down is not None:
                 raise self._closed or self._down  # type: ignore[misc]
@@ -529,6 +546,7 @@ class Client:
             with self._lock:
                 sub = self._subs.get(key)
             if sub is not None:
+                sub.resume.seen(msg)
                 sub._put(msg)
         elif isinstance(msg, (Ack, Nack)):
             err = NackError(msg.code, msg.message, msg) if isinstance(msg, Nack) else None
@@ -678,7 +696,8 @@ class Client:
         thread); once all have answered, the client is ready again."""
         left = [len(subs)]
 
-        def answered(sub: Subscription, msg_uuid: str, fut: Future) -> None:
+        def answered(sub: Subscription, msg: Sub, fut: Future) -> None:
+            msg_uuid = msg.uuid
             with self._lock:
                 self._acks.pop(msg_uuid, None)
                 left[0] -= 1
@@ -690,17 +709,19 @@ class Client:
                     if self._subs.get((sub.channel, sub.pattern)) is sub:
                         del self._subs[(sub.channel, sub.pattern)]
                 sub._finish(exc)
+            elif exc is None:
+                sub.resume.resumed(sub, msg.since, fut.result(), self.logger)
             if done and not isinstance(exc, ConnectionClosed):  # (lost again: the next one renews them)
                 self._back()
 
         if not subs:
             self._back()
         for sub in subs:
-            msg = Sub(channel=sub.channel, pattern=sub.pattern)
+            msg = Sub(channel=sub.channel, pattern=sub.pattern, since=sub.resume.since())
             fut: Future = Future()
             with self._lock:
                 self._acks[msg.uuid] = fut
-            fut.add_done_callback(functools.partial(answered, sub, msg.uuid))
+            fut.add_done_callback(functools.partial(answered, sub, msg))
             # on the reader thread, which must not wait: one each, whatever the outbox's bound
             self._outbox.put_last((msg.uuid, encode(msg)))
 

@@ -145,6 +145,21 @@ def _str_list(value: Any) -> list[str]:
     return out
 
 
+def _history(value: Any) -> list[str]:
+    """History rules (``PATTERN=SIZE,TTL``): a list (repeated flags, a TOML array) or a string
+    of rules separated by ``;`` or spaces (the environment)."""
+    from .history import HistoryRule
+
+    items = value if isinstance(value, list) else re.split(r"[;\s]+", _str(value))
+    rules = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not a history rule (PATTERN=SIZE,TTL)")
+        if item.strip():
+            rules.append(str(HistoryRule.parse(item)))
+    return rules
+
+
 def _host_port(value: Any) -> str:
     from .server import parse_host_port
 
@@ -242,6 +257,10 @@ SETTINGS: dict[str, Setting] = {
            "(over it: NACK 413; 0: no limit)", metavar="BYTES"),
         _s("slow_threshold", _positive_duration, 0.1, "requests slower than this count as slow in the "
            "metrics", metavar="DURATION"),
+        _s("history", _history, None, "keep the last SIZE events of each channel matching PATTERN (a redis "
+           "glob), each history expiring TTL after its last event, so a client that reconnects recovers what "
+           "it missed (repeatable; SIZE 1-10000, default 100; TTL up to 7 days, default 300s; the environment "
+           "separates rules with ';'); none: no channel keeps history", metavar="PATTERN=SIZE,TTL"),
         _s("allowed_origins", _str_list, None, "comma-separated Origin patterns browsers may connect from "
            "(e.g. https://*.example.com); none: any", metavar="LIST"),
         _s("certfile", _str, None, "TLS certificate chain (PEM): serve wss://", metavar="FILE"),
@@ -284,8 +303,10 @@ COMMANDS: dict[str, list[str]] = {
         "certfile", "keyfile", "reuse_port", "cpu", "switch_interval", "max_connections", "read_limit", "write_limit", "write_queue_size",
         "write_timeout", "handshake_timeout", "ping_interval", "idle_timeout", "close_timeout",
         "max_call_timeout", "max_subscriptions", "max_calls_in_flight", "max_args_size", "slow_threshold",
-        "call_cap", "result_cap", "http_endpoints", "serve_client", "metrics_listen", "log_messages", "log_level",
+        "call_cap", "result_cap", "history", "http_endpoints", "serve_client", "metrics_listen", "log_messages",
+        "log_level",
     ],
+    "publish": ["redis", "history", "log_level"],
     "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],
     "load": ["connections", "processes", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],

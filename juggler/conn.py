@@ -45,7 +45,8 @@ from .broker import Broker, PubSubEvent
 from .conn_calls import CONN_THREAD_DAEMON, ConnCalls
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
-from .message import CLIENT_TYPES, EventPayload, Evnt, Message, MessageType, decode, new_uuid
+from .history import Held, History
+from .message import CLIENT_TYPES, EventPayload, Message, MessageType, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_PING, OP_TEXT, CloseCode, encode_frame
@@ -182,6 +183,8 @@ class Conn(ConnCalls):
         self._keepalive: Optional[Keepalive] = None
         self._close_deadline: Optional[TimerHandle] = None
         self._init_calls(services)
+        self._held: Optional[dict[SubKey, Held]] = None  # subscriptions recovering history
+        self._held_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Conn {self.id} {self.uuid} {self.remote_addr}>"
@@ -302,12 +305,35 @@ class Conn(ConnCalls):
         """How many subscriptions this connection holds."""
         return self._svc.hub.count(self)
 
+    @property
+    def history(self) -> Optional[History]:
+        """The channels whose events the server keeps for recovery (:mod:`juggler.history`)."""
+        return self._svc.hub.history
+
+    def hold_events(self, key: SubKey, held: Held) -> None:
+        """(The reader, recovering a subscription's history.) Its live events go through
+        ``held`` until one passes it (:attr:`~juggler.history.Held.passed`)."""
+        with self._held_lock:
+            self._held = {**(self._held or {}), key: held}
+
+    def release_events(self, key: SubKey, held: Held) -> None:
+        with self._held_lock:
+            if self._held is not None and self._held.get(key) is held:
+                self._held = {k: v for k, v in self._held.items() if k != key} or None
+
     def deliver(self, key: SubKey, event: PubSubEvent) -> None:
         """Send an event (on the server's pub-sub thread), through the handler, without
         blocking: written at once when the socket takes it, else queued for the writer; a
         connection whose queue is full is closed (1008) rather than delaying the others."""
         if self.closed:
             return
+        held = self._held
+        if held is not None and key in held:
+            h = held[key]
+            if h.hold(event):
+                return
+            if h.passed:
+                self.release_events(key, h)
         limit = self._svc.event_write_limit()
         if limit is not None:
             # The handler would only write it: write the event's frame, made once for all
@@ -319,11 +345,9 @@ class Conn(ConnCalls):
                 if sent:
                     self._svc.incr(_WRITE_KEY[MessageType.EVNT])
                 return
-        p = event.payload
-        evnt = Evnt(for_uuid=p.msg_uuid, channel=event.channel, pattern=event.pattern, args=p.args)
         _local.nonblocking = True
         try:
-            self.handle(evnt.sharing(event.evnt_payload))
+            self.handle(event.evnt().sharing(event.evnt_payload))
         finally:
             _local.nonblocking = False
 

@@ -6,10 +6,16 @@ Keys (the braces are literal: redis cluster hash tags, so a script's keys share 
     juggler:calls:timeout:{URI}:MSGUUID         expires with the call
     juggler:results:{CONNUUID}                  list of results for one connection
     juggler:results:timeout:{CONNUUID}:MSGUUID  expires with the result
+    juggler:history:{CHANNEL}                   stream: the last events of a channel with history
+    juggler:history:epoch:{CHANNEL}             string: that history's epoch
+    juggler:history:rules                       the --history rules servers run with, as JSON
 
 Unlike the reference, the lists themselves carry a TTL that is never shorter than the
 longest timeout pushed into them, so calls to a URI that no callee serves, and results for a
 connection that is gone, do not stay in redis forever.
+
+The history keys are an extension (see :mod:`juggler.history`): a Go server neither reads nor
+writes them, and ignores the ``offset`` and ``epoch`` an event of such a channel carries.
 
 A Go server, callee or client reads and writes the same keys: change nothing here without
 checking the Go mixes (tests/test_wire.py).
@@ -37,6 +43,11 @@ __all__ = [
     "POP_CALLS_SCRIPT",
     "STORE",
     "CONSUME",
+    "history_key",
+    "epoch_key",
+    "HISTORY_RULES_KEY",
+    "PUBLISH_HISTORY",
+    "READ_HISTORY",
 ]
 
 CAPACITY_ERROR = "list capacity exceeded"
@@ -139,3 +150,87 @@ while #out < 2 * n and i <= #KEYS do
 end
 return out
 """
+
+
+# --- channel history (juggler.history) --------------------------------------------------------
+
+#: Where servers with history record their rules (a JSON list of ``PATTERN=SIZE,TTL``), for
+#: publishers that are not told them (:func:`juggler.history.publish`).
+HISTORY_RULES_KEY = "juggler:history:rules"
+
+
+def history_key(channel: str) -> str:
+    return f"juggler:history:{{{channel}}}"
+
+
+def epoch_key(channel: str) -> str:
+    return f"juggler:history:epoch:{{{channel}}}"
+
+
+# (Lua, both scripts) The epoch of KEYS[2], made from ARGV[1] when there is none: a history
+# without an epoch is a lost one (expired, flushed, a redis restarted without persistence), so
+# what is left of its stream KEYS[1] is dropped with it.
+_EPOCH = """
+local function the_epoch(new, ttl)
+  local epoch = redis.call('GET', KEYS[2])
+  if epoch then return epoch end
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], new, 'PX', ttl)
+  return new
+end
+"""
+
+# KEYS[1] the channel's stream, KEYS[2] its epoch; ARGV[1] the channel, ARGV[2] the event
+# payload (a JSON object), ARGV[3] SIZE, ARGV[4] TTL in ms, ARGV[5] a new epoch. Appends the
+# payload to the stream (trimmed to about SIZE: whole stream nodes), renews both keys' TTL and
+# PUBLISHes the payload with its "offset" (the stream ID) and "epoch", in one atomic step: the
+# history and the live stream never disagree. Returns {subscribers, offset, epoch}.
+PUBLISH_HISTORY_SCRIPT = _EPOCH + """
+local epoch = the_epoch(ARGV[5], ARGV[4])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local event = string.sub(ARGV[2], 1, -2) .. ',"offset":"' .. id .. '","epoch":"' .. epoch .. '"}'
+return {redis.call('PUBLISH', ARGV[1], event), id, epoch}
+"""
+
+# KEYS[1] the channel's stream, KEYS[2] its epoch; ARGV[1] a new epoch, ARGV[2] TTL in ms,
+# ARGV[3] the offset to recover from ('': none), ARGV[4] its epoch, ARGV[5] SIZE. Returns
+# {epoch, top, recovered, offset, payload, offset, payload...}: top is the last event's offset
+# ('0-0': none); recovered is 1 when every event after ARGV[3] is still in the stream (its
+# epoch is the history's, nothing after it was trimmed, at most SIZE of them), and they follow.
+READ_HISTORY_SCRIPT = _EPOCH + """
+local function id(s)
+  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return {tonumber(ms), tonumber(seq)}
+end
+local function before(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+local epoch = the_epoch(ARGV[1], ARGV[2])
+local top = '0-0'
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then top = last[1][1] end
+local since = id(ARGV[3])
+if ARGV[3] == '' or ARGV[4] ~= epoch or not since or before(id(top), since) then
+  return {epoch, top, 0}
+end
+if #last > 0 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' and before(since, id(info[i + 1])) then
+      return {epoch, top, 0}
+    end
+  end
+end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+', 'COUNT', tonumber(ARGV[5]) + 1)
+if #entries > tonumber(ARGV[5]) then return {epoch, top, 0} end
+local out = {epoch, top, 1}
+for _, e in ipairs(entries) do
+  out[#out + 1] = e[1]
+  out[#out + 1] = e[2][2]
+end
+return out
+"""
+
+PUBLISH_HISTORY = resp.Script(PUBLISH_HISTORY_SCRIPT)
+READ_HISTORY = resp.Script(READ_HISTORY_SCRIPT)

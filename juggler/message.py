@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .exceptions import ProtocolError
-from .frames import CloseCode
+from .frames import OP_TEXT, CloseCode, frame_header
 
 __all__ = [
     "SUBPROTOCOL",
@@ -35,6 +35,8 @@ __all__ = [
     "Nack",
     "Res",
     "Evnt",
+    "Position",
+    "evnt_frame",
     "Message",
     "Request",
     "encode",
@@ -136,12 +138,26 @@ class Pub:
 
 
 @dataclass(frozen=True)
+class Position:
+    """Where a subscriber is in a channel's history: the ``offset`` of the last event it got
+    (a string, increasing per channel) in history ``epoch`` (a random string that changes
+    when the history is lost). See ``docs/protocol.rst``, "History and recovery"."""
+
+    offset: str
+    epoch: str
+
+
+@dataclass(frozen=True)
 class Sub:
-    """SUB: subscribe to ``channel``, a redis glob pattern when ``pattern`` is true."""
+    """SUB: subscribe to ``channel``, a redis glob pattern when ``pattern`` is true.
+
+    ``since``: recover the events after this position from the channel's history first (an
+    extension: a Go server ignores it)."""
 
     channel: str
     pattern: bool = False
     uuid: str = field(default_factory=new_uuid)
+    since: Optional[Position] = None
     type = MessageType.SUB
 
 
@@ -165,6 +181,11 @@ class Ack:
 
     ``Ack(request)`` answers a request message; ``Ack(for_uuid, for_type, uri=..., channel=...)``
     gives every field.
+
+    The ACK of a SUB of a channel with history carries the subscriber's ``position`` in it
+    (the last event before the subscription), and, when the SUB asked to recover
+    (``since``), whether it did (``recovered``; ``None``: not asked). Extensions: a Go
+    client ignores them.
     """
 
     for_uuid: str
@@ -172,17 +193,21 @@ class Ack:
     uri: str = ""
     channel: str = ""
     uuid: str = field(default_factory=new_uuid)
+    recovered: Optional[bool] = None
+    position: Optional[Position] = None
     type = MessageType.ACK
 
     def __init__(self, for_uuid: Any, for_type: Optional[MessageType] = None, uri: str = "", channel: str = "",
-                 uuid: Optional[str] = None) -> None:  # fmt: skip
+                 uuid: Optional[str] = None, recovered: Optional[bool] = None,
+                 position: Optional[Position] = None) -> None:  # fmt: skip
         if isinstance(for_uuid, _REQUESTS):
             request = for_uuid
             for_uuid, for_type = request.uuid, request.type
             uri, channel = _target(request)
         if for_type is None:
             raise TypeError("Ack needs the request, or for_uuid and for_type")
-        _set(self, for_uuid=for_uuid, for_type=MessageType(for_type), uri=uri, channel=channel, uuid=uuid or new_uuid())
+        _set(self, for_uuid=for_uuid, for_type=MessageType(for_type), uri=uri, channel=channel, uuid=uuid or new_uuid(),
+             recovered=recovered, position=position)  # fmt: skip
 
     @classmethod
     def to(cls, request: "Request") -> "Ack":
@@ -270,6 +295,8 @@ class Evnt:
     """EVNT: ``args`` published by PUB ``for_uuid`` on ``channel``.
 
     ``pattern`` is the subscription pattern it matched, or ``""`` for a plain subscription.
+    ``offset`` and ``epoch``: its place in the channel's history (``""``: the channel keeps
+    none); an extension a Go client ignores.
     """
 
     for_uuid: str
@@ -277,7 +304,14 @@ class Evnt:
     args: Any = None
     pattern: str = ""
     uuid: str = field(default_factory=new_uuid)
+    offset: str = ""
+    epoch: str = ""
     type = MessageType.EVNT
+
+    @property
+    def position(self) -> Optional[Position]:
+        """Its :class:`Position`, or ``None`` for an event of a channel with no history."""
+        return Position(self.offset, self.epoch) if self.offset else None
 
     def sharing(self, payload_json: str) -> "Evnt":
         """This EVNT, encoded with ``payload_json`` (its payload's JSON, made once for every
@@ -314,9 +348,12 @@ def _payload(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Pub):
         return {"channel": msg.channel, "args": msg.args}
     if isinstance(msg, (Sub, Unsb)):
-        return {"channel": msg.channel, "pattern": msg.pattern}
+        p: dict[str, Any] = {"channel": msg.channel, "pattern": msg.pattern}
+        if isinstance(msg, Sub) and msg.since is not None:
+            p["since"] = {"offset": msg.since.offset, "epoch": msg.since.epoch}
+        return p
     if isinstance(msg, (Ack, Nack)):
-        p: dict[str, Any] = {"for": msg.for_uuid, "for_type": int(msg.for_type)}
+        p = {"for": msg.for_uuid, "for_type": int(msg.for_type)}
         if msg.uri:
             p["uri"] = msg.uri
         if msg.channel:
@@ -324,6 +361,8 @@ def _payload(msg: Message) -> dict[str, Any]:
         if isinstance(msg, Nack):
             p["code"] = msg.code
             p["message"] = msg.message
+        else:
+            _ack_extensions(msg, p)
         return p
     if isinstance(msg, Res):
         p = {"for": msg.for_uuid}
@@ -336,8 +375,19 @@ def _payload(msg: Message) -> dict[str, Any]:
         if msg.pattern:
             p["pattern"] = msg.pattern
         p["args"] = msg.args
+        if msg.offset:
+            p["offset"] = msg.offset
+            p["epoch"] = msg.epoch
         return p
     raise TypeError(f"not a juggler message: {msg!r}")
+
+
+def _ack_extensions(msg: Ack, p: dict[str, Any]) -> None:
+    if msg.recovered is not None:
+        p["recovered"] = msg.recovered
+    if msg.position is not None:
+        p["offset"] = msg.position.offset
+        p["epoch"] = msg.position.epoch
 
 
 def encode(msg: Message) -> str:
@@ -359,6 +409,20 @@ _PLAIN_UUID = re.compile(r"[0-9a-f-]{36}")  # needs no escaping in JSON
 def encode_payload(msg: Message) -> str:
     """The JSON text of ``msg``'s payload alone."""
     return _dumps(_payload(msg))
+
+
+_EVNT_BEFORE = b'{"meta":{"type":10,"uuid":"'
+
+
+def evnt_frame(payload_json: str) -> tuple[bytes, bytes, int]:
+    """``(head, tail, size)`` for an EVNT whose payload's JSON is ``payload_json`` (see
+    :meth:`Evnt.sharing`): its websocket text frame is ``head``, the message's 36-character
+    UUID, then ``tail``; ``size`` is the message's JSON length. The same bytes as
+    :func:`encode` and :func:`~juggler.frames.encode_frame` make, built once for every
+    subscriber of an event."""
+    after = b'"},"payload":' + payload_json.encode("utf-8") + b"}"
+    size = len(_EVNT_BEFORE) + 36 + len(after)
+    return frame_header(OP_TEXT, size) + _EVNT_BEFORE, after, size
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -495,13 +559,11 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
         )
     if mtype is MessageType.PUB:
         return Pub(channel=_get(payload, "channel", str, ""), args=payload.get("args"), uuid=muuid)
-    if mtype in (MessageType.SUB, MessageType.UNSB):
-        cls = Sub if mtype is MessageType.SUB else Unsb
-        return cls(
-            channel=_get(payload, "channel", str, ""),
-            pattern=_get(payload, "pattern", bool, False),
-            uuid=muuid,
-        )
+    if mtype is MessageType.SUB:
+        return Sub(channel=_get(payload, "channel", str, ""), pattern=_get(payload, "pattern", bool, False),
+                   uuid=muuid, since=_since(payload.get("since")))  # fmt: skip
+    if mtype is MessageType.UNSB:
+        return Unsb(channel=_get(payload, "channel", str, ""), pattern=_get(payload, "pattern", bool, False), uuid=muuid)
     for_uuid = _uuid_field(payload.get("for"), "payload field 'for'")
     if mtype in (MessageType.ACK, MessageType.NACK):
         common = dict(
@@ -512,7 +574,7 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
             uuid=muuid,
         )
         if mtype is MessageType.ACK:
-            return Ack(**common)
+            return Ack(recovered=_get(payload, "recovered", bool, None), position=_position(payload), **common)
         return Nack(code=_require(payload, "code", int), message=_get(payload, "message", str, ""), **common)
     if mtype is MessageType.RES:
         return Res(for_uuid=for_uuid, uri=_get(payload, "uri", str, ""), args=payload.get("args"), uuid=muuid)
@@ -523,7 +585,31 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
         args=payload.get("args"),
         pattern=_get(payload, "pattern", str, ""),
         uuid=muuid,
+        offset=_get(payload, "offset", str, ""),
+        epoch=_get(payload, "epoch", str, ""),
     )
+
+
+#: The longest ``offset`` or ``epoch`` a SUB's ``since`` may carry.
+MAX_POSITION_LENGTH = 64
+
+
+def _since(value: Any) -> Optional[Position]:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid("payload field 'since' must be an object with 'offset' and 'epoch'")
+    position = _position(value)
+    if position is None:
+        raise _invalid("payload field 'since' has no 'offset'")
+    if len(position.offset) > MAX_POSITION_LENGTH or len(position.epoch) > MAX_POSITION_LENGTH:
+        raise _invalid(f"payload field 'since': offset and epoch are at most {MAX_POSITION_LENGTH} characters")
+    return position
+
+
+def _position(payload: Mapping[str, Any]) -> Optional[Position]:
+    offset = _get(payload, "offset", str, "")
+    return Position(offset, _get(payload, "epoch", str, "")) if offset else None
 
 
 # --- redis payloads ---------------------------------------------------------------------------
@@ -589,10 +675,14 @@ def _parse_redis_payload(data: str | bytes, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class EventPayload:
-    """What a PUB publishes on its redis channel."""
+    """What a PUB publishes on its redis channel. An event of a channel with history carries
+    its ``offset`` and ``epoch`` too (added by the publishing script: see
+    :mod:`juggler.history`; a Go server ignores them)."""
 
     msg_uuid: str
     args: Any = None
+    offset: str = ""
+    epoch: str = ""
 
     def to_json(self) -> str:
         return _dumps({"msg_uuid": self.msg_uuid, "args": self.args})
@@ -605,7 +695,10 @@ class EventPayload:
             raise ValueError(f"event payload is not valid JSON: {exc}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("msg_uuid", ""), str):
             raise ValueError("event payload is not an object with a string 'msg_uuid'")
-        return cls(msg_uuid=obj.get("msg_uuid", ""), args=obj.get("args"))
+        offset, epoch = obj.get("offset", ""), obj.get("epoch", "")
+        if not (isinstance(offset, str) and isinstance(epoch, str)):
+            offset = epoch = ""  # (not ours: a foreign publisher's fields)
+        return cls(msg_uuid=obj.get("msg_uuid", ""), args=obj.get("args"), offset=offset, epoch=epoch)
 
 
 def error_result(message: str, exc_type: str | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Callable, Optional
 
+from . import history
 from .frames import CloseCode
 from .exceptions import BrokerError
 from .redisconn import unavailable
@@ -180,11 +181,8 @@ def process_msg(conn: "Conn", msg: Message) -> None:
                 conn.send(Ack.to(msg))
             return
         elif isinstance(msg, Sub):
-            most = conn.settings.max_subscriptions
-            if most and conn.subscription_count() >= most and (msg.pattern, msg.channel) not in conn.subscriptions():
-                conn.send(Nack.to(msg, 429, f"too many subscriptions: at most {most} per connection"))
+            if not _subscribe(conn, msg):
                 return
-            conn.subscribe(msg.channel, msg.pattern)
         elif isinstance(msg, Unsb):
             if MessageType.SUB not in conn.allowed:
                 conn.send(Nack.to(msg, 400, "not subscribed: SUB is not allowed on this connection"))
@@ -196,6 +194,19 @@ def process_msg(conn: "Conn", msg: Message) -> None:
         _nack_broker(conn, msg, exc)
         return
     conn.send(Ack.to(msg))
+
+
+def _subscribe(conn: "Conn", msg: Sub) -> bool:
+    """Run a SUB; ``False`` when it was answered here (the ACK to send otherwise)."""
+    most = conn.settings.max_subscriptions
+    if most and conn.subscription_count() >= most and (msg.pattern, msg.channel) not in conn.subscriptions():
+        conn.send(Nack.to(msg, 429, f"too many subscriptions: at most {most} per connection"))
+        return False
+    if msg.since is not None or history.rule_for(conn, msg) is not None:
+        history.subscribe(conn, msg)  # its ACK, then the events it recovers
+        return False
+    conn.subscribe(msg.channel, msg.pattern)
+    return True
 
 
 def _call_stored(conn: "Conn", msg: Call, error: Optional[BrokerError], probe: bool = False,

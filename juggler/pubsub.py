@@ -22,7 +22,11 @@ closed: the subscriptions stay as they are, and the hub's thread reconnects, its
 process' shared backoff (:class:`~juggler.health.RedisHealth`; the server's, or one of the
 hub's own). Once connected, it subscribes again, in one SUBSCRIBE and one PSUBSCRIBE, to every
 channel and pattern that connections hold, and events flow again with no client action. Events
-published while the hub was not subscribed are lost. Until redis has confirmed that restore:
+published while the hub was not subscribed are lost, but on channels with history (see
+:mod:`juggler.history`): those it reads from the history and hands out first, each once, to
+the plain subscriptions it held before (a connection whose events cannot be recovered, the
+history lost meanwhile, is closed with 1012, so that its client reconnects and is told of the
+gap). Until redis has confirmed that restore:
 
 - a SUB fails (:class:`BrokerError` ``redis unavailable``, a NACK 500) at once, whether or not
   another connection holds the same channel, and is not restored later (a SUB of what the
@@ -45,12 +49,13 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 from .broker import Broker, BrokerError, PubSubConn, PubSubEvent
 from .deadline import Deadline
 from .health import RedisHealth
-from .message import EventPayload
+from .history import Held, History
+from .message import EventPayload, Position
 from .redisconn import unavailable
 
 __all__ = ["PubSubHub", "Subscriber", "SubKey"]
@@ -79,6 +84,8 @@ class PubSubHub:
         juggler event; it is dropped.
     :param health: the process' view of this redis (the server's, when ``broker`` is the
         server's RPC broker too); ``None``: one of the hub's own.
+    :param history: the channels whose events a PUB also keeps for recovery (see
+        :mod:`juggler.history`); ``None``: none.
     """
 
     def __init__(
@@ -90,8 +97,11 @@ class PubSubHub:
         logger: Optional[logging.Logger] = None,
         on_bad_event: Any = None,
         health: Optional[RedisHealth] = None,
+        history: Optional[History] = None,
     ) -> None:
         self.broker = broker
+        #: the channels whose events are kept for recovery (:mod:`juggler.history`), or None
+        self.history = history
         self.confirm_timeout = confirm_timeout
         self.name = name
         self.logger = logger or logging.getLogger(__name__)
@@ -116,6 +126,10 @@ class PubSubHub:
         #: How many times the hub's connection failed, and how many times it was restored.
         self.failures = 0
         self.restores = 0
+        # channels with history (the reader's): the last event handed out, and after a restore
+        # what the replay handed out already (see _replay)
+        self._positions: dict[str, Position] = {}
+        self._seams: dict[str, Held] = {}
 
     # -- subscriptions --
 
@@ -240,6 +254,8 @@ class PubSubHub:
                     return
                 self._subs.pop(key, None)
                 ps = self._ps
+            if not key[0]:
+                self._positions.pop(key[1], None)  # (else it keeps every channel ever held)
             if ps is not None:
                 ps.unsubscribe(key[1], key[0])
 
@@ -253,8 +269,12 @@ class PubSubHub:
         since = health.epoch
         if not health.request_turn(health.cap):
             raise BrokerError("redis unavailable (reconnecting)")
+        rule = self.history.rule(channel) if self.history is not None else None
         try:
-            n = self.broker.publish(channel, payload)
+            if rule is None:
+                n = self.broker.publish(channel, payload)
+            else:
+                n = self.broker.publish_history(channel, payload, rule)[0]
         except BrokerError as exc:
             self._failed_request(exc, since)
             raise
@@ -329,6 +349,8 @@ class PubSubHub:
                     self.on_bad_event()
                 continue
             key = (True, event.pattern) if event.pattern else (False, event.channel)
+            if event.payload.offset and not event.pattern and self._replayed(event):
+                continue
             with self._lock:
                 members = self._subs.get(key)
                 if members:
@@ -400,6 +422,63 @@ class PubSubHub:
         if n:  # (with none to restore, nothing was awaited: the PING's answer is not read yet)
             self.health.succeeded(since)
         self.logger.debug("pub-sub connection to redis restored, with %d subscriptions", n)
+        if self._positions:
+            self._replay()
+
+    def _replayed(self, event: PubSubEvent) -> bool:
+        """(The reader, for an event of a channel with history.) Whether the replay after a
+        restore handed it out already; else it is the channel's last position."""
+        if self.history is None:
+            return False
+        seam = self._seams.get(event.channel)
+        if seam is not None:
+            if seam.behind(event):
+                return True
+            if seam.passed:
+                del self._seams[event.channel]
+        self._positions[event.channel] = Position(event.payload.offset, event.payload.epoch)
+        return False
+
+    def _replay(self) -> None:
+        """(The reader, once a reconnect restored the subscriptions.) Hand the events of the
+        channels with history published while the hub was not subscribed to the connections
+        that hold them, from the history. When they cannot be recovered, those connections are
+        closed (1012), so that their clients reconnect and are told of the gap."""
+        assert self.history is not None
+        with self._lock:
+            held = {k[1]: tuple(m) for k, m in self._subs.items() if m and not k[0] and k[1] in self._positions}
+        for channel in set(self._positions) - set(held):  # (given back meanwhile)
+            del self._positions[channel]
+        for channel, members in held.items():
+            rule = self.history.rule(channel)
+            try:
+                read = self.broker.read_history(channel, rule, self._positions[channel]) if rule else None
+            except BrokerError as exc:
+                read = None
+                self.logger.info("pub-sub: reading the history of %r after a reconnect failed: %s", channel, exc)
+            if read is None or not read.recovered:
+                self.logger.warning("pub-sub: events of %r published while reconnecting to redis cannot be recovered: "
+                                    "closing its %d subscribed connection(s) (1012)", channel, len(members))  # fmt: skip
+                for sub in members:
+                    getattr(sub, "close", lambda *a: None)(1012, "events lost while the server reconnected to redis")
+                continue
+            self._hand_out(channel, read.events)
+            seam = Held(0)
+            seam.take()
+            seam.read(read.position)
+            self._seams[channel] = seam
+            self._positions[channel] = read.position
+
+    def _hand_out(self, channel: str, events: Sequence[EventPayload]) -> None:
+        key = (False, channel)
+        for payload in events:
+            event = PubSubEvent(channel, "", payload)
+            with self._lock:
+                for sub in tuple(self._subs.get(key, ())):
+                    try:
+                        sub.deliver(key, event)
+                    except Exception:  # a bug must not end every subscription of the server
+                        self.logger.exception("pub-sub: delivering an event on %r failed", channel)
 
     def close(self) -> None:
         """Stop the reader, join it and close the redis connection. Idempotent."""

@@ -20,8 +20,8 @@ from redis.retry import Retry
 
 from . import resp
 from .exceptions import BrokerError
-from .frames import OP_TEXT, frame_header
-from .message import EventPayload, Evnt, encode_payload
+from .history import HistoryRead, HistoryRule, publish_event, read_history
+from .message import EventPayload, Evnt, Position, encode_payload, evnt_frame
 from .redisconn import REDIS_FAILURES, broker_error, close_client, one_connection_client, text
 
 __all__ = ["PubSubEvent", "PubSubSide", "RedisPubSub"]
@@ -36,22 +36,23 @@ class PubSubEvent:
     pattern: str
     payload: EventPayload
 
+    def evnt(self, uuid: Optional[str] = None) -> Evnt:
+        """The EVNT a subscriber gets (a new message, with its own UUID unless given)."""
+        p = self.payload
+        if uuid is None:
+            return Evnt(p.msg_uuid, self.channel, p.args, self.pattern, offset=p.offset, epoch=p.epoch)
+        return Evnt(p.msg_uuid, self.channel, p.args, self.pattern, uuid=uuid, offset=p.offset, epoch=p.epoch)
+
     @functools.cached_property
     def evnt_payload(self) -> str:
         """The JSON of the EVNT payload every subscriber of this event gets: made once (see
         :meth:`~juggler.message.Evnt.sharing`)."""
-        return encode_payload(Evnt(self.payload.msg_uuid, self.channel, self.payload.args, self.pattern, uuid=""))
+        return encode_payload(self.evnt(uuid=""))
 
     @functools.cached_property
     def evnt_frame(self) -> tuple[bytes, bytes, int]:
-        """``(head, tail, size)``: the websocket frame of this event's EVNT is ``head``, the
-        message's 36-character UUID, then ``tail``; ``size`` is the EVNT's JSON length. The
-        same bytes as :func:`~juggler.message.encode` and
-        :func:`~juggler.frames.encode_frame` make, built once for every subscriber."""
-        before = b'{"meta":{"type":10,"uuid":"'
-        after = b'"},"payload":' + self.evnt_payload.encode("utf-8") + b"}"
-        size = len(before) + 36 + len(after)
-        return frame_header(OP_TEXT, size) + before, after, size
+        """:func:`~juggler.message.evnt_frame` of this event, made once for every subscriber."""
+        return evnt_frame(self.evnt_payload)
 
 
 #: How long a ``PUBLISH`` waits for redis (to connect, and for its reply), in seconds, before
@@ -69,6 +70,7 @@ class PubSubSide:
 
     # (set by RedisBroker.__init__)
     _fast: Any
+    _eval: Callable[..., Any]
     _pubsub_turn: itertools.count
     cluster: bool
     client: Any
@@ -91,6 +93,22 @@ class PubSubSide:
                 finally:
                     pool.put(conn)
             return int(self._once(channel, "PUBLISH", channel, data))
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+
+    def publish_history(self, channel: str, payload: EventPayload, rule: HistoryRule) -> tuple[int, Position]:
+        """Publish an event on a channel with history (:func:`juggler.history.publish_event`):
+        the number of redis subscribers that got it, and its position. Raises
+        :class:`BrokerError`."""
+        try:  # (its reply awaited within publish_timeout on the fast path, as a PUBLISH's)
+            return publish_event(functools.partial(self._eval, within=self.publish_timeout), channel, payload, rule)
+        except REDIS_FAILURES as exc:
+            raise broker_error(exc) from exc
+
+    def read_history(self, channel: str, rule: HistoryRule, since: Optional[Position]) -> HistoryRead:
+        """:func:`juggler.history.read_history`; raises :class:`BrokerError`."""
+        try:
+            return read_history(self._eval, channel, rule, since)
         except REDIS_FAILURES as exc:
             raise broker_error(exc) from exc
 
@@ -315,49 +333,59 @@ class RedisPubSub:
         while True:
             if self._stopped:
                 return None
-            try:
-                if deadline is None:
-                    if not self._sent.is_set():
-                        self._sent.wait()  # no connection before the first command
-                        continue
-                    msg = self._pubsub.handle_message(self._pubsub.parse_response(block=True))
-                else:
-                    msg = self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-            except REDIS_FAILURES as exc:
-                if self._stopped:
-                    return None
-                error = broker_error(exc)
-                with self._cond:  # the requests waiting for a confirmation fail now
-                    self._broken = error
-                    self._cond.notify_all()
-                raise error from exc
+            msg = self._read_message(deadline)
             if msg is not None:
                 kind = msg.get("type")
                 if kind in ("message", "pmessage"):
-                    break
+                    return self._event(msg, kind)
                 if kind in ("subscribe", "psubscribe", "unsubscribe", "punsubscribe") and msg.get("channel"):
-                    key = (kind, text(msg["channel"]))
-                    restored = None
-                    with self._cond:
-                        # A confirmation nobody waits for is dropped: redis-py re-subscribes by
-                        # itself after a reconnect, and those confirmations must not stand in
-                        # for a later request's.
-                        line = self._waiting.get(key)
-                        if line:
-                            waiter = line.popleft()
-                            waiter.done = True
-                            if not line:
-                                del self._waiting[key]
-                            if waiter.restore:
-                                self._restoring -= 1
-                                if not self._restoring:
-                                    restored, self._on_restored = self._on_restored, None
-                            self._cond.notify_all()
-                    if restored is not None:
-                        restored()
+                    self._confirmed((kind, text(msg["channel"])))
                     continue
             if deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def _read_message(self, deadline: Optional[float]) -> Optional[dict]:
+        """(get_event) The next message of the connection, or ``None`` (none by ``deadline``,
+        no connection yet, or stopped); :class:`BrokerError` when the connection failed."""
+        try:
+            if deadline is None:
+                if not self._sent.is_set():
+                    self._sent.wait()  # no connection before the first command
+                    return None
+                return self._pubsub.handle_message(self._pubsub.parse_response(block=True))
+            return self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+        except REDIS_FAILURES as exc:
+            if self._stopped:
+                return None
+            error = broker_error(exc)
+            with self._cond:  # the requests waiting for a confirmation fail now
+                self._broken = error
+                self._cond.notify_all()
+            raise error from exc
+
+    def _confirmed(self, key: tuple[str, str]) -> None:
+        """(get_event) Redis confirmed a request of ``key``: the first waiting for it is done."""
+        restored = None
+        with self._cond:
+            # A confirmation nobody waits for is dropped: redis-py re-subscribes by itself
+            # after a reconnect, and those confirmations must not stand in for a later
+            # request's.
+            line = self._waiting.get(key)
+            if line:
+                waiter = line.popleft()
+                waiter.done = True
+                if not line:
+                    del self._waiting[key]
+                if waiter.restore:
+                    self._restoring -= 1
+                    if not self._restoring:
+                        restored, self._on_restored = self._on_restored, None
+                self._cond.notify_all()
+        if restored is not None:
+            restored()
+
+    @staticmethod
+    def _event(msg: dict, kind: str) -> PubSubEvent:
         channel = text(msg["channel"])
         pattern = text(msg["pattern"]) if kind == "pmessage" and msg.get("pattern") else ""
         try:

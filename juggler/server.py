@@ -23,7 +23,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from . import gilsend
 from .broker import Broker
@@ -34,7 +34,9 @@ from .message import SUBPROTOCOL, Ack, MessageType, Nack, Res, encode, error_res
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
 from .health import RedisHealth
+from .history import History, HistoryRule, record_history
 from .pubsub import PubSubHub
+from .redisconn import REDIS_FAILURES
 from .timer import Timer
 from .tuning import default_max_connections
 from .handshake import HandshakeRequest, check_upgrade, http_response, switching_protocols
@@ -378,6 +380,11 @@ class Server:
     :param serve_client: serve the browser client, ``GET /juggler.js`` (and its types,
         ``/juggler.d.ts``), on the same port (see :mod:`juggler.web`).
     :param demo_page: serve the demo page at ``GET /`` (``juggler demo`` does).
+    :param history: keep the last events of the channels matching these rules for recovery
+        (``"PATTERN=SIZE,TTL"`` strings or :class:`~juggler.history.HistoryRule`, first match
+        wins; see :mod:`juggler.history`); ``None``: no channel has history, and pub-sub costs
+        redis what it costs without the feature. Recorded in redis on :meth:`start` for
+        :func:`juggler.publish`.
     :param logger: defaults to ``logging.getLogger("juggler.server")``.
     """
 
@@ -414,6 +421,7 @@ class Server:
         serve_client: bool = True,
         demo_page: bool = False,
         metrics_listen: Optional[str] = None,
+        history: Union[None, History, Sequence[Union[HistoryRule, str]]] = None,
         logger: Optional[logging.Logger] = None,
     ) -> None:
         for name, count in (("read_limit", read_limit), ("write_limit", write_limit), ("write_queue_size", write_queue_size)):
@@ -504,6 +512,7 @@ class Server:
             logger=self.logger,
             on_bad_event=lambda: self.stats.incr("failed_event_decodes"),
             health=self.pubsub_health,
+            history=History.of(history),
         )
         self.metrics = ServerMetrics(self)  # last: registering it collects once
         self._health_lock = threading.Condition()
@@ -630,9 +639,19 @@ class Server:
             self._accept_thread = threading.Thread(target=self._accept_loop, name="juggler-server-accept")
             self._accept_thread.start()
         self.logger.info("juggler server listening on %s", self.url)
+        if self.hub.history is not None:
+            self._record_history(self.hub.history)
         if self._http is not None:
             self.logger.info("health and metrics at %s/healthz and %s/metrics", self.metrics_url, self.metrics_url)
         return self
+
+    def _record_history(self, history: History) -> None:
+        try:
+            record_history(getattr(self.pubsub_broker, "client"), history)
+        except (REDIS_FAILURES + (AttributeError,)) as exc:
+            self.logger.warning("could not record the history rules in redis for publishers: %s", exc)
+        else:
+            self.logger.info("channel history: %s", ", ".join(str(r) for r in history.rules))
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown` is called from another thread (or a signal handler)."""

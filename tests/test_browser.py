@@ -18,7 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from juggler import Client, ConnState, RefuseConnection, Res, Server, chain
+import juggler
+from juggler import Client, ConnState, RedisBroker, RefuseConnection, Res, Server, chain
+from juggler.layout import epoch_key, history_key
 
 from .conftest import T, free_port, make_redis_client
 from .test_cli import ROOT, Proc
@@ -585,3 +587,57 @@ def test_demo_page_at_420_px_keeps_typed_args_and_explains_a_wrong_path(browser)
                           "endpoint at /wrong", message
         # the browser logs the refused handshake itself; nothing else went wrong
         assert [e for e in errors if "/wrong?juggler-handshake=" not in e] == [], errors
+
+
+# -- channel history (issue 21): recovery across a reconnect, or a gap told ---------------------
+
+HISTORY_SETUP = """async (url) => {
+  window.events = []; window.gaps = []; window.reconnects = 0;
+  window.c = await J.connect(url, { reconnect: true, reconnectDelay: 100, maxReconnectDelay: 200 });
+  c.addEventListener("reconnect", () => { reconnects += 1; });
+  c.addEventListener("gap", (e) => { gaps.push({ channel: e.channel, since: e.since, position: e.position,
+                                                  n: e.subscriptions.length }); });
+  window.s = await c.sub("chat.js", (e) => { events.push({ args: e.args, offset: e.offset, epoch: e.epoch }); });
+}"""
+
+
+def test_juggler_js_recovers_what_was_published_while_it_reconnected(real, pages):
+    port = free_port()
+    history = ["chat.*=100,60s"]
+    server = Server(RedisBroker(real), port=port, history=history).start()
+    servers = [server]
+    try:
+        page = pages(server)
+        page.evaluate(HISTORY_SETUP, server.url)
+        for i in range(3):
+            juggler.publish(real, "chat.js", i)
+        page.wait_for_function("events.length === 3")
+        server.shutdown()
+        for i in range(3, 8):  # while the page is away
+            juggler.publish(real, "chat.js", i)
+        servers.append(Server(RedisBroker(real), port=port, history=history).start())
+        page.wait_for_function("reconnects === 1")
+        juggler.publish(real, "chat.js", 8)
+        page.wait_for_function("events.length >= 9")
+        events = page.evaluate("events")
+        assert [e["args"] for e in events] == list(range(9))
+        assert len({e["epoch"] for e in events}) == 1 and all(e["offset"] for e in events)
+        assert page.evaluate("[gaps.length, s.gaps]") == [0, 0]
+
+        # the history lost while away: a gap, told as an event and counted
+        servers[-1].shutdown()
+        juggler.publish(real, "chat.js", 9)
+        real.delete(history_key("chat.js"), epoch_key("chat.js"))
+        servers.append(Server(RedisBroker(real), port=port, history=history).start())
+        page.wait_for_function("reconnects === 2")
+        gaps = page.evaluate("gaps")
+        assert len(gaps) == 1 and gaps[0]["channel"] == "chat.js" and gaps[0]["n"] == 1
+        assert gaps[0]["since"]["offset"] == events[-1]["offset"] and gaps[0]["position"]["epoch"] != events[-1]["epoch"]
+        assert page.evaluate("s.gaps") == 1
+        juggler.publish(real, "chat.js", 10)
+        page.wait_for_function("events.length === 10")
+        assert page.evaluate("events[9].args") == 10
+        page.evaluate("async () => { await c.close(); }")
+    finally:
+        for s in servers:
+            s.shutdown()

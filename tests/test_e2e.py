@@ -323,7 +323,7 @@ def test_exports_match_the_docs():
     documented = {
         "RedisBroker", "Server", "Callee", "Client", "Subscription", "Conn", "process_msg", "Broker",
         "ConnState", "chain", "log_messages", "recover", "RefuseConnection",
-        "MessageType", "Call", "Pub", "Sub", "Unsb", "Ack", "Nack", "Res", "Evnt",
+        "MessageType", "Call", "Pub", "Sub", "Unsb", "Ack", "Nack", "Res", "Evnt", "Position", "HistoryRule", "publish",
         "JugglerError", "ProtocolError", "BrokerError", "CapacityExceeded", "PayloadTooLarge",
         "HandshakeError", "Refusal", "ConfigError",
         "ConnectionClosed", "NackError", "RemoteError", "JugglerTimeout", "CallExpired", "AckTimeout",

@@ -46,6 +46,16 @@ export interface JugglerEventData {
   args: JSONValue;
   /** The uuid of the PUB that published it. */
   for: string;
+  /** On a channel with history: its place in it (a string increasing per channel)... */
+  offset?: string;
+  /** ...in this history (a random string, new when the history was lost). */
+  epoch?: string;
+}
+
+/** Where a subscription is in its channel's history. */
+export interface Position {
+  offset: string;
+  epoch: string;
 }
 
 export interface Subscription {
@@ -56,6 +66,8 @@ export interface Subscription {
   readonly active: boolean;
   /** Why the subscription ended, when it did not end by unsubscribe(). */
   readonly error: Error | null;
+  /** Reconnects after which the events published meanwhile could not be recovered. */
+  readonly gaps: number;
   /** UNSB (unless another subscription of this client shares the channel); resolves on ACK. */
   unsubscribe(): Promise<void>;
 }
@@ -85,6 +97,18 @@ export interface ReconnectEvent extends Event {
   readonly failed: { channel: string; pattern: boolean; error: Error }[];
 }
 
+/** After a reconnect, the server could not recover the events published on a subscribed channel
+ * meanwhile (its history was lost or trimmed past them, or a pattern subscription). */
+export interface GapEvent extends Event {
+  readonly channel: string;
+  readonly pattern: boolean;
+  /** The position the client asked to recover from. */
+  readonly since: Position;
+  /** Where the subscription goes on from (null: the channel keeps no history now). */
+  readonly position: Position | null;
+  readonly subscriptions: Subscription[];
+}
+
 /** Each message sent ("out") or received ("in"), e.g. for a log. */
 export interface MessageEvent extends Event {
   readonly direction: "in" | "out";
@@ -100,6 +124,7 @@ export interface ClientEventMap {
   open: OpenEvent;
   close: CloseEvent;
   reconnect: ReconnectEvent;
+  gap: GapEvent;
   message: MessageEvent;
 }
 

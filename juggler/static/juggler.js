@@ -12,7 +12,10 @@
 // - every pub, sub and unsubscribe settles: ACK, NackError, AckTimeout or ConnectionClosed;
 // - with reconnect: true, a lost connection is reopened with capped exponential backoff and
 //   jitter, every active subscription is subscribed again, then "reconnect" is emitted;
-//   requests pending at the loss reject with ConnectionClosed (nobody knows whether they ran).
+//   requests pending at the loss reject with ConnectionClosed (nobody knows whether they ran);
+// - a subscription of a channel with history (the server's --history) resubscribes from the
+//   last event it got, so the events published meanwhile arrive first, once, in order; when the
+//   server cannot recover them, "gap" is emitted and the subscription's gaps count goes up.
 // Timeouts are in milliseconds.
 
 const SUBPROTOCOL = "juggler.0";
@@ -108,7 +111,7 @@ export class AckTimeout extends JugglerError {
   }
 }
 
-/** The events a client emits: "open", "close", "reconnect" and "message", with their fields. */
+/** The events a client emits: "open", "close", "reconnect", "gap" and "message", with their fields. */
 export class JugglerEvent extends Event {
   constructor(type, fields) {
     super(type);
@@ -152,6 +155,12 @@ function websocketUrl(url) {
   }
   u.hash = "";
   return u;
+}
+
+// The history position (offset, epoch) an EVNT or a SUB's ACK carries, or null.
+function positionOf(payload) {
+  if (typeof payload?.offset !== "string" || payload.offset === "") return null;
+  return { offset: payload.offset, epoch: String(payload.epoch ?? "") };
 }
 
 function milliseconds(name, value) {
@@ -225,6 +234,8 @@ class Subscription {
     this.active = true;
     /** Why the subscription ended, if it did not end by unsubscribe(). */
     this.error = null;
+    /** Reconnects after which the events published meanwhile could not be recovered. */
+    this.gaps = 0;
     this.#unsubscribe = unsubscribe;
   }
 
@@ -427,9 +438,11 @@ class Client extends EventTarget {
     await Promise.all(entries.map(async (entry) => {
       const { channel, pattern } = entry;
       entry.inflight += 1;
+      const since = entry.position;
       try {
-        await this.#request(SUB, { channel, pattern }, `SUB ${channel}`);
+        const ack = await this.#request(SUB, since ? { channel, pattern, since } : { channel, pattern }, `SUB ${channel}`);
         entry.subscribed = true;
+        this.#resumed(entry, since, ack);
       } catch (err) {
         if (err instanceof ConnectionClosed) return;
         failed.push({ channel, pattern, error: err });
@@ -440,6 +453,21 @@ class Client extends EventTarget {
       }
     }));
     return failed;
+  }
+
+  // The SUB sent after a reconnect, with `since` (the entry's last position, or null), was ACKed.
+  #resumed(entry, since, ack) {
+    const position = positionOf(ack);
+    if (!since || ack?.recovered === true) {
+      entry.position ??= position;
+      return;
+    }
+    entry.position = position;
+    for (const s of entry.members) s.gaps += 1;
+    console.warn(`juggler: events on ${entry.channel} published while reconnecting are lost (not recoverable ` +
+                 `from offset ${since.offset} of epoch ${since.epoch})`);
+    this.#emit("gap", { channel: entry.channel, pattern: entry.pattern, since, position,
+                        subscriptions: [...entry.members] });
   }
 
   #allows(name) {
@@ -533,7 +561,7 @@ class Client extends EventTarget {
       if (message !== null) this.#settle(p.for, new RemoteError(message, p.args));
       else this.#settle(p.for, null, p.args === undefined ? null : p.args);
     } else if (entry.type !== CALL) {
-      this.#settle(p.for, null, undefined); // ACK of a PUB, SUB or UNSB
+      this.#settle(p.for, null, p); // ACK of a PUB, SUB or UNSB: its payload
     }
     // The ACK of a CALL: its RES (or its timer) settles it.
   }
@@ -543,6 +571,11 @@ class Client extends EventTarget {
     const entry = this.#subs.get(pattern ? `p:${pattern}` : `c:${p.channel}`);
     if (!entry) return; // unsubscribed: the server may still have sent it
     const event = { channel: p.channel, pattern, args: p.args === undefined ? null : p.args, for: p.for };
+    const position = positionOf(p);
+    if (position) {
+      entry.position = position; // where a resubscription starts from
+      Object.assign(event, position);
+    }
     for (const s of [...entry.members]) {
       try {
         s.callback(event);
@@ -592,12 +625,12 @@ class Client extends EventTarget {
     const key = `${pattern ? "p" : "c"}:${channel}`;
     let entry = this.#subs.get(key);
     if (entry === undefined) {
-      entry = { channel, pattern, members: new Set(), inflight: 0, subscribed: false };
+      entry = { channel, pattern, members: new Set(), inflight: 0, subscribed: false, position: null };
       this.#subs.set(key, entry);
     }
     entry.inflight += 1;
     try {
-      await this.#request(SUB, { channel, pattern }, `SUB ${channel}`);
+      entry.position ??= positionOf(await this.#request(SUB, { channel, pattern }, `SUB ${channel}`));
     } catch (err) {
       entry.inflight -= 1;
       this.#reconcile(entry);
