@@ -433,7 +433,7 @@ def _run_processes(cfg: dict[str, Any], argv: Sequence[str]) -> int:
 
 
 def _websocket_url(url: str) -> str:
-    from .client import check_url
+    from .dial import check_url
 
     try:
         return check_url(url)

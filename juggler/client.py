@@ -26,15 +26,10 @@ connection (1009).
 from __future__ import annotations
 
 import functools
-import heapq
 import itertools
 import logging
-import os
-import random
-import struct
 import threading
 import time
-import urllib.parse
 from collections import Counter, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -54,6 +49,7 @@ from .exceptions import (
 )
 from .message import (
     DEFAULT_CALL_TIMEOUT,
+    SUBPROTOCOL,
     Ack,
     Call,
     Evnt,
@@ -68,13 +64,15 @@ from .message import (
     encode,
     result_error_message,
 )
+from .client_queues import Expiries, Outbox
+from .dial import Redial, backoff_delays, check_url, dial_until, open_websocket
+from .frames import OP_TEXT, CloseCode
 from .resume import Resume
-from .frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, valid_close_code
-from .transport import FrameReader, SocketIO, SocketReader, Stopped
+from .peer import CLOSE, FAIL, OP_PONG, SEND, Peer
+from .transport import SocketIO, SocketReader, Stopped
 
-__all__ = ["Client", "Subscription", "check_url", "open_websocket"]
+__all__ = ["Client", "Subscription"]
 
-SUBPROTOCOL = "juggler.0"
 _END = object()  # writer queue: send the close frame, then stop
 _STOP = object()  # writer queue: stop without sending
 _counter = itertools.count(1)
@@ -91,24 +89,6 @@ def _check_queue(size_name: str, size: int, overflow_name: str, overflow: str) -
         raise ValueError(f"{size_name} must be at least 1, got {size!r}")
     if overflow not in _OVERFLOWS:
         raise ValueError(f"{overflow_name} must be one of {', '.join(_OVERFLOWS)}, got {overflow!r}")
-
-
-def check_url(url: str) -> str:
-    """``url`` when it is a websocket URL (``ws://HOST[:PORT]/PATH`` or ``wss://...``);
-    otherwise :class:`ValueError`, with what is wrong and what the URL probably should be."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not one
-    except ValueError as exc:
-        raise ValueError(f"{url!r} is not a websocket URL: {exc}") from None
-    if parts.scheme in ("http", "https") and parts.hostname:
-        scheme = "wss" if parts.scheme == "https" else "ws"
-        raise ValueError(f"{url!r} is an HTTP URL: a juggler server's websocket URL starts with {scheme}://, "
-                         f"e.g. {scheme}://{parts.netloc}{parts.path or '/ws'}")  # fmt: skip
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        hint = f"ws://{url}/ws" if "//" not in url and ":" in url else "ws://127.0.0.1:9000/ws"
-        raise ValueError(f"{url!r} is not a websocket URL (ws://HOST:PORT/PATH or wss://...), e.g. {hint}")
-    return url
 
 
 class Subscription:
@@ -227,94 +207,6 @@ class Subscription:
                 self._cond.notify_all()
 
 
-class _Outbox:
-    """The writer's queue of at most ``maxsize`` messages; :meth:`put_last` always gets in."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: deque[Any] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def put(self, item: Any, timeout: Optional[float]) -> bool:
-        """Queue ``item``, waiting up to ``timeout`` seconds for room; whether it went in
-        (not once closed)."""
-        with self._cond:
-            if len(self._items) >= self.maxsize and not self._closed:
-                if timeout is not None and timeout <= 0:
-                    return False
-                self._cond.wait_for(lambda: len(self._items) < self.maxsize or self._closed, timeout)
-            if self._closed or len(self._items) >= self.maxsize:
-                return False
-            self._items.append(item)
-            self._cond.notify_all()
-            return True
-
-    def put_last(self, item: Any, close: bool = False) -> None:
-        """Queue ``item`` (an end marker) whatever the bound; with ``close``, nothing more
-        goes in after it."""
-        with self._cond:
-            self._items.append(item)
-            self._closed = self._closed or close
-            self._cond.notify_all()
-
-    def get(self) -> Any:
-        with self._cond:
-            self._cond.wait_for(lambda: self._items)
-            item = self._items.popleft()
-            self._cond.notify_all()
-            return item
-
-    def clear(self) -> None:
-        """Drop what is queued (a lost connection's: what it was for has ended)."""
-        with self._cond:
-            self._items.clear()
-            self._cond.notify_all()
-
-
-class _Expiries:
-    """Deadlines of pending calls, served by the client's timer thread."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, str]] = []
-        self._cond = threading.Condition()
-        self._stopped = False
-
-    def add(self, deadline: float, msg_uuid: str) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (deadline, msg_uuid))
-            if self._heap[0][1] == msg_uuid:
-                self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def compact(self, live: "dict[str, Any]") -> None:
-        """Forget the deadlines of calls that have already ended."""
-        with self._cond:
-            self._heap = [item for item in self._heap if item[1] in live]
-            heapq.heapify(self._heap)
-            self._cond.notify()
-
-    def next_expired(self) -> Optional[list[str]]:
-        """Block until some deadlines pass; their uuids, or ``None`` once stopped."""
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                due = []
-                while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[1])
-                if due:
-                    return due
-                self._cond.wait(self._heap[0][0] - now if self._heap else None)
-            return None
-
-
 class Client:
     """A juggler connection. Use :meth:`connect` to open one.
 
@@ -338,7 +230,7 @@ class Client:
         read_limit: int = READ_LIMIT,
         sub_queue_size: int = SUB_QUEUE_SIZE,
         sub_overflow: str = "drop_oldest",
-        _reconnect: Optional["_Reconnect"] = None,
+        _reconnect: Optional["Redial"] = None,
     ) -> None:
         for name, n in (("outbox_size", outbox_size), ("read_limit", read_limit)):
             if n < 1:
@@ -351,7 +243,9 @@ class Client:
         # a TLS socket apart (websocket-client's recv and send would not).
         self._ws = ws
         self._io = SocketIO(ws.sock)
-        self._frames = FrameReader(SocketReader(self._io), limit=read_limit, masked=False)
+        self._socket_reader = SocketReader(self._io)
+        # the websocket protocol; a result that comes after our close frame is still taken
+        self._peer = Peer(client=True, limit=read_limit, read_after_close=True)
         self._close_sent = False
         self.call_timeout = call_timeout
         self.ack_timeout = ack_timeout
@@ -368,14 +262,14 @@ class Client:
         self._calls: dict[str, Future] = {}
         self._acks: dict[str, Future] = {}
         self._subs: dict[tuple[str, bool], Subscription] = {}
-        self._expiries = _Expiries()
+        self._expiries = Expiries()
         self._closed: Optional[ConnectionClosed] = None
         self._closing = False
         self._close_lock = threading.Lock()
-        self._outbox = _Outbox(outbox_size)
+        self._outbox = Outbox(outbox_size)
         # reconnecting (see _reader_run): how to dial again, None when off
         self._reconnect = _reconnect
-        self._ended = (1006, "connection lost")  # close code and reason of the last connection
+        self._ended = (CloseCode.ABNORMAL_CLOSURE, "connection lost")  # close code and reason of the last connection
         self._down: Optional[ConnectionClosed] = None  # lost, and not reconnected yet
         self._ready = threading.Event()  # connected, every subscription renewed (or closed)
         self._ready.set()
@@ -417,7 +311,7 @@ class Client:
         ``Juggler-Allowed-Messages`` header. Raises :class:`~juggler.exceptions.HandshakeError`
         when the server refuses the handshake, :class:`OSError` when it cannot be reached.
         Extra keyword arguments go to ``websocket.create_connection`` (e.g. ``sslopt``).
-        A ``url`` that is not a websocket URL raises :class:`ValueError` (see :func:`check_url`).
+        A ``url`` that is not a websocket URL raises :class:`ValueError` (see :func:`~juggler.dial.check_url`).
 
         ``reconnect=True``: the first connect is retried too, with the same backoff, until
         ``connect_timeout`` has passed in all (so a service may start before its server); a
@@ -445,11 +339,11 @@ class Client:
             headers["Juggler-Allowed-Messages"] = value
         redial = None
         if reconnect:
-            ws = _dial_until(url, headers, connect_timeout, max_reconnect_delay,
+            ws = dial_until(url, headers, connect_timeout, max_reconnect_delay,
                              logger or logging.getLogger(__name__), ws_options)  # fmt: skip
             # headers is the copy made above: a caller's later change does not reach a redial
             dial = functools.partial(open_websocket, url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
-            redial = _Reconnect(url, dial, max_reconnect_delay, on_reconnect)
+            redial = Redial(url, dial, max_reconnect_delay, on_reconnect)
         else:
             ws = open_websocket(url, [SUBPROTOCOL], headers, connect_timeout, **ws_options)
         return cls(ws, call_timeout=call_timeout, ack_timeout=ack_timeout, logger=logger, outbox_size=outbox_size,
@@ -595,7 +489,7 @@ class Client:
                 return
             try:
                 if item is _END:
-                    self._send_close(1000)
+                    self._send_close(CloseCode.NORMAL_CLOSURE)
                     return
                 if self._close_sent:
                     return  # nothing may follow a close frame (the reader answered the server's)
@@ -604,7 +498,7 @@ class Client:
                     continue
                 if not self._pending(item[0]):
                     continue  # it ended before it could be sent: expired, or lost with a connection
-                self._io.sendall(encode_frame(OP_TEXT, item[1].encode("utf-8"), os.urandom(4)))
+                self._io.sendall(self._peer.frame(OP_TEXT, item[1].encode("utf-8")))
             except OSError as exc:
                 if not self._closing:
                     self.logger.debug("client %d: send failed: %s", self.id, exc)
@@ -672,48 +566,46 @@ class Client:
             if self._close_sent:
                 return
             self._close_sent = True
-        self._io.sendall(encode_close(code, "", os.urandom(4)))
+        self._io.sendall(self._peer.close_frame(code))
 
     def _read_loop(self) -> None:
-        code, reason = 1006, "connection lost"
+        code, reason = CloseCode.ABNORMAL_CLOSURE, "connection lost"
+        reader, peer = self._socket_reader, self._peer
         try:
             while True:
                 try:
-                    opcode, data = self._frames.read()
+                    data = reader.read_some()
                 except Stopped as exc:
                     if self._closing:
-                        code, reason = 1000, "client closed"
+                        code, reason = CloseCode.NORMAL_CLOSURE, "client closed"
                     else:
                         reason = f"connection lost: {exc}"
                     return
-                except ProtocolError as exc:
-                    if self._closing:
-                        code, reason = 1000, "client closed"
+                for kind, value in peer.receive_data(data):
+                    if kind == OP_TEXT:
+                        try:
+                            msg = decode(value)
+                        except ProtocolError as exc:
+                            self.logger.warning("client %d: ignoring invalid message from server: %s", self.id, exc)
+                            continue
+                        self.received[msg.type.name] += 1
+                        self._dispatch(msg)
+                    elif kind == SEND:  # a pong; never waits: with the outbox full, the server will ping again
+                        self._outbox.put(value, 0)
+                    elif kind == CLOSE:
+                        code, reason = value
+                        self._reply_close(value.answer)  # echo it, as RFC 6455 suggests
                         return
-                    self.logger.warning("client %d: server broke the websocket protocol: %s", self.id, exc.reason)
-                    code, reason = exc.close_code, f"protocol error: {exc.reason}"
-                    self._reply_close(exc.close_code)
-                    return
-                if opcode == OP_CLOSE:
-                    code, reason = _parse_close(data)
-                    self._reply_close(code if valid_close_code(code) else 1000)  # echo it, as RFC 6455 suggests
-                    return
-                if opcode == OP_PING:
-                    # never waits: with the outbox full, the server will ping again
-                    self._outbox.put(encode_frame(OP_PONG, data, os.urandom(4)), 0)
-                    continue
-                if opcode == OP_PONG:
-                    continue
-                if opcode != OP_TEXT:
-                    self.logger.warning("client %d: ignoring non-text frame (opcode %d)", self.id, opcode)
-                    continue
-                try:
-                    msg = decode(data)
-                except ProtocolError as exc:
-                    self.logger.warning("client %d: ignoring invalid message from server: %s", self.id, exc)
-                    continue
-                self.received[msg.type.name] += 1
-                self._dispatch(msg)
+                    elif kind == FAIL:
+                        if self._closing:
+                            code, reason = CloseCode.NORMAL_CLOSURE, "client closed"
+                            return
+                        self.logger.warning("client %d: server broke the websocket protocol: %s", self.id, value.reason)
+                        code, reason = value.close_code, f"protocol error: {value.reason}"
+                        self._reply_close(value.close_code)
+                        return
+                    elif kind != OP_PONG:
+                        self.logger.warning("client %d: ignoring non-text frame (opcode %d)", self.id, kind)
         finally:
             self._ended = (code, reason)
 
@@ -791,7 +683,8 @@ class Client:
     def _attach(self, ws: websocket.WebSocket) -> None:
         """Read and write ``ws`` from now on: a new writer thread for it."""
         io = SocketIO(ws.sock)
-        self._frames = FrameReader(SocketReader(io), limit=self._frames.limit, masked=False)
+        self._socket_reader = SocketReader(io)
+        self._peer = Peer(client=True, limit=self._peer.limit, read_after_close=True)
         self._ws, self._io = ws, io
         with self._close_lock:
             self._close_sent = False
@@ -855,7 +748,7 @@ class Client:
         for fut in acks:
             if not fut.done():
                 fut.set_exception(closed)
-        normal = self._closing or code in (1000, 1001)
+        normal = self._closing or code in (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY)
         for sub in subs:
             sub._finish(None if normal else closed)
         self._kill_socket()
@@ -902,105 +795,3 @@ class Client:
         """Block until the server closes the connection; whether it did within ``timeout``."""
         self._reader.join(timeout)
         return not self._reader.is_alive()
-
-
-def open_websocket(
-    url: str,
-    subprotocols: Optional[list[str]] = None,
-    headers: Optional[dict[str, str]] = None,
-    connect_timeout: float = 10.0,
-    **ws_options: Any,
-) -> websocket.WebSocket:
-    """Connect to ``url`` and make the handshake with ``websocket-client``; the socket is left
-    blocking with no timeout, for :class:`~juggler.transport.SocketIO` to read and write.
-
-    Raises :class:`~juggler.exceptions.HandshakeError` when the server refuses the handshake,
-    :class:`OSError` when it cannot be reached. ``ws_options`` go to
-    ``websocket.create_connection`` (e.g. ``sslopt``).
-    """
-    # websocket-client invents an Origin header unless told not to: a script is no
-    # browser, so send one only when the caller gives it.
-    origin = None
-    header = []
-    for k, v in (headers or {}).items():
-        if k.lower() == "origin":
-            origin = v
-        else:
-            header.append(f"{k}: {v}")
-    if origin is not None:
-        ws_options.setdefault("origin", origin)
-    else:
-        ws_options.setdefault("suppress_origin", True)
-    if subprotocols:
-        ws_options["subprotocols"] = subprotocols
-    try:
-        ws = websocket.create_connection(url, timeout=connect_timeout, header=header, enable_multithread=True, **ws_options)
-    except websocket.WebSocketBadStatusException as exc:
-        body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
-        raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
-    except websocket.WebSocketException as exc:
-        raise HandshakeError(f"websocket handshake failed: {exc}") from None
-    ws.settimeout(None)  # the reader blocks; closing shuts the socket down
-    return ws
-
-
-#: Handshake refusals that another try will not change (as juggler.js has them): the first
-#: connect of a reconnecting client does not retry them.
-FINAL_REFUSALS = frozenset({400, 401, 403, 404, 405, 426})
-
-
-def _dial_until(url: str, headers: dict[str, str], timeout: float, max_delay: float, logger: logging.Logger,
-                ws_options: dict[str, Any]) -> websocket.WebSocket:  # fmt: skip
-    """The first connect of ``Client.connect(reconnect=True)``: dial, backing off as a
-    reconnect does, until ``timeout`` seconds have passed; then the last error is raised."""
-    deadline = Deadline.after(timeout)
-    for attempt, delay in enumerate(backoff_delays(0.1, max_delay), 1):
-        try:
-            return open_websocket(url, [SUBPROTOCOL], headers, max(0.001, deadline.remaining()), **ws_options)
-        except (HandshakeError, OSError) as exc:
-            left = deadline.remaining()
-            if isinstance(exc, HandshakeError) and exc.status in FINAL_REFUSALS or left <= 0:
-                raise
-            logger.info("client: connecting to %s failed (attempt %d): %s; trying again for %.1f s",
-                        url, attempt, exc, left)  # fmt: skip
-        time.sleep(min(delay, left))  # nothing to wake it: no client exists yet to close
-    raise AssertionError("unreachable")  # pragma: no cover - backoff_delays never ends
-
-
-class _Reconnect:
-    """What a reconnecting client needs: where and how to dial again, and whom to tell."""
-
-    def __init__(
-        self,
-        url: str,
-        dial: Callable[[], websocket.WebSocket],
-        max_delay: float,
-        hook: Optional[Callable[[Client, Optional[ConnectionClosed]], None]],
-    ) -> None:
-        self.url = url
-        self.dial = dial
-        self.max_delay = max_delay
-        self.hook = hook
-
-    def notify(self, client: Client, lost: Optional[ConnectionClosed]) -> None:
-        if self.hook is not None:
-            try:
-                self.hook(client, lost)
-            except Exception:  # the hook's bug must not stop the reconnecting
-                client.logger.exception("client %d: on_reconnect hook failed", client.id)
-
-
-def backoff_delays(first: float, cap: float, rng: Callable[[], float] = random.random) -> Iterator[float]:
-    """Capped exponential backoff with jitter: ``first``, doubling up to ``cap``, each delay
-    drawn between half and all of it (``rng()`` in [0, 1))."""
-    delay = min(first, cap)
-    while True:
-        yield delay * (0.5 + rng() / 2)
-        delay = min(cap, delay * 2)
-
-
-def _parse_close(data: bytes) -> tuple[int, str]:
-    if len(data) >= 2:
-        (code,) = struct.unpack(">H", data[:2])
-        return code, data[2:].decode("utf-8", "replace")
-    return 1005, ""

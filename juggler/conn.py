@@ -2,8 +2,9 @@
 
 A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<role>``:
 
-- the reader (the server's thread for the TCP connection): reads frames, decodes requests and
-  runs them through the server's handler; it owns the connection and, when it ends, stops and
+- the reader (the server's thread for the TCP connection): hands the bytes it reads to the
+  connection's :class:`~juggler.peer.Peer` (frames, pings, the close handshake), decodes the
+  requests and runs them through the server's handler; it owns the connection and, when it ends, stops and
   joins the others and gives back the redis resources;
 - the writer: drains a bounded queue of outgoing messages onto the socket, as many as are
   waiting in one write. A message sent while nothing waits and nobody writes is written by the
@@ -16,6 +17,7 @@ A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<ro
   websocket stays open (its calls stored and unanswered get their NACK). On a Redis Cluster it
   first finds its key's node again (a failover, a ``MOVED`` reply: see
   :meth:`~juggler.broker.RedisBroker.follow_slot`), and takes turns in that node's backoff.
+  Its code, and the count of the connection's calls in flight, are :mod:`juggler.conn_calls`.
 
 Pub-sub has no thread per connection: the server's :class:`~juggler.pubsub.PubSubHub` reads
 redis once and hands each event to the subscribed connections (:meth:`Conn.deliver`), which
@@ -34,44 +36,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .broker import SLOT_REFRESH_INTERVAL, Broker, PubSubEvent, RedisBroker, results_key
+from .broker import Broker, PubSubEvent
+from .conn_calls import CONN_THREAD_DAEMON, ConnCalls
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
 from .history import Held, History
-from .redisconn import timed_out, unavailable
-from .message import CLIENT_TYPES, CallPayload, EventPayload, Message, MessageType, Res, decode, new_uuid
+from .message import CLIENT_TYPES, EventPayload, Message, MessageType, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
-from .frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from .frames import OP_PING, OP_TEXT, CloseCode, encode_frame
 from .handshake import HandshakeRequest
 from .settings import ConnSettings
-from .transport import FrameLoop, FrameReader, SocketIO, SocketReader
+from .peer import CLOSE, FAIL, OP_BINARY, SEND, Peer
+from .transport import SocketIO, SocketReader, WriteQueue, peer_events
 
-__all__ = ["Conn", "ConnSettings", "ConnServices", "WriteQueue"]
-
-# Close codes (RFC 6455 section 7.4.1).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_ABNORMAL = 1006
-CLOSE_INVALID_DATA = 1007
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
-
-#: Connection threads are daemon threads, and their owner joins them all the same (the reader
-#: joins the writer and results threads; Server.shutdown() joins the readers). Python keeps a
-#: lock per non-daemon thread in a list it scans whenever one of them ends: with 10,000
-#: connections closing, that scan made teardown quadratic (minutes instead of seconds).
-CONN_THREAD_DAEMON = True
+__all__ = ["Conn", "ConnSettings", "ConnServices"]
 
 _CLOSE = object()  # writer queue marker: send the close frame and stop
 # the server's counter of each message type read and written (Enum.name is slow on a hot path)
@@ -79,9 +63,6 @@ _READ_KEY = {t: f"read_{t.name}" for t in MessageType}
 _WRITE_KEY = {t: f"write_{t.name}" for t in MessageType}
 _local = threading.local()  # .nonblocking: this thread's writes must not wait (the hub's)
 _WRITE_BATCH = 64  # messages the writer takes off its queue for one socket write, at most
-# with no max_calls_in_flight, a connection's count of its calls in flight drops those whose
-# deadline passed when it reaches this size (then twice the size left): its bound
-_CALLS_COUNT_AT = 1024
 
 
 @dataclass(frozen=True)
@@ -117,118 +98,6 @@ class ConnServices:
     logger: logging.Logger
 
 
-class _UntilMoved:
-    """What a results listener on a Redis Cluster waits for its turn with (the ``stop`` of
-    :meth:`RedisHealth.wait_turn`): its own end, or its key's node moved in the slot map (a
-    failover found by another listener), after which it looks again."""
-
-    __slots__ = ("stopping", "broker")
-
-    def __init__(self, stopping: threading.Event, broker: RedisBroker) -> None:
-        self.stopping = stopping
-        self.broker = broker
-
-    def is_set(self) -> bool:
-        return self.stopping.is_set() or self.broker.slot_moved()
-
-
-class WriteQueue:
-    """A bounded FIFO from any thread to one writer thread, and who may write to the socket.
-
-    :meth:`put` waits up to a timeout for room; :meth:`close` always gets its marker in (making
-    room if it must), and nothing is queued after it. :meth:`get_batch` blocks, with no timeout,
-    until something is queued and nobody else is writing; the writer then holds the socket until
-    :meth:`release`. A sender may instead :meth:`claim` the socket to write a message itself,
-    which it gets only when nothing is queued and nobody writes: so messages go out in the
-    order they were sent, whichever thread writes them.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._items: deque[Any] = deque()
-        self._lock = lock = threading.Lock()  # (taken bare where no wait or notify follows)
-        self._not_empty = threading.Condition(lock)
-        self._not_full = threading.Condition(lock)
-        self._closed = False
-        self._busy = False  # a thread is writing to the socket
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, item: Any, timeout: float = 0.0) -> bool:
-        """Queue ``item``; ``False`` if the queue stayed full for ``timeout`` seconds, or is
-        closed."""
-        with self._not_full:
-            if len(self._items) >= self.maxsize:
-                if timeout <= 0 or not self._not_full.wait_for(
-                    lambda: len(self._items) < self.maxsize or self._closed, timeout
-                ):
-                    return False
-            if self._closed:
-                return False
-            self._items.append(item)
-            self._not_empty.notify()
-            return True
-
-    def close(self, marker: Any, discard: bool = False) -> None:
-        """Queue ``marker`` last, whatever the bound, after what is queued (the writer drains
-        it first); with ``discard``, drop what is queued, but for bytes at its head: the rest
-        of a frame already begun on the socket (see :meth:`put_first`), which must be
-        finished or what follows would land inside it."""
-        with self._not_full:
-            if discard:
-                items = self._items
-                head = items[0] if items and isinstance(items[0], (bytes, bytearray, memoryview)) else None
-                items.clear()
-                if head is not None:
-                    items.append(head)
-            self._closed = True
-            self._items.append(marker)
-            self._not_empty.notify()
-            self._not_full.notify_all()
-
-    def get_batch(self, most: int) -> list[Any]:
-        """Up to ``most`` items, in order, and the socket (:meth:`release` it); blocks until
-        there is at least one and nobody else writes."""
-        with self._not_empty:
-            while not self._items or self._busy:
-                self._not_empty.wait()
-            items = self._items
-            batch = [items.popleft() for _ in range(min(most, len(items)))]
-            self._busy = True
-            self._not_full.notify_all()
-            return batch
-
-    def claim(self) -> bool:
-        """Take the socket to write one message now: only if nothing is queued, nobody
-        writes and the queue is open. :meth:`release` it after."""
-        with self._lock:
-            if self._items or self._busy or self._closed:
-                return False
-            self._busy = True
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._busy = False
-            if self._items:
-                self._not_empty.notify()
-
-    def put_first(self, item: Any, last: bool = False) -> bool:
-        """Queue ``item`` whatever the bound: first in line (the unwritten rest of a frame,
-        by the thread that claimed the socket), or with ``last`` at the end (a
-        :class:`_Slot`). ``False`` if the queue is closed."""
-        with self._not_empty:
-            if self._closed:
-                return False
-            if last:
-                self._items.append(item)
-            else:
-                self._items.appendleft(item)
-            self._not_empty.notify()
-            return True
-
-
 class _Slot:
     """A place in the write queue kept by a thread inside :meth:`Conn.ordered`: the writer
     waits there until the thread is done, then writes what it wrote meanwhile."""
@@ -241,7 +110,7 @@ class _Slot:
         self.done = threading.Event()
 
 
-class Conn(FrameLoop):
+class Conn(ConnCalls):
     """A juggler connection on a :class:`~juggler.server.Server`.
 
     Attributes a handler may read: ``uuid`` (also the key of its results list),
@@ -282,7 +151,7 @@ class Conn(FrameLoop):
         self._svc = services
         self._io = io
         self._socket_reader = reader
-        self._frames = FrameReader(reader, self.settings.read_limit)
+        self._peer = Peer(limit=self.settings.read_limit)  # the websocket protocol, fed by the reader
         self._queue = WriteQueue(self.settings.write_queue_size)
         self._close_lock = threading.Lock()
         # Held from storing a CALL until its ACK is queued, and while queueing a RES: so a
@@ -296,31 +165,9 @@ class Conn(FrameLoop):
         self._slot: Optional[_Slot] = None  # or keeping a place in the queue
         self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
         self._out_msgs: list[Message] = []  # the messages among them, counted once written
-        # Calls in flight: msg uuid -> deadline (monotonic, this connection's own count); a
-        # call leaves when its result is taken off redis, its store is NACKed, or (found at
-        # the next count) its deadline passes. Only a call still here, before its deadline,
-        # gets a RES (_results_loop): a store or result that a stalled redis ran late must
-        # not bring one after the call expired or was NACKed.
-        self._calls: dict[str, float] = {}
-        self._calls_next_deadline = math.inf  # none of _calls ends before this
-        self._calls_count_at = _CALLS_COUNT_AT  # (no max_calls_in_flight) drop ended calls at this size
         self._keepalive: Optional[Keepalive] = None
         self._close_deadline: Optional[TimerHandle] = None
-        # The results listener, started by the first CALL (listen_for_results).
-        self._results: Optional[Broker] = None
-        self._results_thread: Optional[threading.Thread] = None
-        self._results_stop = False
-        self._results_stopping = threading.Event()  # (the same, for RedisHealth.wait_turn)
-        self._health = services.health
-        self._listener_health = services.health  # (its node's, on a cluster: listen_for_results)
-        # a CALL fails fast while the health says redis is down; not on a Redis Cluster, where
-        # one node down leaves the others' URIs working
-        self._fail_fast = not getattr(services.broker, "cluster", False)
-        self._ahead = False  # calls stored through the results listener (store_call_ahead)
-        self._store_watch: Optional[TimerHandle] = None  # (_watch_stores)
-        self._watch_lock = threading.Lock()
-        self._read_at = 0.0  # when the message being handled was read (reader thread)
-        self._ack_deferred = False  # and its ACK will come from the results thread
+        self._init_calls(services)
         self._held: Optional[dict[SubKey, Held]] = None  # subscriptions recovering history
         self._held_lock = threading.Lock()
 
@@ -348,11 +195,11 @@ class Conn(FrameLoop):
             if isinstance(exc, RecursionError) and msg.type in CLIENT_TYPES:
                 # JSON that decodes just under the recursion limit cannot be encoded again to
                 # store or publish it: the peer's message, refused as decode refuses deeper ones.
-                self._fail(CLOSE_INVALID_DATA, "message nested too deeply")
+                self._fail(CloseCode.INVALID_DATA, "message nested too deeply")
                 return
             if not self.closed:
                 self.logger.exception("connection %s: error handling %s %s", self.uuid, msg.type.name, msg.uuid)
-            self.close(CLOSE_INTERNAL_ERROR, "internal server error")
+            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
     def write(self, msg: Message) -> bool:
         """Write ``msg`` to the client, bypassing the handler; ``False`` if the connection is
@@ -387,7 +234,7 @@ class Conn(FrameLoop):
         if self._queue.put(msg, 0 if nonblocking else self.settings.write_timeout):
             return True
         # a client that does not read has lost what is queued: the close frame goes first
-        self._fail(CLOSE_POLICY, "client too slow: write queue full", discard=True)
+        self._fail(CloseCode.POLICY_VIOLATION, "client too slow: write queue full", discard=True)
         return False
 
     @contextlib.contextmanager
@@ -489,171 +336,9 @@ class Conn(FrameLoop):
         finally:
             _local.nonblocking = False
 
-    # -- calls --
-
-    def redis_up(self) -> bool:
-        """Whether the server sees its redis up (see :meth:`check_redis`)."""
-        return self._health.up
-
-    def redis_epoch(self) -> int:
-        """The server's view of redis' :attr:`~juggler.health.RedisHealth.epoch`, taken by a
-        request before it tries redis, for :meth:`redis_answered` and :meth:`redis_failed`."""
-        return self._health.epoch
-
-    def check_redis(self) -> bool:
-        """:class:`BrokerError` (``redis unavailable``) at once, without trying redis, while
-        the server knows its redis is down (its :class:`~juggler.health.RedisHealth`), but for
-        one request per turn of the backoff (:meth:`~juggler.health.RedisHealth.try_turn`),
-        which tries: a request need not wait for a connect to fail, and a redis that is down
-        sees no connect per request. Whether this request tries while redis is down (then
-        :meth:`redis_answered` or :meth:`redis_failed` must follow). Not on a Redis Cluster,
-        where one node down leaves the others' URIs working."""
-        health = self._health
-        if health.up or not self._fail_fast:
-            return False
-        if not health.try_turn():
-            raise BrokerError("redis unavailable: the server is reconnecting")
-        return True
-
-    def redis_answered(self, since: Optional[int] = None) -> None:
-        """A request went through redis: if the server saw it down, it is back (``since``: the
-        :meth:`redis_epoch` when the request began; see :meth:`~juggler.health.RedisHealth.succeeded`)."""
-        self._health.succeeded(since)
-
-    def redis_failed(self, exc: BrokerError, since: Optional[int] = None) -> None:
-        """A request failed: if redis did not answer in time, the server's view of redis says
-        it is down (logged once per outage), and its next requests fail fast rather than each
-        wait as long. (A refused or closed connection fails fast anyway, and the results
-        listeners find out whether redis is down.) ``since``: as for :meth:`redis_answered`."""
-        if self._fail_fast and timed_out(exc):
-            self._health.failed(exc, since)
-
-    def listen_for_results(self) -> bool:
-        """Start the results listener, if it does not run yet (before the first CALL is
-        stored); whether it runs. ``False`` when the connection is closing, or when no thread
-        could be started for it (the process is out of threads: logged, and its redis
-        connection given back); the CALL then gets its NACK, and the connection is closed."""
-        if self._results_thread is not None:
-            return True
-        with self._close_lock:
-            if self._results_thread is not None:
-                return True
-            if self.closed:
-                return False
-            self._results = results = self.broker.dedicated(results_key(self.uuid))
-            self._listener_health = self._svc.listener_health(results)
-            if isinstance(results, RedisBroker):  # it may hand a result over sooner
-                results.health = self._listener_health
-                results.call_deadlines = self._calls
-                # and, knowing which calls are in flight, store them (store_call_ahead)
-                self._ahead = bool(self.settings.max_calls_in_flight) and results.follow_calls(self._calls)
-            t = threading.Thread(
-                target=self._results_loop, name=f"juggler-conn-{self.id}-results", daemon=CONN_THREAD_DAEMON
-            )
-            try:
-                t.start()
-            except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
-                self._results, self._ahead, self._listener_health = None, False, self._svc.health
-                error = exc
-            else:
-                self._results_thread = t
-                return True
-        self.logger.error("connection %s: cannot start its results listener: %s", self.uuid, error)
-        try:
-            results.close()
-        except Exception:
-            self.logger.exception("connection %s: could not close its results redis connection", self.uuid)
-        return False
-
-    def store_call_ahead(self, payload: CallPayload, timeout: float, done: Callable[[Optional[BrokerError]], None]) -> bool:
-        """Store a call through the results listener's own redis connection, where it can:
-        the reader does not wait for redis, and the listener calls ``done(None)`` (the call is
-        stored: ACK it) or ``done(error)`` on its thread, before the call's result can come.
-        ``False`` when it cannot (:meth:`RedisBroker.store_call_ahead`): store it with the
-        broker and ACK it the usual way. On the reader thread, after
-        :meth:`listen_for_results`."""
-        results = self._results
-        if not self._ahead or results is None or self._results_stop:
-            return False
-        read_at, observe = self._read_at, self._svc.observe_call_ack
-
-        def stored(error: Optional[BrokerError]) -> None:  # (on the results thread)
-            observe(time.monotonic() - read_at)  # CALL read to ACK or NACK, as for the others
-            done(error)
-
-        if not results.store_call_ahead(payload, timeout, stored):  # type: ignore[attr-defined]
-            return False
-        self._ack_deferred = True
-        if self._store_watch is None:
-            with self._watch_lock:
-                if self._store_watch is None:
-                    self._watch_stores_locked()
-        return True
-
-    def _watch_stores(self) -> None:
-        """Check, on the server's timer, that redis answers the calls stored ahead within the
-        broker's ``reply_timeout``: the listener waits for that answer with no timeout of its
-        own. Past it, redis counts as failed: the listener's connection is given up
-        (:meth:`RedisBroker.abandon`, which never waits), those calls get their NACK and the
-        listener connects again. One chain of checks at a time, while stores are
-        unanswered."""
-        with self._watch_lock:
-            self._watch_stores_locked()
-
-    def _watch_stores_locked(self) -> None:
-        self._store_watch = None
-        results = self._results
-        limit = getattr(results, "reply_timeout", None)
-        if results is None or limit is None or self._results_stop:
-            return
-        since = results.unanswered_since()  # type: ignore[attr-defined]
-        if since is None:
-            return  # the next store ahead starts a new watch
-        late = time.monotonic() - since - limit
-        if late >= 0:
-            self.logger.debug("connection %s: redis has not answered a CALL's store in %g s", self.uuid, limit)
-            results.abandon(f"no answer in {limit:g} s")  # type: ignore[attr-defined]
-            return
-        self._store_watch = self._svc.timer.call_later(-late, self._watch_stores)
-
-    def call_started(self, msg_uuid: str, timeout: float) -> bool:
-        """Count a call in flight until its result comes or ``timeout`` seconds pass; ``False``
-        (not counted) when ``max_calls_in_flight`` are already. On the reader thread."""
-        most = self.settings.max_calls_in_flight
-        calls = self._calls
-        now = time.monotonic()
-        if not most:  # no limit: the count only says which calls may still get a RES
-            if len(calls) >= self._calls_count_at:
-                self._drop_ended_calls(now)
-                self._calls_count_at = max(_CALLS_COUNT_AT, 2 * len(calls))  # (amortized)
-        elif len(calls) >= most and (now < self._calls_next_deadline or not self._drop_ended_calls(now)):
-            return False
-        deadline = now + timeout
-        calls[msg_uuid] = deadline
-        if deadline < self._calls_next_deadline:
-            self._calls_next_deadline = deadline
-        return True
-
-    def call_ended(self, msg_uuid: str) -> None:
-        """A call counted by :meth:`call_started` is over (it was not stored: NACKed): no RES
-        may follow, even if a redis that stalled stores it after all."""
-        self._calls.pop(msg_uuid, None)
-
-    def _drop_ended_calls(self, now: float) -> bool:
-        """Forget the calls whose deadline passed; whether there is room for one more."""
-        calls = self._calls
-        left = []
-        for msg_uuid, deadline in list(calls.items()):  # (the results thread pops meanwhile)
-            if deadline <= now:
-                calls.pop(msg_uuid, None)
-            else:
-                left.append(deadline)
-        self._calls_next_deadline = min(left, default=math.inf)
-        return len(calls) < self.settings.max_calls_in_flight
-
     # -- closing --
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> bool:
         """Start closing: the close frame goes out after what is queued (the writer drains it,
         however full the queue), and the connection ends when the peer answers or
         ``close_timeout`` passes. Idempotent: only the first call counts, and returns
@@ -667,6 +352,7 @@ class Conn(FrameLoop):
             self._closing_since = time.monotonic()
             self.close_code = code
             self.close_reason = reason
+            self._peer.closing = True  # from now on, what the peer sends is dropped
         self._queue.close(_CLOSE, discard)
         # Past the deadline, shut the socket down: it wakes a reader still waiting for the
         # peer's close frame and a writer stuck on a peer that does not read.
@@ -707,8 +393,8 @@ class Conn(FrameLoop):
             s = self.settings
             self._keepalive = Keepalive(
                 self._svc.timer, self._socket_reader, s.ping_interval, s.idle_timeout,
-                ping=lambda: self._queue_frame(encode_frame(OP_PING, b"juggler")),
-                idle=lambda reason: self._fail(CLOSE_GOING_AWAY, reason),
+                ping=lambda: self._queue_frame(self._peer.frame(OP_PING, b"juggler")),
+                idle=lambda reason: self._fail(CloseCode.GOING_AWAY, reason),
                 closed=lambda: self.closed,
             ).start()  # fmt: skip
 
@@ -723,7 +409,7 @@ class Conn(FrameLoop):
     def _teardown(self) -> None:
         if not self.closed:
             self._peer_gone = True
-            self.close(CLOSE_ABNORMAL, "connection lost")
+            self.close(CloseCode.ABNORMAL_CLOSURE, "connection lost")
         try:
             if self._keepalive is not None:
                 self._keepalive.cancel()
@@ -749,45 +435,32 @@ class Conn(FrameLoop):
                         self._store_watch.cancel()
                 self._svc.on_closed(self)
 
-    def _stop_results(self) -> None:
-        thread, results = self._results_thread, self._results
-        if thread is None or results is None:
-            return
-        self._results_stop = True
-        self._results_stopping.set()
-        health = self._listener_health
-        if not health.up:  # it may be waiting for its turn to reconnect
-            health.wake()
-        if self._ahead or not health.up:  # it may wait with no BRPOP, for what the reader sends: a marker cannot wake it
-            results.interrupt()
-        else:
-            try:
-                self.broker.wake_results(self.uuid)
-            except BrokerError:
-                results.interrupt()
-        thread.join(self.settings.close_timeout)
-        if thread.is_alive():
-            results.interrupt()
-            thread.join()
-
     def _read_loop(self) -> None:
         svc = self._svc
         slow = self.settings.slow_threshold
-        for opcode, data in self._data_frames():
-            if opcode == OP_BINARY:
-                self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
-                continue
-            assert opcode == OP_TEXT
+        peer = self._peer
+        for kind, value in peer_events(self._socket_reader, peer):
+            if kind != OP_TEXT or peer.closing:  # (closing: since a message read with this one)
+                if kind == SEND:  # a pong
+                    self._queue_frame(value)
+                elif kind == CLOSE:
+                    self.close(value.answer, value.reason)
+                    return
+                elif kind == FAIL:
+                    self._fail(value.close_code, value.reason)
+                elif kind == OP_BINARY:
+                    self._fail(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
+                continue  # (OP_PONG: nothing to do; and _fail, close are no-ops once closing)
             try:
-                msg = decode(data, CLIENT_TYPES)
+                msg = decode(value, CLIENT_TYPES)
                 if msg.type not in self.allowed:
-                    raise ProtocolError(f"{msg.type.name} is not allowed on this connection", CLOSE_POLICY)
+                    raise ProtocolError(f"{msg.type.name} is not allowed on this connection", CloseCode.POLICY_VIOLATION)
             except ProtocolError as exc:
                 self._fail(exc.close_code, exc.reason)
                 continue
             except Exception:  # a decoder bug must not kill the reader
                 self.logger.exception("connection %s: could not decode a message", self.uuid)
-                self._fail(CLOSE_INVALID_DATA, "invalid message")
+                self._fail(CloseCode.INVALID_DATA, "invalid message")
                 continue
             svc.incr(_READ_KEY[msg.type])
             self._read_at = started = time.monotonic()
@@ -801,12 +474,8 @@ class Conn(FrameLoop):
             if took > slow:
                 svc.incr("slow_messages")
                 self.logger.debug("connection %s: %s %s took %.3f s", self.uuid, msg.type.name, msg.uuid, took)
-
-    def _answer_close(self, code: int, reason: str) -> bool:
-        return self.close(code, reason)
-
-    def _send_pong(self, data: bytes) -> None:
-        self._queue_frame(encode_frame(OP_PONG, data))
+        # the stream ended: without our close frame first, the peer went away
+        self._peer_gone = self._peer_gone or not self.closed
 
     def _queue_frame(self, frame: bytes) -> None:
         """A ping or a pong: written at once if the socket is free and takes it, else queued
@@ -879,7 +548,7 @@ class Conn(FrameLoop):
         if not self.closed:
             self.logger.info("connection %s: write failed: %s", self.uuid, exc)
             self._peer_gone = True
-            self.close(CLOSE_ABNORMAL, "write failed")
+            self.close(CloseCode.ABNORMAL_CLOSURE, "write failed")
         self._io.shutdown()
 
     def _write_loop(self) -> None:
@@ -899,7 +568,7 @@ class Conn(FrameLoop):
                 else:
                     self._encode_into_batch(item)
             if closing and not self._peer_gone:
-                out.append(encode_close(self.close_code or CLOSE_NORMAL, self.close_reason))
+                out.append(self._peer.close_frame(self.close_code or CloseCode.NORMAL_CLOSURE, self.close_reason))
             if out:
                 sent = self._send(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
@@ -919,110 +588,3 @@ class Conn(FrameLoop):
                 if popped is not None:
                     svc.observe_result_delivery(time.monotonic() - popped)
         msgs.clear()
-
-    # -- the results listener --
-
-    def _results_loop(self) -> None:
-        broker = self._results
-        assert broker is not None
-        # started while redis is down (the CALL that started it gets its NACK): its first
-        # connect takes a turn like a reconnect. (So the server finds redis back even when the
-        # listeners that saw it go are gone with their connections.)
-        if not self._results_turn(broker, None):
-            return
-        while True:
-            # (a failure of a read that began before redis was seen back is old news)
-            since = self._listener_health.epoch
-            try:
-                popped = broker.pop_result(self.uuid, None)
-            except Exception as exc:
-                if self._results_stop:
-                    return
-                if not (isinstance(exc, BrokerError) and unavailable(exc)):
-                    self._listener_failed("results", exc)  # (redis' refusal, or a bug)
-                    return
-                # redis went away (its calls stored and unanswered got their NACK): say so
-                # once per server, and connect again in turn; results stored meanwhile wait in
-                # their list for the next BRPOP
-                self.logger.debug("connection %s: results listener lost redis: %s", self.uuid, exc)
-                if not self._results_turn(broker, exc, since):
-                    return
-                continue
-            if self._results_stop:
-                return
-            if popped is None:
-                continue
-            p = popped.payload
-            # by this connection's own count: a call NACKed, or past its deadline, ended
-            # already (its client's timer ran out): no RES, whatever redis' TTL says (a
-            # redis that stalled runs a store late, and counts its TTL from then)
-            deadline = self._calls.pop(p.msg_uuid, None)
-            if popped.expired or deadline is None or deadline <= time.monotonic():
-                why = "expired" if popped.expired or deadline is not None else "not in flight (NACKed, or expired)"
-                self.logger.debug("connection %s: dropping the result for %s: %s", self.uuid, p.msg_uuid, why)
-                self._svc.incr("expired_results")
-                continue
-            res = Res(for_uuid=p.msg_uuid, uri=p.uri, args=p.args)
-            # when its result left redis, for the delivery metric: on the message itself, so
-            # that a RES never written (a handler drops it) leaves nothing behind
-            object.__setattr__(res, "_popped", time.monotonic())
-            with self.ack_lock:
-                self.send(res)
-
-    def _results_turn(self, broker: Broker, exc: Optional[BrokerError], since: Optional[int] = None) -> bool:
-        """Before the results listener connects: the first time (``exc`` is ``None``), or
-        again after redis failed it with ``exc``. On a Redis Cluster it first finds its key's
-        node again (a failover, a ``MOVED`` reply, may have moved it:
-        :meth:`RedisBroker.follow_slot`), and takes that node's view
-        (:attr:`_listener_health`). ``exc`` is reported to the node that still serves the key
-        (redis down: said once per server and node; ``since``: the epoch of that node's view
-        when the failed read began, see :meth:`RedisHealth.failed`), then the listener waits for its turn in
-        that node's backoff, while it is down; when another listener finds the key's node
-        moved meanwhile, it looks again rather than wait for turns of a node that is gone.
-        ``False``: the listener stops."""
-        follow = broker.follow_slot if isinstance(broker, RedisBroker) else None
-        stopping = self._results_stopping
-        look = exc is not None  # (look up the key's node: refreshing the slot map after a failure)
-        # its node answered MOVED, ASK or UNBLOCKED: not down (see RedisBroker.moved)
-        answered = exc is not None and getattr(broker, "moved", False)
-        while True:
-            health = self._listener_health
-            followed = look and follow is not None and follow(exc is not None)
-            if followed:
-                # its key is on another node now (the one it left was found down, or answered
-                # MOVED): that node's view; the others waiting for the node it left look again
-                health.wake()
-                health = self._listener_health = self._svc.listener_health(broker)
-                broker.health = health  # type: ignore[attr-defined]
-                exc = None
-            # (after a move it could not follow, it waits for its turn: no loop on the move)
-            stuck = look and exc is None and not followed
-            until: Any = stopping if follow is None or stuck else _UntilMoved(stopping, broker)
-            if exc is not None and answered:
-                # a node that answers and serves the key's slot still, by the map (a slot
-                # migrating, a map not refreshed yet): try again after a pause, not a turn
-                if stopping.wait(SLOT_REFRESH_INTERVAL):
-                    return False
-            elif exc is not None:
-                health.failed(exc, since)
-            elif not look and health.up:
-                return True  # (the first connect, redis up: no turn to take)
-            exc = None
-            if health.wait_turn(until):
-                return True
-            if self._results_stop or until is stopping:
-                return False
-            look = True  # its key's node moved while it waited
-
-    def _listener_failed(self, role: str, exc: Exception) -> None:
-        """A redis listener cannot go on (redis refused its command, or a bug; not redis gone
-        away, which it waits out): close the connection with 1011, logged once. (A connection
-        without its listener could only let its calls expire.)"""
-        if self.closed:
-            return  # closing anyway: the error is the close
-        if isinstance(exc, BrokerError):
-            self.logger.error("connection %s: %s listener failed: %s", self.uuid, role, exc)
-            self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: redis error")
-        else:  # a bug
-            self.logger.error("connection %s: %s listener crashed", self.uuid, role, exc_info=exc)
-            self.close(CLOSE_INTERNAL_ERROR, f"{role} listener failed: internal error")

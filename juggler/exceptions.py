@@ -16,9 +16,12 @@ Every exception juggler raises derives from :class:`JugglerError`::
     ├── RemoteError            the callee returned an error result (or a statesync
     │                          action failed)
     ├── ConfigError            a setting has a bad value, or the config file is unreadable
-    └── JugglerTimeout         also TimeoutError
-        ├── CallExpired        a call got no result before its timeout
-        └── AckTimeout         a request got no ACK/NACK in time
+    ├── JugglerTimeout         also TimeoutError
+    │   ├── CallExpired        a call got no result before its timeout
+    │   └── AckTimeout         a request got no ACK/NACK in time
+    └── transport.Stopped      a socket read ended (shut down, deadline, peer gone): raised
+                               to the code around a read, which ends the connection; it
+                               never reaches an application
 
 Errors say whose fault they are: :class:`ProtocolError` is the remote peer's, the server
 closes the connection with its ``close_code``; :class:`BrokerError` is redis', the server

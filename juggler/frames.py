@@ -1,16 +1,19 @@
-"""Websocket frames (RFC 6455): opcodes, encoding, unmasking and close frames.
+"""Websocket frames (RFC 6455): opcodes, close codes, encoding, unmasking and close frames.
 
-Pure functions and constants: no sockets, threads or logging. :mod:`juggler.transport` reads
-frames off a socket with them; the server and the client both write the frames built here.
+Pure functions and constants: no sockets, threads or logging. :class:`juggler.peer.Peer`
+parses the frames it is fed with them; the server and the client both write the frames built
+here.
 """
 
 from __future__ import annotations
 
 import struct
+from enum import IntEnum
 
 from .exceptions import ProtocolError
 
 __all__ = [
+    "CloseCode",
     "OP_CONT",
     "OP_TEXT",
     "OP_BINARY",
@@ -36,6 +39,26 @@ OP_PING = 0x9
 OP_PONG = 0xA
 DATA_OPS = (OP_TEXT, OP_BINARY)
 CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
+
+
+
+class CloseCode(IntEnum):
+    """The websocket close codes juggler sends or names (RFC 6455, 7.4.1; the names are
+    python-websockets'). The one place they are defined: the server, the client, statesync
+    and the protocol modules all use these."""
+
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS_RCVD = 1005  #: never sent: a close frame without a code
+    ABNORMAL_CLOSURE = 1006  #: never sent: the connection ended without a close frame
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
 
 #: What each continuation frame counts against the read limit, besides its payload (a message
 #: in one frame gets its full limit).
@@ -88,7 +111,7 @@ def valid_close_code(code: int) -> bool:
 def parse_close(payload: bytes) -> tuple[int, str]:
     """The code and reason of a close frame (1005 when it has none)."""
     if not payload:
-        return 1005, ""
+        return CloseCode.NO_STATUS_RCVD, ""
     if len(payload) == 1:
         raise ProtocolError("close frame payload of one byte")
     (code,) = struct.unpack(">H", payload[:2])
@@ -97,5 +120,5 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     try:
         reason = payload[2:].decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("close reason is not valid UTF-8", 1007) from None
+        raise ProtocolError("close reason is not valid UTF-8", CloseCode.INVALID_DATA) from None
     return code, reason

@@ -26,17 +26,18 @@ import sys
 import threading
 import time
 from array import array
+from collections import deque
 from typing import Any, Callable, Optional
 
-import websocket
-
-from .client import SUBPROTOCOL, Client
+from .client import READ_LIMIT, Client
+from .dial import open_websocket
 from .deadline import Deadline
 from .exceptions import CallExpired, ConnectionClosed, HandshakeError, NackError, ProtocolError, RemoteError
-from .message import Ack, Call, Nack, Res, decode, encode, result_error_message
-from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from .message import SUBPROTOCOL, Ack, Call, Nack, Res, decode, encode, result_error_message
+from .frames import OP_TEXT, CloseCode
+from .peer import CLOSE, FAIL, SEND, Peer
 from .signals import StopSignal
-from .transport import SocketIO
+from .transport import RECV_SIZE, SocketIO
 
 __all__ = ["LoadRun", "run_load", "run_processes", "build_report", "percentile", "EXIT_NO_RESULT"]
 
@@ -55,31 +56,24 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 class _Connection:
     """One auto-regulated connection of the load tool: :meth:`call` sends a CALL and reads
-    frames on the calling thread until its RES or NACK, or until its timeout passes."""
+    on the calling thread until its RES or NACK, or until its timeout passes. What it reads
+    goes through a :class:`~juggler.peer.Peer`, as a :class:`Client`'s does."""
 
     def __init__(self, url: str, connect_timeout: float = 10.0) -> None:
-        try:  # as Client.connect does it
-            ws = websocket.create_connection(url, timeout=connect_timeout, subprotocols=[SUBPROTOCOL],
-                                             suppress_origin=True, enable_multithread=True)  # fmt: skip
-        except websocket.WebSocketBadStatusException as exc:
-            body = exc.resp_body.decode("utf-8", "replace").strip() if exc.resp_body else ""
-            raise HandshakeError(f"server refused the handshake: {exc.status_code} {body}".strip(), exc.status_code) from None
-        except websocket.WebSocketException as exc:
-            raise HandshakeError(f"websocket handshake failed: {exc}") from None
-        ws.settimeout(None)
+        ws = open_websocket(url, [SUBPROTOCOL], None, connect_timeout)  # as Client.connect does it
         self._ws = ws
         self._io = SocketIO(ws.sock)
-        self._buf = bytearray()
-        self._fragments: Optional[bytearray] = None
+        self._peer = Peer(client=True, limit=READ_LIMIT, read_after_close=True)
+        self._events: deque[tuple[int, Any]] = deque()  # the peer's, not acted on yet
         self.closed = False
         self.acks = 0
 
     def call(self, data: bytes, msg_uuid: str, timeout: float) -> str:
         """Send one CALL (its JSON ``data``); its outcome: results, errors, nacks, expired or
         closed. A late RES of an earlier, expired call is skipped."""
-        deadline = time.monotonic() + timeout
+        deadline = Deadline.after(timeout)
         try:
-            self._io.sendall(encode_frame(OP_TEXT, data, os.urandom(4)))
+            self._io.sendall(self._peer.frame(OP_TEXT, data))
             while True:
                 msg = self._next(deadline)
                 if msg is None:
@@ -94,95 +88,55 @@ class _Connection:
             self._abort()
             return "closed"
 
-    def _next(self, deadline: float) -> Any:
-        """The next message from the server; ``None`` once ``deadline`` has passed."""
+    def _next(self, deadline: Deadline) -> Any:
+        """The next message from the server; ``None`` once ``deadline`` has passed.
+        :class:`ConnectionClosed` when the server closed or broke the protocol."""
         while True:
-            frame = self._frame()
-            if frame is not None:
-                msg = self._handle(*frame)
-                if msg is not None:
-                    return msg
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            while self._events:
+                kind, value = self._events.popleft()
+                if kind == OP_TEXT:
+                    try:
+                        return decode(value)
+                    except ProtocolError:
+                        continue  # as Client does: an invalid message is skipped
+                if kind == SEND:  # a pong
+                    self._io.sendall(value)
+                elif kind == CLOSE:
+                    if not self._peer.closing:
+                        try:
+                            self._io.sendall(self._peer.close_frame(value.answer))
+                        except OSError:
+                            pass
+                    raise ConnectionClosed(*value)
+                elif kind == FAIL:
+                    raise ConnectionClosed(value.close_code, f"protocol error: {value.reason}")
+            if not self._receive(deadline):
                 return None
+
+    def _receive(self, deadline: Deadline) -> bool:
+        """Hand what the server sends next to the peer; ``False`` once ``deadline`` has passed."""
+        while True:
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                return False
             if not self._io.wait_readable(min(1000, int(remaining * 1000) + 1)):
                 continue
-            chunk = self._io.recv(262144)
+            chunk = self._io.recv(RECV_SIZE)
             if chunk is None:
                 continue
             if not chunk:
-                raise ConnectionClosed(1006, "connection lost")
-            self._buf += chunk
-
-    def _frame(self) -> Optional[tuple[bool, int, bytes]]:
-        """A complete frame from the buffer, or ``None`` until one has arrived."""
-        buf = self._buf
-        if len(buf) < 2:
-            return None
-        b1, b2 = buf[0], buf[1]
-        if b1 & 0x70 or b2 & 0x80:
-            raise ConnectionClosed(1002, "protocol error: reserved bits or a masked server frame")
-        n, pos = b2 & 0x7F, 2
-        if n == 126:
-            if len(buf) < 4:
-                return None
-            n, pos = int.from_bytes(buf[2:4], "big"), 4
-        elif n == 127:
-            if len(buf) < 10:
-                return None
-            n, pos = int.from_bytes(buf[2:10], "big"), 10
-        if len(buf) < pos + n:
-            return None
-        payload = bytes(buf[pos : pos + n])
-        del buf[: pos + n]
-        return bool(b1 & 0x80), b1 & 0x0F, payload
-
-    def _handle(self, fin: bool, opcode: int, payload: bytes) -> Any:
-        if opcode == OP_PING:
-            self._io.sendall(encode_frame(OP_PONG, payload, os.urandom(4)))
-            return None
-        if opcode == OP_CLOSE:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            try:
-                self._io.sendall(encode_close(1000, "", os.urandom(4)))
-            except OSError:
-                pass
-            raise ConnectionClosed(code, payload[2:].decode("utf-8", "replace"))
-        if opcode == OP_PONG:
-            return None
-        if opcode == OP_CONT:
-            if self._fragments is None:
-                raise ConnectionClosed(1002, "protocol error: continuation frame without a message")
-            self._fragments += payload
-            if not fin:
-                return None
-            payload, self._fragments = bytes(self._fragments), None
-        elif not fin:
-            self._fragments = bytearray(payload)
-            return None
-        try:
-            return decode(payload)
-        except ProtocolError:
-            return None  # as Client does: an invalid message is skipped
+                raise ConnectionClosed(CloseCode.ABNORMAL_CLOSURE, "connection lost")
+            self._events.extend(self._peer.receive_data(chunk))
+            return True
 
     def close(self) -> None:
         """The close handshake (code 1000), waiting up to 2 s for the server's answer."""
         if not self.closed:
             try:
-                self._io.sendall(encode_close(1000, "", os.urandom(4)))
+                self._io.sendall(self._peer.close_frame(CloseCode.NORMAL_CLOSURE))
                 deadline = Deadline.after(2.0)
-                while not deadline.expired():
-                    frame = self._frame()
-                    if frame is not None:
-                        if frame[1] == OP_CLOSE:
-                            break
-                        continue
-                    if self._io.wait_readable(100):
-                        chunk = self._io.recv(262144)
-                        if not chunk and chunk is not None:
-                            break
-                        self._buf += chunk or b""
+                while self._next(deadline) is not None:
+                    pass  # (what comes before the server's close frame)
             except (ConnectionClosed, OSError):
                 pass
         self._abort()

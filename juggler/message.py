@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .exceptions import ProtocolError
-from .frames import OP_TEXT, frame_header
+from .frames import OP_TEXT, CloseCode, frame_header
 
 __all__ = [
+    "SUBPROTOCOL",
     "MessageType",
     "CLIENT_TYPES",
     "SERVER_TYPES",
@@ -51,12 +52,12 @@ __all__ = [
     "result_error_message",
 ]
 
+#: The websocket subprotocol of the juggler.0 protocol (``Sec-WebSocket-Protocol``): the one
+#: place it is defined in Python (the server's handshake and the clients use it).
+SUBPROTOCOL = "juggler.0"
+
 #: A CALL timeout of 0, a negative one or one under a millisecond means this default (seconds).
 DEFAULT_CALL_TIMEOUT = 60.0
-
-# Close codes for the ways a peer can break the protocol.
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_INVALID_DATA = 1007
 
 
 class MessageType(enum.IntEnum):
@@ -428,7 +429,7 @@ def evnt_frame(payload_json: str) -> tuple[bytes, bytes, int]:
 
 
 def _invalid(reason: str) -> ProtocolError:
-    return ProtocolError(reason, CLOSE_INVALID_DATA)
+    return ProtocolError(reason, CloseCode.INVALID_DATA)
 
 
 def _get(payload: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -535,10 +536,10 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
     try:
         mtype = MessageType(raw_type)
     except ValueError:
-        raise ProtocolError(f"unknown message type {raw_type}", CLOSE_PROTOCOL_ERROR) from None
+        raise ProtocolError(f"unknown message type {raw_type}", CloseCode.PROTOCOL_ERROR) from None
     if types is not None and mtype not in types:
         side = "server" if mtype in SERVER_TYPES else "client"
-        raise ProtocolError(f"{mtype.name} is a {side} message", CLOSE_PROTOCOL_ERROR)
+        raise ProtocolError(f"{mtype.name} is a {side} message", CloseCode.PROTOCOL_ERROR)
     muuid = _uuid_field(meta.get("uuid"), "meta.uuid")
     payload = obj.get("payload", {})
     if payload is None:

@@ -27,7 +27,7 @@ import weakref
 from typing import TYPE_CHECKING, Callable, Optional
 
 from . import history
-from .conn import CLOSE_TRY_AGAIN_LATER
+from .frames import CloseCode
 from .exceptions import BrokerError
 from .redisconn import unavailable
 from .message import (
@@ -119,7 +119,7 @@ def recover(logger: Optional[logging.Logger] = None) -> Middleware:
                     raise  # a too-deeply nested request: the connection closes it with 1007
                 if not conn.closed:  # logged before the close, so it is there when the peer sees it
                     log.exception("conn %s: handler failed on %s; closing the connection", conn.uuid, _describe(msg))
-                conn.close(1011, "internal server error")
+                conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
         if writes_events_as_sent(next_handler):
             _PASS_EVENTS.add(handle)
@@ -155,7 +155,7 @@ def process_msg(conn: "Conn", msg: Message) -> None:
             if not conn.listen_for_results():  # closing, or out of threads: no result could reach it
                 conn.call_ended(msg.uuid)
                 conn.send(Nack.to(msg, 503, "server out of threads"))
-                conn.close(CLOSE_TRY_AGAIN_LATER, "server out of threads")
+                conn.close(CloseCode.TRY_AGAIN_LATER, "server out of threads")
                 return
             probe = conn.check_redis()
             stored = functools.partial(_call_stored, conn, msg, probe=probe, since=since)

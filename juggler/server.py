@@ -25,9 +25,10 @@ from collections import Counter
 from typing import Any, Callable, Optional
 
 from .broker import Broker
-from .conn import CLOSE_ABNORMAL, CLOSE_GOING_AWAY, Conn, ConnServices
+from .conn import Conn, ConnServices
 from .exceptions import ProtocolError, Refusal, RefuseConnection
-from .message import Ack, MessageType, Nack, Res, encode, error_result
+from .frames import CloseCode
+from .message import SUBPROTOCOL, Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
 from .middleware import Handler, process_msg, writes_events_as_sent
 from .health import RedisHealth
@@ -68,7 +69,6 @@ __all__ = [
     "process_msg",
 ]
 
-SUBPROTOCOL = "juggler.0"
 ALLOWED_MESSAGES_HEADER = "Juggler-Allowed-Messages"
 #: The same list as a query parameter of the handshake, for browsers (they cannot send headers
 #: with a websocket); when both come, a connection may send what both allow.
@@ -231,14 +231,14 @@ class _Handler(websocket_server.WebSocketHandler):
                 return None
             handed_over = True  # from here on, conn.run() tears it all down
             if not self._switch_protocols(io, request, protocol):
-                conn.close(CLOSE_ABNORMAL, "connection lost during the handshake")
+                conn.close(CloseCode.ABNORMAL_CLOSURE, "connection lost during the handshake")
                 io.shutdown()  # its reader ends at once, and its teardown joins the writer
                 return conn
             if not jserver._conn_opened(conn):
                 # Shutdown began between the 101 and registering the connection, so
                 # shutdown() did not see it: it closes like the others, with 1001 and the
                 # close handshake, and its teardown gives the slot back and announces CLOSED.
-                conn.close(CLOSE_GOING_AWAY, "server shutting down")
+                conn.close(CloseCode.GOING_AWAY, "server shutting down")
             reader.deadline = None  # from now on, reads wait for as long as the peer is silent
             return conn
         finally:
@@ -562,7 +562,7 @@ class Server:
         self._listener.unregister(sock)
 
     def _conn_opened(self, conn: Conn) -> bool:
-        if not self._listener.register(conn, functools.partial(conn.close, CLOSE_GOING_AWAY, "server shutting down")):
+        if not self._listener.register(conn, functools.partial(conn.close, CloseCode.GOING_AWAY, "server shutting down")):
             return False
         threading.current_thread().name = f"juggler-conn-{conn.id}-reader"
         self.stats.incr("connections_total")

@@ -1,13 +1,15 @@
-"""Socket I/O for websockets, shared by the server and the client.
+"""Socket I/O for websockets, shared by the server, the client, statesync and the load tool.
 
 ``websocket-server`` reads a frame with a Python loop per byte, rejects fragmented messages,
-has no read limit and writes with ``socket.send`` (which may write part of a frame). These are the pieces our :class:`~juggler.server.Server` uses instead: :class:`SocketIO`, which keeps a
-TLS connection's reads and writes apart and bounds writes; :class:`SocketReader`, a buffered
-reader that blocks with no timeout and is stopped by shutting its socket down (so nothing
-polls, and no read timeout can corrupt a half-read frame); and :class:`FrameReader`, which
-reassembles fragmented messages under a size limit. The :class:`~juggler.client.Client` reads
-and writes its frames with the same pieces, after ``websocket-client`` has made the connection
-and the handshake. The frames themselves are :mod:`juggler.frames`.
+has no read limit and writes with ``socket.send`` (which may write part of a frame). These are
+the pieces our :class:`~juggler.server.Server` uses instead: :class:`SocketIO`, which keeps a
+TLS connection's reads and writes apart and bounds writes; :class:`SocketReader`, a
+buffered reader that blocks with no timeout and is stopped by shutting its socket down (so
+nothing polls, and no read timeout can corrupt a half-read frame); and :class:`WriteQueue`,
+which orders what several threads write through one writer thread. What is read goes to a
+:class:`~juggler.peer.Peer`, the websocket protocol without I/O (:func:`peer_events` joins
+the two); the :class:`~juggler.client.Client` reads and writes its frames the same way, after
+``websocket-client`` has made the connection and the handshake (:mod:`juggler.dial`).
 """
 
 from __future__ import annotations
@@ -18,18 +20,25 @@ import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Any, Iterator
 
 from . import gilsend
-from .exceptions import ProtocolError
-from .frames import CONTROL_OPS, DATA_OPS, FRAGMENT_COST, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, parse_close, unmask
+from .exceptions import JugglerError, ProtocolError
+from .frames import CloseCode
+from .peer import Peer
 
-__all__ = ["Stopped", "SocketIO", "SocketReader", "FrameReader", "FrameLoop"]
+__all__ = ["Stopped", "SocketIO", "SocketReader", "WriteQueue", "peer_events", "RECV_SIZE"]
+
+#: The most bytes one read asks the socket for.
+RECV_SIZE = 262144
 
 
-class Stopped(Exception):
-    """The socket was shut down, its deadline passed, or the peer went away."""
+class Stopped(JugglerError):
+    """A read ended because the socket was shut down, its deadline passed, or the peer went
+    away. Raised by :class:`SocketReader` to the code around it (the server's and statesync's
+    handshakes, :func:`peer_events`), which ends the connection: it never reaches an
+    application."""
 
 
 class SocketIO:
@@ -172,18 +181,28 @@ class SocketReader:
         #: time.monotonic() of the last bytes received (for idle detection)
         self.last_recv = time.monotonic()
 
-    def _fill(self) -> None:
+    def read_some(self) -> bytes:
+        """The next bytes: those left buffered by :meth:`read_until`, else what one read
+        brings (at most :data:`RECV_SIZE`); :class:`Stopped` as described above."""
+        if self._pos < len(self._buf):
+            data = bytes(self._buf[self._pos :])
+            self._buf.clear()
+            self._pos = 0
+            return data
+        return self._recv()
+
+    def _recv(self) -> bytes:
         io = self.io
         if io.blocking and self.deadline is None:
             # one recv that sleeps until bytes come, the peer closes, or a shutdown wakes it
             try:
-                chunk = io.sock.recv(262144)
+                data = io.sock.recv(RECV_SIZE)
             except OSError as exc:
                 raise Stopped(f"read failed: {exc}") from None
-            if not chunk or io._shut:
+            if not data or io._shut:
                 raise Stopped("peer closed the connection")
-            self._append(chunk)
-            return
+            self.last_recv = time.monotonic()
+            return data
         while True:
             wait_ms = -1
             if self.deadline is not None:
@@ -191,35 +210,25 @@ class SocketReader:
                 if remaining <= 0:
                     raise Stopped("timed out")
                 wait_ms = max(1, int(remaining * 1000))
-            if not self.io.wait_readable(wait_ms):
+            if not io.wait_readable(wait_ms):
                 continue
             try:
-                chunk = self.io.recv(262144)
+                data = io.recv(RECV_SIZE)
             except OSError as exc:
                 raise Stopped(f"read failed: {exc}") from None
-            if chunk is None:
+            if data is None:
                 continue
-            if not chunk:
+            if not data:
                 raise Stopped("peer closed the connection")
-            self._append(chunk)
-            return
+            self.last_recv = time.monotonic()
+            return data
 
-    def _append(self, chunk: bytes) -> None:
-        self.last_recv = time.monotonic()
+    def _fill(self) -> None:
+        data = self._recv()
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
-        self._buf += chunk
-
-    def discard(self) -> None:
-        """Read and drop everything until the stream ends (:class:`Stopped`, not raised)."""
-        try:
-            while True:
-                self._buf.clear()
-                self._pos = 0
-                self._fill()
-        except Stopped:
-            pass
+        self._buf += data
 
     def read_exact(self, n: int) -> bytes:
         while len(self._buf) - self._pos < n:
@@ -236,7 +245,7 @@ class SocketReader:
             idx = self._buf.find(marker, max(start, searched - len(marker) + 1))
             end = idx + len(marker) if idx >= 0 else len(self._buf)
             if end - start > limit:
-                raise ProtocolError(f"request head over {limit} bytes", 1009)
+                raise ProtocolError(f"request head over {limit} bytes", CloseCode.MESSAGE_TOO_BIG)
             if idx >= 0:
                 return self.read_exact(end - start)
             searched = len(self._buf)
@@ -246,132 +255,113 @@ class SocketReader:
                 start = self._pos
 
 
-@dataclass
-class FrameReader:
-    """Reads frames (a client's, or with ``masked=False`` a server's) and reassembles
-    fragmented messages.
+class WriteQueue:
+    """A bounded FIFO from any thread to one writer thread, and who may write to the socket.
 
-    :meth:`read` returns ``(opcode, payload)`` for each control frame (close, ping, pong) and for
-    each complete data message (text or binary), as soon as it has one. It raises
-    :class:`ProtocolError` (1002, or 1009 over ``limit``) for what RFC 6455 forbids.
+    :meth:`put` waits up to a timeout for room; :meth:`close` always gets its marker in (making
+    room if it must), and nothing is queued after it. :meth:`get_batch` blocks, with no timeout,
+    until something is queued and nobody else is writing; the writer then holds the socket until
+    :meth:`release`. A sender may instead :meth:`claim` the socket to write a message itself,
+    which it gets only when nothing is queued and nobody writes: so messages go out in the
+    order they were sent, whichever thread writes them.
     """
 
-    reader: SocketReader
-    limit: int = 1 << 20
-    #: Whether frames arrive masked: from a client (the server side) they must be, from a
-    #: server (the client side) they must not be.
-    masked: bool = True
-    _op: int | None = None
-    _data: bytearray = field(default_factory=bytearray)
-    _size: int = 0
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Any] = deque()
+        self._lock = lock = threading.Lock()  # (taken bare where no wait or notify follows)
+        self._not_empty = threading.Condition(lock)
+        self._not_full = threading.Condition(lock)
+        self._closed = False
+        self._busy = False  # a thread is writing to the socket
 
-    def read(self) -> tuple[int, bytes]:
-        while True:
-            fin, opcode, payload = self._read_frame()
-            if opcode in CONTROL_OPS:
-                return opcode, payload
-            if opcode == OP_CONT:
-                if self._op is None:
-                    raise ProtocolError("continuation frame without a message to continue")
-            elif self._op is not None:
-                raise ProtocolError("new message started inside a fragmented message")
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Any, timeout: float = 0.0) -> bool:
+        """Queue ``item``; ``False`` if the queue stayed full for ``timeout`` seconds, or is
+        closed."""
+        with self._not_full:
+            if len(self._items) >= self.maxsize:
+                if timeout <= 0 or not self._not_full.wait_for(
+                    lambda: len(self._items) < self.maxsize or self._closed, timeout
+                ):
+                    return False
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._not_empty.notify()
+            return True
+
+    def close(self, marker: Any, discard: bool = False) -> None:
+        """Queue ``marker`` last, whatever the bound, after what is queued (the writer drains
+        it first); with ``discard``, drop what is queued, but for bytes at its head: the rest
+        of a frame already begun on the socket (see :meth:`put_first`), which must be
+        finished or what follows would land inside it."""
+        with self._not_full:
+            if discard:
+                items = self._items
+                head = items[0] if items and isinstance(items[0], (bytes, bytearray, memoryview)) else None
+                items.clear()
+                if head is not None:
+                    items.append(head)
+            self._closed = True
+            self._items.append(marker)
+            self._not_empty.notify()
+            self._not_full.notify_all()
+
+    def get_batch(self, most: int) -> list[Any]:
+        """Up to ``most`` items, in order, and the socket (:meth:`release` it); blocks until
+        there is at least one and nobody else writes."""
+        with self._not_empty:
+            while not self._items or self._busy:
+                self._not_empty.wait()
+            items = self._items
+            batch = [items.popleft() for _ in range(min(most, len(items)))]
+            self._busy = True
+            self._not_full.notify_all()
+            return batch
+
+    def claim(self) -> bool:
+        """Take the socket to write one message now: only if nothing is queued, nobody
+        writes and the queue is open. :meth:`release` it after."""
+        with self._lock:
+            if self._items or self._busy or self._closed:
+                return False
+            self._busy = True
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._busy = False
+            if self._items:
+                self._not_empty.notify()
+
+    def put_first(self, item: Any, last: bool = False) -> bool:
+        """Queue ``item`` whatever the bound: first in line (the unwritten rest of a frame,
+        by the thread that claimed the socket), or with ``last`` at the end (a place kept for a thread
+        not done yet: see :meth:`juggler.Conn.ordered`). ``False`` if the queue is closed."""
+        with self._not_empty:
+            if self._closed:
+                return False
+            if last:
+                self._items.append(item)
             else:
-                self._op = opcode
-            self._data += payload
-            # Each continuation frame also costs FRAGMENT_COST against the limit, so a flood of
-            # tiny or empty fragments cannot keep a connection busy for free.
-            self._size += len(payload) + (FRAGMENT_COST if opcode == OP_CONT else 0)
-            if fin:
-                op, data = self._op, bytes(self._data)
-                self._op, self._data, self._size = None, bytearray(), 0
-                return op, data
-
-    def _read_frame(self) -> tuple[bool, int, bytes]:
-        b1, b2 = self.reader.read_exact(2)
-        fin = bool(b1 & 0x80)
-        opcode = b1 & 0x0F
-        if b1 & 0x70:
-            raise ProtocolError("reserved bits set without a negotiated extension")
-        if opcode not in DATA_OPS and opcode not in CONTROL_OPS and opcode != OP_CONT:
-            raise ProtocolError(f"unknown opcode {opcode:#x}")
-        if bool(b2 & 0x80) != self.masked:
-            raise ProtocolError("client frames must be masked" if self.masked else "server frames must not be masked")
-        length = b2 & 0x7F
-        if opcode in CONTROL_OPS:
-            if not fin or length > 125:
-                raise ProtocolError("control frames must be final and at most 125 bytes")
-        elif length == 126:
-            (length,) = struct.unpack(">H", self.reader.read_exact(2))
-        elif length == 127:
-            (length,) = struct.unpack(">Q", self.reader.read_exact(8))
-            if length >> 63:
-                raise ProtocolError("frame length has its high bit set")
-        cost = length + (FRAGMENT_COST if opcode == OP_CONT else 0)
-        if opcode not in CONTROL_OPS and self._size + cost > self.limit:
-            raise ProtocolError(f"message larger than the read limit of {self.limit} bytes", 1009)
-        if not self.masked:
-            return fin, opcode, self.reader.read_exact(length)
-        mask = self.reader.read_exact(4)
-        return fin, opcode, unmask(self.reader.read_exact(length), mask)
+                self._items.appendleft(item)
+            self._not_empty.notify()
+            return True
 
 
-class FrameLoop:
-    """The part of a websocket peer's read loop that is the same for every protocol on it
-    (the juggler server's connections and :mod:`juggler.statesync`'s): control frames, a
-    broken stream and the peer's close. :meth:`_data_frames` yields the text and binary
-    frames that remain while the connection is open.
-
-    The subclass has ``_frames`` (a :class:`FrameReader`), ``_socket_reader``, ``_peer_gone``,
-    ``closed``, ``_fail(code, reason)`` (close for the peer's fault), ``_answer_close(code,
-    reason)`` (start closing in answer to the peer) and ``_send_pong(data)``.
-    """
-
-    _frames: "FrameReader"
-    _socket_reader: "SocketReader"
-    _peer_gone: bool
-    closed: bool
-
-    def _fail(self, code: int, reason: str) -> None:
-        raise NotImplementedError
-
-    def _answer_close(self, code: int, reason: str) -> Any:
-        raise NotImplementedError
-
-    def _send_pong(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def _data_frames(self) -> "Iterator[tuple[int, bytes]]":
-        while True:
-            try:
-                opcode, data = self._frames.read()
-            except Stopped:
-                self._peer_gone = self._peer_gone or not self.closed
-                return
-            except ProtocolError as exc:
-                if self.closed:
-                    # What follows a broken frame cannot be framed any more. Take it all in
-                    # until the peer hangs up or the close deadline: closing with unread
-                    # bytes would reset the connection, and the peer could lose our close frame.
-                    self._socket_reader.discard()
-                    return
-                self._fail(exc.close_code, exc.reason)
-                continue
-            if opcode == OP_CLOSE:
-                self._peer_closed(data)
-                return
-            if opcode == OP_PING:
-                if not self.closed:
-                    self._send_pong(data)
-                continue
-            if opcode == OP_PONG or self.closed:
-                continue
-            yield opcode, data
-
-    def _peer_closed(self, data: bytes) -> None:
+def peer_events(reader: SocketReader, peer: Peer) -> Iterator[tuple[int, Any]]:
+    """The events of ``peer`` (see :mod:`juggler.peer`) from what ``reader`` reads, in order,
+    until the stream ends (:class:`Stopped` ends the iteration). Once the peer's close frame or
+    a protocol error came, no event follows: what comes after is read and dropped until the
+    peer hangs up or the socket is shut down (closing with unread bytes would reset the
+    connection, and the peer could lose our close frame)."""
+    read, receive = reader.read_some, peer.receive_data
+    while True:
         try:
-            code, reason = parse_close(data)
-        except ProtocolError as exc:
-            self._fail(exc.close_code, exc.reason)
+            data = read()
+        except Stopped:
             return
-        # Echo the peer's code, as RFC 6455 suggests; 1005 (no code) is answered with 1000.
-        self._answer_close(1000 if code == 1005 else code, reason)
+        yield from receive(data)

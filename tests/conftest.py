@@ -29,6 +29,8 @@ import pytest
 import redis
 
 from juggler import Callee, Client, RedisBroker, Server
+from juggler.peer import FAIL, Peer
+from juggler.transport import SocketReader
 
 SCALE = float(os.environ.get("JUGGLER_TEST_TIMEOUT_SCALE", "1"))
 
@@ -36,6 +38,27 @@ SCALE = float(os.environ.get("JUGGLER_TEST_TIMEOUT_SCALE", "1"))
 def T(seconds: float) -> float:
     """A test timeout, scaled for slow machines."""
     return seconds * SCALE
+
+
+class PeerReader:
+    """Reads a socket (or a :class:`SocketReader`) through a :class:`~juggler.peer.Peer`, one
+    event at a time: :meth:`read` returns the next ``(kind, value)``, raises the
+    :class:`~juggler.exceptions.ProtocolError` of a ``FAIL``, and
+    :class:`~juggler.transport.Stopped` when the stream ends. A server side by default (the
+    frames read must be masked); ``client=True`` reads a server's frames."""
+
+    def __init__(self, source: Any, *, client: bool = False, limit: int = 1 << 20) -> None:
+        self.reader = source if isinstance(source, SocketReader) else SocketReader(source)
+        self.peer = Peer(client=client, limit=limit)
+        self.events: list[tuple[int, Any]] = []
+
+    def read(self) -> tuple[int, Any]:
+        while not self.events:
+            self.events.extend(self.peer.receive_data(self.reader.read_some()))
+        kind, value = self.events.pop(0)
+        if kind == FAIL:
+            raise value
+        return kind, value
 
 
 def free_port() -> int:

@@ -11,12 +11,12 @@ import time
 import pytest
 
 from juggler import AckTimeout, Client, ConnectionClosed
-from juggler.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from juggler.frames import OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from juggler.handshake import accept_key
 from juggler.message import new_uuid
-from juggler.transport import FrameReader, SocketReader
+from juggler.peer import CLOSE
 
-from .conftest import T
+from .conftest import PeerReader, T
 
 
 class FakeServer:
@@ -46,9 +46,9 @@ class FakeServer:
         self.sock = sock
         self.ready.set()
 
-    def frames(self) -> FrameReader:
+    def frames(self) -> PeerReader:
         assert self.ready.wait(T(10))
-        return FrameReader(SocketReader(self.sock))
+        return PeerReader(self.sock)
 
     def close(self) -> None:
         self.thread.join(T(10))
@@ -70,7 +70,7 @@ def test_server_closing_right_after_the_handshake(fake):
     fake.sock.sendall(encode_close(1001, "going away"))  # before the client sent anything
     assert c.wait_closed(T(10))
     assert (c.close_code, c.close_reason) == (1001, "going away")
-    assert fake.frames().read() == (OP_CLOSE, struct.pack(">H", 1001))  # echoed, masked (FrameReader checks)
+    assert fake.frames().read() == (CLOSE, (1001, ""))  # echoed, masked (the Peer checks)
     with pytest.raises(ConnectionClosed):
         c.call("test.echo", 1, timeout=T(5))
     c.close()
@@ -86,7 +86,7 @@ def test_client_answers_pings_and_sends_one_close_frame(fake):
     assert opcode == OP_TEXT and b'"test.echo"' in data
     closer = threading.Thread(target=c.close, name="juggler-test-closer")
     closer.start()
-    assert frames.read() == (OP_CLOSE, struct.pack(">H", 1000))
+    assert frames.read() == (CLOSE, (1000, ""))
     fake.sock.sendall(encode_close(1000))
     closer.join(T(10))
     assert not closer.is_alive()
@@ -103,7 +103,7 @@ def test_protocol_error_from_the_server_closes_with_1002(fake):
     fake.sock.sendall(encode_frame(OP_TEXT, b"masked", b"abcd"))  # servers must not mask
     assert c.wait_closed(T(10))
     assert c.close_code == 1002 and "must not be masked" in c.close_reason
-    assert frames.read() == (OP_CLOSE, struct.pack(">H", 1002))
+    assert frames.read() == (CLOSE, (1002, ""))
     c.close()
 
 
@@ -177,7 +177,7 @@ def test_a_message_over_the_read_limit_closes_with_1009_before_it_is_read(fake):
     fake.sock.sendall(bytes([0x81, 127]) + struct.pack(">Q", 1 << 30))
     assert c.wait_closed(T(10))
     assert c.close_code == 1009 and "read limit" in c.close_reason
-    assert frames.read() == (OP_CLOSE, struct.pack(">H", 1009))
+    assert frames.read() == (CLOSE, (1009, ""))
     with pytest.raises(ConnectionClosed):
         fut.result(T(5))
     c.close()

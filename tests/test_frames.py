@@ -1,9 +1,11 @@
-"""Unit tests of juggler.frames, juggler.transport and juggler.handshake: RFC 6455 framing.
+"""Unit tests of juggler.frames, juggler.peer, juggler.transport and juggler.handshake: RFC
+6455 framing.
 
 Frame reading runs over a real ``socket.socketpair()``: the tests write masked client frames
-(built here, independently of the module) into one end and read them with
-SocketReader + FrameReader on the other. Every read is bounded: the reader has a deadline, so a
-bug makes a test fail with :class:`Stopped` instead of hanging.
+(built here, independently of the module) into one end and read them with a SocketReader
+feeding a Peer on the other (:class:`tests.conftest.PeerReader`). Every read is bounded: the
+reader has a deadline, so a bug makes a test fail with :class:`Stopped` instead of hanging.
+(tests/test_peer.py feeds a Peer bytes directly.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import pytest
 from juggler.exceptions import ProtocolError
 from juggler.frames import FRAGMENT_COST, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close, unmask
 from juggler.handshake import HandshakeRequest, accept_key, http_response
-from juggler.transport import FrameReader, SocketIO, SocketReader, Stopped
+from juggler.peer import CLOSE, SEND
+from juggler.transport import SocketIO, SocketReader, Stopped
+
+from .conftest import PeerReader
 
 READ_BOUND = 10.0  # seconds any single test may spend blocked in a read
 MASK = b"\x37\xfa\x21\x3d"
@@ -76,8 +81,13 @@ def pair():
     server.close()
 
 
-def frames(sock: socket.socket, limit: int = 1 << 20, until: float | None = None) -> FrameReader:
-    return FrameReader(SocketReader(sock, deadline=until or deadline()), limit=limit)
+def frames(sock: socket.socket, limit: int = 1 << 20, until: float | None = None) -> PeerReader:
+    return PeerReader(SocketReader(sock, deadline=until or deadline()), limit=limit)
+
+
+def pong(payload: bytes) -> tuple[int, bytes]:
+    """The event of a ping from the client: the server's pong, to send."""
+    return SEND, encode_frame(OP_PONG, payload)
 
 
 class Sender:
@@ -100,7 +110,7 @@ class Sender:
         assert self.error is None
 
 
-def expect_protocol_error(reader: FrameReader, close_code: int = 1002) -> ProtocolError:
+def expect_protocol_error(reader: PeerReader, close_code: int = 1002) -> ProtocolError:
     with pytest.raises(ProtocolError) as info:
         reader.read()
     assert info.value.close_code == close_code, str(info.value)
@@ -394,7 +404,7 @@ def test_read_until_then_frames_from_the_same_buffer(pair):
     client.sendall(head + client_frame(OP_TEXT, b"first") + client_frame(OP_TEXT, b"second"))
     sr = SocketReader(server, deadline=deadline())
     assert sr.read_until(b"\r\n\r\n", 16384) == head
-    fr = FrameReader(sr)
+    fr = PeerReader(sr)
     assert fr.read() == (OP_TEXT, b"first")
     assert fr.read() == (OP_TEXT, b"second")
 
@@ -428,13 +438,14 @@ def test_read_exact_across_many_small_receives(pair):
     )
     sr = SocketReader(server, deadline=deadline())
     taken = threading.Semaphore(0)
-    fill = sr._fill
+    recv = sr._recv
 
-    def fill_one() -> None:
-        fill()
+    def recv_one() -> bytes:
+        data = recv()
         taken.release()
+        return data
 
-    sr._fill = fill_one
+    sr._recv = recv_one
     errors: list[BaseException] = []
 
     def trickle() -> None:
@@ -447,15 +458,15 @@ def test_read_exact_across_many_small_receives(pair):
 
     t = threading.Thread(target=trickle, name="juggler-test-trickle")
     t.start()
-    fr = FrameReader(sr)
+    fr = PeerReader(sr)
     assert fr.read() == (OP_TEXT, b"x" * 300)
-    assert fr.read() == (OP_PING, b"ping")
+    assert fr.read() == pong(b"ping")
     assert fr.read() == (OP_TEXT, b"abcd")
     t.join(READ_BOUND)
     assert not t.is_alive() and errors == []
 
 
-# --- FrameReader: messages -------------------------------------------------------------------
+# --- Peer over a SocketReader: messages -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n", [0, 1, 125, 126, 127, 1000, 65535, 65536, 200000])
@@ -480,11 +491,11 @@ def test_messages_in_one_write_come_out_in_order(pair):
     )
     fr = frames(server)
     assert fr.read() == (OP_TEXT, '{"a":"é"}'.encode())
-    assert fr.read() == (OP_PING, b"")
+    assert fr.read() == pong(b"")
     assert fr.read() == (OP_BINARY, b"\x00\x01")
     assert fr.read() == (OP_PONG, b"pong")
     assert fr.read() == (OP_TEXT, b"")
-    assert fr.read() == (OP_CLOSE, b"\x03\xe8bye")
+    assert fr.read() == (CLOSE, (1000, "bye"))
 
 
 def test_fragmented_message_with_interleaved_ping(pair):
@@ -498,28 +509,34 @@ def test_fragmented_message_with_interleaved_ping(pair):
     )
     fr = frames(server)
     # the ping arrives in the middle of the message and is returned first
-    assert fr.read() == (OP_PING, b"are you there")
+    assert fr.read() == pong(b"are you there")
     assert fr.read() == (OP_TEXT, b"Hello world")
     # the state is reset: the next message is a fresh one
     assert fr.read() == (OP_TEXT, b"next")
 
 
 def test_fragmented_message_with_all_control_frames_interleaved(pair):
+    """Pings and pongs inside a fragmented message; a close frame inside one ends the stream
+    (nothing may follow it)."""
     client, server = pair
     client.sendall(
         client_frame(OP_BINARY, b"", fin=False)
         + client_frame(OP_PONG, b"1")
         + client_frame(OP_CONT, b"\x00\x01", fin=False)
         + client_frame(OP_PING, b"2")
-        + client_frame(OP_CONT, b"", fin=False)
-        + client_frame(OP_CLOSE, b"")
         + client_frame(OP_CONT, b"\x02")
+        + client_frame(OP_TEXT, b"a", fin=False)
+        + client_frame(OP_CLOSE, b"")
+        + client_frame(OP_CONT, b"b")
     )
+    client.close()
     fr = frames(server)
     assert fr.read() == (OP_PONG, b"1")
-    assert fr.read() == (OP_PING, b"2")
-    assert fr.read() == (OP_CLOSE, b"")
+    assert fr.read() == pong(b"2")
     assert fr.read() == (OP_BINARY, b"\x00\x01\x02")
+    assert fr.read() == (CLOSE, (1005, ""))
+    with pytest.raises(Stopped):
+        fr.read()
 
 
 def test_many_fragments_with_large_ones(pair):
@@ -533,7 +550,7 @@ def test_many_fragments_with_large_ones(pair):
     sender.join()
 
 
-# --- FrameReader: protocol errors -------------------------------------------------------------
+# --- Peer over a SocketReader: protocol errors -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fin", [True, False])
@@ -566,7 +583,7 @@ def test_new_data_frame_after_continuation_inside_fragmented_message(pair):
         client_frame(OP_TEXT, b"a", fin=False) + client_frame(OP_CONT, b"b", fin=False) + client_frame(OP_PING) + client_frame(OP_TEXT, b"c")
     )
     fr = frames(server)
-    assert fr.read() == (OP_PING, b"")
+    assert fr.read() == pong(b"")
     expect_protocol_error(fr)
 
 
@@ -624,8 +641,8 @@ def test_control_frame_of_125_bytes_is_fine(pair):
     client, server = pair
     client.sendall(client_frame(OP_PING, b"p" * 125) + client_frame(OP_CLOSE, b"\x03\xe8" + b"r" * 123))
     fr = frames(server)
-    assert fr.read() == (OP_PING, b"p" * 125)
-    assert fr.read() == (OP_CLOSE, b"\x03\xe8" + b"r" * 123)
+    assert fr.read() == pong(b"p" * 125)
+    assert fr.read() == (CLOSE, (1000, "r" * 123))
 
 
 def test_64bit_length_with_high_bit(pair):
@@ -634,7 +651,7 @@ def test_64bit_length_with_high_bit(pair):
     expect_protocol_error(frames(server, limit=1 << 62), 1002)
 
 
-# --- FrameReader: read limit -------------------------------------------------------------------
+# --- Peer over a SocketReader: read limit -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("opcode", [OP_TEXT, OP_BINARY])
@@ -677,7 +694,7 @@ def test_fragments_at_limit_and_limit_is_per_message(pair):
     fr = frames(server, limit=10 + FRAGMENT_COST)  # one continuation frame: 10 bytes + its cost
     for _ in range(2):
         # control frames do not count towards the limit
-        assert fr.read() == (OP_PING, b"p" * 50)
+        assert fr.read() == pong(b"p" * 50)
         assert fr.read() == (OP_TEXT, b"x" * 6 + b"y" * 4)
     assert fr.read() == (OP_TEXT, b"z" * 10)
 
@@ -704,11 +721,11 @@ def test_control_frames_do_not_count_against_a_small_limit(pair):
     client, server = pair
     client.sendall(client_frame(OP_PING, b"p" * 125) + client_frame(OP_CLOSE, b"\x03\xe8" + b"r" * 100))
     fr = frames(server, limit=1)
-    assert fr.read() == (OP_PING, b"p" * 125)
-    assert fr.read() == (OP_CLOSE, b"\x03\xe8" + b"r" * 100)
+    assert fr.read() == pong(b"p" * 125)
+    assert fr.read() == (CLOSE, (1000, "r" * 100))
 
 
-# --- FrameReader: stopping ---------------------------------------------------------------------
+# --- Peer over a SocketReader: stopping ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -743,7 +760,7 @@ def test_complete_frames_before_peer_close_are_read_first(pair):
     client.close()
     fr = frames(server)
     assert fr.read() == (OP_TEXT, b"last words")
-    assert fr.read() == (OP_CLOSE, b"\x03\xe8")
+    assert fr.read() == (CLOSE, (1000, ""))
     with pytest.raises(Stopped):
         fr.read()
 
@@ -778,7 +795,7 @@ def test_no_deadline_waits_until_the_socket_is_shut_down(pair):
     client, server = pair
     client.sendall(client_frame(OP_TEXT, b"whole") + client_frame(OP_TEXT, b"a", fin=False))
     io = SocketIO(server)
-    fr = FrameReader(SocketReader(io))
+    fr = PeerReader(SocketReader(io))
     assert fr.read() == (OP_TEXT, b"whole")
     errors: list[BaseException] = []
 
@@ -808,12 +825,12 @@ def test_masked_frames_from_encode_frame_read_back(pair):
     assert encode_frame(OP_TEXT, b"hi", MASK) == client_frame(OP_TEXT, b"hi")
     reader = frames(server, limit=1 << 20)
     assert reader.read() == (OP_TEXT, payload)
-    assert reader.read() == (OP_CLOSE, struct.pack(">H", 1000) + b"bye")
+    assert reader.read() == (CLOSE, (1000, "bye"))
 
 
 def test_client_side_reader_takes_unmasked_frames_and_refuses_masked_ones(pair):
     client, server = pair
-    reader = FrameReader(SocketReader(server, deadline=deadline()), masked=False)
+    reader = PeerReader(SocketReader(server, deadline=deadline()), client=True)
     client.sendall(encode_frame(OP_TEXT, b"from the server"))
     assert reader.read() == (OP_TEXT, b"from the server")
     client.sendall(encode_frame(OP_TEXT, b"masked", MASK))

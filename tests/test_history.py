@@ -11,7 +11,7 @@ import pytest
 
 import juggler
 from juggler import RedisBroker, Server
-from juggler.client import open_websocket
+from juggler.dial import open_websocket
 from juggler.history import DEFAULT_SIZE, MAX_SIZE, READ_CONNECTIONS, History, HistoryRule, Held
 from juggler.layout import epoch_key, history_key
 from juggler.message import EventPayload, Position, Pub, Sub, Unsb, decode, encode

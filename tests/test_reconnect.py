@@ -9,7 +9,7 @@ import time
 import pytest
 
 from juggler import Callee, Client, ConnectionClosed, HandshakeError, Nack, NackError, RedisBroker, Server, Sub, chain, recover
-from juggler.client import backoff_delays
+from juggler.dial import backoff_delays
 
 from .conftest import T, free_port
 

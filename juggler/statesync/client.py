@@ -8,8 +8,9 @@ import threading
 import weakref
 from typing import Any, Callable, Optional
 
-from ..client import open_websocket
+from ..dial import open_websocket
 from ..exceptions import ConnectionClosed, JugglerTimeout
+from ..frames import CloseCode
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader
 from .connection import Connection, Settings, check_autoflush_delay
@@ -90,7 +91,7 @@ def wait_remote_data(
         return data
     if not in_time:
         raise JugglerTimeout(f"no such remote data within {timeout} s: {data!r}")
-    raise ConnectionClosed(conn.close_code or 1006, conn.close_reason)
+    raise ConnectionClosed(conn.close_code or CloseCode.ABNORMAL_CLOSURE, conn.close_reason)
 
 
 class _RemoteWatch:

@@ -33,22 +33,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from ..conn import WriteQueue
 from ..exceptions import ConnectionClosed, JugglerTimeout, ProtocolError
-from ..frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
+from ..frames import OP_PING, OP_TEXT, CloseCode, encode_frame
+from ..peer import CLOSE, FAIL, OP_BINARY, SEND, Peer
 from ..timer import Keepalive, Timer, TimerHandle
-from ..transport import FrameLoop, FrameReader, SocketIO, SocketReader
+from ..transport import SocketIO, SocketReader, WriteQueue, peer_events
 from . import protocol
 from .patches import PatchCache
 
 __all__ = ["Connection", "Settings", "ChangeHandle", "PatchCache"]
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_ABNORMAL = 1006
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL_ERROR = 1011
 
 _WRITE_BATCH = 64  # queue items the writer takes for one socket write, at most
 _ids = itertools.count(1)
@@ -185,7 +178,7 @@ _PROBE_INTERVAL = 1.0  # seconds between PINGs to a peer that keeps up
 _CLOSE = object()  # write queue marker: send the close frame and stop
 
 
-class Connection(FrameLoop):
+class Connection:
     """A state-sync connection: local and remote JSON data kept in sync with the peer's, and
     messages both ways.
 
@@ -221,8 +214,8 @@ class Connection(FrameLoop):
         self._client = client
         self._io = io
         self._socket_reader = reader
-        # a server reads a client's masked frames; a client reads a server's unmasked ones
-        self._frames = FrameReader(reader, settings.read_limit, masked=not client)
+        # the websocket protocol: a server reads a client's masked frames, a client masks its own
+        self._peer = Peer(client=client, limit=settings.read_limit)
         self._timer = timer
         self._release = release
         self._queue = WriteQueue(settings.write_queue_size)
@@ -370,7 +363,7 @@ class Connection(FrameLoop):
             try:
                 yield self.receive()
             except ConnectionClosed as exc:
-                if exc.code in (CLOSE_NORMAL, CLOSE_GOING_AWAY):
+                if exc.code in (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY):
                     return
                 raise
 
@@ -381,7 +374,7 @@ class Connection(FrameLoop):
         """Whether closing started (the connection may still be finishing)."""
         return self._closing_since is not None
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close the connection: pending local data changes and queued messages go out, then
         the close frame; waits for the peer's answer (up to ``close_timeout``) and for the
         connection's threads to end. Idempotent. Called from the connection's own threads (a
@@ -412,6 +405,7 @@ class Connection(FrameLoop):
                 return False
             self._closing_since = time.monotonic()
             self.close_code, self.close_reason = code, reason
+            self._peer.closing = True  # from now on, what the peer sends is dropped
         self._queue.close(_CLOSE)
         self._close_deadline = self._timer.call_later(self.settings.close_timeout, self._io.shutdown)
         return True
@@ -426,7 +420,7 @@ class Connection(FrameLoop):
             raise self._closed_error()
 
     def _closed_error(self) -> ConnectionClosed:
-        return ConnectionClosed(self.close_code or CLOSE_ABNORMAL, self.close_reason)
+        return ConnectionClosed(self.close_code or CloseCode.ABNORMAL_CLOSURE, self.close_reason)
 
     # -- hooks for the server and RpcConnection --
 
@@ -457,8 +451,8 @@ class Connection(FrameLoop):
             s = self.settings
             self._keepalive = Keepalive(
                 self._timer, self._socket_reader, s.ping_interval, s.idle_timeout,
-                ping=lambda: self._queue.put(self._control(OP_PING, b"juggler")),  # not worth waiting for room
-                idle=lambda reason: self._fail(CLOSE_GOING_AWAY, reason),
+                ping=lambda: self._queue.put(self._peer.frame(OP_PING, b"juggler")),  # not worth waiting for room
+                idle=lambda reason: self._fail(CloseCode.GOING_AWAY, reason),
                 closed=lambda: self.closed,
             ).start()  # fmt: skip
             self._read_loop()
@@ -468,7 +462,7 @@ class Connection(FrameLoop):
     def _teardown(self) -> None:
         if not self.closed:
             self._peer_gone = True
-            self._start_close(CLOSE_ABNORMAL, "connection lost")
+            self._start_close(CloseCode.ABNORMAL_CLOSURE, "connection lost")
         try:
             if self._keepalive is not None:
                 self._keepalive.cancel()
@@ -503,17 +497,27 @@ class Connection(FrameLoop):
             self._done.set()
 
     def _read_loop(self) -> None:
-        for opcode, data in self._data_frames():
-            if opcode == OP_BINARY:
-                self._fail(CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
-                continue
-            assert opcode == OP_TEXT
+        peer = self._peer
+        for kind, value in peer_events(self._socket_reader, peer):
+            if kind != OP_TEXT or peer.closing:  # (closing: since a message read with this one)
+                if kind == SEND:  # a pong
+                    self._queue.put(value)  # not worth waiting for room
+                elif kind == CLOSE:
+                    self._start_close(value.answer, value.reason)
+                    return
+                elif kind == FAIL:
+                    self._fail(value.close_code, value.reason)
+                elif kind == OP_BINARY:
+                    self._fail(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
+                continue  # (OP_PONG: nothing to do; and _fail is a no-op once closing)
             try:
-                self._handle(protocol.decode(data))
+                self._handle(protocol.decode(value))
             except ProtocolError as exc:
                 self._fail(exc.close_code, exc.reason)
             except ConnectionClosed:
                 pass  # a reply could not be queued: closing already
+        # the stream ended: without our close frame first, the peer went away
+        self._peer_gone = self._peer_gone or not self.closed
 
     def _handle(self, msg: protocol.Message) -> None:
         if msg.type == protocol.DATA:
@@ -533,19 +537,10 @@ class Connection(FrameLoop):
         else:  # PONG
             self._answered()
 
-    def _answer_close(self, code: int, reason: str) -> None:
-        self._start_close(code, reason)
-
-    def _send_pong(self, data: bytes) -> None:
-        self._queue.put(self._control(OP_PONG, data))
-
     # -- writing --
 
     def _frame(self, data: bytes) -> bytes:
         return encode_frame(OP_TEXT, data, self._mask(4) if self._mask else None)
-
-    def _control(self, opcode: int, data: bytes) -> bytes:
-        return encode_frame(opcode, data, self._mask(4) if self._mask else None)
 
     def _put(self, item: Any) -> None:
         """Queue ``item`` for the writer, waiting up to ``write_timeout`` for room; a peer that
@@ -554,7 +549,7 @@ class Connection(FrameLoop):
         if self._queue.put(item, self.settings.write_timeout):
             return
         if not self.closed:
-            self._fail(CLOSE_POLICY, "peer too slow: write queue full")
+            self._fail(CloseCode.POLICY_VIOLATION, "peer too slow: write queue full")
         raise self._closed_error()
 
     def _autoflush_due(self) -> None:
@@ -620,7 +615,7 @@ class Connection(FrameLoop):
             return
         except Exception:  # a bug in making a patch must not leave the peer out of sync
             self.logger.exception("statesync connection %d: cannot make a DATA patch", self.id)
-            self._start_close(CLOSE_INTERNAL_ERROR, "internal error")
+            self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
             return
         if frame is None:
             return
@@ -667,10 +662,10 @@ class Connection(FrameLoop):
                 closing = self._frames_of(self._queue.get_batch(_WRITE_BATCH), out, flushes)
             except Exception:  # a bug in making a patch must not leave the peer out of sync
                 self.logger.exception("statesync connection %d: cannot make a DATA patch", self.id)
-                self._start_close(CLOSE_INTERNAL_ERROR, "internal error")
+                self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
                 closing = True
             if closing and not self._peer_gone:
-                out.append(encode_close(self.close_code or CLOSE_NORMAL, self.close_reason, self._mask(4) if self._mask else None))
+                out.append(self._peer.close_frame(self.close_code or CloseCode.NORMAL_CLOSURE, self.close_reason))
             sent = not out or self._send(b"".join(out))
             out.clear()
             for f in flushes:
@@ -711,7 +706,7 @@ class Connection(FrameLoop):
         except TimeoutError:
             if not self.closed:
                 self._peer_gone = True
-                self._fail(CLOSE_POLICY, f"peer too slow: a write took over {self.settings.write_timeout:g} s")
+                self._fail(CloseCode.POLICY_VIOLATION, f"peer too slow: a write took over {self.settings.write_timeout:g} s")
         except OSError as exc:
             self._write_failed(exc)
             return False
@@ -722,7 +717,7 @@ class Connection(FrameLoop):
         if not self.closed:
             self.logger.info("statesync connection %d: write failed: %s", self.id, exc)
             self._peer_gone = True
-            self._start_close(CLOSE_ABNORMAL, "write failed")
+            self._start_close(CloseCode.ABNORMAL_CLOSURE, "write failed")
         self._io.shutdown()
 
 

@@ -28,6 +28,7 @@ import jsonpatch
 import jsonpointer
 
 from ..exceptions import ProtocolError
+from ..frames import CloseCode
 from ..message import parse_json
 
 __all__ = [
@@ -57,8 +58,6 @@ PING = "PING"
 PONG = "PONG"
 TYPES = frozenset({DATA, MESSAGE, PING, PONG})
 
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_INVALID_DATA = 1007
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def encode(type: str, payload: Any) -> bytes:
 
 
 def _invalid(reason: str) -> ProtocolError:
-    return ProtocolError(reason, CLOSE_INVALID_DATA)
+    return ProtocolError(reason, CloseCode.INVALID_DATA)
 
 
 def decode(data: Union[bytes, str]) -> Message:
@@ -94,7 +93,7 @@ def decode(data: Union[bytes, str]) -> Message:
     if not isinstance(mtype, str):
         raise _invalid("message has no 'type' string")
     if mtype not in TYPES:
-        raise ProtocolError(f"unknown message type {mtype[:40]!r}", CLOSE_PROTOCOL_ERROR)
+        raise ProtocolError(f"unknown message type {mtype[:40]!r}", CloseCode.PROTOCOL_ERROR)
     if mtype in (DATA, MESSAGE) and "payload" not in obj:
         raise _invalid(f"{mtype} message has no 'payload'")
     payload = obj.get("payload")

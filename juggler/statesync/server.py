@@ -30,7 +30,8 @@ from ..handshake import HandshakeRequest, check_upgrade, http_response, switchin
 from ..listener import Listener, shut
 from ..timer import Timer
 from ..transport import SocketIO, SocketReader, Stopped
-from .connection import CLOSE_GOING_AWAY, Connection, PatchCache, Settings, check_autoflush_delay
+from ..frames import CloseCode
+from .connection import Connection, PatchCache, Settings, check_autoflush_delay
 
 __all__ = ["Server", "listen"]
 
@@ -197,8 +198,8 @@ class Server:
         conn = Connection(io, reader, client=False, settings=self.settings, timer=self.timer,
                           autoflush_delay=self.autoflush_delay, remote_addr=addr, logger=self.logger,
                           patches=self.patches)  # fmt: skip
-        if not self._listener.register(conn, lambda: conn._start_close(CLOSE_GOING_AWAY, "server shutting down")):
-            conn._start_close(CLOSE_GOING_AWAY, "server shutting down")
+        if not self._listener.register(conn, lambda: conn._start_close(CloseCode.GOING_AWAY, "server shutting down")):
+            conn._start_close(CloseCode.GOING_AWAY, "server shutting down")
         handler = threading.Thread(target=self._run_handler, args=(conn,), name=f"juggler-statesync-{conn.id}-handler",
                                    daemon=True)  # fmt: skip  (joined below all the same)
         handler.start()
@@ -215,7 +216,7 @@ class Server:
         except Exception:
             if not conn.closed:
                 self.logger.exception("statesync: on_connection failed for connection %d", conn.id)
-                conn._start_close(1011, "internal server error")
+                conn._start_close(CloseCode.INTERNAL_ERROR, "internal server error")
 
     # -- plain HTTP --
 
