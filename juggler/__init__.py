@@ -24,6 +24,7 @@ from .exceptions import (
     ProtocolError,
     Refusal,
     RemoteError,
+    Stopped,
 )
 from .history import HistoryRule, publish
 from .message import Ack, Call, Evnt, MessageType, Nack, Position, Pub, Res, Sub, Unsb
@@ -72,4 +73,5 @@ __all__ = [
     "JugglerTimeout",
     "CallExpired",
     "AckTimeout",
+    "Stopped",
 ]

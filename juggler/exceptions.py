@@ -19,7 +19,7 @@ Every exception juggler raises derives from :class:`JugglerError`::
     ├── JugglerTimeout         also TimeoutError
     │   ├── CallExpired        a call got no result before its timeout
     │   └── AckTimeout         a request got no ACK/NACK in time
-    └── transport.Stopped      a socket read ended (shut down, deadline, peer gone): raised
+    └── Stopped                a socket read ended (shut down, deadline, peer gone): raised
                                to the code around a read, which ends the connection; it
                                never reaches an application
 
@@ -52,6 +52,7 @@ __all__ = [
     "JugglerTimeout",
     "CallExpired",
     "AckTimeout",
+    "Stopped",
 ]
 
 
@@ -186,3 +187,10 @@ class CallExpired(JugglerTimeout):
 
 class AckTimeout(JugglerTimeout):
     """The server did not answer a request with ACK or NACK in time."""
+
+
+class Stopped(JugglerError):
+    """A read ended because the socket was shut down, its deadline passed, or the peer went
+    away. Raised by :class:`~juggler.transport.SocketReader` to the code around it (the server's and statesync's
+    handshakes, :func:`~juggler.transport.peer_events`), which ends the connection: it never reaches an
+    application."""

@@ -24,7 +24,7 @@ from collections import deque
 from typing import Any, Iterator
 
 from . import gilsend
-from .exceptions import JugglerError, ProtocolError
+from .exceptions import ProtocolError, Stopped
 from .frames import CloseCode
 from .peer import Peer
 
@@ -32,13 +32,6 @@ __all__ = ["Stopped", "SocketIO", "SocketReader", "WriteQueue", "peer_events", "
 
 #: The most bytes one read asks the socket for.
 RECV_SIZE = 262144
-
-
-class Stopped(JugglerError):
-    """A read ended because the socket was shut down, its deadline passed, or the peer went
-    away. Raised by :class:`SocketReader` to the code around it (the server's and statesync's
-    handshakes, :func:`peer_events`), which ends the connection: it never reaches an
-    application."""
 
 
 class SocketIO:

@@ -44,7 +44,7 @@ class PeerReader:
     """Reads a socket (or a :class:`SocketReader`) through a :class:`~juggler.peer.Peer`, one
     event at a time: :meth:`read` returns the next ``(kind, value)``, raises the
     :class:`~juggler.exceptions.ProtocolError` of a ``FAIL``, and
-    :class:`~juggler.transport.Stopped` when the stream ends. A server side by default (the
+    :class:`~juggler.exceptions.Stopped` when the stream ends. A server side by default (the
     frames read must be masked); ``client=True`` reads a server's frames."""
 
     def __init__(self, source: Any, *, client: bool = False, limit: int = 1 << 20) -> None:

@@ -326,7 +326,7 @@ def test_exports_match_the_docs():
         "MessageType", "Call", "Pub", "Sub", "Unsb", "Ack", "Nack", "Res", "Evnt", "Position", "HistoryRule", "publish",
         "JugglerError", "ProtocolError", "BrokerError", "CapacityExceeded", "PayloadTooLarge",
         "HandshakeError", "Refusal", "ConfigError",
-        "ConnectionClosed", "NackError", "RemoteError", "JugglerTimeout", "CallExpired", "AckTimeout",
+        "ConnectionClosed", "NackError", "RemoteError", "JugglerTimeout", "CallExpired", "AckTimeout", "Stopped",
     }  # fmt: skip
     assert set(juggler.__all__) == documented
     for name in documented:

@@ -10,11 +10,6 @@ from juggler import exceptions
 
 __all__: list[str] = []
 
-# issue 24, point 6: transport.Stopped is being made private or joined to the tree on its own
-# branch; drop it from here when that lands.
-NOT_YET = {"juggler.transport.Stopped"}
-
-
 def _exception_classes():
     for info in pkgutil.walk_packages(juggler.__path__, "juggler."):
         if info.name.endswith("__main__"):  # runs the command line when imported
@@ -32,7 +27,7 @@ def test_public_exceptions_are_juggler_errors_defined_in_one_place():
         if not cls.__name__.startswith("_")
         and (cls.__module__ != "juggler.exceptions" or not issubclass(cls, juggler.JugglerError))
     }
-    assert stray - NOT_YET == set(), "make these private, or put them in juggler/exceptions.py under JugglerError"
+    assert stray == set(), "make these private, or put them in juggler/exceptions.py under JugglerError"
 
 
 def test_the_tree_in_the_docstring_has_every_exception_and_all_are_exported():
