@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import resource
+import selectors
 import shlex
 import shutil
 import signal
@@ -399,6 +400,28 @@ def send_or_queue(sock: socket.socket, queued: bytes, frame: bytes) -> bytes:
     except BlockingIOError:
         k = 0
     return frame[k:]
+
+
+def write_queued(sel: Any, sub: Any, connecting: int, handshake: int) -> Optional[tuple[str, str]]:
+    """A non-blocking subscriber's socket (``sub.sock``, ``.state``, ``.out``) is writable:
+    finish its connect (``connecting`` -> ``handshake``), send what is queued, and watch it for
+    reading once all is sent. Returns None, or ``(step, reason)`` when the socket failed, step
+    being ``"connect"`` or ``"send"``."""
+    if sub.state == connecting:
+        err = sub.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            return "connect", f"connect: {errno.errorcode.get(err, err)}"
+        sub.state = handshake
+    try:
+        k = sub.sock.send(sub.out)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        return "send", f"send: {errname(exc)}"
+    sub.out = sub.out[k:]
+    if not sub.out:
+        sel.modify(sub.sock, selectors.EVENT_READ, sub)
+    return None
 
 
 def close_frame(code: int = 1000, reason: str = "") -> bytes:

@@ -181,20 +181,10 @@ class Subscribers:
         self.sel.register(sock, selectors.EVENT_WRITE, sub)
 
     def _writable(self, sub: Sub) -> None:
-        if sub.state == CONNECTING:
-            err = sub.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                return self._fail(sub, f"connect: {errno.errorcode.get(err, err)}")
-            sub.state = HANDSHAKE
-        try:
-            k = sub.sock.send(sub.out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            return self._lost(sub, f"send: {c.errname(exc)}")
-        sub.out = sub.out[k:]
-        if not sub.out:
-            self.sel.modify(sub.sock, selectors.EVENT_READ, sub)
+        failed = c.write_queued(self.sel, sub, CONNECTING, HANDSHAKE)
+        if failed is not None:
+            step, reason = failed
+            (self._fail if step == "connect" else self._lost)(sub, reason)
 
     def _readable(self, sub: Sub) -> None:
         try:

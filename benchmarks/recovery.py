@@ -159,20 +159,9 @@ class Subscribers:
 
     def _writable(self, sub: Sub) -> None:
         assert sub.sock is not None
-        if sub.state == CONNECTING:
-            err = sub.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                return self.lost(sub, f"connect: {errno.errorcode.get(err, err)}")
-            sub.state = HANDSHAKE
-        try:
-            k = sub.sock.send(sub.out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            return self.lost(sub, f"send: {c.errname(exc)}")
-        sub.out = sub.out[k:]
-        if not sub.out:
-            self.sel.modify(sub.sock, selectors.EVENT_READ, sub)
+        failed = c.write_queued(self.sel, sub, CONNECTING, HANDSHAKE)
+        if failed is not None:
+            self.lost(sub, failed[1])
 
     def _readable(self, sub: Sub) -> None:
         assert sub.sock is not None
