@@ -334,7 +334,7 @@ def cmd_callee(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     rpc, _, brokers = _brokers(cfg)
     metrics = None
     try:
-        callee = Callee(rpc, workers=cfg["workers"])
+        callee = Callee(rpc, **_callee_kwargs(cfg))
         for uri, fn in functions.items():
             callee.register(uri, fn)
         if cfg["metrics_port"] is not None:
@@ -688,6 +688,11 @@ _RUN = {"demo": cmd_demo, "server": cmd_server, "callee": cmd_callee, "client": 
 #: The exit status when the reader of stdout went away (128 + SIGPIPE, what a shell reports for a
 #: tool that SIGPIPE stopped).
 EXIT_BROKEN_PIPE = 141
+
+
+def _callee_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~juggler.callee.Callee` keywords that ``juggler callee``'s settings give."""
+    return {"workers": cfg["workers"], "waiting": None if cfg["waiting"] == "all" else cfg["waiting"]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

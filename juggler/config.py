@@ -77,6 +77,12 @@ def _optional_port(value: Any) -> Optional[int]:
     return whole(0, 65535)(value)
 
 
+def _waiting(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    return whole(1)(value)
+
+
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -162,6 +168,9 @@ SETTINGS: dict[str, Setting] = {
            group="redis"),
         _s("result_cap", whole(0), 0, "most pending results per connection (0: no cap)", metavar="N", group="redis"),
         _s("workers", whole(1), 8, "callee worker threads", metavar="N"),
+        _s("waiting", _waiting, 2, "callee workers that wait on redis while calls are quick, the others "
+           "parked until a call needs them (all: every worker waits, as each call then comes alone)",
+           metavar="N|all"),
         _s("processes", whole(1, 256), 1, "processes to run: callee, each with its own redis connections and "
            "--workers threads (metrics: --metrics-port + i for process i); load, each driving its share "
            "of the connections (one merged report)", metavar="N"),
@@ -187,7 +196,7 @@ COMMANDS: dict[str, list[str]] = {
     "server": sorted(["redis", "pubsub_redis", "call_cap", "result_cap", *SERVER_SETTINGS, "max_args_size", "cpu",
                       "switch_interval", "log_messages", "log_level"], key=lambda name: GROUPS.index(SETTINGS[name].group)),
     "publish": ["redis", "history", "log_level"],
-    "callee": ["redis", "workers", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
+    "callee": ["redis", "workers", "waiting", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],
     "load": ["connections", "processes", "rate", "duration", "timeout", "uri", "payload", "metrics", "log_level"],
     "statesync-demo": ["host", "port", "path", "certfile", "keyfile", "log_level"],

@@ -173,6 +173,34 @@ def test_server_with_embedded_redis_and_callee_in_another_process(procs):
     assert server.stop() == 0
 
 
+@pytest.mark.parametrize("value, expected", [(None, 2), ("all", None), ("3", 3)])
+def test_callee_waiting_reaches_the_pool(value, expected):
+    """--waiting N|all: how many workers wait on redis while calls are quick (all: None)."""
+    from juggler.cli import _callee_kwargs
+
+    flags = {} if value is None else {"waiting": value}
+    cfg, _ = load("callee", flags, env={})
+    assert _callee_kwargs(cfg) == {"workers": 8, "waiting": expected}
+
+
+def test_a_callee_with_every_worker_waiting_serves_calls(procs):
+    server = procs("server", "--port", "0")
+    url = server.expect(r"websocket: (ws://\S+)").group(1)
+    command = server.expect(r"^callees: +(juggler callee .*)$").group(1)
+    callee = procs(*command.split()[1:], "--workers", "2", "--waiting", "all")
+    callee.expect(r"callee: serving test\.echo")
+    out = juggler("client", url, "call", "test.reverse", '"abc"')
+    assert (out.returncode, out.stdout) == (0, '"cba"\n')
+    assert callee.stop() == 0
+    assert server.stop() == 0
+
+
+def test_callee_waiting_is_at_least_one():
+    out = juggler("callee", "--redis", "redis://127.0.0.1:1/0", "--waiting", "0", "--print-config")
+    assert out.returncode == 2
+    assert "bad value for waiting (from flag --waiting): 0 is out of range" in out.stderr
+
+
 def test_callee_serves_functions_named_on_the_command_line(procs, tmp_path):
     (tmp_path / "myrpc.py").write_text(
         "def add(args):\n    return args[0] + args[1]\n\n"
