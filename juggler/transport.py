@@ -20,7 +20,6 @@ import ssl
 import struct
 import threading
 import time
-from collections import deque
 from typing import Any, Iterator
 
 from . import gilsend
@@ -32,6 +31,10 @@ __all__ = ["Stopped", "SocketIO", "SocketReader", "WriteQueue", "peer_events", "
 
 #: The most bytes one read asks the socket for.
 RECV_SIZE = 262144
+#: Seconds: a blocking read that waited longer found its connection idle, and the next one
+#: waits without a buffer (see :meth:`SocketReader._recv`).
+IDLE_WAIT = 0.05
+_MSG_PEEK = getattr(socket, "MSG_PEEK", 0)
 
 
 class SocketIO:
@@ -173,6 +176,7 @@ class SocketReader:
         self._pos = 0
         #: time.monotonic() of the last bytes received (for idle detection)
         self.last_recv = time.monotonic()
+        self._idle = True  # whether the last blocking read waited long (see _recv)
 
     def read_some(self) -> bytes:
         """The next bytes: those left buffered by :meth:`read_until`, else what one read
@@ -187,14 +191,22 @@ class SocketReader:
     def _recv(self) -> bytes:
         io = self.io
         if io.blocking and self.deadline is None:
-            # one recv that sleeps until bytes come, the peer closes, or a shutdown wakes it
+            # One recv that sleeps until bytes come, the peer closes, or a shutdown wakes it.
+            # Python's recv allocates its whole buffer before it sleeps: a connection that is
+            # idle (its last read waited long, or none came yet) first waits with a peek of
+            # one byte instead, so that it holds no RECV_SIZE buffer while it stays idle.
+            sock = io.sock
+            started = time.monotonic()
             try:
-                data = io.sock.recv(RECV_SIZE)
+                if self._idle and not sock.recv(1, _MSG_PEEK):
+                    raise Stopped("peer closed the connection")
+                data = sock.recv(RECV_SIZE)
             except OSError as exc:
                 raise Stopped(f"read failed: {exc}") from None
             if not data or io._shut:
                 raise Stopped("peer closed the connection")
-            self.last_recv = time.monotonic()
+            self.last_recv = now = time.monotonic()
+            self._idle = now - started > IDLE_WAIT
             return data
         while True:
             wait_ms = -1
@@ -257,33 +269,56 @@ class WriteQueue:
     :meth:`release`. A sender may instead :meth:`claim` the socket to write a message itself,
     which it gets only when nothing is queued and nobody writes: so messages go out in the
     order they were sent, whichever thread writes them.
+
+    One thread, the writer, calls :meth:`get_batch`: it sleeps on a lock of its own, which
+    whoever queues for it releases (no :class:`threading.Condition`, whose waiters' deque and
+    a new lock per wait an idle connection would pay for). The condition that a :meth:`put`
+    waits for room on is made the first time the queue is full.
     """
+
+    __slots__ = ("maxsize", "_items", "_lock", "_wake", "_sleeping", "_not_full", "_closed", "_busy")
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._items: deque[Any] = deque()
-        self._lock = lock = threading.Lock()  # (taken bare where no wait or notify follows)
-        self._not_empty = threading.Condition(lock)
-        self._not_full = threading.Condition(lock)
+        self._items: list[Any] = []  # (a list: short, and a deque costs ~600 bytes idle)
+        self._lock = threading.Lock()
+        self._wake: Any = None  # the writer's lock, held but while a wake-up is due (get_batch)
+        self._sleeping = False  # the writer sleeps on _wake (or is about to)
+        self._not_full: Any = None  # a Condition on _lock, once a put waits for room
         self._closed = False
         self._busy = False  # a thread is writing to the socket
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def _notify_writer(self) -> None:
+        """(Under the lock.) Wake the writer if it sleeps."""
+        if self._sleeping:
+            self._sleeping = False
+            self._wake.release()
+
+    def _notify_room(self) -> None:
+        """(Under the lock.) Wake the puts waiting for room."""
+        if self._not_full is not None:
+            self._not_full.notify_all()
+
     def put(self, item: Any, timeout: float = 0.0) -> bool:
         """Queue ``item``; ``False`` if the queue stayed full for ``timeout`` seconds, or is
         closed."""
-        with self._not_full:
+        with self._lock:
             if len(self._items) >= self.maxsize:
-                if timeout <= 0 or not self._not_full.wait_for(
-                    lambda: len(self._items) < self.maxsize or self._closed, timeout
-                ):
+                if timeout <= 0:
+                    return False
+                if self._not_full is None:
+                    self._not_full = threading.Condition(self._lock)
+                if not self._not_full.wait_for(lambda: len(self._items) < self.maxsize or self._closed, timeout):
                     return False
             if self._closed:
                 return False
             self._items.append(item)
-            self._not_empty.notify()
+            if self._sleeping:
+                self._sleeping = False
+                self._wake.release()
             return True
 
     def close(self, marker: Any, discard: bool = False) -> None:
@@ -291,7 +326,7 @@ class WriteQueue:
         it first); with ``discard``, drop what is queued, but for bytes at its head: the rest
         of a frame already begun on the socket (see :meth:`put_first`), which must be
         finished or what follows would land inside it."""
-        with self._not_full:
+        with self._lock:
             if discard:
                 items = self._items
                 head = items[0] if items and isinstance(items[0], (bytes, bytearray, memoryview)) else None
@@ -300,20 +335,38 @@ class WriteQueue:
                     items.append(head)
             self._closed = True
             self._items.append(marker)
-            self._not_empty.notify()
-            self._not_full.notify_all()
+            self._notify_writer()
+            self._notify_room()
 
     def get_batch(self, most: int) -> list[Any]:
         """Up to ``most`` items, in order, and the socket (:meth:`release` it); blocks until
-        there is at least one and nobody else writes."""
-        with self._not_empty:
+        there is at least one and nobody else writes. (The writer thread only.)"""
+        lock = self._lock
+        lock.acquire()
+        try:
             while not self._items or self._busy:
-                self._not_empty.wait()
+                wake = self._wake
+                if wake is None:
+                    wake = self._wake = threading.Lock()
+                    wake.acquire()
+                self._sleeping = True
+                lock.release()
+                try:
+                    wake.acquire()  # released by _notify_writer
+                finally:
+                    lock.acquire()
             items = self._items
-            batch = [items.popleft() for _ in range(min(most, len(items)))]
+            if len(items) <= most:
+                self._items = []
+                batch = items
+            else:
+                batch = items[:most]
+                del items[:most]
             self._busy = True
-            self._not_full.notify_all()
+            self._notify_room()
             return batch
+        finally:
+            lock.release()
 
     def claim(self) -> bool:
         """Take the socket to write one message now: only if nothing is queued, nobody
@@ -327,21 +380,22 @@ class WriteQueue:
     def release(self) -> None:
         with self._lock:
             self._busy = False
-            if self._items:
-                self._not_empty.notify()
+            if self._items and self._sleeping:
+                self._sleeping = False
+                self._wake.release()
 
     def put_first(self, item: Any, last: bool = False) -> bool:
         """Queue ``item`` whatever the bound: first in line (the unwritten rest of a frame,
         by the thread that claimed the socket), or with ``last`` at the end (a place kept for a thread
         not done yet: see :meth:`juggler.Conn.ordered`). ``False`` if the queue is closed."""
-        with self._not_empty:
+        with self._lock:
             if self._closed:
                 return False
             if last:
                 self._items.append(item)
             else:
-                self._items.appendleft(item)
-            self._not_empty.notify()
+                self._items.insert(0, item)
+            self._notify_writer()
             return True
 
 
