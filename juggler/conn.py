@@ -51,6 +51,7 @@ from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_PING, OP_TEXT, CloseCode, encode_frame
 from .handshake import HandshakeRequest
+from .listener import start_thread
 from .settings import ConnSettings
 from .peer import CLOSE, FAIL, OP_BINARY, SEND, Peer
 from .transport import SocketIO, SocketReader, WriteQueue, peer_events
@@ -388,7 +389,7 @@ class Conn(ConnCalls):
         must follow."""
         if self._writer is None:
             t = threading.Thread(target=self._write_loop, name=f"juggler-conn-{self.id}-writer", daemon=CONN_THREAD_DAEMON)
-            t.start()
+            start_thread(t)
             self._writer = t  # only once started: teardown joins what runs
             s = self.settings
             self._keepalive = Keepalive(

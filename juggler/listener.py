@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 from . import gilsend
 from .handshake import http_response
 
-__all__ = ["Listener", "shut", "AT_LIMIT", "OUT_OF_THREADS", "OUT_OF_THREADS_LOG_INTERVAL"]
+__all__ = ["Listener", "shut", "start_thread", "AT_LIMIT", "OUT_OF_THREADS", "OUT_OF_THREADS_LOG_INTERVAL"]
 
 #: The reason of the HTTP 503 a connection gets beyond the thread limit.
 AT_LIMIT = "server at its connection limit"
@@ -202,7 +202,7 @@ class Listener:
                 self._refuse(sock, AT_LIMIT)
             return
         try:
-            t.start()
+            start_thread(t)
         except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
             with self._lock:
                 self._threads.discard(t)
@@ -245,6 +245,28 @@ class Listener:
         self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the "
                           "last report); see kernel.pid_max, vm.max_map_count and memory",
                           address, exc, count)  # fmt: skip
+
+
+# What start_thread gives every thread it starts instead of an Event and a closure of its own.
+_STARTED = threading.Event()
+_STARTED.set()
+_make_hook = getattr(threading, "_make_invoke_excepthook", None)
+_INVOKE_EXCEPTHOOK = _make_hook() if _make_hook is not None else None
+
+
+def start_thread(t: threading.Thread) -> None:
+    """``t.start()``, for a thread of which there is one or two per connection: it then
+    drops what a :class:`threading.Thread` keeps only for its start (its ``_started``
+    :class:`threading.Event`, a :class:`threading.Condition` with its deque and lock, set
+    once for good) and its own copy of the closure that reports an exception in it, sharing
+    one of each instead: about 1.5 KiB and 15 objects for the garbage collector per thread.
+    CPython only reads ``_started`` after the start to see that it is set, and that closure
+    captures nothing of the thread; where either is not what this expects, nothing changes."""
+    if _INVOKE_EXCEPTHOOK is not None and callable(getattr(t, "_invoke_excepthook", None)):
+        t._invoke_excepthook = _INVOKE_EXCEPTHOOK  # type: ignore[attr-defined]
+    t.start()
+    if type(getattr(t, "_started", None)) is threading.Event:
+        t._started = _STARTED  # type: ignore[attr-defined]
 
 
 def shut(sock: socket.socket) -> None:
