@@ -122,6 +122,18 @@ class Conn(ConnCalls):
     why.
     """
 
+    # Slots, not a dict: an idle connection is mostly this object. (Its base keeps a __dict__,
+    # so an application may still set attributes of its own.)
+    __slots__ = (
+        "id", "uuid", "remote_addr", "request", "allowed", "state", "close_code", "close_reason", "settings",
+        "broker", "pubsub_broker", "logger", "ack_lock", "_svc", "_io", "_socket_reader", "_peer", "_queue",
+        "_close_lock", "_closing_since", "_peer_gone", "_writer", "_holder", "_slot", "_out", "_out_msgs",
+        "_keepalive", "_close_deadline", "_held", "_held_lock",
+        # (juggler.conn_calls)
+        "_calls", "_calls_next_deadline", "_calls_count_at", "_results", "_results_thread", "_results_stop",
+        "_results_stopping", "_health", "_listener_health", "_fail_fast", "_ahead", "_store_watch", "_watch_lock",
+        "_read_at", "_ack_deferred",
+    )  # fmt: skip
     _ids = 0
     _ids_lock = threading.Lock()
 
@@ -392,12 +404,18 @@ class Conn(ConnCalls):
             start_thread(t)
             self._writer = t  # only once started: teardown joins what runs
             s = self.settings
-            self._keepalive = Keepalive(
-                self._svc.timer, self._socket_reader, s.ping_interval, s.idle_timeout,
-                ping=lambda: self._queue_frame(self._peer.frame(OP_PING, b"juggler")),
-                idle=lambda reason: self._fail(CloseCode.GOING_AWAY, reason),
-                closed=lambda: self.closed,
-            ).start()  # fmt: skip
+            self._keepalive = Keepalive(self._svc.timer, self._socket_reader, s.ping_interval, s.idle_timeout,
+                                        ping=self._ping, idle=self._idle_timeout, closed=self._is_closed).start()  # fmt: skip
+
+    # (the keepalive's callbacks: bound methods cost an idle connection less than closures)
+    def _ping(self) -> None:
+        self._queue_frame(self._peer.frame(OP_PING, b"juggler"))
+
+    def _idle_timeout(self, reason: str) -> None:
+        self._fail(CloseCode.GOING_AWAY, reason)
+
+    def _is_closed(self) -> bool:
+        return self._closing_since is not None
 
     def run(self) -> None:
         """Serve the connection on the calling (reader) thread until it closes."""

@@ -87,7 +87,7 @@ class ConnCalls:
         self._results: Optional[Broker] = None
         self._results_thread: Optional[threading.Thread] = None
         self._results_stop = False
-        self._results_stopping = threading.Event()  # (the same, for RedisHealth.wait_turn)
+        self._results_stopping: Optional[threading.Event] = None  # (the same, for RedisHealth.wait_turn; made with the thread)
         self._health = services.health
         self._listener_health = services.health  # (its node's, on a cluster: listen_for_results)
         # a CALL fails fast while the health says redis is down; not on a Redis Cluster, where
@@ -157,6 +157,7 @@ class ConnCalls:
                 results.call_deadlines = self._calls
                 # and, knowing which calls are in flight, store them (store_call_ahead)
                 self._ahead = bool(self.settings.max_calls_in_flight) and results.follow_calls(self._calls)
+            self._results_stopping = threading.Event()
             t = threading.Thread(
                 target=self._results_loop, name=f"juggler-conn-{self.id}-results", daemon=CONN_THREAD_DAEMON
             )
@@ -266,6 +267,7 @@ class ConnCalls:
         if thread is None or results is None:
             return
         self._results_stop = True
+        assert self._results_stopping is not None
         self._results_stopping.set()
         health = self._listener_health
         if not health.up:  # it may be waiting for its turn to reconnect
@@ -345,6 +347,7 @@ class ConnCalls:
         ``False``: the listener stops."""
         follow = broker.follow_slot if isinstance(broker, RedisBroker) else None
         stopping = self._results_stopping
+        assert stopping is not None  # (made before this thread started)
         look = exc is not None  # (look up the key's node: refreshing the slot map after a failure)
         # its node answered MOVED, ASK or UNBLOCKED: not down (see RedisBroker.moved)
         answered = exc is not None and getattr(broker, "moved", False)

@@ -25,7 +25,7 @@ import os
 import socket
 from typing import Optional
 
-__all__ = ["AVAILABLE", "send_nowait", "recv_nowait", "readable_nowait", "sendall", "shutdown_and_close"]
+__all__ = ["AVAILABLE", "send_nowait", "recv_nowait", "readable_nowait", "sendall", "setsockopt", "shutdown_and_close"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SEND_FLAGS = _DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -49,6 +49,9 @@ try:
     _close = _libc.close
     _close.argtypes = [ctypes.c_int]
     _close.restype = ctypes.c_int
+    _setsockopt = _libc.setsockopt
+    _setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    _setsockopt.restype = ctypes.c_int
     AVAILABLE = True
 except (OSError, AttributeError):  # pragma: no cover - not a POSIX system
     AVAILABLE = False
@@ -96,6 +99,19 @@ def recv_nowait(fd: int, buf: "ctypes.Array[ctypes.c_char]") -> Optional[bytes]:
         return b""
     _would_wait()
     return None
+
+
+def setsockopt(sock: socket.socket, level: int, option: int, value: bytes) -> None:
+    """``sock.setsockopt(level, option, value)`` for a ``bytes`` value (a ``struct timeval``),
+    straight to the C library: Python's method first tries two other forms of its arguments,
+    and formats an error for each (for one, with ``sprintf``, whose stack use alone gives
+    every connection's reader thread one more page of stack to keep)."""
+    if not AVAILABLE:
+        sock.setsockopt(level, option, value)
+        return
+    if _setsockopt(sock.fileno(), level, option, value, len(value)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def sendall(sock: socket.socket, data: bytes) -> None:

@@ -193,7 +193,7 @@ class Listener:
                 # lock per non-daemon thread and scans all of them whenever one ends, which
                 # made closing 10,000 connections take minutes (quadratic).
                 name = self._conn_name.format(host=address[0], port=address[1], n=self._count)
-                t = threading.Thread(target=self._run, args=(sock, address), name=name, daemon=True)
+                t = _ConnThread(self._run, sock, address, name)
                 self._threads.add(t)
         if t is None:
             if closing:
@@ -245,6 +245,20 @@ class Listener:
         self.logger.error("cannot start a thread for %s (%s): refused with HTTP 503 (%d refused since the "
                           "last report); see kernel.pid_max, vm.max_map_count and memory",
                           address, exc, count)  # fmt: skip
+
+
+class _ConnThread(threading.Thread):
+    """A connection's thread: ``run(sock, address)``, called without the ``*args`` call of
+    :meth:`threading.Thread.run`, which costs a C stack frame for the thread's lifetime."""
+
+    def __init__(self, run: Callable[[socket.socket, Any], None], sock: socket.socket, address: Any, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._conn: Any = (run, sock, address)
+
+    def run(self) -> None:
+        run, sock, address = self._conn
+        self._conn = None
+        run(sock, address)
 
 
 # What start_thread gives every thread it starts instead of an Event and a closure of its own.

@@ -134,6 +134,9 @@ class Keepalive:
     true, or on :meth:`cancel`. The callbacks run on the timer's thread and must not wait.
     """
 
+    __slots__ = ("timer", "reader", "ping_interval", "idle_timeout", "_ping", "_idle", "_closed", "_pinged_at",
+                 "_handle", "_cancelled")  # fmt: skip
+
     def __init__(self, timer: Timer, reader: _LastRecv, ping_interval: float, idle_timeout: float,
                  ping: Callable[[], None], idle: Callable[[str], None], closed: Callable[[], bool]) -> None:  # fmt: skip
         self.timer, self.reader = timer, reader

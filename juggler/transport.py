@@ -14,6 +14,7 @@ the two); the :class:`~juggler.client.Client` reads and writes its frames the sa
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -35,6 +36,7 @@ RECV_SIZE = 262144
 #: waits without a buffer (see :meth:`SocketReader._recv`).
 IDLE_WAIT = 0.05
 _MSG_PEEK = getattr(socket, "MSG_PEEK", 0)
+_NO_LOCK = contextlib.nullcontext()  # (reusable, and shared)
 
 
 class SocketIO:
@@ -57,7 +59,8 @@ class SocketIO:
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.write_timeout = write_timeout
         self._write_lock = threading.Lock()  # one frame at a time
-        self._tls_lock = threading.Lock()  # one OpenSSL call at a time (TLS only)
+        # one OpenSSL call at a time (TLS only; a plain socket's shutdown needs none)
+        self._tls_lock: Any = threading.Lock() if self.tls else _NO_LOCK
         # Set by shutdown(). SSLSocket.shutdown drops its SSL object: later reads would return
         # raw ciphertext still queued in the kernel, so they end here instead.
         self._shut = False
@@ -69,10 +72,10 @@ class SocketIO:
             sock.settimeout(None)
             seconds = int(write_timeout)
             micros = int(round((write_timeout - seconds) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, max(micros, 0 if seconds else 1000)))
+            timeval = struct.pack("ll", seconds, max(micros, 0 if seconds else 1000))
+            gilsend.setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             self.blocking = True
-        self._readable = select.poll()
-        self._readable.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        self._readable: Any = None  # a select.poll of the socket, made by the first wait_readable
 
     def wait_readable(self, timeout_ms: int = -1) -> bool:
         """Whether a :meth:`recv` may have something, waiting up to ``timeout_ms`` (-1: with
@@ -81,7 +84,13 @@ class SocketIO:
             with self._tls_lock:
                 if self._shut or self.sock.pending():  # pending: decrypted bytes poll cannot see
                     return True
-        return bool(self._readable.poll(timeout_ms))
+        readable = self._readable
+        if readable is None:
+            if self.sock.fileno() < 0:  # closed: the read fails at once
+                return True
+            readable = self._readable = select.poll()
+            readable.register(self.sock.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(readable.poll(timeout_ms))
 
     def recv(self, n: int) -> bytes | None:
         """Up to ``n`` bytes (``b""`` when the peer closed); ``None`` if none are ready yet."""

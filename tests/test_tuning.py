@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import signal
 import socket
@@ -193,6 +194,8 @@ def test_tune_process_applies_each_setting_and_says_what_it_did():
     assert tuned["open_files"] == [nofile[0], hard]
     assert after["cpus"] == before["cpus"] and tuned["cpu"] is None  # cpu="none"
     assert tuned["capacity"] == (tuned["capacity"] or 1) > 0
+    # one malloc arena for the threads started from now on (glibc only)
+    assert tuned["malloc_arenas"] == (1 if platform.libc_ver()[0] == "glibc" else None)
     if before["futex"] is None:  # a kernel before 6.16: nothing to size
         assert after["futex"] is None and tuned["futex_hash_slots"] is None
     else:  # a slot per thread of 5000 connections (3 each, and some), a power of two
@@ -225,7 +228,8 @@ def test_juggler_server_tunes_its_process():
     server = Proc("server", "--port", "0", "--cpu", "none", "--max-connections", "2000", "--log-level", "info")
     try:
         m = server.expect(r"process tuned: thread stacks of (\d+) KiB, GIL switch interval (\S+) s, "
-                          r"futex hash slots (\d+|\(none on this kernel\))", stream="err")  # fmt: skip
+                          r"futex hash slots (\d+|\(none on this kernel\)), malloc arenas (1|\(unchanged\))",
+                          stream="err")  # fmt: skip
         assert int(m.group(1)) * 1024 == tuning.THREAD_STACK_SIZE and float(m.group(2)) == 1.0
         assert m.group(3) == "(none on this kernel)" or int(m.group(3)) >= 8192  # 3 * 2000 + reserve
         server.expect(r"websocket: ws://")
