@@ -193,6 +193,7 @@ class _Handler(websocket_server.WebSocketHandler):
                 self._refuse(io, Refusal(431, "Request Header Fields Too Large", exc.reason))
                 return
             request = HandshakeRequest.parse(head)
+            del head  # (this frame lasts as long as the connection)
             if jserver._serve_web(io, request) or jserver._serve_http(io, request):
                 return
             allowed, protocol = jserver._check_handshake(request)
@@ -244,6 +245,7 @@ class _Handler(websocket_server.WebSocketHandler):
                 # close handshake, and its teardown gives the slot back and announces CLOSED.
                 conn.close(CloseCode.GOING_AWAY, "server shutting down")
             reader.deadline = None  # from now on, reads wait for as long as the peer is silent
+            io.untimed_reads()
             return conn
         finally:
             if not handed_over:

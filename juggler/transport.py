@@ -92,6 +92,12 @@ class SocketIO:
             readable.register(self.sock.fileno(), select.POLLIN | select.POLLPRI)
         return bool(readable.poll(timeout_ms))
 
+    def untimed_reads(self) -> None:
+        """Reads no longer wait with a timeout (the handshake is over): a plain socket's reads
+        block in ``recv``, so the poll object made for the timed ones goes."""
+        if self.blocking:
+            self._readable = None
+
     def recv(self, n: int) -> bytes | None:
         """Up to ``n`` bytes (``b""`` when the peer closed); ``None`` if none are ready yet."""
         if not self.tls:
@@ -249,7 +255,11 @@ class SocketReader:
             self._fill()
         start = self._pos
         self._pos += n
-        return bytes(self._buf[start : self._pos])
+        data = bytes(self._buf[start : self._pos])
+        if self._pos == len(self._buf):  # all read: an idle connection keeps no buffer
+            self._buf.clear()
+            self._pos = 0
+        return data
 
     def read_until(self, marker: bytes, limit: int) -> bytes:
         """Bytes up to and including ``marker``; :class:`ProtocolError` (1009) when they are
