@@ -52,6 +52,7 @@ from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_PING, OP_TEXT, CloseCode, encode_frame
 from .handshake import HandshakeRequest
 from .settings import ConnSettings
+from .replies import reply_frame
 from .peer import CLOSE, FAIL, OP_BINARY, SEND, Peer
 from .transport import SocketIO, SocketReader, WriteQueue, peer_events
 
@@ -96,6 +97,10 @@ class ConnServices:
     #: called on the reader thread once the connection is over and its resources released
     on_closed: Callable[["Conn"], None]
     logger: logging.Logger
+    #: the write limit when the server's own ``encode`` is the encoder: then ACK, NACK and RES
+    #: frames are built directly (:func:`~juggler.replies.reply_frame`, the same bytes);
+    #: ``None``: every message goes through ``encode``
+    reply_limit: Optional[int] = None
 
 
 class _Slot:
@@ -499,8 +504,13 @@ class Conn(ConnCalls):
     def _frame(self, msg: Message) -> Optional[bytes]:
         """The text frame of ``msg``; ``None`` to drop it (the server's encode says so, or it
         cannot be encoded: logged, and the connection goes on)."""
+        svc = self._svc
         try:
-            data = self._svc.encode(self, msg)
+            if svc.reply_limit is not None:
+                frame = reply_frame(msg, svc.reply_limit)
+                if frame is not None:
+                    return frame
+            data = svc.encode(self, msg)
         except (TypeError, ValueError) as exc:
             self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
             return None

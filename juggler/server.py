@@ -420,6 +420,7 @@ class Server:
             observe_result_delivery=self.metrics.result_delivery.observe,
             on_closed=self._conn_closed,
             logger=self.logger,
+            reply_limit=self.settings.write_limit if type(self).encode is Server.encode else None,
         )
 
     def __repr__(self) -> str:
