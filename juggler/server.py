@@ -29,7 +29,7 @@ from .exceptions import ProtocolError, Refusal, RefuseConnection
 from .frames import CloseCode
 from .message import SUBPROTOCOL, Ack, MessageType, Nack, Res, encode, error_result
 from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics, ThreadCounters
-from .middleware import Handler, process_msg, writes_events_as_sent
+from .middleware import Handler, HandlerSlot, process_msg
 from .health import RedisHealth
 from .history import History, record_history
 from .pubsub import PubSubHub
@@ -316,7 +316,7 @@ class Server:
         self.settings = settings = _settings(settings, kwargs)
         self.broker = broker
         self.pubsub_broker = pubsub_broker if pubsub_broker is not None else broker
-        self.handler: Handler = handler or process_msg
+        self._handler = HandlerSlot(handler or process_msg)  # (the connections share it)
         self.on_state = on_state
         origins = settings.allowed_origins
         self.allowed_origins = [o.lower() for o in origins] if origins is not None else None
@@ -348,6 +348,16 @@ class Server:
         self._health_checking = False  # a thread PINGs redis for the next answer
         self._http = self._metrics_endpoints(settings.metrics_listen)
         self._services = self._conn_services()
+
+    @property
+    def handler(self) -> Handler:
+        """What runs each message read or sent (see :mod:`juggler.middleware`); replacing it
+        takes effect on every connection at once."""
+        return self._handler.handler
+
+    @handler.setter
+    def handler(self, handler: Handler) -> None:
+        self._handler.set(handler)
 
     def __getattr__(self, name: str) -> Any:
         # the settings as attributes (server.read_limit); only called for what is not found
@@ -400,7 +410,7 @@ class Server:
             timer=self.timer,
             health=self.redis_health,
             listener_health=self.node_health,
-            handler=lambda conn, msg: self.handler(conn, msg),  # the attribute may be replaced
+            handler=self._handler,  # (Server.handler may be replaced)
             encode=self.encode,
             event_write_limit=self._event_write_limit,
             incr=self.stats.incr,
@@ -694,7 +704,7 @@ class Server:
     def _event_write_limit(self) -> Optional[int]:
         """See ConnServices.event_write_limit: the write limit, unless the handler (which may
         be replaced) or a subclass's encode must see every EVNT."""
-        if type(self).encode is Server.encode and writes_events_as_sent(self.handler):
+        if type(self).encode is Server.encode and self._handler.writes_as_sent:
             return self.settings.write_limit
         return None
 
