@@ -19,8 +19,9 @@ from .message import Ack, Message, MessageType, Nack, Res, _dumps
 
 __all__ = ["reply_frame"]
 
-#: The header of a text frame of each payload length under 126 (:func:`reply_frame`).
-_SHORT_TEXT_HEADERS = tuple(frame_header(OP_TEXT, n) for n in range(126))
+#: The header of a text frame of each payload length up to 1023 (~40 KB): an ACK or a RES of
+#: a short result is 120-200 bytes.
+_TEXT_HEADERS = tuple(frame_header(OP_TEXT, n) for n in range(1024))
 
 
 def reply_frame(msg: Message, limit: int) -> Optional[bytes]:
@@ -40,7 +41,8 @@ def reply_frame(msg: Message, limit: int) -> Optional[bytes]:
         uri = msg.uri  # type: ignore[union-attr]
         if type(uri) is not str:
             return None
-        args = _dumps(msg.args)  # type: ignore[union-attr]
+        args = msg.args  # type: ignore[union-attr]
+        args = _quote(args) if type(args) is str else _dumps(args)  # (what _dumps does with a str)
         if uri:
             text = f'{{"meta":{{"type":9,"uuid":{_quote(uuid)}}},"payload":{{"for":{_quote(msg.for_uuid)},"uri":{_quote(uri)},"args":{args}}}}}'  # type: ignore[union-attr]  # fmt: skip
         else:
@@ -62,8 +64,8 @@ def reply_frame(msg: Message, limit: int) -> Optional[bytes]:
     n = len(data)
     if n > limit:
         return None
-    if n < 126:
-        return _SHORT_TEXT_HEADERS[n] + data
+    if n < 1024:
+        return _TEXT_HEADERS[n] + data
     return frame_header(OP_TEXT, n) + data
 
 

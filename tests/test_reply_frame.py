@@ -84,7 +84,7 @@ def rand_json(rng: random.Random, depth: int = 0):
 def rand_args(rng: random.Random):
     kind = rng.random()
     if kind < 0.05:
-        return "x" * rng.choice([100, 125, 126, 200, 65535, 65536, 70000])  # each frame header size
+        return "x" * rng.choice([100, 125, 126, 200, 950, 1023, 1024, 65535, 65536, 70000])  # each frame header size
     if kind < 0.08:
         return [rand_json(rng) for _ in range(2000)]  # large
     if kind < 0.1:
