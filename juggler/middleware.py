@@ -17,6 +17,10 @@ answers it, and writes an outgoing message. A handler may instead answer a reque
 
 A *middleware* is a function that takes the next handler and returns a handler;
 :func:`chain` composes them in order, ending with :func:`~juggler.process_msg`.
+
+While a server's handler is :func:`~juggler.process_msg`, alone or behind :func:`recover`
+(which would do nothing with a message to send but write it), its connections write the
+messages to send themselves: the same outcome, in fewer steps.
 """
 
 from __future__ import annotations
