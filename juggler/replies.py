@@ -26,8 +26,8 @@ _TEXT_HEADERS = tuple(frame_header(OP_TEXT, n) for n in range(1024))
 
 def reply_frame(msg: Message, limit: int) -> Optional[bytes]:
     """The websocket text frame of an ACK, NACK or RES, built directly: the same bytes as
-    :func:`~juggler.message.encode` and :func:`~juggler.frames.encode_frame` make, in fewer steps (the
-    server's default path, one per call and message). ``None`` for any other message, one
+    :func:`~juggler.message.encode` and :func:`~juggler.frames.encode_frame` make, in fewer
+    steps (the server's default path, one per call and message). ``None`` for any other message, one
     with a field of an unusual type or an ACK extension (``recovered``, ``position``), or one
     whose JSON is over ``limit`` bytes: those take the general path. Raises what
     :func:`~juggler.message.encode` raises for a RES whose ``args`` are not JSON."""
@@ -44,22 +44,27 @@ def reply_frame(msg: Message, limit: int) -> Optional[bytes]:
         args = msg.args  # type: ignore[union-attr]
         args = _quote(args) if type(args) is str else _dumps(args)  # (what _dumps does with a str)
         if uri:
-            text = f'{{"meta":{{"type":9,"uuid":{_quote(uuid)}}},"payload":{{"for":{_quote(msg.for_uuid)},"uri":{_quote(uri)},"args":{args}}}}}'  # type: ignore[union-attr]  # fmt: skip
+            text = (f'{{"meta":{{"type":9,"uuid":{_quote(uuid)}}},'
+                    f'"payload":{{"for":{_quote(msg.for_uuid)},"uri":{_quote(uri)},"args":{args}}}}}')  # type: ignore[union-attr]
         else:
-            text = f'{{"meta":{{"type":9,"uuid":{_quote(uuid)}}},"payload":{{"for":{_quote(msg.for_uuid)},"args":{args}}}}}'  # type: ignore[union-attr]  # fmt: skip
+            text = (f'{{"meta":{{"type":9,"uuid":{_quote(uuid)}}},'
+                    f'"payload":{{"for":{_quote(msg.for_uuid)},"args":{args}}}}}')  # type: ignore[union-attr]
     elif cls is Ack:
         if msg.recovered is not None or msg.position is not None:  # type: ignore[union-attr]
             return None
         target = _target_json(msg)  # type: ignore[arg-type]
         if target is None:
             return None
-        text = f'{{"meta":{{"type":8,"uuid":{_quote(uuid)}}},"payload":{{"for":{_quote(msg.for_uuid)},"for_type":{msg.for_type:d}{target}}}}}'  # type: ignore[union-attr]  # fmt: skip
+        text = (f'{{"meta":{{"type":8,"uuid":{_quote(uuid)}}},'
+                f'"payload":{{"for":{_quote(msg.for_uuid)},"for_type":{msg.for_type:d}{target}}}}}')  # type: ignore[union-attr]
     else:
         code, message = msg.code, msg.message  # type: ignore[union-attr]
         target = _target_json(msg)  # type: ignore[arg-type]
         if type(code) is not int or type(message) is not str or target is None:
             return None
-        text = f'{{"meta":{{"type":7,"uuid":{_quote(uuid)}}},"payload":{{"for":{_quote(msg.for_uuid)},"for_type":{msg.for_type:d}{target},"code":{code:d},"message":{_quote(message)}}}}}'  # type: ignore[union-attr]  # fmt: skip
+        text = (f'{{"meta":{{"type":7,"uuid":{_quote(uuid)}}},'
+                f'"payload":{{"for":{_quote(msg.for_uuid)},"for_type":{msg.for_type:d}{target},'
+                f'"code":{code:d},"message":{_quote(message)}}}}}')  # type: ignore[union-attr]
     data = text.encode("utf-8")
     n = len(data)
     if n > limit:
