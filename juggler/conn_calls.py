@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from .broker import SLOT_REFRESH_INTERVAL, Broker, RedisBroker, results_key
 from .exceptions import BrokerError
@@ -346,8 +346,7 @@ class ConnCalls:
         moved meanwhile, it looks again rather than wait for turns of a node that is gone.
         ``False``: the listener stops."""
         follow = broker.follow_slot if isinstance(broker, RedisBroker) else None
-        stopping = self._results_stopping
-        assert stopping is not None  # (made before this thread started)
+        stopping = cast(threading.Event, self._results_stopping)  # (made before this thread started)
         look = exc is not None  # (look up the key's node: refreshing the slot map after a failure)
         # its node answered MOVED, ASK or UNBLOCKED: not down (see RedisBroker.moved)
         answered = exc is not None and getattr(broker, "moved", False)
