@@ -210,6 +210,10 @@ class RespConnection:
         them, in order)."""
         self._send(b"".join(pack(c) for c in commands))
 
+    def send_packed(self, data: bytes) -> None:
+        """:meth:`send` of commands already packed (:func:`pack`)."""
+        self._send(data)
+
     def read_reply(self) -> Any:
         """The next reply, an error reply returned (a ``ResponseError``) rather than raised:
         what is already there is read without letting go of the GIL (see

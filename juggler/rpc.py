@@ -87,9 +87,16 @@ def _check_skipped(reply: Any, conn_uuid: str) -> None:
 
 
 
+# the start of the store that store_call_ahead sends: an EVAL of 8 arguments, its first 3
+_STORE_AHEAD_HEAD = b"*8\r\n" + resp.pack(("EVAL", STORE.source, 2))[4:]
+
+
 class RpcSide:
     """:class:`~juggler.broker.RedisBroker`'s calls and results (a mix-in: the state it uses is
     made by the broker's ``__init__``)."""
+
+    # (store_call_ahead) the end of its command for (conn_uuid, call_cap): that cap and the BRPOP
+    _ahead_tail: tuple[str, int, bytes] = ("", -1, b"")
 
     # (set by RedisBroker.__init__)
     _fast: Optional[resp.RespPool]
@@ -180,10 +187,7 @@ class RpcSide:
         """
         if not self._ahead:
             return False
-        data = self._call_data(payload)
-        # (EVAL, not EVALSHA: a NOSCRIPT could not be answered with the BRPOP behind it)
-        store = ("EVAL", STORE.source, 2, call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri),
-                 ms(timeout), data, self.call_cap)  # fmt: skip
+        command = self._store_ahead_command(payload, timeout)
         with self._own_lock:
             own = self._own
             if self._brpop_sent or own is None or own.broken:
@@ -196,7 +200,7 @@ class RpcSide:
             self._sending = True
         failed: Optional[BaseException] = None
         try:
-            own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
+            own.send_packed(command)
         except REDIS_FAILURES as exc:
             failed = exc
         with self._own_lock:
@@ -221,6 +225,26 @@ class RpcSide:
             assert failed is not None
             done(broker_error(failed))
         return True
+
+    def _store_ahead_command(self, payload: CallPayload, timeout: float) -> bytes:
+        """The bytes :meth:`store_call_ahead` writes: the call's store, then the BRPOP for its
+        result, as :func:`~juggler.resp.pack` packs ``("EVAL", STORE.source, 2, timeout key,
+        list key, ms(timeout), payload, call_cap)`` and ``("BRPOP", results key, 0)`` (EVAL,
+        not EVALSHA: a NOSCRIPT could not be answered with the BRPOP behind it). What is the
+        same for every call of the connection is packed once (tests/test_incoming_bytes.py
+        compares them)."""
+        data = self._call_data(payload)
+        tail = self._ahead_tail
+        if tail[0] != payload.conn_uuid or tail[1] != self.call_cap:
+            cap = resp.pack((self.call_cap,))[4:]  # (less its "*1\r\n")
+            tail = (payload.conn_uuid, self.call_cap, cap + resp.pack(("BRPOP", results_key(payload.conn_uuid), 0)))
+            self._ahead_tail = tail
+        timeout_key = call_timeout_key(payload.uri, payload.msg_uuid).encode("utf-8")
+        list_key = calls_key(payload.uri).encode("utf-8")
+        ttl = b"%d" % ms(timeout)
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+            _STORE_AHEAD_HEAD, len(timeout_key), timeout_key, len(list_key), list_key, len(ttl), ttl,
+            len(data), data, tail[2])  # fmt: skip
 
     def unanswered_since(self) -> Optional[float]:
         """When (``time.monotonic()``) the oldest call stored ahead that redis has not
