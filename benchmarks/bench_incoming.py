@@ -120,6 +120,14 @@ def main() -> None:
         conn._io.sock.close()
         conn._b.close()
 
+    def loop_only() -> None:
+        conn, own = make_conn(server)
+        conn._socket_reader = _Frames(frames)  # type: ignore[assignment]
+        conn.handle = lambda msg: None  # type: ignore[method-assign]
+        conn._read_loop()
+        conn._io.sock.close()
+        conn._b.close()
+
     def parse() -> None:
         peer = Peer()
         for f in frames:
@@ -137,9 +145,16 @@ def main() -> None:
         for p in payloads:
             results.store_call_ahead(p, 5.0, _done)
 
+    msgs = [decode(t, CLIENT_TYPES) for t in texts]
+
+    def handle_only() -> None:
+        handle = conn.handle
+        for m in msgs:
+            handle(m)
+
     print(f"CPU µs per CALL (best of {opts.repeat} x {n}), args {opts.args[:40]}")
-    for name, fn in (("whole incoming path", whole), ("frame parse (Peer)", parse), ("decode", decode_only),
-                     ("store_call_ahead", store_only)):  # fmt: skip
+    for name, fn in (("whole incoming path", whole), ("reader loop, no handler", loop_only), ("frame parse (Peer)", parse), ("decode", decode_only),
+                     ("store_call_ahead", store_only), ("Conn.handle (all of it)", handle_only)):  # fmt: skip
         print(f"  {name:<22} {best(fn, opts.repeat, n):6.2f}")
     server.close() if hasattr(server, "close") else None
 

@@ -214,11 +214,13 @@ class RespConnection:
         """:meth:`send` of commands already packed (:func:`pack`)."""
         self._send(data)
 
-    def read_reply(self) -> Any:
+    def read_reply(self, soon: bool = True) -> Any:
         """The next reply, an error reply returned (a ``ResponseError``) rather than raised:
         what is already there is read without letting go of the GIL (see
-        :mod:`juggler.gilsend`), and only a reply still on its way is waited for."""
-        if not self._reader.has_data() and gilsend.AVAILABLE and type(self._sock) is socket.socket:
+        :mod:`juggler.gilsend`), and only a reply still on its way is waited for. ``soon``
+        false: the reply cannot be there yet (a BRPOP's, waiting for another process): it is
+        waited for at once, without a read that would come back empty first."""
+        if soon and not self._reader.has_data() and gilsend.AVAILABLE and type(self._sock) is socket.socket:
             if self._ready_buf is None:
                 self._ready_buf = ctypes.create_string_buffer(4096)
             try:

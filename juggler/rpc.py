@@ -336,10 +336,13 @@ class RpcSide:
                         self._expect.append(_AWAIT_BRPOP)
                         self._brpop_sent = True
                     idle = not self._expect
+                    # a script's reply may be there already; a BRPOP's waits for a callee, and
+                    # with nothing awaited, only a call stored ahead brings one
+                    soon = not idle and self._expect[0] is not _AWAIT_BRPOP
                 if brpop:  # (sent with no lock held: redis may be slow to take it)
                     own.send([("BRPOP", key, 0)])
                 try:
-                    reply = own.read_reply()
+                    reply = own.read_reply(soon)
                 except redis.exceptions.ConnectionError:
                     with self._own_lock:  # (own is broken now: nothing more is sent on it)
                         idle = idle and not self._expect  # a call may have been sent meanwhile

@@ -582,7 +582,7 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
     call = CallPayload(conn, new_uuid(), "test.echo", 1)
     stored: list = []
 
-    def dying_read():
+    def dying_read(soon=True):
         deadlines[call.msg_uuid] = time.monotonic() + 5  # the reader: call_started, then the store
         assert listener.store_call_ahead(call, 5, stored.append)
         own.broken = True
@@ -607,6 +607,43 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
     finally:
         listener.interrupt()
         t.join(T(5))
+        listener.close()
+        broker.close()
+
+
+def test_a_listener_reads_a_brpop_reply_without_a_read_that_comes_back_empty_first(real):
+    # a script's reply may be in the socket already (read without letting go of the GIL); a
+    # BRPOP's waits for a callee: waited for at once, no non-blocking read tried first
+    broker = RedisBroker(real)
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    assert listener.follow_calls(deadlines)
+    own = listener._own_connection()
+    seen: list = []
+    read_reply = own.read_reply
+
+    def read(soon=True):
+        with listener._own_lock:
+            head = listener._expect[0] if listener._expect else None
+        seen.append((soon, "store" if type(head) is tuple else head))
+        return read_reply(soon)
+
+    own.read_reply = read
+    call = CallPayload(conn, new_uuid(), "test.echo", 1)
+    result = ResultPayload(conn, call.msg_uuid, "test.echo", 2)
+    deadlines[call.msg_uuid] = time.monotonic() + 5
+    stored: list = []
+    pusher = threading.Timer(0.05, lambda: (real.set(result_timeout_key(conn, call.msg_uuid), 1, px=5000),
+                                            real.rpush(results_key(conn), result.to_json())))  # fmt: skip
+    try:
+        assert listener.store_call_ahead(call, 5, stored.append)
+        pusher.start()
+        popped = listener.pop_result(conn, None)
+        assert stored == [None] and popped is not None and popped.payload == result
+        assert seen == [(True, "store"), (False, "brpop")]
+    finally:
+        pusher.join(T(5))
         listener.close()
         broker.close()
 

@@ -87,6 +87,28 @@ def test_read_reply_returns_the_next_reply_whether_it_is_there_or_still_coming(r
         conn.close()
 
 
+def test_read_reply_not_soon_waits_without_a_read_that_comes_back_empty(real, monkeypatch):
+    # (a BRPOP's reply waits for another process: a non-blocking read first would find nothing)
+    conn = resp.connect(real)
+    assert conn is not None
+
+    def no_try(*args):
+        raise AssertionError("a non-blocking read was tried")
+
+    monkeypatch.setattr(resp.gilsend, "recv_nowait", no_try)
+    try:
+        conn.send([("BLPOP", "later", 5)])
+        pusher = threading.Timer(0.05, lambda: real.rpush("later", "y"))
+        pusher.start()
+        assert conn.read_reply(soon=False) == [b"later", b"y"]
+        conn.send([("SET", "k", "v"), ("RPUSH", "k", "x")])
+        assert conn.read_reply(False) == b"OK"  # (there, or not yet: either way it comes)
+        assert isinstance(conn.read_reply(False), redis.exceptions.ResponseError)  # returned, not raised
+        pusher.join(T(5))
+    finally:
+        conn.close()
+
+
 def test_evalsha_falls_back_to_eval_once_redis_forgot_the_script(real):
     script = resp.Script("return ARGV[1] .. KEYS[1]")
     conn = resp.connect(real)
