@@ -542,10 +542,12 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
     ``types``, not one of those (checked before the payload).
     """
     obj = parse_json(data)
-    if type(obj) is dict:
-        call = _plain_call(obj, types)
-        if call is not None:
-            return call
+    call = _plain_call(obj, types)
+    return call if call is not None else _message(obj, types)
+
+
+def _message(obj: Any, types: Optional[frozenset[MessageType]]) -> Message:
+    """:func:`decode`'s message of ``obj``, the JSON value of its text."""
     if not isinstance(obj, dict):
         raise _invalid("message is not a JSON object")
     meta = obj.get("meta")
@@ -614,12 +616,12 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
 _new = object.__new__
 
 
-def _plain_call(obj: dict[str, Any], types: Optional[frozenset[MessageType]]) -> Optional[Call]:
+def _plain_call(obj: Any, types: Optional[frozenset[MessageType]]) -> Optional[Call]:
     """The :class:`Call` of a CALL message with every field as a client usually sends it (a
     string ``uri``, an integer ``timeout`` in the int64 range, not negative): the same
     message :func:`decode` makes of it, made with less work; ``None`` for any other message,
     which :func:`decode` looks at in full (and refuses, if it must)."""
-    meta = obj.get("meta")
+    meta = obj.get("meta") if type(obj) is dict else None
     if type(meta) is not dict:
         return None
     mtype = meta.get("type")

@@ -229,3 +229,45 @@ def test_decode_shortcut_is_taken_for_a_usual_call(monkeypatch):
     text = b'{"meta":{"type":1,"uuid":"%s"},"payload":{"uri":"a.b","timeout":1000000000,"args":[1]}}' % new_uuid().encode()
     msg = decode(text, CLIENT_TYPES)
     assert taken and msg.type is MessageType.CALL and msg.timeout == 1.0 and msg.args == [1]
+
+
+# -- the peer's shortcut for one whole text frame -------------------------------------------------
+
+
+def rand_frame(rng: random.Random) -> bytes:
+    from juggler.frames import encode_frame
+
+    size = rng.choice([0, 1, 5, 125, 126, 127, 200, 65535, 65536, rng.randrange(1, 3000)])
+    payload = bytes(rng.randrange(256) for _ in range(min(size, 300))) * (size // 300 + 1)
+    payload = payload[:size]
+    opcode = rng.choice([1, 1, 1, 2, 0, 9, 10, 8, 3])
+    mask = bytes(rng.randrange(256) for _ in range(4)) if rng.random() < 0.9 else None
+    frame = bytearray(encode_frame(opcode, payload, mask))
+    if rng.random() < 0.2:
+        frame[0] ^= rng.choice([0x80, 0x40, 0x10])  # not final, or a reserved bit
+    cut = rng.random()
+    if cut < 0.15:
+        frame = frame[: rng.randrange(len(frame) + 1)]
+    elif cut < 0.3:
+        frame += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 10)))
+    return bytes(frame)
+
+
+def test_peer_shortcut_gives_the_events_of_the_full_parse(monkeypatch):
+    from juggler.peer import Peer
+
+    rng = random.Random(27)
+    for _ in range(3000):
+        data = rand_frame(rng)
+        kwargs = dict(limit=rng.choice([1 << 20, 126, 65535, 200]), read_after_close=rng.random() < 0.5)
+        closing = rng.random() < 0.2
+        got = []
+        for shortcut in (True, False):
+            peer = Peer(**kwargs)
+            peer.closing = closing
+            with monkeypatch.context() as m:
+                if not shortcut:
+                    m.setattr(Peer, "_one_text_frame", lambda self, data: None)
+                events = list(peer.receive_data(data)) + list(peer.receive_data(b"\x81\x80abcd"))
+            got.append([(k, v if not isinstance(v, Exception) else (type(v), str(v), v.close_code)) for k, v in events])
+        assert got[0] == got[1], data[:20]
