@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import socket
 import sys
@@ -42,11 +43,13 @@ class _Own(resp.RespConnection):
 
     def __init__(self, broker: RedisBroker) -> None:  # (no socket)
         self.broken = False
-        self.sent: list[bytes] = []
+        self.sent = 0
+        self.last = b""
         self._broker = broker
 
     def _send(self, data: bytes) -> None:
-        self.sent.append(data)
+        self.sent += 1
+        self.last = data
         b = self._broker
         b._brpop_sent = False
         b._expect.clear()
@@ -116,7 +119,7 @@ def main() -> None:
         conn, own = make_conn(server)
         conn._socket_reader = _Frames(frames)  # type: ignore[assignment]
         conn._read_loop()
-        assert len(own.sent) == n and not conn.closed, (len(own.sent), conn.close_reason)
+        assert own.sent == n and not conn.closed, (own.sent, conn.close_reason)
         conn._io.sock.close()
         conn._b.close()
 
@@ -139,7 +142,7 @@ def main() -> None:
 
     conn, own = make_conn(server)
     results = conn._results
-    payloads = [CallPayload(conn.uuid, new_uuid(), opts.uri, "hello") for _ in range(n)]
+    payloads = [CallPayload(conn.uuid, new_uuid(), opts.uri, json.loads(opts.args)) for _ in range(n)]
 
     def store_only() -> None:
         for p in payloads:
@@ -153,10 +156,10 @@ def main() -> None:
             handle(m)
 
     print(f"CPU µs per CALL (best of {opts.repeat} x {n}), args {opts.args[:40]}")
-    for name, fn in (("whole incoming path", whole), ("reader loop, no handler", loop_only), ("frame parse (Peer)", parse), ("decode", decode_only),
-                     ("store_call_ahead", store_only), ("Conn.handle (all of it)", handle_only)):  # fmt: skip
-        print(f"  {name:<22} {best(fn, opts.repeat, n):6.2f}")
-    server.close() if hasattr(server, "close") else None
+    parts = [("whole incoming path", whole), ("reader loop, no handler", loop_only), ("frame parse (Peer)", parse),
+             ("decode", decode_only), ("Conn.handle (process_msg)", handle_only), ("store_call_ahead", store_only)]
+    for name, fn in parts:
+        print(f"  {name:<26} {best(fn, opts.repeat, n):6.2f}")
 
 
 def _done(error: Any) -> None:
