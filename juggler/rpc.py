@@ -97,6 +97,8 @@ class RpcSide:
 
     # (store_call_ahead) the end of its command for (conn_uuid, call_cap): that cap and the BRPOP
     _ahead_tail: tuple[str, int, bytes] = ("", -1, b"")
+    # and for (uri, timeout): the start of its timeout key, then its list key and ttl, packed
+    _ahead_uri: tuple[str, float, bytes, bytes] = ("", -1.0, b"", b"")
 
     # (set by RedisBroker.__init__)
     _fast: Optional[resp.RespPool]
@@ -239,12 +241,16 @@ class RpcSide:
             cap = resp.pack((self.call_cap,))[4:]  # (less its "*1\r\n")
             tail = (payload.conn_uuid, self.call_cap, cap + resp.pack(("BRPOP", results_key(payload.conn_uuid), 0)))
             self._ahead_tail = tail
-        timeout_key = call_timeout_key(payload.uri, payload.msg_uuid).encode("utf-8")
-        list_key = calls_key(payload.uri).encode("utf-8")
-        ttl = b"%d" % ms(timeout)
-        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
-            _STORE_AHEAD_HEAD, len(timeout_key), timeout_key, len(list_key), list_key, len(ttl), ttl,
-            len(data), data, tail[2])  # fmt: skip
+        uri = self._ahead_uri  # (and for the last URI and timeout: from the list key to the ttl)
+        if uri[0] != payload.uri or uri[1] != timeout:
+            list_key = calls_key(payload.uri).encode("utf-8")
+            ttl = b"%d" % ms(timeout)
+            uri = (payload.uri, timeout, call_timeout_key(payload.uri, "").encode("utf-8"),
+                   b"\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(list_key), list_key, len(ttl), ttl))  # fmt: skip
+            self._ahead_uri = uri
+        msg_uuid = payload.msg_uuid.encode("utf-8")
+        return b"%b$%d\r\n%b%b%b$%d\r\n%b\r\n%b" % (
+            _STORE_AHEAD_HEAD, len(uri[2]) + len(msg_uuid), uri[2], msg_uuid, uri[3], len(data), data, tail[2])
 
     def unanswered_since(self) -> Optional[float]:
         """When (``time.monotonic()``) the oldest call stored ahead that redis has not
