@@ -613,9 +613,6 @@ def _message(obj: Any, types: Optional[frozenset[MessageType]]) -> Message:
     )
 
 
-_new = object.__new__
-
-
 def _plain_call(obj: Any, types: Optional[frozenset[MessageType]]) -> Optional[Call]:
     """The :class:`Call` of a CALL message with every field as a client usually sends it (a
     string ``uri``, an integer ``timeout`` in the int64 range, not negative): the same
@@ -635,7 +632,7 @@ def _plain_call(obj: Any, types: Optional[frozenset[MessageType]]) -> Optional[C
     timeout_ns = payload.get("timeout", 0)
     if type(uri) is not str or type(timeout_ns) is not int or not 0 <= timeout_ns < _INT64:
         return None
-    call = _new(Call)
+    call = object.__new__(Call)
     call.__dict__.update(uri=uri, args=payload.get("args"), timeout=timeout_ns / 1e9, uuid=muuid)
     return call
 
@@ -675,7 +672,7 @@ class CallPayload:
     args: Any = None
 
     def to_json(self) -> str:
-        return redis_payload_json(self.conn_uuid, self.msg_uuid, self.uri, self.args)
+        return _redis_payload_json(self.conn_uuid, self.msg_uuid, self.uri, self.args)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "CallPayload":
@@ -692,18 +689,11 @@ class ResultPayload:
     args: Any = None
 
     def to_json(self) -> str:
-        return redis_payload_json(self.conn_uuid, self.msg_uuid, self.uri, self.args)
+        return _redis_payload_json(self.conn_uuid, self.msg_uuid, self.uri, self.args)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "ResultPayload":
         return cls(**_parse_redis_payload(data, "result"))
-
-
-def _redis_payload(p: CallPayload | ResultPayload) -> dict[str, Any]:
-    d: dict[str, Any] = {"conn_uuid": p.conn_uuid, "msg_uuid": p.msg_uuid, "uri": p.uri}
-    if p.args is not None:
-        d["args"] = p.args
-    return d
 
 
 _quote = json.encoder.encode_basestring  # (in C where it can be) a JSON string, as _dumps writes it
@@ -726,15 +716,15 @@ def _value_json(value: Any) -> str:
     return _dumps(value)
 
 
-def redis_payload_json(conn_uuid: str, msg_uuid: str, uri: str, args: Any) -> str:
-    """The JSON of a :class:`CallPayload` or :class:`ResultPayload` with these fields: the
-    text ``_dumps`` makes of it, with less work (tests/test_incoming_bytes.py compares them)."""
-    if type(conn_uuid) is not str or type(msg_uuid) is not str or type(uri) is not str:
-        return _dumps(_redis_payload(CallPayload(conn_uuid, msg_uuid, uri, args)))  # (as it was)
-    head = f'{{"conn_uuid":{_quote(conn_uuid)},"msg_uuid":{_quote(msg_uuid)},"uri":{_quote(uri)}'
-    if args is None:
-        return head + "}"
-    return f'{head},"args":{_value_json(args)}}}'
+def _redis_payload_json(conn_uuid: str, msg_uuid: str, uri: str, args: Any) -> str:
+    """The JSON of a :class:`CallPayload` or :class:`ResultPayload` with these fields (args
+    omitted when ``None``): the text ``_dumps`` makes of their dict, with less work
+    (tests/test_incoming_bytes.py compares them)."""
+    if type(conn_uuid) is str and type(msg_uuid) is str and type(uri) is str:
+        head = f'{{"conn_uuid":{_quote(conn_uuid)},"msg_uuid":{_quote(msg_uuid)},"uri":{_quote(uri)}'
+        return head + "}" if args is None else f'{head},"args":{_value_json(args)}}}'
+    d = {"conn_uuid": conn_uuid, "msg_uuid": msg_uuid, "uri": uri}  # (not strings: _dumps decides)
+    return _dumps(d if args is None else {**d, "args": args})
 
 
 def _parse_redis_payload(data: str | bytes, what: str) -> dict[str, Any]:

@@ -35,8 +35,9 @@ is the driver's: see :mod:`juggler.transport`.
 
 A frame that arrives whole in one read (the usual case) is parsed straight from the bytes
 read; only a frame cut across reads waits in a buffer, parsed once the buffer holds as many
-bytes as the frame needs. Parsing a small masked frame this way takes about 1.5 µs of CPU,
-against 2.2 µs for the reader it replaced (three buffered reads per frame).
+bytes as the frame needs. A read that brings exactly one whole masked text frame (a client's
+message, as a rule) is recognized first and unmasked at once: about 1.5 µs of CPU for a small
+CALL, against 2.3 µs for the full parse.
 """
 
 from __future__ import annotations

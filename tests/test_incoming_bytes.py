@@ -98,6 +98,8 @@ def test_stored_payload_bytes_are_as_before():
         r = ResultPayload(p.conn_uuid, p.msg_uuid, p.uri, p.args)
         assert r.to_json() == old_payload_json(r)
         assert CallPayload.from_json(p.to_json()) == p or p.args != p.args  # (json round trip)
+    for odd in (CallPayload(5, new_uuid(), "u", None), CallPayload(new_uuid(), None, ["u"], {"a": 1})):  # type: ignore[arg-type]
+        assert odd.to_json() == old_payload_json(odd)  # (fields that are not strings: encoded as before)
 
 
 def test_payloads_that_cannot_be_encoded_fail_as_before():
