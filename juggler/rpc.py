@@ -235,6 +235,9 @@ class RpcSide:
         deadlines = self.call_deadlines
         if not self._ahead or deadlines is None:
             return True
+        n = len(deadlines)
+        if n == 0 or (n == 1 and other_than in deadlines):  # (the usual case: no look at the clock)
+            return False
         after = time.monotonic() - AWAIT_GRACE
         for msg_uuid, deadline in list(deadlines.items()):  # (a copy: the reader adds meanwhile)
             if deadline > after and msg_uuid != other_than:
@@ -315,7 +318,8 @@ class RpcSide:
                 if brpop:  # (sent with no lock held: redis may be slow to take it)
                     own.send([("BRPOP", key, 0)])
                 try:
-                    reply = own.read_reply()
+                    # (idle: nothing is due, no look before the wait; see read_reply)
+                    reply = own.read_reply(idle)
                 except redis.exceptions.ConnectionError:
                     with self._own_lock:  # (own is broken now: nothing more is sent on it)
                         idle = idle and not self._expect  # a call may have been sent meanwhile

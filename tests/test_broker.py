@@ -582,7 +582,7 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
     call = CallPayload(conn, new_uuid(), "test.echo", 1)
     stored: list = []
 
-    def dying_read():
+    def dying_read(wait=False):
         deadlines[call.msg_uuid] = time.monotonic() + 5  # the reader: call_started, then the store
         assert listener.store_call_ahead(call, 5, stored.append)
         own.broken = True
