@@ -116,6 +116,9 @@ class RespConnection:
         self._nowait = gilsend.AVAILABLE and type(sock) is socket.socket
         self._sent_at = 0.0  # (command_within)
         self.broken = False
+        #: Whether redis on this connection takes ``CLIENT REPLY SKIP`` (``None``: not known
+        #: yet); for its user, which finds out (see ``RpcSide._consume_ahead``).
+        self.reply_skip: Optional[bool] = None
 
     def _fail(self, exc: BaseException) -> redis.exceptions.RedisError:
         self.broken = True

@@ -61,8 +61,11 @@ STORE_WAIT = 0.75
 AWAIT_GRACE = 1.0
 
 # what a listener's own connection waits for (RedisBroker._expect), beside a callback for a
-# call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read
-_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL = "brpop", "skip", "ttl"
+# call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read, or
+# the reply of CLIENT REPLY ON (whether redis can leave a command's reply out: _consume_ahead)
+_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL, _AWAIT_PROBE = "brpop", "skip", "ttl", "probe"
+_REPLY_ON = ("CLIENT", "REPLY", "ON")  # (answered +OK by a redis that knows CLIENT REPLY)
+_REPLY_SKIP = ("CLIENT", "REPLY", "SKIP")  # (no reply, and none for the next command)
 
 def _result_payload(popped: Optional[bytes]) -> Optional[ResultPayload]:
     """The result a results list gave, or ``None``: nothing came, a wake-up marker, or a
@@ -335,6 +338,8 @@ class RpcSide:
                     kind = self._expect.popleft()
                 if kind is _AWAIT_SKIP:
                     _check_skipped(reply, conn_uuid)
+                elif kind is _AWAIT_PROBE:
+                    own.reply_skip = reply == b"OK"
                 elif type(kind) is tuple:  # a call stored ahead: (its callback, when it was sent)
                     kind[0](broker_error(reply) if isinstance(reply, Exception) else None)
                 elif isinstance(reply, Exception):
@@ -388,23 +393,36 @@ class RpcSide:
     def _consume_ahead(self, own: resp.RespConnection, key: str, payload: ResultPayload) -> Popped:
         """Take the timeout key of a result just popped, with the next BRPOP in the same
         write while a result may still come; the result, handed over before redis answers
-        when its call is sure to have time left (see :meth:`_pop_result_ahead`)."""
+        when its call is sure to have time left (see :meth:`_pop_result_ahead`).
+
+        Then the script's reply is of no use: redis is asked to leave it out (``CLIENT REPLY
+        SKIP``), so that the listener neither reads it nor wakes for it alone. Whether redis
+        can is asked along with the first such script on each connection (``CLIENT REPLY ON``,
+        answered ``+OK``; a server that refuses it gets the replies, read and dropped)."""
         deadlines = self.call_deadlines
         deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
         left = deadline - time.monotonic() if deadline is not None else 0.0
         sure = left > RESULT_SURE_MARGIN
         consume = ("EVAL", CONSUME.source, 1, result_timeout_key(payload.conn_uuid, payload.msg_uuid))
+        if not sure:
+            commands: list[Any] = [consume]
+            awaited: tuple[Any, ...] = (_AWAIT_TTL,)
+        elif own.reply_skip:
+            commands, awaited = [_REPLY_SKIP, consume], ()
+        elif own.reply_skip is None:
+            commands, awaited = [_REPLY_ON, consume], (_AWAIT_PROBE, _AWAIT_SKIP)
+        else:
+            commands, awaited = [consume], (_AWAIT_SKIP,)
         with self._own_lock:
             again = self._awaiting(payload.msg_uuid)
+            self._expect.extend(awaited)
             if again:
-                self._expect.extend((_AWAIT_SKIP if sure else _AWAIT_TTL, _AWAIT_BRPOP))
-            else:
-                self._expect.append(_AWAIT_SKIP if sure else _AWAIT_TTL)
+                self._expect.append(_AWAIT_BRPOP)
         # (sent with no lock held; _brpop_sent is still set, so no other thread sends meanwhile)
         if again:
-            own.send([consume, ("BRPOP", key, 0)])
-        else:
-            own.send([consume])
+            commands.append(("BRPOP", key, 0))
+        own.send(commands)
+        if not again:
             with self._own_lock:
                 self._brpop_sent = False
         if sure:

@@ -708,3 +708,90 @@ def test_a_listener_never_closes_the_socket_the_reader_is_sending_on(monkeypatch
         assert not fake.early, fake.early[:3]
     assert not [data for data in stray if data], stray[:3]
     assert stored.count(None) > 20  # calls stored, and answered once each
+
+
+def _pop_in_turn(listener, broker, deadlines, conn, n):
+    """As a connection would: a call in flight, its result stored, popped, the call over."""
+    popped = []
+    for i in range(n):
+        p = ResultPayload(conn, new_uuid(), "test.echo", i)
+        deadlines[p.msg_uuid] = time.monotonic() + 100  # time left: handed over at once
+        broker.store_result(p, 5)
+        got = listener.pop_result(conn, None)
+        del deadlines[p.msg_uuid]
+        assert got is not None and got.payload == p
+        popped.append(p)
+    return popped
+
+
+def test_a_result_handed_over_at_once_has_its_timeout_key_taken_with_no_reply_to_read(real):
+    # The script that takes the timeout key of a result handed over at once is sent with
+    # CLIENT REPLY SKIP: redis runs it and answers nothing, so the listener has no reply to
+    # wait for (nor to wake for). Whether redis can is asked with the first one.
+    broker = RedisBroker(real)
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    assert listener.follow_calls(deadlines)
+    try:
+        popped = _pop_in_turn(listener, broker, deadlines, conn, 3)
+        own = listener._own
+        assert own is not None and own.reply_skip is True  # redis answered CLIENT REPLY ON
+        assert list(listener._expect) == []  # nothing awaited after the last one
+        deadline = time.monotonic() + T(5)
+        while any(real.exists(result_timeout_key(conn, p.msg_uuid)) for p in popped):  # run by redis
+            assert time.monotonic() < deadline, "a result's timeout key was not taken"
+            time.sleep(0.01)
+        real.ping()  # (a command after them: redis has written anything it would)
+        assert own.alive(), "redis answered a script whose reply was to be skipped"
+        _pop_in_turn(listener, broker, deadlines, conn, 2)  # the connection is still in step
+        assert listener._own is own and own.alive()
+    finally:
+        listener.close()
+
+
+def test_a_redis_that_refuses_client_reply_gets_its_replies_read_and_dropped():
+    # A server that does not know CLIENT REPLY (an old one, one behind a proxy) answers an
+    # error to the question: the listener then reads each script's reply, as before.
+    from .scripted_redis import ScriptedRedis
+
+    conn = new_uuid()
+    key = results_key(conn).encode()
+    results: list = []
+
+    def answer(command):
+        name = command[0].upper()
+        if name == b"CLIENT":
+            return b"-ERR unknown subcommand 'REPLY'\r\n"
+        if name == b"BRPOP":
+            data = results.pop(0)
+            return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(data), data)
+        if name == b"EVAL" and command[2] == b"1":  # the timeout key's script
+            return b":4000\r\n"
+        return b"-ERR unexpected\r\n"
+
+    with ScriptedRedis(answer) as fake:
+        client = redis.Redis.from_url(fake.url)
+        listener = RedisBroker(client).dedicated(results_key(conn))
+        deadlines: dict = {}
+        assert listener.follow_calls(deadlines)
+        try:
+            for i in range(3):
+                p = ResultPayload(conn, new_uuid(), "test.echo", i)
+                deadlines[p.msg_uuid] = time.monotonic() + 100
+                results.append(p.to_json().encode())
+                got = listener.pop_result(conn, None)
+                del deadlines[p.msg_uuid]
+                assert got is not None and got.payload == p
+            own = listener._own
+            assert own is not None and own.reply_skip is False
+            names = [c[:3] for c in fake.commands if c[0].upper() == b"CLIENT"]
+            assert names == [[b"CLIENT", b"REPLY", b"ON"]]  # asked once, never skipped
+            deadline = time.monotonic() + T(5)
+            while [c[0] for c in fake.commands].count(b"EVAL") < 3:  # (the last one on its way)
+                assert time.monotonic() < deadline, "a result's timeout key was not taken"
+                time.sleep(0.01)
+            assert not listener._expect or list(listener._expect) == ["skip"]  # (its reply, to drop)
+        finally:
+            listener.close()
+            client.close()
