@@ -64,8 +64,11 @@ AWAIT_GRACE = 1.0
 # call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read, or
 # the reply of CLIENT REPLY ON (whether redis can leave a command's reply out: _consume_ahead)
 _AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL, _AWAIT_PROBE = "brpop", "skip", "ttl", "probe"
-_REPLY_ON = ("CLIENT", "REPLY", "ON")  # (answered +OK by a redis that knows CLIENT REPLY)
 _REPLY_SKIP = ("CLIENT", "REPLY", "SKIP")  # (no reply, and none for the next command)
+# Whether redis leaves replies out as asked: CLIENT REPLY SKIP, PING, ECHO the mark. Where it
+# does, the mark is the only reply; otherwise CLIENT's (+OK or an error) and PING's come first.
+_PROBE_MARK = b"juggler:reply-skip"
+_PROBE = (_REPLY_SKIP, ("PING",), ("ECHO", _PROBE_MARK))
 
 def _result_payload(popped: Optional[bytes]) -> Optional[ResultPayload]:
     """The result a results list gave, or ``None``: nothing came, a wake-up marker, or a
@@ -339,7 +342,7 @@ class RpcSide:
                 if kind is _AWAIT_SKIP:
                     _check_skipped(reply, conn_uuid)
                 elif kind is _AWAIT_PROBE:
-                    own.reply_skip = reply == b"OK"
+                    self._probed(own, reply)
                 elif type(kind) is tuple:  # a call stored ahead: (its callback, when it was sent)
                     kind[0](broker_error(reply) if isinstance(reply, Exception) else None)
                 elif isinstance(reply, Exception):
@@ -397,8 +400,8 @@ class RpcSide:
 
         Then the script's reply is of no use: redis is asked to leave it out (``CLIENT REPLY
         SKIP``), so that the listener neither reads it nor wakes for it alone. Whether redis
-        can is asked along with the first such script on each connection (``CLIENT REPLY ON``,
-        answered ``+OK``; a server that refuses it gets the replies, read and dropped)."""
+        can is found out along with the first such script on each connection (:data:`_PROBE`:
+        a server that refuses it, or answers anyway, gets the replies, read and dropped)."""
         deadlines = self.call_deadlines
         deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
         left = deadline - time.monotonic() if deadline is not None else 0.0
@@ -410,7 +413,7 @@ class RpcSide:
         elif own.reply_skip:
             commands, awaited = [_REPLY_SKIP, consume], ()
         elif own.reply_skip is None:
-            commands, awaited = [_REPLY_ON, consume], (_AWAIT_PROBE, _AWAIT_SKIP)
+            commands, awaited = [*_PROBE, consume], (_AWAIT_PROBE, _AWAIT_SKIP)
         else:
             commands, awaited = [consume], (_AWAIT_SKIP,)
         with self._own_lock:
@@ -434,6 +437,18 @@ class RpcSide:
             raise reply
         ttl_ms = own.integer(reply)
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
+
+    def _probed(self, own: resp.RespConnection, reply: Any) -> None:
+        """A reply to :data:`_PROBE`: its mark ends it (redis leaves replies out where it came
+        first); any other reply is one redis sent although asked not to (or the refusal of
+        CLIENT REPLY), and the mark is still to come."""
+        if reply == _PROBE_MARK:
+            if own.reply_skip is None:
+                own.reply_skip = True
+            return
+        own.reply_skip = False
+        with self._own_lock:
+            self._expect.appendleft(_AWAIT_PROBE)
 
     def wake_results(self, conn_uuid: str) -> None:
         """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``).

@@ -750,9 +750,12 @@ def test_a_result_handed_over_at_once_has_its_timeout_key_taken_with_no_reply_to
         listener.close()
 
 
-def test_a_redis_that_refuses_client_reply_gets_its_replies_read_and_dropped():
+@pytest.mark.parametrize("refusal", [b"-ERR unknown subcommand 'REPLY'\r\n", b"+OK\r\n"], ids=["refused", "ignored"])
+def test_a_redis_that_does_not_skip_replies_gets_them_read_and_dropped(refusal):
     # A server that does not know CLIENT REPLY (an old one, one behind a proxy) answers an
-    # error to the question: the listener then reads each script's reply, as before.
+    # error to it; one that takes it but answers all the same sends +OK and every reply:
+    # either way the listener finds out from the first probe, and then reads each script's
+    # reply, as before.
     from .scripted_redis import ScriptedRedis
 
     conn = new_uuid()
@@ -762,7 +765,9 @@ def test_a_redis_that_refuses_client_reply_gets_its_replies_read_and_dropped():
     def answer(command):
         name = command[0].upper()
         if name == b"CLIENT":
-            return b"-ERR unknown subcommand 'REPLY'\r\n"
+            return refusal
+        if name == b"ECHO":
+            return b"$%d\r\n%s\r\n" % (len(command[1]), command[1])
         if name == b"BRPOP":
             data = results.pop(0)
             return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(data), data)
@@ -786,7 +791,7 @@ def test_a_redis_that_refuses_client_reply_gets_its_replies_read_and_dropped():
             own = listener._own
             assert own is not None and own.reply_skip is False
             names = [c[:3] for c in fake.commands if c[0].upper() == b"CLIENT"]
-            assert names == [[b"CLIENT", b"REPLY", b"ON"]]  # asked once, never skipped
+            assert names == [[b"CLIENT", b"REPLY", b"SKIP"]]  # tried once, with the probe
             deadline = time.monotonic() + T(5)
             while [c[0] for c in fake.commands].count(b"EVAL") < 3:  # (the last one on its way)
                 assert time.monotonic() < deadline, "a result's timeout key was not taken"
