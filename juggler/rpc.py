@@ -305,8 +305,10 @@ class RpcSide:
         When :attr:`call_deadlines` says the result's call has more than
         :data:`RESULT_SURE_MARGIN` seconds left, its timeout key cannot have expired (the
         callee stores the result to expire with the call, which was stored after its deadline
-        was noted), so the result is returned at once and the script's reply is dropped on
-        the next turn: the listener waits for redis once per result, for the BRPOP.
+        was noted), so the result is returned at once and the script's reply is left out by
+        redis (``CLIENT REPLY SKIP``, where redis takes it: see :meth:`_consume_ahead`), or
+        else dropped on the next turn: the listener waits for redis once per result, for the
+        BRPOP.
 
         After :meth:`follow_calls`, the replies to the calls stored ahead come here too, in
         their order, and go to their callbacks."""
