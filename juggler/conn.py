@@ -46,12 +46,14 @@ from .conn_calls import CONN_THREAD_DAEMON, ConnCalls
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
 from .history import Held, History
-from .message import CLIENT_TYPES, EventPayload, Message, MessageType, decode, new_uuid
+from .message import CLIENT_TYPES, SERVER_TYPES, EventPayload, Message, MessageType, decode, new_uuid
 from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_PING, OP_TEXT, CloseCode, encode_frame
 from .handshake import HandshakeRequest
+from .middleware import HandlerSlot
 from .settings import ConnSettings
+from .replies import reply_frame
 from .peer import CLOSE, FAIL, OP_BINARY, SEND, Peer
 from .transport import SocketIO, SocketReader, WriteQueue, peer_events
 
@@ -80,8 +82,9 @@ class ConnServices:
     #: ``listener_health(results_broker)``: the one a results listener reports to: ``health``,
     #: or on a Redis Cluster the server's view of the listener's node
     listener_health: Callable[[Broker], RedisHealth]
-    #: ``handler(conn, msg)``: what runs each message read or sent (see juggler.middleware)
-    handler: Callable[["Conn", Message], None]
+    #: ``handler(conn, msg)``: what runs each message read or sent (see juggler.middleware);
+    #: while its ``writes_as_sent``, a message to send is written without it
+    handler: HandlerSlot
     #: ``encode(conn, msg)``: the bytes to write for ``msg``, or ``None`` to drop it
     encode: Callable[["Conn", Message], Optional[bytes]]
     #: ``event_write_limit()``: the largest EVNT to write straight from an event's shared frame
@@ -96,6 +99,10 @@ class ConnServices:
     #: called on the reader thread once the connection is over and its resources released
     on_closed: Callable[["Conn"], None]
     logger: logging.Logger
+    #: the write limit when the server's own ``encode`` is the encoder: then ACK, NACK and RES
+    #: frames are built directly (:func:`~juggler.replies.reply_frame`, the same bytes);
+    #: ``None``: every message goes through ``encode``
+    reply_limit: Optional[int] = None
 
 
 class _Slot:
@@ -183,23 +190,35 @@ class Conn(ConnCalls):
 
     def send(self, msg: Message) -> None:
         """Send ``msg`` to the client through the server's handler (which, by default, writes
-        it: :func:`~juggler.process_msg`)."""
+        it: :func:`~juggler.process_msg`; while the handler does nothing else with an ACK,
+        NACK, RES or EVNT, it is written without calling the handler)."""
+        if self._svc.handler.writes_as_sent and msg.type in SERVER_TYPES:
+            try:
+                self.write(msg)
+            except Exception as exc:
+                self._handler_failed(msg, exc)
+            return
         self.handle(msg)
 
     def handle(self, msg: Message) -> None:
         """Run ``msg`` (read or to send) through the server's handler. An exception closes
         this connection only, with 1011, and is logged once."""
         try:
-            self._svc.handler(self, msg)
+            self._svc.handler.handler(self, msg)
         except Exception as exc:
-            if isinstance(exc, RecursionError) and msg.type in CLIENT_TYPES:
-                # JSON that decodes just under the recursion limit cannot be encoded again to
-                # store or publish it: the peer's message, refused as decode refuses deeper ones.
-                self._fail(CloseCode.INVALID_DATA, "message nested too deeply")
-                return
-            if not self.closed:
-                self.logger.exception("connection %s: error handling %s %s", self.uuid, msg.type.name, msg.uuid)
-            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+            self._handler_failed(msg, exc)
+
+    def _handler_failed(self, msg: Message, exc: Exception) -> None:
+        """An exception of the handler (or of the write of a message to send): it closes this
+        connection only, with 1011, and is logged once."""
+        if isinstance(exc, RecursionError) and msg.type in CLIENT_TYPES:
+            # JSON that decodes just under the recursion limit cannot be encoded again to
+            # store or publish it: the peer's message, refused as decode refuses deeper ones.
+            self._fail(CloseCode.INVALID_DATA, "message nested too deeply")
+            return
+        if not self.closed:
+            self.logger.exception("connection %s: error handling %s %s", self.uuid, msg.type.name, msg.uuid)
+        self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
     def write(self, msg: Message) -> bool:
         """Write ``msg`` to the client, bypassing the handler; ``False`` if the connection is
@@ -211,7 +230,7 @@ class Conn(ConnCalls):
         with 1008 and the message dropped. On the server's pub-sub thread nothing waits: the
         write is non-blocking, and a full queue closes the connection at once.
         """
-        if self.closed:
+        if self._closing_since is not None:  # (self.closed)
             return False
         me = threading.get_ident()
         if me == self._holder:  # inside ordered(): this thread holds the socket
@@ -224,10 +243,9 @@ class Conn(ConnCalls):
         nonblocking = getattr(_local, "nonblocking", False)
         if self._queue.claim():
             try:
-                if nonblocking:
-                    self._write_nowait(msg)
-                else:
-                    self._write_now(msg)
+                frame = self._frame(msg)
+                if frame is not None and (self._send_nowait(frame) if nonblocking else self._send(frame)):
+                    self._count_one(msg)
             finally:
                 self._queue.release()
             return True
@@ -499,8 +517,13 @@ class Conn(ConnCalls):
     def _frame(self, msg: Message) -> Optional[bytes]:
         """The text frame of ``msg``; ``None`` to drop it (the server's encode says so, or it
         cannot be encoded: logged, and the connection goes on)."""
+        svc = self._svc
         try:
-            data = self._svc.encode(self, msg)
+            if svc.reply_limit is not None:
+                frame = reply_frame(msg, svc.reply_limit)
+                if frame is not None:
+                    return frame
+            data = svc.encode(self, msg)
         except (TypeError, ValueError) as exc:
             self.logger.error("connection %s: cannot encode %r: %s", self.uuid, msg, exc)
             return None
@@ -515,12 +538,7 @@ class Conn(ConnCalls):
     def _write_now(self, msg: Message) -> None:
         frame = self._frame(msg)
         if frame is not None and self._send(frame):
-            self._count_written([msg])
-
-    def _write_nowait(self, msg: Message) -> None:
-        frame = self._frame(msg)
-        if frame is not None and self._send_nowait(frame):
-            self._count_written([msg])
+            self._count_one(msg)
 
     def _send_nowait(self, frame: bytes) -> bool:
         """Write what the socket takes now of ``frame`` (with the socket claimed); the rest
@@ -580,11 +598,15 @@ class Conn(ConnCalls):
             self._queue.release()
 
     def _count_written(self, msgs: list[Message]) -> None:
-        svc = self._svc
         for msg in msgs:
-            svc.incr(_WRITE_KEY[msg.type])  # counted once it went out
-            if msg.type is MessageType.RES:
-                popped = msg.__dict__.get("_popped")
-                if popped is not None:
-                    svc.observe_result_delivery(time.monotonic() - popped)
+            self._count_one(msg)
         msgs.clear()
+
+    def _count_one(self, msg: Message) -> None:
+        """Count a message that went out (and, for a RES, its delivery time)."""
+        svc = self._svc
+        svc.incr(_WRITE_KEY[msg.type])
+        if msg.type is MessageType.RES:
+            popped = msg.__dict__.get("_popped")
+            if popped is not None:
+                svc.observe_result_delivery(time.monotonic() - popped)

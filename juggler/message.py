@@ -204,10 +204,11 @@ class Ack:
             request = for_uuid
             for_uuid, for_type = request.uuid, request.type
             uri, channel = _target(request)
-        if for_type is None:
+        elif for_type is None:
             raise TypeError("Ack needs the request, or for_uuid and for_type")
-        _set(self, for_uuid=for_uuid, for_type=MessageType(for_type), uri=uri, channel=channel, uuid=uuid or new_uuid(),
-             recovered=recovered, position=position)  # fmt: skip
+        # (one dict update: an ACK is made per request, on the reader's path)
+        self.__dict__.update(for_uuid=for_uuid, for_type=for_type if type(for_type) is MessageType else MessageType(for_type),
+                             uri=uri, channel=channel, uuid=uuid or new_uuid(), recovered=recovered, position=position)  # fmt: skip
 
     @classmethod
     def to(cls, request: "Request") -> "Ack":
@@ -328,7 +329,7 @@ _REQUESTS = (Call, Pub, Sub, Unsb)
 
 def _target(request: Request) -> tuple[str, str]:
     """The (uri, channel) an ACK or NACK of ``request`` carries."""
-    if isinstance(request, Call):
+    if type(request) is Call or isinstance(request, Call):
         return request.uri, ""
     return "", request.channel
 

@@ -2,7 +2,9 @@
 
 Each :class:`~juggler.Server` and :class:`~juggler.Callee` has a registry of its own (so that
 several in one process do not collide); counters are read from their thread-safe stats at
-scrape time, latencies are histograms. A server serves them at ``GET /metrics`` on its own
+scrape time, latencies are histograms. A server's counters and histograms are kept per thread
+(:class:`ThreadCounters`, :class:`ThreadHistogram`): a connection's threads count each
+message without taking a lock, and a scrape sums them. A server serves them at ``GET /metrics`` on its own
 port, or on its ``metrics_listen`` address (:class:`HttpEndpoints`, on a
 :class:`~juggler.listener.Listener`); ``juggler callee
 --metrics-port`` serves a callee's.
@@ -10,10 +12,14 @@ port, or on its ``metrics_listen`` address (:class:`HttpEndpoints`, on a
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sized
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Optional, Protocol, Sized, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -40,11 +46,138 @@ class MeteredServer(Protocol):
 
     def connection_thread_count(self) -> int: ...
 
-__all__ = ["ServerMetrics", "CalleeMetrics", "HttpEndpoints", "CONTENT_TYPE"]
+__all__ = ["ServerMetrics", "CalleeMetrics", "HttpEndpoints", "ThreadCounters", "ThreadHistogram", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+T = TypeVar("T")
+
+
+class _PerThread(Generic[T]):
+    """A value per thread (made by ``make``), written by its thread alone and without a lock;
+    :meth:`total` adds them up (``add(into, shard)`` must copy ``shard`` in one C call, as
+    ``dict.copy()`` or ``list[:]`` do: its thread may be writing it meanwhile). The values of
+    threads that ended are folded into one, at a read or when their number has doubled."""
+
+    def __init__(self, make: Callable[[], T], add: Callable[[T, T], None]) -> None:
+        self._make = make
+        self._add = add
+        #: ``local.shard``: the calling thread's value, once :meth:`mine` made it
+        self.local = threading.local()
+        self._lock = threading.Lock()
+        self._live: list[tuple[weakref.ref[threading.Thread], T]] = []
+        self._ended = make()  # the sum of the threads that ended
+        self._fold_at = 64
+
+    def mine(self) -> T:
+        """The calling thread's value."""
+        try:
+            return self.local.shard  # type: ignore[no-any-return]
+        except AttributeError:
+            return self._register()
+
+    def _register(self) -> T:
+        shard = self._make()
+        thread = weakref.ref(threading.current_thread())
+        with self._lock:
+            if len(self._live) >= self._fold_at:
+                self._fold_ended()
+                self._fold_at = max(64, 2 * len(self._live))
+            self._live.append((thread, shard))
+        self.local.shard = shard
+        return shard
+
+    def _fold_ended(self) -> None:
+        assert self._lock.locked()
+        live = []
+        for thread, shard in self._live:
+            t = thread()
+            if t is not None and t.is_alive():
+                live.append((thread, shard))
+            else:  # (it writes no more)
+                self._add(self._ended, shard)
+        self._live = live
+
+    def total(self) -> T:
+        """The sum of every thread's value."""
+        total = self._make()
+        with self._lock:
+            self._fold_ended()
+            self._add(total, self._ended)
+            for _, shard in self._live:
+                self._add(total, shard)
+        return total
+
+
+def _add_counts(into: dict[str, int], shard: dict[str, int]) -> None:
+    for name, n in shard.copy().items():
+        into[name] = into.get(name, 0) + n
+
+
+class ThreadCounters:
+    """Named counters, counted per thread without a lock, summed by :meth:`snapshot` (a
+    server's :attr:`~juggler.Server.stats`)."""
+
+    def __init__(self) -> None:
+        self._counts: _PerThread[dict[str, int]] = _PerThread(dict, _add_counts)
+        self._local = self._counts.local
+
+    def incr(self, name: str, n: int = 1) -> None:
+        try:
+            counts = self._local.shard
+        except AttributeError:
+            counts = self._counts.mine()
+        counts[name] = counts.get(name, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        return self._counts.total()
+
+
+class ThreadHistogram(Histogram):
+    """A :class:`prometheus_client.Histogram` (no labels) whose observations are kept per
+    thread without a lock and summed when it is collected: the same samples, the same text."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        n = len(self._upper_bounds)
+        self._bounds = list(self._upper_bounds)
+        # per thread: the count in each bucket, then the sum of the observations
+        self._shards: _PerThread[list[float]] = _PerThread(lambda: [0] * n + [0.0], _add_lists)
+        self._local = self._shards.local  # (observe reads it without a call to mine())
+
+    def observe(self, amount: float, exemplar: Optional[dict[str, str]] = None) -> None:
+        if exemplar:  # (not on juggler's path)
+            raise ValueError("ThreadHistogram keeps no exemplars")
+        try:
+            shard = self._local.shard
+        except AttributeError:
+            shard = self._shards.mine()
+        if amount == amount:  # (NaN: in no bucket, as in Histogram)
+            shard[bisect.bisect_left(self._bounds, amount)] += 1
+        shard[-1] += amount
+
+    def _child_samples(self) -> Any:
+        # the library's samples (which, in its order and format), with the threads' sums
+        total = self._shards.total()
+        cumulative = list(itertools.accumulate(total[:-1]))
+        values = {"_count": float(cumulative[-1]), "_sum": float(total[-1])}
+        samples, bucket = [], 0
+        for sample in super()._child_samples():
+            if sample.name == "_bucket":
+                sample = sample._replace(value=float(cumulative[bucket]))
+                bucket += 1
+            elif sample.name in values:
+                sample = sample._replace(value=values[sample.name])
+            samples.append(sample)
+        return tuple(samples)
+
+
+def _add_lists(into: list[float], shard: list[float]) -> None:
+    for i, v in enumerate(shard[:]):
+        into[i] += v
 
 
 class _ServerCollector:
@@ -96,13 +229,13 @@ class ServerMetrics:
 
     def __init__(self, server: MeteredServer) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.call_ack = Histogram(
+        self.call_ack = ThreadHistogram(
             "juggler_call_ack_seconds",
             "From reading a CALL to queueing its ACK or NACK (storing the call in redis).",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.result_delivery = Histogram(
+        self.result_delivery = ThreadHistogram(
             "juggler_result_delivery_seconds",
             "From taking a result off redis to writing its RES to the client.",
             buckets=_LATENCY_BUCKETS,

@@ -21,7 +21,6 @@ import socketserver
 import ssl
 import threading
 import time
-from collections import Counter
 from typing import Any, Callable, Optional
 
 from .broker import Broker
@@ -29,8 +28,8 @@ from .conn import Conn, ConnServices
 from .exceptions import ProtocolError, Refusal, RefuseConnection
 from .frames import CloseCode
 from .message import SUBPROTOCOL, Ack, MessageType, Nack, Res, encode, error_result
-from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics
-from .middleware import Handler, process_msg, writes_events_as_sent
+from .metrics import CONTENT_TYPE, HttpEndpoints, ServerMetrics, ThreadCounters
+from .middleware import Handler, HandlerSlot, process_msg
 from .health import RedisHealth
 from .history import History, record_history
 from .pubsub import PubSubHub
@@ -103,20 +102,9 @@ def parse_allowed_messages(value: Optional[str]) -> frozenset[MessageType]:
     return frozenset(allowed)
 
 
-class Stats:
-    """Thread-safe counters of a server (see :attr:`Server.stats`)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def incr(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+class Stats(ThreadCounters):
+    """Thread-safe counters of a server (see :attr:`Server.stats`): ``incr(name, n=1)`` takes
+    no lock (each thread counts apart), ``snapshot()`` sums them."""
 
 
 class ConnState(enum.Enum):
@@ -328,7 +316,7 @@ class Server:
         self.settings = settings = _settings(settings, kwargs)
         self.broker = broker
         self.pubsub_broker = pubsub_broker if pubsub_broker is not None else broker
-        self.handler: Handler = handler or process_msg
+        self._handler = HandlerSlot(handler or process_msg)  # (the connections share it)
         self.on_state = on_state
         origins = settings.allowed_origins
         self.allowed_origins = [o.lower() for o in origins] if origins is not None else None
@@ -360,6 +348,16 @@ class Server:
         self._health_checking = False  # a thread PINGs redis for the next answer
         self._http = self._metrics_endpoints(settings.metrics_listen)
         self._services = self._conn_services()
+
+    @property
+    def handler(self) -> Handler:
+        """What runs each message read or sent (see :mod:`juggler.middleware`); replacing it
+        takes effect on every connection at once."""
+        return self._handler.handler
+
+    @handler.setter
+    def handler(self, handler: Handler) -> None:
+        self._handler.set(handler)
 
     def __getattr__(self, name: str) -> Any:
         # the settings as attributes (server.read_limit); only called for what is not found
@@ -412,7 +410,7 @@ class Server:
             timer=self.timer,
             health=self.redis_health,
             listener_health=self.node_health,
-            handler=lambda conn, msg: self.handler(conn, msg),  # the attribute may be replaced
+            handler=self._handler,  # (Server.handler may be replaced)
             encode=self.encode,
             event_write_limit=self._event_write_limit,
             incr=self.stats.incr,
@@ -420,6 +418,7 @@ class Server:
             observe_result_delivery=self.metrics.result_delivery.observe,
             on_closed=self._conn_closed,
             logger=self.logger,
+            reply_limit=self.settings.write_limit if type(self).encode is Server.encode else None,
         )
 
     def __repr__(self) -> str:
@@ -705,7 +704,7 @@ class Server:
     def _event_write_limit(self) -> Optional[int]:
         """See ConnServices.event_write_limit: the write limit, unless the handler (which may
         be replaced) or a subclass's encode must see every EVNT."""
-        if type(self).encode is Server.encode and writes_events_as_sent(self.handler):
+        if type(self).encode is Server.encode and self._handler.writes_as_sent:
             return self.settings.write_limit
         return None
 

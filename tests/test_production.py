@@ -164,6 +164,24 @@ def test_log_messages_logs_both_directions(make_stack, caplog):
     assert "-> ACK" in text and "-> RES" in text
 
 
+def test_a_handler_set_on_a_running_server_sees_what_its_connections_send(make_stack, caplog):
+    # the default handler lets a connection write ACK and RES itself (HandlerSlot.writes_as_sent);
+    # one set later, on the server, sees them on the connections already open
+    stack = make_stack()
+    client = stack.client()
+    assert client.call("test.echo", 1, timeout=T(5)) == 1
+    stack.server.handler = chain(recover(), log_messages())
+    with caplog.at_level(logging.INFO, logger="juggler.messages"):
+        assert client.call("test.echo", 2, timeout=T(5)) == 2
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "juggler.messages")
+    assert "-> ACK" in text and "-> RES" in text
+    stack.server.handler = chain(recover())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="juggler.messages"):
+        assert client.call("test.echo", 3, timeout=T(5)) == 3
+    assert not [r for r in caplog.records if r.name == "juggler.messages"]
+
+
 def test_recover_closes_only_that_connection_with_1011_logged_once(make_stack, caplog):
     def explode(next_handler):
         def handle(conn, msg):

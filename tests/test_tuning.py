@@ -247,7 +247,7 @@ from juggler import tuning
 cpu = tuning.pin("auto")
 if os.fork() == 0:
     cpus = lambda c: ",".join(map(str, sorted(c)))
-    os.write(1, f"child {os.getpid()} {tuning.claimed_cpu()} {cpus(os.sched_getaffinity(0))} {cpus(tuning.unpinned_cpus())}\n".encode())
+    os.write(1, f"child {os.getpid()} {tuning.claimed_cpu()} {cpus(os.sched_getaffinity(0))} {cpus(tuning.unpinned_cpus() or ())}\n".encode())
     while True:
         signal.pause()
 os.write(1, f"parent {os.getpid()} {cpu}\n".encode())  # (one write each: the two share the pipe)
