@@ -62,7 +62,7 @@ AWAIT_GRACE = 1.0
 
 # what a listener's own connection waits for (RedisBroker._expect), beside a callback for a
 # call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read, or
-# the reply of CLIENT REPLY ON (whether redis can leave a command's reply out: _consume_ahead)
+# the replies to _PROBE (whether redis leaves a command's reply out: _consume_ahead)
 _AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL, _AWAIT_PROBE = "brpop", "skip", "ttl", "probe"
 _REPLY_SKIP = ("CLIENT", "REPLY", "SKIP")  # (no reply, and none for the next command)
 # Whether redis leaves replies out as asked: CLIENT REPLY SKIP, PING, ECHO the mark. Where it
