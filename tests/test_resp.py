@@ -87,6 +87,30 @@ def test_read_reply_returns_the_next_reply_whether_it_is_there_or_still_coming(r
         conn.close()
 
 
+def test_read_reply_wait_waits_without_a_look_that_finds_nothing(real, monkeypatch):
+    # (a BRPOP's reply waits for another process: a non-blocking read first would find nothing)
+    conn = resp.connect(real)
+    assert conn is not None
+
+    def no_look(*args):
+        raise AssertionError("a non-blocking read was tried")
+
+    for name in ("recv_nowait", "recv_into_nowait"):
+        if hasattr(resp.gilsend, name):
+            monkeypatch.setattr(resp.gilsend, name, no_look)
+    try:
+        conn.send([("BLPOP", "later", 5)])
+        pusher = threading.Timer(0.05, lambda: real.rpush("later", "y"))
+        pusher.start()
+        assert conn.read_reply(wait=True) == [b"later", b"y"]
+        conn.send([("SET", "k", "v"), ("RPUSH", "k", "x")])
+        assert conn.read_reply(True) == b"OK"  # (there, or not yet: either way it comes)
+        assert isinstance(conn.read_reply(True), redis.exceptions.ResponseError)  # returned, not raised
+        pusher.join(T(5))
+    finally:
+        conn.close()
+
+
 def test_evalsha_falls_back_to_eval_once_redis_forgot_the_script(real):
     script = resp.Script("return ARGV[1] .. KEYS[1]")
     conn = resp.connect(real)
