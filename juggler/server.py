@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import socket
-import socketserver
 import ssl
 import threading
 import time
