@@ -59,7 +59,7 @@ from .redisconn import (
     one_connection_client,
     sentinel_client,
 )
-from .rpc import Popped, RpcSide
+from .rpc import NoReplySkip, Popped, RpcSide
 
 __all__ = [
     "Broker",
@@ -219,6 +219,9 @@ class RedisBroker(RpcSide, PubSubSide):
         self._close_after_send: Optional[resp.RespConnection] = None
         self._abandon_why = ""  # abandon(): why the connection was given up
         self._key: Optional[str] = None  # a dedicated broker's key (dedicated())
+        # shared by a broker and its dedicated listeners: whether redis was found not to leave
+        # replies out as asked (CLIENT REPLY SKIP; RpcSide._probed): no listener asks again
+        self._no_reply_skip = NoReplySkip()
         #: The process' :class:`~juggler.health.RedisHealth` a results listener reports to (set
         #: by its owner): a connection made while it says redis is down is reported as redis
         #: back once redis answered a command on it. ``None``: nobody to tell.
@@ -320,6 +323,7 @@ class RedisBroker(RpcSide, PubSubSide):
         other._owns_client = True
         other._dedicated = True
         other._key = key
+        other._no_reply_skip = self._no_reply_skip
         other._cluster_node = self.cluster  # (a call's keys may live on another node)
         if node is not None:
             other._parent = self

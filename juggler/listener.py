@@ -264,8 +264,10 @@ class _ConnThread(threading.Thread):
 # What start_thread gives every thread it starts instead of an Event and a closure of its own.
 _STARTED = threading.Event()
 _STARTED.set()
-_make_hook = getattr(threading, "_make_invoke_excepthook", None)
-_INVOKE_EXCEPTHOOK = _make_hook() if _make_hook is not None else None
+try:  # (CPython's private hook maker: where it is missing or fails, each thread makes its own)
+    _INVOKE_EXCEPTHOOK = threading._make_invoke_excepthook()  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError, TypeError):
+    _INVOKE_EXCEPTHOOK = None
 
 
 def start_thread(t: threading.Thread) -> None:

@@ -700,9 +700,11 @@ class ResultPayload:
 _quote = json.encoder.encode_basestring  # (in C where it can be) a JSON string, as _dumps writes it
 # a value's JSON as _dumps writes it, from an encoder made once (_dumps makes one per call);
 # with no check for circular references (a circular value recurses: _dumps says why)
-_make_encoder = json.encoder.c_make_encoder
-_encode_value = None if _make_encoder is None else _make_encoder(
-    None, json.JSONEncoder().default, _quote, None, ":", ",", False, False, False)  # fmt: skip
+try:  # (CPython's private C encoder: where it is missing or takes other arguments, _dumps)
+    _encode_value = json.encoder.c_make_encoder(
+        None, json.JSONEncoder().default, _quote, None, ":", ",", False, False, False)  # fmt: skip
+except (AttributeError, TypeError, ValueError):
+    _encode_value = None
 
 
 def _value_json(value: Any) -> str:

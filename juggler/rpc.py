@@ -63,12 +63,26 @@ AWAIT_GRACE = 1.0
 # what a listener's own connection waits for (RedisBroker._expect), beside a callback for a
 # call stored ahead: a BRPOP's reply, a timeout-key script's reply to drop, or one to read, or
 # the replies to _PROBE (whether redis leaves a command's reply out: _consume_ahead)
-_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL, _AWAIT_PROBE = "brpop", "skip", "ttl", "probe"
+_AWAIT_BRPOP, _AWAIT_SKIP, _AWAIT_TTL = "brpop", "skip", "ttl"
+_AWAIT_PROBE, _AWAIT_PROBE_FIRST, _AWAIT_PROBE_MARK = "probe", "probe-first", "probe-mark"
 _REPLY_SKIP = ("CLIENT", "REPLY", "SKIP")  # (no reply, and none for the next command)
-# Whether redis leaves replies out as asked: CLIENT REPLY SKIP, PING, ECHO the mark. Where it
-# does, the mark is the only reply; otherwise CLIENT's (+OK or an error) and PING's come first.
+# Whether redis leaves replies out as asked: CLIENT REPLY SKIP, ECHO a first mark, ECHO the
+# mark. Where it does, the mark is the only reply; where it does not, CLIENT's (+OK, or an
+# error) comes first, then the two marks. Any other sequence (an ECHO refused, say) leaves the
+# count of replies to come unknown: the connection is given up (RpcSide._probed).
+_PROBE_FIRST = b"juggler:reply-skip:1"
 _PROBE_MARK = b"juggler:reply-skip"
-_PROBE = (_REPLY_SKIP, ("PING",), ("ECHO", _PROBE_MARK))
+_PROBE = (_REPLY_SKIP, ("ECHO", _PROBE_FIRST), ("ECHO", _PROBE_MARK))
+
+
+class NoReplySkip:
+    """Shared by a broker and its dedicated listeners: set once redis was found not to leave
+    a reply out as asked (``CLIENT REPLY SKIP``), so that no listener asks again."""
+
+    __slots__ = ("found",)
+
+    def __init__(self) -> None:
+        self.found = False
 
 def _result_payload(popped: Optional[bytes]) -> Optional[ResultPayload]:
     """The result a results list gave, or ``None``: nothing came, a wake-up marker, or a
@@ -128,6 +142,7 @@ class RpcSide:
     _sending: bool
     _close_after_send: Optional[resp.RespConnection]
     _abandon_why: str
+    _no_reply_skip: NoReplySkip
     health: Any
     _cluster_node: bool
     _tls: bool
@@ -381,8 +396,8 @@ class RpcSide:
                     kind = self._expect.popleft()
                 if kind is _AWAIT_SKIP:
                     _check_skipped(reply, conn_uuid)
-                elif kind is _AWAIT_PROBE:
-                    self._probed(own, reply)
+                elif kind is _AWAIT_PROBE or kind is _AWAIT_PROBE_FIRST or kind is _AWAIT_PROBE_MARK:
+                    self._probed(own, reply, kind)
                 elif type(kind) is tuple:  # a call stored ahead: (its callback, when it was sent)
                     kind[0](broker_error(reply) if isinstance(reply, Exception) else None)
                 elif isinstance(reply, Exception):
@@ -452,7 +467,7 @@ class RpcSide:
             awaited: tuple[Any, ...] = (_AWAIT_TTL,)
         elif own.reply_skip:
             commands, awaited = [_REPLY_SKIP, consume], ()
-        elif own.reply_skip is None:
+        elif own.reply_skip is None and not self._no_reply_skip.found:
             commands, awaited = [*_PROBE, consume], (_AWAIT_PROBE, _AWAIT_SKIP)
         else:
             commands, awaited = [consume], (_AWAIT_SKIP,)
@@ -478,17 +493,28 @@ class RpcSide:
         ttl_ms = own.integer(reply)
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
 
-    def _probed(self, own: resp.RespConnection, reply: Any) -> None:
-        """A reply to :data:`_PROBE`: its mark ends it (redis leaves replies out where it came
-        first); any other reply is one redis sent although asked not to (or the refusal of
-        CLIENT REPLY), and the mark is still to come."""
-        if reply == _PROBE_MARK:
-            if own.reply_skip is None:
-                own.reply_skip = True
+    def _probed(self, own: resp.RespConnection, reply: Any, kind: str) -> None:
+        """A reply to :data:`_PROBE`. First (``kind`` :data:`_AWAIT_PROBE`): the mark alone
+        says redis leaves replies out as asked; CLIENT's +OK or error says it does not, and
+        the two marks follow, to be checked. Anything else, or a mark out of its place (an
+        ECHO refused: how many replies are still to come is unknown), gives the connection up
+        as out of step (its calls stored ahead get their NACK; the listener connects again),
+        and no listener of this broker's family asks again."""
+        if kind is _AWAIT_PROBE:
+            if reply == _PROBE_MARK:
+                if own.reply_skip is None:
+                    own.reply_skip = True
+                return
+            own.reply_skip = False
+            self._no_reply_skip.found = True
+            if reply == b"OK" or isinstance(reply, Exception):
+                with self._own_lock:
+                    self._expect.extendleft((_AWAIT_PROBE_MARK, _AWAIT_PROBE_FIRST))
+                return
+        elif reply == (_PROBE_FIRST if kind is _AWAIT_PROBE_FIRST else _PROBE_MARK):
             return
-        own.reply_skip = False
-        with self._own_lock:
-            self._expect.appendleft(_AWAIT_PROBE)
+        self._no_reply_skip.found = True
+        raise redis.exceptions.ConnectionError(f"replies out of step after CLIENT REPLY SKIP: {reply!r:.100}")
 
     def wake_results(self, conn_uuid: str) -> None:
         """Wake the :meth:`pop_result` that waits on ``conn_uuid``'s list (it returns ``None``).

@@ -35,7 +35,7 @@ RECV_SIZE = 262144
 #: Seconds: a blocking read that waited longer found its connection idle, and the next one
 #: waits without a buffer (see :meth:`SocketReader._recv`).
 IDLE_WAIT = 0.05
-_MSG_PEEK = getattr(socket, "MSG_PEEK", 0)
+_MSG_PEEK = getattr(socket, "MSG_PEEK", None)  # (without it, no peek: a recv(1) would take a byte)
 _NO_LOCK = contextlib.nullcontext()  # (reusable, and shared)
 
 
@@ -213,7 +213,7 @@ class SocketReader:
             sock = io.sock
             started = time.monotonic()
             try:
-                if self._idle and not sock.recv(1, _MSG_PEEK):
+                if self._idle and _MSG_PEEK is not None and not sock.recv(1, _MSG_PEEK):
                     raise Stopped("peer closed the connection")
                 data = sock.recv(RECV_SIZE)
             except OSError as exc:

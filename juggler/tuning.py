@@ -236,7 +236,10 @@ _M_ARENA_MAX = -8  # glibc's mallopt parameter
 def limit_malloc_arenas(arenas: int) -> Optional[int]:
     """Cap the malloc arenas glibc makes from now on at ``arenas`` (``mallopt(M_ARENA_MAX)``;
     each thread otherwise gets one of up to 8 per CPU); ``arenas`` if it did, ``None``
-    elsewhere (not glibc)."""
+    elsewhere (not glibc), or when the operator set it already (``MALLOC_ARENA_MAX``, or
+    ``glibc.malloc.arena_max`` in ``GLIBC_TUNABLES``: theirs stands)."""
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only: another C library's mallopt may differ

@@ -837,3 +837,68 @@ def test_a_redis_that_does_not_skip_replies_gets_them_read_and_dropped(refusal):
         finally:
             listener.close()
             client.close()
+
+
+def test_a_redis_that_skips_a_reply_but_refuses_echo_is_not_asked_again_and_stays_in_step():
+    # CLIENT REPLY SKIP taken, but the probe's ECHO refused (an ACL without it): the replies
+    # that follow cannot be counted, so the listener gives its connection up once (a
+    # BrokerError, as for redis gone), and neither it nor another listener of the same
+    # broker asks again: the next connection reads and drops each script's reply.
+    from .scripted_redis import ScriptedRedis
+
+    conn = new_uuid()
+    key = results_key(conn).encode()
+    results: list = []
+    skip = [False]
+
+    def answer(command):
+        name = command[0].upper()
+        if skip[0]:
+            skip[0] = False
+            return None
+        if name == b"CLIENT":
+            skip[0] = True
+            return None
+        if name == b"ECHO":
+            return b"-NOPERM this user has no permissions to run the 'echo' command\r\n"
+        if name == b"BRPOP":
+            data = results.pop(0)
+            return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(data), data)
+        if name == b"EVAL" and command[2] == b"1":  # the timeout key's script
+            return b":4000\r\n"
+        return b"-ERR unexpected\r\n"
+
+    def pop(i):
+        p = ResultPayload(conn, new_uuid(), "test.echo", i)
+        deadlines[p.msg_uuid] = time.monotonic() + 100
+        results.append(p.to_json().encode())
+        try:
+            return p, listener.pop_result(conn, None)
+        finally:
+            del deadlines[p.msg_uuid]
+
+    with ScriptedRedis(answer) as fake:
+        client = redis.Redis.from_url(fake.url)
+        broker = RedisBroker(client)
+        listener = broker.dedicated(results_key(conn))
+        deadlines: dict = {}
+        assert listener.follow_calls(deadlines)
+        try:
+            p, got = pop(0)
+            assert got is not None and got.payload == p  # handed over, the probe sent behind it
+            results.append(b"")  # (what the next BRPOP takes, on the connection given up)
+            with pytest.raises(BrokerError, match="out of step"):
+                listener.pop_result(conn, None)
+            assert listener._no_reply_skip.found and broker._no_reply_skip.found
+            results.clear()
+            for i in range(1, 4):  # a new connection: in step, each script's reply read and dropped
+                p, got = pop(i)
+                assert got is not None and got.payload == p
+            names = [c[:3] for c in fake.commands if c[0].upper() == b"CLIENT"]
+            assert names == [[b"CLIENT", b"REPLY", b"SKIP"]]  # asked once
+            other = broker.dedicated(results_key(new_uuid()))
+            assert other._no_reply_skip.found  # (nor will another listener of this broker)
+            other.close()
+        finally:
+            listener.close()
+            client.close()
