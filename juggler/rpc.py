@@ -73,6 +73,7 @@ _REPLY_SKIP = ("CLIENT", "REPLY", "SKIP")  # (no reply, and none for the next co
 _PROBE_FIRST = b"juggler:reply-skip:1"
 _PROBE_MARK = b"juggler:reply-skip"
 _PROBE = (_REPLY_SKIP, ("ECHO", _PROBE_FIRST), ("ECHO", _PROBE_MARK))
+_PROBE_KINDS = (_AWAIT_PROBE, _AWAIT_PROBE_FIRST, _AWAIT_PROBE_MARK)
 
 
 class NoReplySkip:
@@ -396,7 +397,7 @@ class RpcSide:
                     kind = self._expect.popleft()
                 if kind is _AWAIT_SKIP:
                     _check_skipped(reply, conn_uuid)
-                elif kind is _AWAIT_PROBE or kind is _AWAIT_PROBE_FIRST or kind is _AWAIT_PROBE_MARK:
+                elif kind in _PROBE_KINDS:
                     self._probed(own, reply, kind)
                 elif type(kind) is tuple:  # a call stored ahead: (its callback, when it was sent)
                     kind[0](broker_error(reply) if isinstance(reply, Exception) else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import logging
 import threading
 import time
 
@@ -72,6 +73,19 @@ def test_pop_call_times_out_with_none(broker):
 def test_pop_call_drops_undecodable_payload(broker, redis_client):
     redis_client.lpush(calls_key("test.echo"), b"not json")
     assert broker.pop_call(["test.echo"], T(1)) is None
+
+
+def test_pop_call_drops_a_payload_nested_deeper_than_its_thread_decodes(broker, redis_client, caplog):
+    # (a server with more stack to spare, or another implementation, stored it): dropped and
+    # logged as undecodable, where the RecursionError used to end the callee's worker thread
+    deep = '{"conn_uuid":"c","msg_uuid":"m","uri":"test.echo","args":' + "[" * 100_000 + "]" * 100_000 + "}"
+    redis_client.lpush(calls_key("test.echo"), deep)
+    with caplog.at_level(logging.WARNING, logger="juggler"):
+        assert broker.pop_call(["test.echo"], T(1)) is None
+    assert "nested too deeply" in caplog.text
+    p = call()
+    broker.store_call(p, 5)
+    assert broker.pop_call(["test.echo"], T(1)).payload == p  # and the next one comes
 
 
 def test_call_capacity(redis_client):

@@ -492,3 +492,19 @@ def test_waiting_none_keeps_every_worker_waiting(broker):
         assert _settled(callee, 4, 0)
     with pytest.raises(ValueError, match="waiting"):
         Callee(broker, waiting=0)
+
+
+@pytest.mark.parametrize("use_real", [False, True], ids=["fake", "real"])
+def test_a_call_nested_deeper_than_the_worker_decodes_is_dropped_not_fatal(use_real, broker, request):
+    # A payload that a server with more stack to spare stored: the worker's decode runs out of
+    # recursion; it is logged and dropped as undecodable (its call expires), and the worker
+    # goes on (on a real redis, through the batched popper; on fakeredis, through pop_call).
+    if use_real:
+        broker = RedisBroker(request.getfixturevalue("real"))
+    callee = Callee(broker, workers=1, block=0.05)
+    callee.register("ok", lambda a: a)
+    with callee:
+        deep = '{"conn_uuid":"c","msg_uuid":"m","uri":"ok","args":' + "[" * 100_000 + "]" * 100_000 + "}"
+        broker.client.lpush(calls_key("ok"), deep)
+        p = send_call(broker, "ok", "alive")
+        assert take_result(broker, p).payload.args == "alive"
