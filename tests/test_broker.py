@@ -28,6 +28,16 @@ def call(uri="test.echo", args=None):
     return CallPayload(new_uuid(), new_uuid(), uri, args)
 
 
+def _following(broker, conn=None):
+    """``(conn, listener, deadlines)``: the results listener of a connection (new unless
+    ``conn`` is given) that stores its calls ahead (follow_calls), and its calls' deadlines."""
+    conn = conn or new_uuid()
+    listener = broker.dedicated(results_key(conn))
+    deadlines: dict = {}
+    assert listener.follow_calls(deadlines)
+    return conn, listener, deadlines
+
+
 def test_store_call_uses_the_reference_layout(broker, redis_client):
     p = call(args={"x": 1})
     broker.store_call(p, 2.5)
@@ -487,10 +497,7 @@ def test_a_listener_that_follows_its_calls_stores_them_and_brings_their_results(
     import queue
 
     broker = RedisBroker(real, call_cap=1)
-    conn = new_uuid()
-    listener = broker.dedicated(results_key(conn))
-    deadlines: dict = {}
-    assert listener.follow_calls(deadlines)
+    conn, listener, deadlines = _following(broker)
     got: queue.Queue = queue.Queue()
 
     def listen():
@@ -588,10 +595,7 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
     # listener must not take a new connection quietly (the call would be lost with no ACK or
     # NACK) but fail, giving the call its error.
     broker = RedisBroker(real)
-    conn = new_uuid()
-    listener = broker.dedicated(results_key(conn))
-    deadlines: dict = {}
-    assert listener.follow_calls(deadlines)
+    conn, listener, deadlines = _following(broker)
     own = listener._own_connection()  # (made here, so that its read can be replaced)
     call = CallPayload(conn, new_uuid(), "test.echo", 1)
     stored: list = []
@@ -629,10 +633,7 @@ def test_a_listener_reads_a_brpop_reply_without_a_read_that_comes_back_empty_fir
     # a script's reply may be in the socket already (read without letting go of the GIL); a
     # BRPOP's waits for a callee: waited for at once, no non-blocking read tried first
     broker = RedisBroker(real)
-    conn = new_uuid()
-    listener = broker.dedicated(results_key(conn))
-    deadlines: dict = {}
-    assert listener.follow_calls(deadlines)
+    conn, listener, deadlines = _following(broker)
     own = listener._own_connection()
     seen: list = []
     read_reply = own.read_reply
@@ -780,10 +781,7 @@ def test_a_result_handed_over_at_once_has_its_timeout_key_taken_with_no_reply_to
     # CLIENT REPLY SKIP: redis runs it and answers nothing, so the listener has no reply to
     # wait for (nor to wake for). Whether redis can is asked with the first one.
     broker = RedisBroker(real)
-    conn = new_uuid()
-    listener = broker.dedicated(results_key(conn))
-    deadlines: dict = {}
-    assert listener.follow_calls(deadlines)
+    conn, listener, deadlines = _following(broker)
     try:
         popped = _pop_in_turn(listener, broker, deadlines, conn, 3)
         own = listener._own
@@ -828,9 +826,7 @@ def test_a_redis_that_does_not_skip_replies_gets_them_read_and_dropped(refusal):
 
     with ScriptedRedis(answer) as fake:
         client = redis.Redis.from_url(fake.url)
-        listener = RedisBroker(client).dedicated(results_key(conn))
-        deadlines: dict = {}
-        assert listener.follow_calls(deadlines)
+        _, listener, deadlines = _following(RedisBroker(client), conn)
         try:
             for i in range(3):
                 p = ResultPayload(conn, new_uuid(), "test.echo", i)
@@ -894,9 +890,7 @@ def test_a_redis_that_skips_a_reply_but_refuses_echo_is_not_asked_again_and_stay
     with ScriptedRedis(answer) as fake:
         client = redis.Redis.from_url(fake.url)
         broker = RedisBroker(client)
-        listener = broker.dedicated(results_key(conn))
-        deadlines: dict = {}
-        assert listener.follow_calls(deadlines)
+        _, listener, deadlines = _following(broker, conn)
         try:
             p, got = pop(0)
             assert got is not None and got.payload == p  # handed over, the probe sent behind it
