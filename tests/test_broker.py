@@ -799,6 +799,18 @@ def test_a_result_handed_over_at_once_has_its_timeout_key_taken_with_no_reply_to
         listener.close()
 
 
+
+def _listener_reply(command, key, results):
+    """A scripted redis' answer to a results listener's BRPOP (the next of ``results``, on
+    ``key``) and to its timeout-key script (4 s left); an error to anything else."""
+    name = command[0].upper()
+    if name == b"BRPOP":
+        data = results.pop(0)
+        return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(data), data)
+    if name == b"EVAL" and command[2] == b"1":  # the timeout key's script
+        return b":4000\r\n"
+    return b"-ERR unexpected\r\n"
+
 @pytest.mark.parametrize("refusal", [b"-ERR unknown subcommand 'REPLY'\r\n", b"+OK\r\n"], ids=["refused", "ignored"])
 def test_a_redis_that_does_not_skip_replies_gets_them_read_and_dropped(refusal):
     # A server that does not know CLIENT REPLY (an old one, one behind a proxy) answers an
@@ -817,12 +829,7 @@ def test_a_redis_that_does_not_skip_replies_gets_them_read_and_dropped(refusal):
             return refusal
         if name == b"ECHO":
             return b"$%d\r\n%s\r\n" % (len(command[1]), command[1])
-        if name == b"BRPOP":
-            data = results.pop(0)
-            return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(data), data)
-        if name == b"EVAL" and command[2] == b"1":  # the timeout key's script
-            return b":4000\r\n"
-        return b"-ERR unexpected\r\n"
+        return _listener_reply(command, key, results)
 
     with ScriptedRedis(answer) as fake:
         client = redis.Redis.from_url(fake.url)
@@ -871,12 +878,7 @@ def test_a_redis_that_skips_a_reply_but_refuses_echo_is_not_asked_again_and_stay
             return None
         if name == b"ECHO":
             return b"-NOPERM this user has no permissions to run the 'echo' command\r\n"
-        if name == b"BRPOP":
-            data = results.pop(0)
-            return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(data), data)
-        if name == b"EVAL" and command[2] == b"1":  # the timeout key's script
-            return b":4000\r\n"
-        return b"-ERR unexpected\r\n"
+        return _listener_reply(command, key, results)
 
     def pop(i):
         p = ResultPayload(conn, new_uuid(), "test.echo", i)
