@@ -281,18 +281,22 @@ class Placement:
     the CPU it last ran on (stat field 39), so a thread that moves between samples is credited
     to where it was last seen. A process kept on one CPU is read at the start and the end only
     (its time is all there); so is the run-queue wait of every process (time runnable but not
-    running: what a busy neighbour on its CPU costs it)."""
+    running: what a busy neighbour on its CPU costs it). A process free to run anywhere with
+    more than ``most_threads`` threads (a server left unpinned) is not sampled either, since
+    reading them all 50 times a second costs the machine a share of a CPU: its time is credited
+    to CPU ``-1``."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], most_threads: int = 64) -> None:
         self.pids = pids
         self.pinned = {role: cpus for role, pid in pids.items() if len(cpus := allowed_cpus(pid)) == 1}
         self.on_cpu: dict[str, dict[int, float]] = {role: {} for role in pids}
         self.first = {role: thread_times(pid) for role, pid in pids.items()}
         self.last = {role: dict(t) for role, t in self.first.items()}
+        self.unsampled = {role for role, t in self.first.items() if role not in self.pinned and len(t) > most_threads}
 
     def sample(self) -> None:
         for role, pid in self.pids.items():
-            if role in self.pinned:
+            if role in self.pinned or role in self.unsampled:
                 continue
             now = thread_times(pid)
             before = self.last[role]
@@ -313,6 +317,8 @@ class Placement:
             wait = sum(w - start[t][1] for t, (_, w, _) in end.items() if t in start)
             if role in self.pinned:
                 cpus = {next(iter(self.pinned[role])): ran / 1e9}
+            elif role in self.unsampled:
+                cpus = {-1: ran / 1e9}
             else:
                 self.sample()
                 cpus = self.on_cpu[role]

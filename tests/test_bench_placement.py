@@ -76,3 +76,14 @@ def test_thread_times_of_a_process_that_is_gone():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait(10)
     assert c.thread_times(p.pid) == {}
+
+
+@needs_two
+@pytest.mark.timeout(60)
+def test_a_free_process_of_many_threads_is_not_sampled(spinner):
+    placement = c.Placement({"spinner": spinner.pid}, most_threads=1)
+    assert placement.unsampled == {"spinner"}
+    time.sleep(0.1)
+    placement.sample()
+    placed = placement.finish()["spinner"]
+    assert list(placed["cpus"]) == [-1] and placed["cpus"][-1] > 0.02, placed
