@@ -40,7 +40,15 @@ Usage::
     python benchmarks/calls.py --against main --load-processes 2
     python benchmarks/calls.py --workers 16 --json
 
-Templates (``--server-cmd``, ``--callee-cmd``) take {python} {redis} {port} {max_connections};
+The server runs on the CPU named by ``--server-cpu`` (its ``--cpu``; by default the last CPU this
+process may use), the same for both trees: with ``--cpu auto`` a side's server took whichever
+CPU no other juggler process had claimed, and with another juggler server on the machine (a
+test suite, another benchmark) one side ran pinned and the other free, a comparison of
+pinning rather than of the trees (issue 23: one such run, the same server code on both sides,
+read 0.74 times the calls/s and 0.89 times the server CPU per call at 100 connections). Redis,
+the callee and the load drivers are left where the kernel puts them.
+
+Templates (``--server-cmd``, ``--callee-cmd``) take {python} {redis} {port} {max_connections} {cpu};
 they run with the tree as working directory and on PYTHONPATH. ``--workers N`` is appended to
 the callee command when given (default: the CLI's default).
 """
@@ -65,10 +73,10 @@ from typing import Any, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c  # noqa: E402
 
-DEFAULT_SERVER_CMD = ("{python} -m juggler server --redis {redis} --host 127.0.0.1 --port {port} "
+DEFAULT_SERVER_CMD = ("{python} -m juggler server --redis {redis} --host 127.0.0.1 --port {port} --cpu {cpu} "
                       "--max-connections {max_connections} --log-level warning")  # fmt: skip
 DEFAULT_CALLEE_CMD = "{python} -m juggler callee --redis {redis} --demo --log-level warning"
-OPTIONAL_FLAGS = ("--max-connections", "--log-level", "--host")
+OPTIONAL_FLAGS = ("--max-connections", "--log-level", "--host", "--cpu")
 PLACEMENT_SAMPLE = 0.02  # seconds between two samples of where the threads of the stack run
 
 
@@ -264,7 +272,7 @@ class Stack:
             self.redis, self.redis_url, self.redis_port = c.start_redis(logdir)
             self.procs.append(self.redis)
             self.port = c.free_port()
-            values = {"python": sys.executable, "redis": self.redis_url, "port": self.port,
+            values = {"python": sys.executable, "redis": self.redis_url, "port": self.port, "cpu": args.server_cpu,
                       "max_connections": max(1000, max(args.conn_counts) + 100)}  # fmt: skip
             env = c.tree_env(tree)
             server_argv, dropped = self._cmd(args.server_cmd, DEFAULT_SERVER_CMD, values, "server")
@@ -444,6 +452,14 @@ def format_placement(placed: dict[str, dict[str, Any]]) -> str:
     return f"server@{cpu}, on its CPU: {near}"
 
 
+def default_server_cpu() -> str:
+    """The last CPU this process may use, as ``--cpu`` takes it (``auto`` where affinity is unknown)."""
+    try:
+        return str(max(os.sched_getaffinity(0)))
+    except (AttributeError, OSError, ValueError):
+        return "auto"
+
+
 def _median(rows: list[dict[str, Any]], key: str) -> Optional[float]:
     vals = [r[key] for r in rows if r[key] is not None]
     return statistics.median(vals) if vals else None
@@ -460,7 +476,10 @@ def main() -> int:
     ap.add_argument("--uri", default="test.echo")
     ap.add_argument("--payload", default='"hello"', help="the CALL's args, as JSON (default \"hello\")")
     ap.add_argument("--call-timeout", type=float, default=5.0, help="the CALL's timeout in seconds (default 5)")
-    ap.add_argument("--server-cmd", help="server command template: {python} {redis} {port} {max_connections}")
+    ap.add_argument("--server-cpu", default=default_server_cpu(),
+                    help="the server's --cpu, the same on both sides (default: the last CPU this process may use,"
+                         f" {default_server_cpu()}; auto lets other juggler processes' claims decide)")  # fmt: skip
+    ap.add_argument("--server-cmd", help="server command template: {python} {redis} {port} {max_connections} {cpu}")
     ap.add_argument("--callee-cmd", help="callee command template: {python} {redis}")
     ap.add_argument("--against", metavar="REV", help="also measure this git revision (B), interleaved with the current tree (A)")
     ap.add_argument("--runs", type=int, default=1, help="measurements per side and connection count (default 1)")
