@@ -129,6 +129,10 @@ class RpcSide:
     # and for (uri, timeout): the start of its timeout key, then its list key and ttl, packed
     _ahead_uri: tuple[str, float, bytes, bytes] = ("", -1.0, b"", b"")
 
+    #: Called on the listener's thread before :meth:`pop_result` (with no timeout) waits for
+    #: redis (see :meth:`call_before_wait`).
+    before_wait: Optional[Callable[[], None]] = None
+
     # (set by RedisBroker.__init__)
     _fast: Optional[resp.RespPool]
     _dedicated: bool
@@ -350,6 +354,16 @@ class RpcSide:
             return None
         return Popped(payload, self._take(result_timeout_key(conn_uuid, payload.msg_uuid)))
 
+    def call_before_wait(self, hook: Callable[[], None]) -> bool:
+        """Have :meth:`pop_result` with no timeout call ``hook`` (on its thread) each time
+        before it waits for redis, with nothing of redis' at hand: whether it will (a
+        :meth:`dedicated` listener on the fast path). Else nothing is set: its caller does
+        what the hook would, after each :meth:`pop_result`."""
+        if not self._dedicated or self._fast is None:
+            return False
+        self.before_wait = hook
+        return True
+
     def _pop_result_ahead(self, conn_uuid: str) -> Optional[Popped]:
         """:meth:`pop_result` with no timeout, on a listener's own connection: the script that
         takes a result's timeout key goes in one write with the next BRPOP, so each result
@@ -381,7 +395,7 @@ class RpcSide:
                 if brpop:  # (sent with no lock held: redis may be slow to take it)
                     own.send([("BRPOP", key, 0)])
                 try:
-                    reply = own.read_reply(wait)
+                    reply = own.read_reply(wait, self.before_wait)
                 except redis.exceptions.ConnectionError:
                     with self._own_lock:  # (own is broken now: nothing more is sent on it)
                         idle = idle and not self._expect  # a call may have been sent meanwhile
@@ -486,7 +500,7 @@ class RpcSide:
                 self._brpop_sent = False
         if sure:
             return Popped(payload, left)
-        reply = own.read_reply()
+        reply = own.read_reply(False, self.before_wait)
         with self._own_lock:
             self._expect.popleft()  # (_AWAIT_TTL: the first reply awaited after a BRPOP's)
         if isinstance(reply, Exception):

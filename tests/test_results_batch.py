@@ -1,0 +1,235 @@
+"""What a connection's results thread sends is kept until it is about to wait for redis, then
+written in one socket write (Conn._flush_batch): the same bytes as one write per message, in
+the same order, an ACK never held until its RES, and a client that does not read still closed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import redis
+import websocket
+
+from juggler import Callee, RedisBroker, Server
+from juggler.conn import Conn
+from juggler.frames import OP_TEXT, encode_frame
+from juggler.handshake import HandshakeRequest
+from juggler.message import CLIENT_TYPES, Ack, Call, MessageType, Nack, Res, encode, new_uuid
+from juggler.transport import SocketIO, SocketReader
+
+from .conftest import T
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def unit():
+    """A Conn of a server that never serves, on a socket pair: ``(conn, peer socket, sends)``,
+    ``sends`` recording each socket write the connection makes."""
+    server = Server(RedisBroker(redis.Redis(port=1)), port=0)
+    a, b = socket.socketpair()
+    b.settimeout(T(5))
+    io = SocketIO(a, write_timeout=1.0)
+    conn = Conn(server._conn_services(), io, ("test", 0), HandshakeRequest("GET", "/ws", "HTTP/1.1", {}),
+                CLIENT_TYPES, SocketReader(io))  # fmt: skip
+    sends: list[bytes] = []
+    sendall = io.sendall
+    io.sendall = lambda data: (sends.append(bytes(data)), sendall(data))[1]  # type: ignore[method-assign]
+    try:
+        yield conn, b, sends
+    finally:
+        a.close()
+        b.close()
+
+
+def _call(uri: str = "test.echo") -> Call:
+    return Call(uuid=new_uuid(), uri=uri, timeout=5.0, args=None)
+
+
+def _ack_and_res(args=1) -> tuple[Ack, Res]:
+    call = _call()
+    return Ack.to(call), Res(for_uuid=call.uuid, uri=call.uri, args=args)
+
+
+def _frame(msg) -> bytes:
+    return encode_frame(OP_TEXT, encode(msg).encode("utf-8"))
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the connection closed"
+        data += chunk
+    return data
+
+
+def _batching(conn: Conn) -> None:
+    """Make the calling thread the connection's results thread, as _results_loop does."""
+    conn._batch = []
+    conn._batcher = threading.get_ident()
+
+
+@pytest.mark.parametrize("args", [None, "hello", {"k": [1, 2.5, "é\u2028"]}, "x" * 70000])
+def test_an_ack_and_a_res_kept_go_out_in_one_write_the_same_bytes(unit, args):
+    conn, peer, sends = unit
+    _batching(conn)
+    ack, res = _ack_and_res(args)
+    assert conn.write(ack) and conn.write(res)
+    assert sends == []  # kept until the thread waits
+    conn._flush_batch()
+    expected = _frame(ack) + _frame(res)
+    assert sends == [expected]  # one write, the frames one after the other
+    assert _recv_exactly(peer, len(expected)) == expected
+    assert conn._batch == []
+    stats = conn._svc.incr.__self__.snapshot()  # (the server's counters: each message counted once)
+    assert stats.get("write_ACK") == 1 and stats.get("write_RES") == 1
+
+
+def test_a_message_kept_alone_is_written_as_any_other(unit):
+    conn, peer, sends = unit
+    _batching(conn)
+    nack = Nack.to(_call(), 500, "redis unavailable")
+    conn.write(nack)
+    conn._flush_batch()
+    conn._flush_batch()  # (nothing kept: nothing written)
+    assert sends == [_frame(nack)]
+    assert _recv_exactly(peer, len(sends[0])) == _frame(nack)
+
+
+def test_what_is_kept_queues_in_order_behind_a_busy_socket(unit):
+    conn, _, sends = unit
+    _batching(conn)
+    ack, res = _ack_and_res()
+    conn.write(ack)
+    conn.write(res)
+    assert conn._queue.claim()  # another thread writes
+    conn._flush_batch()
+    assert sends == [] and list(conn._queue._items) == [ack, res]
+
+
+def test_other_threads_are_not_kept_waiting(unit):
+    conn, _, sends = unit
+    _batching(conn)
+    conn.write(Ack.to(_call()))
+    got = []
+    other = threading.Thread(target=lambda: got.append(conn.write(Ack.to(_call()))), name="juggler-test-other")
+    other.start()
+    other.join(T(5))
+    assert got == [True] and len(sends) == 1 and len(conn._batch) == 1
+
+
+def test_a_handler_that_does_more_gets_what_was_kept_written_first(unit):
+    conn, _, sends = unit
+    _batching(conn)
+    ack, res = _ack_and_res()
+    conn.write(ack)
+    conn._svc.handler.writes_as_sent = False  # (a handler that logs, say: it calls write itself)
+    conn.write(res)
+    assert sends == [_frame(ack), _frame(res)] and conn._batch == []
+
+
+def test_ordered_writes_what_was_kept_first(unit):
+    conn, _, sends = unit
+    _batching(conn)
+    ack, res = _ack_and_res()
+    conn.write(ack)
+    with conn.ordered():
+        assert sends == [_frame(ack)]
+        conn.write(res)
+    assert sends == [_frame(ack), _frame(res)]
+
+
+def test_nothing_is_kept_once_closing(unit):
+    conn, _, sends = unit
+    _batching(conn)
+    conn.close()
+    assert not conn.write(Ack.to(_call()))
+    conn._flush_batch()
+    assert conn._batch == [] and sends == []
+
+
+def test_a_write_that_fails_closes_the_connection_and_keeps_nothing(unit):
+    conn, peer, _ = unit
+    _batching(conn)
+    for msg in _ack_and_res():
+        conn.write(msg)
+    peer.close()
+    conn._io.shutdown()  # (the peer is gone: the write fails)
+    conn._flush_batch()
+    assert conn.closed and conn.close_code == 1006 and conn._batch == []
+
+
+# -- through a server, on real redis --
+
+
+@pytest.fixture
+def gated(real):
+    """A server and a callee on real redis whose ``test.gate`` answers once ``gate`` is set."""
+    broker = RedisBroker(real)
+    server = Server(broker, write_queue_size=8, write_timeout=0.5).start()
+    callee = Callee(broker, workers=4, block=0.05)
+    gate = threading.Event()
+    callee.register("test.gate", lambda args: args if gate.wait(T(10)) else None)
+    callee.register("test.echo", lambda args: args)
+    callee.start()
+    try:
+        yield server, gate
+    finally:
+        callee.stop()
+        server.shutdown()
+
+
+def _call_text(uuid: str, uri: str, args) -> str:
+    return json.dumps({"meta": {"type": 1, "uuid": uuid}, "payload": {"uri": uri, "timeout": 10**10, "args": args}})
+
+
+def test_an_ack_is_not_held_until_its_res(gated):
+    server, gate = gated
+    ws = websocket.create_connection(server.url, subprotocols=["juggler.0"], timeout=T(5))
+    try:
+        for i in range(4):  # the first stored by the reader, the others through the listener
+            gate.clear()
+            uuid = str(new_uuid())
+            ws.send(_call_text(uuid, "test.gate", i))
+            ack = json.loads(ws.recv())  # (the callee waits for the gate: only the ACK can come)
+            assert ack["meta"]["type"] == MessageType.ACK and ack["payload"]["for"] == uuid
+            gate.set()
+            res = json.loads(ws.recv())
+            assert res["meta"]["type"] == MessageType.RES and res["payload"] == {"for": uuid, "uri": "test.gate", "args": i}
+        (conn,) = server.connections
+        assert conn._batcher == conn._results_thread.ident and conn._ahead  # (it kept them)
+    finally:
+        ws.close()
+
+
+def test_a_client_that_does_not_read_its_results_is_still_closed(gated):
+    server, gate = gated
+    gate.set()
+    closed = []
+    server.on_state = lambda conn, state: closed.append((state.name, conn.close_code)) if state.name == "CLOSED" else None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((server.host, server.port))
+    ws = websocket.WebSocket()
+    ws.sock_opt.timeout = T(10)
+    ws.connect(server.url, socket=sock, subprotocols=["juggler.0"])
+    try:
+        big = "z" * 60000
+        deadline = time.monotonic() + T(10)
+        sent = 0
+        while not closed and time.monotonic() < deadline:
+            try:
+                ws.send(_call_text(str(new_uuid()), "test.echo", big))
+            except (OSError, websocket.WebSocketException):
+                break
+            sent += 1
+            time.sleep(0.01)
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert closed and closed[0][1] in (1006, 1008), (closed, sent)  # queue full, or a write timed out
+    finally:
+        ws.shutdown()
