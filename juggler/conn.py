@@ -601,11 +601,15 @@ class Conn(ConnCalls):
         if frame is not None and self._send(frame):
             self._count_one(msg)
 
+    # Every write to the socket is made by a thread that holds the WriteQueue's claim on it
+    # (claim() or get_batch(), until release()): the only one writing, so without SocketIO's
+    # write lock (its *_claimed methods).
+
     def _send_nowait(self, frame: bytes) -> bool:
         """Write what the socket takes now of ``frame`` (with the socket claimed); the rest
         goes first in the queue, for the writer. ``False`` if the connection failed."""
         try:
-            n = self._io.send_nowait(frame)
+            n = self._io.send_nowait_claimed(frame)
         except OSError as exc:
             self._write_failed(exc)
             return False
@@ -616,7 +620,7 @@ class Conn(ConnCalls):
     def _send(self, data: bytes) -> bool:
         """Write ``data``; ``False`` if the connection failed."""
         try:
-            self._io.sendall(data)
+            self._io.sendall_claimed(data)
             return True
         except OSError as exc:
             self._write_failed(exc)

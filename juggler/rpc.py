@@ -118,6 +118,18 @@ def _check_skipped(reply: Any, conn_uuid: str) -> None:
 
 # the start of the store that store_call_ahead sends: an EVAL of 8 arguments, its first 3
 _STORE_AHEAD_HEAD = b"*8\r\n" + resp.pack(("EVAL", STORE.source, 2))[4:]
+# what _consume_ahead sends, packed once: the start of its script (an EVAL of 4 arguments),
+# and what goes before it where redis is to leave its reply out, or is asked whether it can
+_CONSUME_HEAD = b"*4\r\n" + resp.pack(("EVAL", CONSUME.source, 1))[4:]
+_REPLY_SKIP_PACKED = resp.pack(_REPLY_SKIP)
+_PROBE_PACKED = b"".join(resp.pack(c) for c in _PROBE)
+
+
+def _consume_command(conn_uuid: str, msg_uuid: str) -> bytes:
+    """``pack(("EVAL", CONSUME.source, 1, result_timeout_key(conn_uuid, msg_uuid)))``, from
+    :data:`_CONSUME_HEAD` (tests/test_incoming_bytes.py compares them)."""
+    key = result_timeout_key(conn_uuid, msg_uuid).encode("utf-8")
+    return b"%b$%d\r\n%b\r\n" % (_CONSUME_HEAD, len(key), key)
 
 
 class RpcSide:
@@ -476,25 +488,23 @@ class RpcSide:
         deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
         left = deadline - time.monotonic() if deadline is not None else 0.0
         sure = left > RESULT_SURE_MARGIN
-        consume = ("EVAL", CONSUME.source, 1, result_timeout_key(payload.conn_uuid, payload.msg_uuid))
+        consume = _consume_command(payload.conn_uuid, payload.msg_uuid)
+        awaited: tuple[Any, ...]
         if not sure:
-            commands: list[Any] = [consume]
-            awaited: tuple[Any, ...] = (_AWAIT_TTL,)
+            awaited = (_AWAIT_TTL,)
         elif own.reply_skip:
-            commands, awaited = [_REPLY_SKIP, consume], ()
+            consume, awaited = _REPLY_SKIP_PACKED + consume, ()
         elif own.reply_skip is None and not self._no_reply_skip.found:
-            commands, awaited = [*_PROBE, consume], (_AWAIT_PROBE, _AWAIT_SKIP)
+            consume, awaited = _PROBE_PACKED + consume, (_AWAIT_PROBE, _AWAIT_SKIP)
         else:
-            commands, awaited = [consume], (_AWAIT_SKIP,)
+            awaited = (_AWAIT_SKIP,)
         with self._own_lock:
             again = self._awaiting(payload.msg_uuid)
             self._expect.extend(awaited)
             if again:
                 self._expect.append(_AWAIT_BRPOP)
         # (sent with no lock held; _brpop_sent is still set, so no other thread sends meanwhile)
-        if again:
-            commands.append(("BRPOP", key, 0))
-        own.send(commands)
+        own.send_packed(consume + resp.pack(("BRPOP", key, 0)) if again else consume)
         if not again:
             with self._own_lock:
                 self._brpop_sent = False

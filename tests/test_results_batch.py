@@ -36,8 +36,8 @@ def unit():
     conn = Conn(server._conn_services(), io, ("test", 0), HandshakeRequest("GET", "/ws", "HTTP/1.1", {}),
                 CLIENT_TYPES, SocketReader(io))  # fmt: skip
     sends: list[bytes] = []
-    sendall = io.sendall
-    io.sendall = lambda data: (sends.append(bytes(data)), sendall(data))[1]  # type: ignore[method-assign]
+    sendall = io.sendall_claimed
+    io.sendall_claimed = lambda data: (sends.append(bytes(data)), sendall(data))[1]  # type: ignore[method-assign]
     try:
         yield conn, b, sends
     finally:
@@ -233,3 +233,44 @@ def test_a_client_that_does_not_read_its_results_is_still_closed(gated):
         assert closed and closed[0][1] in (1006, 1008), (closed, sent)  # queue full, or a write timed out
     finally:
         ws.shutdown()
+
+
+def test_a_connection_writes_only_with_its_socket_claimed(gated, monkeypatch):
+    # Conn writes without SocketIO's write lock (sendall_claimed, send_nowait_claimed): every
+    # write must be made by the thread that holds the WriteQueue's claim on the socket.
+    import inspect
+
+    import juggler.conn as conn_module
+
+    source = inspect.getsource(conn_module)
+    assert source.count("self._io.send") == 2  # (only in _send and _send_nowait, checked below)
+    unclaimed = []
+    for name in ("_send", "_send_nowait"):
+        original = getattr(Conn, name)
+
+        def checked(self, data, original=original, name=name):
+            if not self._queue._busy:
+                unclaimed.append(name)
+            return original(self, data)
+
+        monkeypatch.setattr(Conn, name, checked)
+    server, gate = gated
+    gate.set()
+    ws = websocket.create_connection(server.url, subprotocols=["juggler.0"], timeout=T(5))
+    try:
+        ws.send(json.dumps({"meta": {"type": 3, "uuid": str(new_uuid())}, "payload": {"channel": "c"}}))  # SUB
+        assert json.loads(ws.recv())["meta"]["type"] == MessageType.ACK
+        ws.send(json.dumps({"meta": {"type": 2, "uuid": str(new_uuid())}, "payload": {"channel": "c", "args": 1}}))
+        got = {json.loads(ws.recv())["meta"]["type"] for _ in range(2)}  # the PUB's ACK and its EVNT
+        assert got == {MessageType.ACK, MessageType.EVNT}
+        ws.ping(b"p")  # (its pong)
+        for i in range(20):
+            ws.send(_call_text(str(new_uuid()), "test.echo", i))
+        types = [json.loads(ws.recv())["meta"]["type"] for _ in range(40)]
+        assert types.count(MessageType.ACK) == 20 and types.count(MessageType.RES) == 20
+    finally:
+        ws.close()  # (the close frame)
+    deadline = time.monotonic() + T(5)
+    while server.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert unclaimed == []
