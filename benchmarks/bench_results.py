@@ -99,6 +99,7 @@ def one_round(server: Server, n: int, args: Any, apart: bool) -> tuple[float, di
     results._reconnected = time.monotonic()  # (at the end, no new connection: the loop ends)
     deadlines = conn._calls
     assert results.follow_calls(deadlines)
+    results.keys_taken_later = True  # (as Conn.listen_for_results sets it; older trees ignore it)
     conn._results = results
     conn._ahead = True
     key = results_key(conn.uuid).encode()
@@ -118,6 +119,8 @@ def one_round(server: Server, n: int, args: Any, apart: bool) -> tuple[float, di
         deadlines[call.uuid] = time.monotonic() + 5.0
         results._expect.extend(((functools.partial(_call_stored, conn, call), 0.0), "brpop"))
         results._brpop_sent = True
+        if getattr(results, "_later", (None,))[0] is not None:  # (the reader sends it with its store)
+            results._later = (None, b"")
 
     own.store_next = store_next
     own.conn = conn

@@ -162,8 +162,10 @@ class ConnCalls:
             if isinstance(results, RedisBroker):  # it may hand a result over sooner
                 results.health = self._listener_health
                 results.call_deadlines = self._calls
-                # and, knowing which calls are in flight, store them (store_call_ahead)
+                # and, knowing which calls are in flight, store them (store_call_ahead), each
+                # with the script taking the timeout key of the result before it
                 self._ahead = bool(self.settings.max_calls_in_flight) and results.follow_calls(self._calls)
+                results.keys_taken_later = self._ahead
             self._results_stopping = threading.Event()
             t = threading.Thread(
                 target=self._results_loop, name=f"juggler-conn-{self.id}-results", daemon=CONN_THREAD_DAEMON

@@ -144,6 +144,12 @@ class RpcSide:
     #: Called on the listener's thread before :meth:`pop_result` (with no timeout) waits for
     #: redis (see :meth:`call_before_wait`).
     before_wait: Optional[Callable[[], None]] = None
+    #: Whether the script that takes the timeout key of a result handed over at once, with no
+    #: reply to read, may wait for the next command sent on the listener's connection (see
+    #: :meth:`_consume_ahead`); set by its owner.
+    keys_taken_later = False
+    # (that script, and the connection it waits for: sent first with its next command)
+    _later: tuple[Any, bytes] = (None, b"")
 
     # (set by RedisBroker.__init__)
     _fast: Optional[resp.RespPool]
@@ -246,9 +252,10 @@ class RpcSide:
             self._expect.extend((entry, _AWAIT_BRPOP))
             self._brpop_sent = True
             self._sending = True
+            later = self._take_later(own)
         failed: Optional[BaseException] = None
         try:
-            own.send_packed(command)
+            own.send_packed(later + command if later else command)
         except REDIS_FAILURES as exc:
             failed = exc
         with self._own_lock:
@@ -402,10 +409,11 @@ class RpcSide:
                     if brpop:
                         self._expect.append(_AWAIT_BRPOP)
                         self._brpop_sent = True
+                        later = self._take_later(own)
                     idle = not self._expect
                     wait = _none_there_yet(self._expect)
                 if brpop:  # (sent with no lock held: redis may be slow to take it)
-                    own.send([("BRPOP", key, 0)])
+                    own.send_packed(later + resp.pack(("BRPOP", key, 0)))
                 try:
                     reply = own.read_reply(wait, self.before_wait)
                 except redis.exceptions.ConnectionError:
@@ -500,9 +508,17 @@ class RpcSide:
             awaited = (_AWAIT_SKIP,)
         with self._own_lock:
             again = self._awaiting(payload.msg_uuid)
+            if not again and not awaited and self.keys_taken_later:
+                # nothing to send but this script, which has no reply: it goes first with the
+                # next command on the connection (the reader's next store, most often), one
+                # write less; a connection lost meanwhile leaves the key to expire with its call
+                self._later = (own, self._take_later(own) + consume)
+                self._brpop_sent = False
+                return Popped(payload, left)
             self._expect.extend(awaited)
             if again:
                 self._expect.append(_AWAIT_BRPOP)
+            consume = self._take_later(own) + consume
         # (sent with no lock held; _brpop_sent is still set, so no other thread sends meanwhile)
         own.send_packed(consume + resp.pack(("BRPOP", key, 0)) if again else consume)
         if not again:
@@ -517,6 +533,16 @@ class RpcSide:
             raise reply
         ttl_ms = own.integer(reply)
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
+
+    def _take_later(self, own: resp.RespConnection) -> bytes:
+        """(Under the lock, by the thread about to send on ``own``.) The scripts left to go
+        first with the next command on ``own`` (:attr:`keys_taken_later`); none for another
+        connection (those of a connection lost: their keys expire with their calls)."""
+        later = self._later
+        if later[0] is None:
+            return b""
+        self._later = (None, b"")
+        return later[1] if later[0] is own else b""
 
     def _probed(self, own: resp.RespConnection, reply: Any, kind: str) -> None:
         """A reply to :data:`_PROBE`. First (``kind`` :data:`_AWAIT_PROBE`): the mark alone
