@@ -288,55 +288,57 @@ def _taken(real, conn, payload) -> None:
         time.sleep(0.01)
 
 
-def test_a_results_timeout_key_is_taken_with_the_connections_next_command(real):
+@pytest.fixture
+def later(real):
+    """``(broker, conn, listener, deadlines)``: a results listener that stores its calls ahead,
+    with keys_taken_later, as a server's connection makes it."""
+    broker = RedisBroker(real)
+    conn, listener, deadlines = _following(broker)
+    listener.keys_taken_later = True
+    try:
+        yield broker, conn, listener, deadlines
+    finally:
+        listener.close()
+        broker.close()
+
+
+def test_a_results_timeout_key_is_taken_with_the_connections_next_command(real, later):
     # With keys_taken_later (a server's connection that stores its calls ahead), the script
     # that takes the timeout key of a result handed over at once, with no BRPOP to follow it,
     # goes first in the next write on the listener's connection: a BRPOP's, or a call's store.
-    broker = RedisBroker(real)
-    conn, listener, deadlines = _following(broker)
-    listener.keys_taken_later = True
-    try:
-        first, second = _pop_in_turn(listener, broker, deadlines, conn, 2)
-        own = listener._own
-        assert own.reply_skip is True  # (the first one's script asked: sent at once, with the probe)
-        _taken(real, conn, first)
-        assert real.exists(result_timeout_key(conn, second.msg_uuid))  # its script waits
-        assert listener._later[0] is own and listener._later[1].endswith(result_timeout_key(conn, second.msg_uuid).encode() + b"\r\n")
-        (third,) = _pop_in_turn(listener, broker, deadlines, conn, 1)  # sent with its BRPOP
-        _taken(real, conn, second)
-        assert listener._later[0] is own
-        # the next call's store carries it
-        call = CallPayload(conn, new_uuid(), "test.echo", 1)
-        deadlines[call.msg_uuid] = time.monotonic() + 100
-        stored: list = []
-        assert listener.store_call_ahead(call, 5, stored.append)
-        _taken(real, conn, third)
-        assert listener._later == (None, b"")
-        broker.store_result(ResultPayload(conn, call.msg_uuid, "test.echo", 2), 5)
-        popped = listener.pop_result(conn, None)
-        assert stored == [None] and popped.payload.msg_uuid == call.msg_uuid
-        real.ping()
-        assert own.alive() and listener._own is own, "replies out of step"
-    finally:
-        listener.close()
-        broker.close()
+    broker, conn, listener, deadlines = later
+    first, second = _pop_in_turn(listener, broker, deadlines, conn, 2)
+    own = listener._own
+    assert own.reply_skip is True  # (the first one's script asked: sent at once, with the probe)
+    _taken(real, conn, first)
+    assert real.exists(result_timeout_key(conn, second.msg_uuid))  # its script waits
+    assert listener._later[0] is own and listener._later[1].endswith(result_timeout_key(conn, second.msg_uuid).encode() + b"\r\n")
+    (third,) = _pop_in_turn(listener, broker, deadlines, conn, 1)  # sent with its BRPOP
+    _taken(real, conn, second)
+    assert listener._later[0] is own
+    # the next call's store carries it
+    call = CallPayload(conn, new_uuid(), "test.echo", 1)
+    deadlines[call.msg_uuid] = time.monotonic() + 100
+    stored: list = []
+    assert listener.store_call_ahead(call, 5, stored.append)
+    _taken(real, conn, third)
+    assert listener._later == (None, b"")
+    broker.store_result(ResultPayload(conn, call.msg_uuid, "test.echo", 2), 5)
+    popped = listener.pop_result(conn, None)
+    assert stored == [None] and popped.payload.msg_uuid == call.msg_uuid
+    real.ping()
+    assert own.alive() and listener._own is own, "replies out of step"
 
 
-def test_a_script_left_for_a_connection_lost_is_not_sent_on_the_next(real):
-    broker = RedisBroker(real)
-    conn, listener, deadlines = _following(broker)
-    listener.keys_taken_later = True
-    try:
-        _, left = _pop_in_turn(listener, broker, deadlines, conn, 2)
-        old = listener._own
-        assert listener._later[0] is old
-        old.close()  # (lost: the listener takes a new connection)
-        _pop_in_turn(listener, broker, deadlines, conn, 2)  # (the first probes it again)
-        own = listener._own
-        assert own is not old and listener._later[0] is own  # its own script left, not the old one's
-        assert 0 < real.pttl(result_timeout_key(conn, left.msg_uuid)) <= 5000  # left to expire with its call
-        real.ping()
-        assert list(listener._expect) == [] and own.alive(), "replies out of step"
-    finally:
-        listener.close()
-        broker.close()
+def test_a_script_left_for_a_connection_lost_is_not_sent_on_the_next(real, later):
+    broker, conn, listener, deadlines = later
+    _, left = _pop_in_turn(listener, broker, deadlines, conn, 2)
+    old = listener._own
+    assert listener._later[0] is old
+    old.close()  # (lost: the listener takes a new connection)
+    _pop_in_turn(listener, broker, deadlines, conn, 2)  # (the first probes it again)
+    own = listener._own
+    assert own is not old and listener._later[0] is own  # its own script left, not the old one's
+    assert 0 < real.pttl(result_timeout_key(conn, left.msg_uuid)) <= 5000  # left to expire with its call
+    real.ping()
+    assert list(listener._expect) == [] and own.alive(), "replies out of step"
