@@ -301,10 +301,12 @@ class Conn(ConnCalls):
         """Write what the results thread sent since it last waited for redis (an ACK, the RES
         of a result that came with it), in one socket write when the socket is free. The
         results thread calls it before each wait (its broker's ``before_wait``), when it
-        enters :meth:`ordered`, and as it ends: so what it sends keeps its order, and waits
-        only for the thread's work at hand, never for redis."""
+        enters :meth:`ordered`, when its broker gives up a connection (the NACKs of the calls
+        it had stored), before it waits for the ACK lock, and as it ends: so what it sends keeps
+        its order, and waits only for the thread's work at hand, never for redis or another
+        thread. (Only that thread's call writes: from any other, it does nothing.)"""
         msgs = self._batch
-        if msgs:
+        if msgs and threading.get_ident() == self._batcher:
             self._batch = []
             self._write_msgs(msgs)
 

@@ -310,9 +310,10 @@ class ConnCalls:
         try:
             self._listen(broker)
         finally:
-            # (before the thread ends: a later thread may get its ident)
-            self._batcher = None
-            self._flush_batch()
+            try:
+                self._flush_batch()
+            finally:
+                self._batcher = None  # (before the thread ends: a later thread may get its ident)
 
     def _listen(self, broker: Broker) -> None:
         # started while redis is down (the CALL that started it gets its NACK): its first
@@ -357,8 +358,14 @@ class ConnCalls:
             # when its result left redis, for the delivery metric: on the message itself, so
             # that a RES never written (a handler drops it) leaves nothing behind
             object.__setattr__(res, "_popped", time.monotonic())
-            with self.ack_lock:
+            lock = self.ack_lock
+            if not lock.acquire(False):  # the reader holds it while redis stores a call:
+                self._flush_batch()  # what this thread kept goes out first, not after that wait
+                lock.acquire()
+            try:
                 self.send(res)
+            finally:
+                lock.release()
 
     def _results_turn(self, broker: Broker, exc: Optional[BrokerError], since: Optional[int] = None) -> bool:
         """Before the results listener connects: the first time (``exc`` is ``None``), or

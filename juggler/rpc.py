@@ -367,6 +367,8 @@ class RpcSide:
         """Wait up to ``block`` seconds (``None``: until one comes or :meth:`wake_results`)
         for a result for ``conn_uuid``; ``None`` if none came."""
         if block is None and self._dedicated and self._fast is not None:
+            if self.before_wait is not None:  # (what the last result brought: out before a connect)
+                self.before_wait()
             return self._pop_result_ahead(conn_uuid)
         payload = _result_payload(self._brpop([results_key(conn_uuid)], block))
         if payload is None:

@@ -342,3 +342,44 @@ def test_a_script_left_for_a_connection_lost_is_not_sent_on_the_next(real, later
     assert 0 < real.pttl(result_timeout_key(conn, left.msg_uuid)) <= 5000  # left to expire with its call
     real.ping()
     assert list(listener._expect) == [] and own.alive(), "replies out of step"
+
+
+def test_what_is_kept_goes_out_before_the_thread_waits_for_the_ack_lock(unit):
+    # the reader holds ack_lock while redis stores a call (up to STORE_WAIT): the results
+    # thread, with a RES to send, writes what it kept first rather than after that wait
+    from juggler.exceptions import BrokerError
+    from juggler.rpc import Popped
+
+    conn, peer, sends = unit
+    _batching(conn)
+    kept, (_, later_res) = _ack_and_res(), _ack_and_res()
+    conn.write(kept[0])
+    result = ResultPayload(conn.uuid, later_res.for_uuid, "test.echo", 1)
+    conn._calls[result.msg_uuid] = time.monotonic() + 100
+    held = threading.Event()
+    seen_while_held: list = []
+
+    class Broker:
+        popped = [Popped(result, 100.0)]
+
+        def pop_result(self, conn_uuid, block):
+            if self.popped:
+                return self.popped.pop()
+            conn._results_stop = True
+            raise BrokerError("redis unavailable: done")
+
+    def reader() -> None:
+        with conn.ack_lock:
+            held.set()
+            deadline = time.monotonic() + T(5)
+            while not sends and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen_while_held.extend(sends)
+
+    t = threading.Thread(target=reader, name="juggler-test-reader")
+    t.start()
+    assert held.wait(T(5))
+    conn._listen(Broker())
+    t.join(T(5))
+    assert seen_while_held == [_frame(kept[0])]  # written while the lock was held
+    assert len(sends) == 1 and conn._batch[0].for_uuid == later_res.for_uuid  # the RES, kept in turn
