@@ -238,14 +238,16 @@ def cmd_server(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 def _tune(cfg: dict[str, Any], cpu: Any) -> None:
     """Tune the process (it is ours) before any thread starts, as :mod:`juggler.tuning`
     describes: small thread stacks, the GIL switch interval, one CPU, the open-file limit and
-    the futex table; then say when the limits cap ``max_connections``."""
-    from .tuning import tune_process
+    the futex table, and the scheduling policy (``--sched``); then say when the limits cap
+    ``max_connections``."""
+    from .tuning import set_sched, tune_process
 
     wanted = cfg.get("max_connections")
     try:
         tuned = tune_process(wanted, cpu=cpu, switch_interval=cfg["switch_interval"])
     except ValueError as exc:
         raise _Fail(f"--cpu: {exc}") from None
+    set_sched(cfg.get("sched", "normal"))  # (juggler demo: its callee runs in the process too)
     slots = tuned.futex_hash_slots
     log.info("process tuned: thread stacks of %d KiB, GIL switch interval %s s, futex hash slots %s, "
              "malloc arenas %s", (tuned.stack_size or 0) // 1024, tuned.switch_interval,

@@ -58,6 +58,12 @@ def _cpu(value: Any) -> Any:
     return parse_cpu(value)
 
 
+def _sched(value: Any) -> str:
+    from .tuning import parse_sched
+
+    return parse_sched(value)
+
+
 def _redis_url(value: Any) -> str:
     url = string(value)
     if re.match(r"^rediss?\+sentinel://", url, re.IGNORECASE):
@@ -139,6 +145,9 @@ def _from_fields(settings_class: type) -> list[Setting]:
 #: passes to its :class:`~juggler.Server`, in their order.
 SERVER_SETTINGS: list[str] = [s.name for s in _from_fields(ServerSettings)]
 
+#: ``--sched``'s default (docs/deployment.rst, "gil-convoy").
+SCHED_DEFAULT = "normal"
+
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
@@ -152,6 +161,9 @@ SETTINGS: dict[str, Setting] = {
         *_from_fields(ServerSettings),
         _s("cpu", _cpu, "auto", "keep the server's threads on one CPU: auto (one no other juggler process "
            "has claimed; none left: run anywhere), none, or a CPU number", metavar="CPU", group="tuning"),
+        _s("sched", _sched, SCHED_DEFAULT, "the server's scheduling policy: batch (Linux's SCHED_BATCH: a thread "
+           "woken for the GIL does not preempt the one that let it go) or normal (left as started)",
+           metavar="POLICY", group="tuning"),
         _s("switch_interval", positive_duration, 1.0, "the process' GIL switch interval "
            "(sys.setswitchinterval): how long a thread waiting for the GIL sleeps before it asks for it",
            metavar="DURATION", group="tuning"),
@@ -194,7 +206,7 @@ GROUPS = ("listening", "redis", "limits", "TLS", "HTTP", "tuning", "logging")
 COMMANDS: dict[str, list[str]] = {
     "demo": ["host", "port", "path", "workers", "grace", "switch_interval", "log_level"],
     "server": sorted(["redis", "pubsub_redis", "call_cap", "result_cap", *SERVER_SETTINGS, "max_args_size", "cpu",
-                      "switch_interval", "log_messages", "log_level"], key=lambda name: GROUPS.index(SETTINGS[name].group)),
+                      "sched", "switch_interval", "log_messages", "log_level"], key=lambda name: GROUPS.index(SETTINGS[name].group)),
     "publish": ["redis", "history", "log_level"],
     "callee": ["redis", "workers", "waiting", "processes", "result_cap", "grace", "metrics_port", "metrics_host", "log_level"],
     "client": ["timeout", "log_level"],

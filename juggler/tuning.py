@@ -49,8 +49,11 @@ At 100 connections about one run in two is slower (7-17 context switches per cal
 the other processes share the server's CPU: the server's own threads preempt the one that
 just let the GIL go (woken by it, they find the GIL's mutex still held and sleep again), a
 convoy that keeps itself going once the CPU is saturated (docs/deployment.rst, "One CPU per
-server process"). Unpinned it was slower still, and ``SCHED_BATCH`` or a longer slice did
-not end it: :func:`pin` sets neither, nor does it move any other process.
+server process"). Unpinned it was slower still, and a longer slice did not end it:
+:func:`pin` sets neither, nor does it move any other process. ``SCHED_BATCH``
+(:func:`set_sched`, ``juggler server --sched batch``) kept it away in 16 runs of 16 and made
+a call at 100 connections cost 0.83 times the server CPU; it is off by default, as the p99 at
+one connection on a busy machine was worse under it in 12 runs of 16.
 
 ``auto`` picks a CPU that no other juggler process has claimed: a claim is the abstract unix
 socket ``juggler-cpu-N``, bound for as long as the process lives, so several servers sharing a
@@ -93,6 +96,9 @@ __all__ = [
     "pin",
     "claimed_cpu",
     "unpinned_cpus",
+    "SCHED_CHOICES",
+    "parse_sched",
+    "set_sched",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,6 +180,58 @@ def tune_process(
         capacity=capacity,
         malloc_arenas=arenas,
     )
+
+
+# -- the scheduling policy --------------------------------------------------------------------
+
+#: What ``--sched`` takes: ``"batch"`` (``SCHED_BATCH``) or ``"normal"`` (left as started).
+SCHED_CHOICES = ("batch", "normal")
+
+
+def parse_sched(value: Any) -> str:
+    """``"batch"`` or ``"normal"``, from a setting's value; :class:`ValueError` naming the
+    problem."""
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text not in SCHED_CHOICES:
+        raise ValueError(f"{value!r} is not a scheduling policy ({' or '.join(SCHED_CHOICES)})")
+    return text
+
+
+def set_sched(choice: str = "batch") -> Optional[str]:
+    """Give this thread, the threads it starts from then on and the ones already running
+    Linux's ``SCHED_BATCH`` policy (``choice`` ``"batch"``; ``"normal"`` changes nothing);
+    ``"batch"`` if it did, ``None`` if it changed nothing. ``juggler server --sched batch``
+    calls it (docs/deployment.rst, :ref:`the GIL convoy <gil-convoy>`): a thread woken from a GIL hand-over
+    then does not preempt the thread that woke it, which still holds the GIL's mutex. Nice
+    values stay. A process started under another policy than ``SCHED_OTHER`` (``chrt``) is
+    left as it is; where there is no ``SCHED_BATCH`` (not Linux) nothing is done, and it says
+    so. Children the process starts later (an embedded redis) inherit the policy, as they
+    inherit the CPU of :func:`pin`. Call it before starting threads."""
+    if parse_sched(choice) == "normal":
+        return None
+    if not hasattr(os, "SCHED_BATCH") or not hasattr(os, "sched_setscheduler"):
+        log.warning("scheduling: --sched batch has no effect on this system (no SCHED_BATCH)")
+        return None
+    current = os.sched_getscheduler(0)
+    if current == os.SCHED_BATCH:
+        return "batch"
+    if current != os.SCHED_OTHER:
+        log.warning("scheduling: --sched batch not applied: the process was started under policy %d "
+                    "(chrt), which stays", current)  # fmt: skip
+        return None
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # this thread and those it starts
+    except OSError as exc:
+        log.warning("scheduling: cannot give this process SCHED_BATCH: %s", exc)
+        return None
+    for tid in _threads():  # the threads started before, if any
+        try:
+            if os.sched_getscheduler(tid) == os.SCHED_OTHER:
+                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:  # (one that just ended)
+            pass
+    log.info("scheduling: every thread under SCHED_BATCH (--sched batch)")
+    return "batch"
 
 
 # -- connections, files and threads ----------------------------------------------------------

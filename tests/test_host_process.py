@@ -48,6 +48,18 @@ def futex_hash_slots() -> int:
     return _libc.prctl(78, 2, 0, 0, 0)  # PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS (-1: no such setting)
 
 
+def thread_policies() -> frozenset[int]:
+    """The scheduling policies (SCHED_OTHER, SCHED_BATCH, ...) the process' threads run under:
+    a library's threads get none of their own either."""
+    found = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            found.add(os.sched_getscheduler(int(tid)))
+        except OSError:  # (one that just ended)
+            pass
+    return frozenset(found)
+
+
 _SIGNALS = sorted(set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP})
 
 
@@ -62,6 +74,7 @@ def process_settings() -> dict[str, Any]:
         "this thread's CPUs": frozenset(os.sched_getaffinity(0)),
         "the main thread's CPUs": frozenset(os.sched_getaffinity(os.getpid())),
         "futex hash slots": futex_hash_slots(),
+        "scheduling policies of its threads": thread_policies(),
         "root logging handlers": list(root.handlers),
         "root logging level": root.level,
         "recursion limit": sys.getrecursionlimit(),

@@ -17,7 +17,7 @@ import pytest
 from juggler import tuning
 
 from .conftest import T
-from .test_cli import Proc, juggler
+from .test_cli import Proc, env, juggler
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
 ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -304,3 +304,100 @@ def test_a_forked_child_keeps_the_affinity_but_not_the_claim():
         p.wait(T(10))
         p.stdout.close()
 
+
+
+# -- the scheduling policy (--sched) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, expected", [("batch", "batch"), (" Normal ", "normal")])
+def test_parse_sched(value, expected):
+    assert tuning.parse_sched(value) == expected
+
+
+@pytest.mark.parametrize("value", ["idle", "fifo", "", None, 3])
+def test_parse_sched_refuses_what_is_not_a_policy(value):
+    with pytest.raises(ValueError, match="is not a scheduling policy"):
+        tuning.parse_sched(value)
+
+
+def policies(pid: int) -> dict[int, int]:
+    """The scheduling policy of each thread of process ``pid``."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(tid)] = os.sched_getscheduler(int(tid))
+        except OSError:  # (one that just ended)
+            pass
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_juggler_server_sched_batch_reaches_every_thread_it_starts():
+    from juggler import Client
+
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # (what the server starts from)
+    server = Proc("server", "--port", "0", "--cpu", "none", "--sched", "batch", "--log-level", "info")
+    callee = None
+    try:
+        server.expect(r"scheduling: every thread under SCHED_BATCH", stream="err")
+        url = server.expect(r"websocket: (ws://\S+)").group(1)
+        redis_url = server.expect(r"redis: +(redis://\S+)").group(1)
+        callee = Proc("callee", "--redis", redis_url, "--demo")
+        callee.expect(r"callee: serving")
+        with Client.connect(url, connect_timeout=T(10)) as client:  # a connection's threads, its results thread
+            assert client.call("test.echo", {"n": 1}, timeout=T(10)) == {"n": 1}
+            sub = client.sub("sched-batch")  # the pub-sub thread
+            client.pub("sched-batch", 1)
+            assert sub.get(T(10)).args == 1
+            seen = policies(server.p.pid)
+        assert len(seen) >= 6 and set(seen.values()) == {os.SCHED_BATCH}, seen
+        assert set(policies(callee.p.pid).values()) == {os.SCHED_OTHER}  # only the server's
+        assert callee.stop() == 0  # (first: it holds connections to the server's embedded redis)
+        assert server.stop() == 0
+    finally:
+        if callee is not None:
+            callee.close()
+        server.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_juggler_server_sched_normal_by_default_and_from_the_environment():
+    for environ, policy in ((env(JUGGLER_SCHED="batch"), os.SCHED_BATCH), (env(), os.SCHED_OTHER)):
+        server = Proc("server", "--port", "0", "--cpu", "none", "--log-level", "info", env=environ)
+        try:
+            server.expect(r"websocket: ws://")
+            assert set(policies(server.p.pid).values()) == {policy}
+            assert server.stop() == 0
+        finally:
+            server.close()
+    assert "is not a scheduling policy" in juggler("server", "--port", "0", "--sched", "idle").stderr
+
+
+def test_set_sched_applies_to_threads_started_before_and_after():
+    out = subprocess.run([sys.executable, "-c", SET_SCHED], capture_output=True, text=True, timeout=T(30))
+    assert out.returncode == 0, out.stderr
+    if not hasattr(os, "SCHED_BATCH"):
+        assert out.stdout.split() == ["None"] and "has no effect on this system" in out.stderr
+    else:
+        assert out.stdout.split() == ["batch", "3", "3", "3", "None", "batch"]
+
+
+# A thread started before, the calling thread and one started after; then "normal" (nothing
+# done) and a second "batch" (already so).
+SET_SCHED = r"""
+import os, threading
+from juggler import tuning
+go = threading.Event()
+seen = []
+early = threading.Thread(target=lambda: (go.wait(), seen.append(os.sched_getscheduler(0))), name="early")
+early.start()
+done = tuning.set_sched("batch")
+print(done)
+if done:
+    go.set(); early.join()
+    late = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)), name="late")
+    late.start(); late.join()
+    print(*seen, os.sched_getscheduler(0), tuning.set_sched("normal"), tuning.set_sched("batch"))
+else:
+    go.set(); early.join()
+"""
