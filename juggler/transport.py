@@ -37,6 +37,7 @@ RECV_SIZE = 262144
 IDLE_WAIT = 0.05
 _MSG_PEEK = getattr(socket, "MSG_PEEK", None)  # (without it, no peek: a recv(1) would take a byte)
 _NO_LOCK = contextlib.nullcontext()  # (reusable, and shared)
+_RECV_READY = gilsend.RECV_READY and _MSG_PEEK is not None
 
 
 class SocketIO:
@@ -69,7 +70,8 @@ class SocketIO:
         if self.tls:
             sock.setblocking(False)
         elif write_timeout is not None:
-            sock.settimeout(None)
+            if sock.gettimeout() is not None:  # (an accepted socket is blocking already: its
+                sock.settimeout(None)  # settimeout would let go of the GIL for nothing)
             seconds = int(write_timeout)
             micros = int(round((write_timeout - seconds) * 1e6))
             timeval = struct.pack("ll", seconds, max(micros, 0 if seconds else 1000))
@@ -215,7 +217,10 @@ class SocketReader:
             try:
                 if self._idle and _MSG_PEEK is not None and not sock.recv(1, _MSG_PEEK):
                     raise Stopped("peer closed the connection")
-                data = sock.recv(RECV_SIZE)
+                # woken by bytes: read them keeping the GIL (gilsend.recv_ready)
+                data = gilsend.recv_ready(sock, RECV_SIZE) if self._idle and _RECV_READY else None
+                if data is None:
+                    data = sock.recv(RECV_SIZE)
             except OSError as exc:
                 raise Stopped(f"read failed: {exc}") from None
             if not data or io._shut:
@@ -223,6 +228,7 @@ class SocketReader:
             self.last_recv = now = time.monotonic()
             self._idle = now - started > IDLE_WAIT
             return data
+        ready = _RECV_READY and type(io.sock) is socket.socket  # (not TLS: its bytes go through OpenSSL)
         while True:
             wait_ms = -1
             if self.deadline is not None:
@@ -230,7 +236,17 @@ class SocketReader:
                 if remaining <= 0:
                     raise Stopped("timed out")
                 wait_ms = max(1, int(remaining * 1000))
-            if not io.wait_readable(wait_ms):
+            if ready:  # what is there already (the request that came with the connection), keeping the GIL
+                try:
+                    data = gilsend.recv_ready(io.sock, RECV_SIZE)
+                except OSError as exc:
+                    raise Stopped(f"read failed: {exc}") from None
+                if data is not None:
+                    if not data:
+                        raise Stopped("peer closed the connection")
+                    self.last_recv = time.monotonic()
+                    return data
+            if not io.wait_readable(wait_ms) or ready:  # (ready: read at the top)
                 continue
             try:
                 data = io.recv(RECV_SIZE)
