@@ -201,11 +201,4 @@ def recv_ready(sock: socket.socket, most: int) -> Optional[bytes]:
         if peeked < 0:
             _would_wait()  # (a failed connection raises)
         return None  # (or a byte that came just now: the caller's wait finds it at once)
-    buf = ctypes.create_string_buffer(n)
-    got = _recv(fd, buf, n, _DONTWAIT)
-    if got > 0:
-        return ctypes.string_at(buf, got)
-    if got == 0:
-        return b""
-    _would_wait()
-    return None
+    return recv_nowait(fd, ctypes.create_string_buffer(n))
