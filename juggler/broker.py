@@ -576,6 +576,8 @@ class RedisBroker(RpcSide, PubSubSide):
         for kind in left:  # the calls whose store is unanswered: each gets its NACK
             if type(kind) is tuple:
                 kind[0](error)
+        if self.before_wait is not None:  # (those NACKs go out before the listener connects or waits)
+            self.before_wait()
 
     def _command(self, *args: Any) -> Any:
         """One command on the fast path."""

@@ -9,7 +9,9 @@ A :class:`Conn` runs on at most three threads, all named ``juggler-conn-<id>-<ro
 - the writer: drains a bounded queue of outgoing messages onto the socket, as many as are
   waiting in one write. A message sent while nothing waits and nobody writes is written by the
   thread that sends it (an ACK by the reader, a RES by the results thread), so the writer only
-  wakes for a backlog;
+  wakes for a backlog. The results thread keeps what it sends until it is about to wait for
+  redis (:meth:`Conn._flush_batch`): an ACK and the RES of a result redis gave with it go out
+  in one write;
 - the results thread, started by the first CALL (never for a connection that does not CALL):
   ``BRPOP`` with no timeout on the connection's results list, on a redis connection of its own.
   When redis fails it, it reports to the server's :class:`~juggler.health.RedisHealth`, takes
@@ -39,7 +41,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .broker import Broker, PubSubEvent
 from .conn_calls import ConnCalls
@@ -139,7 +141,7 @@ class Conn(ConnCalls):
         # (juggler.conn_calls)
         "_calls", "_calls_next_deadline", "_calls_count_at", "_results", "_results_thread", "_results_stop",
         "_results_stopping", "_health", "_listener_health", "_fail_fast", "_ahead", "_store_watch", "_watch_lock",
-        "_read_at", "_ack_deferred",
+        "_read_at", "_ack_deferred", "_batcher", "_batch",
     )  # fmt: skip
     _ids = 0
     _ids_lock = threading.Lock()
@@ -253,20 +255,60 @@ class Conn(ConnCalls):
         if slot is not None and slot.owner == me:  # inside ordered(): its place in the queue
             slot.msgs.append(msg)
             return True
-        nonblocking = getattr(_local, "nonblocking", False)
+        if me == self._batcher:  # the results thread: written before it waits for redis
+            if self._svc.handler.writes_as_sent:
+                self._batch.append(msg)  # type: ignore[union-attr]
+                return True
+            self._flush_batch()  # (a handler that does more: nothing kept, in order)
+        return self._write_msgs((msg,), getattr(_local, "nonblocking", False))
+
+    def _write_msgs(self, msgs: Sequence[Message], nonblocking: bool = False) -> bool:
+        """Write ``msgs``, in order: by this thread, in one socket write, when nothing waits
+        and nobody writes, else queued for the writer (see :meth:`write`)."""
         if self._queue.claim():
             try:
-                frame = self._frame(msg)
-                if frame is not None and (self._send_nowait(frame) if nonblocking else self._send(frame)):
-                    self._count_one(msg)
+                if len(msgs) == 1:
+                    msg = msgs[0]
+                    frame = self._frame(msg)
+                    if frame is not None and (self._send_nowait(frame) if nonblocking else self._send(frame)):
+                        self._count_one(msg)
+                else:
+                    self._send_joined(msgs)
             finally:
                 self._queue.release()
             return True
-        if self._queue.put(msg, 0 if nonblocking else self.settings.write_timeout):
-            return True
-        # a client that does not read has lost what is queued: the close frame goes first
-        self._fail(CloseCode.POLICY_VIOLATION, "client too slow: write queue full", discard=True)
-        return False
+        timeout = 0 if nonblocking else self.settings.write_timeout
+        for msg in msgs:
+            if not self._queue.put(msg, timeout):
+                # a client that does not read has lost what is queued: the close frame goes first
+                self._fail(CloseCode.POLICY_VIOLATION, "client too slow: write queue full", discard=True)
+                return False
+        return True
+
+    def _send_joined(self, msgs: Sequence[Message]) -> None:
+        """(With the socket claimed.) The frames of ``msgs`` in one write."""
+        out = []
+        sent = []
+        for msg in msgs:
+            frame = self._frame(msg)
+            if frame is not None:
+                out.append(frame)
+                sent.append(msg)
+        if out and self._send(b"".join(out)):
+            self._count_written(sent)
+
+    def _flush_batch(self) -> None:
+        """Write what the results thread sent since it last waited for redis (an ACK, the RES
+        of a result that came with it), in one socket write when the socket is free. The
+        results thread calls it before each wait (its broker's ``before_wait``), when it
+        enters :meth:`ordered`, when its broker gives up a connection (the NACKs of the calls
+        it had stored), before it waits for the ACK lock, and as it ends: so what it sends keeps
+        its order, and waits only for the thread's work at hand, never for redis or another
+        thread. (Only that thread's call writes: from any other, it does nothing.)"""
+        msgs = self._batch
+        if msgs and threading.get_ident() == self._batcher:
+            self._batch = []
+            self._write_msgs(msgs)
 
     @contextlib.contextmanager
     def ordered(self) -> Iterator[None]:
@@ -278,6 +320,8 @@ class Conn(ConnCalls):
         if me == self._holder or (self._slot is not None and self._slot.owner == me):
             yield  # nested
             return
+        if me == self._batcher:
+            self._flush_batch()  # (what the results thread sent before stays ahead)
         if self._queue.claim():
             self._holder = me
             try:
@@ -560,11 +604,15 @@ class Conn(ConnCalls):
         if frame is not None and self._send(frame):
             self._count_one(msg)
 
+    # Every write to the socket is made by a thread that holds the WriteQueue's claim on it
+    # (claim() or get_batch(), until release()): the only one writing, so without SocketIO's
+    # write lock (its *_claimed methods).
+
     def _send_nowait(self, frame: bytes) -> bool:
         """Write what the socket takes now of ``frame`` (with the socket claimed); the rest
         goes first in the queue, for the writer. ``False`` if the connection failed."""
         try:
-            n = self._io.send_nowait(frame)
+            n = self._io.send_nowait_claimed(frame)
         except OSError as exc:
             self._write_failed(exc)
             return False
@@ -575,7 +623,7 @@ class Conn(ConnCalls):
     def _send(self, data: bytes) -> bool:
         """Write ``data``; ``False`` if the connection failed."""
         try:
-            self._io.sendall(data)
+            self._io.sendall_claimed(data)
             return True
         except OSError as exc:
             self._write_failed(exc)

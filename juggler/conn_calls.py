@@ -74,6 +74,9 @@ class ConnCalls:
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> bool:
         raise NotImplementedError
 
+    def _flush_batch(self) -> None:
+        raise NotImplementedError
+
     def _init_calls(self, services: "ConnServices") -> None:
         # Calls in flight: msg uuid -> deadline (monotonic, this connection's own count); a
         # call leaves when its result is taken off redis, its store is NACKed, or (found at
@@ -98,6 +101,10 @@ class ConnCalls:
         self._watch_lock = threading.Lock()
         self._read_at = 0.0  # when the message being handled was read (reader thread)
         self._ack_deferred = False  # and its ACK will come from the results thread
+        # The results thread, while it keeps what it sends until it waits for redis (see
+        # _results_loop), and what it kept: written by Conn._flush_batch.
+        self._batcher: Optional[int] = None
+        self._batch: Optional[list[Any]] = None
 
     # -- calls --
 
@@ -155,8 +162,10 @@ class ConnCalls:
             if isinstance(results, RedisBroker):  # it may hand a result over sooner
                 results.health = self._listener_health
                 results.call_deadlines = self._calls
-                # and, knowing which calls are in flight, store them (store_call_ahead)
+                # and, knowing which calls are in flight, store them (store_call_ahead), each
+                # with the script taking the timeout key of the result before it
                 self._ahead = bool(self.settings.max_calls_in_flight) and results.follow_calls(self._calls)
+                results.keys_taken_later = self._ahead
             self._results_stopping = threading.Event()
             t = threading.Thread(
                 target=self._results_loop, name=f"juggler-conn-{self.id}-results", daemon=CONN_THREAD_DAEMON
@@ -290,6 +299,23 @@ class ConnCalls:
     def _results_loop(self) -> None:
         broker = self._results
         assert broker is not None
+        # What this thread sends (a CALL's ACK once redis stored it, a RES) is kept until it
+        # is about to wait for redis: an ACK and the RES of a result that came with it (a
+        # quick callee) go out in one write, which wakes the client once. Its broker says
+        # when it waits (before_wait); a broker that cannot gets each message written at once.
+        batching = isinstance(broker, RedisBroker) and broker.call_before_wait(self._flush_batch)
+        if batching:
+            self._batch = []
+            self._batcher = threading.get_ident()
+        try:
+            self._listen(broker)
+        finally:
+            try:
+                self._flush_batch()
+            finally:
+                self._batcher = None  # (before the thread ends: a later thread may get its ident)
+
+    def _listen(self, broker: Broker) -> None:
         # started while redis is down (the CALL that started it gets its NACK): its first
         # connect takes a turn like a reconnect. (So the server finds redis back even when the
         # listeners that saw it go are gone with their connections.)
@@ -309,6 +335,7 @@ class ConnCalls:
                 # redis went away (its calls stored and unanswered got their NACK): say so
                 # once per server, and connect again in turn; results stored meanwhile wait in
                 # their list for the next BRPOP
+                self._flush_batch()
                 self.logger.debug("connection %s: results listener lost redis: %s", self.uuid, exc)
                 if not self._results_turn(broker, exc, since):
                     return
@@ -331,8 +358,14 @@ class ConnCalls:
             # when its result left redis, for the delivery metric: on the message itself, so
             # that a RES never written (a handler drops it) leaves nothing behind
             object.__setattr__(res, "_popped", time.monotonic())
-            with self.ack_lock:
+            lock = self.ack_lock
+            if not lock.acquire(False):  # the reader holds it while redis stores a call:
+                self._flush_batch()  # what this thread kept goes out first, not after that wait
+                lock.acquire()
+            try:
                 self.send(res)
+            finally:
+                lock.release()
 
     def _results_turn(self, broker: Broker, exc: Optional[BrokerError], since: Optional[int] = None) -> bool:
         """Before the results listener connects: the first time (``exc`` is ``None``), or

@@ -132,11 +132,13 @@ def sendall(sock: socket.socket, data: bytes) -> None:
     plain ``socket.socket`` (TLS: the bytes must go through OpenSSL) takes its own
     ``sendall``."""
     if AVAILABLE and type(data) is bytes and type(sock) is socket.socket:
-        n = send_nowait(sock.fileno(), data)
+        n = _send(sock.fileno(), data, len(data), _SEND_FLAGS)  # (send_nowait's call, inline)
         if n == len(data):
             return
-        if n:
+        if n > 0:
             data = memoryview(data)[n:]  # type: ignore[assignment]
+        elif n < 0:
+            _would_wait()
     sock.sendall(data)
 
 

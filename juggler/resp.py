@@ -33,7 +33,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import redis
 import redis.connection
@@ -220,12 +220,13 @@ class RespConnection:
         """:meth:`send` of commands already packed (:func:`pack`)."""
         self._send(data)
 
-    def read_reply(self, wait: bool = False) -> Any:
+    def read_reply(self, wait: bool = False, before_wait: Optional[Callable[[], None]] = None) -> Any:
         """The next reply, an error reply returned (a ``ResponseError``) rather than raised:
         what is already there is read without letting go of the GIL (see
-        :mod:`juggler.gilsend`), and only a reply still on its way is waited for. ``wait``:
-        the caller expects none to be there yet (nothing it asked is due), so the look
-        without waiting, a system call that would find nothing, is skipped."""
+        :mod:`juggler.gilsend`), and only a reply still on its way is waited for, after
+        ``before_wait()``. ``wait``: the caller expects none to be there yet (nothing it asked
+        is due), so the look without waiting, a system call that would find nothing, is
+        skipped."""
         reader = self._reader
         try:
             reply = reader.gets()
@@ -246,6 +247,8 @@ class RespConnection:
         except hiredis.ProtocolError as exc:
             raise self._wrong(str(exc)) from exc
         if reply is False:
+            if before_wait is not None:
+                before_wait()
             return self._reply()  # on its way: wait for it
         if isinstance(reply, hiredis.ReplyError):
             return redis.exceptions.ResponseError(str(reply))

@@ -118,6 +118,18 @@ def _check_skipped(reply: Any, conn_uuid: str) -> None:
 
 # the start of the store that store_call_ahead sends: an EVAL of 8 arguments, its first 3
 _STORE_AHEAD_HEAD = b"*8\r\n" + resp.pack(("EVAL", STORE.source, 2))[4:]
+# what _consume_ahead sends, packed once: the start of its script (an EVAL of 4 arguments),
+# and what goes before it where redis is to leave its reply out, or is asked whether it can
+_CONSUME_HEAD = b"*4\r\n" + resp.pack(("EVAL", CONSUME.source, 1))[4:]
+_REPLY_SKIP_PACKED = resp.pack(_REPLY_SKIP)
+_PROBE_PACKED = b"".join(resp.pack(c) for c in _PROBE)
+
+
+def _consume_command(conn_uuid: str, msg_uuid: str) -> bytes:
+    """``pack(("EVAL", CONSUME.source, 1, result_timeout_key(conn_uuid, msg_uuid)))``, from
+    :data:`_CONSUME_HEAD` (tests/test_incoming_bytes.py compares them)."""
+    key = result_timeout_key(conn_uuid, msg_uuid).encode("utf-8")
+    return b"%b$%d\r\n%b\r\n" % (_CONSUME_HEAD, len(key), key)
 
 
 class RpcSide:
@@ -128,6 +140,16 @@ class RpcSide:
     _ahead_tail: tuple[str, int, bytes] = ("", -1, b"")
     # and for (uri, timeout): the start of its timeout key, then its list key and ttl, packed
     _ahead_uri: tuple[str, float, bytes, bytes] = ("", -1.0, b"", b"")
+
+    #: Called on the listener's thread before :meth:`pop_result` (with no timeout) waits for
+    #: redis (see :meth:`call_before_wait`).
+    before_wait: Optional[Callable[[], None]] = None
+    #: Whether the script that takes the timeout key of a result handed over at once, with no
+    #: reply to read, may wait for the next command sent on the listener's connection (see
+    #: :meth:`_consume_ahead`); set by its owner.
+    keys_taken_later = False
+    # (that script, and the connection it waits for: sent first with its next command)
+    _later: tuple[Any, bytes] = (None, b"")
 
     # (set by RedisBroker.__init__)
     _fast: Optional[resp.RespPool]
@@ -230,9 +252,10 @@ class RpcSide:
             self._expect.extend((entry, _AWAIT_BRPOP))
             self._brpop_sent = True
             self._sending = True
+            later = self._take_later(own)
         failed: Optional[BaseException] = None
         try:
-            own.send_packed(command)
+            own.send_packed(later + command if later else command)
         except REDIS_FAILURES as exc:
             failed = exc
         with self._own_lock:
@@ -344,11 +367,23 @@ class RpcSide:
         """Wait up to ``block`` seconds (``None``: until one comes or :meth:`wake_results`)
         for a result for ``conn_uuid``; ``None`` if none came."""
         if block is None and self._dedicated and self._fast is not None:
+            if self.before_wait is not None:  # (what the last result brought: out before a connect)
+                self.before_wait()
             return self._pop_result_ahead(conn_uuid)
         payload = _result_payload(self._brpop([results_key(conn_uuid)], block))
         if payload is None:
             return None
         return Popped(payload, self._take(result_timeout_key(conn_uuid, payload.msg_uuid)))
+
+    def call_before_wait(self, hook: Callable[[], None]) -> bool:
+        """Have :meth:`pop_result` with no timeout call ``hook`` (on its thread) each time
+        before it waits for redis, with nothing of redis' at hand: whether it will (a
+        :meth:`dedicated` listener on the fast path). Else nothing is set: its caller does
+        what the hook would, after each :meth:`pop_result`."""
+        if not self._dedicated or self._fast is None:
+            return False
+        self.before_wait = hook
+        return True
 
     def _pop_result_ahead(self, conn_uuid: str) -> Optional[Popped]:
         """:meth:`pop_result` with no timeout, on a listener's own connection: the script that
@@ -376,12 +411,13 @@ class RpcSide:
                     if brpop:
                         self._expect.append(_AWAIT_BRPOP)
                         self._brpop_sent = True
+                        later = self._take_later(own)
                     idle = not self._expect
                     wait = _none_there_yet(self._expect)
                 if brpop:  # (sent with no lock held: redis may be slow to take it)
-                    own.send([("BRPOP", key, 0)])
+                    own.send_packed(later + resp.pack(("BRPOP", key, 0)))
                 try:
-                    reply = own.read_reply(wait)
+                    reply = own.read_reply(wait, self.before_wait)
                 except redis.exceptions.ConnectionError:
                     with self._own_lock:  # (own is broken now: nothing more is sent on it)
                         idle = idle and not self._expect  # a call may have been sent meanwhile
@@ -462,37 +498,53 @@ class RpcSide:
         deadline = deadlines.get(payload.msg_uuid) if deadlines is not None else None
         left = deadline - time.monotonic() if deadline is not None else 0.0
         sure = left > RESULT_SURE_MARGIN
-        consume = ("EVAL", CONSUME.source, 1, result_timeout_key(payload.conn_uuid, payload.msg_uuid))
+        consume = _consume_command(payload.conn_uuid, payload.msg_uuid)
+        awaited: tuple[Any, ...]
         if not sure:
-            commands: list[Any] = [consume]
-            awaited: tuple[Any, ...] = (_AWAIT_TTL,)
+            awaited = (_AWAIT_TTL,)
         elif own.reply_skip:
-            commands, awaited = [_REPLY_SKIP, consume], ()
+            consume, awaited = _REPLY_SKIP_PACKED + consume, ()
         elif own.reply_skip is None and not self._no_reply_skip.found:
-            commands, awaited = [*_PROBE, consume], (_AWAIT_PROBE, _AWAIT_SKIP)
+            consume, awaited = _PROBE_PACKED + consume, (_AWAIT_PROBE, _AWAIT_SKIP)
         else:
-            commands, awaited = [consume], (_AWAIT_SKIP,)
+            awaited = (_AWAIT_SKIP,)
         with self._own_lock:
             again = self._awaiting(payload.msg_uuid)
+            if not again and not awaited and self.keys_taken_later:
+                # nothing to send but this script, which has no reply: it goes first with the
+                # next command on the connection (the reader's next store, most often), one
+                # write less; a connection lost meanwhile leaves the key to expire with its call
+                self._later = (own, self._take_later(own) + consume)
+                self._brpop_sent = False
+                return Popped(payload, left)
             self._expect.extend(awaited)
             if again:
                 self._expect.append(_AWAIT_BRPOP)
+            consume = self._take_later(own) + consume
         # (sent with no lock held; _brpop_sent is still set, so no other thread sends meanwhile)
-        if again:
-            commands.append(("BRPOP", key, 0))
-        own.send(commands)
+        own.send_packed(consume + resp.pack(("BRPOP", key, 0)) if again else consume)
         if not again:
             with self._own_lock:
                 self._brpop_sent = False
         if sure:
             return Popped(payload, left)
-        reply = own.read_reply()
+        reply = own.read_reply(False, self.before_wait)
         with self._own_lock:
             self._expect.popleft()  # (_AWAIT_TTL: the first reply awaited after a BRPOP's)
         if isinstance(reply, Exception):
             raise reply
         ttl_ms = own.integer(reply)
         return Popped(payload, ttl_ms / 1000.0 if ttl_ms > 0 else 0.0)
+
+    def _take_later(self, own: resp.RespConnection) -> bytes:
+        """(Under the lock, by the thread about to send on ``own``.) The scripts left to go
+        first with the next command on ``own`` (:attr:`keys_taken_later`); none for another
+        connection (those of a connection lost: their keys expire with their calls)."""
+        later = self._later
+        if later[0] is None:
+            return b""
+        self._later = (None, b"")
+        return later[1] if later[0] is own else b""
 
     def _probed(self, own: resp.RespConnection, reply: Any, kind: str) -> None:
         """A reply to :data:`_PROBE`. First (``kind`` :data:`_AWAIT_PROBE`): the mark alone

@@ -120,10 +120,7 @@ class SocketIO:
         :class:`OSError`."""
         with self._write_lock:
             if not self.tls:
-                try:
-                    gilsend.sendall(self.sock, data)
-                except BlockingIOError:  # SO_SNDTIMEO passed with no progress
-                    raise TimeoutError(f"write timed out after {self.write_timeout:g} s") from None
+                self.sendall_claimed(data)
                 return
             view = memoryview(data)
             deadline = None if self.write_timeout is None else time.monotonic() + self.write_timeout
@@ -159,12 +156,36 @@ class SocketIO:
         if self.tls:
             return 0
         with self._write_lock:
-            try:
-                if gilsend.AVAILABLE and type(data) is bytes:
-                    return gilsend.send_nowait(self.sock.fileno(), data)
-                return self.sock.send(data, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return 0
+            return self._send_nowait(data)
+
+    def _send_nowait(self, data: bytes) -> int:
+        try:
+            if gilsend.AVAILABLE and type(data) is bytes:
+                return gilsend.send_nowait(self.sock.fileno(), data)
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    # -- for a caller that alone writes now --
+    #
+    # The write lock keeps apart the frames of threads that write at once. A writer that
+    # proves itself the only one (a server's Conn writes only with its WriteQueue's socket
+    # claimed: claim() or get_batch(), then release(); tests/test_results_batch.py checks it)
+    # may skip it: one lock taken and released less per message.
+
+    def sendall_claimed(self, data: bytes) -> None:
+        """:meth:`sendall`, by the only thread writing to the socket now, without the lock."""
+        if self.tls:
+            self.sendall(data)  # (its OpenSSL calls take their own lock)
+            return
+        try:
+            gilsend.sendall(self.sock, data)
+        except BlockingIOError:  # SO_SNDTIMEO passed with no progress
+            raise TimeoutError(f"write timed out after {self.write_timeout:g} s") from None
+
+    def send_nowait_claimed(self, data: bytes) -> int:
+        """:meth:`send_nowait`, by the only thread writing to the socket now, without the lock."""
+        return 0 if self.tls else self._send_nowait(data)
 
     def shutdown(self) -> None:
         """Shut both directions down, waking a blocked reader or writer; never raises."""

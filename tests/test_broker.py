@@ -600,7 +600,7 @@ def test_a_call_stored_as_the_idle_connection_dies_gets_an_error_not_silence(rea
     call = CallPayload(conn, new_uuid(), "test.echo", 1)
     stored: list = []
 
-    def dying_read(wait=False):
+    def dying_read(wait=False, before_wait=None):
         deadlines[call.msg_uuid] = time.monotonic() + 5  # the reader: call_started, then the store
         assert listener.store_call_ahead(call, 5, stored.append)
         own.broken = True
@@ -638,11 +638,11 @@ def test_a_listener_reads_a_brpop_reply_without_a_read_that_comes_back_empty_fir
     seen: list = []
     read_reply = own.read_reply
 
-    def read(wait=False):
+    def read(wait=False, before_wait=None):
         with listener._own_lock:
             head = listener._expect[0] if listener._expect else None
         seen.append((wait, "store" if type(head) is tuple else head))
-        return read_reply(wait)
+        return read_reply(wait, before_wait)
 
     own.read_reply = read
     call = CallPayload(conn, new_uuid(), "test.echo", 1)

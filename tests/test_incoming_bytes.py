@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from typing import Any
 
 import pytest
@@ -160,6 +161,49 @@ def test_store_call_ahead_sends_the_bytes_of_before():
         assert broker.store_call_ahead(p, 5.0, lambda error: None)
         assert own.sent[-1] == old_store_ahead_bytes(p, 5.0, broker.call_cap)
         broker._brpop_sent = False  # (as if its result came)
+        broker._expect.clear()
+
+
+def test_consume_ahead_sends_the_bytes_of_before():
+    # the script taking a result's timeout key, packed from a head made once: the bytes that
+    # packing its commands made, in each case (sure or not of the call's time left, redis
+    # leaving its reply out or not, or asked whether it can; a BRPOP after it or not)
+    from juggler.layout import CONSUME, result_timeout_key
+    from juggler.rpc import _PROBE, _REPLY_SKIP
+
+    class Replying(_Own):
+        def read_reply(self, wait=False, before_wait=None):
+            return 5000  # (the script's PTTL, when the listener waits for it)
+
+    rng = random.Random(26)
+    broker = RedisBroker(redis.Redis(port=1)).dedicated("k")
+    deadlines: dict = {}
+    assert broker.follow_calls(deadlines)
+    own = Replying()
+    for i in range(400):
+        conn_uuid = new_uuid() if i % 2 else rng.choice(["c", "é{x}", "x" * 300])
+        msg_uuid = new_uuid() if i % 3 else rng.choice(["m", "ü\u2028", "y" * 200])
+        p = ResultPayload(conn_uuid, msg_uuid, "test.echo", i)
+        sure, again, skip = rng.random() < 0.7, rng.random() < 0.5, rng.choice([True, False, None])
+        own.reply_skip = skip
+        broker._no_reply_skip.found = rng.random() < 0.3
+        deadlines.clear()
+        deadlines[msg_uuid] = time.monotonic() + (100 if sure else 0.01)
+        if again:
+            deadlines["other"] = time.monotonic() + 100
+        consume = ("EVAL", CONSUME.source, 1, result_timeout_key(conn_uuid, msg_uuid))
+        if not sure:
+            commands = [consume]
+        elif skip:
+            commands = [_REPLY_SKIP, consume]
+        elif skip is None and not broker._no_reply_skip.found:
+            commands = [*_PROBE, consume]
+        else:
+            commands = [consume]
+        if again:
+            commands.append(("BRPOP", results_key(conn_uuid), 0))
+        broker._consume_ahead(own, results_key(conn_uuid), p)
+        assert own.sent[-1] == b"".join(py_pack(c) for c in commands), (sure, again, skip)
         broker._expect.clear()
 
 
