@@ -232,6 +232,128 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def allowed_cpus(pid: int) -> frozenset[int]:
+    """The CPUs a process may run on (its affinity: one CPU for a pinned server)."""
+    try:
+        return frozenset(os.sched_getaffinity(pid))
+    except OSError:
+        return frozenset()
+
+
+def _read(path: str) -> Optional[bytes]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def thread_times(pid: int) -> dict[int, tuple[int, int, int]]:
+    """Per thread of a process: (ns on a CPU, ns waiting on a run queue, the CPU it last ran
+    on), from /proc/PID/task/TID/schedstat and stat field 39 ("processor")."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        sched = _read(f"/proc/{pid}/task/{tid}/schedstat")
+        stat = _read(f"/proc/{pid}/task/{tid}/stat")
+        if not sched or not stat:
+            continue  # (it ended)
+        try:
+            run, wait = (int(x) for x in sched.split()[:2])
+            cpu = int(stat[stat.rindex(b")") + 2 :].split()[36])
+        except (ValueError, IndexError):
+            continue
+        out[int(tid)] = (run, wait, cpu)
+    return out
+
+
+class Placement:
+    """Where the threads of some processes ran over a window, by sampling: each
+    :meth:`sample` credits every thread's run time since the last sample (schedstat, ns) to
+    the CPU it last ran on (stat field 39), so a thread that moves between samples is credited
+    to where it was last seen. A process kept on one CPU is read at the start and the end only
+    (its time is all there); so is the run-queue wait of every process (time runnable but not
+    running: what a busy neighbour on its CPU costs it). A process free to run anywhere with
+    more than ``most_threads`` threads (a server left unpinned) is not sampled either, since
+    reading them all 50 times a second costs the machine a share of a CPU: its time is credited
+    to CPU ``-1``."""
+
+    def __init__(self, pids: dict[str, int], most_threads: int = 64) -> None:
+        self.pids = pids
+        self.pinned = {role: cpus for role, pid in pids.items() if len(cpus := allowed_cpus(pid)) == 1}
+        self.on_cpu: dict[str, dict[int, float]] = {role: {} for role in pids}
+        self.first = {role: thread_times(pid) for role, pid in pids.items()}
+        self.last = {role: dict(t) for role, t in self.first.items()}
+        self.unsampled = {role for role, t in self.first.items() if role not in self.pinned and len(t) > most_threads}
+
+    def sample(self) -> None:
+        for role, pid in self.pids.items():
+            if role in self.pinned or role in self.unsampled:
+                continue
+            now = thread_times(pid)
+            before = self.last[role]
+            cpus = self.on_cpu[role]
+            for tid, (run, _, cpu) in now.items():
+                ran = run - before[tid][0] if tid in before else 0  # (a new thread: from its next sample)
+                cpus[cpu] = cpus.get(cpu, 0.0) + ran / 1e9
+            self.last[role] = now
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Per role: ``cpus`` (seconds run on each CPU), ``wait`` (seconds its threads spent
+        runnable on a run queue), ``affinity`` (the CPUs it may use)."""
+        out: dict[str, dict[str, Any]] = {}
+        for role, pid in self.pids.items():
+            end = thread_times(pid)
+            start = self.first[role]
+            ran = sum(r - start[t][0] for t, (r, _, _) in end.items() if t in start)
+            wait = sum(w - start[t][1] for t, (_, w, _) in end.items() if t in start)
+            if role in self.pinned:
+                cpus = {next(iter(self.pinned[role])): ran / 1e9}
+            elif role in self.unsampled:
+                cpus = {-1: ran / 1e9}
+            else:
+                self.sample()
+                cpus = self.on_cpu[role]
+            out[role] = {"cpus": {k: round(v, 4) for k, v in sorted(cpus.items())}, "wait": wait / 1e9,
+                         "affinity": sorted(allowed_cpus(pid)), "threads": (len(start), len(end)),
+                         "threads_ended": len(set(start) - set(end)), "threads_new": len(set(end) - set(start))}  # fmt: skip
+        return out
+
+
+def involuntary_switches(pid: int) -> int:
+    """The context switches of a process's live threads that the scheduler made (a thread
+    preempted while it could still run): nonvoluntary_ctxt_switches of /proc/PID/task/*/status."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def cpu_times() -> dict[int, list[int]]:
+    """Per CPU, the ticks of /proc/stat: user nice system idle iowait irq softirq steal."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *ticks = line.split()
+                out[int(name[3:])] = [int(t) for t in ticks[:8]]
+    return out
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """Threads and VmRSS (bytes) from /proc/PID/status."""
     out = {}

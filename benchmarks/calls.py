@@ -8,9 +8,19 @@ After a warm-up (``--warmup``) it measures for ``--duration`` seconds and report
 calls/s (RES received in the window), p50/p99 latency in ms (send to RES), and the CPU ms per
 completed call of the server, the callee and redis (utime+stime from /proc/PID/stat, deltas
 over the measured window only), the server's thread context switches per completed call (from
-/proc/PID/task/*/status: each wake-up of a thread, and each wait for the GIL or a lock, is one),
-plus the load driver's own CPU (% of one core), so a driver
-that is the bottleneck shows.
+/proc/PID/task/*/status: each wake-up of a thread, and each wait for the GIL or a lock, is one;
+the load driver keeps its connections open until they are read, since a thread that ends takes
+its counts along), the time the server's threads waited on a run queue per call (schedstat),
+plus the load driver's own CPU (% of one core), so a driver that is the bottleneck shows.
+
+Where everything ran: over the window each process's threads are sampled every 20 ms (the CPU
+each last ran on, stat field 39, credited with its run time since the sample before), and the
+row ends with the server's CPU and the seconds each other process (callee, redis, the load
+drivers, this script) ran there: ``server@1, on its CPU: callee 0.00/0.85s ...``. The JSON
+also has the server's preemptions per call (``server_involuntary_per_call``, involuntary
+switches: a thread that lost the CPU while it could run) and every CPU's /proc/stat ticks over
+the window (``cpu_ticks``: what else the machine ran). Issue 23 and docs/deployment.rst
+(one CPU per server process) tell what they showed.
 
 The load driver is a raw, single-threaded, selector-based websocket client (no juggler
 import); ``--load-processes K`` splits the connections over K driver processes and merges
@@ -30,7 +40,15 @@ Usage::
     python benchmarks/calls.py --against main --load-processes 2
     python benchmarks/calls.py --workers 16 --json
 
-Templates (``--server-cmd``, ``--callee-cmd``) take {python} {redis} {port} {max_connections};
+The server runs on the CPU named by ``--server-cpu`` (its ``--cpu``; by default the last CPU this
+process may use), the same for both trees: with ``--cpu auto`` a side's server took whichever
+CPU no other juggler process had claimed, and with another juggler server on the machine (a
+test suite, another benchmark) one side ran pinned and the other free, a comparison of
+pinning rather than of the trees (issue 23: one such run, the same server code on both sides,
+read 0.74 times the calls/s and 0.89 times the server CPU per call at 100 connections). Redis,
+the callee and the load drivers are left where the kernel puts them.
+
+Templates (``--server-cmd``, ``--callee-cmd``) take {python} {redis} {port} {max_connections} {cpu};
 they run with the tree as working directory and on PYTHONPATH. ``--workers N`` is appended to
 the callee command when given (default: the CLI's default).
 """
@@ -55,10 +73,11 @@ from typing import Any, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c  # noqa: E402
 
-DEFAULT_SERVER_CMD = ("{python} -m juggler server --redis {redis} --host 127.0.0.1 --port {port} "
+DEFAULT_SERVER_CMD = ("{python} -m juggler server --redis {redis} --host 127.0.0.1 --port {port} --cpu {cpu} "
                       "--max-connections {max_connections} --log-level warning")  # fmt: skip
 DEFAULT_CALLEE_CMD = "{python} -m juggler callee --redis {redis} --demo --log-level warning"
-OPTIONAL_FLAGS = ("--max-connections", "--log-level", "--host")
+OPTIONAL_FLAGS = ("--max-connections", "--log-level", "--host", "--cpu")
+PLACEMENT_SAMPLE = 0.02  # seconds between two samples of where the threads of the stack run
 
 
 # -- the load driver (one process) --------------------------------------------------------------
@@ -81,7 +100,8 @@ def _connect(port: int, path: str, timeout: float) -> _Conn:
 
 def driver(n: int, port: int, path: str, uri: str, args_json: str, call_timeout: float, pipe: Any) -> None:
     """Open ``n`` connections, report ready, get (t_start, t0, t1) and drive calls; send back
-    the counts and the latencies (ms) of the calls that ended in [t0, t1)."""
+    the counts and the latencies (ms) of the calls that ended in [t0, t1), and close the
+    connections once told to."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
@@ -225,12 +245,15 @@ def driver(n: int, port: int, path: str, uri: str, args_json: str, call_timeout:
         if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
             used = (cpu1[0].ru_utime + cpu1[0].ru_stime) - (cpu0[0].ru_utime + cpu0[0].ru_stime)
             driver_cpu = 100.0 * used / (cpu1[1] - cpu0[1])
+        pipe.send(("done", stats, lat, driver_cpu))
+        # the connections stay open until the parent has read the server's threads: a thread
+        # that ends takes its context switches and run time out of /proc/PID/task
+        pipe.poll(60)
         for cn in list(live):
             try:
                 cn.sock.send(c.close_frame(1000))
             except OSError:
                 pass
-        pipe.send(("done", stats, lat, driver_cpu))
     finally:
         for cn in conns:
             cn.sock.close()
@@ -249,7 +272,7 @@ class Stack:
             self.redis, self.redis_url, self.redis_port = c.start_redis(logdir)
             self.procs.append(self.redis)
             self.port = c.free_port()
-            values = {"python": sys.executable, "redis": self.redis_url, "port": self.port,
+            values = {"python": sys.executable, "redis": self.redis_url, "port": self.port, "cpu": args.server_cpu,
                       "max_connections": max(1000, max(args.conn_counts) + 100)}  # fmt: skip
             env = c.tree_env(tree)
             server_argv, dropped = self._cmd(args.server_cmd, DEFAULT_SERVER_CMD, values, "server")
@@ -312,9 +335,17 @@ def measure(stack: Stack, conns: int, args: argparse.Namespace) -> dict[str, Any
         for _, pipe in workers:
             pipe.send((t_start, t0, t1, args.drain))
         time.sleep(max(0.0, t0 - time.monotonic()))
+        roles = {"server": stack.server.pid, "callee": stack.callee.pid, "redis": stack.redis.pid,
+                 **{f"driver{i}": p.pid for i, (p, _) in enumerate(workers)}, "bench": os.getpid()}  # fmt: skip
+        placement = c.Placement(roles)
+        inv0, ticks0 = c.involuntary_switches(stack.server.pid), c.cpu_times()
         cpu0, sw0, m0 = stack.cpu(), c.context_switches(stack.server.pid), time.monotonic()
-        time.sleep(max(0.0, t1 - time.monotonic()))
+        while time.monotonic() < t1:
+            time.sleep(max(0.0, min(PLACEMENT_SAMPLE, t1 - time.monotonic())))
+            placement.sample()
         cpu1, sw1, m1 = stack.cpu(), c.context_switches(stack.server.pid), time.monotonic()
+        inv1, ticks1 = c.involuntary_switches(stack.server.pid), c.cpu_times()
+        placed = placement.finish()
         stats: dict[str, int] = {}
         lat: list[float] = []
         driver_cpu: list[float] = []
@@ -327,6 +358,8 @@ def measure(stack: Stack, conns: int, args: argparse.Namespace) -> dict[str, Any
             lat += lt
             if dc is not None:
                 driver_cpu.append(dc)
+        for _, pipe in workers:
+            pipe.send("close")
         finished = True
     finally:
         for p, pipe in workers:
@@ -362,6 +395,10 @@ def measure(stack: Stack, conns: int, args: argparse.Namespace) -> dict[str, Any
         "callee_cpu_percent": 100.0 * (cpu1["callee"] - cpu0["callee"]) / (m1 - m0),
         "redis_cpu_percent": 100.0 * (cpu1["redis"] - cpu0["redis"]) / (m1 - m0),
         "driver_cpu_percent": driver_cpu,
+        "server_wait_ms_per_call": 1000.0 * placed["server"]["wait"] / done if done else None,
+        "server_involuntary_per_call": (inv1 - inv0) / done if done else None,
+        "placement": placed,
+        "cpu_ticks": {cpu: [b - a for a, b in zip(ticks0[cpu], ticks1[cpu])] for cpu in ticks1 if cpu in ticks0},
         "counts": stats,
         "stack_alive": stack.alive(),
     }
@@ -375,6 +412,7 @@ FIGURES = [
     ("callee ms/call", "callee_cpu_ms_per_call", ".3f"),
     ("redis ms/call", "redis_cpu_ms_per_call", ".3f"),
     ("srv switch/call", "server_switches_per_call", ".1f"),
+    ("srv wait ms/call", "server_wait_ms_per_call", ".3f"),
 ]
 
 
@@ -383,7 +421,7 @@ def _f(v: Any, fmt: str) -> str:
 
 
 def format_header() -> str:
-    return (f"{'conns':>5} {'side':<5}" + "".join(f"{name:>15}" for name, _, _ in FIGURES)
+    return (f"{'conns':>5} {'side':<5}" + "".join(f"{name:>17}" for name, _, _ in FIGURES)
             + f"{'driver CPU%':>13}  counts")  # fmt: skip
 
 
@@ -395,9 +433,31 @@ def format_row(r: dict[str, Any]) -> str:
             extra.append(f"{key} {s[key]}")
     if not r["stack_alive"]:
         extra.append("A PROCESS OF THE STACK DIED")
+    extra.append(format_placement(r["placement"]))
     dc = "+".join(f"{x:.0f}" for x in r["driver_cpu_percent"]) or "-"
-    return (f"{r['connections']:>5} {r['label']:<5}" + "".join(f"{_f(r[key], fmt):>15}" for _, key, fmt in FIGURES)
+    return (f"{r['connections']:>5} {r['label']:<5}" + "".join(f"{_f(r[key], fmt):>17}" for _, key, fmt in FIGURES)
             + f"{dc:>13}  {', '.join(extra)}")  # fmt: skip
+
+
+def format_placement(placed: dict[str, dict[str, Any]]) -> str:
+    """``server@0 | on it: driver0 0.41 redis 0.02 ...``: the server's CPU(s), and the CPU
+    seconds each other process ran there over the window."""
+    server = placed["server"]["affinity"]
+    if len(server) != 1:
+        cpus = placed["server"]["cpus"]
+        return "server free (" + " ".join(f"cpu{k} {v:.2f}s" for k, v in cpus.items()) + ")"
+    cpu = server[0]
+    near = " ".join(f"{role} {p['cpus'].get(cpu, 0.0):.2f}/{sum(p['cpus'].values()):.2f}s"
+                    for role, p in placed.items() if role != "server")  # fmt: skip
+    return f"server@{cpu}, on its CPU: {near}"
+
+
+def default_server_cpu() -> str:
+    """The last CPU this process may use, as ``--cpu`` takes it (``auto`` where affinity is unknown)."""
+    try:
+        return str(max(os.sched_getaffinity(0)))
+    except (AttributeError, OSError, ValueError):
+        return "auto"
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> Optional[float]:
@@ -416,7 +476,10 @@ def main() -> int:
     ap.add_argument("--uri", default="test.echo")
     ap.add_argument("--payload", default='"hello"', help="the CALL's args, as JSON (default \"hello\")")
     ap.add_argument("--call-timeout", type=float, default=5.0, help="the CALL's timeout in seconds (default 5)")
-    ap.add_argument("--server-cmd", help="server command template: {python} {redis} {port} {max_connections}")
+    ap.add_argument("--server-cpu", default=default_server_cpu(),
+                    help="the server's --cpu, the same on both sides (default: the last CPU this process may use,"
+                         f" {default_server_cpu()}; auto lets other juggler processes' claims decide)")  # fmt: skip
+    ap.add_argument("--server-cmd", help="server command template: {python} {redis} {port} {max_connections} {cpu}")
     ap.add_argument("--callee-cmd", help="callee command template: {python} {redis}")
     ap.add_argument("--against", metavar="REV", help="also measure this git revision (B), interleaved with the current tree (A)")
     ap.add_argument("--runs", type=int, default=1, help="measurements per side and connection count (default 1)")
@@ -472,7 +535,7 @@ def main() -> int:
                         a, b = entry["median"]["A"], entry["median"]["B"]
                         entry["ratio_A_over_B"] = {key: c.ratio(a[key], b[key]) for _, key, _ in FIGURES}
                         if not args.json:
-                            print(f"{n:>5} {'A/B':<5}" + "".join(f"{c.fmt_ratio(entry['ratio_A_over_B'][key]):>15}"
+                            print(f"{n:>5} {'A/B':<5}" + "".join(f"{c.fmt_ratio(entry['ratio_A_over_B'][key]):>17}"
                                                                for _, key, _ in FIGURES))  # fmt: skip
                     summary.append(entry)
     except KeyboardInterrupt:

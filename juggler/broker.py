@@ -474,7 +474,13 @@ class RedisBroker(RpcSide, PubSubSide):
         the fast path's connections."""
         with self._own_lock:
             own, self._own = self._own, None
+            later = self._take_later(own) if own is not None else b""
         if own is not None:
+            if later:  # the timeout key of the last result handed over: taken now, not left to expire
+                try:
+                    own.send_packed(later)  # (with CLIENT REPLY SKIP: no reply to wait for)
+                except Exception as exc:  # (redis gone: the key expires with its call)
+                    logger.debug("could not take a result's timeout key before closing: %s", exc)
             own.close()
         if self._fast is not None:
             self._fast.close()

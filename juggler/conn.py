@@ -213,6 +213,7 @@ class Conn(ConnCalls):
             except Exception as exc:
                 self._handler_failed(msg, exc)
             return
+        self._flush_batch()  # (on the results thread: what it kept goes ahead of the handler's doings)
         self.handle(msg)
 
     def handle(self, msg: Message) -> None:
@@ -308,7 +309,10 @@ class Conn(ConnCalls):
         msgs = self._batch
         if msgs and threading.get_ident() == self._batcher:
             self._batch = []
-            self._write_msgs(msgs)
+            try:
+                self._write_msgs(msgs)
+            except Exception as exc:  # (a server's encode that raises: as send() has it)
+                self._handler_failed(msgs[0], exc)
 
     @contextlib.contextmanager
     def ordered(self) -> Iterator[None]:
@@ -421,6 +425,8 @@ class Conn(ConnCalls):
         return self._close(code, reason)
 
     def _close(self, code: int, reason: str, discard: bool = False) -> bool:
+        if not discard:
+            self._flush_batch()  # (closed by the results thread: what it kept goes before the close frame)
         with self._close_lock:
             if self._closing_since is not None:
                 return False

@@ -438,9 +438,11 @@ class WriteQueue:
     def put_first(self, item: Any, last: bool = False) -> bool:
         """Queue ``item`` whatever the bound: first in line (the unwritten rest of a frame,
         by the thread that claimed the socket), or with ``last`` at the end (a place kept for a thread
-        not done yet: see :meth:`juggler.Conn.ordered`). ``False`` if the queue is closed."""
+        not done yet: see :meth:`juggler.Conn.ordered`). ``False`` if the queue is closed, but
+        for the rest of a frame: that goes ahead of the close marker even when a close came while
+        its first part was written, or the close frame would land inside it."""
         with self._lock:
-            if self._closed:
+            if self._closed and last:
                 return False
             if last:
                 self._items.append(item)

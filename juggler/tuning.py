@@ -50,6 +50,14 @@ the GIL (TLS, for one) could have run beside it. Measured with ``benchmarks/call
 see docs/deployment.rst: at 100 connections 1.67 times the calls/s, p99 0.54 times, server
 CPU per call 0.67 times; at 10, 1.33 times the calls/s; at 1, 1.09 times.
 
+At 100 connections about one run in two is slower (7-17 context switches per call instead of
+2.5-6, 0.19-0.29 ms of server CPU instead of 0.12-0.17), on either CPU, and whether or not
+the other processes share the server's CPU: the server's own threads preempt the one that
+just let the GIL go (woken by it, they find the GIL's mutex still held and sleep again), a
+convoy that keeps itself going once the CPU is saturated (docs/deployment.rst, "One CPU per
+server process"). Unpinned it was slower still, and ``SCHED_BATCH`` or a longer slice did
+not end it: :func:`pin` sets neither, nor does it move any other process.
+
 ``auto`` picks a CPU that no other juggler process has claimed: a claim is the abstract unix
 socket ``juggler-cpu-N``, bound for as long as the process lives, so several servers sharing a
 port (``--reuse-port``) spread over the CPUs, one each. Such names are seen within one network

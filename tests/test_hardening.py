@@ -50,6 +50,13 @@ def test_a_discarding_close_keeps_the_rest_of_a_frame_begun_on_the_socket():
     q.close("close", discard=True)
     assert q.get_batch(10) == [b"rest of a frame", "close"]
 
+    q = WriteQueue(2)  # closed while the socket took the frame's first part: its rest still goes first
+    assert q.claim()
+    q.close("close")
+    assert q.put_first(b"rest of a frame") and not q.put_first("slot", last=True)
+    q.release()
+    assert q.get_batch(10) == [b"rest of a frame", "close"]
+
     q = WriteQueue(2)  # no frame begun: everything queued goes
     assert q.put("evnt 1") and q.put("evnt 2")
     q.close("close", discard=True)

@@ -383,3 +383,48 @@ def test_what_is_kept_goes_out_before_the_thread_waits_for_the_ack_lock(unit):
     t.join(T(5))
     assert seen_while_held == [_frame(kept[0])]  # written while the lock was held
     assert len(sends) == 1 and conn._batch[0].for_uuid == later_res.for_uuid  # the RES, kept in turn
+
+
+def test_an_encoder_that_raises_on_what_was_kept_closes_the_connection(unit):
+    # a Server.encode that raises (not TypeError/ValueError: a bug) while the results thread
+    # writes what it kept: the connection is closed with 1011, as when send() writes it; the
+    # results thread goes on (nothing escapes), rather than dying with the connection open
+    import dataclasses
+
+    conn, peer, sends = unit
+    _batching(conn)
+    ack, _ = _ack_and_res()
+    conn.write(ack)  # kept
+
+    def encode(c, msg):
+        raise RuntimeError("encoder bug")
+
+    conn._svc = dataclasses.replace(conn._svc, encode=encode, reply_limit=None)
+    conn._flush_batch()
+    assert conn.closed and conn.close_code == 1011
+    assert sends == [] and conn._batch == []
+
+
+def test_what_was_kept_goes_out_before_the_results_thread_closes_the_connection(unit):
+    # (a listener that fails closes the connection from the results thread: an ACK it kept
+    # is written before the close frame, as it was before anything was kept)
+    conn, peer, sends = unit
+    _batching(conn)
+    ack, _ = _ack_and_res()
+    conn.write(ack)
+    assert sends == []
+    conn.close(1011, "results listener failed: internal error")
+    assert sends == [_frame(ack)]
+    assert _recv_exactly(peer, len(sends[0])) == sends[0]
+
+
+def test_a_results_timeout_key_left_is_taken_as_its_listener_closes(real, later):
+    # the script left for the next command goes out as the listener's connection closes (a
+    # connection ending after its last call), not left in redis until its call's deadline
+    broker, conn, listener, deadlines = later
+    _, second = _pop_in_turn(listener, broker, deadlines, conn, 2)
+    assert listener._later[1].endswith(result_timeout_key(conn, second.msg_uuid).encode() + b"\r\n")
+    assert real.exists(result_timeout_key(conn, second.msg_uuid))
+    listener.close()
+    _taken(real, conn, second)
+    assert listener._later == (None, b"")
