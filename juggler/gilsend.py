@@ -26,7 +26,7 @@ import socket
 from typing import Optional
 
 __all__ = ["AVAILABLE", "send_nowait", "recv_nowait", "recv_into_nowait", "readable_nowait", "sendall", "setsockopt",
-           "shutdown_and_close", "RECV_READY", "recv_ready"]  # fmt: skip
+           "shutdown_and_close"]  # fmt: skip
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SEND_FLAGS = _DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -163,44 +163,3 @@ def shutdown_and_close(sock: socket.socket, how: int = socket.SHUT_WR) -> None:
     if fd >= 0:
         _shutdown(fd, how)
         _close(fd)
-
-
-try:  # (what recv_ready needs beyond the above: the count of bytes waiting, FIONREAD)
-    import termios
-
-    _FIONREAD = termios.FIONREAD
-    _ioctl = _libc.ioctl
-    _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)]
-    _ioctl.restype = ctypes.c_int
-    #: Whether :func:`recv_ready` is there (else the callers read with the socket's methods).
-    RECV_READY = AVAILABLE
-except (ImportError, AttributeError, NameError):  # pragma: no cover - not a POSIX system
-    RECV_READY = False
-
-
-def recv_ready(sock: socket.socket, most: int) -> Optional[bytes]:
-    """The bytes a plain ``socket.socket`` has for us now, up to ``most``, read without letting
-    go of the GIL; ``b""`` at the end of the stream, ``None`` when none are there yet.
-    :class:`OSError` when the connection failed (or the socket is closed). Only where
-    :data:`RECV_READY`.
-
-    A thread woken by bytes (a websocket's reader after its one-byte peek, a connection's
-    thread reading the HTTP request that came with the connection) reads them without a
-    second turn at the GIL: a socket's ``recv`` lets go of it, and with thousands of threads
-    waiting for it, getting it back is a hand-off, two thread switches. The buffer is sized
-    by the bytes waiting (``FIONREAD``), so no shared buffer is needed (another thread may
-    take the GIL between two bytecodes) nor a large one made for a few bytes."""
-    fd = sock.fileno()
-    waiting = ctypes.c_int(0)
-    if _ioctl(fd, _FIONREAD, ctypes.byref(waiting)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    n = min(waiting.value, most)
-    if n <= 0:  # nothing waiting: nothing yet, or the end of the stream (a peek says which)
-        peeked = _recv(fd, _peek_buf, 1, _PEEK_FLAGS)
-        if peeked == 0:
-            return b""
-        if peeked < 0:
-            _would_wait()  # (a failed connection raises)
-        return None  # (or a byte that came just now: the caller's wait finds it at once)
-    return recv_nowait(fd, ctypes.create_string_buffer(n))

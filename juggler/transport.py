@@ -37,7 +37,6 @@ RECV_SIZE = 262144
 IDLE_WAIT = 0.05
 _MSG_PEEK = getattr(socket, "MSG_PEEK", None)  # (without it, no peek: a recv(1) would take a byte)
 _NO_LOCK = contextlib.nullcontext()  # (reusable, and shared)
-_RECV_READY = gilsend.RECV_READY and _MSG_PEEK is not None
 
 
 class SocketIO:
@@ -70,8 +69,7 @@ class SocketIO:
         if self.tls:
             sock.setblocking(False)
         elif write_timeout is not None:
-            if sock.gettimeout() is not None:  # (an accepted socket is blocking already: its
-                sock.settimeout(None)  # settimeout would let go of the GIL for nothing)
+            sock.settimeout(None)
             seconds = int(write_timeout)
             micros = int(round((write_timeout - seconds) * 1e6))
             timeval = struct.pack("ll", seconds, max(micros, 0 if seconds else 1000))
@@ -229,51 +227,42 @@ class SocketReader:
     def _recv(self) -> bytes:
         io = self.io
         if io.blocking and self.deadline is None:
-            return self._recv_blocking(io)
-        ready = _RECV_READY and type(io.sock) is socket.socket  # (not TLS: its bytes go through OpenSSL)
+            # One recv that sleeps until bytes come, the peer closes, or a shutdown wakes it.
+            # Python's recv allocates its whole buffer before it sleeps: a connection that is
+            # idle (its last read waited long, or none came yet) first waits with a peek of
+            # one byte instead, so that it holds no RECV_SIZE buffer while it stays idle.
+            sock = io.sock
+            started = time.monotonic()
+            try:
+                if self._idle and _MSG_PEEK is not None and not sock.recv(1, _MSG_PEEK):
+                    raise Stopped("peer closed the connection")
+                data = sock.recv(RECV_SIZE)
+            except OSError as exc:
+                raise Stopped(f"read failed: {exc}") from None
+            if not data or io._shut:
+                raise Stopped("peer closed the connection")
+            self.last_recv = now = time.monotonic()
+            self._idle = now - started > IDLE_WAIT
+            return data
         while True:
-            wait_ms = self._wait_ms()
-            # what is there already (the request that came with the connection), keeping the GIL
-            data = _nonempty(gilsend.recv_ready, io.sock, RECV_SIZE) if ready else None
+            wait_ms = -1
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Stopped("timed out")
+                wait_ms = max(1, int(remaining * 1000))
+            if not io.wait_readable(wait_ms):
+                continue
+            try:
+                data = io.recv(RECV_SIZE)
+            except OSError as exc:
+                raise Stopped(f"read failed: {exc}") from None
             if data is None:
-                if not io.wait_readable(wait_ms) or ready:  # (ready: read at the top)
-                    continue
-                data = _nonempty(io.recv, RECV_SIZE)
-                if data is None:
-                    continue
+                continue
+            if not data:
+                raise Stopped("peer closed the connection")
             self.last_recv = time.monotonic()
             return data
-
-    def _recv_blocking(self, io: SocketIO) -> bytes:
-        """One recv that sleeps until bytes come, the peer closes, or a shutdown wakes it.
-        Python's recv allocates its whole buffer before it sleeps: a connection that is idle
-        (its last read waited long, or none came yet) first waits with a peek of one byte
-        instead, so that it holds no RECV_SIZE buffer while it stays idle, and reads what woke
-        it keeping the GIL (:func:`~juggler.gilsend.recv_ready`)."""
-        sock = io.sock
-        started = time.monotonic()
-        try:
-            if self._idle and _MSG_PEEK is not None and not sock.recv(1, _MSG_PEEK):
-                raise Stopped("peer closed the connection")
-            data = gilsend.recv_ready(sock, RECV_SIZE) if self._idle and _RECV_READY else None
-            if data is None:
-                data = sock.recv(RECV_SIZE)
-        except OSError as exc:
-            raise Stopped(f"read failed: {exc}") from None
-        if not data or io._shut:
-            raise Stopped("peer closed the connection")
-        self.last_recv = now = time.monotonic()
-        self._idle = now - started > IDLE_WAIT
-        return data
-
-    def _wait_ms(self) -> int:
-        """How long a wait for bytes may last (-1: no deadline); :class:`Stopped` past it."""
-        if self.deadline is None:
-            return -1
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise Stopped("timed out")
-        return max(1, int(remaining * 1000))
 
     def _fill(self) -> None:
         data = self._recv()
@@ -450,18 +439,6 @@ class WriteQueue:
                 self._items.insert(0, item)
             self._notify_writer()
             return True
-
-
-def _nonempty(recv: Any, *args: Any) -> bytes | None:
-    """``recv(*args)``: bytes, or ``None`` when none are there yet; :class:`Stopped` at the
-    end of the stream or when the read failed."""
-    try:
-        data = recv(*args)
-    except OSError as exc:
-        raise Stopped(f"read failed: {exc}") from None
-    if data is not None and not data:
-        raise Stopped("peer closed the connection")
-    return data
 
 
 def peer_events(reader: SocketReader, peer: Peer) -> Iterator[tuple[int, Any]]:

@@ -117,27 +117,3 @@ def test_recv_nowait_reads_what_is_there_and_never_waits(pair):
     assert gilsend.recv_nowait(b.fileno(), buf) == b"o"
     a.shutdown(socket.SHUT_WR)
     assert gilsend.recv_nowait(b.fileno(), buf) == b""  # the end of the stream
-
-
-def test_recv_ready_reads_what_is_waiting_up_to_most_and_never_waits(pair):
-    a, b = pair
-    assert gilsend.recv_ready(b, 1024) is None  # nothing yet: no wait
-    a.sendall(b"hello world")
-    assert gilsend.recv_ready(b, 5) == b"hello"  # at most `most`
-    assert gilsend.recv_ready(b, 1024) == b" world"
-    assert gilsend.recv_ready(b, 1024) is None
-    a.shutdown(socket.SHUT_WR)
-    assert gilsend.recv_ready(b, 1024) == b""  # the end of the stream
-
-
-def test_recv_ready_raises_for_a_failed_connection_and_a_closed_socket():
-    server = socket.create_server(("127.0.0.1", 0))
-    with server, socket.create_connection(server.getsockname()) as c:
-        s, _ = server.accept()
-        with s:
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            c.close()  # with a zero linger: a reset
-            with pytest.raises(OSError):
-                gilsend.recv_ready(s, 1024)
-    with pytest.raises(OSError):
-        gilsend.recv_ready(s, 1024)  # closed
