@@ -346,7 +346,9 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         c.log(f"[{label}] server pid {pid} ready on port {port}; opening {n} connections")
 
         holder = Holder(port, path, args, pid)
+        cpu0 = c.cpu_seconds(pid)
         open_seconds, never_started = holder.open_all(n)
+        open_cpu = c.cpu_seconds(pid) - cpu0
         failures = dict(holder.failures)
         opened = len(holder.open) + sum(holder.dropped.values())
         dropped_while_opening = dict(holder.dropped)
@@ -360,6 +362,7 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         stopped_reason = holder.stopped_reason
 
         close_start = time.monotonic()
+        cpu0 = c.cpu_seconds(pid)
         closes_sent, close_replies = holder.close_all(args.close_wait)
         holder = None
         # Back to baseline? threads, fds and redis clients: at or under it; RSS: within
@@ -383,6 +386,7 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
             if all(v is not None for v in returned.values()) or time.monotonic() > settle_end:
                 break
             time.sleep(0.1)
+        close_cpu = c.cpu_seconds(pid) - cpu0  # (to the return to baseline, or the settle's end)
         after_cpu = cpu_percent(pid, args.after_cpu)
         server_alive = server.popen.poll() is None
     finally:
@@ -409,6 +413,8 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         "never_started": never_started,
         "stopped_reason": stopped_reason,
         "open_seconds": round(open_seconds, 3),
+        "open_cpu_seconds": round(open_cpu, 3),
+        "close_cpu_seconds": round(close_cpu, 3),
         "dropped_while_opening": dropped_while_opening,
         "hold_seconds": args.hold,
         "held_open": still_open,
@@ -446,6 +452,9 @@ def format_run(r: dict[str, Any]) -> str:
         f"          its RLIMIT_NOFILE soft limit: {r['server_nofile_limit']}",
         f"open:     {r['opened']} of {r['connections']} opened in {r['open_seconds']:.2f} s ({rate:.0f}/s,"
         f" {r['concurrency']} handshakes in flight); failed {r['failed']}: {fails}",
+        f"          server CPU {r['open_cpu_seconds']:.2f} s opening ({_per_ms(r['open_cpu_seconds'], r['opened'])}"
+        f" ms per connection), {r['close_cpu_seconds']:.2f} s closing ({_per_ms(r['close_cpu_seconds'], r['closes_sent'])}"
+        " ms per connection, to the return to baseline)",
     ]
     if r["never_started"]:
         lines.append(f"          {r['never_started']} never started: {r['stopped_reason']}")
@@ -477,6 +486,10 @@ def format_run(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _per_ms(seconds: float, n: int) -> str:
+    return f"{1000 * seconds / n:.3f}" if n else "-"
+
+
 def _per(held: Optional[int], base: Optional[int], n: int) -> str:
     if held is None or base is None or not n:
         return "-"
@@ -487,6 +500,9 @@ SUMMARY = [
     ("opened", lambda r: r["opened"]),
     ("failed", lambda r: r["failed"]),
     ("open seconds", lambda r: r["open_seconds"]),
+    ("open CPU ms/conn", lambda r: 1000 * r["open_cpu_seconds"] / r["opened"] if r["opened"] else None),
+    ("close CPU ms/conn", lambda r: 1000 * r["close_cpu_seconds"] / r["closes_sent"] if r["closes_sent"] else None),
+    ("back to baseline s", lambda r: _back(r["returned_to_baseline_after_s"])),
     ("held open", lambda r: r["held_open"]),
     ("threads held", lambda r: r["held"]["threads"]),
     ("RSS MiB held", lambda r: c.mib(r["held"]["rss_bytes"]) if r["held"]["rss_bytes"] else None),
@@ -495,6 +511,13 @@ SUMMARY = [
     ("redis clients held", lambda r: r["held"]["redis_clients"]),
     ("idle CPU % held", lambda r: r["held"]["cpu_percent"]),
 ]
+
+
+def _back(returned: dict[str, Optional[float]]) -> Optional[float]:
+    """When threads and fds were both back to baseline after the close (``None``: not within
+    the settle wait)."""
+    t, f = returned["threads"], returned["fds"]
+    return None if t is None or f is None else max(t, f)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -520,7 +543,8 @@ def format_summary(s: dict[str, Any], labels: list[str], revs: dict[str, str]) -
         head += f"{'ratio':>10}"
     lines.append(head)
     for name, _ in SUMMARY:
-        line = f"{name:<22}" + "".join(f"{_num(s['median'][lab][name], '.1f'):>28}" for lab in labels)
+        fmt = ".3f" if "ms/conn" in name else ".1f"
+        line = f"{name:<22}" + "".join(f"{_num(s['median'][lab][name], fmt):>28}" for lab in labels)
         if len(labels) == 2:
             line += f"{c.fmt_ratio(s['ratio_A_over_B'][name]):>10}"
         lines.append(line)

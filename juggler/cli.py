@@ -250,9 +250,9 @@ def _tune(cfg: dict[str, Any], cpu: Any) -> None:
     set_sched(cfg.get("sched", "normal"))  # (juggler demo: its callee runs in the process too)
     slots = tuned.futex_hash_slots
     log.info("process tuned: thread stacks of %d KiB, GIL switch interval %s s, futex hash slots %s, "
-             "malloc arenas %s", (tuned.stack_size or 0) // 1024, tuned.switch_interval,
+             "malloc arenas %s, GC young generation %s", (tuned.stack_size or 0) // 1024, tuned.switch_interval,
              "(none on this kernel)" if slots is None else slots,
-             "(unchanged)" if tuned.malloc_arenas is None else tuned.malloc_arenas)  # fmt: skip
+             "(unchanged)" if tuned.malloc_arenas is None else tuned.malloc_arenas, tuned.gc_young)  # fmt: skip
     before, after = tuned.open_files
     if after != before:
         log.info("open-file limit raised from %d to %d (the hard limit)", before, after)

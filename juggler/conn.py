@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .broker import Broker, PubSubEvent
-from .conn_calls import CONN_THREAD_DAEMON, ConnCalls
+from .conn_calls import ConnCalls
 from .exceptions import BrokerError, ProtocolError
 from .health import RedisHealth
 from .history import Held, History
@@ -53,7 +53,7 @@ from .pubsub import PubSubHub, SubKey
 from .timer import Keepalive, Timer, TimerHandle
 from .frames import OP_PING, OP_TEXT, CloseCode, encode_frame
 from .handshake import HandshakeRequest
-from .listener import start_thread
+from .listener import helper_thread, start_thread
 from .middleware import HandlerSlot
 from .settings import ConnSettings
 from .replies import reply_frame
@@ -468,7 +468,8 @@ class Conn(ConnCalls):
         """Start the writer and the keepalive (once the handshake's 101 went out); :meth:`run`
         must follow."""
         if self._writer is None:
-            t = threading.Thread(target=self._write_loop, name=f"juggler-conn-{self.id}-writer", daemon=CONN_THREAD_DAEMON)
+            # (a daemon thread, as juggler.conn_calls.CONN_THREAD_DAEMON says why; joined by _teardown)
+            t = helper_thread(self._write_loop, f"juggler-conn-{self.id}-writer")
             start_thread(t)
             self._writer = t  # only once started: teardown joins what runs
             s = self.settings

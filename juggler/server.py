@@ -343,7 +343,8 @@ class Server:
                                   conn_name="juggler-conn-{host}:{port}", logger=self.logger,
                                   max_threads=most + _HANDSHAKE_HEADROOM if most else 0,
                                   tls=self.ssl_context is not None, reuse_port=settings.reuse_port,
-                                  on_refused=lambda how: self.stats.incr(f"refused_{how}"))  # fmt: skip
+                                  on_refused=lambda how: self.stats.incr(f"refused_{how}"),
+                                  helper_threads=True)  # (each websocket's writer)  # fmt: skip
         self.host, self.port = self._listener.host, self._listener.port
         self.timer = Timer("juggler-server-timer", self.logger)
         self._init_redis_side()

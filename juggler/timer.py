@@ -29,8 +29,15 @@ class TimerHandle:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Drop the callback if it has not run yet. Idempotent; safe from any thread."""
+        """Drop the callback if it has not run yet. Idempotent; safe from any thread. The
+        callback is let go at once: the handle waits in the heap until its deadline (a closed
+        connection's close deadline, its keepalive), and must not keep the connection alive."""
         self.cancelled = True
+        self.callback = _nothing
+
+
+def _nothing() -> None:
+    """What a cancelled handle holds instead of its callback."""
 
 
 class Timer:

@@ -6,6 +6,7 @@ threads the host starts meanwhile check the stack they were given."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import resource
@@ -78,6 +79,7 @@ def process_settings() -> dict[str, Any]:
         "root logging handlers": list(root.handlers),
         "root logging level": root.level,
         "recursion limit": sys.getrecursionlimit(),
+        "gc thresholds": gc.get_threshold(),
         "RLIMIT_NOFILE": resource.getrlimit(resource.RLIMIT_NOFILE),
         "threading.excepthook": threading.excepthook,
         "sys.excepthook": sys.excepthook,

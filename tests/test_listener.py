@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from juggler.listener import Listener
+from juggler.listener import Listener, helper_thread, start_thread
 
 from .conftest import T
 from .test_out_of_threads import failing_thread_starts
@@ -45,6 +45,35 @@ def test_each_connection_runs_on_a_named_thread_and_close_joins_them():
     assert not any(t.name.startswith("test-listener") for t in threading.enumerate())
     with pytest.raises(RuntimeError):
         listener.start()
+
+
+@pytest.mark.parametrize("helper_threads", [True, False])
+def test_a_connection_thread_starts_its_helper_made_on_the_accept_thread(helper_threads):
+    """With helper_threads, the first helper_thread() of a connection's thread hands out the
+    thread object the accept thread made for it (so its making does not deepen the
+    connection thread's C stack), named and running what it is given; a second call, or a
+    listener without helper_threads, makes a new one. Either way it is joined, and gone."""
+    seen: list = []
+
+    def serve(sock: socket.socket, address) -> None:
+        made = threading.current_thread().helper
+        ran: list[str] = []
+        first = helper_thread(lambda: ran.append(threading.current_thread().name), "test-listener-helper")
+        second = helper_thread(lambda: None, "test-listener-helper-2")
+        start_thread(first)
+        first.join()
+        seen.append((made is not None, first is made, second is not first, first.daemon, ran))
+        sock.sendall(b"hi")
+
+    listener = Listener("127.0.0.1", 0, serve, name="test-listener-accept", conn_name="test-listener-{n}", logger=log,
+                        helper_threads=helper_threads)  # fmt: skip
+    listener.start()
+    try:
+        assert answer(listener) == b"hi"
+    finally:
+        listener.close()
+    assert seen == [(helper_threads, helper_threads, True, True, ["test-listener-helper"])]
+    assert not any(t.name.startswith("test-listener") for t in threading.enumerate())
 
 
 def test_close_wakes_what_is_registered_and_refuses_what_registers_after():

@@ -139,7 +139,7 @@ def test_juggler_server_cpu_flag():
 # Tunes a process of its own (never this one: the settings are the whole process') and prints
 # each setting before and after, with the stack a thread started after it actually got.
 TUNE = r"""
-import ctypes, json, os, resource, sys, threading
+import ctypes, gc, json, os, resource, sys, threading
 from juggler import tuning
 
 libc = ctypes.CDLL(None)
@@ -163,7 +163,7 @@ def new_thread_stack():
 def settings():
     return {"stack": new_thread_stack(), "stack_size": threading.stack_size(), "switch": sys.getswitchinterval(),
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE), "futex": tuning.futex_hash_slots(),
-            "cpus": sorted(os.sched_getaffinity(0))}
+            "cpus": sorted(os.sched_getaffinity(0)), "gc": gc.get_threshold()}
 
 before = settings()
 tuned = tuning.tune_process(int(sys.argv[1]), cpu=sys.argv[2])
@@ -194,6 +194,8 @@ def test_tune_process_applies_each_setting_and_says_what_it_did():
     assert tuned["open_files"] == [nofile[0], hard]
     assert after["cpus"] == before["cpus"] and tuned["cpu"] is None  # cpu="none"
     assert tuned["capacity"] == (tuned["capacity"] or 1) > 0
+    # the young generation collected less often; the older generations' thresholds as they were
+    assert after["gc"] == [tuning.GC_YOUNG, *before["gc"][1:]] and tuned["gc_young"] == tuning.GC_YOUNG
     # one malloc arena for the threads started from now on (glibc only)
     assert tuned["malloc_arenas"] == (1 if platform.libc_ver()[0] == "glibc" else None)
     if before["futex"] is None:  # a kernel before 6.16: nothing to size
@@ -228,10 +230,11 @@ def test_juggler_server_tunes_its_process():
     server = Proc("server", "--port", "0", "--cpu", "none", "--max-connections", "2000", "--log-level", "info")
     try:
         m = server.expect(r"process tuned: thread stacks of (\d+) KiB, GIL switch interval (\S+) s, "
-                          r"futex hash slots (\d+|\(none on this kernel\)), malloc arenas (1|\(unchanged\))",
-                          stream="err")  # fmt: skip
+                          r"futex hash slots (\d+|\(none on this kernel\)), malloc arenas (1|\(unchanged\)), "
+                          r"GC young generation (\d+)", stream="err")  # fmt: skip
         assert int(m.group(1)) * 1024 == tuning.THREAD_STACK_SIZE and float(m.group(2)) == 1.0
         assert m.group(3) == "(none on this kernel)" or int(m.group(3)) >= 8192  # 3 * 2000 + reserve
+        assert int(m.group(5)) == tuning.GC_YOUNG
         server.expect(r"websocket: ws://")
         with open(f"/proc/{server.p.pid}/limits") as f:
             soft, hard = next(line for line in f if line.startswith("Max open files")).split()[3:5]
