@@ -58,8 +58,9 @@ convoy that keeps itself going once the CPU is saturated (docs/deployment.rst, "
 server process"). Unpinned it was slower still, and a longer slice did not end it:
 :func:`pin` sets neither, nor does it move any other process. ``SCHED_BATCH``
 (:func:`set_sched`, ``juggler server --sched batch``) kept it away in 16 runs of 16 and made
-a call at 100 connections cost 0.83 times the server CPU; it is off by default, as the p99 at
-one connection on a busy machine was worse under it in 12 runs of 16.
+a call at 100 connections cost 0.83 times the server CPU on a busy machine; on a quiet one it
+made no difference; it is off by default, as the p99 at one connection on a busy machine was
+worse under it in 12 runs of 16.
 
 ``auto`` picks a CPU that no other juggler process has claimed: a claim is the abstract unix
 socket ``juggler-cpu-N``, bound for as long as the process lives, so several servers sharing a
