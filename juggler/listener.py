@@ -189,7 +189,6 @@ class Listener:
 
     def _spawn(self, sock: socket.socket, address: Any) -> None:
         t = None
-        helper = _HelperThread() if self._helper_threads else None  # (see helper_thread)
         with self._lock:
             closing = self._closing
             full = bool(self.max_threads) and len(self._threads) >= self.max_threads
@@ -200,7 +199,6 @@ class Listener:
                 # made closing 10,000 connections take minutes (quadratic).
                 name = self._conn_name.format(host=address[0], port=address[1], n=self._count)
                 t = _ConnThread(self._run, sock, address, name)
-                t.helper = helper
                 self._threads.add(t)
         if t is None:
             if closing:
@@ -208,6 +206,8 @@ class Listener:
             else:
                 self._refuse(sock, AT_LIMIT)
             return
+        if self._helper_threads:  # (on the accept thread, for a connection served: see helper_thread)
+            t.helper = _HelperThread()
         try:
             start_thread(t)
         except (RuntimeError, MemoryError) as exc:  # e.g. "can't start new thread": out of threads
