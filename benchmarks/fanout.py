@@ -698,6 +698,9 @@ def main() -> int:
     ap.add_argument("--history", default="", metavar="RULE", help="run side A's server with --history RULE (e.g. "
                     "'bench=100,300s'); with --against HEAD, history on (A) against off (B)")
     ap.add_argument("--runs", type=int, default=1, help="measurements per side and N (default 1)")
+    ap.add_argument("--warmup-runs", type=int, default=1,
+                    help="measurements made and dropped before the first (default 1: the first run on a machine is"
+                         " slow whichever tree makes it, p50 2-3x)")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = ap.parse_args()
     try:
@@ -706,6 +709,8 @@ def main() -> int:
         ap.error(str(exc))
     if not counts or min(counts) < 1 or args.events < 1 or args.runs < 1 or args.concurrency < 1:
         ap.error("subscriber counts, --events, --runs and --concurrency must be at least 1")
+    if args.warmup_runs < 0:
+        ap.error("--warmup-runs must be at least 0")
     if not 0 <= args.stall < min(counts):
         ap.error("--stall must be at least 0 and below every subscriber count")
 
@@ -728,6 +733,12 @@ def main() -> int:
                       + "; latency = EVNT read - PUB send over every delivery; CPU per delivery over first PUB .. last"
                       " delivery; a fresh redis + server per row\n")  # fmt: skip
                 print(format_header(), flush=True)
+            for _ in range(args.warmup_runs):  # (its figures dropped: see --warmup-runs)
+                label, tree, _ = sides[0]
+                with contextlib.suppress(RuntimeError):
+                    measure(label, tree, counts[0], args, logdir)
+                if not args.json:
+                    print(f"      (a warm-up run of {label} with N={counts[0]}: not counted)", flush=True)
             for i, n in enumerate(counts):
                 rows = []
                 for run in range(args.runs):
