@@ -185,7 +185,7 @@ class Conn(ConnCalls):
         self._writer: Optional[threading.Thread] = None
         self._holder: Optional[int] = None  # the thread inside ordered(), holding the socket
         self._slot: Optional[_Slot] = None  # or keeping a place in the queue
-        self._out: list[bytes] = []  # the writer's batch of frames (writer thread only)
+        self._out: list[bytes] = []  # the batch of frames of the thread holding the socket's claim
         self._out_msgs: list[Message] = []  # the messages among them, counted once written
         self._keepalive: Optional[Keepalive] = None
         self._close_deadline: Optional[TimerHandle] = None
@@ -287,16 +287,16 @@ class Conn(ConnCalls):
         return True
 
     def _send_joined(self, msgs: Sequence[Message]) -> None:
-        """(With the socket claimed.) The frames of ``msgs`` in one write."""
-        out = []
-        sent = []
-        for msg in msgs:
-            frame = self._frame(msg)
-            if frame is not None:
-                out.append(frame)
-                sent.append(msg)
-        if out and self._send(b"".join(out)):
-            self._count_written(sent)
+        """(With the socket claimed.) The frames of ``msgs`` in one write, gathered as the
+        writer gathers its batch (the claim makes this thread the only one using it)."""
+        try:
+            for msg in msgs:
+                self._encode_into_batch(msg)
+        except BaseException:  # (an encoder's bug: nothing of it left for the writer to send)
+            self._out.clear()
+            self._out_msgs.clear()
+            raise
+        self._send_out()
 
     def _flush_batch(self) -> None:
         """Write what the results thread sent since it last waited for redis (an ACK, the RES
@@ -644,7 +644,7 @@ class Conn(ConnCalls):
         self._io.shutdown()
 
     def _write_loop(self) -> None:
-        out, msgs = self._out, self._out_msgs
+        out = self._out
         while True:
             closing = False
             for item in self._queue.get_batch(_WRITE_BATCH):
@@ -661,15 +661,26 @@ class Conn(ConnCalls):
                     self._encode_into_batch(item)
             if closing and not self._peer_gone:
                 out.append(self._peer.close_frame(self.close_code or CloseCode.NORMAL_CLOSURE, self.close_reason))
-            if out:
-                sent = self._send(out[0] if len(out) == 1 else b"".join(out))
-                out.clear()
-                if not sent:
-                    return
-                self._count_written(msgs)
+            if not self._send_out():
+                return
             if closing:
                 return
             self._queue.release()
+
+    def _send_out(self) -> bool:
+        """(With the socket claimed.) Write the frames gathered in ``_out`` in one write, and
+        count their messages (``_out_msgs``); both left empty. ``False`` if the connection
+        failed."""
+        out, msgs = self._out, self._out_msgs
+        if not out:
+            return True
+        sent = self._send(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        if sent:
+            self._count_written(msgs)
+        else:
+            msgs.clear()
+        return sent
 
     def _count_written(self, msgs: list[Message]) -> None:
         for msg in msgs:

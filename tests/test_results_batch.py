@@ -75,6 +75,15 @@ def _batching(conn: Conn) -> None:
     conn._batcher = threading.get_ident()
 
 
+def _kept_ack_and_res(conn: Conn) -> tuple[Ack, Res]:
+    """As the results thread: a call's ACK and RES sent, and kept."""
+    _batching(conn)
+    ack, res = _ack_and_res()
+    conn.write(ack)
+    conn.write(res)
+    return ack, res
+
+
 @pytest.mark.parametrize("args", [None, "hello", {"k": [1, 2.5, "é\u2028"]}, "x" * 70000])
 def test_an_ack_and_a_res_kept_go_out_in_one_write_the_same_bytes(unit, args):
     conn, peer, sends = unit
@@ -104,10 +113,7 @@ def test_a_message_kept_alone_is_written_as_any_other(unit):
 
 def test_what_is_kept_queues_in_order_behind_a_busy_socket(unit):
     conn, _, sends = unit
-    _batching(conn)
-    ack, res = _ack_and_res()
-    conn.write(ack)
-    conn.write(res)
+    ack, res = _kept_ack_and_res(conn)
     assert conn._queue.claim()  # another thread writes
     conn._flush_batch()
     assert sends == [] and list(conn._queue._items) == [ack, res]
@@ -428,3 +434,23 @@ def test_a_results_timeout_key_left_is_taken_as_its_listener_closes(real, later)
     listener.close()
     _taken(real, conn, second)
     assert listener._later == (None, b"")
+
+
+def test_an_encoder_that_raises_on_the_second_of_two_kept_leaves_nothing_for_the_writer(unit):
+    # two kept messages are gathered in the batch the writer uses too (the claim makes the
+    # results thread its only user then): one that cannot be encoded leaves none of it behind
+    import dataclasses
+
+    conn, peer, sends = unit
+    ack, res = _kept_ack_and_res(conn)
+    encode = conn._svc.encode
+
+    def encode_all_but_res(c, msg):
+        if msg is res:
+            raise RuntimeError("encoder bug")
+        return encode(c, msg)
+
+    conn._svc = dataclasses.replace(conn._svc, encode=encode_all_but_res, reply_limit=None)
+    conn._flush_batch()
+    assert conn.closed and conn.close_code == 1011
+    assert sends == [] and conn._out == [] and conn._out_msgs == []
