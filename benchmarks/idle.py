@@ -346,9 +346,10 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         c.log(f"[{label}] server pid {pid} ready on port {port}; opening {n} connections")
 
         holder = Holder(port, path, args, pid)
-        cpu0 = c.cpu_seconds(pid)
+        cpu0 = c.cpu_split(pid)
         open_seconds, never_started = holder.open_all(n)
-        open_cpu = c.cpu_seconds(pid) - cpu0
+        open_user, open_sys = (b - a for a, b in zip(cpu0, c.cpu_split(pid)))
+        open_cpu = open_user + open_sys
         failures = dict(holder.failures)
         opened = len(holder.open) + sum(holder.dropped.values())
         dropped_while_opening = dict(holder.dropped)
@@ -362,7 +363,7 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         stopped_reason = holder.stopped_reason
 
         close_start = time.monotonic()
-        cpu0 = c.cpu_seconds(pid)
+        cpu0 = c.cpu_split(pid)
         closes_sent, close_replies = holder.close_all(args.close_wait)
         holder = None
         # Back to baseline? threads, fds and redis clients: at or under it; RSS: within
@@ -386,7 +387,8 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
             if all(v is not None for v in returned.values()) or time.monotonic() > settle_end:
                 break
             time.sleep(0.1)
-        close_cpu = c.cpu_seconds(pid) - cpu0  # (to the return to baseline, or the settle's end)
+        close_user, close_sys = (b - a for a, b in zip(cpu0, c.cpu_split(pid)))  # (to the return to
+        close_cpu = close_user + close_sys  # baseline, or the settle's end)
         after_cpu = cpu_percent(pid, args.after_cpu)
         server_alive = server.popen.poll() is None
     finally:
@@ -415,6 +417,8 @@ def run_once(label: str, tree: str, rev: str, args: argparse.Namespace, logdir: 
         "open_seconds": round(open_seconds, 3),
         "open_cpu_seconds": round(open_cpu, 3),
         "close_cpu_seconds": round(close_cpu, 3),
+        "open_sys_seconds": round(open_sys, 3),  # (of open_cpu_seconds: in the kernel)
+        "close_sys_seconds": round(close_sys, 3),
         "dropped_while_opening": dropped_while_opening,
         "hold_seconds": args.hold,
         "held_open": still_open,
@@ -455,6 +459,8 @@ def format_run(r: dict[str, Any]) -> str:
         f"          server CPU {r['open_cpu_seconds']:.2f} s opening ({_per_ms(r['open_cpu_seconds'], r['opened'])}"
         f" ms per connection), {r['close_cpu_seconds']:.2f} s closing ({_per_ms(r['close_cpu_seconds'], r['closes_sent'])}"
         " ms per connection, to the return to baseline)",
+        f"          of which in the kernel: {_share(r.get('open_sys_seconds'), r['open_cpu_seconds'])} opening,"
+        f" {_share(r.get('close_sys_seconds'), r['close_cpu_seconds'])} closing",
     ]
     if r["never_started"]:
         lines.append(f"          {r['never_started']} never started: {r['stopped_reason']}")
@@ -496,12 +502,19 @@ def _per(held: Optional[int], base: Optional[int], n: int) -> str:
     return f"{(held - base) / n:.2f}"
 
 
+def _share(part: Optional[float], whole: float) -> str:
+    return "-" if part is None or not whole else f"{100 * part / whole:.0f}%"
+
+
 SUMMARY = [
     ("opened", lambda r: r["opened"]),
     ("failed", lambda r: r["failed"]),
     ("open seconds", lambda r: r["open_seconds"]),
     ("open CPU ms/conn", lambda r: 1000 * r["open_cpu_seconds"] / r["opened"] if r["opened"] else None),
     ("close CPU ms/conn", lambda r: 1000 * r["close_cpu_seconds"] / r["closes_sent"] if r["closes_sent"] else None),
+    ("open kernel ms/conn", lambda r: 1000 * r["open_sys_seconds"] / r["opened"] if r["opened"] and "open_sys_seconds" in r else None),
+    ("close kernel ms/conn", lambda r: 1000 * r["close_sys_seconds"] / r["closes_sent"]
+     if r["closes_sent"] and "close_sys_seconds" in r else None),
     ("back to baseline s", lambda r: _back(r["returned_to_baseline_after_s"])),
     ("held open", lambda r: r["held_open"]),
     ("threads held", lambda r: r["held"]["threads"]),

@@ -2,8 +2,9 @@
 thread, the one connection (or request) that needed it is refused, everything else keeps
 working, and shutdown completes.
 
-Here ``Thread.start`` fails on purpose for the threads a test names; the last test runs a
-server in a process whose address space is too small for more thread stacks."""
+Here starting a thread fails on purpose for the threads a test names, where CPython fails
+(``threading._start_new_thread``, which a connection's quick start calls too); the last test
+runs a server in a process whose address space is too small for more thread stacks."""
 
 from __future__ import annotations
 
@@ -33,20 +34,38 @@ from .test_idle import HANDSHAKE
 
 @contextlib.contextmanager
 def failing_thread_starts(pattern: str, times: int = 1) -> Iterator[list[str]]:
-    """``Thread.start`` raises what CPython raises when the process is out of threads, for the
-    next ``times`` threads whose name matches ``pattern``; yields the names it failed."""
-    real = threading.Thread.start
+    """Starting a thread raises what CPython raises when the process is out of threads, for
+    the next ``times`` threads whose name matches ``pattern``; yields the names it failed.
+    It fails in ``threading._start_new_thread``, as CPython 3.9-3.12 does, so both
+    ``Thread.start`` and :func:`juggler.listener.start_thread`'s quick start meet it; where
+    that name is missing (Python 3.13), in ``Thread.start``."""
     lock = threading.Lock()
     failed: list[str] = []
 
-    def start(self: threading.Thread) -> None:
-        if re.fullmatch(pattern, self.name):
+    def fails(t: object) -> bool:
+        if isinstance(t, threading.Thread) and re.fullmatch(pattern, t.name):
             with lock:
-                fail = len(failed) < times
-                if fail:
-                    failed.append(self.name)
-            if fail:
+                if len(failed) < times:
+                    failed.append(t.name)
+                    return True
+        return False
+
+    real_new = getattr(threading, "_start_new_thread", None)
+    if real_new is not None:
+
+        def start_new_thread(function, *args):  # type: ignore[no-untyped-def]
+            if fails(getattr(function, "__self__", None)):  # (function: the thread's _bootstrap)
                 raise RuntimeError("can't start new thread")
+            return real_new(function, *args)
+
+        with mock.patch.object(threading, "_start_new_thread", start_new_thread):
+            yield failed
+        return
+    real = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if fails(self):
+            raise RuntimeError("can't start new thread")
         real(self)
 
     with mock.patch.object(threading.Thread, "start", start):

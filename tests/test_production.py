@@ -41,6 +41,7 @@ from juggler import (
 from juggler.metrics import CalleeMetrics
 
 from .conftest import T, free_port
+from .test_out_of_threads import failing_thread_starts
 
 DATA = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
@@ -721,22 +722,12 @@ def test_ack_over_the_write_limit_is_sent_without_its_channel(make_stack):
         ws.close()
 
 
-def test_failed_thread_start_does_not_leak_a_slot(make_stack, monkeypatch):
+def test_failed_thread_start_does_not_leak_a_slot(make_stack):
     stack = make_stack()
-    real_start = threading.Thread.start
-    failed = []
-
-    def start_once_failing(self):
-        if self.name.startswith("juggler-conn-127.0.0.1") and not failed:
-            failed.append(self.name)
-            raise RuntimeError("can't start new thread")
-        return real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
-    with pytest.raises(HandshakeError) as info:
-        stack.client()
+    with failing_thread_starts(r"juggler-conn-127\.0\.0\.1.*") as failed:
+        with pytest.raises(HandshakeError) as info:
+            stack.client()
     assert info.value.status == 503 and failed
-    monkeypatch.setattr(threading.Thread, "start", real_start)
     assert stack.client().call("test.echo", 1, timeout=T(5)) == 1
     # the failed thread was not counted: reader, writer and results of the connection that called
     assert stack.server.connection_thread_count() == 3
