@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .exceptions import ProtocolError
+from .jsondepth import too_deep
 from .frames import OP_TEXT, CloseCode, frame_header
 
 __all__ = [
@@ -504,6 +505,8 @@ def parse_json(data: str | bytes) -> Any:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError:
             raise _invalid("message is not valid UTF-8") from None
+    if too_deep(data):
+        raise _invalid("message is nested too deeply")
     try:
         obj, end = _scan_once(data, 0)  # the usual text: a value, nothing around it
         if end != len(data):
@@ -725,7 +728,14 @@ def _redis_payload_json(conn_uuid: str, msg_uuid: str, uri: str, args: Any) -> s
     return _dumps(d if args is None else {**d, "args": args})
 
 
+def _check_depth(data: str | bytes, what: str) -> None:
+    """ValueError if the JSON ``data`` from redis nests deeper than juggler decodes."""
+    if too_deep(data):
+        raise ValueError(f"{what} payload is nested too deeply")
+
+
 def _parse_redis_payload(data: str | bytes, what: str) -> dict[str, Any]:
+    _check_depth(data, what)
     try:  # the usual text first (json.loads' scanner, made once: 3 frames less deep); else json.loads
         text = data if isinstance(data, str) else data.decode("utf-8")
         obj, end = _scan_once(text, 0)
@@ -766,10 +776,13 @@ class EventPayload:
 
     @classmethod
     def from_json(cls, data: str | bytes) -> "EventPayload":
+        _check_depth(data, "event")
         try:
             obj = json.loads(data)
         except ValueError as exc:
             raise ValueError(f"event payload is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("event payload is nested too deeply") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("msg_uuid", ""), str):
             raise ValueError("event payload is not an object with a string 'msg_uuid'")
         offset, epoch = obj.get("offset", ""), obj.get("epoch", "")

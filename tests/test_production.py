@@ -9,6 +9,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import urllib.error
@@ -39,6 +40,9 @@ from juggler import (
     recover,
 )
 from juggler.metrics import CalleeMetrics
+
+from juggler import jsondepth
+from juggler.jsondepth import MAX_JSON_DEPTH
 
 from .conftest import T, free_port
 from .test_out_of_threads import failing_thread_starts
@@ -639,9 +643,42 @@ def test_plain_http_to_the_websocket_path_is_426(stack):
     assert status == 426 and "websocket endpoint" in body
 
 
-def test_deeply_nested_request_closes_1007_even_through_recover(make_stack, caplog):
-    import sys
+def _deep_pub(depth: int) -> str:
+    return ('{"meta":{"type":2,"uuid":"797b5a8e-1b6d-4a4e-9a3b-0a6f1f0f7c11"},"payload":{"channel":"c",'
+            '"args":' + "[" * depth + "]" * depth + "}}")  # fmt: skip
 
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 5000, 30000])
+def test_a_request_nested_deeper_than_the_limit_closes_1007_on_every_python(make_stack, caplog, depth):
+    """JSON nested deeper than MAX_JSON_DEPTH is refused before it is decoded: on Python 3.13,
+    whose C decoder goes 10,000 levels deep, a 5,000-deep PUB crashed the server (SIGSEGV in a
+    512 KiB thread stack); 3.12 decoded it. The connection closes with 1007, nothing is logged
+    as an error, and the server serves on."""
+    stack = make_stack(handler=chain(recover()), read_limit=1 << 16)
+    ws = raw_ws(stack.server.url)
+    try:
+        with caplog.at_level(logging.ERROR, logger="juggler"):
+            ws.send(_deep_pub(depth))
+            assert read_close(ws) == (1007, "message is nested too deeply")
+    finally:
+        ws.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert stack.client().call("test.echo", [[[1]]], timeout=T(5)) == [[[1]]]
+
+
+def test_a_request_nested_just_under_the_limit_is_served(make_stack):
+    stack = make_stack(read_limit=1 << 16)
+    nested = json.loads("[" * (MAX_JSON_DEPTH - 3) + "]" * (MAX_JSON_DEPTH - 3))  # (3: the CALL's own levels)
+    assert stack.client().call("test.echo", nested, timeout=T(5)) == nested
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="from Python 3.12 the recursion limit does not bound "
+                    "JSON's C recursion: the decode-then-encode gap this looks for is 3.11's and older")  # fmt: skip
+def test_deeply_nested_request_closes_1007_even_through_recover(make_stack, caplog, monkeypatch):
+    """recover() lets a RecursionError of a request pass to the connection, which closes with
+    1007, not 1011. Reached with juggler's own limit lifted (MAX_JSON_DEPTH), as a process
+    with a lower recursion limit reaches it with the limit in place."""
+    monkeypatch.setattr(jsondepth, "MAX_JSON_DEPTH", 10**9)
     stack = make_stack(handler=chain(recover()), read_limit=1 << 16)
     # The deepest PUB that decodes on the reader's thread, but cannot be encoded again to
     # publish it (the publish runs frames deeper): found from the recursion limit down, since
@@ -651,8 +688,7 @@ def test_deeply_nested_request_closes_1007_even_through_recover(make_stack, capl
         ws = raw_ws(stack.server.url)
         try:
             with caplog.at_level(logging.ERROR, logger="juggler.middleware"):
-                ws.send('{"meta":{"type":2,"uuid":"797b5a8e-1b6d-4a4e-9a3b-0a6f1f0f7c11"},"payload":{"channel":"c",'
-                        '"args":' + "[" * depth + "]" * depth + "}}")  # fmt: skip
+                ws.send(_deep_pub(depth))
                 code, reason = read_close(ws)
         finally:
             ws.close()

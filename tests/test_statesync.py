@@ -145,10 +145,11 @@ def test_local_data_is_taken_as_it_is_and_must_be_json(serve, caplog):
         conn.set_local_data({"a": [float("inf")]})
         with pytest.raises(ValueError, match="not JSON"):
             conn.flush_local_data()
-    assert [r.getMessage() for r in caplog.records if r.name == "juggler.statesync.client"] == [
-        "statesync: local data not sent: data is not JSON: Object of type set is not JSON serializable",
-        "statesync: local data not sent: data is not JSON: Out of range float values are not JSON compliant",
-    ]
+    logged = [r.getMessage() for r in caplog.records if r.name == "juggler.statesync.client"]
+    assert logged[0] == "statesync: local data not sent: data is not JSON: Object of type set is not JSON serializable"
+    # (Python 3.12 and later add the value: "... not JSON compliant: inf")
+    assert logged[1].startswith("statesync: local data not sent: data is not JSON: Out of range float values are not "
+                                "JSON compliant") and len(logged) == 2  # fmt: skip
     assert same(peer.remote_data, {"a": [1]})  # the peer keeps what it had
     conn.set_local_data({"a": [1, 2]})  # and the next change that is JSON goes from there
     Watch(peer).equals({"a": [1, 2]})
