@@ -265,6 +265,13 @@ class _QuickThread(threading.Thread):
     def is_alive(self) -> bool:
         return (self._quick and not self._started.is_set()) or super().is_alive()
 
+    def _reset_internal_locks(self, is_alive: bool) -> None:
+        # (CPython calls it in a forked child for every thread: one that had not run yet
+        # never will, so it is no longer "started", as for a Thread whose start failed)
+        if not is_alive:
+            self._quick = False
+        super()._reset_internal_locks(is_alive)  # type: ignore[misc]
+
     def join(self, timeout: Optional[float] = None) -> None:
         if self._quick and not self._started.is_set() and self is not threading.current_thread():
             if timeout is None:
@@ -379,7 +386,7 @@ def start_thread(t: threading.Thread) -> None:
     where either is not what this expects, nothing changes."""
     if _INVOKE_EXCEPTHOOK is not None and callable(getattr(t, "_invoke_excepthook", None)):
         t._invoke_excepthook = _INVOKE_EXCEPTHOOK  # type: ignore[attr-defined]
-    if QUICK_START and isinstance(t, _QuickThread):
+    if QUICK_START and isinstance(t, _QuickThread) and t.daemon:  # (threading._shutdown joins the others)
         _start_quick(t)
         return
     t.start()

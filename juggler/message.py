@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .exceptions import ProtocolError
+from . import jsondepth
 from .jsondepth import too_deep
 from .frames import OP_TEXT, CloseCode, frame_header
 
@@ -729,8 +730,10 @@ def _redis_payload_json(conn_uuid: str, msg_uuid: str, uri: str, args: Any) -> s
 
 
 def _check_depth(data: str | bytes, what: str) -> None:
-    """ValueError if the JSON ``data`` from redis nests deeper than juggler decodes."""
-    if too_deep(data):
+    """ValueError if the JSON ``data`` from redis nests deeper than juggler decodes: one level
+    less than a websocket message, whose envelope is a level deeper than a payload's (so that a
+    result or an event a server takes from redis is not too deep for its clients)."""
+    if too_deep(data, jsondepth.MAX_JSON_DEPTH - 1):
         raise ValueError(f"{what} payload is nested too deeply")
 
 

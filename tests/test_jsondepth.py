@@ -5,6 +5,7 @@ thread stack holds."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -45,13 +46,37 @@ def test_a_message_nested_too_deeply_is_invalid_before_it_is_decoded():
 @pytest.mark.parametrize("kind, parse", [
     ("call", CallPayload.from_json), ("result", ResultPayload.from_json), ("event", EventPayload.from_json),
 ])  # fmt: skip
-def test_payloads_from_redis_nested_too_deeply_are_refused(kind, parse):
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16-le", "utf-32"])
+def test_payloads_from_redis_nested_too_deeply_are_refused(kind, parse, encoding):
+    """A payload from redis may nest one level less than a websocket message (a client's
+    envelope is a level deeper than a payload's), in any encoding json.loads reads: a UTF-16
+    character whose low byte is a quote once hid the brackets after it."""
     ids = '"conn_uuid":"c","msg_uuid":"m","uri":"u",' if kind != "event" else '"msg_uuid":"m",'
-    deep = ("{" + ids + '"args":' + nested(MAX_JSON_DEPTH + 1) + "}").encode()
+
+    def payload(depth: int) -> bytes:
+        return ("{" + ids + '"x":"\u0122Ģ",' + '"args":' + nested(depth) + "}").encode(encoding)
+
     with pytest.raises(ValueError, match=f"{kind} payload is nested too deeply"):
-        parse(deep)
-    ok = parse(("{" + ids + '"args":' + nested(MAX_JSON_DEPTH - 1) + "}").encode())
-    assert ok.msg_uuid == "m"
+        parse(payload(MAX_JSON_DEPTH - 1))  # (the payload: MAX_JSON_DEPTH deep)
+    assert parse(payload(MAX_JSON_DEPTH - 2)).msg_uuid == "m"
+
+
+def test_text_that_is_not_json_is_too_deep_by_its_opening_brackets():
+    assert too_deep("[" * (MAX_JSON_DEPTH + 1))  # the decoder would go that deep before it fails
+    assert not too_deep("[" * MAX_JSON_DEPTH)
+    assert too_deep("[" * (MAX_JSON_DEPTH + 1) + '"unterminated ]]]]')
+    assert not too_deep('"' + "[" * 5000)  # (inside a string that never ends)
+
+
+@pytest.mark.timeout(60)
+def test_adversarial_text_is_scanned_in_one_pass():
+    """Escaped quotes in a string that never ends: a string pattern that could fail was tried
+    at each quote, to the end of the text each time (quadratic: 34 s for 80 KB, hours for
+    the 1 MiB a message may have), holding the GIL all along."""
+    attack = "[" * (MAX_JSON_DEPTH + 1) + '"' + '\\"' * (512 * 1024)
+    started = time.process_time()
+    assert too_deep(attack) and too_deep(attack.encode())
+    assert time.process_time() - started < 5  # (linear: well under a second)
 
 
 def test_too_deep_reads_the_limit_at_each_call(monkeypatch):

@@ -4,9 +4,11 @@ share: its thread registry, its refusals and its shutdown."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import threading
+import warnings
 from unittest import mock
 
 import pytest
@@ -169,3 +171,39 @@ def test_a_quick_start_that_fails_leaves_nothing_behind():
     assert t not in threading.enumerate() and not t.is_alive()
     with pytest.raises(RuntimeError, match="before it is started"):
         t.join()  # as for a Thread whose start() failed
+
+
+@pytest.mark.skipif(not QUICK_START or not hasattr(os, "fork"), reason="quick start, and os.fork")
+def test_a_thread_that_had_not_run_when_the_process_forked_is_not_alive_in_the_child():
+    """In a forked child only the forking thread lives: a quick-started thread that had not
+    run yet never will, so it is not alive, and joining it fails at once (as for a Thread
+    whose start failed) instead of waiting for ever."""
+    gate = threading.Event()
+    real = threading._start_new_thread  # type: ignore[attr-defined]
+
+    def late_start(function, args):  # type: ignore[no-untyped-def]
+        return real(lambda: (gate.wait(T(10)), function(*args)), ())
+
+    t = helper_thread(lambda: None, "test-listener-forked")
+    with mock.patch.object(threading, "_start_new_thread", late_start):
+        start_thread(t)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (3.12: fork with threads)
+            pid = os.fork()
+        if pid == 0:  # the child: only report, by exit status
+            code = 1
+            try:
+                if not t.is_alive():
+                    try:
+                        t.join(1)
+                    except RuntimeError:
+                        code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        gate.set()
+        t.join(T(10))
+    assert not t.is_alive()

@@ -666,9 +666,11 @@ def test_a_request_nested_deeper_than_the_limit_closes_1007_on_every_python(make
     assert stack.client().call("test.echo", [[[1]]], timeout=T(5)) == [[[1]]]
 
 
-def test_a_request_nested_just_under_the_limit_is_served(make_stack):
+def test_a_request_nested_as_deep_as_the_limit_is_served(make_stack):
+    """args MAX_JSON_DEPTH - 2 deep: the CALL and the RES are MAX_JSON_DEPTH deep, their
+    payloads in redis one level less; all within the limits."""
     stack = make_stack(read_limit=1 << 16)
-    nested = json.loads("[" * (MAX_JSON_DEPTH - 3) + "]" * (MAX_JSON_DEPTH - 3))  # (3: the CALL's own levels)
+    nested = json.loads("[" * (MAX_JSON_DEPTH - 2) + "]" * (MAX_JSON_DEPTH - 2))
     assert stack.client().call("test.echo", nested, timeout=T(5)) == nested
 
 
