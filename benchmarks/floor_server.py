@@ -11,16 +11,14 @@ threads: :func:`juggler.tuning.tune_process`).
 
 ``--threads`` says how each thread starts:
 
-- ``threading``: :meth:`threading.Thread.start`, which waits for the new thread to run;
-- ``quick``: as :func:`juggler.listener.start_thread` starts a connection's thread (CPython
-  3.9-3.12): listed as starting, not waited for;
+- ``threading``: :meth:`threading.Thread.start`, as juggler starts them;
 - ``raw``: ``_thread.start_new_thread``, with no :class:`threading.Thread` at all (threads
   without names, invisible to :func:`threading.enumerate`: not something to ship).
 
 Usage::
 
     python benchmarks/idle.py -n 10000 --hold 2 \\
-        --server-cmd '{python} benchmarks/floor_server.py --port {port} --threads quick'
+        --server-cmd '{python} benchmarks/floor_server.py --port {port} --threads threading'
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import threading
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from juggler.listener import _HelperThread, start_thread  # noqa: E402
 from juggler.tuning import tune_process  # noqa: E402
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -63,13 +60,8 @@ def starter(kind: str) -> Callable[[Callable[..., None], tuple[Any, ...]], Calla
         return start_raw
 
     def start_thread_object(fn: Callable[..., None], args: tuple[Any, ...]) -> Callable[[], None]:
-        if kind == "quick":
-            t: threading.Thread = _HelperThread()
-            t.work = lambda: fn(*args)  # type: ignore[attr-defined]
-            start_thread(t)
-        else:
-            t = threading.Thread(target=fn, args=args, daemon=True)
-            t.start()
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
         return t.join
 
     return start_thread_object
@@ -78,7 +70,7 @@ def starter(kind: str) -> Callable[[Callable[..., None], tuple[Any, ...]], Calla
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", choices=("threading", "quick", "raw"), default="threading")
+    parser.add_argument("--threads", choices=("threading", "raw"), default="threading")
     parser.add_argument("--max-connections", type=int, default=10000)
     args, _ = parser.parse_known_args()
     tune_process(args.max_connections)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import socket
-import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -23,7 +22,7 @@ from typing import Any, Callable, Optional
 from . import gilsend
 from .handshake import http_response
 
-__all__ = ["Listener", "shut", "start_thread", "helper_thread", "QUICK_START", "AT_LIMIT", "OUT_OF_THREADS",
+__all__ = ["Listener", "shut", "start_thread", "helper_thread", "AT_LIMIT", "OUT_OF_THREADS",
            "OUT_OF_THREADS_LOG_INTERVAL"]
 
 #: The reason of the HTTP 503 a connection gets beyond the thread limit.
@@ -255,42 +254,7 @@ class Listener:
                           address, exc, count)  # fmt: skip
 
 
-class _QuickThread(threading.Thread):
-    """A thread that :func:`start_thread` may start without waiting for it to run (see
-    :data:`QUICK_START`). As after :meth:`threading.Thread.start`, it is alive from then
-    on, and :meth:`join` waits for it, first for it to run."""
-
-    _quick = False  # started by start_thread without the wait
-
-    def is_alive(self) -> bool:
-        return (self._quick and not self._started.is_set()) or super().is_alive()
-
-    def _reset_internal_locks(self, is_alive: bool) -> None:
-        # (CPython calls it in a forked child for every thread: one that had not run yet
-        # never will, so it is no longer "started", as for a Thread whose start failed)
-        if not is_alive:
-            self._quick = False
-        super()._reset_internal_locks(is_alive)  # type: ignore[misc]
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        if self._quick and not self._started.is_set() and self is not threading.current_thread():
-            if timeout is None:
-                self._started.wait()
-            else:
-                end = time.monotonic() + max(timeout, 0)
-                if not self._started.wait(max(timeout, 0)):
-                    return  # (still starting: alive, as a join that timed out leaves it)
-                timeout = max(0.0, end - time.monotonic())
-        super().join(timeout)
-
-    def _drop_start_event(self) -> None:
-        """On the thread itself, once running: share one set Event instead of its own (see
-        :func:`start_thread`); a join waiting on its own was woken when it was set."""
-        if self._quick and type(self._started) is threading.Event:
-            self._started = _STARTED
-
-
-class _ConnThread(_QuickThread):
+class _ConnThread(threading.Thread):
     """A connection's thread: ``run(sock, address)``, called without the ``*args`` call of
     :meth:`threading.Thread.run`, which costs a C stack frame for the thread's lifetime."""
 
@@ -300,13 +264,12 @@ class _ConnThread(_QuickThread):
         self.helper: Optional[_HelperThread] = None  # what helper_thread() hands out, once
 
     def run(self) -> None:
-        self._drop_start_event()
         run, sock, address = self._conn
         self._conn = None
         run(sock, address)
 
 
-class _HelperThread(_QuickThread):
+class _HelperThread(threading.Thread):
     """A connection's second thread (see :func:`helper_thread`): ``work()``, called without
     the ``*args`` call of :meth:`threading.Thread.run`. A daemon thread, joined by the
     connection's thread (see :class:`_ConnThread` for why daemon)."""
@@ -316,7 +279,6 @@ class _HelperThread(_QuickThread):
         self.work: Optional[Callable[[], None]] = None
 
     def run(self) -> None:
-        self._drop_start_event()
         work, self.work = self.work, None
         if work is not None:
             work()
@@ -353,63 +315,19 @@ except (AttributeError, RuntimeError, TypeError):
     _INVOKE_EXCEPTHOOK = None
 
 
-#: Whether :func:`start_thread` starts a connection's thread without waiting for it to run:
-#: CPython 3.9 to 3.12, whose :meth:`threading.Thread.start` is the three steps this repeats
-#: (list the thread as starting, start it, wait for its ``_started`` Event) and whose join
-#: waits on the lock the thread takes as it starts. Python 3.13 starts and joins threads
-#: another way: there (and wherever these names are missing) threads start as usual.
-QUICK_START = (sys.implementation.name == "cpython" and (3, 9) <= sys.version_info[:2] < (3, 13)
-               and isinstance(getattr(threading, "_limbo", None), dict)
-               and callable(getattr(threading, "_start_new_thread", None))
-               and hasattr(threading, "_active_limbo_lock")
-               and callable(getattr(threading.Thread, "_bootstrap", None))
-               and callable(getattr(threading.Thread, "_wait_for_tstate_lock", None)))  # fmt: skip
-
-
 def start_thread(t: threading.Thread) -> None:
-    """``t.start()``, for a thread of which there is one or two per connection.
-
-    A connection's thread (``_ConnThread``, ``_HelperThread``) is started without waiting for
-    it to run (where :data:`QUICK_START`): :meth:`threading.Thread.start` waits on the new
-    thread's ``_started`` Event, so each start handed the GIL to the new thread and back, and
-    the accept thread (or the reader starting its writer) slept meanwhile: 55 µs of CPU per
-    thread on a 2-CPU machine, a quarter of what opening a websocket cost. Such a thread's
-    ``join()`` first waits for it to have started (``is_alive()`` is false until then), and
-    the thread drops its own Event once running.
-
-    It then (or at once, for another thread) drops what a :class:`threading.Thread` keeps
-    only for its start (its ``_started`` :class:`threading.Event`, a
-    :class:`threading.Condition` with its deque and lock, set once for good) and its own copy
-    of the closure that reports an exception in it, sharing one of each instead: about 1.5
-    KiB and 15 objects for the garbage collector per thread. CPython only reads ``_started``
-    after the start to see that it is set, and that closure captures nothing of the thread;
-    where either is not what this expects, nothing changes."""
+    """``t.start()``, for a thread of which there is one or two per connection: it then
+    drops what a :class:`threading.Thread` keeps only for its start (its ``_started``
+    :class:`threading.Event`, a :class:`threading.Condition` with its deque and lock, set
+    once for good) and its own copy of the closure that reports an exception in it, sharing
+    one of each instead: about 1.5 KiB and 15 objects for the garbage collector per thread.
+    CPython only reads ``_started`` after the start to see that it is set, and that closure
+    captures nothing of the thread; where either is not what this expects, nothing changes."""
     if _INVOKE_EXCEPTHOOK is not None and callable(getattr(t, "_invoke_excepthook", None)):
         t._invoke_excepthook = _INVOKE_EXCEPTHOOK  # type: ignore[attr-defined]
-    if QUICK_START and isinstance(t, _QuickThread) and t.daemon:  # (threading._shutdown joins the others)
-        _start_quick(t)
-        return
     t.start()
     if type(getattr(t, "_started", None)) is threading.Event:
         t._started = _STARTED  # type: ignore[attr-defined]
-
-
-def _start_quick(t: _QuickThread) -> None:
-    """:meth:`threading.Thread.start` of CPython 3.9-3.12 without its last step, the wait."""
-    if not t._initialized:  # type: ignore[attr-defined]
-        raise RuntimeError("thread.__init__() not called")
-    if t._quick or t._started.is_set():  # type: ignore[attr-defined]
-        raise RuntimeError("threads can only be started once")
-    with threading._active_limbo_lock:  # type: ignore[attr-defined]
-        threading._limbo[t] = t  # type: ignore[attr-defined]
-    t._quick = True
-    try:
-        threading._start_new_thread(t._bootstrap, ())  # type: ignore[attr-defined]
-    except Exception:
-        t._quick = False
-        with threading._active_limbo_lock:  # type: ignore[attr-defined]
-            del threading._limbo[t]  # type: ignore[attr-defined]
-        raise
 
 
 def shut(sock: socket.socket) -> None:

@@ -4,17 +4,12 @@ share: its thread registry, its refusals and its shutdown."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import sys
 import threading
-import warnings
-from unittest import mock
 
 import pytest
 
-from juggler import listener as listener_module
-from juggler.listener import QUICK_START, Listener, helper_thread, start_thread
+from juggler.listener import Listener, helper_thread, start_thread
 
 from .conftest import T
 from .test_out_of_threads import failing_thread_starts
@@ -125,85 +120,3 @@ def test_beyond_its_threads_or_out_of_them_a_connection_gets_503_at_once():
     finally:
         release.set()
         listener.close()
-
-
-def test_quick_start_is_what_cpython_3_9_to_3_12_allow():
-    assert QUICK_START is (sys.implementation.name == "cpython" and sys.version_info[:2] < (3, 13))
-
-
-@pytest.mark.skipif(not QUICK_START, reason="threads start as usual on this Python (QUICK_START)")
-def test_a_thread_started_quickly_is_joined_even_before_it_runs():
-    """start_thread does not wait for a connection's thread to run; as after Thread.start,
-    it is alive and listed by threading.enumerate() from then on, and joining it waits for
-    it to start, then to end (a join with a timeout returns at that timeout)."""
-    gate = threading.Event()
-    real = threading._start_new_thread  # type: ignore[attr-defined]
-
-    def late_start(function, args):  # type: ignore[no-untyped-def]
-        return real(lambda: (gate.wait(T(10)), function(*args)), ())
-
-    ran: list[str] = []
-    t = helper_thread(lambda: ran.append(threading.current_thread().name), "test-listener-quick")
-    with mock.patch.object(threading, "_start_new_thread", late_start):
-        start_thread(t)
-    assert t in threading.enumerate() and t.is_alive()  # listed and alive, not running yet
-    t.join(0.05)
-    assert ran == [] and t.is_alive()
-    with pytest.raises(RuntimeError, match="only be started once"):
-        start_thread(t)
-    joined = threading.Thread(target=t.join, name="test-listener-joiner")
-    joined.start()
-    gate.set()
-    joined.join(T(10))
-    assert not joined.is_alive() and not t.is_alive()
-    assert ran == ["test-listener-quick"]
-    assert t._started is listener_module._STARTED  # its own Event dropped once it ran
-    assert t not in threading.enumerate()
-
-
-@pytest.mark.skipif(not QUICK_START, reason="threads start as usual on this Python (QUICK_START)")
-def test_a_quick_start_that_fails_leaves_nothing_behind():
-    t = helper_thread(lambda: None, "test-listener-unstarted")
-    with failing_thread_starts("test-listener-unstarted") as failed:
-        with pytest.raises(RuntimeError, match="can't start new thread"):
-            start_thread(t)
-    assert failed == ["test-listener-unstarted"]
-    assert t not in threading.enumerate() and not t.is_alive()
-    with pytest.raises(RuntimeError, match="before it is started"):
-        t.join()  # as for a Thread whose start() failed
-
-
-@pytest.mark.skipif(not QUICK_START or not hasattr(os, "fork"), reason="quick start, and os.fork")
-def test_a_thread_that_had_not_run_when_the_process_forked_is_not_alive_in_the_child():
-    """In a forked child only the forking thread lives: a quick-started thread that had not
-    run yet never will, so it is not alive, and joining it fails at once (as for a Thread
-    whose start failed) instead of waiting for ever."""
-    gate = threading.Event()
-    real = threading._start_new_thread  # type: ignore[attr-defined]
-
-    def late_start(function, args):  # type: ignore[no-untyped-def]
-        return real(lambda: (gate.wait(T(10)), function(*args)), ())
-
-    t = helper_thread(lambda: None, "test-listener-forked")
-    with mock.patch.object(threading, "_start_new_thread", late_start):
-        start_thread(t)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # (3.12: fork with threads)
-            pid = os.fork()
-        if pid == 0:  # the child: only report, by exit status
-            code = 1
-            try:
-                if not t.is_alive():
-                    try:
-                        t.join(1)
-                    except RuntimeError:
-                        code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        gate.set()
-        t.join(T(10))
-    assert not t.is_alive()
