@@ -18,9 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from .exceptions import ProtocolError
 from . import jsondepth
-from .jsondepth import too_deep
+from .exceptions import ProtocolError
 from .frames import OP_TEXT, CloseCode, frame_header
 
 __all__ = [
@@ -506,7 +505,7 @@ def parse_json(data: str | bytes) -> Any:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError:
             raise _invalid("message is not valid UTF-8") from None
-    if too_deep(data):
+    if jsondepth.too_deep(data):
         raise _invalid("message is nested too deeply")
     try:
         obj, end = _scan_once(data, 0)  # the usual text: a value, nothing around it
@@ -733,7 +732,7 @@ def _check_depth(data: str | bytes, what: str) -> None:
     """ValueError if the JSON ``data`` from redis nests deeper than juggler decodes: one level
     less than a websocket message, whose envelope is a level deeper than a payload's (so that a
     result or an event a server takes from redis is not too deep for its clients)."""
-    if too_deep(data, jsondepth.MAX_JSON_DEPTH - 1):
+    if jsondepth.too_deep(data, jsondepth.MAX_JSON_DEPTH - 1):
         raise ValueError(f"{what} payload is nested too deeply")
 
 
