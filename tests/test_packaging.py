@@ -126,3 +126,5 @@ def test_import_or_skip_skips_with_its_reason_but_fails_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(ModuleNotFoundError):
         import_or_skip("juggler_no_such_module", "not here on purpose")
+    with pytest.raises(pytest.skip.Exception, match="no release for this Python"):  # (nothing CI could install)
+        import_or_skip("juggler_no_such_module", "no release for this Python", installable=False)
