@@ -174,7 +174,11 @@ class ConnCalls:
                 t.start()
             except (RuntimeError, MemoryError) as exc:  # "can't start new thread"
                 self._results, self._ahead, self._listener_health = None, False, self._svc.health
-                error = exc
+                # its text, not the exception: kept in this frame, which its traceback holds, it
+                # made a cycle keeping the reader's frames, and so its Thread, until the garbage
+                # collector ran; from Python 3.13 the stack of a thread never joined (the reader)
+                # is given back only once its Thread is freed
+                error = str(exc)
             else:
                 self._results_thread = t
                 return True
