@@ -37,7 +37,17 @@ class TimerHandle:
 
 
 def _nothing() -> None:
-    """What a cancelled handle holds instead of its callback."""
+    """What a cancelled handle holds instead of its callback (and a cancelled keepalive
+    instead of ``ping``)."""
+
+
+def _ignore(reason: str) -> None:
+    """What a cancelled keepalive holds instead of ``idle``."""
+
+
+def _yes() -> bool:
+    """What a cancelled keepalive holds instead of ``closed``."""
+    return True
 
 
 class Timer:
@@ -158,8 +168,11 @@ class Keepalive:
         return self
 
     def cancel(self) -> None:
-        """Stop; idempotent, from any thread."""
+        """Stop; idempotent, from any thread. It lets go of its callbacks: bound methods of
+        the connection that holds it, a cycle that kept each closed connection (its objects,
+        its writer's Thread) until the garbage collector ran."""
         self._cancelled = True
+        self._ping, self._idle, self._closed = _nothing, _ignore, _yes
         handle = self._handle
         if handle is not None:
             handle.cancel()

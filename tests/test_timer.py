@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from juggler.timer import Timer
+from juggler.timer import Keepalive, Timer
 
 from .conftest import T
 
@@ -50,3 +50,77 @@ def test_a_cancelled_handle_lets_go_of_its_callback_before_its_deadline():
         assert handle.cancelled and len(timer) == 0
     finally:
         timer.stop()
+
+
+def test_a_cancelled_keepalive_lets_go_of_its_connection():
+    """A connection holds its keepalive, whose callbacks are the connection's bound methods:
+    cancelled (at the connection's teardown), it lets go of them, so a closed connection is
+    freed at once, not when the garbage collector finds the cycle."""
+
+    class Reader:
+        last_recv = 0.0
+
+    class Conn:
+        def __init__(self, timer: Timer) -> None:
+            self.reader = Reader()
+            self.keepalive = Keepalive(timer, self.reader, 3600, 7200, ping=self.ping, idle=self.idle,
+                                       closed=self.closed)  # fmt: skip
+
+        def ping(self) -> None:
+            raise AssertionError("a cancelled keepalive pinged")
+
+        def idle(self, reason: str) -> None:
+            raise AssertionError("a cancelled keepalive timed out")
+
+        def closed(self) -> bool:
+            return False
+
+    timer = Timer(name="juggler-test-timer").start()
+    gc.disable()
+    try:
+        conn = Conn(timer)
+        conn.keepalive.start()
+        gone = weakref.ref(conn)
+        conn.keepalive.cancel()
+        conn.keepalive.cancel()  # (idempotent)
+        del conn
+        assert gone() is None  # by reference counting alone: the collector is off
+    finally:
+        gc.enable()
+        timer.stop()
+
+
+def test_a_closed_connection_leaves_nothing_for_the_garbage_collector(make_stack):
+    """Every object of a closed websocket is freed by reference counting, as it closes: none
+    waits in a reference cycle for the collector (each used to leave about 24, the writer's
+    Thread among them)."""
+    from juggler.conn import Conn
+
+    stack = make_stack()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            client = stack.client()
+            client.pub("gc", 1)  # (ACKed: open and registered)
+            client.close()
+        assert _wait(lambda: not stack.server.connections and stack.server.connection_thread_count() == 0)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, (Conn, Keepalive, threading.Thread))]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _wait(done, timeout: float = T(10)) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)  # (threads that end: nothing to wait on)
+    return True
