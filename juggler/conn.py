@@ -269,10 +269,7 @@ class Conn(ConnCalls):
         if self._queue.claim():
             try:
                 if len(msgs) == 1:
-                    msg = msgs[0]
-                    frame = self._frame(msg)
-                    if frame is not None and (self._send_nowait(frame) if nonblocking else self._send(frame)):
-                        self._count_one(msg)
+                    self._write_now(msgs[0], nonblocking)
                 else:
                     self._send_joined(msgs)
             finally:
@@ -605,9 +602,11 @@ class Conn(ConnCalls):
             self._out.append(frame)
             self._out_msgs.append(msg)
 
-    def _write_now(self, msg: Message) -> None:
+    def _write_now(self, msg: Message, nonblocking: bool = False) -> None:
+        """(With the socket claimed.) Frame ``msg`` and write it: all of it, or (``nonblocking``)
+        what the socket takes now, the rest queued first for the writer."""
         frame = self._frame(msg)
-        if frame is not None and self._send(frame):
+        if frame is not None and (self._send_nowait(frame) if nonblocking else self._send(frame)):
             self._count_one(msg)
 
     # Every write to the socket is made by a thread that holds the WriteQueue's claim on it
